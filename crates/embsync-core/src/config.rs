@@ -1,0 +1,373 @@
+//! `embedding-sources.json`, parsed once into types.
+//!
+//! ```json
+//! { "version": "1.0",
+//!   "models": { "large": "text-embedding-3-large", "small": "text-embedding-3-small" },
+//!   "batchSize": 100,
+//!   "sources": [
+//!     { "name": "Option Descriptions", "table": "config_option", "column": "description", "enabled": true } ] }
+//! ```
+//! A model is a name, or `{ "name": "...", "dimensions": 1024 }`. `batchSize` (1..=2048) defaults
+//! to 100 and `enabled` to `true`; every other field is required and unknown keys are rejected.
+//! Code past this module takes [`Config`], never raw JSON.
+
+use crate::ident::{Ident, TableName};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
+
+/// The most inputs OpenAI accepts in one embeddings request.
+pub const MAX_BATCH_SIZE: u16 = 2048;
+
+/// A checked, parsed configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The two models every value is embedded with.
+    pub models: Models,
+    /// How many values go into one provider request.
+    pub batch_size: BatchSize,
+    /// Every source, enabled or not, in config order.
+    pub sources: Vec<Source>,
+}
+
+/// The two embedding models.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Models {
+    /// Stored in `embedding_large`.
+    pub large: ModelSpec,
+    /// Stored in `embedding_small`.
+    pub small: ModelSpec,
+}
+
+impl Models {
+    /// The spec for one slot.
+    pub fn get(&self, slot: ModelSlot) -> &ModelSpec {
+        match slot {
+            ModelSlot::Large => &self.large,
+            ModelSlot::Small => &self.small,
+        }
+    }
+}
+
+/// Which of the two embedding columns a model fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelSlot {
+    /// `embedding_large`.
+    Large,
+    /// `embedding_small`.
+    Small,
+}
+
+impl ModelSlot {
+    /// Both slots, large first.
+    pub const ALL: [ModelSlot; 2] = [ModelSlot::Large, ModelSlot::Small];
+
+    /// `large` or `small`, as in the config and reports.
+    pub fn key(self) -> &'static str {
+        match self {
+            ModelSlot::Large => "large",
+            ModelSlot::Small => "small",
+        }
+    }
+}
+
+/// A model name and the vector size it produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    name: String,
+    dimensions: u32,
+    explicit_dimensions: bool,
+}
+
+impl ModelSpec {
+    /// The provider's model name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The length of the vectors this model produces, as stored.
+    pub fn dimensions(&self) -> u32 {
+        self.dimensions
+    }
+
+    /// The `dimensions` to send in requests: only when the config set it.
+    pub fn requested_dimensions(&self) -> Option<u32> {
+        self.explicit_dimensions.then_some(self.dimensions)
+    }
+}
+
+/// The native vector size of the models this tool knows.
+pub fn native_dimensions(model: &str) -> Option<u32> {
+    match model {
+        "text-embedding-3-large" => Some(3072),
+        "text-embedding-3-small" | "text-embedding-ada-002" => Some(1536),
+        _ => None,
+    }
+}
+
+/// Values per provider request, 1..=2048.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSize(u16);
+
+impl BatchSize {
+    /// Checks the range.
+    pub fn new(n: u64) -> Option<BatchSize> {
+        (1..=u64::from(MAX_BATCH_SIZE)).contains(&n).then(|| BatchSize(n as u16))
+    }
+
+    /// The size as a count.
+    pub fn get(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+/// One configured source column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// A human name, unique in the config.
+    pub name: String,
+    /// The table, `table` or `schema.table`.
+    pub table: TableName,
+    /// The text column.
+    pub column: Ident,
+    /// Disabled sources are listed but not synced; their embeddings are kept.
+    pub enabled: bool,
+}
+
+impl Source {
+    /// The table as recorded in `source_table` columns.
+    pub fn table_key(&self) -> String {
+        self.table.to_string()
+    }
+
+    /// The column as recorded in `source_column` columns.
+    pub fn column_key(&self) -> &str {
+        self.column.as_str()
+    }
+}
+
+/// Why a config was rejected. The message names the field and says what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// Where in the document, e.g. `sources[1].table` (`.` for the whole document).
+    pub path: String,
+    /// What is wrong there and how to fix it.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(path: impl Into<String>, message: impl fmt::Display) -> Self {
+        ConfigError { path: path.into(), message: message.to_string() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    #[serde(rename = "$schema")]
+    #[allow(dead_code)]
+    schema: Option<String>,
+    version: String,
+    models: RawModels,
+    batch_size: Option<u64>,
+    sources: Vec<RawSource>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModels {
+    large: RawModel,
+    small: RawModel,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawModel {
+    Name(String),
+    Spec(RawModelSpec),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelSpec {
+    name: String,
+    dimensions: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: String,
+    table: String,
+    column: String,
+    enabled: Option<bool>,
+}
+
+impl Config {
+    /// Parses and checks a config document.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the field: JSON syntax, unknown keys, missing fields, a version
+    /// other than 1.x, a bad model, `batchSize` outside 1..=2048, table or column names that are
+    /// not identifiers, empty or duplicate names, and duplicate table/column pairs.
+    pub fn parse(json: &str) -> Result<Config, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(json);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|err| {
+            let path = err.path().to_string();
+            ConfigError::at(path, err.inner())
+        })?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.version != "1" && !raw.version.starts_with("1.") {
+            return Err(ConfigError::at("version", format!("unsupported version {:?}: this build reads version 1.x", raw.version)));
+        }
+        let models = Models {
+            large: model("models.large", raw.models.large)?,
+            small: model("models.small", raw.models.small)?,
+        };
+        let batch_size = match raw.batch_size {
+            None => BatchSize(100),
+            Some(n) => BatchSize::new(n).ok_or_else(|| {
+                ConfigError::at("batchSize", format!("{n} is out of range: use 1..={MAX_BATCH_SIZE} (the provider takes at most {MAX_BATCH_SIZE} inputs per request)"))
+            })?,
+        };
+        if raw.sources.is_empty() {
+            return Err(ConfigError::at("sources", "is empty: list at least one source"));
+        }
+        let mut names = HashSet::new();
+        let mut pairs = HashSet::new();
+        let mut sources = Vec::with_capacity(raw.sources.len());
+        for (i, s) in raw.sources.into_iter().enumerate() {
+            let at = |field: &str| format!("sources[{i}].{field}");
+            let name = s.name.trim().to_owned();
+            if name.is_empty() {
+                return Err(ConfigError::at(at("name"), "is empty: give the source a name"));
+            }
+            let table = TableName::parse(&s.table).map_err(|e| ConfigError::at(at("table"), e))?;
+            let column = Ident::parse(&s.column).map_err(|e| ConfigError::at(at("column"), e))?;
+            if !names.insert(name.clone()) {
+                return Err(ConfigError::at(at("name"), format!("duplicate source name {name:?}: names must be unique")));
+            }
+            if !pairs.insert((table.clone(), column.clone())) {
+                return Err(ConfigError::at(at("column"), format!("duplicate source {table}.{column}: each table/column pair may be listed once")));
+            }
+            sources.push(Source { name, table, column, enabled: s.enabled.unwrap_or(true) });
+        }
+        Ok(Config { models, batch_size, sources })
+    }
+
+    /// The sources to sync, in config order.
+    pub fn enabled_sources(&self) -> impl Iterator<Item = &Source> {
+        self.sources.iter().filter(|s| s.enabled)
+    }
+}
+
+fn model(path: &str, raw: RawModel) -> Result<ModelSpec, ConfigError> {
+    let (name, dimensions) = match raw {
+        RawModel::Name(name) => (name, None),
+        RawModel::Spec(spec) => (spec.name, spec.dimensions),
+    };
+    if name.trim().is_empty() {
+        return Err(ConfigError::at(path, "model name is empty"));
+    }
+    let native = native_dimensions(&name);
+    let dims = match (dimensions, native) {
+        (Some(0), _) => return Err(ConfigError::at(format!("{path}.dimensions"), "must be at least 1")),
+        (Some(d), Some(n)) if d > n => {
+            return Err(ConfigError::at(format!("{path}.dimensions"), format!("{d} is more than {name} produces ({n})")))
+        }
+        (Some(d), _) if d > 16000 => return Err(ConfigError::at(format!("{path}.dimensions"), format!("{d} is more than pgvector stores (16000)"))),
+        (Some(d), _) => d,
+        (None, Some(n)) => n,
+        (None, None) => {
+            return Err(ConfigError::at(path, format!("unknown model {name:?}: give its vector size as {{\"name\": {name:?}, \"dimensions\": N}}")))
+        }
+    };
+    Ok(ModelSpec { name, dimensions: dims, explicit_dimensions: dimensions.is_some() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::{expect, Expect};
+
+    const GOOD: &str = r#"{ "version": "1.0",
+      "models": { "large": "text-embedding-3-large", "small": "text-embedding-3-small" },
+      "batchSize": 100,
+      "sources": [
+        { "name": "Option Descriptions", "table": "config_option", "column": "description", "enabled": true },
+        { "name": "Attribute Labels", "table": "config_position", "column": "attribute_label", "enabled": true },
+        { "name": "HTB Attribute Names", "table": "htb_attribute_mapping_zebra_provided", "column": "attribute_name_for_htb", "enabled": true } ] }"#;
+
+    fn check(json: &str, expect: Expect) {
+        let actual = match Config::parse(json) {
+            Ok(c) => {
+                let sources: Vec<String> = c
+                    .sources
+                    .iter()
+                    .map(|s| format!("{} {}.{}{}", s.name, s.table.quoted(), s.column.quoted(), if s.enabled { "" } else { " (disabled)" }))
+                    .collect();
+                format!(
+                    "ok large={}/{} small={}/{} batch={}\n{}",
+                    c.models.large.name(),
+                    c.models.large.dimensions(),
+                    c.models.small.name(),
+                    c.models.small.dimensions(),
+                    c.batch_size.get(),
+                    sources.join("\n")
+                )
+            }
+            Err(e) => format!("err {e}"),
+        };
+        expect.assert_eq(&actual);
+    }
+
+    fn with(replace: &str, by: &str) -> String {
+        assert!(GOOD.contains(replace), "{replace}");
+        GOOD.replacen(replace, by, 1)
+    }
+
+    #[test]
+    fn the_shipped_config_parses() {
+        let shipped = include_str!("../../../embedding-sources.json");
+        assert!(Config::parse(shipped).is_ok(), "{:?}", Config::parse(shipped));
+        check(GOOD, expect![[r#"
+            ok large=text-embedding-3-large/3072 small=text-embedding-3-small/1536 batch=100
+            Option Descriptions "config_option"."description"
+            Attribute Labels "config_position"."attribute_label"
+            HTB Attribute Names "htb_attribute_mapping_zebra_provided"."attribute_name_for_htb""#]]);
+    }
+
+    #[test]
+    fn options() {
+        check(
+            r#"{"version":"1.0","models":{"large":{"name":"text-embedding-3-large","dimensions":1024},"small":"text-embedding-3-small"},
+                "sources":[{"name":"A","table":"app.items","column":"title","enabled":false}]}"#,
+            expect![[r#"
+                ok large=text-embedding-3-large/1024 small=text-embedding-3-small/1536 batch=100
+                A "app"."items"."title" (disabled)"#]],
+        );
+    }
+
+    #[test]
+    fn rejections() {
+        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `sources` at line 3 column 31"]);
+        check(&with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#), expect!["err sources[0].colour: unknown field `colour`, expected one of `name`, `table`, `column`, `enabled` at line 5 column 117"]);
+        check(&with(r#""table": "config_position", "#, ""), expect!["err sources[1]: missing field `table` at line 6 column 84"]);
+        check(&with(r#""batchSize": 100"#, r#""batchSize": 0"#), expect!["err batchSize: 0 is out of range: use 1..=2048 (the provider takes at most 2048 inputs per request)"]);
+        check(&with(r#""batchSize": 100"#, r#""batchSize": 5000"#), expect!["err batchSize: 5000 is out of range: use 1..=2048 (the provider takes at most 2048 inputs per request)"]);
+        check(&with(r#""batchSize": 100"#, r#""batchSize": -1"#), expect!["err batchSize: invalid value: integer `-1`, expected u64 at line 3 column 21"]);
+        check(&with("config_position", "x; drop table y"), expect![[r#"err sources[1].table: "x; drop table y" is not a valid identifier: ';' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#]]);
+        check(&with("attribute_label", "label\"--"), expect!["err sources[1].?: expected `,` or `}` at line 6 column 84"]);
+        check(&with("\"Attribute Labels\", \"table\": \"config_position\", \"column\": \"attribute_label\"", "\"Other\", \"table\": \"config_option\", \"column\": \"description\""), expect!["err sources[1].column: duplicate source config_option.description: each table/column pair may be listed once"]);
+        check(&with("Attribute Labels", "Option Descriptions"), expect![[r#"err sources[1].name: duplicate source name "Option Descriptions": names must be unique"#]]);
+        check(&with(r#""version": "1.0""#, r#""version": "2.0""#), expect![[r#"err version: unsupported version "2.0": this build reads version 1.x"#]]);
+        check(&with("text-embedding-3-small", "my-model"), expect![[r#"err models.small: unknown model "my-model": give its vector size as {"name": "my-model", "dimensions": N}"#]]);
+        check(&with(r#""text-embedding-3-small""#, r#"{"name":"text-embedding-3-small","dimensions":4096}"#), expect!["err models.small.dimensions: 4096 is more than text-embedding-3-small produces (1536)"]);
+        check(r#"{"version":"1.0","models":{"large":"text-embedding-3-large","small":"text-embedding-3-small"},"sources":[]}"#, expect!["err sources: is empty: list at least one source"]);
+        check("{", expect!["err ?: EOF while parsing an object at line 1 column 1"]);
+    }
+}

@@ -1,0 +1,36 @@
+//! The pure core of embsync: everything that decides what to do, and nothing that does IO.
+//!
+//! - [`config`]: `embedding-sources.json` parsed once into [`Config`].
+//! - [`ident`]: the only way a table or column name reaches SQL.
+//! - [`hash`]: the value hash contract.
+//! - [`sql`]: every statement, as text with bound parameters.
+//! - [`provider`]: OpenAI embeddings request encoding and response decoding.
+//! - [`vector`]: base64 float32 and pgvector binary encodings.
+//! - [`sync`]: the driver, over the [`sync::Store`], [`sync::Embedder`] and [`sync::Runtime`] traits.
+//! - [`report`]: run and dry-run reports.
+//!
+//! ```
+//! use embsync_core::{config::Config, hash::Value};
+//!
+//! let config = Config::parse(include_str!("../../../embedding-sources.json")).unwrap();
+//! assert_eq!(config.enabled_sources().count(), 3);
+//! let v = Value::normalize("  hello ").unwrap();
+//! assert_eq!(v.as_str(), "hello");
+//! assert_eq!(v.hash().as_str(), "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod hash;
+pub mod ident;
+pub mod provider;
+pub mod report;
+pub mod sql;
+pub mod sync;
+pub mod vector;
+
+pub use config::Config;
+
+#[cfg(test)]
+mod sync_tests;

@@ -1,0 +1,301 @@
+//! The OpenAI embeddings API, as pure encode and decode.
+//!
+//! The worker sends [`EmbeddingRequest::to_json`] with `fetch` and hands the status, headers
+//! and body to [`decode_response`]; nothing here performs IO. Any OpenAI-compatible server
+//! (Azure OpenAI, a local server) speaks the same shapes.
+
+use crate::vector::{check_finite, decode_base64_f32};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How the provider should encode vectors in its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    /// JSON arrays of numbers.
+    Float,
+    /// Base64 of little-endian float32: about a quarter of the bytes and far cheaper to parse.
+    Base64,
+}
+
+/// One `POST /embeddings` body.
+#[derive(Debug, Serialize)]
+pub struct EmbeddingRequest<'a> {
+    /// The model name.
+    pub model: &'a str,
+    /// The texts, in order.
+    pub input: &'a [&'a str],
+    /// Only sent when the config sets it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
+    /// The vector encoding asked for.
+    pub encoding_format: EncodingFormat,
+}
+
+impl EmbeddingRequest<'_> {
+    /// The JSON body.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a request always serialises")
+    }
+}
+
+/// A decoded answer: one vector per input, in input order, and the provider's token count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// One vector per input, in input order.
+    pub vectors: Vec<Vec<f32>>,
+    /// `usage.prompt_tokens` as the provider reported it (0 when absent).
+    pub prompt_tokens: u64,
+}
+
+/// Why a provider call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// 429: slow down and retry.
+    #[error("rate limited by the provider (429): {message}")]
+    RateLimited {
+        /// How long the provider asked us to wait (`retry-after-ms` or `retry-after`).
+        retry_after: Option<Duration>,
+        /// The provider's message.
+        message: String,
+    },
+    /// 5xx: the provider failed; retry later.
+    #[error("provider error ({status}): {message}")]
+    Server {
+        /// The HTTP status.
+        status: u16,
+        /// The provider's message.
+        message: String,
+    },
+    /// 401 or 403: the key is wrong; nothing will work until it is fixed.
+    #[error("the provider rejected the API key ({status}): check the OPENAI_API_KEY secret")]
+    Unauthorized {
+        /// The HTTP status.
+        status: u16,
+    },
+    /// Another 4xx: this request will never succeed as it is.
+    #[error("provider refused the request ({status}): {message}")]
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// The provider's message.
+        message: String,
+    },
+    /// The body is not the documented shape.
+    #[error("malformed provider response: {0}")]
+    Malformed(String),
+    /// The request never got an answer (network failure or timeout).
+    #[error("could not reach the provider: {0}")]
+    Transport(String),
+}
+
+impl ProviderError {
+    /// Whether trying the same request again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ProviderError::RateLimited { .. } | ProviderError::Server { .. } | ProviderError::Transport(_))
+    }
+
+    /// Whether the whole run must stop: no later request can succeed either.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, ProviderError::Unauthorized { .. })
+    }
+
+    /// The wait the provider asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ResponseBody {
+    data: Vec<Item>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Item {
+    index: usize,
+    embedding: RawVector,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawVector {
+    Floats(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    message: String,
+}
+
+/// The longest provider message kept in an error.
+const MAX_MESSAGE: usize = 300;
+
+/// Decodes an answer to a request of `inputs` texts for vectors of `dimensions` values.
+///
+/// `header` looks up a response header by lowercase name. Either encoding is accepted whatever
+/// was asked for, so a compatible server that ignores `encoding_format` still works.
+///
+/// # Errors
+/// [`ProviderError`] classifying the status, or [`ProviderError::Malformed`] when a 200 body has
+/// the wrong shape, the wrong number of items, or vectors of the wrong length.
+pub fn decode_response(
+    status: u16,
+    header: impl Fn(&str) -> Option<String>,
+    body: &[u8],
+    inputs: usize,
+    dimensions: u32,
+) -> Result<Embeddings, ProviderError> {
+    if status != 200 {
+        return Err(classify_error(status, &header, body));
+    }
+    let parsed: ResponseBody =
+        serde_json::from_slice(body).map_err(|e| ProviderError::Malformed(format!("body is not the embeddings shape: {e}")))?;
+    if parsed.data.len() != inputs {
+        return Err(ProviderError::Malformed(format!("{} embeddings for {inputs} inputs", parsed.data.len())));
+    }
+    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; inputs];
+    for item in parsed.data {
+        let vector = match item.embedding {
+            RawVector::Floats(v) => {
+                check_finite(&v).map_err(|e| ProviderError::Malformed(e.to_string()))?;
+                v
+            }
+            RawVector::Base64(text) => decode_base64_f32(&text).map_err(|e| ProviderError::Malformed(e.to_string()))?,
+        };
+        if vector.len() != dimensions as usize {
+            return Err(ProviderError::Malformed(format!(
+                "embedding {} has {} dimensions, expected {dimensions}",
+                item.index,
+                vector.len()
+            )));
+        }
+        match vectors.get_mut(item.index) {
+            Some(slot @ None) => *slot = Some(vector),
+            Some(Some(_)) => return Err(ProviderError::Malformed(format!("index {} appears twice", item.index))),
+            None => return Err(ProviderError::Malformed(format!("index {} is out of range for {inputs} inputs", item.index))),
+        }
+    }
+    let vectors = vectors.into_iter().map(|v| v.expect("every index was filled exactly once")).collect();
+    Ok(Embeddings { vectors, prompt_tokens: parsed.usage.map_or(0, |u| u.prompt_tokens) })
+}
+
+fn classify_error(status: u16, header: &impl Fn(&str) -> Option<String>, body: &[u8]) -> ProviderError {
+    let message = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) if !b.error.message.is_empty() => b.error.message,
+        _ => String::from_utf8_lossy(body).trim().to_owned(),
+    };
+    let message = truncate(if message.is_empty() { "no message".to_owned() } else { message });
+    match status {
+        429 => ProviderError::RateLimited { retry_after: retry_after(header), message },
+        401 | 403 => ProviderError::Unauthorized { status },
+        408 | 409 => ProviderError::Server { status, message },
+        500..=599 => ProviderError::Server { status, message },
+        _ => ProviderError::Rejected { status, message },
+    }
+}
+
+/// Reads `retry-after-ms` (milliseconds, OpenAI's own) or `retry-after` (seconds).
+pub fn retry_after(header: impl Fn(&str) -> Option<String>) -> Option<Duration> {
+    if let Some(ms) = header("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    let secs = header("retry-after").and_then(|v| v.trim().parse::<f64>().ok())?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vector::encode_base64_f32;
+    use expect_test::{expect, Expect};
+
+    fn check(status: u16, headers: &[(&str, &str)], body: &str, inputs: usize, dims: u32, expect: Expect) {
+        let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+        let actual = match decode_response(status, lookup, body.as_bytes(), inputs, dims) {
+            Ok(e) => format!("ok {:?} tokens={}", e.vectors, e.prompt_tokens),
+            Err(e) => format!("err {e} retryable={} fatal={} wait={:?}", e.is_retryable(), e.is_fatal(), e.retry_after()),
+        };
+        expect.assert_eq(&actual);
+    }
+
+    #[test]
+    fn request_json() {
+        let input = ["hello", "wörld \"quoted\""];
+        let req = EmbeddingRequest { model: "text-embedding-3-small", input: &input, dimensions: None, encoding_format: EncodingFormat::Base64 };
+        expect![[r#"{"model":"text-embedding-3-small","input":["hello","wörld \"quoted\""],"encoding_format":"base64"}"#]].assert_eq(&req.to_json());
+        let req = EmbeddingRequest { dimensions: Some(512), encoding_format: EncodingFormat::Float, ..req };
+        expect![[r#"{"model":"text-embedding-3-small","input":["hello","wörld \"quoted\""],"dimensions":512,"encoding_format":"float"}"#]].assert_eq(&req.to_json());
+    }
+
+    #[test]
+    fn ok_bodies() {
+        check(200, &[], r#"{"object":"list","data":[{"object":"embedding","index":1,"embedding":[0.5,0.25]},{"object":"embedding","index":0,"embedding":[1.0,-1.0]}],"model":"m","usage":{"prompt_tokens":7,"total_tokens":7}}"#, 2, 2,
+            expect!["ok [[1.0, -1.0], [0.5, 0.25]] tokens=7"]);
+        let b64 = encode_base64_f32(&[0.5, -2.0]);
+        check(200, &[], &format!(r#"{{"data":[{{"index":0,"embedding":"{b64}"}}],"usage":{{"prompt_tokens":3}}}}"#), 1, 2,
+            expect!["ok [[0.5, -2.0]] tokens=3"]);
+    }
+
+    #[test]
+    fn error_bodies() {
+        check(429, &[("retry-after", "2")], r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#, 1, 2,
+            expect!["err rate limited by the provider (429): Rate limit reached retryable=true fatal=false wait=Some(2s)"]);
+        check(429, &[("retry-after", "2"), ("retry-after-ms", "150")], "{}", 1, 2,
+            expect!["err rate limited by the provider (429): {} retryable=true fatal=false wait=Some(150ms)"]);
+        check(500, &[], r#"{"error":{"message":"The server had an error"}}"#, 1, 2,
+            expect!["err provider error (500): The server had an error retryable=true fatal=false wait=None"]);
+        check(400, &[], r#"{"error":{"message":"'$.input' is invalid.","type":"invalid_request_error","param":null,"code":null}}"#, 1, 2,
+            expect!["err provider refused the request (400): '$.input' is invalid. retryable=false fatal=false wait=None"]);
+        check(401, &[], r#"{"error":{"message":"Incorrect API key provided: sk-abc***xyz.","code":"invalid_api_key"}}"#, 1, 2,
+            expect!["err the provider rejected the API key (401): check the OPENAI_API_KEY secret retryable=false fatal=true wait=None"]);
+        check(502, &[], "<html>bad gateway</html>", 1, 2,
+            expect!["err provider error (502): <html>bad gateway</html> retryable=true fatal=false wait=None"]);
+    }
+
+    #[test]
+    fn malformed_bodies() {
+        check(200, &[], r#"{"data":[{"index":0,"embedding":[1.0,"#, 1, 2,
+            expect!["err malformed provider response: body is not the embeddings shape: EOF while parsing a value at line 1 column 37 retryable=false fatal=false wait=None"]);
+        check(200, &[], r#"{"data":[{"index":0,"embedding":[1.0,2.0]}]}"#, 2, 2,
+            expect!["err malformed provider response: 1 embeddings for 2 inputs retryable=false fatal=false wait=None"]);
+        check(200, &[], r#"{"data":[{"index":0,"embedding":[1.0]}]}"#, 1, 2,
+            expect!["err malformed provider response: embedding 0 has 1 dimensions, expected 2 retryable=false fatal=false wait=None"]);
+        check(200, &[], r#"{"data":[{"index":0,"embedding":[1.0,2.0]},{"index":0,"embedding":[1.0,2.0]}]}"#, 2, 2,
+            expect!["err malformed provider response: index 0 appears twice retryable=false fatal=false wait=None"]);
+        check(200, &[], r#"{"data":[{"index":3,"embedding":[1.0,2.0]}]}"#, 1, 2,
+            expect!["err malformed provider response: index 3 is out of range for 1 inputs retryable=false fatal=false wait=None"]);
+    }
+}

@@ -1,0 +1,289 @@
+//! What a run or a dry run reports, per source and in total, as JSON (camelCase) and log lines.
+
+use serde::Serialize;
+use std::fmt;
+
+/// Counts for one source in a sync run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceReport {
+    /// The source's name from the config.
+    pub name: String,
+    /// The table as configured.
+    pub table: String,
+    /// The column.
+    pub column: String,
+    /// Distinct non-empty values in the source.
+    pub total: u64,
+    /// Values the source has that were not yet embedded for it.
+    pub new: u64,
+    /// Values recorded for the source that it no longer has.
+    pub stale: u64,
+    /// `total - new`: cost nothing.
+    pub unchanged: u64,
+    /// New values whose embeddings already existed (no provider call).
+    pub reused: u64,
+    /// Values sent to the provider and stored.
+    pub embedded: u64,
+    /// Cache rows deleted (embsync's own, no longer in any source).
+    pub deleted: u64,
+    /// Values that could not be embedded or stored in this run.
+    pub errors: u64,
+    /// Provider batches run.
+    pub batches: u64,
+    /// Wall time for this source.
+    pub duration_ms: u64,
+    /// Why the source stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// Sums over all sources.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    /// See [`SourceReport::total`].
+    pub total: u64,
+    /// See [`SourceReport::new`].
+    pub new: u64,
+    /// See [`SourceReport::stale`].
+    pub stale: u64,
+    /// See [`SourceReport::unchanged`].
+    pub unchanged: u64,
+    /// See [`SourceReport::reused`].
+    pub reused: u64,
+    /// See [`SourceReport::embedded`].
+    pub embedded: u64,
+    /// See [`SourceReport::deleted`].
+    pub deleted: u64,
+    /// See [`SourceReport::errors`].
+    pub errors: u64,
+    /// See [`SourceReport::batches`].
+    pub batches: u64,
+}
+
+impl Totals {
+    /// Sums the sources.
+    pub fn of(sources: &[SourceReport]) -> Totals {
+        let mut t = Totals::default();
+        for s in sources {
+            t.total += s.total;
+            t.new += s.new;
+            t.stale += s.stale;
+            t.unchanged += s.unchanged;
+            t.reused += s.reused;
+            t.embedded += s.embedded;
+            t.deleted += s.deleted;
+            t.errors += s.errors;
+            t.batches += s.batches;
+        }
+        t
+    }
+}
+
+/// Tokens the provider reported, per model slot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// `embedding_large`'s model.
+    pub large: ModelUsage,
+    /// `embedding_small`'s model.
+    pub small: ModelUsage,
+}
+
+/// Tokens one model consumed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelUsage {
+    /// Sum of `usage.prompt_tokens` over successful requests.
+    pub prompt_tokens: u64,
+    /// Successful requests.
+    pub requests: u64,
+}
+
+/// What started a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// The cron trigger.
+    Cron,
+    /// `POST /sync`.
+    Http,
+}
+
+/// The report of one sync run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// What started the run.
+    pub trigger: Trigger,
+    /// ISO 8601 UTC start time.
+    pub started_at: String,
+    /// Wall time of the run.
+    pub duration_ms: u64,
+    /// One entry per enabled source, in config order.
+    pub sources: Vec<SourceReport>,
+    /// Sums over the sources.
+    pub totals: Totals,
+    /// Tokens the provider reported.
+    pub usage: Usage,
+}
+
+impl fmt::Display for SourceReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Source {}: total={} new={} stale={} unchanged={} reused={} embedded={} deleted={} errors={} batches={} ({} ms)",
+            self.name, self.total, self.new, self.stale, self.unchanged, self.reused, self.embedded, self.deleted, self.errors, self.batches, self.duration_ms
+        )?;
+        if let Some(e) = &self.error {
+            write!(f, " error: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Estimated tokens per model slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TokenEstimate {
+    /// For `embedding_large`'s model.
+    pub large: u64,
+    /// For `embedding_small`'s model.
+    pub small: u64,
+}
+
+/// One source in a dry run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourcePlanReport {
+    /// The source's name from the config.
+    pub name: String,
+    /// The table as configured.
+    pub table: String,
+    /// The column.
+    pub column: String,
+    /// Distinct non-empty values in the source.
+    pub total: u64,
+    /// Values not yet embedded for this source.
+    pub new: u64,
+    /// Values recorded for this source that it no longer has.
+    pub stale: u64,
+    /// `total - new`.
+    pub unchanged: u64,
+    /// New values whose embeddings already exist.
+    pub reusable: u64,
+    /// New values that need the provider.
+    pub to_embed: u64,
+    /// Provider batches that would run.
+    pub batches: u64,
+    /// Estimated tokens per model for `to_embed`.
+    pub estimated_tokens: TokenEstimate,
+    /// Why this source could not be planned, if so.
+    pub error: Option<String>,
+}
+
+/// Dry-run sums.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanTotals {
+    /// Sum of `total`.
+    pub total: u64,
+    /// Sum of `new`.
+    pub new: u64,
+    /// Sum of `stale`.
+    pub stale: u64,
+    /// Sum of `unchanged`.
+    pub unchanged: u64,
+    /// Sum of `reusable`.
+    pub reusable: u64,
+    /// Sum of `toEmbed`.
+    pub to_embed: u64,
+    /// Sum of `batches`.
+    pub batches: u64,
+    /// Sum of the estimates.
+    pub estimated_tokens: TokenEstimate,
+}
+
+/// A model as the dry run shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelInfo {
+    /// The provider's model name.
+    pub model: String,
+    /// Stored vector length.
+    pub dimensions: u32,
+}
+
+/// Both models.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelsInfo {
+    /// `embedding_large`.
+    pub large: ModelInfo,
+    /// `embedding_small`.
+    pub small: ModelInfo,
+}
+
+/// The answer of `GET /dry-run`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DryRunReport {
+    /// Always true: nothing was written and the provider was not called.
+    pub dry_run: bool,
+    /// Values per provider request.
+    pub batch_size: u64,
+    /// The configured models.
+    pub models: ModelsInfo,
+    /// One entry per enabled source.
+    pub sources: Vec<SourcePlanReport>,
+    /// Names of disabled sources.
+    pub disabled: Vec<String>,
+    /// Sums.
+    pub totals: PlanTotals,
+}
+
+impl PlanTotals {
+    /// Sums the sources.
+    pub fn of(sources: &[SourcePlanReport]) -> PlanTotals {
+        let mut t = PlanTotals::default();
+        for s in sources {
+            t.total += s.total;
+            t.new += s.new;
+            t.stale += s.stale;
+            t.unchanged += s.unchanged;
+            t.reusable += s.reusable;
+            t.to_embed += s.to_embed;
+            t.batches += s.batches;
+            t.estimated_tokens.large += s.estimated_tokens.large;
+            t.estimated_tokens.small += s.estimated_tokens.small;
+        }
+        t
+    }
+}
+
+/// Formats epoch milliseconds as ISO 8601 UTC (`2026-11-23T23:59:00.000Z`).
+pub fn iso8601(epoch_ms: f64) -> String {
+    let ms = epoch_ms.max(0.0) as i64;
+    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates() {
+        assert_eq!(iso8601(0.0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(1_795_478_340_123.0), "2026-11-23T23:59:00.123Z");
+        assert_eq!(iso8601(951_782_400_000.0), "2000-02-29T00:00:00.000Z");
+    }
+}

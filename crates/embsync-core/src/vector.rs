@@ -1,0 +1,116 @@
+//! Vector encodings: the provider's base64 little-endian float32 and pgvector's binary format.
+//!
+//! pgvector's binary wire format for `vector` is an int16 dimension count, an int16 zero, then
+//! the float4 values, all in network byte order.
+
+use base64::Engine as _;
+
+/// Why a base64 embedding could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VectorDecodeError {
+    /// Not valid base64.
+    #[error("embedding is not valid base64: {0}")]
+    Base64(String),
+    /// The byte count is not a whole number of float32 values.
+    #[error("embedding has {0} bytes, not a multiple of 4")]
+    Length(usize),
+    /// A value is NaN or infinite, which pgvector rejects.
+    #[error("embedding value {index} is not finite")]
+    NotFinite {
+        /// The position of the bad value.
+        index: usize,
+    },
+}
+
+/// Decodes OpenAI's `encoding_format: "base64"`: little-endian float32 values.
+///
+/// # Errors
+/// [`VectorDecodeError`] on bad base64, a length that is not a multiple of 4, or a non-finite value.
+pub fn decode_base64_f32(text: &str) -> Result<Vec<f32>, VectorDecodeError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| VectorDecodeError::Base64(e.to_string()))?;
+    if bytes.len() % 4 != 0 {
+        return Err(VectorDecodeError::Length(bytes.len()));
+    }
+    let values: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    check_finite(&values)?;
+    Ok(values)
+}
+
+/// Checks that every value is finite, as pgvector requires.
+///
+/// # Errors
+/// [`VectorDecodeError::NotFinite`] naming the first bad value.
+pub fn check_finite(values: &[f32]) -> Result<(), VectorDecodeError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(VectorDecodeError::NotFinite { index }),
+        None => Ok(()),
+    }
+}
+
+/// Encodes a vector as OpenAI's base64 (little-endian float32); the inverse of
+/// [`decode_base64_f32`], used by tests and benchmarks.
+pub fn encode_base64_f32(values: &[f32]) -> String {
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Appends `values` in pgvector's binary format to `out`.
+///
+/// # Panics
+/// Never for vectors pgvector can store (at most 16,000 dimensions); longer input is a bug.
+pub fn encode_pgvector(values: &[f32], out: &mut Vec<u8>) {
+    let dims = i16::try_from(values.len()).expect("pgvector stores at most 16000 dimensions");
+    out.reserve(4 + values.len() * 4);
+    out.extend_from_slice(&dims.to_be_bytes());
+    out.extend_from_slice(&0i16.to_be_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// Reads pgvector's binary format, the inverse of [`encode_pgvector`].
+pub fn decode_pgvector(bytes: &[u8]) -> Option<Vec<f32>> {
+    if bytes.len() < 4 {
+        return None;
+    }
+    let dims = i16::from_be_bytes([bytes[0], bytes[1]]);
+    let body = &bytes[4..];
+    if dims < 0 || body.len() != dims as usize * 4 {
+        return None;
+    }
+    Some(body.chunks_exact(4).map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trip() {
+        let v = vec![0.5f32, -1.25, 3.0e-7, 0.0];
+        assert_eq!(decode_base64_f32(&encode_base64_f32(&v)), Ok(v));
+        // 0.5f32 little-endian is 00 00 00 3f.
+        assert_eq!(encode_base64_f32(&[0.5]), "AAAAPw==");
+    }
+
+    #[test]
+    fn base64_errors() {
+        assert_eq!(decode_base64_f32("AAAA"), Err(VectorDecodeError::Length(3)));
+        assert!(matches!(decode_base64_f32("!!"), Err(VectorDecodeError::Base64(_))));
+        assert_eq!(decode_base64_f32(&encode_base64_f32(&[1.0, f32::NAN])), Err(VectorDecodeError::NotFinite { index: 1 }));
+    }
+
+    #[test]
+    fn pgvector_binary() {
+        let mut out = Vec::new();
+        encode_pgvector(&[1.0, -2.0], &mut out);
+        assert_eq!(out, [0, 2, 0, 0, 0x3f, 0x80, 0, 0, 0xc0, 0, 0, 0]);
+        assert_eq!(decode_pgvector(&out), Some(vec![1.0, -2.0]));
+        assert_eq!(decode_pgvector(&out[..7]), None);
+    }
+}

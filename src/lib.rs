@@ -1,0 +1,1 @@
+//! The embsync worker (being written).
