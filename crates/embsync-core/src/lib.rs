@@ -1,5 +1,6 @@
 //! The pure core of embsync: everything that decides what to do, and nothing that does IO.
 //!
+//! - [`auth`]: bearer-token checks for the endpoints.
 //! - [`config`]: `embedding-sources.json` parsed once into [`Config`].
 //! - [`ident`]: the only way a table or column name reaches SQL.
 //! - [`hash`]: the value hash contract.
@@ -21,6 +22,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod config;
 pub mod hash;
 pub mod ident;

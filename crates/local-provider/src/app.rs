@@ -1,0 +1,408 @@
+//! Routing and the endpoint handlers: `/v1/embeddings`, `/health` and the
+//! admin API (`/_admin/requests`, `/_admin/faults`).
+
+use std::fs::File;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::api::{
+    self, ApiError, EmbeddingList, EmbeddingRequest, RATE_LIMIT_REQUESTS, RATE_LIMIT_TOKENS,
+};
+use crate::faults::{BodyFault, FaultConfig, FaultEffect, FaultState, RequestFacts, HANG_SECONDS};
+use crate::http::{RequestHead, Response};
+use crate::log::{LogEntry, RequestLog};
+
+/// The endpoints, by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Health,
+    Embeddings,
+    AdminRequests,
+    AdminFaults,
+}
+
+impl Route {
+    fn of(path: &str) -> Option<Route> {
+        match path {
+            "/health" => Some(Route::Health),
+            "/v1/embeddings" | "/embeddings" => Some(Route::Embeddings),
+            "/_admin/requests" => Some(Route::AdminRequests),
+            "/_admin/faults" => Some(Route::AdminFaults),
+            _ => None,
+        }
+    }
+
+    fn allowed_methods(self) -> &'static str {
+        match self {
+            Route::Health => "GET",
+            Route::Embeddings => "POST",
+            Route::AdminRequests => "GET, DELETE",
+            Route::AdminFaults => "GET, POST, PUT, DELETE",
+        }
+    }
+}
+
+/// Mutable state shared by all connections.
+#[derive(Debug, Default)]
+struct State {
+    log: RequestLog,
+    faults: FaultState,
+}
+
+/// Settings of the fault configuration that apply to every embeddings request.
+#[derive(Debug, Clone, Copy)]
+struct GlobalFaults {
+    latency: Duration,
+    remaining_requests: Option<u64>,
+    remaining_tokens: Option<u64>,
+}
+
+impl GlobalFaults {
+    fn of(config: &FaultConfig) -> Self {
+        GlobalFaults {
+            latency: Duration::from_millis(config.latency_ms),
+            remaining_requests: config.remaining_requests,
+            remaining_tokens: config.remaining_tokens,
+        }
+    }
+}
+
+/// How an embeddings request is answered, before request-independent headers.
+struct Answer {
+    response: Response,
+    /// Description of the fault rule that fired, if any.
+    fault: Option<String>,
+    /// Extra wait caused by the fault (a `hang`).
+    delay: Duration,
+}
+
+impl Answer {
+    fn error(error: &ApiError) -> Self {
+        Answer {
+            response: error_response(error),
+            fault: None,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// An OpenAI-style JSON error response.
+fn error_response(error: &ApiError) -> Response {
+    Response::json(error.status, &error.body())
+}
+
+/// Generates `x-request-id` values: `req_` and 32 hex digits, unique per
+/// process run.
+#[derive(Debug)]
+struct RequestIds {
+    seed: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos() as u64)
+            .unwrap_or_default();
+        RequestIds {
+            seed: nanos ^ u64::from(std::process::id()).rotate_left(32),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let digest = Sha256::new()
+            .chain_update(self.seed.to_le_bytes())
+            .chain_update(n.to_le_bytes())
+            .finalize();
+        format!("req_{}", hex::encode(&digest[..16]))
+    }
+}
+
+/// The application: configuration plus shared state. One instance serves all
+/// connections.
+#[derive(Debug)]
+pub struct App {
+    api_key: Option<String>,
+    base_latency: Duration,
+    log_file: Option<Mutex<File>>,
+    state: Mutex<State>,
+    request_ids: RequestIds,
+}
+
+impl App {
+    /// `api_key`: the only accepted bearer token (any if `None`);
+    /// `base_latency`: delay before every embeddings answer (`--latency-ms`);
+    /// `log_file`: where log entries are appended as JSON lines.
+    pub fn new(api_key: Option<String>, base_latency: Duration, log_file: Option<File>) -> Self {
+        App {
+            api_key,
+            base_latency,
+            log_file: log_file.map(Mutex::new),
+            state: Mutex::new(State::default()),
+            request_ids: RequestIds::new(),
+        }
+    }
+
+    /// The shared state. A panic in another connection's thread cannot leave
+    /// it inconsistent (every update is a single step), so poisoning is ignored.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, head: &RequestHead, body: &[u8]) -> Response {
+        let path = head.path();
+        let Some(route) = Route::of(path) else {
+            return error_response(&ApiError {
+                status: 404,
+                message: format!("Invalid URL ({} {path})", head.method),
+                kind: "invalid_request_error",
+                param: None,
+                code: None,
+            });
+        };
+        match (route, head.method.as_str()) {
+            (Route::Health, "GET") => Response::json(200, &json!({"status": "ok"})),
+            (Route::Embeddings, "POST") => self.embeddings(head, body),
+            (Route::AdminRequests, "GET") => {
+                let entries = self.state().log.entries().to_vec();
+                Response::json(200, &entries)
+            }
+            (Route::AdminRequests, "DELETE") => {
+                let cleared = self.state().log.reset();
+                Response::json(200, &json!({"cleared": cleared}))
+            }
+            (Route::AdminFaults, "GET") => Response::json(200, self.state().faults.config()),
+            (Route::AdminFaults, "POST" | "PUT") => self.set_faults(body),
+            (Route::AdminFaults, "DELETE") => {
+                self.state().faults = FaultState::default();
+                Response::json(200, &FaultConfig::default())
+            }
+            (route, method) => error_response(&ApiError {
+                status: 405,
+                message: format!("Method {method} is not allowed for {path}."),
+                kind: "invalid_request_error",
+                param: None,
+                code: None,
+            })
+            .with_header("allow", route.allowed_methods()),
+        }
+    }
+
+    /// `POST /_admin/faults`: replaces the fault configuration (and resets
+    /// the rules' firing counts).
+    fn set_faults(&self, body: &[u8]) -> Response {
+        let parsed = serde_json::from_slice::<FaultConfig>(body)
+            .map_err(|err| format!("invalid fault config: {err}"))
+            .and_then(|config| {
+                FaultState::new(config).map_err(|err| format!("invalid fault config: {err}"))
+            });
+        match parsed {
+            Ok(faults) => {
+                let response = Response::json(200, faults.config());
+                self.state().faults = faults;
+                response
+            }
+            Err(message) => error_response(&ApiError::invalid(None, message)),
+        }
+    }
+
+    /// `POST /v1/embeddings`.
+    fn embeddings(&self, head: &RequestHead, body: &[u8]) -> Response {
+        let started = Instant::now();
+        let (ticket, global) = {
+            let mut state = self.state();
+            (state.log.begin(), GlobalFaults::of(state.faults.config()))
+        };
+        let (summary, parsed) = api::parse_request(body);
+        let authorization = head.header("authorization");
+        let auth = api::check_auth(authorization, self.api_key.as_deref());
+        let authorized = auth.is_ok();
+        let answer = match auth.and(parsed) {
+            Err(error) => Answer::error(&error),
+            Ok(request) => self.answer(
+                ticket.seq,
+                &request,
+                api::bearer_token(authorization),
+                global,
+            ),
+        };
+
+        let entry = LogEntry {
+            seq: ticket.seq,
+            path: head.path().to_string(),
+            model: summary.model,
+            inputs: summary.inputs,
+            dimensions: summary.dimensions,
+            encoding_format: summary.encoding_format,
+            status: answer.response.status,
+            fault: answer.fault,
+            authorized,
+        };
+        eprintln!(
+            "embsync-local-provider: #{} {} model={} inputs={} -> {}{}",
+            entry.seq,
+            entry.path,
+            entry.model.as_deref().unwrap_or("-"),
+            entry.inputs.len(),
+            entry.status,
+            entry
+                .fault
+                .as_deref()
+                .map(|f| format!(" (fault {f})"))
+                .unwrap_or_default()
+        );
+        self.append_to_log_file(&entry);
+        self.state().log.record(ticket, entry);
+
+        // The entry is visible before the (possibly long) wait, so tests can
+        // observe a hanging request.
+        thread::sleep(self.base_latency + global.latency + answer.delay);
+        answer
+            .response
+            .with_header(
+                "openai-processing-ms",
+                started.elapsed().as_millis().to_string(),
+            )
+            .with_header("x-request-id", self.request_ids.next())
+    }
+
+    /// Answers a valid, authorised request, applying the first matching
+    /// fault rule.
+    fn answer(
+        &self,
+        seq: u64,
+        request: &EmbeddingRequest,
+        token: Option<&str>,
+        global: GlobalFaults,
+    ) -> Answer {
+        let facts = RequestFacts {
+            seq,
+            model: request.model.name(),
+            inputs: &request.inputs,
+        };
+        let fired = self.state().faults.select(&facts);
+        let fault = fired.as_ref().map(|fired| fired.description());
+        let body_fault = match fired.map(|fired| fired.effect) {
+            None => None,
+            Some(FaultEffect::Body(body)) => Some(body),
+            Some(FaultEffect::Status {
+                status,
+                retry_after,
+                retry_after_ms,
+            }) => {
+                let retry_in = match (&retry_after_ms, &retry_after) {
+                    (Some(ms), _) => Some(format!("{ms}ms")),
+                    (None, Some(seconds)) => Some(format!("{seconds}s")),
+                    (None, None) => None,
+                };
+                let error =
+                    ApiError::injected(status, request.model.name(), token, retry_in.as_deref());
+                let mut response = error_response(&error);
+                if status == 429 {
+                    response =
+                        with_rate_limit_headers(response, global, request.prompt_tokens, true);
+                }
+                if let Some(seconds) = retry_after {
+                    response = response.with_header("retry-after", seconds);
+                }
+                if let Some(ms) = retry_after_ms {
+                    response = response.with_header("retry-after-ms", ms);
+                }
+                return Answer {
+                    response,
+                    fault,
+                    delay: Duration::ZERO,
+                };
+            }
+        };
+
+        let mut vectors = request.vectors();
+        if body_fault == Some(BodyFault::WrongDims) {
+            for vector in &mut vectors {
+                vector.pop();
+            }
+        }
+        let mut list = EmbeddingList::new(request, vectors);
+        if body_fault == Some(BodyFault::WrongCount) {
+            list.data.pop();
+        }
+        let mut response = Response::json(200, &list);
+        if body_fault == Some(BodyFault::Malformed) {
+            // Cutting a JSON object anywhere before its end leaves it invalid.
+            response.body.truncate(response.body.len() / 2);
+        }
+        let delay = if body_fault == Some(BodyFault::Hang) {
+            Duration::from_secs(HANG_SECONDS)
+        } else {
+            Duration::ZERO
+        };
+        Answer {
+            response: with_rate_limit_headers(response, global, request.prompt_tokens, false)
+                .with_header("openai-model", request.model.name())
+                .with_header("openai-organization", "local-provider")
+                .with_header("openai-version", "2020-10-01"),
+            fault,
+            delay,
+        }
+    }
+
+    /// Appends `entry` to the `--log` file, if there is one.
+    fn append_to_log_file(&self, entry: &LogEntry) {
+        let Some(file) = &self.log_file else {
+            return;
+        };
+        let written = serde_json::to_string(entry)
+            .map_err(|err| err.to_string())
+            .and_then(|line| {
+                let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
+                writeln!(file, "{line}").map_err(|err| err.to_string())
+            });
+        if let Err(err) = written {
+            eprintln!("embsync-local-provider: cannot write the log file: {err}");
+        }
+    }
+}
+
+/// Adds OpenAI's `x-ratelimit-*` headers. Values are fixed and generous;
+/// the fault configuration may override the remaining counts. `exhausted`
+/// (an injected 429) reports no remaining requests unless overridden.
+fn with_rate_limit_headers(
+    response: Response,
+    global: GlobalFaults,
+    tokens: usize,
+    exhausted: bool,
+) -> Response {
+    let default_requests = if exhausted {
+        0
+    } else {
+        RATE_LIMIT_REQUESTS - 1
+    };
+    let used_tokens = u64::try_from(tokens).unwrap_or(u64::MAX);
+    let remaining_requests = global.remaining_requests.unwrap_or(default_requests);
+    let remaining_tokens = global
+        .remaining_tokens
+        .unwrap_or(RATE_LIMIT_TOKENS.saturating_sub(used_tokens));
+    response
+        .with_header(
+            "x-ratelimit-limit-requests",
+            RATE_LIMIT_REQUESTS.to_string(),
+        )
+        .with_header("x-ratelimit-limit-tokens", RATE_LIMIT_TOKENS.to_string())
+        .with_header(
+            "x-ratelimit-remaining-requests",
+            remaining_requests.to_string(),
+        )
+        .with_header("x-ratelimit-remaining-tokens", remaining_tokens.to_string())
+        .with_header("x-ratelimit-reset-requests", "6ms")
+        .with_header("x-ratelimit-reset-tokens", "0s")
+}

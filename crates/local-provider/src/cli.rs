@@ -1,0 +1,147 @@
+//! Command-line parsing for `embsync-local-provider`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::server::Config;
+
+/// The usage text printed by `--help` and after a usage error.
+pub const USAGE: &str = "\
+Usage: embsync-local-provider [--port P] [--host H] [--api-key KEY] [--log FILE] [--latency-ms N]
+
+An OpenAI-compatible embeddings server with deterministic vectors, for tests and demos.
+
+Options:
+  --port P         port to listen on; 0 (default) picks a free one
+  --host H         interface to listen on (default 127.0.0.1)
+  --api-key KEY    accept only this bearer token (default: any bearer token)
+  --log FILE       also append every embeddings request log entry to FILE as a JSON line
+  --latency-ms N   delay every embeddings answer by N milliseconds (default 0)
+  -h, --help       print this help
+
+The first line on stdout is `listening on http://HOST:PORT`.";
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run the server.
+    Serve(Config),
+    /// Print the usage text.
+    Help,
+}
+
+/// Parses the arguments (without the program name). Options take their value
+/// as the next argument or after `=` (`--port 8080`, `--port=8080`).
+pub fn parse_args<I>(args: I) -> Result<Command, String>
+where
+    I: IntoIterator,
+    I::Item: Into<String>,
+{
+    let mut config = Config::default();
+    let mut args = args.into_iter().map(Into::into);
+    while let Some(arg) = args.next() {
+        if arg == "-h" || arg == "--help" {
+            return Ok(Command::Help);
+        }
+        let (name, inline_value) = match arg.split_once('=') {
+            Some((name, value)) if name.starts_with("--") => {
+                (name.to_string(), Some(value.to_string()))
+            }
+            _ => (arg.clone(), None),
+        };
+        let mut value = || {
+            inline_value
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match name.as_str() {
+            "--port" => {
+                let text = value()?;
+                config.port = text
+                    .parse()
+                    .map_err(|_| format!("--port: not a port number: {text:?}"))?;
+            }
+            "--host" => config.host = value()?,
+            "--api-key" => {
+                let key = value()?;
+                if key.is_empty() {
+                    return Err("--api-key must not be empty".to_string());
+                }
+                config.api_key = Some(key);
+            }
+            "--log" => config.log_file = Some(PathBuf::from(value()?)),
+            "--latency-ms" => {
+                let text = value()?;
+                let ms: u64 = text
+                    .parse()
+                    .map_err(|_| format!("--latency-ms: not a number of milliseconds: {text:?}"))?;
+                config.latency = Duration::from_millis(ms);
+            }
+            _ => return Err(format!("unknown argument: {arg}")),
+        }
+    }
+    Ok(Command::Serve(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Config {
+        match parse_args(args.iter().copied()) {
+            Ok(Command::Serve(config)) => config,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        assert_eq!(serve(&[]), Config::default());
+        assert_eq!(Config::default().host, "127.0.0.1");
+        assert_eq!(Config::default().port, 0);
+    }
+
+    #[test]
+    fn all_options() {
+        let config = serve(&[
+            "--port",
+            "8081",
+            "--host=0.0.0.0",
+            "--api-key",
+            "sk-x",
+            "--log",
+            "/tmp/l.jsonl",
+            "--latency-ms=25",
+        ]);
+        assert_eq!(
+            config,
+            Config {
+                host: "0.0.0.0".into(),
+                port: 8081,
+                api_key: Some("sk-x".into()),
+                log_file: Some(PathBuf::from("/tmp/l.jsonl")),
+                latency: Duration::from_millis(25),
+            }
+        );
+        // A key may itself contain '='.
+        assert_eq!(serve(&["--api-key=a=b"]).api_key.as_deref(), Some("a=b"));
+    }
+
+    #[test]
+    fn help_and_errors() {
+        assert_eq!(parse_args(["--help"]), Ok(Command::Help));
+        assert_eq!(parse_args(["--port", "1", "-h"]), Ok(Command::Help));
+        for bad in [
+            &["--port"][..],
+            &["--port", "99999"],
+            &["--port", "x"],
+            &["--latency-ms", "-1"],
+            &["--api-key", ""],
+            &["--verbose"],
+            &["8080"],
+        ] {
+            assert!(parse_args(bad.iter().copied()).is_err(), "{bad:?}");
+        }
+    }
+}

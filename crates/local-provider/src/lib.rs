@@ -1,0 +1,33 @@
+//! `local-provider`: an OpenAI-compatible embeddings server for embsync's
+//! tests and the local demo.
+//!
+//! It answers `POST /v1/embeddings` like the OpenAI API does (same request
+//! fields, validation errors, error bodies, headers and response shape) with
+//! deterministic vectors, records every embeddings request for tests to
+//! inspect, and injects faults (errors, broken bodies, latency) on demand.
+//! See `README.md` beside this crate for the HTTP interface.
+//!
+//! Modules, from the wire inwards:
+//! * [`server`]: TCP listener, one thread per connection, keep-alive loop;
+//! * [`http`]: HTTP/1.1 request parsing and response writing;
+//! * [`app`]: routing and endpoint handlers;
+//! * [`api`]: the OpenAI request/response/error formats and validation;
+//! * [`faults`]: fault rules and their selection;
+//! * [`log`]: the request log;
+//! * [`vectors`] and [`tokens`]: deterministic vectors and token counts;
+//! * [`cli`]: command-line parsing.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod faults;
+pub mod http;
+pub mod log;
+pub mod server;
+pub mod tokens;
+pub mod vectors;
+
+pub use server::{Config, Server};
+
+#[cfg(test)]
+mod server_tests;

@@ -1,0 +1,570 @@
+//! End-to-end tests of the server over real TCP connections: each test starts
+//! its own server on a free port and talks raw HTTP/1.1 to it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::api::{EmbeddingData, EmbeddingList};
+use crate::server::{Config, Server};
+use crate::vectors;
+
+const KEY: &str = "sk-test-key-0123456789";
+
+fn start(config: Config) -> SocketAddr {
+    Server::bind(&config).unwrap().spawn().unwrap()
+}
+
+fn start_with_key() -> SocketAddr {
+    start(Config {
+        api_key: Some(KEY.to_string()),
+        ..Config::default()
+    })
+}
+
+/// A parsed response as the client saw it.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!(
+                "invalid JSON ({err}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// A raw HTTP/1.1 client on one connection.
+struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Client {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    fn send_raw(&mut self, raw: &[u8]) {
+        self.writer.write_all(raw).unwrap();
+    }
+
+    fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        assert!(line.ends_with("\r\n"), "line not CRLF-terminated: {line:?}");
+        line.truncate(line.len() - 2);
+        line
+    }
+
+    /// Reads one response framed by its Content-Length.
+    fn read_reply(&mut self) -> Reply {
+        let status_line = self.read_line();
+        let mut parts = status_line.splitn(3, ' ');
+        assert_eq!(parts.next(), Some("HTTP/1.1"), "{status_line}");
+        let status: u16 = parts.next().unwrap().parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let line = self.read_line();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(": ").unwrap();
+            headers.push((name.to_string(), value.to_string()));
+        }
+        let mut reply = Reply {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        let length: usize = reply
+            .header("content-length")
+            .expect("content-length")
+            .parse()
+            .unwrap();
+        reply.body = vec![0; length];
+        self.reader.read_exact(&mut reply.body).unwrap();
+        reply
+    }
+
+    /// Sends a request with a Content-Length body and reads the reply.
+    fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+        let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
+        for (name, value) in headers {
+            raw.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !body.is_empty() {
+            raw.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        raw.push_str("\r\n");
+        raw.push_str(body);
+        self.send_raw(raw.as_bytes());
+        self.read_reply()
+    }
+
+    fn embed(&mut self, body: Value) -> Reply {
+        let auth = format!("Bearer {KEY}");
+        self.request(
+            "POST",
+            "/v1/embeddings",
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            &body.to_string(),
+        )
+    }
+
+    /// Whether the server closed the connection (EOF on read).
+    fn is_closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.reader.read(&mut byte), Ok(0))
+    }
+}
+
+fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
+    Client::connect(addr).request(method, path, &[("Connection", "close")], body)
+}
+
+fn small(input: Value) -> Value {
+    json!({"model": "text-embedding-3-small", "input": input})
+}
+
+#[test]
+fn keep_alive_with_content_length_and_chunked_bodies() {
+    let addr = start_with_key();
+    let mut client = Client::connect(addr);
+
+    let health = client.request("GET", "/health", &[], "");
+    assert_eq!(
+        (health.status, health.json()),
+        (200, json!({"status": "ok"}))
+    );
+    assert_eq!(health.header("connection"), None);
+
+    let first = client.embed(small(json!(["hello", "world"])));
+    assert_eq!(first.status, 200);
+    let list: EmbeddingList = serde_json::from_slice(&first.body).unwrap();
+    assert_eq!(list.data.len(), 2);
+    assert_eq!(list.model, "text-embedding-3-small");
+
+    // The same request again, as a chunked body split mid-JSON.
+    let body = small(json!(["hello", "world"])).to_string();
+    let (a, b) = body.split_at(10);
+    let raw = format!(
+        "POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{:x};ext=1\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    client.send_raw(raw.as_bytes());
+    let second = client.read_reply();
+    assert_eq!(second.status, 200);
+    let again: EmbeddingList = serde_json::from_slice(&second.body).unwrap();
+    assert_eq!(again.data, list.data, "same input, same vectors");
+
+    // Pipelined requests are answered in order.
+    let health_raw = "GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
+    client.send_raw(format!("{health_raw}GET /nope HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    assert_eq!(client.read_reply().status, 200);
+    assert_eq!(client.read_reply().status, 404);
+
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    let seqs: Vec<_> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].clone())
+        .collect();
+    assert_eq!(seqs, [json!(1), json!(2)]);
+}
+
+#[test]
+fn connection_close_and_http_1_0() {
+    let addr = start(Config::default());
+    let mut client = Client::connect(addr);
+    let reply = client.request("GET", "/health", &[("Connection", "close")], "");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert!(client.is_closed());
+
+    let mut old = Client::connect(addr);
+    old.send_raw(b"GET /health HTTP/1.0\r\n\r\n");
+    let mut text = String::new();
+    old.reader.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n{\"status\":\"ok\"}"), "{text}");
+}
+
+#[test]
+fn malformed_requests_get_400_and_close() {
+    let addr = start(Config::default());
+    let mut client = Client::connect(addr);
+    client.send_raw(b"POST /v1/embeddings HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nxyz\r\n");
+    let reply = client.read_reply();
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert!(client.is_closed());
+}
+
+#[test]
+fn oversized_bodies_get_413() {
+    let addr = start(Config::default());
+    let mut client = Client::connect(addr);
+    let too_big = crate::http::MAX_BODY_BYTES + 1;
+    client.send_raw(
+        format!("POST /v1/embeddings HTTP/1.1\r\nContent-Length: {too_big}\r\n\r\n{{").as_bytes(),
+    );
+    let reply = client.read_reply();
+    assert_eq!(reply.status, 413);
+    assert!(client.is_closed());
+}
+
+#[test]
+fn hang_is_logged_before_the_late_answer() {
+    let addr = start(Config::default());
+    admin(
+        addr,
+        "POST",
+        "/_admin/faults",
+        r#"{"rules":[{"body":"hang","times":1}]}"#,
+    );
+    let mut client = Client::connect(addr);
+    // Reader and writer share one socket, so this applies to both.
+    let socket = client.reader.get_ref();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let body = small(json!("slow")).to_string();
+    client.send_raw(
+        format!(
+            "POST /v1/embeddings HTTP/1.1\r\nAuthorization: Bearer k\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let mut byte = [0u8; 1];
+    let read = client.reader.read(&mut byte);
+    assert!(read.is_err(), "expected no answer yet, got {read:?}");
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    assert_eq!(log[0]["fault"], "rules[0]: body hang");
+    assert_eq!(log[0]["status"], 200);
+    // The rule fired once; other connections are served normally meanwhile.
+    let mut other = Client::connect(addr);
+    let reply = other.request(
+        "POST",
+        "/v1/embeddings",
+        &[("Authorization", "Bearer k")],
+        &body,
+    );
+    assert_eq!(reply.status, 200);
+}
+
+#[test]
+fn expect_100_continue() {
+    let addr = start(Config::default());
+    let mut client = Client::connect(addr);
+    let body = small(json!("x")).to_string();
+    client.send_raw(
+        format!(
+            "POST /embeddings HTTP/1.1\r\nAuthorization: Bearer any\r\nExpect: 100-continue\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(client.read_line(), "HTTP/1.1 100 Continue");
+    assert_eq!(client.read_line(), "");
+    client.send_raw(body.as_bytes());
+    assert_eq!(client.read_reply().status, 200);
+}
+
+#[test]
+fn success_headers_and_base64() {
+    let addr = start_with_key();
+    let mut client = Client::connect(addr);
+    let request =
+        json!({"model": "text-embedding-3-large", "input": ["a", "b c"], "dimensions": 8});
+    let floats = client.embed(request.clone());
+    assert_eq!(floats.status, 200);
+    for header in [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-reset-tokens",
+        "openai-processing-ms",
+    ] {
+        assert!(floats.header(header).is_some(), "missing {header}");
+    }
+    assert!(floats
+        .header("x-request-id")
+        .is_some_and(|id| id.starts_with("req_")));
+    assert_eq!(floats.header("content-type"), Some("application/json"));
+    let body = floats.json();
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 3, "total_tokens": 3})
+    );
+
+    let mut base64_request = request;
+    base64_request["encoding_format"] = json!("base64");
+    let encoded: EmbeddingList =
+        serde_json::from_slice(&client.embed(base64_request).body).unwrap();
+    let float_list: EmbeddingList = serde_json::from_value(body).unwrap();
+    for (b64, float) in encoded.data.iter().zip(&float_list.data) {
+        let (EmbeddingData::Base64(text), EmbeddingData::Float(values)) =
+            (&b64.embedding, &float.embedding)
+        else {
+            panic!("unexpected encodings: {b64:?} / {float:?}");
+        };
+        assert_eq!(vectors::decode_base64(text).as_ref(), Some(values));
+        assert_eq!(values.len(), 8);
+    }
+}
+
+#[test]
+fn auth_errors_and_log_entries() {
+    let addr = start_with_key();
+    let mut client = Client::connect(addr);
+    let body = small(json!("x")).to_string();
+
+    let missing = client.request("POST", "/v1/embeddings", &[], &body);
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.json()["error"]["code"], "invalid_api_key");
+
+    let wrong_key = "sk-wrong-key-abcdefghijklmnop";
+    let wrong = client.request(
+        "POST",
+        "/v1/embeddings",
+        &[("Authorization", &format!("Bearer {wrong_key}"))],
+        &body,
+    );
+    assert_eq!(wrong.status, 401);
+    let error = wrong.json()["error"].clone();
+    assert_eq!(error["type"], "invalid_request_error");
+    assert_eq!(error["param"], Value::Null);
+    assert!(error["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Incorrect API key provided: sk-"));
+    assert!(!String::from_utf8_lossy(&wrong.body).contains(wrong_key));
+
+    let unknown = client.embed(json!({"model": "x", "input": "y"}));
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["error"]["code"], "model_not_found");
+
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    assert_eq!(
+        log,
+        json!([
+            {"seq": 1, "path": "/v1/embeddings", "model": "text-embedding-3-small", "inputs": ["x"],
+             "dimensions": null, "encodingFormat": null, "status": 401, "fault": null, "authorized": false},
+            {"seq": 2, "path": "/v1/embeddings", "model": "text-embedding-3-small", "inputs": ["x"],
+             "dimensions": null, "encodingFormat": null, "status": 401, "fault": null, "authorized": false},
+            {"seq": 3, "path": "/v1/embeddings", "model": "x", "inputs": ["y"],
+             "dimensions": null, "encodingFormat": null, "status": 404, "fault": null, "authorized": true},
+        ])
+    );
+    assert_eq!(
+        admin(addr, "DELETE", "/_admin/requests", "").json(),
+        json!({"cleared": 3})
+    );
+    client.embed(small(json!("again")));
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    assert_eq!(log[0]["seq"], 1);
+    assert_eq!(log.as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn fault_rules_over_http() {
+    let addr = start_with_key();
+    let config = json!({
+        "latencyMs": 0,
+        "remainingRequests": 7,
+        "rules": [
+            {"status": 429, "retryAfter": "1", "retryAfterMs": 250, "nth": [2]},
+            {"body": "wrongCount", "nth": [3]},
+            {"body": "wrongDims", "nth": [4]},
+            {"body": "malformed", "nth": [5]},
+            {"status": 500, "inputContains": "explode", "times": 1},
+        ]
+    });
+    let set = admin(addr, "POST", "/_admin/faults", &config.to_string());
+    assert_eq!(set.status, 200);
+    assert_eq!(
+        admin(addr, "GET", "/_admin/faults", "").json()["rules"][0]["retryAfter"],
+        "1"
+    );
+
+    let mut client = Client::connect(addr);
+    let request = json!({"model": "text-embedding-3-small", "input": ["a", "b"], "dimensions": 4});
+    let ok = client.embed(request.clone());
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.header("x-ratelimit-remaining-requests"), Some("7"));
+
+    let limited = client.embed(request.clone());
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.header("retry-after"), Some("1"));
+    assert_eq!(limited.header("retry-after-ms"), Some("250"));
+    assert_eq!(limited.json()["error"]["code"], "rate_limit_exceeded");
+
+    let short = client.embed(request.clone()).json();
+    assert_eq!(short["data"].as_array().map(Vec::len), Some(1));
+    let thin = client.embed(request.clone()).json();
+    assert_eq!(
+        thin["data"][0]["embedding"].as_array().map(Vec::len),
+        Some(3)
+    );
+    let broken = client.embed(request.clone());
+    assert_eq!(broken.status, 200);
+    assert!(serde_json::from_slice::<Value>(&broken.body).is_err());
+
+    assert_eq!(client.embed(small(json!("explode"))).status, 500);
+    assert_eq!(
+        client.embed(small(json!("explode"))).status,
+        200,
+        "times: 1"
+    );
+
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    let faults: Vec<_> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["fault"].clone())
+        .collect();
+    assert_eq!(
+        faults,
+        [
+            Value::Null,
+            json!("rules[0]: status 429"),
+            json!("rules[1]: body wrongCount"),
+            json!("rules[2]: body wrongDims"),
+            json!("rules[3]: body malformed"),
+            json!("rules[4]: status 500"),
+            Value::Null,
+        ]
+    );
+
+    let bad = admin(
+        addr,
+        "POST",
+        "/_admin/faults",
+        r#"{"rules":[{"status":429,"nht":[1]}]}"#,
+    );
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("nht"));
+    assert_eq!(
+        admin(addr, "DELETE", "/_admin/faults", "").json()["rules"],
+        json!([])
+    );
+    assert_eq!(client.embed(request).status, 200);
+}
+
+#[test]
+fn latency_delays_answers() {
+    let addr = start(Config {
+        latency: Duration::from_millis(30),
+        ..Config::default()
+    });
+    admin(addr, "POST", "/_admin/faults", r#"{"latencyMs": 40}"#);
+    let mut client = Client::connect(addr);
+    let started = std::time::Instant::now();
+    let reply = client.request(
+        "POST",
+        "/v1/embeddings",
+        &[("Authorization", "Bearer k")],
+        &small(json!("x")).to_string(),
+    );
+    assert_eq!(reply.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(70));
+    let processing: u64 = reply
+        .header("openai-processing-ms")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(processing >= 70, "{processing}");
+}
+
+#[test]
+fn unknown_paths_and_methods() {
+    let addr = start(Config::default());
+    let mut client = Client::connect(addr);
+    let missing = client.request("GET", "/v1/models", &[], "");
+    assert_eq!(missing.status, 404);
+    assert_eq!(
+        missing.json()["error"]["message"],
+        "Invalid URL (GET /v1/models)"
+    );
+    let wrong = client.request("GET", "/v1/embeddings", &[], "");
+    assert_eq!(wrong.status, 405);
+    assert_eq!(wrong.header("allow"), Some("POST"));
+    // The connection survives error answers.
+    assert_eq!(
+        client.request("GET", "/health?probe=1", &[], "").status,
+        200
+    );
+}
+
+#[test]
+fn log_file_gets_json_lines() {
+    let path =
+        std::env::temp_dir().join(format!("local-provider-test-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let addr = start(Config {
+        log_file: Some(path.clone()),
+        ..Config::default()
+    });
+    let mut client = Client::connect(addr);
+    let auth = [("Authorization", "Bearer k")];
+    client.request(
+        "POST",
+        "/v1/embeddings",
+        &auth,
+        &small(json!("one")).to_string(),
+    );
+    client.request("POST", "/v1/embeddings", &auth, "not json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (lines[0]["seq"].clone(), lines[0]["status"].clone()),
+        (json!(1), json!(200))
+    );
+    assert_eq!(
+        (lines[1]["seq"].clone(), lines[1]["status"].clone()),
+        (json!(2), json!(400))
+    );
+}

@@ -1,0 +1,59 @@
+//! [`Embedder`] over `fetch`: the core encodes and decodes, this sends.
+
+use crate::settings::Redacted;
+use embsync_core::config::ModelSpec;
+use embsync_core::provider::{decode_response, EmbeddingRequest, Embeddings, EncodingFormat, ProviderError};
+use embsync_core::sync::Embedder;
+use futures::future::{select, Either};
+use std::time::Duration;
+use worker::wasm_bindgen::JsValue;
+use worker::{Delay, Fetch, Headers, Method, Request, RequestInit};
+
+/// How long one request may take before it counts as failed (and is retried).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An OpenAI-compatible embeddings endpoint.
+pub struct OpenAi {
+    url: String,
+    api_key: Redacted,
+}
+
+impl OpenAi {
+    /// `base_url` is e.g. `https://api.openai.com/v1`; requests go to `{base_url}/embeddings`.
+    pub fn new(base_url: &str, api_key: Redacted) -> Self {
+        OpenAi { url: format!("{base_url}/embeddings"), api_key }
+    }
+
+    async fn send(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
+        let body = EmbeddingRequest {
+            model: model.name(),
+            input: inputs,
+            dimensions: model.requested_dimensions(),
+            encoding_format: EncodingFormat::Base64,
+        }
+        .to_json();
+        let transport = |e: worker::Error| ProviderError::Transport(e.to_string());
+        let headers = Headers::new();
+        headers.set("authorization", &format!("Bearer {}", self.api_key.expose())).map_err(transport)?;
+        headers.set("content-type", "application/json").map_err(transport)?;
+        let mut init = RequestInit::new();
+        init.with_method(Method::Post).with_headers(headers).with_body(Some(JsValue::from_str(&body)));
+        let request = Request::new_with_init(&self.url, &init).map_err(transport)?;
+        let mut response = Fetch::Request(request).send().await.map_err(transport)?;
+        let status = response.status_code();
+        let bytes = response.bytes().await.map_err(transport)?;
+        let headers = response.headers();
+        decode_response(status, |name| headers.get(name).ok().flatten(), &bytes, inputs.len(), model.dimensions())
+    }
+}
+
+impl Embedder for OpenAi {
+    async fn embed(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
+        let request = std::pin::pin!(self.send(model, inputs));
+        let timeout = Delay::from(REQUEST_TIMEOUT);
+        match select(request, timeout).await {
+            Either::Left((result, _)) => result,
+            Either::Right(_) => Err(ProviderError::Transport(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))),
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The worker's environment, read once per invocation into [`Settings`].
+
+use embsync_core::config::{Config, ConfigError};
+use std::fmt;
+use worker::Env;
+
+/// The config compiled into the worker; `EMBEDDING_SOURCES` replaces it.
+pub const BUILT_IN_CONFIG: &str = include_str!("../embedding-sources.json");
+
+/// The default provider base URL.
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// A secret string: never shown by `Debug` or `Display`.
+#[derive(Clone)]
+pub struct Redacted(String);
+
+impl Redacted {
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Redacted(***)")
+    }
+}
+
+/// A setting that is missing or unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A required secret or variable is not set.
+    #[error("{name} is not set: {hint}")]
+    Missing {
+        /// The variable name.
+        name: &'static str,
+        /// How to set it.
+        hint: &'static str,
+    },
+    /// The embedding sources config is invalid.
+    #[error("invalid embedding sources config ({origin}): {source}")]
+    Config {
+        /// `EMBEDDING_SOURCES` or `embedding-sources.json`.
+        origin: &'static str,
+        /// What is wrong.
+        source: ConfigError,
+    },
+}
+
+/// Reads a string binding (a var or a secret); empty counts as unset.
+pub fn string(env: &Env, name: &str) -> Option<String> {
+    env.var(name).ok().map(|v| v.to_string()).filter(|v| !v.trim().is_empty())
+}
+
+/// Reads a secret binding.
+pub fn secret(env: &Env, name: &str) -> Option<Redacted> {
+    string(env, name).map(Redacted)
+}
+
+/// Parses the config: `EMBEDDING_SOURCES` when set, else the built-in file.
+///
+/// # Errors
+/// [`SettingsError::Config`] naming the origin and the field.
+pub fn config(env: &Env) -> Result<Config, SettingsError> {
+    match string(env, "EMBEDDING_SOURCES") {
+        Some(json) => Config::parse(&json).map_err(|source| SettingsError::Config { origin: "EMBEDDING_SOURCES", source }),
+        None => Config::parse(BUILT_IN_CONFIG).map_err(|source| SettingsError::Config { origin: "embedding-sources.json", source }),
+    }
+}
+
+/// `DATABASE_URL`.
+///
+/// # Errors
+/// [`SettingsError::Missing`] when unset.
+pub fn database_url(env: &Env) -> Result<Redacted, SettingsError> {
+    secret(env, "DATABASE_URL").ok_or(SettingsError::Missing {
+        name: "DATABASE_URL",
+        hint: "set it with `wrangler secret put DATABASE_URL` (a postgres:// URL)",
+    })
+}
+
+/// `OPENAI_API_KEY`.
+///
+/// # Errors
+/// [`SettingsError::Missing`] when unset.
+pub fn api_key(env: &Env) -> Result<Redacted, SettingsError> {
+    secret(env, "OPENAI_API_KEY").ok_or(SettingsError::Missing {
+        name: "OPENAI_API_KEY",
+        hint: "set it with `wrangler secret put OPENAI_API_KEY`",
+    })
+}
+
+/// `OPENAI_BASE_URL` without a trailing slash, default [`DEFAULT_BASE_URL`].
+pub fn base_url(env: &Env) -> String {
+    string(env, "OPENAI_BASE_URL").unwrap_or_else(|| DEFAULT_BASE_URL.to_owned()).trim_end_matches('/').to_owned()
+}
