@@ -7,8 +7,10 @@
 //!   "sources": [
 //!     { "name": "Option Descriptions", "table": "config_option", "column": "description", "enabled": true } ] }
 //! ```
-//! A model is a name, or `{ "name": "...", "dimensions": 1024 }`. `batchSize` (1..=2048) defaults
-//! to 100 and `enabled` to `true`; every other field is required and unknown keys are rejected.
+//! A model is a name, or `{ "name": "...", "dimensions": 1024, "pricePerMillionTokens": 0.13 }`
+//! (list prices of the OpenAI models are built in). `batchSize` (1..=2048) defaults to 100,
+//! `enabled` to `true`, and the optional `maxTokensPerRun` caps what one run may spend; every
+//! other field is required and unknown keys are rejected.
 //! Code past this module takes [`Config`], never raw JSON.
 
 use crate::ident::{Ident, TableName};
@@ -28,6 +30,9 @@ pub struct Config {
     pub batch_size: BatchSize,
     /// Every source, enabled or not, in config order.
     pub sources: Vec<Source>,
+    /// A run stops cleanly, after a committed batch, once the provider reported this many
+    /// tokens (both models together). `None`: no limit.
+    pub max_tokens_per_run: Option<u64>,
 }
 
 /// The two embedding models.
@@ -71,12 +76,13 @@ impl ModelSlot {
     }
 }
 
-/// A model name and the vector size it produces.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A model name, the vector size it produces and its price.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     name: String,
     dimensions: u32,
     explicit_dimensions: bool,
+    price_per_million: f64,
 }
 
 impl ModelSpec {
@@ -93,6 +99,30 @@ impl ModelSpec {
     /// The `dimensions` to send in requests: only when the config set it.
     pub fn requested_dimensions(&self) -> Option<u32> {
         self.explicit_dimensions.then_some(self.dimensions)
+    }
+
+    /// What made a stored embedding, recorded next to it: `name` or `name:dimensions`.
+    /// A change of tag means the stored vectors are from another model and are re-embedded.
+    pub fn tag(&self) -> String {
+        match self.requested_dimensions() {
+            Some(d) => format!("{}:{d}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// US dollars per million input tokens.
+    pub fn price_per_million(&self) -> f64 {
+        self.price_per_million
+    }
+}
+
+/// The list price in US dollars per million tokens of the models this tool knows.
+pub fn default_price(model: &str) -> Option<f64> {
+    match model {
+        "text-embedding-3-large" => Some(0.13),
+        "text-embedding-3-small" => Some(0.02),
+        "text-embedding-ada-002" => Some(0.10),
+        _ => None,
     }
 }
 
@@ -171,6 +201,7 @@ struct RawConfig {
     version: String,
     models: RawModels,
     batch_size: Option<u64>,
+    max_tokens_per_run: Option<u64>,
     sources: Vec<RawSource>,
 }
 
@@ -190,9 +221,11 @@ enum RawModel {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct RawModelSpec {
     name: String,
     dimensions: Option<u32>,
+    price_per_million_tokens: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -256,7 +289,10 @@ impl Config {
             }
             sources.push(Source { name, table, column, enabled: s.enabled.unwrap_or(true) });
         }
-        Ok(Config { models, batch_size, sources })
+        if raw.max_tokens_per_run == Some(0) {
+            return Err(ConfigError::at("maxTokensPerRun", "must be at least 1 (leave it out for no limit)"));
+        }
+        Ok(Config { models, batch_size, sources, max_tokens_per_run: raw.max_tokens_per_run })
     }
 
     /// The sources to sync, in config order.
@@ -266,9 +302,16 @@ impl Config {
 }
 
 fn model(path: &str, raw: RawModel) -> Result<ModelSpec, ConfigError> {
-    let (name, dimensions) = match raw {
-        RawModel::Name(name) => (name, None),
-        RawModel::Spec(spec) => (spec.name, spec.dimensions),
+    let (name, dimensions, price) = match raw {
+        RawModel::Name(name) => (name, None, None),
+        RawModel::Spec(spec) => (spec.name, spec.dimensions, spec.price_per_million_tokens),
+    };
+    let price = match price {
+        Some(p) if !(p.is_finite() && p >= 0.0) => {
+            return Err(ConfigError::at(format!("{path}.pricePerMillionTokens"), format!("{p} is not a price: use a number of US dollars, 0 or more")))
+        }
+        Some(p) => p,
+        None => default_price(&name).unwrap_or(0.0),
     };
     if name.trim().is_empty() {
         return Err(ConfigError::at(path, "model name is empty"));
@@ -286,7 +329,7 @@ fn model(path: &str, raw: RawModel) -> Result<ModelSpec, ConfigError> {
             return Err(ConfigError::at(path, format!("unknown model {name:?}: give its vector size as {{\"name\": {name:?}, \"dimensions\": N}}")))
         }
     };
-    Ok(ModelSpec { name, dimensions: dims, explicit_dimensions: dimensions.is_some() })
+    Ok(ModelSpec { name, dimensions: dims, explicit_dimensions: dimensions.is_some(), price_per_million: price })
 }
 
 #[cfg(test)]
@@ -354,7 +397,7 @@ mod tests {
 
     #[test]
     fn rejections() {
-        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `sources` at line 3 column 31"]);
+        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `sources` at line 3 column 31"]);
         check(&with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#), expect!["err sources[0].colour: unknown field `colour`, expected one of `name`, `table`, `column`, `enabled` at line 5 column 117"]);
         check(&with(r#""table": "config_position", "#, ""), expect!["err sources[1]: missing field `table` at line 6 column 84"]);
         check(&with(r#""batchSize": 100"#, r#""batchSize": 0"#), expect!["err batchSize: 0 is out of range: use 1..=2048 (the provider takes at most 2048 inputs per request)"]);

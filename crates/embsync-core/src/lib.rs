@@ -1,6 +1,7 @@
 //! The pure core of embsync: everything that decides what to do, and nothing that does IO.
 //!
 //! - [`auth`]: bearer-token checks for the endpoints.
+//! - [`batch`]: packing values into requests by token and input limits.
 //! - [`config`]: `embedding-sources.json` parsed once into [`Config`].
 //! - [`ident`]: the only way a table or column name reaches SQL.
 //! - [`hash`]: the value hash contract.
@@ -23,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod hash;
 pub mod ident;

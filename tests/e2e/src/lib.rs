@@ -1,0 +1,1053 @@
+//! Harness for the end-to-end tests of embsync.
+//!
+//! Every test gets real parts: a fresh database in the shared Postgres 18 + pgvector cluster
+//! ([`TestDb`]), the local OpenAI-compatible provider ([`Provider`]) and the real worker under
+//! `wrangler dev` ([`Worker`]). Nothing is mocked but the embeddings provider.
+//!
+//! The environment comes from `scripts/test.sh`: `EMBSYNC_TEST_PG_URL`, `EMBSYNC_PROVIDER_BIN`,
+//! `EMBSYNC_REPO`, `EMBSYNC_NODE` and `EMBSYNC_WRANGLER_JS`.
+//!
+//! Each part cleans up on `Drop`. When a test fails (the thread is panicking), the worker's and
+//! the provider's logs are kept and their tails printed, so the failure can be read in context.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use postgres::{Client, NoTls};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// The bearer token the tests configure as `SYNC_API_TOKEN`.
+pub const TOKEN: &str = "e2e-sync-token-0123456789";
+/// The API key the tests give the worker and the provider.
+pub const API_KEY: &str = "sk-e2e-test-key";
+/// Dimensions of the two models.
+pub const LARGE_DIMS: usize = 3072;
+pub const SMALL_DIMS: usize = 1536;
+pub const LARGE_MODEL: &str = "text-embedding-3-large";
+pub const SMALL_MODEL: &str = "text-embedding-3-small";
+
+/// How long a sync request may take before the HTTP client gives up.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `wrangler dev` may take to answer `/health`.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// Environment and small helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Reads a variable set by `scripts/test.sh`, failing with a hint when it is missing.
+pub fn env_var(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "environment variable {name} is not set: the end-to-end tests need the Postgres \
+             cluster, provider binary and prebuilt worker that `scripts/test.sh` sets up; \
+             run them through `scripts/test.sh`"
+        ),
+    }
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A name that is unique across tests, processes and runs (lowercase, digits and `_`).
+pub fn unique_name(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}_{}_{n}_{nanos}", std::process::id())
+}
+
+/// Whether to keep the logs of passing tests too (`EMBSYNC_E2E_KEEP_LOGS=1`).
+fn keep_logs() -> bool {
+    thread::panicking() || std::env::var_os("EMBSYNC_E2E_KEEP_LOGS").is_some_and(|v| v == "1")
+}
+
+/// A fresh temporary directory.
+fn temp_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique_name(prefix));
+    fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// A port that was free a moment ago (bind to port 0, read it, release it).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// The last `n` lines of a file (or a note that it cannot be read).
+pub fn tail_of(path: &Path, n: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(n);
+            lines[start..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// The hash the contract promises: lowercase hex SHA-256 of the UTF-8 bytes of `v` trimmed of
+/// leading and trailing U+0020 only; `None` when nothing is left after trimming.
+pub fn expected_hash(v: &str) -> Option<String> {
+    let t = v.trim_matches(' ');
+    if t.is_empty() {
+        None
+    } else {
+        Some(hex::encode(Sha256::digest(t.as_bytes())))
+    }
+}
+
+/// The distinct trimmed non-empty values of a list of raw column values.
+pub fn distinct_trimmed<'a>(
+    values: impl IntoIterator<Item = &'a Option<&'a str>>,
+) -> BTreeSet<String> {
+    values
+        .into_iter()
+        .flatten()
+        .map(|v| v.trim_matches(' ').to_string())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// Hashes of a set of values (which must be non-empty after trimming).
+pub fn hashes_of<'a>(values: impl IntoIterator<Item = &'a String>) -> BTreeSet<String> {
+    values
+        .into_iter()
+        .map(|v| expected_hash(v).expect("non-empty value"))
+        .collect()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Parses pgvector's text form `[1,2.5,-3e-05]`.
+pub fn parse_vector(text: &str) -> Vec<f32> {
+    let inner = text.trim().trim_start_matches('[').trim_end_matches(']');
+    if inner.trim().is_empty() {
+        return Vec::new();
+    }
+    inner
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<f32>()
+                .unwrap_or_else(|e| panic!("bad component {x:?}: {e}"))
+        })
+        .collect()
+}
+
+/// Euclidean norm.
+pub fn norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sources and configuration
+// ---------------------------------------------------------------------------------------------
+
+/// One configured source: display name, table, column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Src {
+    pub name: &'static str,
+    pub table: &'static str,
+    pub column: &'static str,
+}
+
+pub const OPTION: Src = Src {
+    name: "Option Descriptions",
+    table: "config_option",
+    column: "description",
+};
+pub const POSITION: Src = Src {
+    name: "Attribute Labels",
+    table: "config_position",
+    column: "attribute_label",
+};
+pub const HTB: Src = Src {
+    name: "HTB Attribute Names",
+    table: "htb_attribute_mapping_zebra_provided",
+    column: "attribute_name_for_htb",
+};
+/// The three sources of the compiled-in `embedding-sources.json`, in order.
+pub const DEFAULT_SOURCES: [Src; 3] = [OPTION, POSITION, HTB];
+
+/// An `EMBEDDING_SOURCES` JSON in the documented format.
+pub fn sources_json(batch_size: u64, sources: &[Src]) -> String {
+    let list: Vec<Value> = sources
+        .iter()
+        .map(|s| json!({"name": s.name, "table": s.table, "column": s.column, "enabled": true}))
+        .collect();
+    json!({
+        "version": "1.0",
+        "models": {"large": LARGE_MODEL, "small": SMALL_MODEL},
+        "batchSize": batch_size,
+        "sources": list,
+    })
+    .to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reports and plans
+// ---------------------------------------------------------------------------------------------
+
+/// The entry of `sources[]` (of a plan or a report) whose table is `table`.
+pub fn source_entry<'a>(doc: &'a Value, table: &str) -> &'a Value {
+    doc["sources"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sources[] in {doc:#}"))
+        .iter()
+        .find(|s| s["table"] == table)
+        .unwrap_or_else(|| panic!("no source with table {table:?} in {doc:#}"))
+}
+
+/// An integer field of a JSON object, panicking with the object when it is missing.
+pub fn num(obj: &Value, key: &str) -> i64 {
+    obj[key]
+        .as_i64()
+        .unwrap_or_else(|| panic!("field {key:?} missing or not an integer in {obj:#}"))
+}
+
+/// Asserts that the integer fields of `obj` have the expected values (all checked, then reported
+/// together).
+pub fn assert_counts(what: &str, obj: &Value, expected: &[(&str, i64)]) {
+    let wrong: Vec<String> = expected
+        .iter()
+        .filter(|(k, v)| obj[*k].as_i64() != Some(*v))
+        .map(|(k, v)| format!("{k}: expected {v}, got {}", obj[*k]))
+        .collect();
+    assert!(wrong.is_empty(), "{what}: {}\nin {obj:#}", wrong.join("; "));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Database
+// ---------------------------------------------------------------------------------------------
+
+/// Replaces the database name in a `postgres://` URL.
+pub fn url_with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.find('?') {
+        Some(i) => (&url[..i], &url[i..]),
+        None => (url, ""),
+    };
+    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[after_scheme..].find('/') {
+        Some(i) => &base[..after_scheme + i],
+        None => base,
+    };
+    format!("{base}/{db}{query}")
+}
+
+/// A fresh database in the shared cluster, dropped at the end.
+pub struct TestDb {
+    /// The database's URL (what the worker gets as `DATABASE_URL`).
+    pub url: String,
+    /// The database's name.
+    pub name: String,
+    admin_url: String,
+    client: Option<Client>,
+}
+
+impl TestDb {
+    /// Creates a database with a unique name and connects to it.
+    pub fn create() -> TestDb {
+        let admin_url = env_var("EMBSYNC_TEST_PG_URL");
+        let name = unique_name("embsync_e2e");
+        let mut admin = Client::connect(&admin_url, NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to EMBSYNC_TEST_PG_URL ({admin_url}): {e}"));
+        // CREATE DATABASE copies template1 and can fail while another session touches it.
+        let mut last_err = None;
+        for _ in 0..10 {
+            match admin.batch_execute(&format!("CREATE DATABASE {name}")) {
+                Ok(()) => {
+                    last_err = None;
+                    break;
+                }
+                Err(e) => {
+                    last_err = Some(e);
+                    thread::sleep(Duration::from_millis(300));
+                }
+            }
+        }
+        if let Some(e) = last_err {
+            panic!("CREATE DATABASE {name}: {e}");
+        }
+        let url = url_with_database(&admin_url, &name);
+        let client =
+            Client::connect(&url, NoTls).unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+        TestDb {
+            url,
+            name,
+            admin_url,
+            client: Some(client),
+        }
+    }
+
+    /// The connection to the test database.
+    pub fn client(&mut self) -> &mut Client {
+        self.client.as_mut().expect("client")
+    }
+
+    /// Runs SQL statements (no parameters).
+    pub fn exec(&mut self, sql: &str) {
+        self.client()
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// A single `bigint`-compatible value (e.g. `SELECT count(*) ...`).
+    pub fn count(&mut self, sql: &str) -> i64 {
+        let row = self
+            .client()
+            .query_one(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        row.get::<_, i64>(0)
+    }
+
+    /// A set of single text values returned by a query.
+    pub fn text_set(&mut self, sql: &str) -> BTreeSet<String> {
+        self.client()
+            .query(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect()
+    }
+
+    /// Whether a table (or other relation) exists, by (possibly schema-qualified) name.
+    pub fn relation_exists(&mut self, name: &str) -> bool {
+        let row = self
+            .client()
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .expect("to_regclass");
+        row.get(0)
+    }
+
+    /// Creates the three source tables of the default config (empty).
+    pub fn create_default_sources(&mut self) {
+        for s in DEFAULT_SOURCES {
+            self.create_source_table(s.table, s.column);
+        }
+    }
+
+    /// Creates one source table with an id and a text column.
+    pub fn create_source_table(&mut self, table: &str, column: &str) {
+        self.exec(&format!(
+            "CREATE TABLE {table} (id bigserial PRIMARY KEY, {column} text)"
+        ));
+    }
+
+    /// Inserts raw values (NULL for `None`) into `table.column`, one row each.
+    pub fn insert(&mut self, table: &str, column: &str, values: &[Option<&str>]) {
+        let owned: Vec<Option<String>> = values.iter().map(|v| v.map(str::to_string)).collect();
+        let sql = format!("INSERT INTO {table} ({column}) SELECT unnest($1::text[])");
+        self.client()
+            .execute(&sql, &[&owned])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Inserts non-NULL values.
+    pub fn insert_strs(&mut self, src: Src, values: &[&str]) {
+        let v: Vec<Option<&str>> = values.iter().map(|s| Some(*s)).collect();
+        self.insert(src.table, src.column, &v);
+    }
+
+    /// Deletes every row whose column equals one of `values` exactly; returns the row count.
+    pub fn delete_exact(&mut self, src: Src, values: &[&str]) -> u64 {
+        let owned: Vec<String> = values.iter().map(|s| s.to_string()).collect();
+        let sql = format!(
+            "DELETE FROM {} WHERE {} = ANY($1::text[])",
+            src.table, src.column
+        );
+        self.client()
+            .execute(&sql, &[&owned])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// The `value_hash`es in `embedding_cache`.
+    pub fn cache_hashes(&mut self) -> BTreeSet<String> {
+        self.text_set("SELECT value_hash FROM embedding_cache")
+    }
+
+    /// `(value_hash, value)` of every row in `embedding_cache`.
+    pub fn cache_values(&mut self) -> Vec<(String, String)> {
+        self.client()
+            .query(
+                "SELECT value_hash, value FROM embedding_cache ORDER BY value_hash",
+                &[],
+            )
+            .expect("select embedding_cache")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    /// The number of rows in `embedding_cache`, 0 when the table does not exist.
+    pub fn cache_count(&mut self) -> i64 {
+        if self.relation_exists("embedding_cache") {
+            self.count("SELECT count(*) FROM embedding_cache")
+        } else {
+            0
+        }
+    }
+
+    /// Both embeddings of the row with `value_hash = hash`, as text.
+    pub fn embeddings_of(&mut self, hash: &str) -> (Option<String>, Option<String>) {
+        let row = self
+            .client()
+            .query_one(
+                "SELECT embedding_large::text, embedding_small::text FROM embedding_cache WHERE value_hash = $1",
+                &[&hash],
+            )
+            .unwrap_or_else(|e| panic!("select embeddings of {hash}: {e}"));
+        (row.get(0), row.get(1))
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        drop(self.client.take());
+        if let Ok(mut admin) = Client::connect(&self.admin_url, NoTls) {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------------
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(5))
+        .timeout(HTTP_TIMEOUT)
+        .build()
+}
+
+/// Sends a request; returns status and body text, or a transport error message.
+fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    let mut req = agent().request(method, url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let res = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    match res {
+        Ok(resp) => {
+            let status = resp.status();
+            let text = resp.into_string().map_err(|e| format!("read body: {e}"))?;
+            Ok((status, text))
+        }
+        Err(ureq::Error::Status(status, resp)) => {
+            Ok((status, resp.into_string().unwrap_or_default()))
+        }
+        Err(e) => Err(format!("{method} {url}: {e}")),
+    }
+}
+
+/// JSON of a body, or the body as a JSON string when it is not JSON.
+fn to_json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Provider
+// ---------------------------------------------------------------------------------------------
+
+/// The local OpenAI-compatible provider (`embsync-local-provider`), killed on drop.
+pub struct Provider {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub origin: String,
+    pub port: u16,
+    pub api_key: Option<String>,
+    dir: PathBuf,
+}
+
+impl Provider {
+    /// Starts the provider on a free port, optionally requiring `api_key`.
+    pub fn start(api_key: Option<&str>) -> Provider {
+        let bin = env_var("EMBSYNC_PROVIDER_BIN");
+        let dir = temp_dir("embsync-e2e-provider");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--port")
+            .arg("0")
+            .arg("--log")
+            .arg(dir.join("requests.log"));
+        if let Some(k) = api_key {
+            cmd.arg("--api-key").arg(k);
+        }
+        let stderr = File::create(dir.join("stderr.log")).expect("provider stderr file");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
+        let mut first = String::new();
+        reader.read_line(&mut first).expect("read provider stdout");
+        let origin = match first.trim().strip_prefix("listening on ") {
+            Some(o) => o.trim_end_matches('/').to_string(),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "provider did not print `listening on http://...` first but {first:?}; stderr:\n{}",
+                    tail_of(&dir.join("stderr.log"), 40)
+                );
+            }
+        };
+        let port = origin
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in provider origin");
+        // Keep draining stdout so the provider never blocks on a full pipe.
+        let mut out = File::create(dir.join("stdout.log")).expect("provider stdout file");
+        thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let _ = out.write_all(&buf[..n]);
+            }
+        });
+        Provider {
+            child,
+            origin,
+            port,
+            api_key: api_key.map(str::to_string),
+            dir,
+        }
+    }
+
+    /// The base URL the worker gets as `OPENAI_BASE_URL`.
+    pub fn base_url(&self) -> String {
+        format!("{}/v1", self.origin)
+    }
+
+    fn admin(&self, method: &str, path: &str, body: Option<&str>) -> Value {
+        let url = format!("{}{path}", self.origin);
+        let (status, text) =
+            send(method, &url, &[], body).unwrap_or_else(|e| panic!("provider admin: {e}"));
+        assert!(
+            (200..300).contains(&status),
+            "provider {method} {path} -> {status}: {text}"
+        );
+        to_json(&text)
+    }
+
+    /// The provider's request log (`GET /_admin/requests`), oldest first.
+    pub fn requests(&self) -> Vec<Value> {
+        match self.admin("GET", "/_admin/requests", None) {
+            Value::Array(a) => a,
+            v => panic!("unexpected /_admin/requests answer (want an array): {v:#}"),
+        }
+    }
+
+    /// The embedding requests in the log: `(model, inputs)` each. An entry of the provider's log
+    /// looks like `{"seq":1,"path":"/v1/embeddings","model":"...","inputs":["..."],
+    /// "dimensions":null,"encodingFormat":"float","status":200,"fault":null,"authorized":true}`.
+    pub fn embedding_requests(&self) -> Vec<(String, Vec<String>)> {
+        self.requests()
+            .iter()
+            .filter(|r| {
+                r["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("/embeddings"))
+            })
+            .map(|r| {
+                let model = r["model"].as_str().unwrap_or_default().to_string();
+                let inputs = r["inputs"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("provider log entry without inputs[]: {r}"))
+                    .iter()
+                    .map(|x| x.as_str().unwrap_or_default().to_string())
+                    .collect();
+                (model, inputs)
+            })
+            .collect()
+    }
+
+    /// Every input sent for `model`, with repetitions.
+    pub fn inputs_for(&self, model: &str) -> Vec<String> {
+        self.embedding_requests()
+            .into_iter()
+            .filter(|(m, _)| m == model)
+            .flat_map(|(_, i)| i)
+            .collect()
+    }
+
+    /// Empties the request log.
+    pub fn clear(&self) {
+        self.admin("DELETE", "/_admin/requests", None);
+    }
+
+    /// Sets fault switches (`POST /_admin/faults`).
+    pub fn set_faults(&self, faults: &Value) {
+        self.admin("POST", "/_admin/faults", Some(&faults.to_string()));
+    }
+
+    /// Asks the provider directly for the embedding of `input` (float encoding).
+    pub fn embed(&self, model: &str, input: &str, dimensions: Option<u64>) -> Vec<f32> {
+        let mut body = json!({"model": model, "input": [input], "encoding_format": "float"});
+        if let Some(d) = dimensions {
+            body["dimensions"] = json!(d);
+        }
+        let auth = self.api_key.as_ref().map(|k| format!("Bearer {k}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let url = format!("{}/embeddings", self.base_url());
+        let (status, text) =
+            send("POST", &url, &headers, Some(&body.to_string())).expect("provider embed");
+        assert_eq!(status, 200, "provider embed: {text}");
+        let v = to_json(&text);
+        v["data"][0]["embedding"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no data[0].embedding in {text:.500}"))
+            .iter()
+            .map(|x| x.as_f64().expect("float component") as f32)
+            .collect()
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if keep_logs() {
+            eprintln!("--- provider files kept in {} ---", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker (wrangler dev)
+// ---------------------------------------------------------------------------------------------
+
+/// How to start the worker.
+#[derive(Clone, Debug)]
+pub struct WorkerOpts {
+    pub database_url: String,
+    pub openai_base_url: String,
+    pub openai_api_key: String,
+    /// `SYNC_API_TOKEN`; `None` leaves it unconfigured.
+    pub sync_token: Option<String>,
+    /// `EMBEDDING_SOURCES`; `None` uses the compiled-in config.
+    pub sources: Option<String>,
+}
+
+impl WorkerOpts {
+    /// The usual options: the test database, the provider, [`TOKEN`], the compiled-in config.
+    pub fn new(db: &TestDb, provider: &Provider) -> WorkerOpts {
+        WorkerOpts {
+            database_url: db.url.clone(),
+            openai_base_url: provider.base_url(),
+            openai_api_key: provider
+                .api_key
+                .clone()
+                .unwrap_or_else(|| API_KEY.to_string()),
+            sync_token: Some(TOKEN.to_string()),
+            sources: None,
+        }
+    }
+
+    /// With `EMBEDDING_SOURCES` set.
+    pub fn sources(mut self, json: impl Into<String>) -> WorkerOpts {
+        self.sources = Some(json.into());
+        self
+    }
+
+    /// Without `SYNC_API_TOKEN`.
+    pub fn no_token(mut self) -> WorkerOpts {
+        self.sync_token = None;
+        self
+    }
+}
+
+/// The real worker under `wrangler dev`, stopped on drop.
+pub struct Worker {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`
+    pub origin: String,
+    dir: PathBuf,
+    log_path: PathBuf,
+}
+
+impl Worker {
+    /// Starts `wrangler dev` and waits until `/health` answers 200.
+    pub fn start(opts: WorkerOpts) -> Worker {
+        let mut last = String::new();
+        for _attempt in 0..3 {
+            match Worker::try_start(&opts) {
+                Ok(w) => return w,
+                // Another process may have taken one of the ports between probe and use.
+                Err((msg, retry)) if retry => last = msg,
+                Err((msg, _)) => panic!("{msg}"),
+            }
+        }
+        panic!("wrangler dev did not start after 3 attempts:\n{last}")
+    }
+
+    fn try_start(opts: &WorkerOpts) -> Result<Worker, (String, bool)> {
+        let repo = PathBuf::from(env_var("EMBSYNC_REPO"));
+        let node = env_var("EMBSYNC_NODE");
+        let wrangler_js = env_var("EMBSYNC_WRANGLER_JS");
+        let shim = repo.join("build/worker/shim.mjs");
+        assert!(
+            shim.exists(),
+            "{} is missing: build the worker first (scripts/test.sh does)",
+            shim.display()
+        );
+
+        let dir = temp_dir("embsync-e2e-worker");
+        let log_path = dir.join("wrangler.log");
+        let log = File::create(&log_path).expect("wrangler log file");
+        let port = free_port();
+        let inspector_port = free_port();
+        // An empty env file: wrangler then reads neither `.dev.vars` nor `.env` from the repo,
+        // so a developer's local secrets cannot leak into a test (the test passes everything
+        // with --var).
+        let env_file = dir.join("empty.env");
+        File::create(&env_file).expect("empty env file");
+
+        let mut cmd = Command::new(&node);
+        cmd.arg(&wrangler_js)
+            .arg("dev")
+            .arg("--config")
+            .arg(repo.join("wrangler.toml"))
+            .args(["--ip", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--inspector-port", &inspector_port.to_string()])
+            .arg("--persist-to")
+            .arg(dir.join("state"))
+            .arg("--env-file")
+            .arg(&env_file)
+            // `log`, not `info`: at `info` wrangler drops the worker's console.log lines, which
+            // the tests read (`Batch i of N`, `Sync report:`).
+            .args([
+                "--test-scheduled",
+                "--show-interactive-dev-session=false",
+                "--log-level",
+                "log",
+            ]);
+        let mut vars = vec![
+            ("DATABASE_URL", opts.database_url.clone()),
+            ("OPENAI_API_KEY", opts.openai_api_key.clone()),
+            ("OPENAI_BASE_URL", opts.openai_base_url.clone()),
+        ];
+        if let Some(t) = &opts.sync_token {
+            vars.push(("SYNC_API_TOKEN", t.clone()));
+        }
+        if let Some(s) = &opts.sources {
+            vars.push(("EMBEDDING_SOURCES", s.clone()));
+        }
+        for (k, v) in &vars {
+            cmd.arg("--var").arg(format!("{k}:{v}"));
+        }
+        cmd.current_dir(&repo)
+            .env("SKIP_WORKER_BUILD", "1")
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("WRANGLER_SEND_ERROR_REPORTS", "false")
+            .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
+            .env("NO_COLOR", "1")
+            .env("FORCE_COLOR", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {node} {wrangler_js}: {e}"));
+        let mut worker = Worker {
+            child: Some(child),
+            origin: format!("http://127.0.0.1:{port}"),
+            dir,
+            log_path,
+        };
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok((200, _)) = send("GET", &format!("{}/health", worker.origin), &[], None) {
+                return Ok(worker);
+            }
+            if let Some(status) = worker.child.as_mut().unwrap().try_wait().ok().flatten() {
+                let tail = worker.log_tail(60);
+                let retry = tail.contains("EADDRINUSE") || tail.contains("ddress already in use");
+                worker.child = None;
+                return Err((
+                    format!(
+                        "wrangler dev exited early ({status}); log {}:\n{tail}",
+                        worker.log_path.display()
+                    ),
+                    retry,
+                ));
+            }
+            if Instant::now() > deadline {
+                let tail = worker.log_tail(60);
+                let retry = tail.contains("EADDRINUSE") || tail.contains("ddress already in use");
+                return Err((
+                    format!(
+                        "wrangler dev: /health not 200 within {START_TIMEOUT:?}; log {}:\n{tail}",
+                        worker.log_path.display()
+                    ),
+                    retry,
+                ));
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Path of the captured wrangler output.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Everything wrangler (and the worker's console) printed so far.
+    pub fn logs(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log_path).unwrap_or_default()).into_owned()
+    }
+
+    /// The last `n` lines of the log.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail_of(&self.log_path, n)
+    }
+
+    /// Waits until a log line contains `needle`; returns that line (the first such line).
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.logs().lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no log line containing {needle:?} within {timeout:?}; log {}:\n{}",
+                    self.log_path.display(),
+                    self.log_tail(60)
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.logs().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    fn request(&self, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        self.request_with(method, path, &headers)
+    }
+
+    /// A request with arbitrary headers; returns status and JSON body (a JSON string when the
+    /// body is not JSON).
+    pub fn request_with(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let url = format!("{}{path}", self.origin);
+        let body = if method == "POST" { Some("") } else { None };
+        let (status, text) = send(method, &url, headers, body).unwrap_or_else(|e| {
+            panic!(
+                "{e}\nlog {}:\n{}",
+                self.log_path.display(),
+                self.log_tail(60)
+            )
+        });
+        (status, to_json(&text))
+    }
+
+    /// `GET path` with an optional bearer token.
+    pub fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        self.request("GET", path, token)
+    }
+
+    /// `POST path` (empty body) with an optional bearer token.
+    pub fn post(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        self.request("POST", path, token)
+    }
+
+    /// `GET /dry-run` with [`TOKEN`]; asserts 200 and returns the plan.
+    pub fn dry_run(&self) -> Value {
+        let (status, body) = self.get("/dry-run", Some(TOKEN));
+        assert_eq!(
+            status,
+            200,
+            "GET /dry-run -> {status}: {body}\nlog tail:\n{}",
+            self.log_tail(40)
+        );
+        body
+    }
+
+    /// `POST /sync` with [`TOKEN`]; asserts 200 and returns the report.
+    pub fn sync(&self) -> Value {
+        let (status, body) = self.post("/sync", Some(TOKEN));
+        assert_eq!(
+            status,
+            200,
+            "POST /sync -> {status}: {body}\nlog tail:\n{}",
+            self.log_tail(40)
+        );
+        body
+    }
+
+    /// Triggers the cron handler: `GET /__scheduled?cron=*/5+*+*+*+*`; returns status and body.
+    pub fn scheduled(&self) -> (u16, String) {
+        let url = format!("{}/__scheduled?cron=*/5+*+*+*+*", self.origin);
+        send("GET", &url, &[], None)
+            .unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)))
+    }
+
+    /// The reports logged as `Sync report: {...}` so far, oldest first.
+    pub fn logged_reports(&self) -> Vec<Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| {
+                l.find("Sync report: ")
+                    .map(|i| &l[i + "Sync report: ".len()..])
+            })
+            .map(|json| {
+                serde_json::from_str(json.trim())
+                    .unwrap_or_else(|e| panic!("`Sync report:` line is not JSON ({e}): {json}"))
+            })
+            .collect()
+    }
+
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: plain signal sends to a child we spawned (its pid is also its process group).
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = child.wait();
+        }
+        // Anything left in the group (workerd) gets a moment, then SIGKILL.
+        for _ in 0..20 {
+            if unsafe { libc::kill(-pid, 0) } != 0 {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+        if keep_logs() {
+            eprintln!(
+                "--- wrangler dev log {} (kept), last 80 lines ---\n{}\n--- end of wrangler log ---",
+                self.log_path.display(),
+                self.log_tail(80)
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Starts a provider (requiring [`API_KEY`]) and a worker for `db` with optional
+/// `EMBEDDING_SOURCES`.
+pub fn start_stack(db: &TestDb, sources: Option<String>) -> (Provider, Worker) {
+    let provider = Provider::start(Some(API_KEY));
+    let mut opts = WorkerOpts::new(db, &provider);
+    opts.sources = sources;
+    let worker = Worker::start(opts);
+    (provider, worker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_hash_trims_spaces_only() {
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(expected_hash("abc").as_deref(), Some(abc));
+        assert_eq!(expected_hash("  abc   ").as_deref(), Some(abc));
+        assert_ne!(expected_hash("\tabc").as_deref(), Some(abc));
+        assert_eq!(expected_hash("   "), None);
+        assert_eq!(expected_hash(""), None);
+        // U+00E9 is two UTF-8 bytes.
+        assert_eq!(
+            expected_hash("\u{e9}"),
+            Some(hex::encode(Sha256::digest([0xc3, 0xa9])))
+        );
+    }
+
+    #[test]
+    fn database_is_replaced_in_urls() {
+        assert_eq!(
+            url_with_database("postgres://postgres@127.0.0.1:5432/postgres", "x"),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            url_with_database("postgres://u:p@h:1/db?sslmode=disable", "y"),
+            "postgres://u:p@h:1/y?sslmode=disable"
+        );
+        assert_eq!(url_with_database("postgres://h:1", "z"), "postgres://h:1/z");
+    }
+
+    #[test]
+    fn vectors_parse_from_pgvector_text() {
+        assert_eq!(parse_vector("[1,-2.5,3e-05]"), vec![1.0, -2.5, 3e-5]);
+        assert_eq!(parse_vector("[]"), Vec::<f32>::new());
+    }
+
+    #[test]
+    fn distinct_values_merge_padding_and_skip_blanks() {
+        let got = distinct_trimmed(&[Some(" x "), Some("x"), None, Some("  "), Some("y")]);
+        assert_eq!(got, BTreeSet::from(["x".to_string(), "y".to_string()]));
+    }
+}

@@ -1,0 +1,15 @@
+//! End-to-end acceptance tests of issue 2: real Postgres 18 + pgvector, the real worker under
+//! `wrangler dev`, real HTTP; the only stand-in is the local embeddings provider.
+//!
+//! One test binary, so that `cargo test -- --test-threads=N` runs the tests in parallel. Every
+//! test has its own database, provider and worker. Run them through `scripts/test.sh`, which
+//! starts Postgres, builds the worker and exports the `EMBSYNC_*` variables.
+
+mod auth;
+mod batches;
+mod config;
+mod cron;
+mod foreign;
+mod hashing;
+mod shared;
+mod sync;
