@@ -178,4 +178,4 @@ export SKIP_WORKER_BUILD=1
 
 say "EMBSYNC_TEST_PG_URL=$EMBSYNC_TEST_PG_URL"
 say "EMBSYNC_PROVIDER_BIN=$EMBSYNC_PROVIDER_BIN"
-step "end-to-end tests (embsync-e2e)" cargo test -p embsync-e2e -- --test-threads=3
+step "end-to-end tests (embsync-e2e)" cargo test -p embsync-e2e -- --test-threads=3 "$@"

@@ -1,7 +1,8 @@
 //! The embsync worker: Workers handlers and adapters, wiring only.
 //!
-//! - `fetch`: `GET /health`, `GET /dry-run`, `POST /sync` (see README).
-//! - `scheduled`: the cron trigger runs the same sync as `POST /sync`.
+//! - `fetch`: `GET /health`, `GET /dry-run`, `POST /sync`, `GET /status` (see README).
+//! - `scheduled`: the cron trigger runs the same sync as `POST /sync`: one invocation of the
+//!   current run, within the invocation budget.
 //!
 //! The rules live in `embsync-core`; this crate turns the Workers platform (env, sockets,
 //! `fetch`, KV, timers, console) into the core's [`Store`](embsync_core::sync::Store),
@@ -13,14 +14,17 @@ mod settings;
 
 use embsync_core::auth::{check_bearer, AuthOutcome};
 use embsync_core::report::{RunReport, Trigger};
-use embsync_core::sync::{self, RetryPolicy, Runtime, StoreError, SyncError};
+use embsync_core::sync::{self, Budget, Cursor, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
 use pg::PgStore;
 use settings::SettingsError;
 use std::time::Duration;
 use worker::{console_log, event, Context, Date, Delay, Env, Method, Request, Response, ScheduleContext, ScheduledEvent};
 
-/// The KV key holding the last run's report.
+/// The KV key holding the last finished run's report.
 const LAST_RUN_KEY: &str = "last-run";
+
+/// The KV key holding the cursor of a paused run: a hint for the next invocation.
+const CURSOR_KEY: &str = "cursor";
 
 /// Time, randomness and logs from the Workers runtime.
 struct WorkerRuntime;
@@ -48,6 +52,8 @@ impl Runtime for WorkerRuntime {
 enum AppError {
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    #[error("a sync run is already in progress (lease held by {holder} for {secs:.0} more seconds unless renewed); try again later")]
+    Busy { holder: String, secs: f64 },
     #[error("database: {0}")]
     Database(#[from] StoreError),
     #[error(transparent)]
@@ -58,6 +64,7 @@ impl AppError {
     fn status(&self) -> u16 {
         match self {
             AppError::Settings(_) => 500,
+            AppError::Busy { .. } => 409,
             AppError::Database(_) | AppError::Sync(_) => 502,
         }
     }
@@ -75,7 +82,8 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
         "/health" => (false, Method::Get),
         "/dry-run" => (true, Method::Get),
         "/sync" => (true, Method::Post),
-        _ => return json_error(404, "not found: the endpoints are GET /health, GET /dry-run and POST /sync"),
+        "/status" => (true, Method::Get),
+        _ => return json_error(404, "not found: the endpoints are GET /health, GET /dry-run, POST /sync and GET /status"),
     };
     if method != allowed {
         return json_error(405, &format!("method not allowed: use {allowed} {path}"));
@@ -96,7 +104,8 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
         AuthOutcome::Wrong => return json_error(401, "invalid bearer token"),
     }
     let result = match path.as_str() {
-        "/dry-run" => dry_run(&env).await.and_then(|plan| Ok(Response::from_json(&plan))),
+        "/dry-run" => dry_run(&env).await.map(|plan| Response::from_json(&plan)),
+        "/status" => status(&env).await.map(|s| Response::from_json(&s)),
         _ => run_sync(&env, Trigger::Http).await.map(|report| Response::from_json(&report)),
     };
     match result {
@@ -118,10 +127,55 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
 async fn dry_run(env: &Env) -> Result<embsync_core::report::DryRunReport, AppError> {
     let config = settings::config(env)?;
     let url = settings::database_url(env)?;
-    let mut store = PgStore::connect(&url).await?;
+    let mut store = PgStore::connect(&url, &config).await?;
     let plan = sync::dry_run(&config, &mut store).await;
     store.close().await;
     Ok(plan)
+}
+
+/// A fresh id: epoch milliseconds and randomness, in hex.
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:x}-{:08x}", Date::now().as_millis(), (js_sys::Math::random() * f64::from(u32::MAX)) as u32)
+}
+
+/// The invocation budget: `SYNC_MAX_BATCHES`, `SYNC_MAX_SECONDS` and `SYNC_LEASE_SECONDS`
+/// override the defaults.
+fn budget(env: &Env) -> Budget {
+    let num = |name: &str| settings::string(env, name).and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite() && *v > 0.0);
+    let mut b = Budget::default();
+    if let Some(n) = num("SYNC_MAX_BATCHES") {
+        b.max_batches = n as u64;
+    }
+    if let Some(s) = num("SYNC_MAX_SECONDS") {
+        b.max_ms = s * 1000.0;
+    }
+    if let Some(s) = num("SYNC_LEASE_SECONDS") {
+        b.lease_ttl = Duration::from_secs_f64(s);
+    }
+    b
+}
+
+/// Reads the KV cursor; a missing or unreadable one is no cursor (it is only a hint).
+async fn read_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) -> Option<Cursor> {
+    let text = kv?.get(CURSOR_KEY).text().await.ok().flatten()?;
+    match serde_json::from_str::<Cursor>(&text) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            rt.log(&format!("Ignoring an unreadable cursor in KV ({e}); Postgres knows where the run stands"));
+            None
+        }
+    }
+}
+
+async fn kv_put(kv: Option<&worker::KvStore>, key: &str, value: String, rt: &WorkerRuntime) {
+    let Some(kv) = kv else { return };
+    let result = match kv.put(key, value) {
+        Ok(put) => put.execute().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        rt.log(&format!("Could not write {key} to KV: {e}"));
+    }
 }
 
 async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
@@ -129,22 +183,90 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     let url = settings::database_url(env)?;
     let embedder = openai::OpenAi::new(&settings::base_url(env), settings::api_key(env)?);
     let rt = WorkerRuntime;
-    let mut store = PgStore::connect(&url).await?;
-    let result = sync::run(&config, &mut store, &embedder, &rt, trigger, RetryPolicy::default()).await;
+    let kv = match env.kv("SYNC_STATE") {
+        Ok(kv) => Some(kv),
+        Err(e) => {
+            rt.log(&format!("KV binding SYNC_STATE is missing ({e}); going on without a cursor"));
+            None
+        }
+    };
+    let hint = read_cursor(kv.as_ref(), &rt).await;
+    let mut store = PgStore::connect(&url, &config).await?;
+    let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
+    let result = sync::invoke(
+        &config,
+        &mut store,
+        &embedder,
+        &rt,
+        trigger,
+        RetryPolicy::default(),
+        budget(env),
+        (&run_id, &holder),
+        hint.as_ref(),
+    )
+    .await;
     store.close().await;
-    let report = result?;
-    let json = serde_json::to_string(&report).unwrap_or_default();
-    rt.log(&format!("Sync report: {json}"));
-    match env.kv("SYNC_STATE") {
-        Ok(kv) => match kv.put(LAST_RUN_KEY, json) {
-            Ok(put) => {
-                if let Err(e) = put.execute().await {
-                    rt.log(&format!("Could not save the report to KV: {e}"));
+    match result? {
+        Outcome::Finished(report) => {
+            let json = serde_json::to_string(&report).unwrap_or_default();
+            rt.log(&format!("Sync report: {json}"));
+            kv_put(kv.as_ref(), LAST_RUN_KEY, json, &rt).await;
+            if let Some(kv) = &kv {
+                if hint.is_some() {
+                    if let Err(e) = kv.delete(CURSOR_KEY).await {
+                        rt.log(&format!("Could not clear the cursor in KV: {e}"));
+                    }
                 }
             }
-            Err(e) => rt.log(&format!("Could not save the report to KV: {e}")),
-        },
-        Err(e) => rt.log(&format!("KV binding SYNC_STATE is missing: {e}")),
+            Ok(report)
+        }
+        Outcome::Paused(report, cursor) => {
+            rt.log(&format!("Sync paused: {}", serde_json::to_string(&cursor).unwrap_or_default()));
+            kv_put(kv.as_ref(), CURSOR_KEY, serde_json::to_string(&cursor).unwrap_or_default(), &rt).await;
+            Ok(report)
+        }
+        Outcome::Busy { holder, expires_in_secs } => {
+            let e = AppError::Busy { holder, secs: expires_in_secs };
+            rt.log(&format!("Sync skipped: {e}"));
+            Err(e)
+        }
     }
-    Ok(report)
+}
+
+/// `GET /status`: the KV cursor, the unfinished run, the last finished runs and per-source
+/// coverage. Read-only.
+async fn status(env: &Env) -> Result<serde_json::Value, AppError> {
+    let config = settings::config(env)?;
+    let url = settings::database_url(env)?;
+    let rt = WorkerRuntime;
+    let kv = env.kv("SYNC_STATE").ok();
+    let cursor_text = match &kv {
+        Some(kv) => kv.get(CURSOR_KEY).text().await.ok().flatten(),
+        None => None,
+    };
+    let cursor = match cursor_text {
+        None => serde_json::Value::Null,
+        Some(text) => match serde_json::from_str::<Cursor>(&text) {
+            Ok(c) => serde_json::to_value(c).unwrap_or_default(),
+            Err(e) => serde_json::json!({ "unreadable": e.to_string() }),
+        },
+    };
+    let mut store = PgStore::connect(&url, &config).await?;
+    let result = async {
+        let mut out = serde_json::json!({ "cursor": cursor, "currentRun": null, "lastRuns": [], "sources": [] });
+        if store.has_run_tables().await? {
+            out["currentRun"] = store.current_run().await?;
+            out["lastRuns"] = serde_json::Value::Array(store.last_runs(10).await?);
+        }
+        let mut sources = Vec::new();
+        for source in config.enabled_sources() {
+            sources.push(serde_json::to_value(store.coverage(source).await).unwrap_or_default());
+        }
+        out["sources"] = serde_json::Value::Array(sources);
+        Ok::<_, StoreError>(out)
+    }
+    .await;
+    store.close().await;
+    let _ = rt;
+    Ok(result?)
 }

@@ -5,6 +5,7 @@ use embsync_core::config::ModelSpec;
 use embsync_core::provider::{decode_response, EmbeddingRequest, Embeddings, EncodingFormat, ProviderError};
 use embsync_core::sync::Embedder;
 use futures::future::{select, Either};
+use std::cell::Cell;
 use std::time::Duration;
 use worker::wasm_bindgen::JsValue;
 use worker::{Delay, Fetch, Headers, Method, Request, RequestInit};
@@ -16,22 +17,19 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct OpenAi {
     url: String,
     api_key: Redacted,
+    /// Base64 until the server refuses it, then float for the rest of the invocation.
+    format: Cell<EncodingFormat>,
 }
 
 impl OpenAi {
     /// `base_url` is e.g. `https://api.openai.com/v1`; requests go to `{base_url}/embeddings`.
     pub fn new(base_url: &str, api_key: Redacted) -> Self {
-        OpenAi { url: format!("{base_url}/embeddings"), api_key }
+        OpenAi { url: format!("{base_url}/embeddings"), api_key, format: Cell::new(EncodingFormat::Base64) }
     }
 
-    async fn send(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
-        let body = EmbeddingRequest {
-            model: model.name(),
-            input: inputs,
-            dimensions: model.requested_dimensions(),
-            encoding_format: EncodingFormat::Base64,
-        }
-        .to_json();
+    async fn send(&self, model: &ModelSpec, inputs: &[&str], format: EncodingFormat) -> Result<Embeddings, ProviderError> {
+        let body = EmbeddingRequest { model: model.name(), input: inputs, dimensions: model.requested_dimensions(), encoding_format: format }
+            .to_json();
         let transport = |e: worker::Error| ProviderError::Transport(e.to_string());
         let headers = Headers::new();
         headers.set("authorization", &format!("Bearer {}", self.api_key.expose())).map_err(transport)?;
@@ -47,13 +45,27 @@ impl OpenAi {
     }
 }
 
-impl Embedder for OpenAi {
-    async fn embed(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
-        let request = std::pin::pin!(self.send(model, inputs));
+impl OpenAi {
+    async fn send_with_timeout(&self, model: &ModelSpec, inputs: &[&str], format: EncodingFormat) -> Result<Embeddings, ProviderError> {
+        let request = std::pin::pin!(self.send(model, inputs, format));
         let timeout = Delay::from(REQUEST_TIMEOUT);
         match select(request, timeout).await {
             Either::Left((result, _)) => result,
             Either::Right(_) => Err(ProviderError::Transport(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))),
+        }
+    }
+}
+
+impl Embedder for OpenAi {
+    async fn embed(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
+        let format = self.format.get();
+        match self.send_with_timeout(model, inputs, format).await {
+            Err(e) if format == EncodingFormat::Base64 && e.is_base64_unsupported() => {
+                worker::console_log!("The provider does not take encoding_format=base64 ({e}); using float from now on");
+                self.format.set(EncodingFormat::Float);
+                self.send_with_timeout(model, inputs, EncodingFormat::Float).await
+            }
+            other => other,
         }
     }
 }

@@ -5,7 +5,12 @@ use bytes::BytesMut;
 use embsync_core::config::{Config, Source};
 use embsync_core::hash::ValueHash;
 use embsync_core::sql::{self, SchemaState};
-use embsync_core::sync::{EmbeddedValue, PendingValue, SourceCounts, StaleOutcome, Store, StoreError};
+use embsync_core::report::{ModelUsage, RunReport, SourceReport, Trigger};
+use embsync_core::sync::{
+    EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome, Store, StoreError,
+    ValueFailure,
+};
+use std::time::Duration;
 use embsync_core::vector::encode_pgvector;
 use futures::channel::oneshot;
 use std::str::FromStr;
@@ -20,6 +25,8 @@ pub struct PgStore {
     client: Client,
     closed: oneshot::Receiver<()>,
     schema: Option<SchemaState>,
+    /// The configured model tags (large, small), bound as `$3` and `$4`.
+    tags: (String, String),
 }
 
 fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
@@ -44,7 +51,7 @@ impl PgStore {
     /// # Errors
     /// [`StoreError`] when the URL cannot be parsed or the server cannot be reached; the message
     /// names the host, never the password.
-    pub async fn connect(url: &Redacted) -> Result<PgStore, StoreError> {
+    pub async fn connect(url: &Redacted, sources: &Config) -> Result<PgStore, StoreError> {
         let mut config = tokio_postgres::Config::from_str(url.expose())
             .map_err(|e| StoreError(format!("DATABASE_URL is not a valid postgres:// URL: {e}")))?;
         let host = match config.get_hosts().first() {
@@ -75,7 +82,8 @@ impl PgStore {
             }
             let _ = tx.send(());
         });
-        Ok(PgStore { client, closed, schema: None })
+        let tags = (sources.models.large.tag(), sources.models.small.tag());
+        Ok(PgStore { client, closed, schema: None, tags })
     }
 
     /// Closes the connection cleanly (Terminate), waiting for the connection task to end.
@@ -89,7 +97,7 @@ impl PgStore {
             return Ok(s);
         }
         let row = self.client.query_one(sql::SCHEMA_STATE, &[]).await.map_err(|e| err("checking the schema", e))?;
-        let state = SchemaState { cache: row.get(0), links: row.get(1) };
+        let state = SchemaState { cache: row.get(0), links: row.get::<_, Option<bool>>(1).unwrap_or(false) };
         self.schema = Some(state);
         Ok(state)
     }
@@ -118,11 +126,17 @@ fn keys(source: &Source) -> (String, String) {
     (source.table_key(), source.column_key().to_owned())
 }
 
+fn hashes(failures: &[ValueFailure]) -> Vec<&str> {
+    failures.iter().map(|f| f.hash.as_str()).collect()
+}
+
 impl Store for PgStore {
     async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
         tx.execute(sql::LOCK_SCHEMA, &[]).await.map_err(|e| err("locking the schema", e))?;
         tx.batch_execute(&sql::ensure_schema(&config.models)).await.map_err(|e| err("creating tables", e))?;
+        let dims = tx.query_one(sql::COLUMN_DIMS, &[]).await.map_err(|e| err("reading the embedding columns", e))?;
+        sql::check_column_dims(&config.models, dims.get(0), dims.get(1)).map_err(StoreError)?;
         tx.commit().await.map_err(|e| err("committing the schema", e))?;
         self.schema = Some(SchemaState { cache: true, links: true });
         Ok(())
@@ -131,14 +145,16 @@ impl Store for PgStore {
     async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError> {
         let state = self.schema_state().await?;
         let (t, c) = keys(source);
-        let row = self.client.query_one(&sql::plan(source, state), &[&t, &c]).await.map_err(|e| err("counting", e))?;
+        let (lt, st) = (&self.tags.0, &self.tags.1);
+        let row = self.client.query_one(&sql::plan(source, state), &[&t, &c, lt, st]).await.map_err(|e| err("counting", e))?;
         let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
-        Ok(SourceCounts { total: n(0), new: n(1), reusable: n(2), embed_tokens: n(3), stale: n(4) })
+        Ok(SourceCounts { total: n(0), new: n(1), reusable: n(2), embed_tokens: n(3), stale: n(4), deferred: n(5) })
     }
 
     async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
         let (t, c) = keys(source);
-        self.client.execute(&sql::link_reusable(source), &[&t, &c]).await.map_err(|e| err("linking", e))
+        let (lt, st) = (&self.tags.0, &self.tags.1);
+        self.client.execute(&sql::link_reusable(source), &[&t, &c, lt, st]).await.map_err(|e| err("linking", e))
     }
 
     async fn pending(&mut self, source: &Source, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError> {
@@ -147,7 +163,7 @@ impl Store for PgStore {
         let limit = limit as i64;
         let rows = self
             .client
-            .query(&sql::pending_page(source), &[&t, &c, &after, &limit])
+            .query(&sql::pending_page(source), &[&t, &c, &self.tags.0, &self.tags.1, &after, &limit])
             .await
             .map_err(|e| err("listing", e))?;
         rows.into_iter()
@@ -164,7 +180,7 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn store(&mut self, source: &Source, batch: &[EmbeddedValue]) -> Result<(), StoreError> {
+    async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
         let (t, c) = keys(source);
         let hashes: Vec<&str> = batch.iter().map(|v| v.hash.as_str()).collect();
         let values: Vec<&str> = batch.iter().map(|v| v.value.as_str()).collect();
@@ -172,14 +188,41 @@ impl Store for PgStore {
         let large: Vec<Option<PgVector>> = batch.iter().map(|v| v.large.as_deref().map(PgVector)).collect();
         let small: Vec<Option<PgVector>> = batch.iter().map(|v| v.small.as_deref().map(PgVector)).collect();
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        tx.execute(sql::UPSERT_BATCH, &[&t, &c, &hashes, &values, &counts, &large, &small])
+        let ttl = progress.lease_ttl.as_secs_f64();
+        let renewed = tx.execute(sql::RENEW_LEASE, &[&progress.holder, &ttl]).await.map_err(|e| err("renewing the lease", e))?;
+        if renewed == 0 {
+            return Err(StoreError("the sync lease expired or was taken over by another invocation; this batch was not written".into()));
+        }
+        tx.execute(sql::UPSERT_BATCH, &[&t, &c, &self.tags.0, &self.tags.1, &hashes, &values, &counts, &large, &small])
             .await
             .map_err(|e| err("writing embeddings", e))?;
         tx.execute(sql::LINK_VALUES, &[&t, &c, &hashes]).await.map_err(|e| err("linking values", e))?;
+        let done: Vec<&str> = batch.iter().filter(|v| v.complete).map(|v| v.hash.as_str()).collect();
+        tx.execute(sql::CLEAR_ERRORS, &[&t, &c, &done]).await.map_err(|e| err("clearing errors", e))?;
+        let (l, sm) = &progress.usage;
+        let batches = i64::from(l.requests + sm.requests > 0);
+        let n = |v: u64| v as i64;
+        tx.execute(
+            sql::ADD_PROGRESS,
+            &[
+                &progress.run.0,
+                &t,
+                &c,
+                &n(progress.embedded),
+                &n(progress.reused),
+                &batches,
+                &n(l.prompt_tokens),
+                &n(l.requests),
+                &n(sm.prompt_tokens),
+                &n(sm.requests),
+            ],
+        )
+        .await
+        .map_err(|e| err("counting the batch", e))?;
         tx.commit().await.map_err(|e| err("committing a batch", e))
     }
 
-    async fn remove_stale(&mut self, source: &Source) -> Result<StaleOutcome, StoreError> {
+    async fn remove_stale(&mut self, source: &Source, run: &RunId) -> Result<StaleOutcome, StoreError> {
         let (t, c) = keys(source);
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
         let unlinked = tx.execute(&sql::unlink_stale(source), &[&t, &c]).await.map_err(|e| err("unlinking", e))?;
@@ -189,7 +232,229 @@ impl Store for PgStore {
             deleted = row.get::<_, i64>(0).max(0) as u64;
             tx.execute(sql::REASSIGN_SOURCE, &[&t, &c]).await.map_err(|e| err("reassigning", e))?;
         }
+        tx.execute(sql::SOURCE_DONE, &[&run.0, &t, &c, &(unlinked as i64), &(deleted as i64)])
+            .await
+            .map_err(|e| err("marking the source done", e))?;
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
         Ok(StaleOutcome { unlinked, deleted })
+    }
+
+    async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
+        let (t, c) = keys(source);
+        let models: Vec<&str> = failures.iter().map(|f| f.model.as_str()).collect();
+        let messages: Vec<&str> = failures.iter().map(|f| f.message.as_str()).collect();
+        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        tx.execute(sql::RECORD_ERRORS, &[&t, &c, &hashes(failures), &models, &messages])
+            .await
+            .map_err(|e| err("recording errors", e))?;
+        tx.execute(sql::ADD_ERRORS, &[&run.0, &t, &c, &(failures.len() as i64)])
+            .await
+            .map_err(|e| err("counting errors", e))?;
+        tx.commit().await.map_err(|e| err("committing errors", e))
+    }
+
+    async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        let secs = ttl.as_secs_f64();
+        let taken = self.client.query(sql::ACQUIRE_LEASE, &[&holder, &secs]).await.map_err(|e| err("taking the sync lease", e))?;
+        if !taken.is_empty() {
+            return Ok(Lease::Acquired);
+        }
+        let row = self.client.query_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
+        Ok(match row {
+            Some(row) => Lease::Held { holder: row.get(0), expires_in_secs: row.get::<_, f64>(1).max(0.0) },
+            None => Lease::Held { holder: "unknown".into(), expires_in_secs: 0.0 },
+        })
+    }
+
+    async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError> {
+        self.client.execute(sql::RELEASE_LEASE, &[&holder]).await.map_err(|e| err("releasing the sync lease", e))?;
+        Ok(())
+    }
+
+    async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
+        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        let mut resumed = tx.query_opt(sql::RESUME_RUN, &[]).await.map_err(|e| err("resuming the run", e))?;
+        if let Some(row) = &resumed {
+            let id: String = row.get(0);
+            let rows = tx.query(sql::RUN_SOURCES, &[&id]).await.map_err(|e| err("reading the run", e))?;
+            let same = rows.len() == sources.len()
+                && rows.iter().zip(sources).all(|(r, s)| r.get::<_, String>(0) == s.table_key() && r.get::<_, String>(1) == s.column_key());
+            if !same {
+                // The config changed mid-run: that run ends here and a new one starts.
+                tx.execute(sql::ABANDON_RUN, &[&id]).await.map_err(|e| err("abandoning the run", e))?;
+                resumed = None;
+            }
+        }
+        let row = match resumed {
+            Some(row) => row,
+            None => {
+                let trigger_text = match trigger {
+                    Trigger::Cron => "cron",
+                    Trigger::Http => "http",
+                };
+                let row = tx.query_one(sql::START_RUN, &[&new_id.0, &trigger_text]).await.map_err(|e| err("starting a run", e))?;
+                let tables: Vec<String> = sources.iter().map(|s| s.table_key()).collect();
+                let columns: Vec<&str> = sources.iter().map(|s| s.column_key()).collect();
+                let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+                tx.execute(sql::START_RUN_SOURCES, &[&new_id.0, &tables, &columns, &names])
+                    .await
+                    .map_err(|e| err("starting a run", e))?;
+                row
+            }
+        };
+        let id: String = row.get(0);
+        let trigger = if row.get::<_, String>(1) == "http" { Trigger::Http } else { Trigger::Cron };
+        let rows = tx.query(sql::RUN_SOURCES, &[&id]).await.map_err(|e| err("reading the run", e))?;
+        tx.commit().await.map_err(|e| err("committing the run", e))?;
+        let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i64>(i).max(0) as u64;
+        let states = rows
+            .iter()
+            .map(|r| SourceState {
+                report: SourceReport {
+                    table: r.get(0),
+                    column: r.get(1),
+                    name: r.get(2),
+                    total: n(r, 6),
+                    new: n(r, 7),
+                    unchanged: n(r, 8),
+                    reused: n(r, 9),
+                    embedded: n(r, 10),
+                    stale: n(r, 11),
+                    deleted: n(r, 12),
+                    errors: n(r, 13),
+                    deferred: n(r, 14),
+                    batches: n(r, 15),
+                    duration_ms: 0,
+                    error: None,
+                },
+                planned: r.get(3),
+                done: r.get(4),
+                planned_batches: n(r, 5),
+                usage: (
+                    ModelUsage { prompt_tokens: n(r, 16), requests: n(r, 17) },
+                    ModelUsage { prompt_tokens: n(r, 18), requests: n(r, 19) },
+                ),
+            })
+            .collect();
+        Ok(RunState {
+            id: RunId(id),
+            trigger,
+            started_at_ms: row.get(2),
+            invocations: row.get::<_, i32>(3).max(0) as u64,
+            sources: states,
+        })
+    }
+
+    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport) -> Result<(), StoreError> {
+        let (t, c) = keys(source);
+        let n = |v: u64| v as i64;
+        self.client
+            .execute(
+                sql::SAVE_PLAN,
+                &[&run.0, &t, &c, &n(plan.total), &n(plan.new), &n(plan.unchanged), &n(plan.reused), &n(plan.deferred), &n(plan.batches)],
+            )
+            .await
+            .map_err(|e| err("saving the plan", e))?;
+        Ok(())
+    }
+
+    async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
+        let json = serde_json::to_string(report).unwrap_or_else(|_| "null".into());
+        self.client.execute(sql::FINISH_RUN, &[&run.0, &json, &report.status.as_str()]).await.map_err(|e| err("finishing the run", e))?;
+        Ok(())
+    }
+}
+
+/// Per-source coverage for `GET /status`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Coverage {
+    /// The source's name.
+    pub name: String,
+    /// The table as configured.
+    pub table: String,
+    /// The column.
+    pub column: String,
+    /// Distinct values in the source.
+    pub distinct_values: u64,
+    /// Values with an `embedding_large`.
+    pub embedded_large: u64,
+    /// Values with an `embedding_small`.
+    pub embedded_small: u64,
+    /// Values not yet done for the source.
+    pub pending: u64,
+    /// Values in the error table for the source.
+    pub errors: u64,
+    /// Why the source could not be read, if so.
+    pub error: Option<String>,
+}
+
+impl PgStore {
+    /// Coverage of one source (read-only).
+    pub async fn coverage(&mut self, source: &Source) -> Coverage {
+        let mut out = Coverage {
+            name: source.name.clone(),
+            table: source.table_key(),
+            column: source.column_key().to_owned(),
+            distinct_values: 0,
+            embedded_large: 0,
+            embedded_small: 0,
+            pending: 0,
+            errors: 0,
+            error: None,
+        };
+        let (t, c) = keys(source);
+        match self.client.query_one(&sql::coverage(source), &[&t, &c]).await {
+            Ok(row) => {
+                let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
+                (out.distinct_values, out.embedded_large, out.embedded_small, out.errors) = (n(0), n(1), n(2), n(3));
+            }
+            Err(e) => out.error = Some(err("reading coverage", e).0),
+        }
+        match self.counts(source).await {
+            Ok(counts) => out.pending = counts.new,
+            Err(e) => out.error = out.error.or(Some(e.0)),
+        }
+        out
+    }
+
+    /// The last `n` finished runs, newest first, as stored JSON.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the runs table cannot be read.
+    pub async fn last_runs(&mut self, n: i64) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows = self.client.query(sql::LAST_RUNS, &[&n]).await.map_err(|e| err("reading the runs", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let report: serde_json::Value = serde_json::from_str(r.get::<_, &str>(2)).unwrap_or(serde_json::Value::Null);
+                serde_json::json!({ "runId": r.get::<_, String>(0), "status": r.get::<_, String>(1), "report": report })
+            })
+            .collect())
+    }
+
+    /// The unfinished run, or JSON null.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the runs table cannot be read.
+    pub async fn current_run(&mut self) -> Result<serde_json::Value, StoreError> {
+        let row = self.client.query_opt(sql::CURRENT_RUN, &[]).await.map_err(|e| err("reading the current run", e))?;
+        Ok(match row {
+            Some(r) => serde_json::json!({
+                "runId": r.get::<_, String>(0),
+                "status": r.get::<_, String>(1),
+                "invocations": r.get::<_, i32>(2),
+                "startedAt": r.get::<_, String>(3),
+            }),
+            None => serde_json::Value::Null,
+        })
+    }
+
+    /// Whether embsync's tables exist (so `/status` can say "never run" instead of failing).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the catalog cannot be read.
+    pub async fn has_run_tables(&mut self) -> Result<bool, StoreError> {
+        Ok(self.schema_state().await?.links)
     }
 }

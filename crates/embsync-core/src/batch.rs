@@ -30,6 +30,11 @@ pub fn limit_tokens(text: &str) -> u64 {
     (text.len() as u64).div_ceil(3).max(1)
 }
 
+/// The conservative token count of a whole request.
+pub fn limit_tokens_all(texts: &[&str]) -> u64 {
+    texts.iter().map(|t| limit_tokens(t)).sum()
+}
+
 /// Whether `text` is too long to send at all.
 pub fn too_long(text: &str) -> bool {
     estimate_tokens(text) > MAX_TOKENS_PER_INPUT

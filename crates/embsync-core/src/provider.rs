@@ -46,6 +46,76 @@ pub struct Embeddings {
     pub vectors: Vec<Vec<f32>>,
     /// `usage.prompt_tokens` as the provider reported it (0 when absent).
     pub prompt_tokens: u64,
+    /// The rate-limit state the provider reported, if it did.
+    pub rate: Option<RateLimit>,
+}
+
+/// The `x-ratelimit-*` headers of an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests left in the current window.
+    pub remaining_requests: Option<u64>,
+    /// Tokens left in the current window.
+    pub remaining_tokens: Option<u64>,
+    /// When the request window resets.
+    pub reset_requests: Option<Duration>,
+    /// When the token window resets.
+    pub reset_tokens: Option<Duration>,
+}
+
+impl RateLimit {
+    /// Reads the headers; `None` when the provider sent none.
+    pub fn from_headers(header: impl Fn(&str) -> Option<String>) -> Option<RateLimit> {
+        let num = |name: &str| header(name).and_then(|v| v.trim().parse::<u64>().ok());
+        let dur = |name: &str| header(name).and_then(|v| parse_reset(&v));
+        let r = RateLimit {
+            remaining_requests: num("x-ratelimit-remaining-requests"),
+            remaining_tokens: num("x-ratelimit-remaining-tokens"),
+            reset_requests: dur("x-ratelimit-reset-requests"),
+            reset_tokens: dur("x-ratelimit-reset-tokens"),
+        };
+        (r.remaining_requests.is_some() || r.remaining_tokens.is_some()).then_some(r)
+    }
+
+    /// How long to wait before a next request of about `next_tokens` tokens, so that it is not
+    /// throttled: until the window resets when fewer than two requests or fewer tokens than it
+    /// needs are left; `None` when there is room.
+    pub fn pause(&self, next_tokens: u64) -> Option<Duration> {
+        let requests_out = self.remaining_requests.is_some_and(|r| r < 2);
+        let tokens_out = self.remaining_tokens.is_some_and(|t| t < next_tokens);
+        let wait = match (requests_out, tokens_out) {
+            (false, false) => return None,
+            (true, false) => self.reset_requests,
+            (false, true) => self.reset_tokens,
+            (true, true) => self.reset_requests.max(self.reset_tokens),
+        };
+        Some(wait.unwrap_or(Duration::from_secs(1)))
+    }
+}
+
+/// Parses OpenAI's reset durations: `1s`, `6m0s`, `20ms`, `1.5s`, `1h2m3s`.
+pub fn parse_reset(text: &str) -> Option<Duration> {
+    let mut total = 0.0f64;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let value: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let factor = match &rest[..unit_end] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * factor;
+        rest = &rest[unit_end..];
+    }
+    Some(Duration::from_secs_f64(total))
 }
 
 /// Why a provider call failed.
@@ -93,6 +163,12 @@ impl ProviderError {
     /// Whether trying the same request again later may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, ProviderError::RateLimited { .. } | ProviderError::Server { .. } | ProviderError::Transport(_))
+    }
+
+    /// Whether the provider refused `encoding_format: "base64"`, so the request should be sent
+    /// again with `float`.
+    pub fn is_base64_unsupported(&self) -> bool {
+        matches!(self, ProviderError::Rejected { status: 400 | 422, message } if message.contains("encoding_format") || message.contains("base64"))
     }
 
     /// Whether the whole run must stop: no later request can succeed either.
@@ -195,7 +271,7 @@ pub fn decode_response(
         }
     }
     let vectors = vectors.into_iter().map(|v| v.expect("every index was filled exactly once")).collect();
-    Ok(Embeddings { vectors, prompt_tokens: parsed.usage.map_or(0, |u| u.prompt_tokens) })
+    Ok(Embeddings { vectors, prompt_tokens: parsed.usage.map_or(0, |u| u.prompt_tokens), rate: RateLimit::from_headers(header) })
 }
 
 fn classify_error(status: u16, header: &impl Fn(&str) -> Option<String>, body: &[u8]) -> ProviderError {
@@ -245,7 +321,7 @@ mod tests {
     fn check(status: u16, headers: &[(&str, &str)], body: &str, inputs: usize, dims: u32, expect: Expect) {
         let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
         let actual = match decode_response(status, lookup, body.as_bytes(), inputs, dims) {
-            Ok(e) => format!("ok {:?} tokens={}", e.vectors, e.prompt_tokens),
+            Ok(e) => format!("ok {:?} tokens={} rate={:?}", e.vectors, e.prompt_tokens, e.rate),
             Err(e) => format!("err {e} retryable={} fatal={} wait={:?}", e.is_retryable(), e.is_fatal(), e.retry_after()),
         };
         expect.assert_eq(&actual);
@@ -263,10 +339,10 @@ mod tests {
     #[test]
     fn ok_bodies() {
         check(200, &[], r#"{"object":"list","data":[{"object":"embedding","index":1,"embedding":[0.5,0.25]},{"object":"embedding","index":0,"embedding":[1.0,-1.0]}],"model":"m","usage":{"prompt_tokens":7,"total_tokens":7}}"#, 2, 2,
-            expect!["ok [[1.0, -1.0], [0.5, 0.25]] tokens=7"]);
+            expect!["ok [[1.0, -1.0], [0.5, 0.25]] tokens=7 rate=None"]);
         let b64 = encode_base64_f32(&[0.5, -2.0]);
         check(200, &[], &format!(r#"{{"data":[{{"index":0,"embedding":"{b64}"}}],"usage":{{"prompt_tokens":3}}}}"#), 1, 2,
-            expect!["ok [[0.5, -2.0]] tokens=3"]);
+            expect!["ok [[0.5, -2.0]] tokens=3 rate=None"]);
     }
 
     #[test]
@@ -283,6 +359,29 @@ mod tests {
             expect!["err the provider rejected the API key (401): check the OPENAI_API_KEY secret retryable=false fatal=true wait=None"]);
         check(502, &[], "<html>bad gateway</html>", 1, 2,
             expect!["err provider error (502): <html>bad gateway</html> retryable=true fatal=false wait=None"]);
+    }
+
+    #[test]
+    fn rate_limits() {
+        let headers = [("x-ratelimit-remaining-requests", "1"), ("x-ratelimit-remaining-tokens", "5000"), ("x-ratelimit-reset-requests", "120ms"), ("x-ratelimit-reset-tokens", "6m0s")];
+        let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+        let r = RateLimit::from_headers(lookup).unwrap();
+        assert_eq!(r.pause(10), Some(Duration::from_millis(120)));
+        assert_eq!(r.pause(6000), Some(Duration::from_secs(360)));
+        let roomy = RateLimit { remaining_requests: Some(100), remaining_tokens: Some(100_000), ..r };
+        assert_eq!(roomy.pause(6000), None);
+        assert_eq!(RateLimit::from_headers(|_| None), None);
+        assert_eq!(parse_reset("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_reset("1h2m3s"), Some(Duration::from_secs(3723)));
+        assert_eq!(parse_reset("soon"), None);
+    }
+
+    #[test]
+    fn base64_unsupported() {
+        let e = ProviderError::Rejected { status: 400, message: "Invalid value for 'encoding_format': 'base64'".into() };
+        assert!(e.is_base64_unsupported());
+        let e = ProviderError::Rejected { status: 400, message: "'$.input' is invalid".into() };
+        assert!(!e.is_base64_unsupported());
     }
 
     #[test]

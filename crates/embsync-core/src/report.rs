@@ -27,8 +27,10 @@ pub struct SourceReport {
     pub embedded: u64,
     /// Cache rows deleted (embsync's own, no longer in any source).
     pub deleted: u64,
-    /// Values that could not be embedded or stored in this run.
+    /// Values that could not be embedded in this run (recorded in `embedding_sync_errors`).
     pub errors: u64,
+    /// New values not attempted because an earlier failure asked for a later retry.
+    pub deferred: u64,
     /// Provider batches run.
     pub batches: u64,
     /// Wall time for this source.
@@ -38,7 +40,7 @@ pub struct SourceReport {
 }
 
 /// Sums over all sources.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Totals {
     /// See [`SourceReport::total`].
@@ -57,6 +59,8 @@ pub struct Totals {
     pub deleted: u64,
     /// See [`SourceReport::errors`].
     pub errors: u64,
+    /// See [`SourceReport::deferred`].
+    pub deferred: u64,
     /// See [`SourceReport::batches`].
     pub batches: u64,
 }
@@ -74,6 +78,7 @@ impl Totals {
             t.embedded += s.embedded;
             t.deleted += s.deleted;
             t.errors += s.errors;
+            t.deferred += s.deferred;
             t.batches += s.batches;
         }
         t
@@ -81,13 +86,15 @@ impl Totals {
 }
 
 /// Tokens the provider reported, per model slot.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     /// `embedding_large`'s model.
     pub large: ModelUsage,
     /// `embedding_small`'s model.
     pub small: ModelUsage,
+    /// What the reported tokens cost at the configured prices, in US dollars.
+    pub cost_usd: f64,
 }
 
 /// Tokens one model consumed.
@@ -101,7 +108,7 @@ pub struct ModelUsage {
 }
 
 /// What started a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Trigger {
     /// The cron trigger.
@@ -110,10 +117,42 @@ pub enum Trigger {
     Http,
 }
 
-/// The report of one sync run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Being worked on by an invocation.
+    Running,
+    /// Stopped at an invocation's budget; the next invocation goes on.
+    Paused,
+    /// Done: every source was synced.
+    Finished,
+    /// Stopped for good by an error no later request could get past (e.g. a rejected API key).
+    Failed,
+}
+
+impl RunStatus {
+    /// As stored in `embedding_sync_runs.status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Paused => "paused",
+            RunStatus::Finished => "finished",
+            RunStatus::Failed => "failed",
+        }
+    }
+}
+
+/// The report of one sync run, over all its invocations so far.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunReport {
+    /// The run's id.
+    pub run_id: String,
+    /// Where the run stands.
+    pub status: RunStatus,
+    /// Invocations the run took so far.
+    pub invocations: u64,
     /// What started the run.
     pub trigger: Trigger,
     /// ISO 8601 UTC start time.
@@ -126,14 +165,16 @@ pub struct RunReport {
     pub totals: Totals,
     /// Tokens the provider reported.
     pub usage: Usage,
+    /// Why the run stopped before doing everything (e.g. the token budget), if it did.
+    pub stopped: Option<String>,
 }
 
 impl fmt::Display for SourceReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Source {}: total={} new={} stale={} unchanged={} reused={} embedded={} deleted={} errors={} batches={} ({} ms)",
-            self.name, self.total, self.new, self.stale, self.unchanged, self.reused, self.embedded, self.deleted, self.errors, self.batches, self.duration_ms
+            "Source {}: total={} new={} stale={} unchanged={} reused={} embedded={} deleted={} errors={} batches={} deferred={} ({} ms)",
+            self.name, self.total, self.new, self.stale, self.unchanged, self.reused, self.embedded, self.deleted, self.errors, self.batches, self.deferred, self.duration_ms
         )?;
         if let Some(e) = &self.error {
             write!(f, " error: {e}")?;
@@ -151,8 +192,29 @@ pub struct TokenEstimate {
     pub small: u64,
 }
 
+/// Estimated cost in US dollars, per model and in total.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CostEstimate {
+    /// For `embedding_large`'s model.
+    pub large: f64,
+    /// For `embedding_small`'s model.
+    pub small: f64,
+    /// Both.
+    pub total: f64,
+}
+
+impl CostEstimate {
+    /// Prices `large` and `small` tokens at the configured per-million prices.
+    pub fn of(config: &crate::config::Config, large: u64, small: u64) -> CostEstimate {
+        let price = |tokens: u64, per_million: f64| (tokens as f64 * per_million / 1e6 * 1e6).round() / 1e6;
+        let large = price(large, config.models.large.price_per_million());
+        let small = price(small, config.models.small.price_per_million());
+        CostEstimate { large, small, total: ((large + small) * 1e6).round() / 1e6 }
+    }
+}
+
 /// One source in a dry run.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SourcePlanReport {
     /// The source's name from the config.
@@ -173,10 +235,14 @@ pub struct SourcePlanReport {
     pub reusable: u64,
     /// New values that need the provider.
     pub to_embed: u64,
+    /// New values waiting for a retry after an error.
+    pub deferred: u64,
     /// Provider batches that would run.
     pub batches: u64,
     /// Estimated tokens per model for `to_embed`.
     pub estimated_tokens: TokenEstimate,
+    /// Estimated cost of `to_embed`.
+    pub estimated_cost_usd: CostEstimate,
     /// Why this source could not be planned, if so.
     pub error: Option<String>,
 }
@@ -197,6 +263,8 @@ pub struct PlanTotals {
     pub reusable: u64,
     /// Sum of `toEmbed`.
     pub to_embed: u64,
+    /// Sum of `deferred`.
+    pub deferred: u64,
     /// Sum of `batches`.
     pub batches: u64,
     /// Sum of the estimates.
@@ -222,7 +290,7 @@ pub struct ModelsInfo {
 }
 
 /// The answer of `GET /dry-run`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DryRunReport {
     /// Always true: nothing was written and the provider was not called.
@@ -237,6 +305,8 @@ pub struct DryRunReport {
     pub disabled: Vec<String>,
     /// Sums.
     pub totals: PlanTotals,
+    /// Estimated cost of everything to embed, at the configured prices.
+    pub estimated_cost_usd: CostEstimate,
 }
 
 impl PlanTotals {
@@ -250,6 +320,7 @@ impl PlanTotals {
             t.unchanged += s.unchanged;
             t.reusable += s.reusable;
             t.to_embed += s.to_embed;
+            t.deferred += s.deferred;
             t.batches += s.batches;
             t.estimated_tokens.large += s.estimated_tokens.large;
             t.estimated_tokens.small += s.estimated_tokens.small;

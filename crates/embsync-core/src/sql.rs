@@ -7,7 +7,14 @@
 //! names), so they also work through a transaction-pooling proxy such as Hyperdrive.
 //!
 //! Source statements take `$1` = source table key and `$2` = source column key, the strings
-//! recorded in `embedding_cache_sources` (see [`Source::table_key`]).
+//! recorded in `embedding_cache_sources` (see [`Source::table_key`]), and `$3` / `$4` = the
+//! configured model tags of the large and small model ([`ModelSpec::tag`]).
+//!
+//! A row *has* a model's embedding when the column is not NULL and, for rows embsync wrote, the
+//! tag recorded in `embedding_cache_owned` is the configured one (no tag counts as current). Rows written by someone else are judged by NULL-ness only: embsync never
+//! overwrites their vectors.
+//!
+//! [`ModelSpec::tag`]: crate::config::ModelSpec::tag
 
 use crate::config::{Models, Source};
 
@@ -49,7 +56,62 @@ CREATE TABLE IF NOT EXISTS embedding_cache_sources (
 CREATE INDEX IF NOT EXISTS embedding_cache_sources_value_hash_idx ON embedding_cache_sources (value_hash);
 CREATE TABLE IF NOT EXISTS embedding_cache_owned (
     value_hash text PRIMARY KEY,
+    large_model text,
+    small_model text,
     created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS embedding_sync_errors (
+    source_table text NOT NULL,
+    source_column text NOT NULL,
+    value_hash text NOT NULL,
+    model text NOT NULL,
+    message text NOT NULL,
+    attempts integer NOT NULL DEFAULT 1,
+    first_failed_at timestamptz NOT NULL DEFAULT now(),
+    last_failed_at timestamptz NOT NULL DEFAULT now(),
+    next_retry_at timestamptz NOT NULL,
+    PRIMARY KEY (source_table, source_column, value_hash)
+);
+CREATE TABLE IF NOT EXISTS embedding_sync_runs (
+    run_id text PRIMARY KEY,
+    trigger text NOT NULL,
+    status text NOT NULL DEFAULT 'running',
+    started_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    invocations integer NOT NULL DEFAULT 0,
+    report jsonb
+);
+CREATE UNIQUE INDEX IF NOT EXISTS embedding_sync_runs_one_open ON embedding_sync_runs ((true)) WHERE finished_at IS NULL;
+CREATE TABLE IF NOT EXISTS embedding_sync_run_sources (
+    run_id text NOT NULL,
+    source_table text NOT NULL,
+    source_column text NOT NULL,
+    position integer NOT NULL,
+    name text NOT NULL,
+    planned boolean NOT NULL DEFAULT false,
+    done boolean NOT NULL DEFAULT false,
+    planned_batches bigint NOT NULL DEFAULT 0,
+    total bigint NOT NULL DEFAULT 0,
+    new bigint NOT NULL DEFAULT 0,
+    unchanged bigint NOT NULL DEFAULT 0,
+    reused bigint NOT NULL DEFAULT 0,
+    embedded bigint NOT NULL DEFAULT 0,
+    stale bigint NOT NULL DEFAULT 0,
+    deleted bigint NOT NULL DEFAULT 0,
+    errors bigint NOT NULL DEFAULT 0,
+    deferred bigint NOT NULL DEFAULT 0,
+    batches bigint NOT NULL DEFAULT 0,
+    tokens_large bigint NOT NULL DEFAULT 0,
+    requests_large bigint NOT NULL DEFAULT 0,
+    tokens_small bigint NOT NULL DEFAULT 0,
+    requests_small bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, source_table, source_column)
+);
+CREATE TABLE IF NOT EXISTS embedding_sync_lease (
+    name text PRIMARY KEY,
+    holder text NOT NULL,
+    expires_at timestamptz NOT NULL
 );"#,
         large = models.large.dimensions(),
         small = models.small.dimensions(),
@@ -59,9 +121,47 @@ CREATE TABLE IF NOT EXISTS embedding_cache_owned (
 /// Serialises concurrent schema creation; transaction-scoped, so it is released at commit.
 pub const LOCK_SCHEMA: &str = "SELECT pg_advisory_xact_lock(hashtext('embsync:schema'))";
 
-/// Which of embsync's tables exist: `(embedding_cache, embedding_cache_sources)` as two booleans.
-pub const SCHEMA_STATE: &str =
-    "SELECT to_regclass('embedding_cache') IS NOT NULL, to_regclass('embedding_cache_sources') IS NOT NULL";
+/// Which of embsync's tables exist: whether `embedding_cache` does (ours or another
+/// pipeline's), and whether all of embsync's own tables do (two booleans).
+pub const SCHEMA_STATE: &str = "\
+SELECT to_regclass('embedding_cache') IS NOT NULL,
+       to_regclass('embedding_cache_sources') IS NOT NULL
+         AND to_regclass('embedding_cache_owned') IS NOT NULL
+         AND to_regclass('embedding_sync_errors') IS NOT NULL
+         AND to_regclass('embedding_sync_runs') IS NOT NULL";
+
+/// The declared dimensions of the two embedding columns (`atttypmod`; -1 when unconstrained,
+/// NULL when the column is missing): `large`, `small`.
+pub const COLUMN_DIMS: &str = "\
+SELECT (SELECT atttypmod FROM pg_attribute WHERE attrelid = 'embedding_cache'::regclass
+          AND attname = 'embedding_large' AND NOT attisdropped),
+       (SELECT atttypmod FROM pg_attribute WHERE attrelid = 'embedding_cache'::regclass
+          AND attname = 'embedding_small' AND NOT attisdropped)";
+
+/// Checks the declared column dimensions (from [`COLUMN_DIMS`]) against the models.
+///
+/// # Errors
+/// A message that names the column, both sizes and the two ways to fix it.
+pub fn check_column_dims(models: &Models, large: Option<i32>, small: Option<i32>) -> Result<(), String> {
+    for (column, key, spec, typmod) in [
+        ("embedding_large", "large", &models.large, large),
+        ("embedding_small", "small", &models.small, small),
+    ] {
+        let want = spec.dimensions();
+        match typmod {
+            None => return Err(format!("embedding_cache has no column {column}: add it (ALTER TABLE embedding_cache ADD COLUMN {column} vector({want}))")),
+            Some(-1) => {}
+            Some(d) if d == want as i32 => {}
+            Some(d) => {
+                return Err(format!(
+                    "embedding_cache.{column} is vector({d}) but models.{key} ({}) makes {want} dimensions: change the column (ALTER TABLE embedding_cache ALTER COLUMN {column} TYPE vector({want}) USING NULL) or the config",
+                    spec.name()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
 
 /// The distinct non-empty trimmed values of a source with their hash and row count, as a CTE
 /// body: columns `h` (hash), `v` (trimmed value), `n` (source rows holding it).
@@ -80,50 +180,87 @@ fn source_values(source: &Source) -> String {
 pub struct SchemaState {
     /// `embedding_cache` exists (ours, or another pipeline's).
     pub cache: bool,
-    /// `embedding_cache_sources` exists.
+    /// All of embsync's own tables and columns exist.
     pub links: bool,
 }
 
-/// Counts for one source, one row: `total`, `new`, `reusable`, `embed_tokens`, `stale` (int8).
+/// `c` has the configured large (`$3`) or small (`$4`) embedding; needs `c` (the cache row) and
+/// `o` (its `embedding_cache_owned` row, LEFT JOINed) in scope.
+fn has(slot: &str, state: SchemaState) -> String {
+    let tag = if slot == "large" { "$3" } else { "$4" };
+    if state.links {
+        format!("(c.embedding_{slot} IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.{slot}_model, {tag}) = {tag}))")
+    } else {
+        format!("(c.embedding_{slot} IS NOT NULL AND {tag}::text IS NOT NULL)")
+    }
+}
+
+fn complete(state: SchemaState) -> String {
+    format!("({} AND {})", has("large", state), has("small", state))
+}
+
+/// Joins the cache row `c` and its ownership row `o` for the value `s.h`.
+fn join_cache(state: SchemaState) -> &'static str {
+    if state.links {
+        "LEFT JOIN embedding_cache c ON c.value_hash = s.h\n    LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h"
+    } else {
+        "LEFT JOIN embedding_cache c ON c.value_hash = s.h"
+    }
+}
+
+const FULL: SchemaState = SchemaState { cache: true, links: true };
+
+/// Counts for one source, one row: `total`, `new`, `reusable`, `embed_tokens`, `stale`,
+/// `deferred` (int8).
 ///
 /// new = values this source has that are not done for it: not linked, or linked but its cache
-/// row lacks an embedding (a model failed) or was removed by someone else; reusable = new values whose cache row already has both embeddings;
-/// embed_tokens = estimated tokens of the rest (ceil(bytes / 4) each); stale = links of this
-/// source whose value is gone.
+/// row lacks a current embedding (a model failed, the model changed) or was removed by someone
+/// else; reusable = new values whose cache row already has both; embed_tokens = estimated
+/// tokens of the rest (ceil(bytes / 4) each, see [`crate::batch::estimate_tokens`]); stale =
+/// links of this source whose value is gone; deferred = new values waiting for a retry after
+/// an error.
 pub fn plan(source: &Source, state: SchemaState) -> String {
-    let mine = if state.cache && state.links {
-        "SELECT l.value_hash AS h FROM embedding_cache_sources l\n    \
-         JOIN embedding_cache c ON c.value_hash = l.value_hash\n    \
-         WHERE l.source_table = $1 AND l.source_column = $2\n      \
-         AND c.embedding_large IS NOT NULL AND c.embedding_small IS NOT NULL"
+    let fresh = if !state.cache {
+        "SELECT s.h, s.v, false AS complete FROM src s WHERE $1::text IS NOT NULL AND $2::text IS NOT NULL\n      \
+         AND $3::text IS NOT NULL AND $4::text IS NOT NULL"
+            .to_owned()
     } else {
-        "SELECT NULL::text AS h WHERE $1::text IS NULL AND $2::text IS NULL"
+        let linked = if state.links {
+            "EXISTS (SELECT 1 FROM embedding_cache_sources l\n                 \
+             WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h)"
+        } else {
+            "($1::text IS NULL AND $2::text IS NULL)"
+        };
+        format!(
+            "SELECT s.h, s.v, {complete} AS complete\n    \
+             FROM src s\n    {join}\n    \
+             WHERE NOT ({complete} AND {linked})",
+            complete = complete(state),
+            join = join_cache(state),
+        )
     };
-    let complete = if state.cache {
-        "EXISTS (SELECT 1 FROM embedding_cache c WHERE c.value_hash = s.h\n        \
-         AND c.embedding_large IS NOT NULL AND c.embedding_small IS NOT NULL)"
+    let (stale, deferred) = if state.links {
+        (
+            "SELECT count(*) FROM embedding_cache_sources l\n     \
+             WHERE l.source_table = $1 AND l.source_column = $2\n       \
+             AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)",
+            "SELECT count(*) FROM fresh f JOIN embedding_sync_errors e\n       \
+             ON e.source_table = $1 AND e.source_column = $2 AND e.value_hash = f.h\n     \
+             WHERE e.next_retry_at > now()",
+        )
     } else {
-        "false"
-    };
-    let stale = if state.links {
-        "SELECT count(*) FROM embedding_cache_sources l\n     \
-         WHERE l.source_table = $1 AND l.source_column = $2\n       \
-         AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)"
-    } else {
-        "SELECT 0::int8"
+        ("SELECT 0::int8", "SELECT 0::int8")
     };
     format!(
         "WITH src AS MATERIALIZED (\n    {src}\n),\n\
-         mine AS MATERIALIZED (\n    {mine}\n),\n\
-         fresh AS MATERIALIZED (\n    \
-         SELECT s.h, s.v, {complete} AS complete\n    \
-         FROM src s WHERE NOT EXISTS (SELECT 1 FROM mine m WHERE m.h = s.h)\n)\n\
+         fresh AS MATERIALIZED (\n    {fresh}\n)\n\
          SELECT\n    \
          (SELECT count(*) FROM src) AS total,\n    \
          (SELECT count(*) FROM fresh) AS new,\n    \
          (SELECT count(*) FROM fresh WHERE complete) AS reusable,\n    \
          (SELECT coalesce(sum((octet_length(v) + 3) / 4), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,\n    \
-         ({stale}) AS stale",
+         ({stale}) AS stale,\n    \
+         ({deferred}) AS deferred",
         src = source_values(source),
     )
 }
@@ -135,42 +272,52 @@ pub fn link_reusable(source: &Source) -> String {
         "WITH src AS (\n    {src}\n)\n\
          INSERT INTO embedding_cache_sources (value_hash, source_table, source_column)\n\
          SELECT s.h, $1, $2 FROM src s\n\
-         JOIN embedding_cache c ON c.value_hash = s.h\n\
-         WHERE c.embedding_large IS NOT NULL AND c.embedding_small IS NOT NULL\n\
+         {join}\n\
+         WHERE {complete}\n\
          ON CONFLICT DO NOTHING",
         src = source_values(source),
+        join = join_cache(FULL),
+        complete = complete(FULL),
     )
 }
 
-/// One page of values that still need an embedding, in hash order after `$3` (use `''` for the
-/// first page), at most `$4` (int8) rows: `h`, `v`, `n`, `has_large`, `has_small`.
+/// One page of values that still need an embedding, in hash order after `$5` (use `''` for the
+/// first page), at most `$6` (int8) rows: `h`, `v`, `n`, `has_large`, `has_small`. Values whose
+/// last failure asked for a later retry are left out until then.
 pub fn pending_page(source: &Source) -> String {
     format!(
         "WITH src AS (\n    {src}\n)\n\
-         SELECT s.h, s.v, s.n,\n       \
-         coalesce(c.embedding_large IS NOT NULL, false) AS has_large,\n       \
-         coalesce(c.embedding_small IS NOT NULL, false) AS has_small\n\
+         SELECT s.h, s.v, s.n, coalesce({has_large}, false) AS has_large, coalesce({has_small}, false) AS has_small\n\
          FROM src s\n\
-         LEFT JOIN embedding_cache c ON c.value_hash = s.h\n\
-         WHERE s.h > $3\n  \
-         AND NOT (c.embedding_large IS NOT NULL AND c.embedding_small IS NOT NULL\n           \
+         {join}\n\
+         WHERE s.h > $5\n  \
+         AND NOT (coalesce({complete}, false)\n           \
          AND EXISTS (SELECT 1 FROM embedding_cache_sources l\n                       \
-         WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))\n\
+         WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))\n  \
+         AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e\n                  \
+         WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h\n                    \
+         AND e.next_retry_at > now())\n\
          ORDER BY s.h\n\
-         LIMIT $4",
+         LIMIT $6",
         src = source_values(source),
+        has_large = has("large", FULL),
+        has_small = has("small", FULL),
+        complete = complete(FULL),
+        join = join_cache(FULL),
     )
 }
 
-/// Writes one batch: inserts new cache rows (recording them as embsync's own) and fills only
-/// the embedding columns that are NULL in rows that exist. Never overwrites a vector.
+/// Writes one batch: inserts new cache rows (recording them as embsync's own, with the model
+/// tags) and, in rows that exist, writes an embedding where the column is NULL or, in embsync's
+/// own rows, was made by another model. Never overwrites a vector in a row it did not write, and
+/// never adds columns to `embedding_cache`: the tags live in `embedding_cache_owned`.
 ///
-/// `$1` source table key, `$2` source column key, `$3` hashes (text[]), `$4` values (text[]),
-/// `$5` source row counts (int4[]), `$6` large vectors (vector[], NULL where not embedded),
-/// `$7` small vectors (vector[]).
+/// `$1` source table key, `$2` source column key, `$3` large tag, `$4` small tag, `$5` hashes
+/// (text[]), `$6` values (text[]), `$7` source row counts (int4[]), `$8` large vectors
+/// (vector[], NULL where not embedded), `$9` small vectors (vector[]).
 pub const UPSERT_BATCH: &str = "\
 WITH t AS (
-    SELECT * FROM unnest($3::text[], $4::text[], $5::int4[], $6::vector[], $7::vector[]) AS t(h, v, n, l, s)
+    SELECT * FROM unnest($5::text[], $6::text[], $7::int4[], $8::vector[], $9::vector[]) AS t(h, v, n, l, s)
 ),
 ins AS (
     INSERT INTO embedding_cache
@@ -180,20 +327,161 @@ ins AS (
     RETURNING value_hash
 ),
 own AS (
-    INSERT INTO embedding_cache_owned (value_hash) SELECT value_hash FROM ins ON CONFLICT DO NOTHING
+    INSERT INTO embedding_cache_owned (value_hash, large_model, small_model)
+    SELECT ins.value_hash, CASE WHEN t.l IS NULL THEN NULL ELSE $3 END, CASE WHEN t.s IS NULL THEN NULL ELSE $4 END
+    FROM ins JOIN t ON t.h = ins.value_hash
+    ON CONFLICT DO NOTHING
+),
+w AS (
+    SELECT t.h, t.l, t.s, o.value_hash IS NOT NULL AS owned,
+           t.l IS NOT NULL AND (c.embedding_large IS NULL
+               OR (o.value_hash IS NOT NULL AND coalesce(o.large_model, $3) <> $3)) AS put_l,
+           t.s IS NOT NULL AND (c.embedding_small IS NULL
+               OR (o.value_hash IS NOT NULL AND coalesce(o.small_model, $4) <> $4)) AS put_s
+    FROM t
+    JOIN embedding_cache c ON c.value_hash = t.h
+    LEFT JOIN embedding_cache_owned o ON o.value_hash = t.h
+),
+tags AS (
+    UPDATE embedding_cache_owned o
+    SET large_model = CASE WHEN w.put_l THEN $3 ELSE o.large_model END,
+        small_model = CASE WHEN w.put_s THEN $4 ELSE o.small_model END
+    FROM w
+    WHERE o.value_hash = w.h AND (w.put_l OR w.put_s)
 )
 UPDATE embedding_cache c
-SET embedding_large = coalesce(c.embedding_large, t.l),
-    embedding_small = coalesce(c.embedding_small, t.s)
-FROM t
-WHERE c.value_hash = t.h
-  AND ((c.embedding_large IS NULL AND t.l IS NOT NULL) OR (c.embedding_small IS NULL AND t.s IS NOT NULL))";
+SET embedding_large = CASE WHEN w.put_l THEN w.l ELSE c.embedding_large END,
+    embedding_small = CASE WHEN w.put_s THEN w.s ELSE c.embedding_small END
+FROM w
+WHERE c.value_hash = w.h AND (w.put_l OR w.put_s)";
 
 /// Links this source to the given hashes (`$3`, text[]): every value the batch wrote.
 pub const LINK_VALUES: &str = "\
 INSERT INTO embedding_cache_sources (value_hash, source_table, source_column)
 SELECT h, $1, $2 FROM unnest($3::text[]) AS h
 ON CONFLICT DO NOTHING";
+
+/// Takes the sync lease for `$1` (holder) for `$2` (float8 seconds) unless someone else holds
+/// it unexpired. One row (the holder) when taken, none when not.
+pub const ACQUIRE_LEASE: &str = "\
+INSERT INTO embedding_sync_lease AS l (name, holder, expires_at)
+VALUES ('sync', $1, now() + make_interval(secs => $2))
+ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+WHERE l.expires_at < now() OR l.holder = EXCLUDED.holder
+RETURNING holder";
+
+/// Who holds the lease and for how many more seconds: `holder`, `secs` (float8).
+pub const LEASE_HOLDER: &str = "\
+SELECT holder, extract(epoch FROM expires_at - now())::float8 FROM embedding_sync_lease WHERE name = 'sync'";
+
+/// Extends the lease of `$1` by `$2` seconds from now; 0 rows when `$1` no longer holds it.
+/// Run inside each batch's transaction, it fences off an invocation that lost the lease.
+pub const RENEW_LEASE: &str = "\
+UPDATE embedding_sync_lease SET expires_at = now() + make_interval(secs => $2)
+WHERE name = 'sync' AND holder = $1 AND expires_at > now()";
+
+/// Gives the lease up.
+pub const RELEASE_LEASE: &str = "DELETE FROM embedding_sync_lease WHERE name = 'sync' AND holder = $1";
+
+/// The unfinished run, counting this invocation: `run_id`, `trigger`, `started_ms` (float8),
+/// `invocations`.
+pub const RESUME_RUN: &str = "\
+UPDATE embedding_sync_runs SET invocations = invocations + 1, updated_at = now(), status = 'running'
+WHERE finished_at IS NULL
+RETURNING run_id, trigger, (extract(epoch FROM started_at) * 1000)::float8, invocations";
+
+/// Starts run `$1` with trigger `$2`: same columns as [`RESUME_RUN`].
+pub const START_RUN: &str = "\
+INSERT INTO embedding_sync_runs (run_id, trigger, invocations) VALUES ($1, $2, 1)
+RETURNING run_id, trigger, (extract(epoch FROM started_at) * 1000)::float8, invocations";
+
+/// Adds the run's sources: `$1` run, `$2` tables, `$3` columns, `$4` names (text[]).
+pub const START_RUN_SOURCES: &str = "\
+INSERT INTO embedding_sync_run_sources (run_id, source_table, source_column, name, position)
+SELECT $1, t, c, n, (p - 1)::int4 FROM unnest($2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS u(t, c, n, p)";
+
+/// A run's sources in config order.
+pub const RUN_SOURCES: &str = "\
+SELECT source_table, source_column, name, planned, done, planned_batches, total, new, unchanged, reused,
+       embedded, stale, deleted, errors, deferred, batches, tokens_large, requests_large, tokens_small, requests_small
+FROM embedding_sync_run_sources WHERE run_id = $1 ORDER BY position";
+
+/// Ends a run whose sources no longer match the config (it was changed mid-run): `$1` run.
+pub const ABANDON_RUN: &str = "\
+UPDATE embedding_sync_runs SET status = 'abandoned', finished_at = now(), updated_at = now() WHERE run_id = $1";
+
+/// Saves a source's plan: `$1` run, `$2` table, `$3` column, `$4` total, `$5` new,
+/// `$6` unchanged, `$7` reused, `$8` deferred, `$9` planned batches (int8 each).
+pub const SAVE_PLAN: &str = "\
+UPDATE embedding_sync_run_sources
+SET planned = true, total = $4, new = $5, unchanged = $6, reused = $7, deferred = $8, planned_batches = $9
+WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
+
+/// Adds one batch to a source's counters: `$1` run, `$2` table, `$3` column, `$4` embedded,
+/// `$5` reused, `$6` batches, `$7` large tokens, `$8` large requests, `$9` small tokens,
+/// `$10` small requests (int8 each).
+pub const ADD_PROGRESS: &str = "\
+UPDATE embedding_sync_run_sources
+SET embedded = embedded + $4, reused = reused + $5, batches = batches + $6,
+    tokens_large = tokens_large + $7, requests_large = requests_large + $8,
+    tokens_small = tokens_small + $9, requests_small = requests_small + $10
+WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
+
+/// Adds `$4` (int8) errors to a source's counters.
+pub const ADD_ERRORS: &str = "\
+UPDATE embedding_sync_run_sources SET errors = errors + $4
+WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
+
+/// Marks a source done with its stale counts: `$4` stale, `$5` deleted (int8).
+pub const SOURCE_DONE: &str = "\
+UPDATE embedding_sync_run_sources SET stale = $4, deleted = $5, done = true
+WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
+
+/// Ends run `$1` with its report `$2` (JSON text) and status `$3` (`finished` or `failed`).
+pub const FINISH_RUN: &str = "\
+UPDATE embedding_sync_runs SET status = $3, finished_at = now(), updated_at = now(), report = $2::text::jsonb
+WHERE run_id = $1";
+
+/// The unfinished run, if any: `run_id`, `status`, `invocations`, `started_at` (text).
+pub const CURRENT_RUN: &str = "\
+SELECT run_id, status, invocations, started_at::text FROM embedding_sync_runs WHERE finished_at IS NULL";
+
+/// The last `$1` (int8) finished runs, newest first: `run_id`, `status`, `report` (JSON text).
+pub const LAST_RUNS: &str = "\
+SELECT run_id, status, coalesce(report::text, 'null') FROM embedding_sync_runs
+WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT $1";
+
+/// Coverage of one source: `total`, `embedded_large`, `embedded_small`, `errors` (int8 each).
+pub fn coverage(source: &Source) -> String {
+    format!(
+        "WITH src AS MATERIALIZED (\n    {src}\n)\n\
+         SELECT (SELECT count(*) FROM src),\n       \
+         (SELECT count(*) FROM src s JOIN embedding_cache c ON c.value_hash = s.h WHERE c.embedding_large IS NOT NULL),\n       \
+         (SELECT count(*) FROM src s JOIN embedding_cache c ON c.value_hash = s.h WHERE c.embedding_small IS NOT NULL),\n       \
+         (SELECT count(*) FROM embedding_sync_errors e WHERE e.source_table = $1 AND e.source_column = $2)",
+        src = source_values(source),
+    )
+}
+
+/// Forgets earlier failures of the given hashes (`$3`, text[]) for this source: they are done.
+pub const CLEAR_ERRORS: &str = "\
+DELETE FROM embedding_sync_errors
+WHERE source_table = $1 AND source_column = $2 AND value_hash = ANY($3::text[])";
+
+/// Records failures for this source: `$3` hashes, `$4` models, `$5` messages (text[] each). A
+/// value that fails again waits longer: 5 minutes after the first failure, then 4 times longer
+/// each time, at most a day.
+pub const RECORD_ERRORS: &str = "\
+INSERT INTO embedding_sync_errors AS e
+    (source_table, source_column, value_hash, model, message, attempts, next_retry_at)
+SELECT $1, $2, t.h, t.m, t.msg, 1, now() + interval '5 minutes'
+FROM unnest($3::text[], $4::text[], $5::text[]) AS t(h, m, msg)
+ON CONFLICT (source_table, source_column, value_hash) DO UPDATE
+SET model = EXCLUDED.model,
+    message = EXCLUDED.message,
+    attempts = e.attempts + 1,
+    last_failed_at = now(),
+    next_retry_at = now() + least(interval '5 minutes' * power(4, least(e.attempts, 8)), interval '1 day')";
 
 /// Unlinks this source from values it no longer has. Rows affected = stale values.
 pub fn unlink_stale(source: &Source) -> String {
@@ -256,16 +544,13 @@ mod tests {
                 FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
                 WHERE d.v <> ''
             ),
-            mine AS MATERIALIZED (
-                SELECT l.value_hash AS h FROM embedding_cache_sources l
-                JOIN embedding_cache c ON c.value_hash = l.value_hash
-                WHERE l.source_table = $1 AND l.source_column = $2
-                  AND c.embedding_large IS NOT NULL AND c.embedding_small IS NOT NULL
-            ),
             fresh AS MATERIALIZED (
-                SELECT s.h, s.v, EXISTS (SELECT 1 FROM embedding_cache c WHERE c.value_hash = s.h
-                    AND c.embedding_large IS NOT NULL AND c.embedding_small IS NOT NULL) AS complete
-                FROM src s WHERE NOT EXISTS (SELECT 1 FROM mine m WHERE m.h = s.h)
+                SELECT s.h, s.v, ((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))) AS complete
+                FROM src s
+                LEFT JOIN embedding_cache c ON c.value_hash = s.h
+                LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h
+                WHERE NOT (((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))) AND EXISTS (SELECT 1 FROM embedding_cache_sources l
+                             WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))
             )
             SELECT
                 (SELECT count(*) FROM src) AS total,
@@ -274,7 +559,10 @@ mod tests {
                 (SELECT coalesce(sum((octet_length(v) + 3) / 4), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,
                 (SELECT count(*) FROM embedding_cache_sources l
                  WHERE l.source_table = $1 AND l.source_column = $2
-                   AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)) AS stale"#]].assert_eq(&plan(&source(), full));
+                   AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)) AS stale,
+                (SELECT count(*) FROM fresh f JOIN embedding_sync_errors e
+                   ON e.source_table = $1 AND e.source_column = $2 AND e.value_hash = f.h
+                 WHERE e.next_retry_at > now()) AS deferred"#]].assert_eq(&plan(&source(), full));
         let fresh = SchemaState { cache: false, links: false };
         expect![[r#"
             WITH src AS MATERIALIZED (
@@ -282,19 +570,17 @@ mod tests {
                 FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
                 WHERE d.v <> ''
             ),
-            mine AS MATERIALIZED (
-                SELECT NULL::text AS h WHERE $1::text IS NULL AND $2::text IS NULL
-            ),
             fresh AS MATERIALIZED (
-                SELECT s.h, s.v, false AS complete
-                FROM src s WHERE NOT EXISTS (SELECT 1 FROM mine m WHERE m.h = s.h)
+                SELECT s.h, s.v, false AS complete FROM src s WHERE $1::text IS NOT NULL AND $2::text IS NOT NULL
+                  AND $3::text IS NOT NULL AND $4::text IS NOT NULL
             )
             SELECT
                 (SELECT count(*) FROM src) AS total,
                 (SELECT count(*) FROM fresh) AS new,
                 (SELECT count(*) FROM fresh WHERE complete) AS reusable,
                 (SELECT coalesce(sum((octet_length(v) + 3) / 4), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,
-                (SELECT 0::int8) AS stale"#]].assert_eq(&plan(&source(), fresh));
+                (SELECT 0::int8) AS stale,
+                (SELECT 0::int8) AS deferred"#]].assert_eq(&plan(&source(), fresh));
     }
 
     #[test]
@@ -307,8 +593,9 @@ mod tests {
             )
             INSERT INTO embedding_cache_sources (value_hash, source_table, source_column)
             SELECT s.h, $1, $2 FROM src s
-            JOIN embedding_cache c ON c.value_hash = s.h
-            WHERE c.embedding_large IS NOT NULL AND c.embedding_small IS NOT NULL
+            LEFT JOIN embedding_cache c ON c.value_hash = s.h
+                LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h
+            WHERE ((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)))
             ON CONFLICT DO NOTHING"#]].assert_eq(&link_reusable(&source()));
         expect![[r#"
             WITH src AS (
@@ -316,17 +603,19 @@ mod tests {
                 FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
                 WHERE d.v <> ''
             )
-            SELECT s.h, s.v, s.n,
-                   coalesce(c.embedding_large IS NOT NULL, false) AS has_large,
-                   coalesce(c.embedding_small IS NOT NULL, false) AS has_small
+            SELECT s.h, s.v, s.n, coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) AS has_large, coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) AS has_small
             FROM src s
             LEFT JOIN embedding_cache c ON c.value_hash = s.h
-            WHERE s.h > $3
-              AND NOT (c.embedding_large IS NOT NULL AND c.embedding_small IS NOT NULL
+                LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h
+            WHERE s.h > $5
+              AND NOT (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false)
                        AND EXISTS (SELECT 1 FROM embedding_cache_sources l
                                    WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))
+              AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e
+                              WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h
+                                AND e.next_retry_at > now())
             ORDER BY s.h
-            LIMIT $4"#]].assert_eq(&pending_page(&source()));
+            LIMIT $6"#]].assert_eq(&pending_page(&source()));
         expect![[r#"
             WITH src AS MATERIALIZED (
                 SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n

@@ -4,12 +4,13 @@
 //! failure costs) and performs no IO itself: the worker implements the traits with Postgres and
 //! `fetch`, and the tests below implement them in memory, with faults on command.
 
+use crate::batch;
 use crate::config::{Config, ModelSlot, ModelSpec, Source};
 use crate::hash::ValueHash;
 use crate::provider::{Embeddings, ProviderError};
 use crate::report::{
-    iso8601, DryRunReport, ModelInfo, ModelsInfo, ModelUsage, PlanTotals, RunReport, SourcePlanReport, SourceReport,
-    TokenEstimate, Totals, Trigger, Usage,
+    iso8601, CostEstimate, DryRunReport, ModelInfo, ModelsInfo, ModelUsage, PlanTotals, RunReport, RunStatus, SourcePlanReport,
+    SourceReport, TokenEstimate, Totals, Trigger, Usage,
 };
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub struct SourceCounts {
     pub embed_tokens: u64,
     /// Values recorded for this source that it no longer has.
     pub stale: u64,
+    /// New values waiting for a retry after an error (not attempted until then).
+    pub deferred: u64,
 }
 
 impl SourceCounts {
@@ -72,6 +75,17 @@ pub struct EmbeddedValue {
     pub complete: bool,
 }
 
+/// A value that could not be embedded in this run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueFailure {
+    /// The value hash.
+    pub hash: ValueHash,
+    /// The model or models that failed, comma-separated.
+    pub model: String,
+    /// Why.
+    pub message: String,
+}
+
 /// What removing stale values did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StaleOutcome {
@@ -82,6 +96,9 @@ pub struct StaleOutcome {
 }
 
 /// The database, as the driver needs it. Every method is one transaction.
+///
+/// Architecture Invariant: Postgres holds the truth about a run (its counters, which sources are
+/// done, the lease); anything kept elsewhere (the KV cursor) is a hint that may be stale.
 #[allow(async_fn_in_trait)]
 pub trait Store {
     /// Creates tables and indexes if they are missing; never touches existing rows.
@@ -92,12 +109,147 @@ pub trait Store {
     async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError>;
     /// Up to `limit` values that need an embedding, in hash order after `after`.
     async fn pending(&mut self, source: &Source, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError>;
-    /// Writes one batch and links all its values to the source, atomically. A value counts as
-    /// done for the source only when it is linked and its row holds both embeddings, so a value
-    /// with one embedding is kept (it is paid for) and completed by a later run.
-    async fn store(&mut self, source: &Source, batch: &[EmbeddedValue]) -> Result<(), StoreError>;
-    /// Unlinks values the source no longer has and deletes embsync's rows no source has.
-    async fn remove_stale(&mut self, source: &Source) -> Result<StaleOutcome, StoreError>;
+    /// Writes one batch and links all its values to the source, atomically, together with the
+    /// run's counters for it (`progress`) and a renewal of the lease. A value counts as done for
+    /// the source only when it is linked and its row holds both embeddings, so a value with one
+    /// embedding is kept (it is paid for) and completed by a later run.
+    ///
+    /// # Errors
+    /// [`StoreError`] also when the lease was lost (another invocation took over): nothing is
+    /// written then.
+    async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError>;
+    /// Unlinks values the source no longer has, deletes embsync's rows no source has, and marks
+    /// the source done in the run, atomically.
+    async fn remove_stale(&mut self, source: &Source, run: &RunId) -> Result<StaleOutcome, StoreError>;
+    /// Records failures so the values are retried by a later run, with backoff, and counts them
+    /// in the run. A successful [`Store::store`] of a value clears its record.
+    async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError>;
+    /// Takes the sync lease for `holder` for `ttl`, unless another holder has it unexpired.
+    async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError>;
+    /// Gives the lease up (only if `holder` still has it).
+    async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError>;
+    /// The unfinished run with its per-source state, or a new run `new_id` over `sources`.
+    async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError>;
+    /// Saves a source's plan (counted once per run, at its first invocation).
+    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport) -> Result<(), StoreError>;
+    /// Ends the run with its final report (status `finished` or `failed`, from the report).
+    async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError>;
+}
+
+/// A run's id: one run may span many invocations.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RunId(pub String);
+
+/// The lease that keeps two invocations from syncing at once.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lease {
+    /// This invocation holds it.
+    Acquired,
+    /// Another invocation holds it.
+    Held {
+        /// Its holder.
+        holder: String,
+        /// Seconds until it expires unless renewed.
+        expires_in_secs: f64,
+    },
+}
+
+/// What one batch adds to the run's counters, written with the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress<'a> {
+    /// The run.
+    pub run: &'a RunId,
+    /// The lease holder, renewed by the write; the write fails if it is not the holder.
+    pub holder: &'a str,
+    /// The lease's time to live from now.
+    pub lease_ttl: Duration,
+    /// Values embedded and stored by this batch.
+    pub embedded: u64,
+    /// Values reused (no provider call) by this batch.
+    pub reused: u64,
+    /// Provider-reported tokens and requests of this batch.
+    pub usage: (ModelUsage, ModelUsage),
+}
+
+/// A source's state within a run, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceState {
+    /// Counters so far (all invocations).
+    pub report: SourceReport,
+    /// The plan was saved (counts taken, reusable values linked).
+    pub planned: bool,
+    /// Batches planned at the first invocation.
+    pub planned_batches: u64,
+    /// Stale values removed: the source is done for this run.
+    pub done: bool,
+    /// Provider usage so far, large and small.
+    pub usage: (ModelUsage, ModelUsage),
+}
+
+/// A run as stored: what earlier invocations did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunState {
+    /// The run.
+    pub id: RunId,
+    /// What started it.
+    pub trigger: Trigger,
+    /// When it started (epoch ms).
+    pub started_at_ms: f64,
+    /// Invocations so far, this one included.
+    pub invocations: u64,
+    /// Per enabled source, in config order.
+    pub sources: Vec<SourceState>,
+}
+
+/// What one invocation may spend before it stops cleanly and leaves the rest to the next one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// Provider batches (each is one request per model, plus retries).
+    pub max_batches: u64,
+    /// Wall time, in milliseconds.
+    pub max_ms: f64,
+    /// How long the lease lasts without renewal; a killed invocation blocks others this long.
+    pub lease_ttl: Duration,
+}
+
+impl Default for Budget {
+    /// Fits the Workers paid plan: at most 200 batches (400 provider subrequests plus retries,
+    /// well under the subrequest cap) and 120 s of wall time per invocation.
+    fn default() -> Self {
+        Budget { max_batches: 200, max_ms: 120_000.0, lease_ttl: Duration::from_secs(300) }
+    }
+}
+
+/// Where an invocation stopped: saved in KV as a hint for the next one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Cursor {
+    /// The run.
+    pub run_id: String,
+    /// Index of the source among the enabled ones.
+    pub source: usize,
+    /// `embed` or `stale`.
+    pub phase: String,
+    /// The last hash processed in the source (hash order).
+    pub after: Option<String>,
+    /// The run's totals so far (a copy; Postgres holds the truth).
+    pub totals: Totals,
+}
+
+/// How an invocation ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The run finished; its report covers all its invocations.
+    Finished(RunReport),
+    /// The budget ran out; the report so far and where to go on.
+    Paused(RunReport, Cursor),
+    /// Another invocation holds the lease; nothing was done.
+    Busy {
+        /// The other holder.
+        holder: String,
+        /// Seconds until its lease expires unless renewed.
+        expires_in_secs: f64,
+    },
 }
 
 /// The embeddings provider: one request, no retries (the driver retries).
@@ -182,22 +334,26 @@ pub async fn dry_run<S: Store>(config: &Config, store: &mut S) -> DryRunReport {
                 entry.total = c.total;
                 entry.new = c.new;
                 entry.stale = c.stale;
+                entry.deferred = c.deferred;
                 entry.unchanged = c.total.saturating_sub(c.new);
                 entry.reusable = c.reusable;
                 entry.to_embed = c.to_embed();
                 entry.batches = c.to_embed().div_ceil(batch);
                 entry.estimated_tokens = TokenEstimate { large: c.embed_tokens, small: c.embed_tokens };
+                entry.estimated_cost_usd = CostEstimate::of(config, c.embed_tokens, c.embed_tokens);
             }
             Err(e) => entry.error = Some(format!("planning source {}: {e}", source.name)),
         }
         sources.push(entry);
     }
+    let totals = PlanTotals::of(&sources);
     DryRunReport {
         dry_run: true,
+        estimated_cost_usd: CostEstimate::of(config, totals.estimated_tokens.large, totals.estimated_tokens.small),
         batch_size: batch,
         models: ModelsInfo { large: model_info(config, ModelSlot::Large), small: model_info(config, ModelSlot::Small) },
         disabled: config.sources.iter().filter(|s| !s.enabled).map(|s| s.name.clone()).collect(),
-        totals: PlanTotals::of(&sources),
+        totals,
         sources,
     }
 }
@@ -207,57 +363,195 @@ fn model_info(config: &Config, slot: ModelSlot) -> ModelInfo {
     ModelInfo { model: m.name().to_owned(), dimensions: m.dimensions() }
 }
 
-/// Runs one sync of every enabled source.
+/// Runs one invocation of a sync: resumes the unfinished run (or starts one) and goes on until
+/// the run is done or the budget is spent.
 ///
 /// A source that fails (its table is missing, the database drops a statement) gets the error in
-/// its report and the run goes on with the next one; a batch the provider keeps refusing counts
-/// as errors and the run goes on with the next batch.
+/// its report and the run goes on with the next one; values the provider keeps refusing are
+/// recorded and the run goes on.
 ///
 /// # Errors
-/// [`SyncError::Schema`] when the database cannot be prepared, and [`SyncError::Provider`] when
-/// the provider rejects the API key: nothing later could succeed, so the run stops at once.
-pub async fn run<S: Store, E: Embedder, R: Runtime>(
+/// [`SyncError::Schema`] when the database cannot be prepared or the run state cannot be read,
+/// and [`SyncError::Provider`] when the provider rejects the API key: nothing later could
+/// succeed, so the run stops at once.
+#[allow(clippy::too_many_arguments)]
+pub async fn invoke<S: Store, E: Embedder, R: Runtime>(
     config: &Config,
     store: &mut S,
     embedder: &E,
     rt: &R,
     trigger: Trigger,
     retry: RetryPolicy,
-) -> Result<RunReport, SyncError> {
-    let started = rt.now_ms();
-    store.ensure_schema(config).await.map_err(SyncError::Schema)?;
-    let mut usage = Usage::default();
-    let mut sources = Vec::new();
-    for source in config.enabled_sources() {
-        let began = rt.now_ms();
-        let mut report = SourceReport {
-            name: source.name.clone(),
-            table: source.table_key(),
-            column: source.column_key().to_owned(),
-            ..Default::default()
+    budget: Budget,
+    ids: (&RunId, &str),
+    hint: Option<&Cursor>,
+) -> Result<Outcome, SyncError> {
+    let (new_run, holder) = ids;
+    let began = rt.now_ms();
+    let schema = |e: StoreError| SyncError::Schema(e);
+    store.ensure_schema(config).await.map_err(schema)?;
+    match store.acquire_lease(holder, budget.lease_ttl).await.map_err(schema)? {
+        Lease::Acquired => {}
+        Lease::Held { holder, expires_in_secs } => return Ok(Outcome::Busy { holder, expires_in_secs }),
+    }
+    let result = invoke_leased(config, store, embedder, rt, trigger, retry, budget, new_run, holder, hint, began).await;
+    if let Err(e) = store.release_lease(holder).await {
+        rt.log(&format!("Could not release the sync lease (it expires by itself): {e}"));
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
+    config: &Config,
+    store: &mut S,
+    embedder: &E,
+    rt: &R,
+    trigger: Trigger,
+    retry: RetryPolicy,
+    budget: Budget,
+    new_run: &RunId,
+    holder: &str,
+    hint: Option<&Cursor>,
+    began: f64,
+) -> Result<Outcome, SyncError> {
+    let sources: Vec<&Source> = config.enabled_sources().collect();
+    let mut run = store.open_run(new_run, trigger, &sources).await.map_err(SyncError::Schema)?;
+    if run.sources.len() != sources.len() {
+        return Err(SyncError::Schema(StoreError(format!(
+            "run {} has {} sources but the config enables {}",
+            run.id.0,
+            run.sources.len(),
+            sources.len()
+        ))));
+    }
+    if run.invocations > 1 {
+        rt.log(&format!("Resuming run {} (invocation {})", run.id.0, run.invocations));
+    }
+    // The hint is used only when it agrees with Postgres about the run.
+    let hint = hint.filter(|c| c.run_id == run.id.0);
+    let mut spent = InvocationSpend { batches: 0, began, budget };
+    let mut paused: Option<Cursor> = None;
+    for (i, source) in sources.iter().enumerate() {
+        if run.sources[i].done {
+            continue;
+        }
+        let after = hint.filter(|c| c.source == i).and_then(|c| c.after.as_deref()).and_then(ValueHash::from_hex);
+        let began_source = rt.now_ms();
+        let run_tokens: u64 = run.sources.iter().map(|s| s.usage.0.prompt_tokens + s.usage.1.prompt_tokens).sum();
+        let state = &mut run.sources[i];
+        let mut ctx = SourceRun {
+            config,
+            store: &mut *store,
+            embedder,
+            rt,
+            retry,
+            state,
+            run: &run.id,
+            holder,
+            lease_ttl: budget.lease_ttl,
+            spent: &mut spent,
+            run_tokens,
         };
-        let mut ctx = SourceRun { config, store: &mut *store, embedder, rt, retry, report: &mut report, usage: &mut usage };
-        match ctx.sync(source).await {
-            Ok(()) => {}
-            Err(Stop::Store(e)) => report.error = Some(e.to_string()),
+        let outcome = ctx.sync(source, after).await;
+        let state = &mut run.sources[i];
+        state.report.duration_ms += (rt.now_ms() - began_source).max(0.0) as u64;
+        match outcome {
+            Ok(SourceEnd::Done) => rt.log(&state.report.to_string()),
+            Ok(SourceEnd::TokenBudget) => {
+                // The run ends here; the next run goes on with what is still pending.
+                rt.log(&state.report.to_string());
+                break;
+            }
+            Ok(SourceEnd::Paused(after)) => {
+                paused = Some(Cursor {
+                    run_id: run.id.0.clone(),
+                    source: i,
+                    phase: "embed".into(),
+                    after: after.map(|h| h.as_str().to_owned()),
+                    totals: Totals::default(),
+                });
+                break;
+            }
+            Err(Stop::Store(e)) => {
+                // The source is reported as failed for this run; the next run tries it again.
+                state.report.error = Some(e.to_string());
+                state.done = true;
+                rt.log(&state.report.to_string());
+            }
             Err(Stop::Fatal(e)) => {
+                // Nothing later can succeed: the run ends here as failed, and the next trigger
+                // starts a new run once the cause is fixed.
                 rt.log(&format!("Sync stopped: {e}"));
+                let mut report = report_of(config, &run, rt);
+                report.status = RunStatus::Failed;
+                report.stopped = Some(e.to_string());
+                if let Err(store_error) = store.finish_run(&run.id, &report).await {
+                    rt.log(&format!("Could not mark run {} failed: {store_error}", run.id.0));
+                }
                 return Err(SyncError::Provider(e));
             }
         }
-        report.duration_ms = (rt.now_ms() - began).max(0.0) as u64;
-        rt.log(&report.to_string());
-        sources.push(report);
     }
-    let report = RunReport {
-        trigger,
-        started_at: iso8601(started),
-        duration_ms: (rt.now_ms() - started).max(0.0) as u64,
+    let mut report = report_of(config, &run, rt);
+    if let Some(mut cursor) = paused {
+        cursor.totals = report.totals.clone();
+        report.status = RunStatus::Paused;
+        rt.log(&format!(
+            "Invocation budget spent after {} batches; run {} goes on in the next invocation",
+            spent.batches, run.id.0
+        ));
+        return Ok(Outcome::Paused(report, cursor));
+    }
+    report.status = RunStatus::Finished;
+    if let Some(why) = &report.stopped {
+        rt.log(&format!("Sync stopped early: {why}"));
+    }
+    store.finish_run(&run.id, &report).await.map_err(SyncError::Schema)?;
+    Ok(Outcome::Finished(report))
+}
+
+fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
+    let sources: Vec<SourceReport> = run.sources.iter().map(|s| s.report.clone()).collect();
+    let mut usage = Usage::default();
+    for s in &run.sources {
+        usage.large.prompt_tokens += s.usage.0.prompt_tokens;
+        usage.large.requests += s.usage.0.requests;
+        usage.small.prompt_tokens += s.usage.1.prompt_tokens;
+        usage.small.requests += s.usage.1.requests;
+    }
+    usage.cost_usd = CostEstimate::of(config, usage.large.prompt_tokens, usage.small.prompt_tokens).total;
+    let stopped = config
+        .max_tokens_per_run
+        .filter(|&max| usage.large.prompt_tokens + usage.small.prompt_tokens >= max)
+        .map(|max| format!("token budget of {max} reached; the next run goes on where this one stopped"));
+    RunReport {
+        run_id: run.id.0.clone(),
+        status: RunStatus::Running,
+        invocations: run.invocations,
+        trigger: run.trigger,
+        started_at: iso8601(run.started_at_ms),
+        duration_ms: (rt.now_ms() - run.started_at_ms).max(0.0) as u64,
         totals: Totals::of(&sources),
         sources,
         usage,
-    };
-    Ok(report)
+        stopped,
+    }
+}
+
+/// What this invocation has spent.
+struct InvocationSpend {
+    batches: u64,
+    began: f64,
+    budget: Budget,
+}
+
+enum SourceEnd {
+    Done,
+    /// The run's token budget is spent.
+    TokenBudget,
+    /// Stopped at the budget after the given hash (the last one stored).
+    Paused(Option<ValueHash>),
 }
 
 enum Stop {
@@ -271,68 +565,152 @@ struct SourceRun<'a, S, E, R> {
     embedder: &'a E,
     rt: &'a R,
     retry: RetryPolicy,
-    report: &'a mut SourceReport,
-    usage: &'a mut Usage,
+    state: &'a mut SourceState,
+    run: &'a RunId,
+    holder: &'a str,
+    lease_ttl: Duration,
+    spent: &'a mut InvocationSpend,
+    run_tokens: u64,
 }
 
 impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
-    async fn sync(&mut self, source: &Source) -> Result<(), Stop> {
+    async fn sync(&mut self, source: &Source, mut after: Option<ValueHash>) -> Result<SourceEnd, Stop> {
         let name = &source.name;
         let ctx = |what: &str, e: StoreError| Stop::Store(StoreError(format!("{what} of source {name}: {e}")));
-        let counts = self.store.counts(source).await.map_err(|e| ctx("counting values", e))?;
-        self.report.total = counts.total;
-        self.report.new = counts.new;
-        self.report.unchanged = counts.total.saturating_sub(counts.new);
-        if counts.reusable > 0 {
-            self.report.reused = self.store.link_reusable(source).await.map_err(|e| ctx("linking reusable values", e))?;
-        }
         let batch_size = self.config.batch_size.get();
-        let planned = counts.to_embed().div_ceil(batch_size as u64);
-        let mut after: Option<ValueHash> = None;
-        loop {
-            let page = self.store.pending(source, after.as_ref(), batch_size).await.map_err(|e| ctx("listing new values", e))?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.hash.clone());
-            let needs_provider = page.iter().any(|p| !(p.has_large && p.has_small));
-            if needs_provider {
-                self.report.batches += 1;
-                let i = self.report.batches;
-                self.rt.log(&format!("Batch {i} of {}: {name} ({} values)", planned.max(i), page.len()));
+        if !self.state.planned {
+            let counts = self.store.counts(source).await.map_err(|e| ctx("counting values", e))?;
+            let r = &mut self.state.report;
+            r.total = counts.total;
+            r.new = counts.new;
+            r.unchanged = counts.total.saturating_sub(counts.new);
+            r.deferred = counts.deferred;
+            if counts.reusable > 0 {
+                r.reused = self.store.link_reusable(source).await.map_err(|e| ctx("linking reusable values", e))?;
             }
-            let mut batch = self.embed_page(&page).await?;
-            // A value with nothing new to write is not stored; it stays pending for the next run.
-            batch.retain(|v| v.complete || v.large.is_some() || v.small.is_some());
-            let embedded = batch.iter().filter(|v| v.complete && (v.large.is_some() || v.small.is_some())).count() as u64;
-            let complete = batch.iter().filter(|v| v.complete).count() as u64;
-            if !batch.is_empty() {
-                self.store.store(source, &batch).await.map_err(|e| ctx("storing a batch", e))?;
-            }
-            self.report.embedded += embedded;
-            // A page value that needed no provider call was reused (it appeared after planning).
-            self.report.reused += complete - embedded;
-            self.report.errors += page.len() as u64 - complete;
+            self.state.planned_batches = counts.to_embed().saturating_sub(counts.deferred).div_ceil(batch_size as u64);
+            let mut plan = self.state.report.clone();
+            plan.batches = self.state.planned_batches;
+            self.store.save_plan(self.run, source, &plan).await.map_err(|e| ctx("saving the plan", e))?;
+            self.state.planned = true;
         }
-        let stale = self.store.remove_stale(source).await.map_err(|e| ctx("removing stale values", e))?;
-        self.report.stale = stale.unlinked;
-        self.report.deleted = stale.deleted;
+        // Pages are a few batches long, so a large source is scanned fewer times.
+        let page_size = (batch_size * 4).clamp(batch_size, 2048);
+        loop {
+            if let Some(end) = self.budget_end(&after) {
+                return Ok(end);
+            }
+            let page = self.store.pending(source, after.as_ref(), page_size).await.map_err(|e| ctx("listing new values", e))?;
+            if page.is_empty() {
+                break;
+            }
+            let (page, long): (Vec<PendingValue>, Vec<PendingValue>) = page.into_iter().partition(|p| !batch::too_long(&p.value));
+            let failures: Vec<ValueFailure> = long
+                .iter()
+                .map(|p| ValueFailure {
+                    hash: p.hash.clone(),
+                    model: "all".into(),
+                    message: format!(
+                        "value is about {} tokens ({} bytes), over the {}-token input limit: it is not sent",
+                        batch::estimate_tokens(&p.value),
+                        p.value.len(),
+                        batch::MAX_TOKENS_PER_INPUT
+                    ),
+                })
+                .collect();
+            self.record(source, &failures).await?;
+            if let Some(last) = long.last() {
+                if page.last().is_none_or(|p| p.hash < last.hash) {
+                    after = Some(last.hash.clone());
+                }
+            }
+            for range in batch::pack(page.iter().map(|p| p.value.as_str()), batch_size, batch::MAX_TOKENS_PER_REQUEST) {
+                if let Some(end) = self.budget_end(&after) {
+                    return Ok(end);
+                }
+                let group = &page[range];
+                let needs_provider = group.iter().any(|p| !(p.has_large && p.has_small));
+                if needs_provider {
+                    let i = self.state.report.batches + 1;
+                    self.rt.log(&format!("Batch {i} of {}: {name} ({} values)", self.state.planned_batches.max(i), group.len()));
+                }
+                let (mut batch, failed, usage) = self.embed_group(group).await?;
+                batch.retain(|v| v.complete || v.large.is_some() || v.small.is_some());
+                let embedded = batch.iter().filter(|v| v.complete && (v.large.is_some() || v.small.is_some())).count() as u64;
+                let complete = batch.iter().filter(|v| v.complete).count() as u64;
+                let progress = Progress {
+                    run: self.run,
+                    holder: self.holder,
+                    lease_ttl: self.lease_ttl,
+                    embedded,
+                    reused: complete - embedded,
+                    usage: usage.clone(),
+                };
+                if !batch.is_empty() || needs_provider {
+                    self.store.store(source, &batch, &progress).await.map_err(|e| ctx("storing a batch", e))?;
+                }
+                // Counters follow the committed write, so they equal what Postgres holds.
+                let r = &mut self.state.report;
+                r.embedded += embedded;
+                r.reused += complete - embedded;
+                if needs_provider {
+                    r.batches += 1;
+                    self.spent.batches += 1;
+                }
+                self.state.usage.0.prompt_tokens += usage.0.prompt_tokens;
+                self.state.usage.0.requests += usage.0.requests;
+                self.state.usage.1.prompt_tokens += usage.1.prompt_tokens;
+                self.state.usage.1.requests += usage.1.requests;
+                self.run_tokens += usage.0.prompt_tokens + usage.1.prompt_tokens;
+                self.record(source, &failed).await?;
+                after = group.last().map(|p| p.hash.clone());
+            }
+        }
+        let stale = self.store.remove_stale(source, self.run).await.map_err(|e| ctx("removing stale values", e))?;
+        self.state.report.stale = stale.unlinked;
+        self.state.report.deleted = stale.deleted;
+        self.state.done = true;
+        Ok(SourceEnd::Done)
+    }
+
+    /// Why no further batch may start, if so: the run's token budget, or this invocation's
+    /// batch and time budget.
+    fn budget_end(&self, after: &Option<ValueHash>) -> Option<SourceEnd> {
+        if self.config.max_tokens_per_run.is_some_and(|max| self.run_tokens >= max) {
+            return Some(SourceEnd::TokenBudget);
+        }
+        let b = &self.spent.budget;
+        let spent = self.spent.batches >= b.max_batches || self.rt.now_ms() - self.spent.began >= b.max_ms;
+        spent.then(|| SourceEnd::Paused(after.clone()))
+    }
+
+    async fn record(&mut self, source: &Source, failures: &[ValueFailure]) -> Result<(), Stop> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .record_errors(source, failures, self.run)
+            .await
+            .map_err(|e| Stop::Store(StoreError(format!("recording errors of source {}: {e}", source.name))))?;
+        self.state.report.errors += failures.len() as u64;
         Ok(())
     }
 
-    /// Calls both models concurrently for the values that lack each, with retries. A model
-    /// that fails for the batch leaves those values incomplete (counted as errors and picked up
-    /// again by the next run, which then asks only for what is missing).
-    async fn embed_page(&mut self, page: &[PendingValue]) -> Result<Vec<EmbeddedValue>, Stop> {
-        let large_idx: Vec<usize> = (0..page.len()).filter(|&i| !page[i].has_large).collect();
-        let small_idx: Vec<usize> = (0..page.len()).filter(|&i| !page[i].has_small).collect();
-        let large_in: Vec<&str> = large_idx.iter().map(|&i| page[i].value.as_str()).collect();
-        let small_in: Vec<&str> = small_idx.iter().map(|&i| page[i].value.as_str()).collect();
+    /// Calls both models concurrently for the values that lack each. A value one model fails
+    /// for keeps the other model's embedding (it is paid for) and is retried later for the
+    /// missing one only.
+    async fn embed_group(&mut self, group: &[PendingValue]) -> Result<(Vec<EmbeddedValue>, Vec<ValueFailure>, (ModelUsage, ModelUsage)), Stop> {
         let models = &self.config.models;
+        let large_idx: Vec<usize> = (0..group.len()).filter(|&i| !group[i].has_large).collect();
+        let small_idx: Vec<usize> = (0..group.len()).filter(|&i| !group[i].has_small).collect();
+        let large_in: Vec<&str> = large_idx.iter().map(|&i| group[i].value.as_str()).collect();
+        let small_in: Vec<&str> = small_idx.iter().map(|&i| group[i].value.as_str()).collect();
         let (large, small) = futures::future::join(
-            self.embed_with_retry(&models.large, &large_in),
-            self.embed_with_retry(&models.small, &small_in),
+            self.embed_isolating(&models.large, &large_in),
+            self.embed_isolating(&models.small, &small_in),
         )
         .await;
-        let mut out: Vec<EmbeddedValue> = page
+        let mut out: Vec<EmbeddedValue> = group
             .iter()
             .map(|p| EmbeddedValue {
                 hash: p.hash.clone(),
@@ -343,47 +721,84 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 complete: false,
             })
             .collect();
-        let mut large_ok = true;
-        let mut small_ok = true;
+        let mut errors: Vec<Vec<(String, String)>> = vec![Vec::new(); group.len()];
+        let mut usage = (ModelUsage::default(), ModelUsage::default());
         for (slot, result, idx) in [(ModelSlot::Large, large, &large_idx), (ModelSlot::Small, small, &small_idx)] {
-            match result {
-                Ok(Some(e)) => {
-                    let u: &mut ModelUsage = if slot == ModelSlot::Large { &mut self.usage.large } else { &mut self.usage.small };
-                    u.prompt_tokens += e.prompt_tokens;
-                    u.requests += 1;
-                    for (&i, v) in idx.iter().zip(e.vectors) {
-                        match slot {
-                            ModelSlot::Large => out[i].large = Some(v),
-                            ModelSlot::Small => out[i].small = Some(v),
-                        }
+            let outcome = result?;
+            let u = if slot == ModelSlot::Large { &mut usage.0 } else { &mut usage.1 };
+            u.prompt_tokens += outcome.prompt_tokens;
+            u.requests += outcome.requests;
+            for (&i, r) in idx.iter().zip(outcome.results) {
+                match (r, slot) {
+                    (Ok(v), ModelSlot::Large) => out[i].large = Some(v),
+                    (Ok(v), ModelSlot::Small) => out[i].small = Some(v),
+                    (Err(e), _) => errors[i].push((models.get(slot).name().to_owned(), e)),
+                }
+            }
+        }
+        let mut failures = Vec::new();
+        for ((v, p), errs) in out.iter_mut().zip(group).zip(errors) {
+            v.complete = (p.has_large || v.large.is_some()) && (p.has_small || v.small.is_some());
+            if !errs.is_empty() {
+                let model = errs.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", ");
+                let message = errs.iter().map(|(m, e)| format!("{m}: {e}")).collect::<Vec<_>>().join("; ");
+                failures.push(ValueFailure { hash: v.hash.clone(), model, message });
+            }
+        }
+        Ok((out, failures, usage))
+    }
+
+    /// Embeds `inputs` with retries. When the provider refuses a request for good (a 400, a
+    /// malformed answer), the request is split in halves until the values it refuses are
+    /// isolated, so one bad value costs only itself. Retryable failures that outlast the retries
+    /// fail the whole request (the values are retried by a later run).
+    async fn embed_isolating(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Isolated, Stop> {
+        let mut results: Vec<Result<Vec<f32>, String>> = vec![Err(String::new()); inputs.len()];
+        let mut out = Isolated { results: Vec::new(), prompt_tokens: 0, requests: 0 };
+        let mut todo = vec![0..inputs.len()];
+        while let Some(range) = todo.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            match self.embed_with_retry(model, &inputs[range.clone()]).await {
+                Ok(e) => {
+                    out.prompt_tokens += e.prompt_tokens;
+                    out.requests += 1;
+                    for (i, v) in range.zip(e.vectors) {
+                        results[i] = Ok(v);
                     }
                 }
-                Ok(None) => {}
                 Err(e) if e.is_fatal() => return Err(Stop::Fatal(e)),
+                Err(e) if !e.is_retryable() && range.len() > 1 => {
+                    self.rt.log(&format!("{} refused {} values ({e}); splitting the request to isolate the bad ones", model.name(), range.len()));
+                    let mid = range.start + range.len() / 2;
+                    todo.push(mid..range.end);
+                    todo.push(range.start..mid);
+                }
                 Err(e) => {
-                    self.rt.log(&format!("Batch {} failed for {} ({} values): {e}", self.report.batches, models.get(slot).name(), idx.len()));
-                    match slot {
-                        ModelSlot::Large => large_ok = false,
-                        ModelSlot::Small => small_ok = false,
+                    self.rt.log(&format!("{} failed for {} values: {e}", model.name(), range.len()));
+                    for i in range {
+                        results[i] = Err(e.to_string());
                     }
                 }
             }
         }
-        for (v, p) in out.iter_mut().zip(page) {
-            v.complete = (p.has_large || (large_ok && v.large.is_some())) && (p.has_small || (small_ok && v.small.is_some()));
-        }
+        out.results = results;
         Ok(out)
     }
 
-    /// `Ok(None)` when there is nothing to embed.
-    async fn embed_with_retry(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Option<Embeddings>, ProviderError> {
-        if inputs.is_empty() {
-            return Ok(None);
-        }
+    async fn embed_with_retry(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
         let mut retry = 0;
         loop {
             match self.embedder.embed(model, inputs).await {
-                Ok(e) => return Ok(Some(e)),
+                Ok(e) => {
+                    if let Some(wait) = e.rate.and_then(|r| r.pause(batch::limit_tokens_all(inputs))) {
+                        let wait = wait.min(self.retry.max_delay);
+                        self.rt.log(&format!("Pacing {}: the rate limit is nearly used up, waiting {} ms", model.name(), wait.as_millis()));
+                        self.rt.sleep(wait).await;
+                    }
+                    return Ok(e);
+                }
                 Err(e) if e.is_retryable() && retry + 1 < self.retry.max_attempts => {
                     let wait = self.retry.delay(retry, e.retry_after(), self.rt.random());
                     self.rt.log(&format!("Retrying {} in {} ms: {e}", model.name(), wait.as_millis()));
@@ -394,4 +809,11 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             }
         }
     }
+}
+
+/// Per-input results of one model over a group.
+struct Isolated {
+    results: Vec<Result<Vec<f32>, String>>,
+    prompt_tokens: u64,
+    requests: u64,
 }

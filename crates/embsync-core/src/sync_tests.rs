@@ -15,6 +15,8 @@ struct Row {
     value: String,
     large: Option<Vec<f32>>,
     small: Option<Vec<f32>>,
+    /// Model tags of the embeddings (None: unknown, e.g. written by someone else).
+    tags: (Option<String>, Option<String>),
     #[allow(dead_code)]
     source: (String, String),
     owned: bool,
@@ -29,6 +31,16 @@ struct MemStore {
     /// Fails the n-th call to `store` (1-based) after nothing was written.
     fail_store_call: Option<usize>,
     store_calls: usize,
+    /// (table, column, hash) -> (attempts, deferred until a later run).
+    errors: BTreeMap<(String, String, ValueHash), (u32, bool)>,
+    /// Configured model tags (large, small).
+    tags: (String, String),
+    /// The unfinished run, as "Postgres" holds it, and finished runs' reports.
+    run: Option<RunState>,
+    finished: Vec<crate::report::RunReport>,
+    /// Lease holder and expiry (in store calls: a crude clock).
+    lease: Option<(String, u64)>,
+    clock: u64,
 }
 
 impl MemStore {
@@ -57,8 +69,32 @@ impl MemStore {
         self.links.contains(&(t, c, h.clone())) && self.complete(h)
     }
 
+    fn has(&self, h: &ValueHash) -> (bool, bool) {
+        match self.cache.get(h) {
+            None => (false, false),
+            Some(r) => {
+                let current = |v: &Option<Vec<f32>>, tag: &Option<String>, want: &str| {
+                    v.is_some() && (!r.owned || tag.as_deref().is_none_or(|t| t == want))
+                };
+                (current(&r.large, &r.tags.0, &self.tags.0), current(&r.small, &r.tags.1, &self.tags.1))
+            }
+        }
+    }
+
     fn complete(&self, h: &ValueHash) -> bool {
-        self.cache.get(h).is_some_and(|r| r.large.is_some() && r.small.is_some())
+        self.has(h) == (true, true)
+    }
+
+    fn deferred(&self, s: &Source, h: &ValueHash) -> bool {
+        let (t, c) = Self::key(s);
+        self.errors.get(&(t, c, h.clone())).is_some_and(|e| e.1)
+    }
+
+    /// Time passes: every recorded error may be retried.
+    fn retry_errors_now(&mut self) {
+        for e in self.errors.values_mut() {
+            e.1 = false;
+        }
     }
 
     fn link_count(&self, s: &Source) -> usize {
@@ -70,8 +106,9 @@ impl MemStore {
 use crate::config::Source;
 
 impl Store for MemStore {
-    async fn ensure_schema(&mut self, _: &Config) -> Result<(), StoreError> {
+    async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
         self.schema = true;
+        self.tags = (config.models.large.tag(), config.models.small.tag());
         Ok(())
     }
 
@@ -85,6 +122,7 @@ impl Store for MemStore {
             reusable: fresh.iter().filter(|(h, _)| self.complete(h)).count() as u64,
             embed_tokens: fresh.iter().filter(|(h, _)| !self.complete(h)).map(|(_, (v, _))| v.len().div_ceil(4) as u64).sum(),
             stale: self.links.iter().filter(|(lt, lc, h)| *lt == t && *lc == c && !values.contains_key(h)).count() as u64,
+            deferred: fresh.iter().filter(|(h, _)| self.deferred(s, h)).count() as u64,
         })
     }
 
@@ -106,12 +144,13 @@ impl Store for MemStore {
             .into_iter()
             .filter(|(h, _)| after.is_none_or(|a| h > a))
             .filter(|(h, _)| !(self.complete(h) && self.linked(s, h)))
+            .filter(|(h, _)| !self.deferred(s, h))
             .take(limit)
             .map(|(h, (v, n))| {
-                let row = self.cache.get(&h);
+                let (has_large, has_small) = self.has(&h);
                 PendingValue {
-                    has_large: row.is_some_and(|r| r.large.is_some()),
-                    has_small: row.is_some_and(|r| r.small.is_some()),
+                    has_large,
+                    has_small,
                     hash: h,
                     value: v,
                     occurrences: n,
@@ -120,32 +159,54 @@ impl Store for MemStore {
             .collect())
     }
 
-    async fn store(&mut self, s: &Source, batch: &[EmbeddedValue]) -> Result<(), StoreError> {
+    async fn store(&mut self, s: &Source, batch: &[EmbeddedValue], p: &Progress<'_>) -> Result<(), StoreError> {
         self.store_calls += 1;
         if self.fail_store_call == Some(self.store_calls) {
             return Err(StoreError("connection reset".into()));
         }
+        if self.lease.as_ref().map(|(h, _)| h.as_str()) != Some(p.holder) {
+            return Err(StoreError("the sync lease was lost to another invocation".into()));
+        }
+        let i = self.source_index(s);
+        let run = self.run.as_mut().expect("a run is open");
+        let st = &mut run.sources[i];
+        st.report.embedded += p.embedded;
+        st.report.reused += p.reused;
+        st.report.batches += u64::from(p.usage.0.requests + p.usage.1.requests > 0);
+        st.usage.0.prompt_tokens += p.usage.0.prompt_tokens;
+        st.usage.0.requests += p.usage.0.requests;
+        st.usage.1.prompt_tokens += p.usage.1.prompt_tokens;
+        st.usage.1.requests += p.usage.1.requests;
         let (t, c) = Self::key(s);
+        let tags = self.tags.clone();
         for v in batch {
             let row = self.cache.entry(v.hash.clone()).or_insert_with(|| Row {
                 value: v.value.clone(),
                 large: None,
                 small: None,
+                tags: (None, None),
                 source: (t.clone(), c.clone()),
                 owned: true,
             });
-            if row.large.is_none() {
+            let owned = row.owned;
+            let replace = |cur: &Option<Vec<f32>>, tag: &Option<String>, want: &str| {
+                cur.is_none() || (owned && tag.as_deref().is_some_and(|t| t != want))
+            };
+            if v.large.is_some() && replace(&row.large, &row.tags.0, &tags.0) {
                 row.large = v.large.clone();
+                row.tags.0 = Some(tags.0.clone());
             }
-            if row.small.is_none() {
+            if v.small.is_some() && replace(&row.small, &row.tags.1, &tags.1) {
                 row.small = v.small.clone();
+                row.tags.1 = Some(tags.1.clone());
             }
             self.links.insert((t.clone(), c.clone(), v.hash.clone()));
+            self.errors.remove(&(t.clone(), c.clone(), v.hash.clone()));
         }
         Ok(())
     }
 
-    async fn remove_stale(&mut self, s: &Source) -> Result<StaleOutcome, StoreError> {
+    async fn remove_stale(&mut self, s: &Source, _run: &RunId) -> Result<StaleOutcome, StoreError> {
         let values = self.distinct(s)?;
         let (t, c) = Self::key(s);
         let before = self.links.len();
@@ -154,7 +215,96 @@ impl Store for MemStore {
         let linked: BTreeSet<ValueHash> = self.links.iter().map(|(_, _, h)| h.clone()).collect();
         let before = self.cache.len();
         self.cache.retain(|h, r| !r.owned || linked.contains(h));
-        Ok(StaleOutcome { unlinked, deleted: (before - self.cache.len()) as u64 })
+        let deleted = (before - self.cache.len()) as u64;
+        let i = self.source_index(s);
+        let st = &mut self.run.as_mut().expect("a run is open").sources[i];
+        st.report.stale = unlinked;
+        st.report.deleted = deleted;
+        st.done = true;
+        Ok(StaleOutcome { unlinked, deleted })
+    }
+
+    async fn record_errors(&mut self, s: &Source, failures: &[ValueFailure], _run: &RunId) -> Result<(), StoreError> {
+        let (t, c) = Self::key(s);
+        for f in failures {
+            self.errors.entry((t.clone(), c.clone(), f.hash.clone())).or_insert((0, true)).0 += 1;
+            self.errors.get_mut(&(t.clone(), c.clone(), f.hash.clone())).unwrap().1 = true;
+        }
+        let i = self.source_index(s);
+        self.run.as_mut().expect("a run is open").sources[i].report.errors += failures.len() as u64;
+        Ok(())
+    }
+
+    async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        self.clock += 1;
+        match &self.lease {
+            Some((h, until)) if h != holder && *until > self.clock => {
+                Ok(Lease::Held { holder: h.clone(), expires_in_secs: (*until - self.clock) as f64 })
+            }
+            _ => {
+                self.lease = Some((holder.to_owned(), self.clock + ttl.as_secs()));
+                Ok(Lease::Acquired)
+            }
+        }
+    }
+
+    async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError> {
+        if self.lease.as_ref().is_some_and(|(h, _)| h == holder) {
+            self.lease = None;
+        }
+        Ok(())
+    }
+
+    async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
+        let run = self.run.get_or_insert_with(|| RunState {
+            id: new_id.clone(),
+            trigger,
+            started_at_ms: 0.0,
+            invocations: 0,
+            sources: sources
+                .iter()
+                .map(|s| SourceState {
+                    report: crate::report::SourceReport {
+                        name: s.name.clone(),
+                        table: s.table_key(),
+                        column: s.column_key().to_owned(),
+                        ..Default::default()
+                    },
+                    planned: false,
+                    planned_batches: 0,
+                    done: false,
+                    usage: Default::default(),
+                })
+                .collect(),
+        });
+        run.invocations += 1;
+        Ok(run.clone())
+    }
+
+    async fn save_plan(&mut self, _run: &RunId, s: &Source, plan: &crate::report::SourceReport) -> Result<(), StoreError> {
+        let i = self.source_index(s);
+        let st = &mut self.run.as_mut().expect("a run is open").sources[i];
+        st.report.total = plan.total;
+        st.report.new = plan.new;
+        st.report.unchanged = plan.unchanged;
+        st.report.reused = plan.reused;
+        st.report.deferred = plan.deferred;
+        st.planned_batches = plan.batches;
+        st.planned = true;
+        Ok(())
+    }
+
+    async fn finish_run(&mut self, _run: &RunId, report: &crate::report::RunReport) -> Result<(), StoreError> {
+        self.run = None;
+        self.finished.push(report.clone());
+        Ok(())
+    }
+}
+
+impl MemStore {
+    fn source_index(&self, s: &Source) -> usize {
+        let run = self.run.as_ref().expect("a run is open");
+        run.sources.iter().position(|st| st.report.table == s.table_key() && st.report.column == s.column_key()).expect("source in run")
     }
 }
 
@@ -164,6 +314,8 @@ struct MemProvider {
     faults: HashMap<usize, ProviderError>,
     /// Inputs containing this always fail with 400.
     poison: Option<String>,
+    /// Rate-limit state reported with every answer.
+    rate: Option<crate::provider::RateLimit>,
     calls: RefCell<Vec<(String, Vec<String>)>>,
 }
 
@@ -189,7 +341,7 @@ impl Embedder for MemProvider {
             }
         }
         let dims = model.dimensions() as usize;
-        Ok(Embeddings { vectors: inputs.iter().map(|i| vec![i.len() as f32; dims]).collect(), prompt_tokens: inputs.len() as u64 })
+        Ok(Embeddings { vectors: inputs.iter().map(|i| vec![i.len() as f32; dims]).collect(), prompt_tokens: inputs.len() as u64, rate: self.rate })
     }
 }
 
@@ -230,15 +382,36 @@ struct World {
     store: MemStore,
     provider: MemProvider,
     rt: MemRuntime,
+    runs: u32,
 }
 
 impl World {
     fn new(batch: u32) -> World {
-        World { config: config(batch), store: MemStore::default(), provider: MemProvider::default(), rt: MemRuntime::default() }
+        World { config: config(batch), store: MemStore::default(), provider: MemProvider::default(), rt: MemRuntime::default(), runs: 0 }
     }
 
+    fn invoke(&mut self, budget: Budget, holder: &str, hint: Option<&Cursor>) -> Result<Outcome, SyncError> {
+        self.runs += 1;
+        let id = RunId(format!("run-{}", self.runs));
+        futures::executor::block_on(invoke(
+            &self.config,
+            &mut self.store,
+            &self.provider,
+            &self.rt,
+            Trigger::Cron,
+            RetryPolicy::default(),
+            budget,
+            (&id, holder),
+            hint,
+        ))
+    }
+
+    /// One invocation with the default budget, which must finish the run.
     fn run(&mut self) -> Result<crate::report::RunReport, SyncError> {
-        futures::executor::block_on(run(&self.config, &mut self.store, &self.provider, &self.rt, Trigger::Cron, RetryPolicy::default()))
+        match self.invoke(Budget::default(), "worker", None)? {
+            Outcome::Finished(r) => Ok(r),
+            other => panic!("the run did not finish: {other:?}"),
+        }
     }
 
     /// `name: total/new/stale/unchanged/reused/embedded/deleted/errors/batches` per source.
@@ -249,8 +422,10 @@ impl World {
                 .iter()
                 .map(|s| {
                     format!(
-                        "{}: total={} new={} stale={} unchanged={} reused={} embedded={} deleted={} errors={} batches={}{}",
-                        s.name, s.total, s.new, s.stale, s.unchanged, s.reused, s.embedded, s.deleted, s.errors, s.batches,
+                        "{}: total={} new={} stale={} unchanged={} reused={} embedded={} deleted={} errors={}{} batches={}{}",
+                        s.name, s.total, s.new, s.stale, s.unchanged, s.reused, s.embedded, s.deleted, s.errors,
+                        if s.deferred > 0 { format!(" deferred={}", s.deferred) } else { String::new() },
+                        s.batches,
                         s.error.as_ref().map(|e| format!(" error={e}")).unwrap_or_default()
                     )
                 })
@@ -327,6 +502,7 @@ fn foreign_rows_are_reused_and_never_deleted() {
         value: v.into(),
         large: Some(vec![9.0; 4]),
         small: both.then(|| vec![9.0; 2]),
+        tags: (None, None),
         source: ("elsewhere".into(), "x".into()),
         owned: false,
     };
@@ -364,17 +540,84 @@ fn rate_limit_on_batch_two_is_retried_after_the_wait_asked_for() {
 }
 
 #[test]
-fn a_value_that_always_fails_costs_only_itself() {
-    let mut w = World::new(2);
-    w.store.set("ta", "ca", &["good 1", "good 2", "bad apple", "good 3"]);
+fn a_value_that_always_fails_is_isolated_recorded_and_retried_later() {
+    let mut w = World::new(4);
+    w.store.set("ta", "ca", &["good 1", "good 2", "bad apple", "good 3", "good 4"]);
     w.store.set("tb", "cb", &["b"]);
     w.provider.poison = Some("bad".into());
-    let summary = w.summary();
-    // The batch holding the bad value fails for both models; the other batch and source go on.
-    let bad_batch_values = 2;
-    assert_eq!(summary, format!("A: total=4 new=4 stale=0 unchanged=0 reused=0 embedded={} deleted=0 errors={bad_batch_values} batches=2\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1", 4 - bad_batch_values));
+    // The request holding the bad value is split until the bad value is alone; the rest is stored.
+    assert_eq!(w.summary(), "A: total=5 new=5 stale=0 unchanged=0 reused=0 embedded=4 deleted=0 errors=1 batches=2\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+    let bad = Value::normalize("bad apple").unwrap().hash();
+    assert_eq!(w.store.errors.get(&("ta".into(), "ca".into(), bad.clone())), Some(&(1, true)));
+    assert!(!w.store.cache.contains_key(&bad));
+    // The next run does not try it again before its retry time.
+    let calls = w.calls();
+    assert_eq!(w.summary().lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=0 deferred=1 batches=0");
+    assert_eq!(w.calls(), calls);
+    // Once its time has come it is tried again; still bad, it is recorded with one more attempt.
+    w.store.retry_errors_now();
+    assert_eq!(w.summary().lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=1 batches=1");
+    assert_eq!(w.store.errors.get(&("ta".into(), "ca".into(), bad.clone())), Some(&(2, true)));
+    // Fixed at the provider, it goes through and its error record is cleared.
     w.provider.poison = None;
-    assert_eq!(w.summary().lines().next().unwrap(), format!("A: total=4 new={bad_batch_values} stale=0 unchanged=2 reused=0 embedded={bad_batch_values} deleted=0 errors=0 batches=1"));
+    w.store.retry_errors_now();
+    assert_eq!(w.summary().lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+    assert!(w.store.errors.is_empty());
+}
+
+#[test]
+fn a_value_over_the_input_limit_is_an_error_of_its_own() {
+    let mut w = World::new(10);
+    let long = "word ".repeat(7000);
+    w.store.set("ta", "ca", &["short", &long]);
+    w.store.set("tb", "cb", &[]);
+    assert_eq!(w.summary().lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=1 batches=1");
+    assert_eq!(w.provider.requests_for(long.trim_matches(' ')), 0, "never sent");
+}
+
+#[test]
+fn the_token_budget_stops_the_run_cleanly_and_the_next_run_goes_on() {
+    let mut w = World::new(2);
+    w.config.max_tokens_per_run = Some(6);
+    let a = values("v", 7);
+    w.store.set("ta", "ca", &refs(&a));
+    w.store.set("tb", "cb", &["b"]);
+    // Each batch of 2 values costs 2 tokens per model: the budget of 6 is reached after 2 batches.
+    let report = w.run().unwrap();
+    assert_eq!((report.totals.embedded, report.totals.batches), (4, 2));
+    assert_eq!(report.stopped.as_deref(), Some("token budget of 6 reached; the next run goes on where this one stopped"));
+    assert_eq!(w.summary().lines().next().unwrap(), "A: total=7 new=3 stale=0 unchanged=4 reused=0 embedded=3 deleted=0 errors=0 batches=2");
+}
+
+#[test]
+fn a_model_change_re_embeds_that_model_only() {
+    let mut w = World::new(10);
+    w.store.set("ta", "ca", &["p", "q"]);
+    w.store.set("tb", "cb", &[]);
+    w.run().unwrap();
+    w.config = Config::parse(r#"{"version":"1.0","models":{"large":{"name":"text-embedding-3-large","dimensions":4},"small":{"name":"text-embedding-3-small","dimensions":3}},
+        "batchSize":10,"sources":[{"name":"A","table":"ta","column":"ca"},{"name":"B","table":"tb","column":"cb"}]}"#).unwrap();
+    let before = w.calls();
+    assert_eq!(w.summary().lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1");
+    let calls = w.provider.calls.borrow().clone();
+    assert_eq!(calls[before..].iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["text-embedding-3-small"]);
+    assert!(w.store.cache.values().all(|r| r.small.as_ref().map(Vec::len) == Some(3) && r.large.as_ref().map(Vec::len) == Some(4)));
+    assert_eq!(w.summary().lines().next().unwrap(), "A: total=2 new=0 stale=0 unchanged=2 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+}
+
+#[test]
+fn pacing_waits_when_the_rate_limit_is_nearly_used_up() {
+    let mut w = World::new(10);
+    w.store.set("ta", "ca", &["p"]);
+    w.store.set("tb", "cb", &[]);
+    w.provider.rate = Some(crate::provider::RateLimit {
+        remaining_requests: Some(1),
+        remaining_tokens: Some(1_000_000),
+        reset_requests: Some(Duration::from_millis(800)),
+        reset_tokens: None,
+    });
+    w.run().unwrap();
+    assert_eq!(*w.rt.slept.borrow(), [Duration::from_millis(800), Duration::from_millis(800)]);
 }
 
 #[test]
@@ -382,14 +625,19 @@ fn one_model_failing_keeps_the_other_and_asks_only_for_the_missing_one_next_time
     let mut w = World::new(10);
     w.store.set("ta", "ca", &["p", "q"]);
     w.store.set("tb", "cb", &[]);
-    // Call 2 is the small model of batch 1; a 400 is not retried.
-    w.provider.faults.insert(2, ProviderError::Rejected { status: 400, message: "nope".into() });
+    // Calls 2..=6 are the small model of batch 1 and its four retries.
+    w.provider.faults.insert(2, ProviderError::Server { status: 500, message: "down".into() });
+    w.provider.faults.insert(3, ProviderError::Server { status: 500, message: "down".into() });
+    w.provider.faults.insert(4, ProviderError::Server { status: 500, message: "down".into() });
+    w.provider.faults.insert(5, ProviderError::Server { status: 500, message: "down".into() });
+    w.provider.faults.insert(6, ProviderError::Server { status: 500, message: "down".into() });
     assert_eq!(w.summary().lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=2 batches=1");
     assert!(w.store.cache.values().all(|r| r.large.is_some() && r.small.is_none()));
+    w.store.retry_errors_now();
     assert_eq!(w.summary().lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1");
     let calls = w.provider.calls.borrow().clone();
     assert_eq!(calls.last().map(|(m, _)| m.as_str()), Some("text-embedding-3-small"));
-    assert_eq!(calls.len(), 3);
+    assert_eq!(calls.len(), 7, "1 large + 5 small attempts, then only the small one");
 }
 
 #[test]
@@ -401,6 +649,12 @@ fn unauthorized_stops_the_run_and_writes_nothing() {
     assert_eq!(w.summary(), "error: sync stopped: the provider rejected the API key (401): check the OPENAI_API_KEY secret");
     assert!(w.store.cache.is_empty());
     assert!(w.calls() <= 2, "no retries and no further batches");
+    // The run ended as failed; the next trigger starts a new run.
+    assert!(w.store.run.is_none());
+    assert_eq!(w.store.finished.last().map(|r| r.status), Some(crate::report::RunStatus::Failed));
+    w.provider.faults.clear();
+    let r = w.run().unwrap();
+    assert_eq!((r.run_id.as_str(), r.totals.new, r.totals.embedded), ("run-2", 2, 2));
 }
 
 #[test]
@@ -409,7 +663,7 @@ fn a_failing_store_fails_its_source_and_the_run_goes_on() {
     w.store.set("ta", "ca", &["p"]);
     w.store.set("tb", "cb", &["q"]);
     w.store.fail_store_call = Some(1);
-    assert_eq!(w.summary(), "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=1 error=storing a batch of source A: connection reset\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+    assert_eq!(w.summary(), "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=0 error=storing a batch of source A: connection reset\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
     assert_eq!(w.summary().lines().next().unwrap(), "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
 }
 
@@ -440,4 +694,101 @@ fn retry_policy_backs_off_and_caps() {
     assert_eq!(p.delay(30, None, 1.0), Duration::from_secs(20));
     assert_eq!(p.delay(0, Some(Duration::from_secs(7)), 0.0), Duration::from_secs(7));
     assert_eq!(p.delay(0, Some(Duration::from_secs(600)), 0.0), Duration::from_secs(20));
+}
+
+fn small_budget(batches: u64) -> Budget {
+    Budget { max_batches: batches, ..Budget::default() }
+}
+
+#[test]
+fn a_large_source_finishes_over_several_invocations_with_exact_counts() {
+    let mut w = World::new(2);
+    let a = values("v", 9);
+    w.store.set("ta", "ca", &refs(&a));
+    w.store.set("tb", "cb", &["b1", "b2", "b3"]);
+    let mut hint: Option<Cursor> = None;
+    let mut invocations = 0;
+    let report = loop {
+        invocations += 1;
+        match w.invoke(small_budget(2), &format!("inv-{invocations}"), hint.as_ref()).unwrap() {
+            Outcome::Finished(r) => break r,
+            Outcome::Paused(r, cursor) => {
+                assert_eq!(r.status, crate::report::RunStatus::Paused);
+                assert_eq!(cursor.run_id, "run-1", "every invocation goes on with the same run");
+                hint = Some(cursor);
+            }
+            Outcome::Busy { .. } => panic!("nobody else holds the lease"),
+        }
+        assert!(invocations < 20);
+    };
+    // 5 batches for A (9 values by 2) and 2 for B, at most 2 per invocation.
+    assert_eq!(invocations, 4);
+    assert_eq!((report.invocations, report.run_id.as_str()), (4, "run-1"));
+    let a = &report.sources[0];
+    assert_eq!((a.total, a.new, a.embedded, a.batches, a.errors), (9, 9, 9, 5, 0));
+    assert_eq!((report.totals.embedded, report.totals.batches), (12, 7));
+    for v in values("v", 9) {
+        assert_eq!(w.provider.requests_for(&v), 2, "{v} embedded once per model");
+    }
+    let logs = w.rt.logs.borrow().clone();
+    for i in 1..=5 {
+        assert!(logs.iter().any(|l| l == &format!("Batch {i} of 5: A (2 values)") || l == &format!("Batch {i} of 5: A (1 values)")), "Batch {i} of 5 missing: {logs:#?}");
+    }
+    assert_eq!(w.summary(), "A: total=9 new=0 stale=0 unchanged=9 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=3 new=0 stale=0 unchanged=3 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+}
+
+#[test]
+fn a_missing_or_garbage_hint_costs_a_rescan_not_a_value() {
+    let mut w = World::new(2);
+    let a = values("v", 6);
+    w.store.set("ta", "ca", &refs(&a));
+    w.store.set("tb", "cb", &[]);
+    assert!(matches!(w.invoke(small_budget(1), "i1", None).unwrap(), Outcome::Paused(..)));
+    // A cursor from another run, and one pointing past everything, are both ignored or harmless.
+    let foreign = Cursor { run_id: "other".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
+    assert!(matches!(w.invoke(small_budget(1), "i2", Some(&foreign)).unwrap(), Outcome::Paused(..)));
+    let past_end = Cursor { run_id: "run-1".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
+    let report = match w.invoke(small_budget(5), "i3", Some(&past_end)).unwrap() {
+        Outcome::Finished(r) => r,
+        other => panic!("{other:?}"),
+    };
+    // The hint skipped to the end of A, so this run left some values for the next one ...
+    let left = 6 - report.sources[0].embedded;
+    assert!(left > 0);
+    // ... which finds them, because Postgres, not the hint, decides what is pending.
+    assert_eq!(w.summary().lines().next().unwrap(), format!("A: total=6 new={left} stale=0 unchanged={} reused=0 embedded={left} deleted=0 errors=0 batches=1", 6 - left));
+    for v in values("v", 6) {
+        assert_eq!(w.provider.requests_for(&v), 2, "{v} paid once per model");
+    }
+}
+
+#[test]
+fn an_invocation_killed_mid_run_is_finished_by_the_next_with_exact_counts() {
+    let mut w = World::new(2);
+    let a = values("v", 6);
+    w.store.set("ta", "ca", &refs(&a));
+    w.store.set("tb", "cb", &[]);
+    // The second batch's write fails as if the worker died after the provider answered.
+    w.store.fail_store_call = Some(2);
+    let r = w.run().unwrap();
+    assert!(r.sources[0].error.as_deref().unwrap().contains("connection reset"));
+    // The next run picks the rest up; only the batch in flight was paid twice.
+    let r = w.run().unwrap();
+    assert_eq!((r.sources[0].new, r.sources[0].embedded), (4, 4));
+    let twice: Vec<_> = values("v", 6).into_iter().filter(|v| w.provider.requests_for(v) > 2).collect();
+    assert_eq!(twice.len(), 2, "{twice:?}");
+}
+
+#[test]
+fn a_second_invocation_is_turned_away_while_the_lease_is_held() {
+    let mut w = World::new(2);
+    w.store.set("ta", "ca", &["p"]);
+    w.store.set("tb", "cb", &[]);
+    w.store.lease = Some(("someone".into(), 1_000));
+    assert!(matches!(w.invoke(Budget::default(), "me", None).unwrap(), Outcome::Busy { ref holder, .. } if holder == "someone"));
+    assert_eq!(w.calls(), 0);
+    // An expired lease is taken over.
+    w.store.lease = Some(("someone".into(), 0));
+    assert!(matches!(w.invoke(Budget::default(), "me", None).unwrap(), Outcome::Finished(_)));
+    assert_eq!(w.store.lease, None, "released at the end");
 }

@@ -145,6 +145,15 @@ impl ApiError {
         }
     }
 
+    /// `encoding_format: "base64"` refused, as by a compatible server that
+    /// only returns JSON floats (`--no-base64`, `rejectBase64`).
+    pub fn base64_unsupported() -> Self {
+        ApiError::invalid(
+            Some("encoding_format"),
+            "Invalid value for 'encoding_format': 'base64' is not supported",
+        )
+    }
+
     /// The requested model is not served (404).
     pub fn model_not_found(name: &str) -> Self {
         ApiError {

@@ -12,7 +12,8 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::api::{
-    self, ApiError, EmbeddingList, EmbeddingRequest, RATE_LIMIT_REQUESTS, RATE_LIMIT_TOKENS,
+    self, ApiError, EmbeddingList, EmbeddingRequest, EncodingFormat, RATE_LIMIT_REQUESTS,
+    RATE_LIMIT_TOKENS,
 };
 use crate::faults::{BodyFault, FaultConfig, FaultEffect, FaultState, RequestFacts, HANG_SECONDS};
 use crate::http::{RequestHead, Response};
@@ -61,6 +62,7 @@ struct GlobalFaults {
     latency: Duration,
     remaining_requests: Option<u64>,
     remaining_tokens: Option<u64>,
+    reject_base64: bool,
 }
 
 impl GlobalFaults {
@@ -69,6 +71,7 @@ impl GlobalFaults {
             latency: Duration::from_millis(config.latency_ms),
             remaining_requests: config.remaining_requests,
             remaining_tokens: config.remaining_tokens,
+            reject_base64: config.reject_base64,
         }
     }
 }
@@ -133,6 +136,8 @@ impl RequestIds {
 pub struct App {
     api_key: Option<String>,
     base_latency: Duration,
+    /// `--no-base64`: refuse `encoding_format: "base64"`.
+    reject_base64: bool,
     log_file: Option<Mutex<File>>,
     state: Mutex<State>,
     request_ids: RequestIds,
@@ -146,10 +151,18 @@ impl App {
         App {
             api_key,
             base_latency,
+            reject_base64: false,
             log_file: log_file.map(Mutex::new),
             state: Mutex::new(State::default()),
             request_ids: RequestIds::new(),
         }
+    }
+
+    /// Makes the server refuse `encoding_format: "base64"` with a 400, as a
+    /// compatible server that only speaks `float` does (`--no-base64`).
+    pub fn rejecting_base64(mut self, reject: bool) -> Self {
+        self.reject_base64 = reject;
+        self
     }
 
     /// The shared state. A panic in another connection's thread cannot leave
@@ -285,6 +298,15 @@ impl App {
         token: Option<&str>,
         global: GlobalFaults,
     ) -> Answer {
+        if request.encoding == EncodingFormat::Base64
+            && (self.reject_base64 || global.reject_base64)
+        {
+            return Answer {
+                response: error_response(&ApiError::base64_unsupported()),
+                fault: Some("rejectBase64".to_string()),
+                delay: Duration::ZERO,
+            };
+        }
         let facts = RequestFacts {
             seq,
             model: request.model.name(),

@@ -8,6 +8,7 @@ use crate::server::Config;
 /// The usage text printed by `--help` and after a usage error.
 pub const USAGE: &str = "\
 Usage: embsync-local-provider [--port P] [--host H] [--api-key KEY] [--log FILE] [--latency-ms N]
+                              [--no-base64]
 
 An OpenAI-compatible embeddings server with deterministic vectors, for tests and demos.
 
@@ -17,6 +18,7 @@ Options:
   --api-key KEY    accept only this bearer token (default: any bearer token)
   --log FILE       also append every embeddings request log entry to FILE as a JSON line
   --latency-ms N   delay every embeddings answer by N milliseconds (default 0)
+  --no-base64      refuse encoding_format \"base64\" with a 400, like a float-only server
   -h, --help       print this help
 
 The first line on stdout is `listening on http://HOST:PORT`.";
@@ -42,6 +44,10 @@ where
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
             return Ok(Command::Help);
+        }
+        if arg == "--no-base64" {
+            config.reject_base64 = true;
+            continue;
         }
         let (name, inline_value) = match arg.split_once('=') {
             Some((name, value)) if name.starts_with("--") => {
@@ -122,8 +128,10 @@ mod tests {
                 api_key: Some("sk-x".into()),
                 log_file: Some(PathBuf::from("/tmp/l.jsonl")),
                 latency: Duration::from_millis(25),
+                reject_base64: false,
             }
         );
+        assert!(serve(&["--no-base64"]).reject_base64);
         // A key may itself contain '='.
         assert_eq!(serve(&["--api-key=a=b"]).api_key.as_deref(), Some("a=b"));
     }
@@ -139,6 +147,7 @@ mod tests {
             &["--latency-ms", "-1"],
             &["--api-key", ""],
             &["--verbose"],
+            &["--no-base64=1"],
             &["8080"],
         ] {
             assert!(parse_args(bad.iter().copied()).is_err(), "{bad:?}");

@@ -25,6 +25,10 @@ pub struct FaultConfig {
     /// Overrides the `x-ratelimit-remaining-tokens` header.
     #[serde(default)]
     pub remaining_tokens: Option<u64>,
+    /// Answer requests with `encoding_format: "base64"` with a 400, like a
+    /// compatible server that only speaks `float` (same as `--no-base64`).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub reject_base64: bool,
 }
 
 /// One fault rule: selectors, a firing limit and an effect.

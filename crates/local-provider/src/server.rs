@@ -32,6 +32,8 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     /// Delay before every embeddings answer.
     pub latency: Duration,
+    /// Refuse `encoding_format: "base64"` with a 400 (`--no-base64`).
+    pub reject_base64: bool,
 }
 
 impl Default for Config {
@@ -42,6 +44,7 @@ impl Default for Config {
             api_key: None,
             log_file: None,
             latency: Duration::ZERO,
+            reject_base64: false,
         }
     }
 }
@@ -63,7 +66,8 @@ impl Server {
                 format!("cannot listen on {}:{}: {err}", config.host, config.port),
             )
         })?;
-        let app = App::new(config.api_key.clone(), config.latency, log_file);
+        let app = App::new(config.api_key.clone(), config.latency, log_file)
+            .rejecting_base64(config.reject_base64);
         Ok(Server {
             listener,
             app: Arc::new(app),

@@ -568,3 +568,52 @@ fn log_file_gets_json_lines() {
         (json!(2), json!(400))
     );
 }
+
+#[test]
+fn base64_can_be_refused() {
+    let expected = json!({"error": {
+        "message": "Invalid value for 'encoding_format': 'base64' is not supported",
+        "type": "invalid_request_error", "param": "encoding_format", "code": null}});
+    let mut b64 = small(json!(["a", "b"]));
+    b64["encoding_format"] = json!("base64");
+    let mut float = small(json!(["a", "b"]));
+    float["encoding_format"] = json!("float");
+
+    // `--no-base64`.
+    let addr = start(Config {
+        api_key: Some(KEY.to_string()),
+        reject_base64: true,
+        ..Config::default()
+    });
+    let mut client = Client::connect(addr);
+    let refused = client.embed(b64.clone());
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.json(), expected);
+    assert_eq!(client.embed(float.clone()).status, 200);
+    assert_eq!(client.embed(small(json!("x"))).status, 200);
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    assert_eq!(log[0]["fault"], "rejectBase64");
+    assert_eq!(log[0]["encodingFormat"], "base64");
+    assert_eq!(log[0]["status"], 400);
+    assert_eq!(log[1]["fault"], Value::Null);
+
+    // `rejectBase64` in the fault config: before the rules (which do not count it as fired).
+    let addr = start_with_key();
+    let mut client = Client::connect(addr);
+    assert_eq!(client.embed(b64.clone()).status, 200);
+    let set = admin(
+        addr,
+        "POST",
+        "/_admin/faults",
+        r#"{"rejectBase64": true, "rules": [{"status": 500, "times": 1}]}"#,
+    );
+    assert_eq!(set.status, 200);
+    assert_eq!(set.json()["rejectBase64"], true);
+    let refused = client.embed(b64.clone());
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.json(), expected);
+    assert_eq!(client.embed(float.clone()).status, 500);
+    assert_eq!(client.embed(float).status, 200);
+    admin(addr, "DELETE", "/_admin/faults", "");
+    assert_eq!(client.embed(b64).status, 200);
+}

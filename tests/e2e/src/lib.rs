@@ -159,6 +159,31 @@ pub fn parse_vector(text: &str) -> Vec<f32> {
         .collect()
 }
 
+/// Decodes standard, padded base64.
+pub fn decode_base64(text: &str) -> Vec<u8> {
+    fn sextet(c: u8) -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not a base64 character: {:?}", c as char),
+        }
+    }
+    let trimmed = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
+    for chunk in trimmed.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= sextet(c) << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    out
+}
+
 /// Euclidean norm.
 pub fn norm(v: &[f32]) -> f64 {
     v.iter()
@@ -501,6 +526,11 @@ pub struct Provider {
 impl Provider {
     /// Starts the provider on a free port, optionally requiring `api_key`.
     pub fn start(api_key: Option<&str>) -> Provider {
+        Provider::start_with(api_key, &[])
+    }
+
+    /// Like [`Provider::start`], with extra command-line options (e.g. `--no-base64`).
+    pub fn start_with(api_key: Option<&str>, extra_args: &[&str]) -> Provider {
         let bin = env_var("EMBSYNC_PROVIDER_BIN");
         let dir = temp_dir("embsync-e2e-provider");
         let mut cmd = Command::new(&bin);
@@ -511,6 +541,7 @@ impl Provider {
         if let Some(k) = api_key {
             cmd.arg("--api-key").arg(k);
         }
+        cmd.args(extra_args);
         let stderr = File::create(dir.join("stderr.log")).expect("provider stderr file");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -623,6 +654,53 @@ impl Provider {
         self.admin("POST", "/_admin/faults", Some(&faults.to_string()));
     }
 
+    /// Sends an embeddings request directly (it shows in the request log); returns the answer.
+    fn post_embeddings(&self, body: &Value) -> Value {
+        let auth = self.api_key.as_ref().map(|k| format!("Bearer {k}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let url = format!("{}/embeddings", self.base_url());
+        let (status, text) =
+            send("POST", &url, &headers, Some(&body.to_string())).expect("provider embed");
+        assert_eq!(status, 200, "provider embed: {text:.500}");
+        to_json(&text)
+    }
+
+    /// The exact `f32` embedding of `input`, asked for in base64 (no decimal rounding on the
+    /// way). The request shows in the request log.
+    pub fn embed_exact(&self, model: &str, input: &str, dimensions: Option<u64>) -> Vec<f32> {
+        let mut body = json!({"model": model, "input": [input], "encoding_format": "base64"});
+        if let Some(d) = dimensions {
+            body["dimensions"] = json!(d);
+        }
+        let v = self.post_embeddings(&body);
+        let b64 = v["data"][0]["embedding"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no base64 data[0].embedding in {v:.500}"));
+        let bytes = decode_base64(b64);
+        assert_eq!(
+            bytes.len() % 4,
+            0,
+            "base64 embedding of {} bytes",
+            bytes.len()
+        );
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    /// The provider's own `usage.prompt_tokens` for `inputs` (one request; it shows in the
+    /// request log).
+    pub fn prompt_tokens(&self, model: &str, inputs: &[String]) -> i64 {
+        let v = self.post_embeddings(
+            &json!({"model": model, "input": inputs, "encoding_format": "base64"}),
+        );
+        v["usage"]["prompt_tokens"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no usage.prompt_tokens in {v:.500}"))
+    }
+
     /// Asks the provider directly for the embedding of `input` (float encoding).
     pub fn embed(&self, model: &str, input: &str, dimensions: Option<u64>) -> Vec<f32> {
         let mut body = json!({"model": model, "input": [input], "encoding_format": "float"});
@@ -709,6 +787,8 @@ pub struct Worker {
     pub origin: String,
     dir: PathBuf,
     log_path: PathBuf,
+    /// Keep `dir` when dropped (a start that failed).
+    keep_dir: bool,
 }
 
 impl Worker {
@@ -803,11 +883,13 @@ impl Worker {
             origin: format!("http://127.0.0.1:{port}"),
             dir,
             log_path,
+            keep_dir: true,
         };
 
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok((200, _)) = send("GET", &format!("{}/health", worker.origin), &[], None) {
+                worker.keep_dir = false;
                 return Ok(worker);
             }
             if let Some(status) = worker.child.as_mut().unwrap().try_wait().ok().flatten() {
@@ -985,7 +1067,9 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.stop();
-        if keep_logs() {
+        if self.keep_dir {
+            // A failed start: its log tail is in the panic message; the files stay.
+        } else if keep_logs() {
             eprintln!(
                 "--- wrangler dev log {} (kept), last 80 lines ---\n{}\n--- end of wrangler log ---",
                 self.log_path.display(),
@@ -1037,6 +1121,17 @@ mod tests {
             "postgres://u:p@h:1/y?sslmode=disable"
         );
         assert_eq!(url_with_database("postgres://h:1", "z"), "postgres://h:1/z");
+    }
+
+    #[test]
+    fn base64_decodes() {
+        assert_eq!(decode_base64(""), b"");
+        assert_eq!(decode_base64("Zg=="), b"f");
+        assert_eq!(decode_base64("Zm8="), b"fo");
+        assert_eq!(decode_base64("Zm9v"), b"foo");
+        assert_eq!(decode_base64("Zm9vYmFy"), b"foobar");
+        assert_eq!(decode_base64("AACAPw=="), 1.0f32.to_le_bytes());
+        assert_eq!(decode_base64("+/8="), [0xfb, 0xff]);
     }
 
     #[test]

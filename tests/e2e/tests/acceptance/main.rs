@@ -1,4 +1,4 @@
-//! End-to-end acceptance tests of issue 2: real Postgres 18 + pgvector, the real worker under
+//! End-to-end acceptance tests of issues 2 and 4: real Postgres 18 + pgvector, the real worker under
 //! `wrangler dev`, real HTTP; the only stand-in is the local embeddings provider.
 //!
 //! One test binary, so that `cargo test -- --test-threads=N` runs the tests in parallel. Every
@@ -11,5 +11,6 @@ mod config;
 mod cron;
 mod foreign;
 mod hashing;
+mod provider;
 mod shared;
 mod sync;

@@ -131,7 +131,7 @@ fn new_values_are_detected_on_fresh_sources() {
             src.name
         );
         worker.wait_for_log(
-            &format!("Source {}: total={n} new={n} stale=0 unchanged=0 reused=0 embedded={n} deleted=0 errors=0 batches=1", src.name),
+            &format!("Source {}: total={n} new={n} stale=0 unchanged=0 reused=0 embedded={n} deleted=0 errors=0 batches=1 deferred=0 (", src.name),
             std::time::Duration::from_secs(5),
         );
     }
@@ -572,7 +572,7 @@ fn report_has_correct_numbers_per_source_and_in_totals() {
     );
 
     worker.wait_for_log(
-        "Source Option Descriptions: total=6 new=2 stale=1 unchanged=4 reused=0 embedded=2 deleted=1 errors=0 batches=1",
+        "Source Option Descriptions: total=6 new=2 stale=1 unchanged=4 reused=0 embedded=2 deleted=1 errors=0 batches=1 deferred=0 (",
         std::time::Duration::from_secs(5),
     );
     let logged = poll(
