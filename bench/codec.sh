@@ -17,9 +17,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-mode=time
+mode="time"
 if [[ ${1:-} == --callgrind ]]; then
-    mode=callgrind
+    mode="callgrind"
     shift
 fi
 [[ ${1:-} == -- ]] && shift

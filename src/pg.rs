@@ -222,10 +222,14 @@ impl Store for PgStore {
         tx.commit().await.map_err(|e| err("committing a batch", e))
     }
 
-    async fn remove_stale(&mut self, source: &Source, run: &RunId) -> Result<StaleOutcome, StoreError> {
+    async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError> {
         let (t, c) = keys(source);
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        let unlinked = tx.execute(&sql::unlink_stale(source), &[&t, &c]).await.map_err(|e| err("unlinking", e))?;
+        let unlinked = if known_clean {
+            0
+        } else {
+            tx.execute(&sql::unlink_stale(source), &[&t, &c]).await.map_err(|e| err("unlinking", e))?
+        };
         let mut deleted = 0;
         if unlinked > 0 {
             let row = tx.query_one(sql::DELETE_ORPHANS, &[]).await.map_err(|e| err("deleting", e))?;

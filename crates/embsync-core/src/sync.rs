@@ -119,8 +119,9 @@ pub trait Store {
     /// written then.
     async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError>;
     /// Unlinks values the source no longer has, deletes embsync's rows no source has, and marks
-    /// the source done in the run, atomically.
-    async fn remove_stale(&mut self, source: &Source, run: &RunId) -> Result<StaleOutcome, StoreError>;
+    /// the source done in the run, atomically. With `known_clean` (this invocation counted no
+    /// stale values) it only marks the source done, sparing a scan of the source.
+    async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError>;
     /// Records failures so the values are retried by a later run, with backoff, and counts them
     /// in the run. A successful [`Store::store`] of a value clears its record.
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError>;
@@ -578,6 +579,8 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         let name = &source.name;
         let ctx = |what: &str, e: StoreError| Stop::Store(StoreError(format!("{what} of source {name}: {e}")));
         let batch_size = self.config.batch_size.get();
+        // Counts taken by this invocation let a no-op source skip its other scans.
+        let mut fresh: Option<SourceCounts> = None;
         if !self.state.planned {
             let counts = self.store.counts(source).await.map_err(|e| ctx("counting values", e))?;
             let r = &mut self.state.report;
@@ -593,10 +596,12 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             plan.batches = self.state.planned_batches;
             self.store.save_plan(self.run, source, &plan).await.map_err(|e| ctx("saving the plan", e))?;
             self.state.planned = true;
+            fresh = Some(counts);
         }
         // Pages are a few batches long, so a large source is scanned fewer times.
         let page_size = (batch_size * 4).clamp(batch_size, 2048);
-        loop {
+        let nothing_to_embed = fresh.is_some_and(|c| c.to_embed() <= c.deferred);
+        while !nothing_to_embed {
             if let Some(end) = self.budget_end(&after) {
                 return Ok(end);
             }
@@ -666,7 +671,8 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 after = group.last().map(|p| p.hash.clone());
             }
         }
-        let stale = self.store.remove_stale(source, self.run).await.map_err(|e| ctx("removing stale values", e))?;
+        let known_clean = fresh.is_some_and(|c| c.stale == 0);
+        let stale = self.store.remove_stale(source, self.run, known_clean).await.map_err(|e| ctx("removing stale values", e))?;
         self.state.report.stale = stale.unlinked;
         self.state.report.deleted = stale.deleted;
         self.state.done = true;

@@ -41,6 +41,8 @@ struct MemStore {
     /// Lease holder and expiry (in store calls: a crude clock).
     lease: Option<(String, u64)>,
     clock: u64,
+    /// Stale removals that were told the source is clean.
+    scans_spared: u64,
 }
 
 impl MemStore {
@@ -206,7 +208,8 @@ impl Store for MemStore {
         Ok(())
     }
 
-    async fn remove_stale(&mut self, s: &Source, _run: &RunId) -> Result<StaleOutcome, StoreError> {
+    async fn remove_stale(&mut self, s: &Source, _run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError> {
+        self.scans_spared += u64::from(known_clean);
         let values = self.distinct(s)?;
         let (t, c) = Self::key(s);
         let before = self.links.len();
@@ -467,6 +470,7 @@ fn first_run_embeds_and_second_run_is_free() {
 
     assert_eq!(w.summary(), "A: total=25 new=0 stale=0 unchanged=25 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0");
     assert_eq!(w.calls(), 8, "a re-run must not call the provider");
+    assert_eq!(w.store.scans_spared, 2 + 2, "both runs counted no stale values, so neither scanned for them");
 }
 
 #[test]
