@@ -14,7 +14,7 @@ mod settings;
 
 use embsync_core::auth::{check_bearer, AuthOutcome};
 use embsync_core::report::{RunReport, Trigger};
-use embsync_core::sync::{self, Budget, Cursor, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
+use embsync_core::sync::{self, Budget, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
 use pg::PgStore;
 use settings::SettingsError;
 use std::time::Duration;
@@ -98,7 +98,10 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
     match check_bearer(header.as_deref(), configured.as_ref().map(|t| t.expose())) {
         AuthOutcome::Allowed => {}
         AuthOutcome::NotConfigured => {
-            return json_error(503, "SYNC_API_TOKEN is not configured, so the endpoints are closed: set it with `wrangler secret put SYNC_API_TOKEN`")
+            return json_error(
+                503,
+                "SYNC_API_TOKEN is not configured, so the endpoints are closed: set it with `wrangler secret put SYNC_API_TOKEN`",
+            )
         }
         AuthOutcome::Missing => return json_error(401, "missing bearer token: send `Authorization: Bearer <SYNC_API_TOKEN>`"),
         AuthOutcome::Wrong => return json_error(401, "invalid bearer token"),
@@ -193,18 +196,9 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     let hint = read_cursor(kv.as_ref(), &rt).await;
     let mut store = PgStore::connect(&url, &config).await?;
     let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
-    let result = sync::invoke(
-        &config,
-        &mut store,
-        &embedder,
-        &rt,
-        trigger,
-        RetryPolicy::default(),
-        budget(env),
-        (&run_id, &holder),
-        hint.as_ref(),
-    )
-    .await;
+    let inv =
+        Invocation { trigger, retry: RetryPolicy::default(), budget: budget(env), new_run: &run_id, holder: &holder, hint: hint.as_ref() };
+    let result = sync::invoke(&config, &mut store, &embedder, &rt, &inv).await;
     store.close().await;
     match result? {
         Outcome::Finished(report) => {

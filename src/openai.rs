@@ -28,8 +28,9 @@ impl OpenAi {
     }
 
     async fn send(&self, model: &ModelSpec, inputs: &[&str], format: EncodingFormat) -> Result<Embeddings, ProviderError> {
-        let body = EmbeddingRequest { model: model.name(), input: inputs, dimensions: model.requested_dimensions(), encoding_format: format }
-            .to_json();
+        let body =
+            EmbeddingRequest { model: model.name(), input: inputs, dimensions: model.requested_dimensions(), encoding_format: format }
+                .to_json();
         let transport = |e: worker::Error| ProviderError::Transport(e.to_string());
         let headers = Headers::new();
         headers.set("authorization", &format!("Bearer {}", self.api_key.expose())).map_err(transport)?;

@@ -4,16 +4,15 @@ use crate::settings::Redacted;
 use bytes::BytesMut;
 use embsync_core::config::{Config, Source};
 use embsync_core::hash::ValueHash;
-use embsync_core::sql::{self, SchemaState};
 use embsync_core::report::{ModelUsage, RunReport, SourceReport, Trigger};
+use embsync_core::sql::{self, SchemaState};
 use embsync_core::sync::{
-    EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome, Store, StoreError,
-    ValueFailure,
+    EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome, Store, StoreError, ValueFailure,
 };
-use std::time::Duration;
 use embsync_core::vector::encode_pgvector;
 use futures::channel::oneshot;
 use std::str::FromStr;
+use std::time::Duration;
 use tokio_postgres::config::{ChannelBinding, Host, SslMode};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::Client;
@@ -71,10 +70,8 @@ impl PgStore {
             .secure_transport(transport)
             .connect(host.clone(), port)
             .map_err(|e| StoreError(format!("opening a socket to {host}:{port}: {e}")))?;
-        let (client, connection) = config
-            .connect_raw(socket, PassthroughTls)
-            .await
-            .map_err(|e| err(&format!("connecting to Postgres at {host}:{port}"), e))?;
+        let (client, connection) =
+            config.connect_raw(socket, PassthroughTls).await.map_err(|e| err(&format!("connecting to Postgres at {host}:{port}"), e))?;
         let (tx, closed) = oneshot::channel();
         wasm_bindgen_futures::spawn_local(async move {
             if let Err(e) = connection.await {
@@ -225,11 +222,8 @@ impl Store for PgStore {
     async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError> {
         let (t, c) = keys(source);
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        let unlinked = if known_clean {
-            0
-        } else {
-            tx.execute(&sql::unlink_stale(source), &[&t, &c]).await.map_err(|e| err("unlinking", e))?
-        };
+        let unlinked =
+            if known_clean { 0 } else { tx.execute(&sql::unlink_stale(source), &[&t, &c]).await.map_err(|e| err("unlinking", e))? };
         let mut deleted = 0;
         if unlinked > 0 {
             let row = tx.query_one(sql::DELETE_ORPHANS, &[]).await.map_err(|e| err("deleting", e))?;
@@ -248,12 +242,8 @@ impl Store for PgStore {
         let models: Vec<&str> = failures.iter().map(|f| f.model.as_str()).collect();
         let messages: Vec<&str> = failures.iter().map(|f| f.message.as_str()).collect();
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        tx.execute(sql::RECORD_ERRORS, &[&t, &c, &hashes(failures), &models, &messages])
-            .await
-            .map_err(|e| err("recording errors", e))?;
-        tx.execute(sql::ADD_ERRORS, &[&run.0, &t, &c, &(failures.len() as i64)])
-            .await
-            .map_err(|e| err("counting errors", e))?;
+        tx.execute(sql::RECORD_ERRORS, &[&t, &c, &hashes(failures), &models, &messages]).await.map_err(|e| err("recording errors", e))?;
+        tx.execute(sql::ADD_ERRORS, &[&run.0, &t, &c, &(failures.len() as i64)]).await.map_err(|e| err("counting errors", e))?;
         tx.commit().await.map_err(|e| err("committing errors", e))
     }
 
@@ -300,9 +290,7 @@ impl Store for PgStore {
                 let tables: Vec<String> = sources.iter().map(|s| s.table_key()).collect();
                 let columns: Vec<&str> = sources.iter().map(|s| s.column_key()).collect();
                 let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
-                tx.execute(sql::START_RUN_SOURCES, &[&new_id.0, &tables, &columns, &names])
-                    .await
-                    .map_err(|e| err("starting a run", e))?;
+                tx.execute(sql::START_RUN_SOURCES, &[&new_id.0, &tables, &columns, &names]).await.map_err(|e| err("starting a run", e))?;
                 row
             }
         };
@@ -340,13 +328,7 @@ impl Store for PgStore {
                 ),
             })
             .collect();
-        Ok(RunState {
-            id: RunId(id),
-            trigger,
-            started_at_ms: row.get(2),
-            invocations: row.get::<_, i32>(3).max(0) as u64,
-            sources: states,
-        })
+        Ok(RunState { id: RunId(id), trigger, started_at_ms: row.get(2), invocations: row.get::<_, i32>(3).max(0) as u64, sources: states })
     }
 
     async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport) -> Result<(), StoreError> {

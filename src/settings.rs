@@ -74,10 +74,8 @@ pub fn config(env: &Env) -> Result<Config, SettingsError> {
 /// # Errors
 /// [`SettingsError::Missing`] when unset.
 pub fn database_url(env: &Env) -> Result<Redacted, SettingsError> {
-    secret(env, "DATABASE_URL").ok_or(SettingsError::Missing {
-        name: "DATABASE_URL",
-        hint: "set it with `wrangler secret put DATABASE_URL` (a postgres:// URL)",
-    })
+    secret(env, "DATABASE_URL")
+        .ok_or(SettingsError::Missing { name: "DATABASE_URL", hint: "set it with `wrangler secret put DATABASE_URL` (a postgres:// URL)" })
 }
 
 /// `OPENAI_API_KEY`.
@@ -85,10 +83,8 @@ pub fn database_url(env: &Env) -> Result<Redacted, SettingsError> {
 /// # Errors
 /// [`SettingsError::Missing`] when unset.
 pub fn api_key(env: &Env) -> Result<Redacted, SettingsError> {
-    secret(env, "OPENAI_API_KEY").ok_or(SettingsError::Missing {
-        name: "OPENAI_API_KEY",
-        hint: "set it with `wrangler secret put OPENAI_API_KEY`",
-    })
+    secret(env, "OPENAI_API_KEY")
+        .ok_or(SettingsError::Missing { name: "OPENAI_API_KEY", hint: "set it with `wrangler secret put OPENAI_API_KEY`" })
 }
 
 /// `OPENAI_BASE_URL` without a trailing slash, default [`DEFAULT_BASE_URL`].

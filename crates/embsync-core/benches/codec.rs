@@ -101,8 +101,11 @@ fn body(model: &str, vectors: &[Vec<f32>], format: Format) -> Vec<u8> {
         s.push_str(if i + 1 < vectors.len() { "\n    },\n" } else { "\n    }\n" });
     }
     let tokens = vectors.len() * 9;
-    write!(s, "  ],\n  \"model\": \"{model}\",\n  \"usage\": {{\n    \"prompt_tokens\": {tokens},\n    \"total_tokens\": {tokens}\n  }}\n}}\n")
-        .unwrap();
+    write!(
+        s,
+        "  ],\n  \"model\": \"{model}\",\n  \"usage\": {{\n    \"prompt_tokens\": {tokens},\n    \"total_tokens\": {tokens}\n  }}\n}}\n"
+    )
+    .unwrap();
     s.into_bytes()
 }
 
@@ -208,9 +211,7 @@ fn options() -> Options {
     let mut o = Options { runs: 15, warmup: 2, values: 1000, path: None, quiet: false, bench: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut num = |name: &str| -> usize {
-            args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number"))
-        };
+        let mut num = |name: &str| -> usize { args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number")) };
         match a.as_str() {
             "--bench" => o.bench = true,
             "--runs" => o.runs = num("--runs").max(1),

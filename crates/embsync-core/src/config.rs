@@ -142,7 +142,7 @@ pub struct BatchSize(u16);
 impl BatchSize {
     /// Checks the range.
     pub fn new(n: u64) -> Option<BatchSize> {
-        (1..=u64::from(MAX_BATCH_SIZE)).contains(&n).then(|| BatchSize(n as u16))
+        (1..=u64::from(MAX_BATCH_SIZE)).contains(&n).then_some(BatchSize(n as u16))
     }
 
     /// The size as a count.
@@ -257,14 +257,16 @@ impl Config {
         if raw.version != "1" && !raw.version.starts_with("1.") {
             return Err(ConfigError::at("version", format!("unsupported version {:?}: this build reads version 1.x", raw.version)));
         }
-        let models = Models {
-            large: model("models.large", raw.models.large)?,
-            small: model("models.small", raw.models.small)?,
-        };
+        let models = Models { large: model("models.large", raw.models.large)?, small: model("models.small", raw.models.small)? };
         let batch_size = match raw.batch_size {
             None => BatchSize(100),
             Some(n) => BatchSize::new(n).ok_or_else(|| {
-                ConfigError::at("batchSize", format!("{n} is out of range: use 1..={MAX_BATCH_SIZE} (the provider takes at most {MAX_BATCH_SIZE} inputs per request)"))
+                ConfigError::at(
+                    "batchSize",
+                    format!(
+                        "{n} is out of range: use 1..={MAX_BATCH_SIZE} (the provider takes at most {MAX_BATCH_SIZE} inputs per request)"
+                    ),
+                )
             })?,
         };
         if raw.sources.is_empty() {
@@ -285,7 +287,10 @@ impl Config {
                 return Err(ConfigError::at(at("name"), format!("duplicate source name {name:?}: names must be unique")));
             }
             if !pairs.insert((table.clone(), column.clone())) {
-                return Err(ConfigError::at(at("column"), format!("duplicate source {table}.{column}: each table/column pair may be listed once")));
+                return Err(ConfigError::at(
+                    at("column"),
+                    format!("duplicate source {table}.{column}: each table/column pair may be listed once"),
+                ));
             }
             sources.push(Source { name, table, column, enabled: s.enabled.unwrap_or(true) });
         }
@@ -308,7 +313,10 @@ fn model(path: &str, raw: RawModel) -> Result<ModelSpec, ConfigError> {
     };
     let price = match price {
         Some(p) if !(p.is_finite() && p >= 0.0) => {
-            return Err(ConfigError::at(format!("{path}.pricePerMillionTokens"), format!("{p} is not a price: use a number of US dollars, 0 or more")))
+            return Err(ConfigError::at(
+                format!("{path}.pricePerMillionTokens"),
+                format!("{p} is not a price: use a number of US dollars, 0 or more"),
+            ))
         }
         Some(p) => p,
         None => default_price(&name).unwrap_or(0.0),
@@ -322,11 +330,16 @@ fn model(path: &str, raw: RawModel) -> Result<ModelSpec, ConfigError> {
         (Some(d), Some(n)) if d > n => {
             return Err(ConfigError::at(format!("{path}.dimensions"), format!("{d} is more than {name} produces ({n})")))
         }
-        (Some(d), _) if d > 16000 => return Err(ConfigError::at(format!("{path}.dimensions"), format!("{d} is more than pgvector stores (16000)"))),
+        (Some(d), _) if d > 16000 => {
+            return Err(ConfigError::at(format!("{path}.dimensions"), format!("{d} is more than pgvector stores (16000)")))
+        }
         (Some(d), _) => d,
         (None, Some(n)) => n,
         (None, None) => {
-            return Err(ConfigError::at(path, format!("unknown model {name:?}: give its vector size as {{\"name\": {name:?}, \"dimensions\": N}}")))
+            return Err(ConfigError::at(
+                path,
+                format!("unknown model {name:?}: give its vector size as {{\"name\": {name:?}, \"dimensions\": N}}"),
+            ))
         }
     };
     Ok(ModelSpec { name, dimensions: dims, explicit_dimensions: dimensions.is_some(), price_per_million: price })
@@ -377,11 +390,14 @@ mod tests {
     fn the_shipped_config_parses() {
         let shipped = include_str!("../../../embedding-sources.json");
         assert!(Config::parse(shipped).is_ok(), "{:?}", Config::parse(shipped));
-        check(GOOD, expect![[r#"
+        check(
+            GOOD,
+            expect![[r#"
             ok large=text-embedding-3-large/3072 small=text-embedding-3-small/1536 batch=100
             Option Descriptions "config_option"."description"
             Attribute Labels "config_position"."attribute_label"
-            HTB Attribute Names "htb_attribute_mapping_zebra_provided"."attribute_name_for_htb""#]]);
+            HTB Attribute Names "htb_attribute_mapping_zebra_provided"."attribute_name_for_htb""#]],
+        );
     }
 
     #[test]
@@ -398,19 +414,59 @@ mod tests {
     #[test]
     fn rejections() {
         check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `sources` at line 3 column 31"]);
-        check(&with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#), expect!["err sources[0].colour: unknown field `colour`, expected one of `name`, `table`, `column`, `enabled` at line 5 column 117"]);
+        check(
+            &with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#),
+            expect![
+                "err sources[0].colour: unknown field `colour`, expected one of `name`, `table`, `column`, `enabled` at line 5 column 117"
+            ],
+        );
         check(&with(r#""table": "config_position", "#, ""), expect!["err sources[1]: missing field `table` at line 6 column 84"]);
-        check(&with(r#""batchSize": 100"#, r#""batchSize": 0"#), expect!["err batchSize: 0 is out of range: use 1..=2048 (the provider takes at most 2048 inputs per request)"]);
-        check(&with(r#""batchSize": 100"#, r#""batchSize": 5000"#), expect!["err batchSize: 5000 is out of range: use 1..=2048 (the provider takes at most 2048 inputs per request)"]);
-        check(&with(r#""batchSize": 100"#, r#""batchSize": -1"#), expect!["err batchSize: invalid value: integer `-1`, expected u64 at line 3 column 21"]);
-        check(&with("config_position", "x; drop table y"), expect![[r#"err sources[1].table: "x; drop table y" is not a valid identifier: ';' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#]]);
+        check(
+            &with(r#""batchSize": 100"#, r#""batchSize": 0"#),
+            expect!["err batchSize: 0 is out of range: use 1..=2048 (the provider takes at most 2048 inputs per request)"],
+        );
+        check(
+            &with(r#""batchSize": 100"#, r#""batchSize": 5000"#),
+            expect!["err batchSize: 5000 is out of range: use 1..=2048 (the provider takes at most 2048 inputs per request)"],
+        );
+        check(
+            &with(r#""batchSize": 100"#, r#""batchSize": -1"#),
+            expect!["err batchSize: invalid value: integer `-1`, expected u64 at line 3 column 21"],
+        );
+        check(
+            &with("config_position", "x; drop table y"),
+            expect![[
+                r#"err sources[1].table: "x; drop table y" is not a valid identifier: ';' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#
+            ]],
+        );
         check(&with("attribute_label", "label\"--"), expect!["err sources[1].?: expected `,` or `}` at line 6 column 84"]);
-        check(&with("\"Attribute Labels\", \"table\": \"config_position\", \"column\": \"attribute_label\"", "\"Other\", \"table\": \"config_option\", \"column\": \"description\""), expect!["err sources[1].column: duplicate source config_option.description: each table/column pair may be listed once"]);
-        check(&with("Attribute Labels", "Option Descriptions"), expect![[r#"err sources[1].name: duplicate source name "Option Descriptions": names must be unique"#]]);
-        check(&with(r#""version": "1.0""#, r#""version": "2.0""#), expect![[r#"err version: unsupported version "2.0": this build reads version 1.x"#]]);
-        check(&with("text-embedding-3-small", "my-model"), expect![[r#"err models.small: unknown model "my-model": give its vector size as {"name": "my-model", "dimensions": N}"#]]);
-        check(&with(r#""text-embedding-3-small""#, r#"{"name":"text-embedding-3-small","dimensions":4096}"#), expect!["err models.small.dimensions: 4096 is more than text-embedding-3-small produces (1536)"]);
-        check(r#"{"version":"1.0","models":{"large":"text-embedding-3-large","small":"text-embedding-3-small"},"sources":[]}"#, expect!["err sources: is empty: list at least one source"]);
+        check(
+            &with(
+                "\"Attribute Labels\", \"table\": \"config_position\", \"column\": \"attribute_label\"",
+                "\"Other\", \"table\": \"config_option\", \"column\": \"description\"",
+            ),
+            expect!["err sources[1].column: duplicate source config_option.description: each table/column pair may be listed once"],
+        );
+        check(
+            &with("Attribute Labels", "Option Descriptions"),
+            expect![[r#"err sources[1].name: duplicate source name "Option Descriptions": names must be unique"#]],
+        );
+        check(
+            &with(r#""version": "1.0""#, r#""version": "2.0""#),
+            expect![[r#"err version: unsupported version "2.0": this build reads version 1.x"#]],
+        );
+        check(
+            &with("text-embedding-3-small", "my-model"),
+            expect![[r#"err models.small: unknown model "my-model": give its vector size as {"name": "my-model", "dimensions": N}"#]],
+        );
+        check(
+            &with(r#""text-embedding-3-small""#, r#"{"name":"text-embedding-3-small","dimensions":4096}"#),
+            expect!["err models.small.dimensions: 4096 is more than text-embedding-3-small produces (1536)"],
+        );
+        check(
+            r#"{"version":"1.0","models":{"large":"text-embedding-3-large","small":"text-embedding-3-small"},"sources":[]}"#,
+            expect!["err sources: is empty: list at least one source"],
+        );
         check("{", expect!["err ?: EOF while parsing an object at line 1 column 1"]);
     }
 }

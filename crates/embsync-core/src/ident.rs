@@ -156,11 +156,34 @@ mod tests {
         check_table("", expect!["err is empty"]);
         check_table("a.b.c", expect![[r#"err "a.b.c" is not a valid table name: use `table` or `schema.table`"#]]);
         check_table(".t", expect![[r#"err ".t" is not a valid table name: use `table` or `schema.table`"#]]);
-        check_table("x; drop table y", expect![[r#"err "x; drop table y" is not a valid identifier: ';' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#]]);
-        check_table("t\"--", expect![[r#"err "t\"--" is not a valid identifier: '"' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#]]);
-        check_table("1abc", expect![[r#"err "1abc" is not a valid identifier: '1' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#]]);
-        check_table("tåble", expect![[r#"err "tåble" is not a valid identifier: 'å' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#]]);
-        check_table(&"a".repeat(64), expect![[r#"err "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" is longer than 63 bytes"#]]);
+        check_table(
+            "x; drop table y",
+            expect![[
+                r#"err "x; drop table y" is not a valid identifier: ';' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#
+            ]],
+        );
+        check_table(
+            "t\"--",
+            expect![[
+                r#"err "t\"--" is not a valid identifier: '"' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#
+            ]],
+        );
+        check_table(
+            "1abc",
+            expect![[
+                r#"err "1abc" is not a valid identifier: '1' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#
+            ]],
+        );
+        check_table(
+            "tåble",
+            expect![[
+                r#"err "tåble" is not a valid identifier: 'å' is not allowed (use letters, digits, _ and $, starting with a letter or _)"#
+            ]],
+        );
+        check_table(
+            &"a".repeat(64),
+            expect![[r#"err "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" is longer than 63 bytes"#]],
+        );
     }
 
     #[test]

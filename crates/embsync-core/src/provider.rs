@@ -330,40 +330,96 @@ mod tests {
     #[test]
     fn request_json() {
         let input = ["hello", "wörld \"quoted\""];
-        let req = EmbeddingRequest { model: "text-embedding-3-small", input: &input, dimensions: None, encoding_format: EncodingFormat::Base64 };
-        expect![[r#"{"model":"text-embedding-3-small","input":["hello","wörld \"quoted\""],"encoding_format":"base64"}"#]].assert_eq(&req.to_json());
+        let req =
+            EmbeddingRequest { model: "text-embedding-3-small", input: &input, dimensions: None, encoding_format: EncodingFormat::Base64 };
+        expect![[r#"{"model":"text-embedding-3-small","input":["hello","wörld \"quoted\""],"encoding_format":"base64"}"#]]
+            .assert_eq(&req.to_json());
         let req = EmbeddingRequest { dimensions: Some(512), encoding_format: EncodingFormat::Float, ..req };
-        expect![[r#"{"model":"text-embedding-3-small","input":["hello","wörld \"quoted\""],"dimensions":512,"encoding_format":"float"}"#]].assert_eq(&req.to_json());
+        expect![[r#"{"model":"text-embedding-3-small","input":["hello","wörld \"quoted\""],"dimensions":512,"encoding_format":"float"}"#]]
+            .assert_eq(&req.to_json());
     }
 
     #[test]
     fn ok_bodies() {
-        check(200, &[], r#"{"object":"list","data":[{"object":"embedding","index":1,"embedding":[0.5,0.25]},{"object":"embedding","index":0,"embedding":[1.0,-1.0]}],"model":"m","usage":{"prompt_tokens":7,"total_tokens":7}}"#, 2, 2,
-            expect!["ok [[1.0, -1.0], [0.5, 0.25]] tokens=7 rate=None"]);
+        check(
+            200,
+            &[],
+            r#"{"object":"list","data":[{"object":"embedding","index":1,"embedding":[0.5,0.25]},{"object":"embedding","index":0,"embedding":[1.0,-1.0]}],"model":"m","usage":{"prompt_tokens":7,"total_tokens":7}}"#,
+            2,
+            2,
+            expect!["ok [[1.0, -1.0], [0.5, 0.25]] tokens=7 rate=None"],
+        );
         let b64 = encode_base64_f32(&[0.5, -2.0]);
-        check(200, &[], &format!(r#"{{"data":[{{"index":0,"embedding":"{b64}"}}],"usage":{{"prompt_tokens":3}}}}"#), 1, 2,
-            expect!["ok [[0.5, -2.0]] tokens=3 rate=None"]);
+        check(
+            200,
+            &[],
+            &format!(r#"{{"data":[{{"index":0,"embedding":"{b64}"}}],"usage":{{"prompt_tokens":3}}}}"#),
+            1,
+            2,
+            expect!["ok [[0.5, -2.0]] tokens=3 rate=None"],
+        );
     }
 
     #[test]
     fn error_bodies() {
-        check(429, &[("retry-after", "2")], r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#, 1, 2,
-            expect!["err rate limited by the provider (429): Rate limit reached retryable=true fatal=false wait=Some(2s)"]);
-        check(429, &[("retry-after", "2"), ("retry-after-ms", "150")], "{}", 1, 2,
-            expect!["err rate limited by the provider (429): {} retryable=true fatal=false wait=Some(150ms)"]);
-        check(500, &[], r#"{"error":{"message":"The server had an error"}}"#, 1, 2,
-            expect!["err provider error (500): The server had an error retryable=true fatal=false wait=None"]);
-        check(400, &[], r#"{"error":{"message":"'$.input' is invalid.","type":"invalid_request_error","param":null,"code":null}}"#, 1, 2,
-            expect!["err provider refused the request (400): '$.input' is invalid. retryable=false fatal=false wait=None"]);
-        check(401, &[], r#"{"error":{"message":"Incorrect API key provided: sk-abc***xyz.","code":"invalid_api_key"}}"#, 1, 2,
-            expect!["err the provider rejected the API key (401): check the OPENAI_API_KEY secret retryable=false fatal=true wait=None"]);
-        check(502, &[], "<html>bad gateway</html>", 1, 2,
-            expect!["err provider error (502): <html>bad gateway</html> retryable=true fatal=false wait=None"]);
+        check(
+            429,
+            &[("retry-after", "2")],
+            r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#,
+            1,
+            2,
+            expect!["err rate limited by the provider (429): Rate limit reached retryable=true fatal=false wait=Some(2s)"],
+        );
+        check(
+            429,
+            &[("retry-after", "2"), ("retry-after-ms", "150")],
+            "{}",
+            1,
+            2,
+            expect!["err rate limited by the provider (429): {} retryable=true fatal=false wait=Some(150ms)"],
+        );
+        check(
+            500,
+            &[],
+            r#"{"error":{"message":"The server had an error"}}"#,
+            1,
+            2,
+            expect!["err provider error (500): The server had an error retryable=true fatal=false wait=None"],
+        );
+        check(
+            400,
+            &[],
+            r#"{"error":{"message":"'$.input' is invalid.","type":"invalid_request_error","param":null,"code":null}}"#,
+            1,
+            2,
+            expect!["err provider refused the request (400): '$.input' is invalid. retryable=false fatal=false wait=None"],
+        );
+        check(
+            401,
+            &[],
+            r#"{"error":{"message":"Incorrect API key provided: sk-abc***xyz.","code":"invalid_api_key"}}"#,
+            1,
+            2,
+            expect!["err the provider rejected the API key (401): check the OPENAI_API_KEY secret retryable=false fatal=true wait=None"],
+        );
+        check(
+            502,
+            &[],
+            "<html>bad gateway</html>",
+            1,
+            2,
+            expect!["err provider error (502): <html>bad gateway</html> retryable=true fatal=false wait=None"],
+        );
     }
 
     #[test]
     fn rate_limits() {
-        let headers = [("x-ratelimit-remaining-requests", "1"), ("x-ratelimit-remaining-tokens", "5000"), ("x-ratelimit-reset-requests", "120ms"), ("x-ratelimit-reset-tokens", "6m0s")];
+        let headers = [
+            ("x-ratelimit-remaining-requests", "1"),
+            ("x-ratelimit-remaining-tokens", "5000"),
+            ("x-ratelimit-reset-requests", "120ms"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+        ];
         let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
         let r = RateLimit::from_headers(lookup).unwrap();
         assert_eq!(r.pause(10), Some(Duration::from_millis(120)));
@@ -388,13 +444,37 @@ mod tests {
     fn malformed_bodies() {
         check(200, &[], r#"{"data":[{"index":0,"embedding":[1.0,"#, 1, 2,
             expect!["err malformed provider response: body is not the embeddings shape: EOF while parsing a value at line 1 column 37 retryable=false fatal=false wait=None"]);
-        check(200, &[], r#"{"data":[{"index":0,"embedding":[1.0,2.0]}]}"#, 2, 2,
-            expect!["err malformed provider response: 1 embeddings for 2 inputs retryable=false fatal=false wait=None"]);
-        check(200, &[], r#"{"data":[{"index":0,"embedding":[1.0]}]}"#, 1, 2,
-            expect!["err malformed provider response: embedding 0 has 1 dimensions, expected 2 retryable=false fatal=false wait=None"]);
-        check(200, &[], r#"{"data":[{"index":0,"embedding":[1.0,2.0]},{"index":0,"embedding":[1.0,2.0]}]}"#, 2, 2,
-            expect!["err malformed provider response: index 0 appears twice retryable=false fatal=false wait=None"]);
-        check(200, &[], r#"{"data":[{"index":3,"embedding":[1.0,2.0]}]}"#, 1, 2,
-            expect!["err malformed provider response: index 3 is out of range for 1 inputs retryable=false fatal=false wait=None"]);
+        check(
+            200,
+            &[],
+            r#"{"data":[{"index":0,"embedding":[1.0,2.0]}]}"#,
+            2,
+            2,
+            expect!["err malformed provider response: 1 embeddings for 2 inputs retryable=false fatal=false wait=None"],
+        );
+        check(
+            200,
+            &[],
+            r#"{"data":[{"index":0,"embedding":[1.0]}]}"#,
+            1,
+            2,
+            expect!["err malformed provider response: embedding 0 has 1 dimensions, expected 2 retryable=false fatal=false wait=None"],
+        );
+        check(
+            200,
+            &[],
+            r#"{"data":[{"index":0,"embedding":[1.0,2.0]},{"index":0,"embedding":[1.0,2.0]}]}"#,
+            2,
+            2,
+            expect!["err malformed provider response: index 0 appears twice retryable=false fatal=false wait=None"],
+        );
+        check(
+            200,
+            &[],
+            r#"{"data":[{"index":3,"embedding":[1.0,2.0]}]}"#,
+            1,
+            2,
+            expect!["err malformed provider response: index 3 is out of range for 1 inputs retryable=false fatal=false wait=None"],
+        );
     }
 }

@@ -174,7 +174,18 @@ impl fmt::Display for SourceReport {
         write!(
             f,
             "Source {}: total={} new={} stale={} unchanged={} reused={} embedded={} deleted={} errors={} batches={} deferred={} ({} ms)",
-            self.name, self.total, self.new, self.stale, self.unchanged, self.reused, self.embedded, self.deleted, self.errors, self.batches, self.deferred, self.duration_ms
+            self.name,
+            self.total,
+            self.new,
+            self.stale,
+            self.unchanged,
+            self.reused,
+            self.embedded,
+            self.deleted,
+            self.errors,
+            self.batches,
+            self.deferred,
+            self.duration_ms
         )?;
         if let Some(e) = &self.error {
             write!(f, " error: {e}")?;

@@ -143,10 +143,9 @@ SELECT (SELECT atttypmod FROM pg_attribute WHERE attrelid = 'embedding_cache'::r
 /// # Errors
 /// A message that names the column, both sizes and the two ways to fix it.
 pub fn check_column_dims(models: &Models, large: Option<i32>, small: Option<i32>) -> Result<(), String> {
-    for (column, key, spec, typmod) in [
-        ("embedding_large", "large", &models.large, large),
-        ("embedding_small", "small", &models.small, small),
-    ] {
+    for (column, key, spec, typmod) in
+        [("embedding_large", "large", &models.large, large), ("embedding_small", "small", &models.small, small)]
+    {
         let want = spec.dimensions();
         match typmod {
             None => return Err(format!("embedding_cache has no column {column}: add it (ALTER TABLE embedding_cache ADD COLUMN {column} vector({want}))")),
@@ -580,7 +579,8 @@ mod tests {
                 (SELECT count(*) FROM fresh WHERE complete) AS reusable,
                 (SELECT coalesce(sum((octet_length(v) + 3) / 4), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,
                 (SELECT 0::int8) AS stale,
-                (SELECT 0::int8) AS deferred"#]].assert_eq(&plan(&source(), fresh));
+                (SELECT 0::int8) AS deferred"#]]
+        .assert_eq(&plan(&source(), fresh));
     }
 
     #[test]
@@ -624,6 +624,7 @@ mod tests {
             )
             DELETE FROM embedding_cache_sources l
             WHERE l.source_table = $1 AND l.source_column = $2
-              AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)"#]].assert_eq(&unlink_stale(&source()));
+              AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)"#]]
+        .assert_eq(&unlink_stale(&source()));
     }
 }

@@ -9,7 +9,7 @@ use crate::config::{Config, ModelSlot, ModelSpec, Source};
 use crate::hash::ValueHash;
 use crate::provider::{Embeddings, ProviderError};
 use crate::report::{
-    iso8601, CostEstimate, DryRunReport, ModelInfo, ModelsInfo, ModelUsage, PlanTotals, RunReport, RunStatus, SourcePlanReport,
+    iso8601, CostEstimate, DryRunReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport, RunStatus, SourcePlanReport,
     SourceReport, TokenEstimate, Totals, Trigger, Usage,
 };
 use std::time::Duration;
@@ -375,47 +375,53 @@ fn model_info(config: &Config, slot: ModelSlot) -> ModelInfo {
 /// [`SyncError::Schema`] when the database cannot be prepared or the run state cannot be read,
 /// and [`SyncError::Provider`] when the provider rejects the API key: nothing later could
 /// succeed, so the run stops at once.
-#[allow(clippy::too_many_arguments)]
 pub async fn invoke<S: Store, E: Embedder, R: Runtime>(
     config: &Config,
     store: &mut S,
     embedder: &E,
     rt: &R,
-    trigger: Trigger,
-    retry: RetryPolicy,
-    budget: Budget,
-    ids: (&RunId, &str),
-    hint: Option<&Cursor>,
+    inv: &Invocation<'_>,
 ) -> Result<Outcome, SyncError> {
-    let (new_run, holder) = ids;
     let began = rt.now_ms();
     let schema = |e: StoreError| SyncError::Schema(e);
     store.ensure_schema(config).await.map_err(schema)?;
-    match store.acquire_lease(holder, budget.lease_ttl).await.map_err(schema)? {
+    match store.acquire_lease(inv.holder, inv.budget.lease_ttl).await.map_err(schema)? {
         Lease::Acquired => {}
         Lease::Held { holder, expires_in_secs } => return Ok(Outcome::Busy { holder, expires_in_secs }),
     }
-    let result = invoke_leased(config, store, embedder, rt, trigger, retry, budget, new_run, holder, hint, began).await;
-    if let Err(e) = store.release_lease(holder).await {
+    let result = invoke_leased(config, store, embedder, rt, inv, began).await;
+    if let Err(e) = store.release_lease(inv.holder).await {
         rt.log(&format!("Could not release the sync lease (it expires by itself): {e}"));
     }
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What one invocation is asked to do.
+#[derive(Debug, Clone)]
+pub struct Invocation<'a> {
+    /// What started it (recorded when it starts a new run).
+    pub trigger: Trigger,
+    /// How provider calls are retried.
+    pub retry: RetryPolicy,
+    /// What it may spend.
+    pub budget: Budget,
+    /// The id a new run gets if there is no unfinished one.
+    pub new_run: &'a RunId,
+    /// This invocation's lease holder id.
+    pub holder: &'a str,
+    /// Where the previous invocation stopped, from KV: a hint only.
+    pub hint: Option<&'a Cursor>,
+}
+
 async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     config: &Config,
     store: &mut S,
     embedder: &E,
     rt: &R,
-    trigger: Trigger,
-    retry: RetryPolicy,
-    budget: Budget,
-    new_run: &RunId,
-    holder: &str,
-    hint: Option<&Cursor>,
+    inv: &Invocation<'_>,
     began: f64,
 ) -> Result<Outcome, SyncError> {
+    let Invocation { trigger, retry, budget, new_run, holder, hint } = inv.clone();
     let sources: Vec<&Source> = config.enabled_sources().collect();
     let mut run = store.open_run(new_run, trigger, &sources).await.map_err(SyncError::Schema)?;
     if run.sources.len() != sources.len() {
@@ -498,10 +504,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     if let Some(mut cursor) = paused {
         cursor.totals = report.totals.clone();
         report.status = RunStatus::Paused;
-        rt.log(&format!(
-            "Invocation budget spent after {} batches; run {} goes on in the next invocation",
-            spent.batches, run.id.0
-        ));
+        rt.log(&format!("Invocation budget spent after {} batches; run {} goes on in the next invocation", spent.batches, run.id.0));
         return Ok(Outcome::Paused(report, cursor));
     }
     report.status = RunStatus::Finished;
@@ -601,7 +604,10 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         // Pages are a few batches long, so a large source is scanned fewer times.
         let page_size = (batch_size * 4).clamp(batch_size, 2048);
         let nothing_to_embed = fresh.is_some_and(|c| c.to_embed() <= c.deferred);
-        while !nothing_to_embed {
+        loop {
+            if nothing_to_embed {
+                break;
+            }
             if let Some(end) = self.budget_end(&after) {
                 return Ok(end);
             }
@@ -705,17 +711,17 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
     /// Calls both models concurrently for the values that lack each. A value one model fails
     /// for keeps the other model's embedding (it is paid for) and is retried later for the
     /// missing one only.
-    async fn embed_group(&mut self, group: &[PendingValue]) -> Result<(Vec<EmbeddedValue>, Vec<ValueFailure>, (ModelUsage, ModelUsage)), Stop> {
+    async fn embed_group(
+        &mut self,
+        group: &[PendingValue],
+    ) -> Result<(Vec<EmbeddedValue>, Vec<ValueFailure>, (ModelUsage, ModelUsage)), Stop> {
         let models = &self.config.models;
         let large_idx: Vec<usize> = (0..group.len()).filter(|&i| !group[i].has_large).collect();
         let small_idx: Vec<usize> = (0..group.len()).filter(|&i| !group[i].has_small).collect();
         let large_in: Vec<&str> = large_idx.iter().map(|&i| group[i].value.as_str()).collect();
         let small_in: Vec<&str> = small_idx.iter().map(|&i| group[i].value.as_str()).collect();
-        let (large, small) = futures::future::join(
-            self.embed_isolating(&models.large, &large_in),
-            self.embed_isolating(&models.small, &small_in),
-        )
-        .await;
+        let (large, small) =
+            futures::future::join(self.embed_isolating(&models.large, &large_in), self.embed_isolating(&models.small, &small_in)).await;
         let mut out: Vec<EmbeddedValue> = group
             .iter()
             .map(|p| EmbeddedValue {
@@ -761,7 +767,8 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
     async fn embed_isolating(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Isolated, Stop> {
         let mut results: Vec<Result<Vec<f32>, String>> = vec![Err(String::new()); inputs.len()];
         let mut out = Isolated { results: Vec::new(), prompt_tokens: 0, requests: 0 };
-        let mut todo = vec![0..inputs.len()];
+        let all = 0..inputs.len();
+        let mut todo = vec![all];
         while let Some(range) = todo.pop() {
             if range.is_empty() {
                 continue;
@@ -776,7 +783,11 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 }
                 Err(e) if e.is_fatal() => return Err(Stop::Fatal(e)),
                 Err(e) if !e.is_retryable() && range.len() > 1 => {
-                    self.rt.log(&format!("{} refused {} values ({e}); splitting the request to isolate the bad ones", model.name(), range.len()));
+                    self.rt.log(&format!(
+                        "{} refused {} values ({e}); splitting the request to isolate the bad ones",
+                        model.name(),
+                        range.len()
+                    ));
                     let mid = range.start + range.len() / 2;
                     todo.push(mid..range.end);
                     todo.push(range.start..mid);

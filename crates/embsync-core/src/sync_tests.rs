@@ -150,13 +150,7 @@ impl Store for MemStore {
             .take(limit)
             .map(|(h, (v, n))| {
                 let (has_large, has_small) = self.has(&h);
-                PendingValue {
-                    has_large,
-                    has_small,
-                    hash: h,
-                    value: v,
-                    occurrences: n,
-                }
+                PendingValue { has_large, has_small, hash: h, value: v, occurrences: n }
             })
             .collect())
     }
@@ -344,7 +338,11 @@ impl Embedder for MemProvider {
             }
         }
         let dims = model.dimensions() as usize;
-        Ok(Embeddings { vectors: inputs.iter().map(|i| vec![i.len() as f32; dims]).collect(), prompt_tokens: inputs.len() as u64, rate: self.rate })
+        Ok(Embeddings {
+            vectors: inputs.iter().map(|i| vec![i.len() as f32; dims]).collect(),
+            prompt_tokens: inputs.len() as u64,
+            rate: self.rate,
+        })
     }
 }
 
@@ -396,17 +394,8 @@ impl World {
     fn invoke(&mut self, budget: Budget, holder: &str, hint: Option<&Cursor>) -> Result<Outcome, SyncError> {
         self.runs += 1;
         let id = RunId(format!("run-{}", self.runs));
-        futures::executor::block_on(invoke(
-            &self.config,
-            &mut self.store,
-            &self.provider,
-            &self.rt,
-            Trigger::Cron,
-            RetryPolicy::default(),
-            budget,
-            (&id, holder),
-            hint,
-        ))
+        let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget, new_run: &id, holder, hint };
+        futures::executor::block_on(invoke(&self.config, &mut self.store, &self.provider, &self.rt, &inv))
     }
 
     /// One invocation with the default budget, which must finish the run.
@@ -426,7 +415,15 @@ impl World {
                 .map(|s| {
                     format!(
                         "{}: total={} new={} stale={} unchanged={} reused={} embedded={} deleted={} errors={}{} batches={}{}",
-                        s.name, s.total, s.new, s.stale, s.unchanged, s.reused, s.embedded, s.deleted, s.errors,
+                        s.name,
+                        s.total,
+                        s.new,
+                        s.stale,
+                        s.unchanged,
+                        s.reused,
+                        s.embedded,
+                        s.deleted,
+                        s.errors,
                         if s.deferred > 0 { format!(" deferred={}", s.deferred) } else { String::new() },
                         s.batches,
                         s.error.as_ref().map(|e| format!(" error={e}")).unwrap_or_default()
@@ -515,14 +512,23 @@ fn foreign_rows_are_reused_and_never_deleted() {
     w.store.cache.insert(Value::normalize("unrelated").unwrap().hash(), foreign("unrelated", true));
     w.store.set("ta", "ca", &["reuse me", "half", "fresh"]);
     w.store.set("tb", "cb", &[]);
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=3 new=3 stale=0 unchanged=0 reused=1 embedded=2 deleted=0 errors=0 batches=1");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=3 new=3 stale=0 unchanged=0 reused=1 embedded=2 deleted=0 errors=0 batches=1"
+    );
     assert_eq!(w.provider.requests_for("reuse me"), 0);
     // Only the missing small embedding was asked for, and the existing large one was kept.
     let calls = w.provider.calls.borrow().clone();
-    assert_eq!(calls.iter().filter(|(_, i)| i.contains(&"half".to_owned())).map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["text-embedding-3-small"]);
+    assert_eq!(
+        calls.iter().filter(|(_, i)| i.contains(&"half".to_owned())).map(|(m, _)| m.as_str()).collect::<Vec<_>>(),
+        ["text-embedding-3-small"]
+    );
     assert_eq!(w.store.cache[&Value::normalize("half").unwrap().hash()].large, Some(vec![9.0; 4]));
     w.store.set("ta", "ca", &[]);
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=0 new=0 stale=3 unchanged=0 reused=0 embedded=0 deleted=1 errors=0 batches=0");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=0 new=0 stale=3 unchanged=0 reused=0 embedded=0 deleted=1 errors=0 batches=0"
+    );
     for v in ["reuse me", "half", "unrelated"] {
         assert!(w.store.cache.contains_key(&Value::normalize(v).unwrap().hash()), "foreign row {v} was deleted");
     }
@@ -536,7 +542,10 @@ fn rate_limit_on_batch_two_is_retried_after_the_wait_asked_for() {
     w.store.set("tb", "cb", &[]);
     w.provider.faults.insert(3, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(3)), message: "slow down".into() });
     w.provider.faults.insert(4, ProviderError::Server { status: 503, message: "busy".into() });
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=6 new=6 stale=0 unchanged=0 reused=0 embedded=6 deleted=0 errors=0 batches=3");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=6 new=6 stale=0 unchanged=0 reused=0 embedded=6 deleted=0 errors=0 batches=3"
+    );
     let slept = w.rt.slept.borrow().clone();
     // The large model's request 3 gets the 429 and waits what it was told; its retry (request 4)
     // gets the 503 and backs off 2 x 500 ms with jitter 0.75.
@@ -556,16 +565,25 @@ fn a_value_that_always_fails_is_isolated_recorded_and_retried_later() {
     assert!(!w.store.cache.contains_key(&bad));
     // The next run does not try it again before its retry time.
     let calls = w.calls();
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=0 deferred=1 batches=0");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=0 deferred=1 batches=0"
+    );
     assert_eq!(w.calls(), calls);
     // Once its time has come it is tried again; still bad, it is recorded with one more attempt.
     w.store.retry_errors_now();
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=1 batches=1");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=1 batches=1"
+    );
     assert_eq!(w.store.errors.get(&("ta".into(), "ca".into(), bad.clone())), Some(&(2, true)));
     // Fixed at the provider, it goes through and its error record is cleared.
     w.provider.poison = None;
     w.store.retry_errors_now();
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=1 deleted=0 errors=0 batches=1"
+    );
     assert!(w.store.errors.is_empty());
 }
 
@@ -575,7 +593,10 @@ fn a_value_over_the_input_limit_is_an_error_of_its_own() {
     let long = "word ".repeat(7000);
     w.store.set("ta", "ca", &["short", &long]);
     w.store.set("tb", "cb", &[]);
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=1 batches=1");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=1 batches=1"
+    );
     assert_eq!(w.provider.requests_for(long.trim_matches(' ')), 0, "never sent");
 }
 
@@ -590,7 +611,10 @@ fn the_token_budget_stops_the_run_cleanly_and_the_next_run_goes_on() {
     let report = w.run().unwrap();
     assert_eq!((report.totals.embedded, report.totals.batches), (4, 2));
     assert_eq!(report.stopped.as_deref(), Some("token budget of 6 reached; the next run goes on where this one stopped"));
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=7 new=3 stale=0 unchanged=4 reused=0 embedded=3 deleted=0 errors=0 batches=2");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=7 new=3 stale=0 unchanged=4 reused=0 embedded=3 deleted=0 errors=0 batches=2"
+    );
 }
 
 #[test]
@@ -602,11 +626,17 @@ fn a_model_change_re_embeds_that_model_only() {
     w.config = Config::parse(r#"{"version":"1.0","models":{"large":{"name":"text-embedding-3-large","dimensions":4},"small":{"name":"text-embedding-3-small","dimensions":3}},
         "batchSize":10,"sources":[{"name":"A","table":"ta","column":"ca"},{"name":"B","table":"tb","column":"cb"}]}"#).unwrap();
     let before = w.calls();
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1"
+    );
     let calls = w.provider.calls.borrow().clone();
     assert_eq!(calls[before..].iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["text-embedding-3-small"]);
     assert!(w.store.cache.values().all(|r| r.small.as_ref().map(Vec::len) == Some(3) && r.large.as_ref().map(Vec::len) == Some(4)));
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=2 new=0 stale=0 unchanged=2 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=2 new=0 stale=0 unchanged=2 reused=0 embedded=0 deleted=0 errors=0 batches=0"
+    );
 }
 
 #[test]
@@ -635,10 +665,16 @@ fn one_model_failing_keeps_the_other_and_asks_only_for_the_missing_one_next_time
     w.provider.faults.insert(4, ProviderError::Server { status: 500, message: "down".into() });
     w.provider.faults.insert(5, ProviderError::Server { status: 500, message: "down".into() });
     w.provider.faults.insert(6, ProviderError::Server { status: 500, message: "down".into() });
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=2 batches=1");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=2 batches=1"
+    );
     assert!(w.store.cache.values().all(|r| r.large.is_some() && r.small.is_none()));
     w.store.retry_errors_now();
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1"
+    );
     let calls = w.provider.calls.borrow().clone();
     assert_eq!(calls.last().map(|(m, _)| m.as_str()), Some("text-embedding-3-small"));
     assert_eq!(calls.len(), 7, "1 large + 5 small attempts, then only the small one");
@@ -668,7 +704,10 @@ fn a_failing_store_fails_its_source_and_the_run_goes_on() {
     w.store.set("tb", "cb", &["q"]);
     w.store.fail_store_call = Some(1);
     assert_eq!(w.summary(), "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=0 error=storing a batch of source A: connection reset\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
-    assert_eq!(w.summary().lines().next().unwrap(), "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1"
+    );
 }
 
 #[test]
@@ -736,7 +775,10 @@ fn a_large_source_finishes_over_several_invocations_with_exact_counts() {
     }
     let logs = w.rt.logs.borrow().clone();
     for i in 1..=5 {
-        assert!(logs.iter().any(|l| l == &format!("Batch {i} of 5: A (2 values)") || l == &format!("Batch {i} of 5: A (1 values)")), "Batch {i} of 5 missing: {logs:#?}");
+        assert!(
+            logs.iter().any(|l| l == &format!("Batch {i} of 5: A (2 values)") || l == &format!("Batch {i} of 5: A (1 values)")),
+            "Batch {i} of 5 missing: {logs:#?}"
+        );
     }
     assert_eq!(w.summary(), "A: total=9 new=0 stale=0 unchanged=9 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=3 new=0 stale=0 unchanged=3 reused=0 embedded=0 deleted=0 errors=0 batches=0");
 }
@@ -749,9 +791,11 @@ fn a_missing_or_garbage_hint_costs_a_rescan_not_a_value() {
     w.store.set("tb", "cb", &[]);
     assert!(matches!(w.invoke(small_budget(1), "i1", None).unwrap(), Outcome::Paused(..)));
     // A cursor from another run, and one pointing past everything, are both ignored or harmless.
-    let foreign = Cursor { run_id: "other".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
+    let foreign =
+        Cursor { run_id: "other".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
     assert!(matches!(w.invoke(small_budget(1), "i2", Some(&foreign)).unwrap(), Outcome::Paused(..)));
-    let past_end = Cursor { run_id: "run-1".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
+    let past_end =
+        Cursor { run_id: "run-1".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
     let report = match w.invoke(small_budget(5), "i3", Some(&past_end)).unwrap() {
         Outcome::Finished(r) => r,
         other => panic!("{other:?}"),
@@ -760,7 +804,10 @@ fn a_missing_or_garbage_hint_costs_a_rescan_not_a_value() {
     let left = 6 - report.sources[0].embedded;
     assert!(left > 0);
     // ... which finds them, because Postgres, not the hint, decides what is pending.
-    assert_eq!(w.summary().lines().next().unwrap(), format!("A: total=6 new={left} stale=0 unchanged={} reused=0 embedded={left} deleted=0 errors=0 batches=1", 6 - left));
+    assert_eq!(
+        w.summary().lines().next().unwrap(),
+        format!("A: total=6 new={left} stale=0 unchanged={} reused=0 embedded={left} deleted=0 errors=0 batches=1", 6 - left)
+    );
     for v in values("v", 6) {
         assert_eq!(w.provider.requests_for(&v), 2, "{v} paid once per model");
     }

@@ -27,9 +27,7 @@ pub enum VectorDecodeError {
 /// # Errors
 /// [`VectorDecodeError`] on bad base64, a length that is not a multiple of 4, or a non-finite value.
 pub fn decode_base64_f32(text: &str) -> Result<Vec<f32>, VectorDecodeError> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .map_err(|e| VectorDecodeError::Base64(e.to_string()))?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text).map_err(|e| VectorDecodeError::Base64(e.to_string()))?;
     if bytes.len() % 4 != 0 {
         return Err(VectorDecodeError::Length(bytes.len()));
     }
