@@ -9,8 +9,10 @@
 //! ```
 //! A model is a name, or `{ "name": "...", "dimensions": 1024, "pricePerMillionTokens": 0.13 }`
 //! (list prices of the OpenAI models are built in). `batchSize` (1..=2048) defaults to 100,
-//! `enabled` to `true`, and the optional `maxTokensPerRun` caps what one run may spend; every
-//! other field is required and unknown keys are rejected.
+//! `enabled` to `true`, and the optional `maxTokensPerRun` caps what one run may spend. The
+//! mass-delete guard (`maxDeleteShare`, default 0.5; `massDeleteMinimum`, default 100; per source
+//! `allowMassDelete`, default false) keeps a source that suddenly looks empty from deleting its
+//! embeddings. Every other field is required and unknown keys are rejected.
 //! Code past this module takes [`Config`], never raw JSON.
 
 use crate::ident::{Ident, TableName};
@@ -33,6 +35,11 @@ pub struct Config {
     /// A run stops cleanly, after a committed batch, once the provider reported this many
     /// tokens (both models together). `None`: no limit.
     pub max_tokens_per_run: Option<u64>,
+    /// The mass-delete guard: a source may lose at most this share (0..=1, default 0.5) of its
+    /// values in one run unless it allows mass deletes ...
+    pub max_delete_share: f64,
+    /// ... once it would lose at least this many values (default 100).
+    pub mass_delete_minimum: u64,
 }
 
 /// The two embedding models.
@@ -162,6 +169,10 @@ pub struct Source {
     pub column: Ident,
     /// Disabled sources are listed but not synced; their embeddings are kept.
     pub enabled: bool,
+    /// Lets a run remove more than [`Config::max_delete_share`] of the source's values (or all
+    /// of them) at once. Off by default: a source that suddenly looks empty is more often a
+    /// broken table or a bad migration than a real mass deletion.
+    pub allow_mass_delete: bool,
 }
 
 impl Source {
@@ -202,6 +213,8 @@ struct RawConfig {
     models: RawModels,
     batch_size: Option<u64>,
     max_tokens_per_run: Option<u64>,
+    max_delete_share: Option<f64>,
+    mass_delete_minimum: Option<u64>,
     sources: Vec<RawSource>,
 }
 
@@ -229,12 +242,13 @@ struct RawModelSpec {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawSource {
     name: String,
     table: String,
     column: String,
     enabled: Option<bool>,
+    allow_mass_delete: Option<bool>,
 }
 
 impl Config {
@@ -292,12 +306,30 @@ impl Config {
                     format!("duplicate source {table}.{column}: each table/column pair may be listed once"),
                 ));
             }
-            sources.push(Source { name, table, column, enabled: s.enabled.unwrap_or(true) });
+            sources.push(Source {
+                name,
+                table,
+                column,
+                enabled: s.enabled.unwrap_or(true),
+                allow_mass_delete: s.allow_mass_delete.unwrap_or(false),
+            });
         }
         if raw.max_tokens_per_run == Some(0) {
             return Err(ConfigError::at("maxTokensPerRun", "must be at least 1 (leave it out for no limit)"));
         }
-        Ok(Config { models, batch_size, sources, max_tokens_per_run: raw.max_tokens_per_run })
+        let max_delete_share = match raw.max_delete_share {
+            None => 0.5,
+            Some(share) if (0.0..=1.0).contains(&share) => share,
+            Some(share) => return Err(ConfigError::at("maxDeleteShare", format!("{share} is not a share: use a number from 0 to 1"))),
+        };
+        Ok(Config {
+            models,
+            batch_size,
+            sources,
+            max_tokens_per_run: raw.max_tokens_per_run,
+            max_delete_share,
+            mass_delete_minimum: raw.mass_delete_minimum.unwrap_or(100),
+        })
     }
 
     /// The sources to sync, in config order.
@@ -413,11 +445,11 @@ mod tests {
 
     #[test]
     fn rejections() {
-        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `sources` at line 3 column 31"]);
+        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `sources` at line 3 column 31"]);
         check(
             &with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#),
             expect![
-                "err sources[0].colour: unknown field `colour`, expected one of `name`, `table`, `column`, `enabled` at line 5 column 117"
+                "err sources[0].colour: unknown field `colour`, expected one of `name`, `table`, `column`, `enabled`, `allowMassDelete` at line 5 column 117"
             ],
         );
         check(&with(r#""table": "config_position", "#, ""), expect!["err sources[1]: missing field `table` at line 6 column 84"]);

@@ -37,6 +37,8 @@ pub struct SourceReport {
     pub duration_ms: u64,
     /// Why the source stopped early, if it did.
     pub error: Option<String>,
+    /// Something the run held back on purpose (e.g. the mass-delete guard), if so.
+    pub warning: Option<String>,
 }
 
 /// Sums over all sources.
@@ -189,6 +191,9 @@ impl fmt::Display for SourceReport {
         )?;
         if let Some(e) = &self.error {
             write!(f, " error: {e}")?;
+        }
+        if let Some(w) = &self.warning {
+            write!(f, " warning: {w}")?;
         }
         Ok(())
     }

@@ -543,6 +543,28 @@ fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
     }
 }
 
+/// Why removing this source's stale values would be a mass delete the guard holds back, if so.
+fn mass_delete(config: &Config, counts: &SourceCounts) -> Option<String> {
+    let had = counts.total.saturating_sub(counts.new) + counts.stale;
+    if counts.stale < config.mass_delete_minimum || had == 0 {
+        return None;
+    }
+    let share = counts.stale as f64 / had as f64;
+    let why = if counts.total == 0 {
+        format!("the source returned no values, so all {} of its embedded values look stale", counts.stale)
+    } else if share > config.max_delete_share {
+        format!(
+            "{} of its {had} embedded values ({:.0}%) look stale, more than maxDeleteShare ({:.0}%)",
+            counts.stale,
+            share * 100.0,
+            config.max_delete_share * 100.0
+        )
+    } else {
+        return None;
+    };
+    Some(format!("{why}; nothing was deleted: check the source, or set \"allowMassDelete\": true for it if this is intended"))
+}
+
 /// What this invocation has spent.
 struct InvocationSpend {
     batches: u64,
@@ -677,7 +699,18 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 after = group.last().map(|p| p.hash.clone());
             }
         }
-        let known_clean = fresh.is_some_and(|c| c.stale == 0);
+        let mut known_clean = fresh.is_some_and(|c| c.stale == 0);
+        if !known_clean && !source.allow_mass_delete {
+            let now = match fresh {
+                Some(c) => c,
+                None => self.store.counts(source).await.map_err(|e| ctx("counting values", e))?,
+            };
+            if let Some(why) = mass_delete(self.config, &now) {
+                self.rt.log(&format!("Source {name}: {why}"));
+                self.state.report.warning = Some(why);
+                known_clean = true;
+            }
+        }
         let stale = self.store.remove_stale(source, self.run, known_clean).await.map_err(|e| ctx("removing stale values", e))?;
         self.state.report.stale = stale.unlinked;
         self.state.report.deleted = stale.deleted;

@@ -204,6 +204,12 @@ impl Store for MemStore {
 
     async fn remove_stale(&mut self, s: &Source, _run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError> {
         self.scans_spared += u64::from(known_clean);
+        if known_clean {
+            let i = self.source_index(s);
+            let st = &mut self.run.as_mut().expect("a run is open").sources[i];
+            st.done = true;
+            return Ok(StaleOutcome::default());
+        }
         let values = self.distinct(s)?;
         let (t, c) = Self::key(s);
         let before = self.links.len();
@@ -842,4 +848,34 @@ fn a_second_invocation_is_turned_away_while_the_lease_is_held() {
     w.store.lease = Some(("someone".into(), 0));
     assert!(matches!(w.invoke(Budget::default(), "me", None).unwrap(), Outcome::Finished(_)));
     assert_eq!(w.store.lease, None, "released at the end");
+}
+
+#[test]
+fn a_source_that_suddenly_looks_empty_keeps_its_embeddings_unless_allowed() {
+    let mut w = World::new(100);
+    w.config.mass_delete_minimum = 3;
+    let a = values("v", 10);
+    w.store.set("ta", "ca", &refs(&a));
+    w.store.set("tb", "cb", &[]);
+    w.run().unwrap();
+    // The table comes back empty (a bad migration, say): nothing is deleted and the report says why.
+    w.store.set("ta", "ca", &[]);
+    let r = w.run().unwrap();
+    assert_eq!((r.sources[0].stale, r.sources[0].deleted), (0, 0));
+    assert_eq!(r.sources[0].warning.as_deref(), Some("the source returned no values, so all 10 of its embedded values look stale; nothing was deleted: check the source, or set \"allowMassDelete\": true for it if this is intended"));
+    assert_eq!(w.store.cache.len(), 10);
+    // Losing 6 of 10 is more than half: held back too.
+    w.store.set("ta", "ca", &refs(&a[..4]));
+    let r = w.run().unwrap();
+    assert_eq!(r.sources[0].deleted, 0);
+    assert!(r.sources[0].warning.as_deref().unwrap().starts_with("6 of its 10 embedded values (60%) look stale, more than maxDeleteShare (50%)"));
+    // Losing 2 of 10 is ordinary.
+    w.store.set("ta", "ca", &refs(&a[..8]));
+    let r = w.run().unwrap();
+    assert_eq!((r.sources[0].stale, r.sources[0].deleted, r.sources[0].warning.clone()), (2, 2, None));
+    // With allowMassDelete the source may lose everything.
+    w.config.sources[0].allow_mass_delete = true;
+    w.store.set("ta", "ca", &[]);
+    let r = w.run().unwrap();
+    assert_eq!((r.sources[0].stale, r.sources[0].deleted), (8, 8));
 }
