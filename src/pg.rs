@@ -318,6 +318,7 @@ impl Store for PgStore {
                     batches: n(r, 15),
                     duration_ms: 0,
                     error: None,
+                    warning: None,
                 },
                 planned: r.get(3),
                 done: r.get(4),
