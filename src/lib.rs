@@ -75,7 +75,7 @@ fn json_error(status: u16, message: &str) -> worker::Result<Response> {
 }
 
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
     let path = req.path();
     let method = req.method();
     let (needs_token, allowed) = match path.as_str() {
@@ -87,6 +87,10 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
     };
     if method != allowed {
         return json_error(405, &format!("method not allowed: use {allowed} {path}"));
+    }
+    // No endpoint takes parameters: anything else is a mistake worth saying so.
+    if req.url().is_ok_and(|url| url.query().is_some_and(|q| !q.is_empty())) {
+        return json_error(400, &format!("{path} takes no query parameters"));
     }
     if !needs_token {
         return Response::from_json(&serde_json::json!({
@@ -105,6 +109,13 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
         }
         AuthOutcome::Missing => return json_error(401, "missing bearer token: send `Authorization: Bearer <SYNC_API_TOKEN>`"),
         AuthOutcome::Wrong => return json_error(401, "invalid bearer token"),
+    }
+    if method == Method::Post {
+        let body = req.text().await.unwrap_or_default();
+        let trimmed = body.trim();
+        if !(trimmed.is_empty() || trimmed == "{}") {
+            return json_error(400, &format!("{path} takes no request body (or an empty JSON object)"));
+        }
     }
     let result = match path.as_str() {
         "/dry-run" => dry_run(&env).await.map(|plan| Response::from_json(&plan)),

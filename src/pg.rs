@@ -3,6 +3,7 @@
 use crate::settings::Redacted;
 use bytes::BytesMut;
 use embsync_core::config::{Config, Source};
+use embsync_core::dburl::Tls;
 use embsync_core::hash::ValueHash;
 use embsync_core::report::{ModelUsage, RunReport, SourceReport, Trigger};
 use embsync_core::sql::{self, SchemaState};
@@ -44,23 +45,28 @@ fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
 }
 
 impl PgStore {
-    /// Connects to `DATABASE_URL`. `sslmode=require` upgrades the socket with StartTls;
-    /// `channel_binding` is turned off because the socket API does not expose the TLS channel.
+    /// Connects to `DATABASE_URL`. `sslmode=require` (or `verify-ca`/`verify-full`: workerd
+    /// always verifies the certificate) upgrades the socket with StartTls; `channel_binding` is
+    /// turned off because the socket API does not expose the TLS channel.
     ///
     /// # Errors
     /// [`StoreError`] when the URL cannot be parsed or the server cannot be reached; the message
     /// names the host, never the password.
     pub async fn connect(url: &Redacted, sources: &Config) -> Result<PgStore, StoreError> {
-        let mut config = tokio_postgres::Config::from_str(url.expose())
-            .map_err(|e| StoreError(format!("DATABASE_URL is not a valid postgres:// URL: {e}")))?;
+        let (url, tls) = embsync_core::dburl::normalize(url.expose()).map_err(|e| StoreError(e.to_string()))?;
+        let mut config =
+            tokio_postgres::Config::from_str(&url).map_err(|e| StoreError(format!("DATABASE_URL is not a valid postgres:// URL: {e}")))?;
         let host = match config.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),
             _ => return Err(StoreError("DATABASE_URL has no TCP host".into())),
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
-        let transport = match config.get_ssl_mode() {
-            SslMode::Require => SecureTransport::StartTls,
-            _ => {
+        let transport = match tls {
+            Tls::Required => {
+                config.ssl_mode(SslMode::Require);
+                SecureTransport::StartTls
+            }
+            Tls::Off => {
                 config.ssl_mode(SslMode::Disable);
                 SecureTransport::Off
             }

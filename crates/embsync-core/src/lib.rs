@@ -4,6 +4,7 @@
 //! - [`batch`]: packing values into requests by token and input limits.
 //! - [`config`]: `embedding-sources.json` parsed once into [`Config`].
 //! - [`ident`]: the only way a table or column name reaches SQL.
+//! - [`dburl`]: `DATABASE_URL` modes (`sslmode`, `channel_binding`) for the socket API.
 //! - [`hash`]: the value hash contract.
 //! - [`sql`]: every statement, as text with bound parameters.
 //! - [`provider`]: OpenAI embeddings request encoding and response decoding.
@@ -26,6 +27,7 @@
 pub mod auth;
 pub mod batch;
 pub mod config;
+pub mod dburl;
 pub mod hash;
 pub mod ident;
 pub mod provider;
