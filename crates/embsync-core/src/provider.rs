@@ -198,11 +198,38 @@ struct Item {
     embedding: RawVector,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// One `embedding`: a JSON array of numbers, or a base64 string decoded as it is read (borrowed
+/// from the body, never copied). A hand-written visitor instead of `#[serde(untagged)]`, which
+/// would buffer the value and, for a base64 string, format an error holding all of it first.
 enum RawVector {
     Floats(Vec<f32>),
-    Base64(String),
+    Base64(Result<Vec<f32>, crate::vector::VectorDecodeError>),
+}
+
+impl<'de> Deserialize<'de> for RawVector {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawVector;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of numbers or a base64 string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawVector, E> {
+                Ok(RawVector::Base64(decode_base64_f32(v)))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawVector, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(1536));
+                while let Some(v) = seq.next_element::<f32>()? {
+                    out.push(v);
+                }
+                Ok(RawVector::Floats(out))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -255,7 +282,7 @@ pub fn decode_response(
                 check_finite(&v).map_err(|e| ProviderError::Malformed(e.to_string()))?;
                 v
             }
-            RawVector::Base64(text) => decode_base64_f32(&text).map_err(|e| ProviderError::Malformed(e.to_string()))?,
+            RawVector::Base64(decoded) => decoded.map_err(|e| ProviderError::Malformed(e.to_string()))?,
         };
         if vector.len() != dimensions as usize {
             return Err(ProviderError::Malformed(format!(
