@@ -65,6 +65,7 @@ impl AppError {
         match self {
             AppError::Settings(_) => 500,
             AppError::Busy { .. } => 409,
+            AppError::Sync(SyncError::LeaseLost(_)) => 409,
             AppError::Database(_) | AppError::Sync(_) => 502,
         }
     }
@@ -169,14 +170,20 @@ fn budget(env: &Env) -> Budget {
     b
 }
 
-/// Reads the KV cursor; a missing or unreadable one is no cursor (it is only a hint).
-async fn read_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) -> Option<Cursor> {
-    let text = kv?.get(CURSOR_KEY).text().await.ok().flatten()?;
+/// The KV cursor: whether a value is stored at all, and the cursor if it is readable. A missing
+/// or unreadable one is no cursor (it is only a hint).
+async fn read_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) -> (bool, Option<Cursor>) {
+    let Some(text) = (match kv {
+        Some(kv) => kv.get(CURSOR_KEY).text().await.ok().flatten(),
+        None => None,
+    }) else {
+        return (false, None);
+    };
     match serde_json::from_str::<Cursor>(&text) {
-        Ok(c) => Some(c),
+        Ok(c) => (true, Some(c)),
         Err(e) => {
             rt.log(&format!("Ignoring an unreadable cursor in KV ({e}); Postgres knows where the run stands"));
-            None
+            (true, None)
         }
     }
 }
@@ -204,7 +211,7 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
             None
         }
     };
-    let hint = read_cursor(kv.as_ref(), &rt).await;
+    let (stored_cursor, hint) = read_cursor(kv.as_ref(), &rt).await;
     let mut store = PgStore::connect(&url, &config).await?;
     let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
     let inv =
@@ -217,7 +224,7 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
             rt.log(&format!("Sync report: {json}"));
             kv_put(kv.as_ref(), LAST_RUN_KEY, json, &rt).await;
             if let Some(kv) = &kv {
-                if hint.is_some() {
+                if stored_cursor {
                     if let Err(e) = kv.delete(CURSOR_KEY).await {
                         rt.log(&format!("Could not clear the cursor in KV: {e}"));
                     }

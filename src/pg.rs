@@ -30,6 +30,10 @@ pub struct PgStore {
 }
 
 fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
+    StoreError::new(pg_message(what, e))
+}
+
+fn pg_message(what: &str, e: tokio_postgres::Error) -> String {
     // `{:#}`-style chain: tokio-postgres puts the server's message in the source.
     let mut msg = format!("{what}: {e}");
     let mut source = std::error::Error::source(&e);
@@ -41,7 +45,7 @@ fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
         }
         source = s.source();
     }
-    StoreError(msg)
+    msg
 }
 
 impl PgStore {
@@ -53,12 +57,12 @@ impl PgStore {
     /// [`StoreError`] when the URL cannot be parsed or the server cannot be reached; the message
     /// names the host, never the password.
     pub async fn connect(url: &Redacted, sources: &Config) -> Result<PgStore, StoreError> {
-        let (url, tls) = embsync_core::dburl::normalize(url.expose()).map_err(|e| StoreError(e.to_string()))?;
+        let (url, tls) = embsync_core::dburl::normalize(url.expose()).map_err(|e| StoreError::new(e.to_string()))?;
         let mut config =
-            tokio_postgres::Config::from_str(&url).map_err(|e| StoreError(format!("DATABASE_URL is not a valid postgres:// URL: {e}")))?;
+            tokio_postgres::Config::from_str(&url).map_err(|e| StoreError::new(format!("DATABASE_URL is not a valid postgres:// URL: {e}")))?;
         let host = match config.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),
-            _ => return Err(StoreError("DATABASE_URL has no TCP host".into())),
+            _ => return Err(StoreError::new("DATABASE_URL has no TCP host")),
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let transport = match tls {
@@ -75,7 +79,7 @@ impl PgStore {
         let socket = Socket::builder()
             .secure_transport(transport)
             .connect(host.clone(), port)
-            .map_err(|e| StoreError(format!("opening a socket to {host}:{port}: {e}")))?;
+            .map_err(|e| StoreError::new(format!("opening a socket to {host}:{port}: {e}")))?;
         let (client, connection) =
             config.connect_raw(socket, PassthroughTls).await.map_err(|e| err(&format!("connecting to Postgres at {host}:{port}"), e))?;
         let (tx, closed) = oneshot::channel();
@@ -139,7 +143,7 @@ impl Store for PgStore {
         tx.execute(sql::LOCK_SCHEMA, &[]).await.map_err(|e| err("locking the schema", e))?;
         tx.batch_execute(&sql::ensure_schema(&config.models)).await.map_err(|e| err("creating tables", e))?;
         let dims = tx.query_one(sql::COLUMN_DIMS, &[]).await.map_err(|e| err("reading the embedding columns", e))?;
-        sql::check_column_dims(&config.models, dims.get(0), dims.get(1)).map_err(StoreError)?;
+        sql::check_column_dims(&config.models, dims.get(0), dims.get(1)).map_err(StoreError::new)?;
         tx.commit().await.map_err(|e| err("committing the schema", e))?;
         self.schema = Some(SchemaState { cache: true, links: true });
         Ok(())
@@ -173,7 +177,7 @@ impl Store for PgStore {
             .map(|row| {
                 let h: String = row.get(0);
                 Ok(PendingValue {
-                    hash: ValueHash::from_hex(&h).ok_or_else(|| StoreError(format!("bad hash {h:?} from the database")))?,
+                    hash: ValueHash::from_hex(&h).ok_or_else(|| StoreError::new(format!("bad hash {h:?} from the database")))?,
                     value: row.get(1),
                     occurrences: row.get::<_, i64>(2).clamp(0, i64::from(i32::MAX)) as i32,
                     has_large: row.get(3),
@@ -194,7 +198,7 @@ impl Store for PgStore {
         let ttl = progress.lease_ttl.as_secs_f64();
         let renewed = tx.execute(sql::RENEW_LEASE, &[&progress.holder, &ttl]).await.map_err(|e| err("renewing the lease", e))?;
         if renewed == 0 {
-            return Err(StoreError("the sync lease expired or was taken over by another invocation; this batch was not written".into()));
+            return Err(StoreError::lease_lost("the sync lease expired or was taken over by another invocation; this batch was not written"));
         }
         tx.execute(sql::UPSERT_BATCH, &[&t, &c, &self.tags.0, &self.tags.1, &hashes, &values, &counts, &large, &small])
             .await
@@ -402,11 +406,11 @@ impl PgStore {
                 let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
                 (out.distinct_values, out.embedded_large, out.embedded_small, out.errors) = (n(0), n(1), n(2), n(3));
             }
-            Err(e) => out.error = Some(err("reading coverage", e).0),
+            Err(e) => out.error = Some(pg_message("reading coverage", e)),
         }
         match self.counts(source).await {
             Ok(counts) => out.pending = counts.new,
-            Err(e) => out.error = out.error.or(Some(e.0)),
+            Err(e) => out.error = out.error.or(Some(e.to_string())),
         }
         out
     }

@@ -439,7 +439,7 @@ WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
 /// Ends run `$1` with its report `$2` (JSON text) and status `$3` (`finished` or `failed`).
 pub const FINISH_RUN: &str = "\
 UPDATE embedding_sync_runs SET status = $3, finished_at = now(), updated_at = now(), report = $2::text::jsonb
-WHERE run_id = $1";
+WHERE run_id = $1 AND finished_at IS NULL";
 
 /// The unfinished run, if any: `run_id`, `status`, `invocations`, `started_at` (text).
 pub const CURRENT_RUN: &str = "\

@@ -16,8 +16,33 @@ use std::time::Duration;
 
 /// A failure of the database, with what was being done.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+#[error("{message}")]
+pub struct StoreError {
+    message: String,
+    lease_lost: bool,
+}
+
+impl StoreError {
+    /// A failure described by `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        StoreError { message: message.into(), lease_lost: false }
+    }
+
+    /// The write was refused because this invocation no longer holds the sync lease.
+    pub fn lease_lost(message: impl Into<String>) -> Self {
+        StoreError { message: message.into(), lease_lost: true }
+    }
+
+    /// Whether another invocation took the lease over: this one must stop at once.
+    pub fn is_lease_lost(&self) -> bool {
+        self.lease_lost
+    }
+
+    /// The same error with what was being done in front.
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        StoreError { message: format!("{what}: {}", self.message), ..self }
+    }
+}
 
 /// Counts for one source, computed set-wise by the store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -314,6 +339,10 @@ pub enum SyncError {
     /// The provider refused every request (e.g. a wrong API key); the run stopped at once.
     #[error("sync stopped: {0}")]
     Provider(#[source] ProviderError),
+    /// Another invocation took the lease over (this one was too slow); it goes on with the run
+    /// and this one stopped without writing anything more.
+    #[error("this invocation lost the sync lease to another one, which goes on with the run: {0}")]
+    LeaseLost(#[source] StoreError),
 }
 
 /// Plans every enabled source without calling the provider or writing anything.
@@ -425,7 +454,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     let sources: Vec<&Source> = config.enabled_sources().collect();
     let mut run = store.open_run(new_run, trigger, &sources).await.map_err(SyncError::Schema)?;
     if run.sources.len() != sources.len() {
-        return Err(SyncError::Schema(StoreError(format!(
+        return Err(SyncError::Schema(StoreError::new(format!(
             "run {} has {} sources but the config enables {}",
             run.id.0,
             run.sources.len(),
@@ -485,6 +514,11 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 state.report.error = Some(e.to_string());
                 state.done = true;
                 rt.log(&state.report.to_string());
+            }
+            Err(Stop::LeaseLost(e)) => {
+                // The new holder owns the run now: finish nothing, report nothing as final.
+                rt.log(&format!("Invocation stopped: {e}"));
+                return Err(SyncError::LeaseLost(e));
             }
             Err(Stop::Fatal(e)) => {
                 // Nothing later can succeed: the run ends here as failed, and the next trigger
@@ -583,6 +617,7 @@ enum SourceEnd {
 enum Stop {
     Store(StoreError),
     Fatal(ProviderError),
+    LeaseLost(StoreError),
 }
 
 struct SourceRun<'a, S, E, R> {
@@ -602,7 +637,14 @@ struct SourceRun<'a, S, E, R> {
 impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
     async fn sync(&mut self, source: &Source, mut after: Option<ValueHash>) -> Result<SourceEnd, Stop> {
         let name = &source.name;
-        let ctx = |what: &str, e: StoreError| Stop::Store(StoreError(format!("{what} of source {name}: {e}")));
+        let ctx = |what: &str, e: StoreError| {
+            let e = e.context(format_args!("{what} of source {name}"));
+            if e.is_lease_lost() {
+                Stop::LeaseLost(e)
+            } else {
+                Stop::Store(e)
+            }
+        };
         let batch_size = self.config.batch_size.get();
         // Counts taken by this invocation let a no-op source skip its other scans.
         let mut fresh: Option<SourceCounts> = None;
@@ -630,9 +672,8 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             if nothing_to_embed {
                 break;
             }
-            if let Some(end) = self.budget_end(&after) {
-                return Ok(end);
-            }
+            // The budget is checked before each batch, not here: a source whose last batch used
+            // the budget up still finds its page empty and finishes in this invocation.
             let page = self.store.pending(source, after.as_ref(), page_size).await.map_err(|e| ctx("listing new values", e))?;
             if page.is_empty() {
                 break;
@@ -736,7 +777,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         self.store
             .record_errors(source, failures, self.run)
             .await
-            .map_err(|e| Stop::Store(StoreError(format!("recording errors of source {}: {e}", source.name))))?;
+            .map_err(|e| Stop::Store(e.context(format_args!("recording errors of source {}", source.name))))?;
         self.state.report.errors += failures.len() as u64;
         Ok(())
     }

@@ -43,6 +43,8 @@ struct MemStore {
     clock: u64,
     /// Stale removals that were told the source is clean.
     scans_spared: u64,
+    /// Another invocation takes the lease over just before this store call (1-based).
+    steal_lease_at_store_call: Option<usize>,
 }
 
 impl MemStore {
@@ -54,7 +56,7 @@ impl MemStore {
         let rows = self
             .tables
             .get(&(s.table_key(), s.column_key().to_owned()))
-            .ok_or_else(|| StoreError(format!("relation \"{}\" does not exist", s.table)))?;
+            .ok_or_else(|| StoreError::new(format!("relation \"{}\" does not exist", s.table)))?;
         let mut out = BTreeMap::new();
         for v in rows.iter().flatten().filter_map(|v| Value::normalize(v)) {
             out.entry(v.hash()).or_insert((v.as_str().to_owned(), 0)).1 += 1;
@@ -158,10 +160,13 @@ impl Store for MemStore {
     async fn store(&mut self, s: &Source, batch: &[EmbeddedValue], p: &Progress<'_>) -> Result<(), StoreError> {
         self.store_calls += 1;
         if self.fail_store_call == Some(self.store_calls) {
-            return Err(StoreError("connection reset".into()));
+            return Err(StoreError::new("connection reset"));
+        }
+        if self.steal_lease_at_store_call == Some(self.store_calls) {
+            self.lease = Some(("thief".into(), u64::MAX));
         }
         if self.lease.as_ref().map(|(h, _)| h.as_str()) != Some(p.holder) {
-            return Err(StoreError("the sync lease was lost to another invocation".into()));
+            return Err(StoreError::lease_lost("the sync lease was lost to another invocation"));
         }
         let i = self.source_index(s);
         let run = self.run.as_mut().expect("a run is open");
@@ -878,4 +883,21 @@ fn a_source_that_suddenly_looks_empty_keeps_its_embeddings_unless_allowed() {
     w.store.set("ta", "ca", &[]);
     let r = w.run().unwrap();
     assert_eq!((r.sources[0].stale, r.sources[0].deleted), (8, 8));
+}
+
+#[test]
+fn an_invocation_that_lost_its_lease_stops_without_finishing_or_reporting_the_run() {
+    let mut w = World::new(2);
+    let a = values("v", 6);
+    w.store.set("ta", "ca", &refs(&a));
+    w.store.set("tb", "cb", &["b"]);
+    w.store.steal_lease_at_store_call = Some(2);
+    let result = w.invoke(Budget::default(), "slow", None);
+    assert!(matches!(result, Err(SyncError::LeaseLost(_))), "{result:?}");
+    // The run is still open for the new holder, with only the first batch counted, and source B
+    // was not touched.
+    let run = w.store.run.as_ref().expect("the run stays open");
+    assert_eq!((run.sources[0].report.embedded, run.sources[0].done, run.sources[1].report.embedded), (2, false, 0));
+    assert!(w.store.finished.is_empty());
+    assert_eq!(w.provider.requests_for("b"), 0);
 }

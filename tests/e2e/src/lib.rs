@@ -440,6 +440,17 @@ impl TestDb {
         }
     }
 
+    /// A single JSON value from a query returning one text column (e.g. `SELECT report::text`);
+    /// `None` when there is no row or the value is NULL.
+    pub fn json(&mut self, sql: &str) -> Option<Value> {
+        let rows = self
+            .client()
+            .query(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let text: Option<String> = rows.first().and_then(|r| r.get(0));
+        text.map(|t| serde_json::from_str(&t).unwrap_or_else(|e| panic!("{sql}: not JSON ({e}): {t}")))
+    }
+
     /// Both embeddings of the row with `value_hash = hash`, as text.
     pub fn embeddings_of(&mut self, hash: &str) -> (Option<String>, Option<String>) {
         let row = self
@@ -750,6 +761,11 @@ pub struct WorkerOpts {
     pub sync_token: Option<String>,
     /// `EMBEDDING_SOURCES`; `None` uses the compiled-in config.
     pub sources: Option<String>,
+    /// Further `--var NAME:VALUE`s (e.g. `SYNC_MAX_BATCHES`), in order.
+    pub vars: Vec<(String, String)>,
+    /// The `--persist-to` directory (local KV); `None` gives the worker a fresh one inside its
+    /// own directory. Give two workers the same directory to restart on the same KV state.
+    pub persist_to: Option<PathBuf>,
 }
 
 impl WorkerOpts {
@@ -764,7 +780,21 @@ impl WorkerOpts {
                 .unwrap_or_else(|| API_KEY.to_string()),
             sync_token: Some(TOKEN.to_string()),
             sources: None,
+            vars: Vec::new(),
+            persist_to: None,
         }
+    }
+
+    /// With one more `--var NAME:VALUE`.
+    pub fn var(mut self, name: &str, value: impl ToString) -> WorkerOpts {
+        self.vars.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// With `--persist-to dir` (KV state shared with any other worker started on `dir`).
+    pub fn persist_to(mut self, dir: impl Into<PathBuf>) -> WorkerOpts {
+        self.persist_to = Some(dir.into());
+        self
     }
 
     /// With `EMBEDDING_SOURCES` set.
@@ -789,6 +819,8 @@ pub struct Worker {
     log_path: PathBuf,
     /// Keep `dir` when dropped (a start that failed).
     keep_dir: bool,
+    /// The `--persist-to` directory (local KV).
+    persist_dir: PathBuf,
 }
 
 impl Worker {
@@ -827,6 +859,10 @@ impl Worker {
         // with --var).
         let env_file = dir.join("empty.env");
         File::create(&env_file).expect("empty env file");
+        let persist_dir = opts
+            .persist_to
+            .clone()
+            .unwrap_or_else(|| dir.join("state"));
 
         let mut cmd = Command::new(&node);
         cmd.arg(&wrangler_js)
@@ -836,7 +872,7 @@ impl Worker {
             .args(["--ip", "127.0.0.1", "--port", &port.to_string()])
             .args(["--inspector-port", &inspector_port.to_string()])
             .arg("--persist-to")
-            .arg(dir.join("state"))
+            .arg(&persist_dir)
             .arg("--env-file")
             .arg(&env_file)
             // `log`, not `info`: at `info` wrangler drops the worker's console.log lines, which
@@ -859,6 +895,9 @@ impl Worker {
             vars.push(("EMBEDDING_SOURCES", s.clone()));
         }
         for (k, v) in &vars {
+            cmd.arg("--var").arg(format!("{k}:{v}"));
+        }
+        for (k, v) in &opts.vars {
             cmd.arg("--var").arg(format!("{k}:{v}"));
         }
         cmd.current_dir(&repo)
@@ -884,6 +923,7 @@ impl Worker {
             dir,
             log_path,
             keep_dir: true,
+            persist_dir,
         };
 
         let deadline = Instant::now() + START_TIMEOUT;
@@ -1035,6 +1075,95 @@ impl Worker {
             .collect()
     }
 
+    /// The `--persist-to` directory (local KV) of this worker.
+    pub fn persist_dir(&self) -> &Path {
+        &self.persist_dir
+    }
+
+    /// Triggers the cron handler from a background thread and returns at once; the thread
+    /// yields the answer, or the transport error (e.g. when the worker is killed meanwhile).
+    pub fn scheduled_in_background(&self) -> thread::JoinHandle<Result<(u16, String), String>> {
+        let url = format!("{}/__scheduled?cron=*/5+*+*+*+*", self.origin);
+        thread::spawn(move || send("GET", &url, &[], None))
+    }
+
+    /// `GET /status` with [`TOKEN`]; asserts 200 and returns the body.
+    pub fn status(&self) -> Value {
+        let (status, body) = self.get("/status", Some(TOKEN));
+        assert_eq!(
+            status,
+            200,
+            "GET /status -> {status}: {body}\nlog tail:\n{}",
+            self.log_tail(40)
+        );
+        body
+    }
+
+    /// Kills wrangler and workerd at once with SIGKILL (the whole process group), as a crash
+    /// would: nothing gets to clean up. The log and the persist directory stay.
+    pub fn kill_hard(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: a signal to the process group of a child we spawned (its pid is the group id).
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = child.wait();
+        // workerd may take a moment to go; wait until nothing in the group is left.
+        for _ in 0..50 {
+            if unsafe { libc::kill(-pid, 0) } != 0 {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("processes of group {pid} survived SIGKILL");
+    }
+
+    /// Runs `wrangler kv key <args...> --binding SYNC_STATE --local --persist-to <dir>` against
+    /// this worker's local KV (the same store `wrangler dev` uses, also while it runs).
+    fn kv(&self, args: &[&str]) -> std::process::Output {
+        kv_command(&self.persist_dir, args)
+    }
+
+    /// The value of `key` in the worker's `SYNC_STATE` KV, `None` when the key is missing.
+    pub fn kv_get(&self, key: &str) -> Option<String> {
+        let out = self.kv(&["get", key, "--text"]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            panic!("wrangler kv key get {key} failed ({}):\n{stdout}\n{stderr}", out.status);
+        }
+        // wrangler prints "Value not found" for a missing key.
+        if stdout.trim() == "Value not found" || stderr.contains("Value not found") {
+            return None;
+        }
+        Some(stdout.trim_end_matches('\n').to_string())
+    }
+
+    /// Writes `value` under `key` in the worker's `SYNC_STATE` KV.
+    pub fn kv_put(&self, key: &str, value: &str) {
+        let out = self.kv(&["put", key, value]);
+        assert!(
+            out.status.success(),
+            "wrangler kv key put {key} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Deletes `key` from the worker's `SYNC_STATE` KV.
+    pub fn kv_delete(&self, key: &str) {
+        let out = self.kv(&["delete", key]);
+        assert!(
+            out.status.success(),
+            "wrangler kv key delete {key} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -1077,6 +1206,57 @@ impl Drop for Worker {
             );
         } else {
             let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Runs `wrangler kv key <args...> --binding SYNC_STATE --local --persist-to <persist_dir>`
+/// the way the worker is started (same config, offline, no build).
+pub fn kv_command(persist_dir: &Path, args: &[&str]) -> std::process::Output {
+    let repo = PathBuf::from(env_var("EMBSYNC_REPO"));
+    let node = env_var("EMBSYNC_NODE");
+    let wrangler_js = env_var("EMBSYNC_WRANGLER_JS");
+    Command::new(&node)
+        .arg(&wrangler_js)
+        .args(["kv", "key"])
+        .args(args)
+        .args(["--binding", "SYNC_STATE", "--local", "--persist-to"])
+        .arg(persist_dir)
+        .arg("--config")
+        .arg(repo.join("wrangler.toml"))
+        .current_dir(&repo)
+        .env("SKIP_WORKER_BUILD", "1")
+        .env("WRANGLER_SEND_METRICS", "false")
+        .env("WRANGLER_SEND_ERROR_REPORTS", "false")
+        .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
+        .env("NO_COLOR", "1")
+        .env("FORCE_COLOR", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {node} {wrangler_js} kv key: {e}"))
+}
+
+/// A temporary directory that outlives single workers (e.g. a `--persist-to` directory shared
+/// by a worker and its restart); removed on drop unless the test failed or logs are kept.
+pub struct SharedDir {
+    pub path: PathBuf,
+}
+
+impl SharedDir {
+    /// A fresh, empty directory.
+    pub fn new(prefix: &str) -> SharedDir {
+        SharedDir {
+            path: temp_dir(prefix),
+        }
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        if keep_logs() {
+            eprintln!("--- kept {} ---", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
         }
     }
 }

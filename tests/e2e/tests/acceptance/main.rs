@@ -12,5 +12,6 @@ mod cron;
 mod foreign;
 mod hashing;
 mod provider;
+mod runs;
 mod shared;
 mod sync;
