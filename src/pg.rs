@@ -153,7 +153,10 @@ impl Store for PgStore {
         let state = self.schema_state().await?;
         let (t, c) = keys(source);
         let (lt, st) = (&self.tags.0, &self.tags.1);
-        let row = self.client.query_one(&sql::plan(source, state), &[&t, &c, lt, st]).await.map_err(|e| err("counting", e))?;
+        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        tx.batch_execute(sql::PLAN_WORK_MEM).await.map_err(|e| err("setting work_mem", e))?;
+        let row = tx.query_one(&sql::plan(source, state), &[&t, &c, lt, st]).await.map_err(|e| err("counting", e))?;
+        tx.commit().await.map_err(|e| err("committing the count", e))?;
         let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
         Ok(SourceCounts { total: n(0), new: n(1), reusable: n(2), embed_tokens: n(3), stale: n(4), deferred: n(5) })
     }
@@ -164,15 +167,23 @@ impl Store for PgStore {
         self.client.execute(&sql::link_reusable(source), &[&t, &c, lt, st]).await.map_err(|e| err("linking", e))
     }
 
-    async fn pending(&mut self, source: &Source, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError> {
+    async fn pending(&mut self, source: &Source, run: &RunId, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError> {
         let (t, c) = keys(source);
         let after = after.map_or("", |h| h.as_str()).to_owned();
         let limit = limit as i64;
-        let rows = self
-            .client
-            .query(&sql::pending_page(source), &[&t, &c, &self.tags.0, &self.tags.1, &after, &limit])
-            .await
-            .map_err(|e| err("listing", e))?;
+        let snapshot: bool =
+            self.client.query_one(sql::HAS_SNAPSHOT, &[&run.0, &t, &c]).await.map_err(|e| err("looking for the snapshot", e))?.get(0);
+        let rows = if snapshot {
+            self.client
+                .query(&sql::pending_snapshot_page(), &[&t, &c, &self.tags.0, &self.tags.1, &run.0, &after, &limit])
+                .await
+                .map_err(|e| err("listing", e))?
+        } else {
+            self.client
+                .query(&sql::pending_page(source), &[&t, &c, &self.tags.0, &self.tags.1, &after, &limit])
+                .await
+                .map_err(|e| err("listing", e))?
+        };
         rows.into_iter()
             .map(|row| {
                 let h: String = row.get(0);
@@ -243,6 +254,7 @@ impl Store for PgStore {
         tx.execute(sql::SOURCE_DONE, &[&run.0, &t, &c, &(unlinked as i64), &(deleted as i64)])
             .await
             .map_err(|e| err("marking the source done", e))?;
+        tx.execute(sql::DROP_SNAPSHOT, &[&run.0, &t, &c]).await.map_err(|e| err("dropping the snapshot", e))?;
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
         Ok(StaleOutcome { unlinked, deleted })
     }
@@ -342,22 +354,28 @@ impl Store for PgStore {
         Ok(RunState { id: RunId(id), trigger, started_at_ms: row.get(2), invocations: row.get::<_, i32>(3).max(0) as u64, sources: states })
     }
 
-    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport) -> Result<(), StoreError> {
+    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {
         let (t, c) = keys(source);
         let n = |v: u64| v as i64;
-        self.client
-            .execute(
-                sql::SAVE_PLAN,
-                &[&run.0, &t, &c, &n(plan.total), &n(plan.new), &n(plan.unchanged), &n(plan.reused), &n(plan.deferred), &n(plan.batches)],
-            )
-            .await
-            .map_err(|e| err("saving the plan", e))?;
-        Ok(())
+        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        tx.execute(
+            sql::SAVE_PLAN,
+            &[&run.0, &t, &c, &n(plan.total), &n(plan.new), &n(plan.unchanged), &n(plan.reused), &n(plan.deferred), &n(plan.batches)],
+        )
+        .await
+        .map_err(|e| err("saving the plan", e))?;
+        if snapshot {
+            tx.execute(&sql::snapshot_pending(source), &[&t, &c, &self.tags.0, &self.tags.1, &run.0])
+                .await
+                .map_err(|e| err("snapshotting pending values", e))?;
+        }
+        tx.commit().await.map_err(|e| err("committing the plan", e))
     }
 
     async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
         let json = serde_json::to_string(report).unwrap_or_else(|_| "null".into());
         self.client.execute(sql::FINISH_RUN, &[&run.0, &json, &report.status.as_str()]).await.map_err(|e| err("finishing the run", e))?;
+        self.client.execute(sql::DROP_OLD_SNAPSHOTS, &[]).await.map_err(|e| err("dropping old snapshots", e))?;
         Ok(())
     }
 }

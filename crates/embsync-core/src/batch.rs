@@ -20,6 +20,19 @@ pub const MAX_TOKENS_PER_REQUEST: u64 = 300_000;
 /// The most tokens in one input.
 pub const MAX_TOKENS_PER_INPUT: u64 = 8192;
 
+/// The most decoded vector bytes (both models) one batch may hold. A Worker has 128 MB; at its
+/// peak a batch holds each vector about four times (the base64 body, the decoded floats, the
+/// pgvector parameters, the request buffer), so 8 MiB of vectors keeps a batch near 40 MB.
+pub const MAX_VECTOR_BYTES_PER_BATCH: usize = 8 << 20;
+
+/// The most values one batch may hold for models of `large` and `small` dimensions: the
+/// configured batch size, capped so the batch fits the Worker's memory (455 values for the
+/// 3072 + 1536 dimensions of the two OpenAI models).
+pub fn max_values_per_batch(batch_size: usize, large: u32, small: u32) -> usize {
+    let per_value = (large as usize + small as usize).max(1) * 4;
+    batch_size.min(MAX_VECTOR_BYTES_PER_BATCH / per_value).max(1)
+}
+
 /// The expected token count of `text`: ceil(UTF-8 bytes / 4), at least 1.
 pub fn estimate_tokens(text: &str) -> u64 {
     (text.len() as u64).div_ceil(4).max(1)
@@ -87,6 +100,13 @@ mod tests {
         let big = vec!["y".repeat(6000); 151];
         let ranges = pack(big.iter().map(|s| s.as_str()), 2048, MAX_TOKENS_PER_REQUEST);
         assert_eq!(ranges, [0..150, 150..151]);
+    }
+
+    #[test]
+    fn batches_fit_the_workers_memory() {
+        assert_eq!(max_values_per_batch(100, 3072, 1536), 100);
+        assert_eq!(max_values_per_batch(2048, 3072, 1536), 455);
+        assert_eq!(max_values_per_batch(2048, 48, 24), 2048);
     }
 
     #[test]

@@ -108,6 +108,15 @@ CREATE TABLE IF NOT EXISTS embedding_sync_run_sources (
     requests_small bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, source_table, source_column)
 );
+CREATE TABLE IF NOT EXISTS embedding_sync_pending (
+    run_id text NOT NULL,
+    source_table text NOT NULL,
+    source_column text NOT NULL,
+    value_hash text NOT NULL,
+    value text NOT NULL,
+    occurrences bigint NOT NULL,
+    PRIMARY KEY (run_id, source_table, source_column, value_hash)
+);
 CREATE TABLE IF NOT EXISTS embedding_sync_lease (
     name text PRIMARY KEY,
     holder text NOT NULL,
@@ -120,6 +129,10 @@ CREATE TABLE IF NOT EXISTS embedding_sync_lease (
 
 /// Serialises concurrent schema creation; transaction-scoped, so it is released at commit.
 pub const LOCK_SCHEMA: &str = "SELECT pg_advisory_xact_lock(hashtext('embsync:schema'))";
+
+/// Gives the plan query room to hash and join a large source in memory instead of spilling to
+/// disk; transaction-scoped (`SET LOCAL`), so it also works through a transaction-pooling proxy.
+pub const PLAN_WORK_MEM: &str = "SET LOCAL work_mem = '64MB'";
 
 /// Which of embsync's tables exist: whether `embedding_cache` does (ours or another
 /// pipeline's), and whether all of embsync's own tables do (two booleans).
@@ -305,6 +318,61 @@ pub fn pending_page(source: &Source) -> String {
         join = join_cache(FULL),
     )
 }
+
+/// Snapshots a source's pending values for run `$5` (same condition as [`pending_page`]): one
+/// scan of the source per run instead of one per page.
+pub fn snapshot_pending(source: &Source) -> String {
+    format!(
+        "WITH src AS (\n    {src}\n)\n\
+         INSERT INTO embedding_sync_pending (run_id, source_table, source_column, value_hash, value, occurrences)\n\
+         SELECT $5, $1, $2, s.h, s.v, s.n\n\
+         FROM src s\n\
+         {join}\n\
+         WHERE NOT (coalesce({complete}, false)\n           \
+         AND EXISTS (SELECT 1 FROM embedding_cache_sources l\n                       \
+         WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))\n\
+         ON CONFLICT DO NOTHING",
+        src = source_values(source),
+        complete = complete(FULL),
+        join = join_cache(FULL),
+    )
+}
+
+/// One page of the snapshot of run `$5` (see [`snapshot_pending`]) after `$6`, at most `$7`
+/// (int8) rows, leaving out values done since the snapshot and values waiting for a retry (before
+/// the limit, so a short page is the last one); same columns as [`pending_page`]. An ordered
+/// range scan of the snapshot's primary key.
+pub fn pending_snapshot_page() -> String {
+    format!(
+        "SELECT s.h, s.v, s.n, coalesce({has_large}, false) AS has_large, coalesce({has_small}, false) AS has_small\n\
+         FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending\n      \
+         WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6) s\n\
+         {join}\n\
+         WHERE NOT (coalesce({complete}, false)\n           \
+         AND EXISTS (SELECT 1 FROM embedding_cache_sources l\n                       \
+         WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))\n  \
+         AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e\n                  \
+         WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h\n                    \
+         AND e.next_retry_at > now())\n\
+         ORDER BY s.h\n\
+         LIMIT $7",
+        has_large = has("large", FULL),
+        has_small = has("small", FULL),
+        complete = complete(FULL),
+        join = join_cache(FULL),
+    )
+}
+
+/// Whether run `$1` has a snapshot for the source (`$2`, `$3`).
+pub const HAS_SNAPSHOT: &str = "\
+SELECT EXISTS (SELECT 1 FROM embedding_sync_pending WHERE run_id = $1 AND source_table = $2 AND source_column = $3)";
+
+/// Drops run `$1`'s snapshot of the source (`$2`, `$3`): it is done.
+pub const DROP_SNAPSHOT: &str = "DELETE FROM embedding_sync_pending WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
+
+/// Drops snapshots of runs that are over (finished, failed or abandoned).
+pub const DROP_OLD_SNAPSHOTS: &str = "\
+DELETE FROM embedding_sync_pending p USING embedding_sync_runs r WHERE r.run_id = p.run_id AND r.finished_at IS NOT NULL";
 
 /// Writes one batch: inserts new cache rows (recording them as embsync's own, with the model
 /// tags) and, in rows that exist, writes an embedding where the column is NULL or, in embsync's

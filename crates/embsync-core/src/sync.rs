@@ -132,8 +132,10 @@ pub trait Store {
     async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError>;
     /// Links the source to values whose embeddings exist already; returns how many.
     async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError>;
-    /// Up to `limit` values that need an embedding, in hash order after `after`.
-    async fn pending(&mut self, source: &Source, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError>;
+    /// Up to `limit` values that need an embedding, in hash order after `after`: from the run's
+    /// snapshot of the source's pending values when [`Store::save_plan`] took one (a range scan),
+    /// else from the source itself (a scan of the source per page).
+    async fn pending(&mut self, source: &Source, run: &RunId, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError>;
     /// Writes one batch and links all its values to the source, atomically, together with the
     /// run's counters for it (`progress`) and a renewal of the lease. A value counts as done for
     /// the source only when it is linked and its row holds both embeddings, so a value with one
@@ -156,8 +158,10 @@ pub trait Store {
     async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError>;
     /// The unfinished run with its per-source state, or a new run `new_id` over `sources`.
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError>;
-    /// Saves a source's plan (counted once per run, at its first invocation).
-    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport) -> Result<(), StoreError>;
+    /// Saves a source's plan (counted once per run, at its first invocation) and, with
+    /// `snapshot`, the source's pending values with their hashes, in one transaction, so later
+    /// pages need not hash the whole source again.
+    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError>;
     /// Ends the run with its final report (status `finished` or `failed`, from the report).
     async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError>;
 }
@@ -645,7 +649,8 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 Stop::Store(e)
             }
         };
-        let batch_size = self.config.batch_size.get();
+        let models = &self.config.models;
+        let batch_size = batch::max_values_per_batch(self.config.batch_size.get(), models.large.dimensions(), models.small.dimensions());
         // Counts taken by this invocation let a no-op source skip its other scans.
         let mut fresh: Option<SourceCounts> = None;
         if !self.state.planned {
@@ -661,7 +666,8 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             self.state.planned_batches = counts.to_embed().saturating_sub(counts.deferred).div_ceil(batch_size as u64);
             let mut plan = self.state.report.clone();
             plan.batches = self.state.planned_batches;
-            self.store.save_plan(self.run, source, &plan).await.map_err(|e| ctx("saving the plan", e))?;
+            let snapshot = counts.to_embed() > counts.deferred;
+            self.store.save_plan(self.run, source, &plan, snapshot).await.map_err(|e| ctx("saving the plan", e))?;
             self.state.planned = true;
             fresh = Some(counts);
         }
@@ -674,10 +680,12 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             }
             // The budget is checked before each batch, not here: a source whose last batch used
             // the budget up still finds its page empty and finishes in this invocation.
-            let page = self.store.pending(source, after.as_ref(), page_size).await.map_err(|e| ctx("listing new values", e))?;
+            let page = self.store.pending(source, self.run, after.as_ref(), page_size).await.map_err(|e| ctx("listing new values", e))?;
             if page.is_empty() {
                 break;
             }
+            // A short page is the last one: no need to ask again.
+            let last_page = page.len() < page_size;
             let (page, long): (Vec<PendingValue>, Vec<PendingValue>) = page.into_iter().partition(|p| !batch::too_long(&p.value));
             let failures: Vec<ValueFailure> = long
                 .iter()
@@ -738,6 +746,9 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 self.run_tokens += usage.0.prompt_tokens + usage.1.prompt_tokens;
                 self.record(source, &failed).await?;
                 after = group.last().map(|p| p.hash.clone());
+            }
+            if last_page {
+                break;
             }
         }
         let mut known_clean = fresh.is_some_and(|c| c.stale == 0);

@@ -142,7 +142,7 @@ impl Store for MemStore {
         Ok(n)
     }
 
-    async fn pending(&mut self, s: &Source, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError> {
+    async fn pending(&mut self, s: &Source, _run: &RunId, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError> {
         let values = self.distinct(s)?;
         Ok(values
             .into_iter()
@@ -289,7 +289,7 @@ impl Store for MemStore {
         Ok(run.clone())
     }
 
-    async fn save_plan(&mut self, _run: &RunId, s: &Source, plan: &crate::report::SourceReport) -> Result<(), StoreError> {
+    async fn save_plan(&mut self, _run: &RunId, s: &Source, plan: &crate::report::SourceReport, _snapshot: bool) -> Result<(), StoreError> {
         let i = self.source_index(s);
         let st = &mut self.run.as_mut().expect("a run is open").sources[i];
         st.report.total = plan.total;
