@@ -222,6 +222,22 @@ fn join_cache(state: SchemaState) -> &'static str {
 
 const FULL: SchemaState = SchemaState { cache: true, links: true };
 
+/// `s.h` is not done for the source (`$1`, `$2`): its row lacks a current embedding, or the
+/// source is not linked to it. Needs `c` and `o` from [`join_cache`].
+fn not_done() -> String {
+    format!(
+        "NOT (coalesce({complete}, false)\n           \
+         AND EXISTS (SELECT 1 FROM embedding_cache_sources l\n                       \
+         WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))",
+        complete = complete(FULL)
+    )
+}
+
+/// `s.h` is not waiting for a retry after an error in the source (`$1`, `$2`).
+const NOT_DEFERRED: &str = "NOT EXISTS (SELECT 1 FROM embedding_sync_errors e\n                  \
+     WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h\n                    \
+     AND e.next_retry_at > now())";
+
 /// Counts for one source, one row: `total`, `new`, `reusable`, `embed_tokens`, `stale`,
 /// `deferred` (int8).
 ///
@@ -303,18 +319,14 @@ pub fn pending_page(source: &Source) -> String {
          FROM src s\n\
          {join}\n\
          WHERE s.h > $5\n  \
-         AND NOT (coalesce({complete}, false)\n           \
-         AND EXISTS (SELECT 1 FROM embedding_cache_sources l\n                       \
-         WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))\n  \
-         AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e\n                  \
-         WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h\n                    \
-         AND e.next_retry_at > now())\n\
+         AND {not_done}\n  \
+         AND {NOT_DEFERRED}\n\
          ORDER BY s.h\n\
          LIMIT $6",
         src = source_values(source),
         has_large = has("large", FULL),
         has_small = has("small", FULL),
-        complete = complete(FULL),
+        not_done = not_done(),
         join = join_cache(FULL),
     )
 }
@@ -328,12 +340,10 @@ pub fn snapshot_pending(source: &Source) -> String {
          SELECT $5, $1, $2, s.h, s.v, s.n\n\
          FROM src s\n\
          {join}\n\
-         WHERE NOT (coalesce({complete}, false)\n           \
-         AND EXISTS (SELECT 1 FROM embedding_cache_sources l\n                       \
-         WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))\n\
+         WHERE {not_done}\n\
          ON CONFLICT DO NOTHING",
         src = source_values(source),
-        complete = complete(FULL),
+        not_done = not_done(),
         join = join_cache(FULL),
     )
 }
@@ -348,17 +358,13 @@ pub fn pending_snapshot_page() -> String {
          FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending\n      \
          WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6) s\n\
          {join}\n\
-         WHERE NOT (coalesce({complete}, false)\n           \
-         AND EXISTS (SELECT 1 FROM embedding_cache_sources l\n                       \
-         WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))\n  \
-         AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e\n                  \
-         WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h\n                    \
-         AND e.next_retry_at > now())\n\
+         WHERE {not_done}\n  \
+         AND {NOT_DEFERRED}\n\
          ORDER BY s.h\n\
          LIMIT $7",
         has_large = has("large", FULL),
         has_small = has("small", FULL),
-        complete = complete(FULL),
+        not_done = not_done(),
         join = join_cache(FULL),
     )
 }
@@ -684,6 +690,35 @@ mod tests {
                                 AND e.next_retry_at > now())
             ORDER BY s.h
             LIMIT $6"#]].assert_eq(&pending_page(&source()));
+        expect![[r#"
+            WITH src AS (
+                SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n
+                FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
+                WHERE d.v <> ''
+            )
+            INSERT INTO embedding_sync_pending (run_id, source_table, source_column, value_hash, value, occurrences)
+            SELECT $5, $1, $2, s.h, s.v, s.n
+            FROM src s
+            LEFT JOIN embedding_cache c ON c.value_hash = s.h
+                LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h
+            WHERE NOT (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false)
+                       AND EXISTS (SELECT 1 FROM embedding_cache_sources l
+                                   WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))
+            ON CONFLICT DO NOTHING"#]].assert_eq(&snapshot_pending(&source()));
+        expect![[r#"
+            SELECT s.h, s.v, s.n, coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) AS has_large, coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) AS has_small
+            FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending
+                  WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6) s
+            LEFT JOIN embedding_cache c ON c.value_hash = s.h
+                LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h
+            WHERE NOT (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false)
+                       AND EXISTS (SELECT 1 FROM embedding_cache_sources l
+                                   WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))
+              AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e
+                              WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h
+                                AND e.next_retry_at > now())
+            ORDER BY s.h
+            LIMIT $7"#]].assert_eq(&pending_snapshot_page());
         expect![[r#"
             WITH src AS MATERIALIZED (
                 SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n
