@@ -42,6 +42,8 @@ set -euo pipefail
 
 # shellcheck source=scripts/env.sh disable=SC1091
 . "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
+# shellcheck source=scripts/lib.sh disable=SC1091
+. "$REPO/scripts/lib.sh"
 cd "$REPO"
 
 N="${1:-100000}"
@@ -94,46 +96,14 @@ die() {
     exit 1
 }
 
-alive() {
-    [ -n "$1" ] && kill -0 "$1" 2>/dev/null
-}
-
-# Waits up to $2 tenths of a second for process $1 to end; exit status 0 when it has ended.
-# shellcheck disable=SC2317 # Only called from the EXIT trap.
-wait_gone() {
-    local pid="$1" tenths="$2" i
-    for i in $(seq 1 "$tenths"); do
-        alive "$pid" || return 0
-        [ "$i" -eq "$tenths" ] || sleep 0.1
-    done
-    ! alive "$pid"
-}
-
-# shellcheck disable=SC2317 # Only called from the EXIT trap.
-stop_wrangler() {
-    local pid="$1"
-    alive "$pid" || return 0
-    # wrangler's node process forwards SIGINT to its child, which shuts workerd down.
-    kill -INT "$pid" 2>/dev/null || true
-    if ! wait_gone "$pid" 100; then
-        kill -TERM "$pid" 2>/dev/null || true
-        wait_gone "$pid" 30 || kill -KILL "$pid" 2>/dev/null || true
-    fi
-}
-
 # shellcheck disable=SC2317 # Only called from the EXIT trap.
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
     stop_wrangler "$WRANGLER_PID"
     stop_wrangler "$COUNT_WRANGLER_PID"
-    local pid
-    for pid in "$PROVIDER_PID" "$PROXY_PID"; do
-        if alive "$pid"; then
-            kill -TERM "$pid" 2>/dev/null || true
-            wait_gone "$pid" 30 || kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
+    stop_process "$PROVIDER_PID"
+    stop_process "$PROXY_PID"
     if [ -n "$PG_STARTED" ]; then
         "$REPO/scripts/pg.sh" stop "$PG_DIR" >&2 || true
     fi
@@ -150,19 +120,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-free_port() {
-    python3 -c 'import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()'
-}
-
-# The current time in seconds, with a fractional part.
-now() {
-    printf '%s\n' "${EPOCHREALTIME/,/.}"
-}
 
 # Prefixes each line of stdin with the epoch time it was read at.
 stamp() {
@@ -213,15 +170,9 @@ start_wrangler() {
     echo $!
 }
 
-wait_healthy() {
-    local origin="$1" pid="$2" log="$3"
-    for _ in $(seq 1 600); do
-        curl -fsS -m 2 "$origin/health" >/dev/null 2>&1 && return 0
-        alive "$pid" || break
-        sleep 0.2
-    done
-    tail -n 40 "$log" >&2
-    die "wrangler dev did not answer $origin/health (log above, $log)"
+# Waits for `wrangler dev` pid $2 with log $3 to answer $1/health; dies when it does not.
+wait_worker() {
+    wait_healthy "$@" || die "wrangler dev did not answer $1/health (log above, $3)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -236,12 +187,7 @@ if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
     } >"$LOGS/build.log" 2>&1 || { tail -n 40 "$LOGS/build.log" >&2; die "setup or build failed"; }
 fi
 [ -f "$REPO/build/worker/shim.mjs" ] || die "no build/worker/shim.mjs: run worker-build --release (or drop BENCH_SKIP_BUILD)"
-target_dir="${CARGO_TARGET_DIR:-target}"
-case "$target_dir" in
-    /*) ;;
-    *) target_dir="$REPO/$target_dir" ;;
-esac
-PROVIDER_BIN="$target_dir/debug/embsync-local-provider"
+PROVIDER_BIN="$(provider_bin)"
 [ -x "$PROVIDER_BIN" ] || die "the provider binary is not at $PROVIDER_BIN"
 
 # wrangler dev rebuilds and reloads the worker when src/ or the bundle changes, which would kill
@@ -287,35 +233,15 @@ SQL
 say "starting the local provider (zero latency)"
 "$PROVIDER_BIN" --port 0 </dev/null >"$LOGS/provider.out" 2> >(stamp >"$LOGS/provider.err") &
 PROVIDER_PID=$!
-PROVIDER_ORIGIN=""
-for _ in $(seq 1 100); do
-    first_line="$(head -n 1 "$LOGS/provider.out")"
-    case "$first_line" in
-        "listening on "*)
-            PROVIDER_ORIGIN="${first_line#listening on }"
-            PROVIDER_ORIGIN="${PROVIDER_ORIGIN%/}"
-            break
-            ;;
-    esac
-    alive "$PROVIDER_PID" || break
-    sleep 0.1
-done
-[ -n "$PROVIDER_ORIGIN" ] || die "the provider did not start ($LOGS/provider.out)"
+PROVIDER_ORIGIN="$(listening_address "$LOGS/provider.out" "$PROVIDER_PID")" \
+    || die "the provider did not start ($LOGS/provider.out)"
 OPENAI_BASE_URL="$PROVIDER_ORIGIN/v1"
 
 say "starting the counting proxy in front of Postgres (for the rows sent to the worker)"
 python3 -u "$REPO/bench/pgwire_count.py" "$PG_PORT" "$LOGS/wire.jsonl" </dev/null >"$LOGS/proxy.out" 2>&1 &
 PROXY_PID=$!
-PROXY_PORT=""
-for _ in $(seq 1 100); do
-    first_line="$(head -n 1 "$LOGS/proxy.out")"
-    case "$first_line" in
-        "listening on "*) PROXY_PORT="${first_line#listening on }"; break ;;
-    esac
-    alive "$PROXY_PID" || break
-    sleep 0.1
-done
-[ -n "$PROXY_PORT" ] || die "the counting proxy did not start ($LOGS/proxy.out)"
+PROXY_PORT="$(listening_address "$LOGS/proxy.out" "$PROXY_PID")" \
+    || die "the counting proxy did not start ($LOGS/proxy.out)"
 
 TOKEN="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
 SOURCES_JSON="{\"version\":\"1.0\",\"models\":{\"large\":$LARGE_JSON,\"small\":$SMALL_JSON},\"batchSize\":$BATCH_SIZE,\"sources\":[{\"name\":\"bench\",\"table\":\"$TABLE\",\"column\":\"$COLUMN\",\"enabled\":true}]}"
@@ -329,8 +255,8 @@ COUNT_PORT="$(free_port)"
 COUNT_ORIGIN="http://127.0.0.1:$COUNT_PORT"
 COUNT_LOG="$LOGS/wrangler-counted.log"
 COUNT_WRANGLER_PID="$(start_wrangler "$COUNT_PORT" "postgres://postgres@127.0.0.1:$PROXY_PORT/postgres" "$COUNT_LOG" "$WORK/wrangler-state-counted")"
-wait_healthy "$ORIGIN" "$WRANGLER_PID" "$WRANGLER_LOG"
-wait_healthy "$COUNT_ORIGIN" "$COUNT_WRANGLER_PID" "$COUNT_LOG"
+wait_worker "$ORIGIN" "$WRANGLER_PID" "$WRANGLER_LOG"
+wait_worker "$COUNT_ORIGIN" "$COUNT_WRANGLER_PID" "$COUNT_LOG"
 
 # The workerd processes under a wrangler pid (descendants whose command is workerd; wrangler
 # runs two: its own entry worker and the user worker).
@@ -389,8 +315,7 @@ finished=0
 for i in $(seq 1 "$max_invocations"); do
     t0="$(now)"
     curl -fsS -m 900 "$ORIGIN/__scheduled?cron=$CRON" >/dev/null || die "GET /__scheduled failed"
-    t1="$(now)"
-    invocation_times+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')")
+    invocation_times+=("$(elapsed "$t0")")
     say "   invocation $i: ${invocation_times[-1]} s"
     finished="$(psql_q -c "SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NOT NULL" 2>/dev/null || echo 0)"
     [ "$finished" -ge 1 ] && break
@@ -401,7 +326,7 @@ for i in $(seq 1 "$max_invocations"); do
 done
 t_end="$(now)"
 [ "$finished" -ge 1 ] || die "the run did not finish within $max_invocations invocations"
-initial_secs="$(awk -v a="$t_start" -v b="$t_end" 'BEGIN { printf "%.1f", b - a }')"
+initial_secs="$(elapsed "$t_start" "$t_end")"
 IFS='|' read -r run_status run_invocations run_embedded run_errors < <(psql_q -c \
     "SELECT status, invocations, report->'totals'->>'embedded', report->'totals'->>'errors' FROM embedding_sync_runs WHERE finished_at IS NOT NULL")
 initial_requests="$(provider_requests)"
@@ -459,7 +384,9 @@ PY
 # (unnamed prepared statement via \bind, like the worker's extended-protocol query), timed with
 # \timing: the query alone, no connection set-up.
 {
-    printf '%s\n' '\timing on'
+    # The worker plans inside a transaction with SET LOCAL work_mem = '64MB' (see sql.rs,
+    # PLAN_WORK_MEM); the bare query gets the same memory, so the ratio compares like with like.
+    printf '%s\n' "SET work_mem = '64MB';" '\timing on'
     cat "$LOGS/plan.sql"
     printf ' \\bind %s %s %s %s \\g\n' "'$TABLE'" "'$COLUMN'" "'$LARGE_TAG'" "'$SMALL_TAG'"
 } >"$LOGS/bare-diff.psql"
@@ -493,6 +420,7 @@ done
 cut_logs "$phase2_marks" noop
 # Where the bare diff spends its time, for the record (not timed).
 {
+    printf '%s\n' "SET work_mem = '64MB';"
     printf 'EXPLAIN (ANALYZE, BUFFERS, TIMING) '
     cat "$LOGS/plan.sql"
     printf ' \\bind %s %s %s %s \\g\n' "'$TABLE'" "'$COLUMN'" "'$LARGE_TAG'" "'$SMALL_TAG'"

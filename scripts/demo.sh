@@ -15,6 +15,8 @@ set -euo pipefail
 
 # shellcheck source=scripts/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
 cd "$REPO"
 
 RUN_DIR="$REPO/.run"
@@ -37,22 +39,6 @@ say() {
     printf '\n==> [demo] %s\n' "$*"
 }
 
-# Exit status 0 while the process is alive.
-alive() {
-    [ -n "$1" ] && kill -0 "$1" 2>/dev/null
-}
-
-# Waits up to $2 tenths of a second for process $1 to end; exit status 0 when it has ended.
-# shellcheck disable=SC2317 # Only called from the EXIT trap, which shellcheck cannot see.
-wait_gone() {
-    local pid="$1" tenths="$2" i
-    for i in $(seq 1 "$tenths"); do
-        alive "$pid" || return 0
-        [ "$i" -eq "$tenths" ] || sleep 0.1
-    done
-    ! alive "$pid"
-}
-
 # Stops what the demo started, in reverse order. Runs on every exit, including Ctrl-C.
 # shellcheck disable=SC2317 # Only called from the EXIT trap, which shellcheck cannot see.
 cleanup() {
@@ -63,18 +49,12 @@ cleanup() {
         kill "$TAIL_PID" 2>/dev/null || true
     fi
     if alive "$WRANGLER_PID"; then
-        # wrangler's node process forwards SIGINT to its child, which shuts workerd down.
         echo "stopping wrangler (pid $WRANGLER_PID)"
-        kill -INT "$WRANGLER_PID" 2>/dev/null || true
-        if ! wait_gone "$WRANGLER_PID" 100; then
-            kill -TERM "$WRANGLER_PID" 2>/dev/null || true
-            wait_gone "$WRANGLER_PID" 30 || kill -KILL "$WRANGLER_PID" 2>/dev/null || true
-        fi
+        stop_wrangler "$WRANGLER_PID"
     fi
     if alive "$PROVIDER_PID"; then
         echo "stopping the provider (pid $PROVIDER_PID)"
-        kill -TERM "$PROVIDER_PID" 2>/dev/null || true
-        wait_gone "$PROVIDER_PID" 30 || kill -KILL "$PROVIDER_PID" 2>/dev/null || true
+        stop_process "$PROVIDER_PID"
     fi
     if [ -n "$PG_STARTED" ]; then
         "$REPO/scripts/pg.sh" stop "$PG_DIR" || true
@@ -97,15 +77,6 @@ die() {
 # Exit status 0 when something accepts TCP connections on 127.0.0.1:PORT.
 port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-# Prints a TCP port on 127.0.0.1 that is free right now.
-free_port() {
-    python3 -c 'import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()'
 }
 
 # Pretty-prints JSON from stdin with jq when available, else python3; prints it as it is when it
@@ -132,12 +103,7 @@ worker-build --release
 [ -f build/worker/shim.mjs ] || die "worker-build did not produce build/worker/shim.mjs"
 say "building the local provider"
 cargo build -p local-provider
-target_dir="${CARGO_TARGET_DIR:-target}"
-case "$target_dir" in
-    /*) ;;
-    *) target_dir="$REPO/$target_dir" ;;
-esac
-PROVIDER_BIN="$target_dir/debug/embsync-local-provider"
+PROVIDER_BIN="$(provider_bin)"
 [ -x "$PROVIDER_BIN" ] || die "the provider binary is not at $PROVIDER_BIN"
 
 # Postgres. A server left running on the demo's data directory by an earlier run that did not
@@ -162,23 +128,10 @@ say "starting the local embeddings provider"
 : >"$PROVIDER_OUT"
 "$PROVIDER_BIN" --port 0 --log "$PROVIDER_LOG" </dev/null >"$PROVIDER_OUT" 2>&1 &
 PROVIDER_PID=$!
-provider_origin=""
-for _ in $(seq 1 100); do
-    first_line="$(head -n 1 "$PROVIDER_OUT")"
-    case "$first_line" in
-        "listening on "*)
-            provider_origin="${first_line#listening on }"
-            provider_origin="${provider_origin%/}"
-            break
-            ;;
-    esac
-    alive "$PROVIDER_PID" || break
-    sleep 0.1
-done
-if [ -z "$provider_origin" ]; then
+provider_origin="$(listening_address "$PROVIDER_OUT" "$PROVIDER_PID")" || {
     cat "$PROVIDER_OUT" >&2
     die "the provider did not print 'listening on http://...' (output above, $PROVIDER_OUT)"
-fi
+}
 PROVIDER_PORT="${provider_origin##*:}"
 OPENAI_BASE_URL="http://127.0.0.1:$PROVIDER_PORT/v1"
 echo "provider: $OPENAI_BASE_URL (pid $PROVIDER_PID, request log $PROVIDER_LOG)"
@@ -203,19 +156,8 @@ SKIP_WORKER_BUILD=1 NO_COLOR=1 "$NODE22" "$WRANGLER_JS" dev \
     </dev/null >"$WRANGLER_LOG" 2>&1 &
 WRANGLER_PID=$!
 
-healthy=""
-for _ in $(seq 1 300); do
-    if curl -fsS -m 2 "$ORIGIN/health" >/dev/null 2>&1; then
-        healthy=1
-        break
-    fi
-    alive "$WRANGLER_PID" || break
-    sleep 0.2
-done
-if [ -z "$healthy" ]; then
-    tail -n 40 "$WRANGLER_LOG" >&2
-    die "wrangler dev did not answer $ORIGIN/health (log above, $WRANGLER_LOG)"
-fi
+wait_healthy "$ORIGIN" "$WRANGLER_PID" "$WRANGLER_LOG" 300 \
+    || die "wrangler dev did not answer $ORIGIN/health (log above, $WRANGLER_LOG)"
 echo "health: $(curl -fsS -m 5 "$ORIGIN/health")"
 
 # One cron run, as Cloudflare would trigger it every five minutes. The endpoint answers "ok"

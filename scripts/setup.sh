@@ -9,6 +9,8 @@ set -euo pipefail
 
 # shellcheck source=scripts/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
 cd "$REPO"
 
 WORKER_BUILD_VERSION="0.8.7"
@@ -16,15 +18,6 @@ PGSERVER_VERSION="0.1.6"
 # The wasm-bindgen CLI must match the wasm-bindgen crate in Cargo.lock exactly; this is the
 # version Cargo.toml pins, used when there is no lock file yet.
 DEFAULT_WASM_BINDGEN_VERSION="0.2.130"
-
-# Prints the current time in seconds with a fractional part.
-now() {
-    if [ -n "${EPOCHREALTIME:-}" ]; then
-        printf '%s\n' "${EPOCHREALTIME/,/.}"
-    else
-        date +%s.%N
-    fi
-}
 
 # Prints a progress line prefixed so that it stands out from the tools' own output.
 say() {
@@ -39,9 +32,7 @@ step_begin() {
 
 # Ends the current step and prints its outcome and duration.
 step_end() {
-    local outcome="$1" elapsed
-    elapsed="$(awk -v a="$STEP_START" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')"
-    say "$STEP_NAME: $outcome (${elapsed} s)"
+    say "$STEP_NAME: $1 ($(elapsed "$STEP_START") s)"
 }
 
 SETUP_START="$(now)"
@@ -67,16 +58,24 @@ tool_version() {
     fi
 }
 
+# One step: installs crate $1 at version $2 with `cargo install` (which takes about $4 minutes;
+# further arguments go to it) unless the binary $3 in CARGO_BIN_DIR already reports that version.
+cargo_install_step() {
+    local crate="$1" version="$2" bin="$3" minutes="$4" have
+    shift 4
+    step_begin "$crate $version"
+    have="$(tool_version "$CARGO_BIN_DIR/$bin")"
+    if [ "$have" = "$version" ]; then
+        step_end "already installed"
+    else
+        say "$STEP_NAME: installing with cargo install (found '${have:-none}'; takes ~$minutes minutes)"
+        cargo install "$crate" --version "$version" "$@"
+        step_end "installed"
+    fi
+}
+
 # worker-build, which turns the Rust crate into build/worker/shim.mjs.
-step_begin "worker-build $WORKER_BUILD_VERSION"
-have="$(tool_version "$CARGO_BIN_DIR/worker-build")"
-if [ "$have" = "$WORKER_BUILD_VERSION" ]; then
-    step_end "already installed"
-else
-    say "$STEP_NAME: installing with cargo install (found '${have:-none}'; takes ~8 minutes)"
-    cargo install worker-build --version "$WORKER_BUILD_VERSION" --locked
-    step_end "installed"
-fi
+cargo_install_step worker-build "$WORKER_BUILD_VERSION" worker-build 8 --locked
 
 # The wasm-bindgen CLI, which must be the same version as the wasm-bindgen crate the worker is
 # built with. Cargo.lock is the authority when it exists.
@@ -91,16 +90,8 @@ if [ -f Cargo.lock ]; then
         wasm_bindgen_version="$locked"
     fi
 fi
-step_begin "wasm-bindgen-cli $wasm_bindgen_version"
-have="$(tool_version "$CARGO_BIN_DIR/wasm-bindgen")"
-if [ "$have" = "$wasm_bindgen_version" ]; then
-    step_end "already installed"
-else
-    # Without --locked: the CLI's own lock file wants a crate version the registry mirror lacks.
-    say "$STEP_NAME: installing with cargo install (found '${have:-none}'; takes ~4 minutes)"
-    cargo install wasm-bindgen-cli --version "$wasm_bindgen_version"
-    step_end "installed"
-fi
+# Without --locked: the CLI's own lock file wants a crate version the registry mirror lacks.
+cargo_install_step wasm-bindgen-cli "$wasm_bindgen_version" wasm-bindgen 4
 
 # Wrangler, esbuild, binaryen and Node 22 from package.json / package-lock.json. `npm ci` does not
 # work here (an optional darwin package is missing from the lock file), so this uses
@@ -144,5 +135,4 @@ else
     step_end "installed ($("$PG_BIN/postgres" --version))"
 fi
 
-elapsed="$(awk -v a="$SETUP_START" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')"
-say "everything is in place (${elapsed} s)"
+say "everything is in place ($(elapsed "$SETUP_START") s)"

@@ -25,16 +25,9 @@ set -euo pipefail
 
 # shellcheck source=scripts/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
 cd "$REPO"
-
-# Prints the current time in seconds with a fractional part.
-now() {
-    if [ -n "${EPOCHREALTIME:-}" ]; then
-        printf '%s\n' "${EPOCHREALTIME/,/.}"
-    else
-        date +%s.%N
-    fi
-}
 
 say() {
     printf '==> [test] %s\n' "$*"
@@ -42,13 +35,12 @@ say() {
 
 # Runs one step of the test run, announcing it and printing how long it took.
 step() {
-    local name="$1" start elapsed
+    local name="$1" start
     shift
     say "$name"
     start="$(now)"
     "$@"
-    elapsed="$(awk -v a="$start" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')"
-    say "$name: done (${elapsed} s)"
+    say "$name: done ($(elapsed "$start") s)"
 }
 
 # Every process started from here on inherits this marker in its environment (wrangler passes
@@ -125,15 +117,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Prints a TCP port on 127.0.0.1 that is free right now.
-free_port() {
-    python3 -c 'import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()'
-}
-
 build_worker() {
     worker-build --release
     [ -f "$REPO/build/worker/shim.mjs" ] || {
@@ -160,13 +143,8 @@ step "start Postgres" start_postgres
 
 export EMBSYNC_TEST_PG_URL
 EMBSYNC_TEST_PG_URL="$("$REPO/scripts/pg.sh" url "$PG_PORT")"
-# Cargo resolves a relative CARGO_TARGET_DIR against the directory it runs in: the repository.
-target_dir="${CARGO_TARGET_DIR:-target}"
-case "$target_dir" in
-    /*) ;;
-    *) target_dir="$REPO/$target_dir" ;;
-esac
-export EMBSYNC_PROVIDER_BIN="$target_dir/debug/embsync-local-provider"
+EMBSYNC_PROVIDER_BIN="$(provider_bin)"
+export EMBSYNC_PROVIDER_BIN
 export EMBSYNC_REPO="$REPO"
 export EMBSYNC_NODE="$NODE22"
 export EMBSYNC_WRANGLER_JS="$WRANGLER_JS"

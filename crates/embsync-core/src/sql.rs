@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS embedding_cache_owned (
     small_model text,
     created_at timestamptz NOT NULL DEFAULT now()
 );
+-- Columns added to embsync's own tables after they were first created.
+ALTER TABLE embedding_cache_owned ADD COLUMN IF NOT EXISTS large_model text;
+ALTER TABLE embedding_cache_owned ADD COLUMN IF NOT EXISTS small_model text;
 CREATE TABLE IF NOT EXISTS embedding_sync_errors (
     source_table text NOT NULL,
     source_column text NOT NULL,

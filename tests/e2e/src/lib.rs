@@ -297,6 +297,15 @@ pub struct TestDb {
     client: Option<Client>,
 }
 
+/// A database with the three default source tables and `values` in the Option Descriptions
+/// source.
+pub fn db_with_options(values: &[&str]) -> TestDb {
+    let mut db = TestDb::create();
+    db.create_default_sources();
+    db.insert_strs(OPTION, values);
+    db
+}
+
 impl TestDb {
     /// Creates a database with a unique name and connects to it.
     pub fn create() -> TestDb {
@@ -718,17 +727,10 @@ impl Provider {
         if let Some(d) = dimensions {
             body["dimensions"] = json!(d);
         }
-        let auth = self.api_key.as_ref().map(|k| format!("Bearer {k}"));
-        let headers: Vec<(&str, &str)> =
-            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
-        let url = format!("{}/embeddings", self.base_url());
-        let (status, text) =
-            send("POST", &url, &headers, Some(&body.to_string())).expect("provider embed");
-        assert_eq!(status, 200, "provider embed: {text}");
-        let v = to_json(&text);
+        let v = self.post_embeddings(&body);
         v["data"][0]["embedding"]
             .as_array()
-            .unwrap_or_else(|| panic!("no data[0].embedding in {text:.500}"))
+            .unwrap_or_else(|| panic!("no data[0].embedding in {v:.500}"))
             .iter()
             .map(|x| x.as_f64().expect("float component") as f32)
             .collect()
@@ -1110,13 +1112,7 @@ impl Worker {
         unsafe { libc::kill(-pid, libc::SIGKILL) };
         let _ = child.wait();
         // workerd may take a moment to go; wait until nothing in the group is left.
-        for _ in 0..50 {
-            if unsafe { libc::kill(-pid, 0) } != 0 {
-                return;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        panic!("processes of group {pid} survived SIGKILL");
+        assert!(group_gone(pid, 50), "processes of group {pid} survived SIGKILL");
     }
 
     /// Runs `wrangler kv key <args...> --binding SYNC_STATE --local --persist-to <dir>` against
@@ -1140,28 +1136,27 @@ impl Worker {
         Some(stdout.trim_end_matches('\n').to_string())
     }
 
-    /// Writes `value` under `key` in the worker's `SYNC_STATE` KV.
-    pub fn kv_put(&self, key: &str, value: &str) {
-        let out = self.kv(&["put", key, value]);
+    /// Runs [`Self::kv`] with `args` (an operation and a key first) and asserts it succeeded.
+    fn kv_ok(&self, args: &[&str]) {
+        let out = self.kv(args);
         assert!(
             out.status.success(),
-            "wrangler kv key put {key} failed ({}):\n{}\n{}",
+            "wrangler kv key {} failed ({}):\n{}\n{}",
+            args[..2].join(" "),
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
 
+    /// Writes `value` under `key` in the worker's `SYNC_STATE` KV.
+    pub fn kv_put(&self, key: &str, value: &str) {
+        self.kv_ok(&["put", key, value]);
+    }
+
     /// Deletes `key` from the worker's `SYNC_STATE` KV.
     pub fn kv_delete(&self, key: &str) {
-        let out = self.kv(&["delete", key]);
-        assert!(
-            out.status.success(),
-            "wrangler kv key delete {key} failed ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.kv_ok(&["delete", key]);
     }
 
     fn stop(&mut self) {
@@ -1183,14 +1178,23 @@ impl Worker {
             let _ = child.wait();
         }
         // Anything left in the group (workerd) gets a moment, then SIGKILL.
-        for _ in 0..20 {
-            if unsafe { libc::kill(-pid, 0) } != 0 {
-                return;
-            }
-            thread::sleep(Duration::from_millis(100));
+        if !group_gone(pid, 20) {
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
         }
-        unsafe { libc::kill(-pid, libc::SIGKILL) };
     }
+}
+
+/// Waits up to `tries` times 100 ms for process group `pid` to have no process left; true when
+/// it has none.
+fn group_gone(pid: libc::pid_t, tries: u32) -> bool {
+    for _ in 0..tries {
+        // SAFETY: signal 0 only asks whether the group still has a member.
+        if unsafe { libc::kill(-pid, 0) } != 0 {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
 
 impl Drop for Worker {
@@ -1271,6 +1275,18 @@ pub fn start_stack(db: &TestDb, sources: Option<String>) -> (Provider, Worker) {
     (provider, worker)
 }
 
+impl Worker {
+    /// A request with a bearer token and a raw body (sent as JSON content); returns status and
+    /// JSON body.
+    pub fn request_body(&self, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
+        let url = format!("{}{path}", self.origin);
+        let auth = format!("Bearer {token}");
+        let (status, text) = send(method, &url, &[("Authorization", auth.as_str())], Some(body))
+            .unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)));
+        (status, to_json(&text))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1326,3 +1342,4 @@ mod tests {
         assert_eq!(got, BTreeSet::from(["x".to_string(), "y".to_string()]));
     }
 }
+

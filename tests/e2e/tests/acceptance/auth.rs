@@ -30,9 +30,7 @@ fn assert_health(worker: &Worker, db: &TestDb) {
 
 #[test]
 fn endpoints_refuse_a_missing_or_wrong_token() {
-    let mut db = TestDb::create();
-    db.create_default_sources();
-    db.insert_strs(OPTION, &["Heated seats", "Navigation"]);
+    let mut db = db_with_options(&["Heated seats", "Navigation"]);
     let (provider, worker) = start_stack(&db, None);
     assert_health(&worker, &db);
 
@@ -85,9 +83,7 @@ fn endpoints_refuse_a_missing_or_wrong_token() {
 
 #[test]
 fn endpoints_refuse_everything_when_no_token_is_configured() {
-    let mut db = TestDb::create();
-    db.create_default_sources();
-    db.insert_strs(OPTION, &["Heated seats", "Navigation"]);
+    let mut db = db_with_options(&["Heated seats", "Navigation"]);
     let provider = Provider::start(Some(API_KEY));
     let worker = Worker::start(WorkerOpts::new(&db, &provider).no_token());
     assert_health(&worker, &db);

@@ -71,9 +71,7 @@ fn config_loads_dry_run_lists_the_three_default_sources() {
 /// both answer 500 `invalid embedding sources config: ...` naming every one of `needles`, and
 /// that nothing was written and the provider was not called.
 fn assert_rejected(config: &str, needles: &[&str]) {
-    let mut db = TestDb::create();
-    db.create_default_sources();
-    db.insert_strs(OPTION, &["Leather seats", "Sunroof"]);
+    let mut db = db_with_options(&["Leather seats", "Sunroof"]);
     let (provider, worker) = start_stack(&db, Some(config.to_string()));
 
     for (method, path) in [("GET", "/dry-run"), ("POST", "/sync")] {

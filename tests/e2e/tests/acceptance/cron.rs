@@ -7,9 +7,7 @@ use serde_json::json;
 
 #[test]
 fn cron_trigger_runs_the_sync() {
-    let mut db = TestDb::create();
-    db.create_default_sources();
-    db.insert_strs(OPTION, &["Trailer coupling", "Roof box", "Roof box  "]);
+    let mut db = db_with_options(&["Trailer coupling", "Roof box", "Roof box  "]);
     db.insert_strs(POSITION, &["Towing", "Storage"]);
     db.insert_strs(HTB, &["towing_capacity_kg"]);
     let all: Vec<String> = [

@@ -10,6 +10,7 @@ mod batches;
 mod config;
 mod cron;
 mod foreign;
+mod guards;
 mod hashing;
 mod provider;
 mod runs;

@@ -60,6 +60,20 @@ fn recorded_for(db: &mut TestDb, src: Src) -> BTreeSet<String> {
         .collect()
 }
 
+/// Every embedding_cache row's (id, value_hash), in id order: equal before and after a re-run
+/// when nothing was rewritten.
+fn cache_ids(db: &mut TestDb) -> Vec<(i64, String)> {
+    db.client()
+        .query(
+            "SELECT id, value_hash FROM embedding_cache ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 #[test]
 fn new_values_are_detected_on_fresh_sources() {
     let mut db = TestDb::create();
@@ -149,12 +163,10 @@ fn new_values_are_detected_on_fresh_sources() {
 
 #[test]
 fn stale_values_are_detected_after_deleting_source_rows() {
-    let mut db = TestDb::create();
-    db.create_default_sources();
     let values = [
         "alpha", "beta", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", " theta ",
     ];
-    db.insert_strs(OPTION, &values);
+    let mut db = db_with_options(&values);
     let (provider, worker) = start_stack(&db, None);
     let first = worker.sync();
     assert_counts(
@@ -217,8 +229,6 @@ fn stale_values_are_detected_after_deleting_source_rows() {
 
 #[test]
 fn both_embeddings_are_stored_with_3072_and_1536_dimensions() {
-    let mut db = TestDb::create();
-    db.create_default_sources();
     let values = [
         "Panoramic roof",
         "Adaptive cruise control",
@@ -226,7 +236,7 @@ fn both_embeddings_are_stored_with_3072_and_1536_dimensions() {
         "Rear camera",
         "Keyless entry",
     ];
-    db.insert_strs(OPTION, &values);
+    let mut db = db_with_options(&values);
     // Batches of 2: a misaligned batch would store a vector under the wrong value.
     let (provider, worker) = start_stack(&db, Some(sources_json(2, &DEFAULT_SOURCES)));
     worker.sync();
@@ -291,9 +301,7 @@ fn both_embeddings_are_stored_with_3072_and_1536_dimensions() {
 
 #[test]
 fn distinct_source_table_and_column_list_every_source() {
-    let mut db = TestDb::create();
-    db.create_default_sources();
-    db.insert_strs(OPTION, &["Alloy wheels", "Fog lights"]);
+    let mut db = db_with_options(&["Alloy wheels", "Fog lights"]);
     db.insert_strs(POSITION, &["Wheel size", "Lighting"]);
     db.insert_strs(HTB, &["wheel_diameter_inch"]);
     let (_provider, worker) = start_stack(&db, None);
@@ -337,16 +345,7 @@ fn immediate_rerun_reports_nothing_new_and_calls_no_provider() {
         !provider.embedding_requests().is_empty(),
         "the first sync must call the provider"
     );
-    let rows_before: Vec<(i64, String)> = db
-        .client()
-        .query(
-            "SELECT id, value_hash FROM embedding_cache ORDER BY id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows_before = cache_ids(&mut db);
     provider.clear();
 
     let second = worker.sync();
@@ -415,16 +414,7 @@ fn immediate_rerun_reports_nothing_new_and_calls_no_provider() {
         "cron re-run called the provider"
     );
 
-    let rows_after: Vec<(i64, String)> = db
-        .client()
-        .query(
-            "SELECT id, value_hash FROM embedding_cache ORDER BY id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows_after = cache_ids(&mut db);
     assert_eq!(rows_before, rows_after, "a re-run must not rewrite rows");
 }
 

@@ -26,15 +26,6 @@ pub fn config_with(batch_size: u64, sources: &[Src], extra: Value) -> String {
     doc.to_string()
 }
 
-/// A database with the three default source tables and `values` in the Option Descriptions
-/// source.
-pub fn db_with_options(values: &[&str]) -> TestDb {
-    let mut db = TestDb::create();
-    db.create_default_sources();
-    db.insert_strs(OPTION, values);
-    db
-}
-
 /// The set of owned strings of `values`.
 pub fn set_of(values: &[&str]) -> BTreeSet<String> {
     values.iter().map(|s| s.to_string()).collect()

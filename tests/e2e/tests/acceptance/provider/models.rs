@@ -69,6 +69,23 @@ fn assert_only_small_512_requested(provider: &Provider) {
     assert_eq!(inputs, set_of(&VALUES).into_iter().collect::<Vec<_>>());
 }
 
+/// The run re-embedded the small column, and only it: only the small model was asked (at 512
+/// dimensions), every small vector is its 512-d embedding, and the large column is unchanged
+/// (its digest is still `large_before`).
+fn assert_only_small_re_embedded(db: &mut TestDb, provider: &Provider, large_before: &str) {
+    assert_only_small_512_requested(provider);
+    assert_eq!(
+        small_dims(db),
+        std::collections::BTreeSet::from(["512".to_string()])
+    );
+    assert_small_is_512(db, provider);
+    assert_eq!(
+        column_digest(db, "embedding_large"),
+        large_before,
+        "large vectors must not change"
+    );
+}
+
 #[test]
 fn switching_small_to_512_dimensions_re_embeds_only_the_small_column() {
     let mut db = db_with_options(&VALUES);
@@ -145,17 +162,7 @@ fn switching_small_to_512_dimensions_re_embeds_only_the_small_column() {
         &[("total", 5), ("new", 5), ("embedded", 5), ("errors", 0)],
     );
     assert_eq!(report["usage"]["large"]["requests"], json!(0), "{report:#}");
-    assert_only_small_512_requested(&provider);
-    assert_eq!(
-        small_dims(&mut db),
-        std::collections::BTreeSet::from(["512".to_string()])
-    );
-    assert_small_is_512(&mut db, &provider);
-    assert_eq!(
-        column_digest(&mut db, "embedding_large"),
-        large_before,
-        "large vectors must not change"
-    );
+    assert_only_small_re_embedded(&mut db, &provider, &large_before);
     let tags = db.text_set("SELECT large_model || '/' || small_model FROM embedding_cache_owned");
     assert_eq!(
         tags,
@@ -182,15 +189,5 @@ fn switching_small_to_512_dimensions_re_embeds_only_the_small_column() {
         source_entry(&report, OPTION.table),
         &[("new", 5), ("embedded", 5), ("errors", 0)],
     );
-    assert_only_small_512_requested(&provider);
-    assert_eq!(
-        small_dims(&mut db),
-        std::collections::BTreeSet::from(["512".to_string()])
-    );
-    assert_small_is_512(&mut db, &provider);
-    assert_eq!(
-        column_digest(&mut db, "embedding_large"),
-        large_before,
-        "large vectors must not change"
-    );
+    assert_only_small_re_embedded(&mut db, &provider, &large_before);
 }
