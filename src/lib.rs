@@ -250,7 +250,6 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
 async fn status(env: &Env) -> Result<serde_json::Value, AppError> {
     let config = settings::config(env)?;
     let url = settings::database_url(env)?;
-    let rt = WorkerRuntime;
     let kv = env.kv("SYNC_STATE").ok();
     let cursor_text = match &kv {
         Some(kv) => kv.get(CURSOR_KEY).text().await.ok().flatten(),
@@ -279,6 +278,5 @@ async fn status(env: &Env) -> Result<serde_json::Value, AppError> {
     }
     .await;
     store.close().await;
-    let _ = rt;
     Ok(result?)
 }

@@ -218,7 +218,6 @@ impl Store for PgStore {
         let done: Vec<&str> = batch.iter().filter(|v| v.complete).map(|v| v.hash.as_str()).collect();
         tx.execute(sql::CLEAR_ERRORS, &[&t, &c, &done]).await.map_err(|e| err("clearing errors", e))?;
         let (l, sm) = &progress.usage;
-        let batches = i64::from(l.requests + sm.requests > 0);
         let n = |v: u64| v as i64;
         tx.execute(
             sql::ADD_PROGRESS,
@@ -228,7 +227,7 @@ impl Store for PgStore {
                 &c,
                 &n(progress.embedded),
                 &n(progress.reused),
-                &batches,
+                &n(progress.batches),
                 &n(l.prompt_tokens),
                 &n(l.requests),
                 &n(sm.prompt_tokens),

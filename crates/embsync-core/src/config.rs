@@ -336,6 +336,17 @@ impl Config {
     pub fn enabled_sources(&self) -> impl Iterator<Item = &Source> {
         self.sources.iter().filter(|s| s.enabled)
     }
+
+    /// Values per batch as the sync runs it: `batchSize`, capped so a batch fits a Worker's
+    /// memory (see [`crate::batch::max_values_per_batch`]).
+    pub fn values_per_batch(&self) -> usize {
+        crate::batch::max_values_per_batch(self.batch_size.get(), self.models.large.dimensions(), self.models.small.dimensions())
+    }
+
+    /// Whether a run that got `tokens` reported by the provider has reached `maxTokensPerRun`.
+    pub fn token_budget_spent(&self, tokens: u64) -> bool {
+        self.max_tokens_per_run.is_some_and(|max| tokens >= max)
+    }
 }
 
 fn model(path: &str, raw: RawModel) -> Result<ModelSpec, ConfigError> {

@@ -66,6 +66,12 @@ impl SourceCounts {
     pub fn to_embed(&self) -> u64 {
         self.new.saturating_sub(self.reusable)
     }
+
+    /// Provider batches a run would take: the values to embed, less those waiting for a retry,
+    /// in batches of `per_batch` ([`Config::values_per_batch`]).
+    pub fn batches(&self, per_batch: usize) -> u64 {
+        self.to_embed().saturating_sub(self.deferred).div_ceil(per_batch.max(1) as u64)
+    }
 }
 
 /// A value that still needs an embedding for a source.
@@ -197,6 +203,8 @@ pub struct Progress<'a> {
     pub embedded: u64,
     /// Values reused (no provider call) by this batch.
     pub reused: u64,
+    /// 1 when this batch needed the provider (it counts in `Batch i of N`), else 0.
+    pub batches: u64,
     /// Provider-reported tokens and requests of this batch.
     pub usage: (ModelUsage, ModelUsage),
 }
@@ -372,7 +380,7 @@ pub async fn dry_run<S: Store>(config: &Config, store: &mut S) -> DryRunReport {
                 entry.unchanged = c.total.saturating_sub(c.new);
                 entry.reusable = c.reusable;
                 entry.to_embed = c.to_embed();
-                entry.batches = c.to_embed().div_ceil(batch);
+                entry.batches = c.batches(config.values_per_batch());
                 entry.estimated_tokens = TokenEstimate { large: c.embed_tokens, small: c.embed_tokens };
                 entry.estimated_cost_usd = CostEstimate::of(config, c.embed_tokens, c.embed_tokens);
             }
@@ -565,7 +573,7 @@ fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
     usage.cost_usd = CostEstimate::of(config, usage.large.prompt_tokens, usage.small.prompt_tokens).total;
     let stopped = config
         .max_tokens_per_run
-        .filter(|&max| usage.large.prompt_tokens + usage.small.prompt_tokens >= max)
+        .filter(|_| config.token_budget_spent(usage.large.prompt_tokens + usage.small.prompt_tokens))
         .map(|max| format!("token budget of {max} reached; the next run goes on where this one stopped"));
     RunReport {
         run_id: run.id.0.clone(),
@@ -649,8 +657,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 Stop::Store(e)
             }
         };
-        let models = &self.config.models;
-        let batch_size = batch::max_values_per_batch(self.config.batch_size.get(), models.large.dimensions(), models.small.dimensions());
+        let batch_size = self.config.values_per_batch();
         // Counts taken by this invocation let a no-op source skip its other scans.
         let mut fresh: Option<SourceCounts> = None;
         if !self.state.planned {
@@ -663,7 +670,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             if counts.reusable > 0 {
                 r.reused = self.store.link_reusable(source).await.map_err(|e| ctx("linking reusable values", e))?;
             }
-            self.state.planned_batches = counts.to_embed().saturating_sub(counts.deferred).div_ceil(batch_size as u64);
+            self.state.planned_batches = counts.batches(batch_size);
             let mut plan = self.state.report.clone();
             plan.batches = self.state.planned_batches;
             let snapshot = counts.to_embed() > counts.deferred;
@@ -726,6 +733,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                     lease_ttl: self.lease_ttl,
                     embedded,
                     reused: complete - embedded,
+                    batches: u64::from(needs_provider),
                     usage: usage.clone(),
                 };
                 if !batch.is_empty() || needs_provider {
@@ -773,7 +781,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
     /// Why no further batch may start, if so: the run's token budget, or this invocation's
     /// batch and time budget.
     fn budget_end(&self, after: &Option<ValueHash>) -> Option<SourceEnd> {
-        if self.config.max_tokens_per_run.is_some_and(|max| self.run_tokens >= max) {
+        if self.config.token_budget_spent(self.run_tokens) {
             return Some(SourceEnd::TokenBudget);
         }
         let b = &self.spent.budget;

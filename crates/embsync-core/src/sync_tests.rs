@@ -173,7 +173,7 @@ impl Store for MemStore {
         let st = &mut run.sources[i];
         st.report.embedded += p.embedded;
         st.report.reused += p.reused;
-        st.report.batches += u64::from(p.usage.0.requests + p.usage.1.requests > 0);
+        st.report.batches += p.batches;
         st.usage.0.prompt_tokens += p.usage.0.prompt_tokens;
         st.usage.0.requests += p.usage.0.requests;
         st.usage.1.prompt_tokens += p.usage.1.prompt_tokens;

@@ -812,6 +812,22 @@ impl WorkerOpts {
     }
 }
 
+/// What every wrangler command of the tests runs with: no build (the worker is prebuilt), no
+/// telemetry or network look-ups, no colour codes in the logs.
+const WRANGLER_ENV: [(&str, &str); 6] = [
+    ("SKIP_WORKER_BUILD", "1"),
+    ("WRANGLER_SEND_METRICS", "false"),
+    ("WRANGLER_SEND_ERROR_REPORTS", "false"),
+    ("CLOUDFLARE_CF_FETCH_ENABLED", "false"),
+    ("NO_COLOR", "1"),
+    ("FORCE_COLOR", "0"),
+];
+
+/// Sets [`WRANGLER_ENV`], the working directory and no stdin on a wrangler command.
+fn wrangler_env<'a>(cmd: &'a mut Command, repo: &Path) -> &'a mut Command {
+    cmd.envs(WRANGLER_ENV).current_dir(repo).stdin(Stdio::null())
+}
+
 /// The real worker under `wrangler dev`, stopped on drop.
 pub struct Worker {
     child: Option<Child>,
@@ -902,14 +918,7 @@ impl Worker {
         for (k, v) in &opts.vars {
             cmd.arg("--var").arg(format!("{k}:{v}"));
         }
-        cmd.current_dir(&repo)
-            .env("SKIP_WORKER_BUILD", "1")
-            .env("WRANGLER_SEND_METRICS", "false")
-            .env("WRANGLER_SEND_ERROR_REPORTS", "false")
-            .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
-            .env("NO_COLOR", "1")
-            .env("FORCE_COLOR", "0")
-            .stdin(Stdio::null())
+        wrangler_env(&mut cmd, &repo)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         {
@@ -1228,13 +1237,8 @@ pub fn kv_command(persist_dir: &Path, args: &[&str]) -> std::process::Output {
         .arg(persist_dir)
         .arg("--config")
         .arg(repo.join("wrangler.toml"))
+        .envs(WRANGLER_ENV)
         .current_dir(&repo)
-        .env("SKIP_WORKER_BUILD", "1")
-        .env("WRANGLER_SEND_METRICS", "false")
-        .env("WRANGLER_SEND_ERROR_REPORTS", "false")
-        .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
-        .env("NO_COLOR", "1")
-        .env("FORCE_COLOR", "0")
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("spawn {node} {wrangler_js} kv key: {e}"))
