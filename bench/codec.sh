@@ -41,7 +41,7 @@ echo "| path | million instructions |"
 echo "| --- | ---: |"
 for row in "base64:base64 -> pgvector binary" "float:JSON floats -> pgvector binary" "text:JSON floats -> pgvector text" \
     "decode-base64:  part: decode_response, base64" "decode-float:  part: decode_response, floats" \
-    "encode-binary:  part: encode_pgvector only" "encode-text:  part: pgvector text only"; do
+    "encode-binary:  part: floats -> Vector, bound" "encode-text:  part: pgvector text only"; do
     key=${row%%:*}
     label=${row#*:}
     # Only what runs inside codec::measured is counted: not building the bodies, not the setup.

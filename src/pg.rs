@@ -10,7 +10,7 @@ use embsync_core::sql::{self, SchemaState};
 use embsync_core::sync::{
     EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome, Store, StoreError, ValueFailure,
 };
-use embsync_core::vector::encode_pgvector;
+use embsync_core::vector::Vector;
 use futures::channel::oneshot;
 use std::str::FromStr;
 use std::time::Duration;
@@ -58,8 +58,8 @@ impl PgStore {
     /// names the host, never the password.
     pub async fn connect(url: &Redacted, sources: &Config) -> Result<PgStore, StoreError> {
         let (url, tls) = embsync_core::dburl::normalize(url.expose()).map_err(|e| StoreError::new(e.to_string()))?;
-        let mut config =
-            tokio_postgres::Config::from_str(&url).map_err(|e| StoreError::new(format!("DATABASE_URL is not a valid postgres:// URL: {e}")))?;
+        let mut config = tokio_postgres::Config::from_str(&url)
+            .map_err(|e| StoreError::new(format!("DATABASE_URL is not a valid postgres:// URL: {e}")))?;
         let host = match config.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),
             _ => return Err(StoreError::new("DATABASE_URL has no TCP host")),
@@ -112,13 +112,11 @@ impl PgStore {
 
 /// A vector bound as pgvector's binary format.
 #[derive(Debug)]
-struct PgVector<'a>(&'a [f32]);
+struct PgVector<'a>(&'a Vector);
 
 impl ToSql for PgVector<'_> {
     fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        let mut buf = Vec::new();
-        encode_pgvector(self.0, &mut buf);
-        out.extend_from_slice(&buf);
+        out.extend_from_slice(self.0.as_pgvector_binary());
         Ok(IsNull::No)
     }
 
@@ -167,7 +165,13 @@ impl Store for PgStore {
         self.client.execute(&sql::link_reusable(source), &[&t, &c, lt, st]).await.map_err(|e| err("linking", e))
     }
 
-    async fn pending(&mut self, source: &Source, run: &RunId, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError> {
+    async fn pending(
+        &mut self,
+        source: &Source,
+        run: &RunId,
+        after: Option<&ValueHash>,
+        limit: usize,
+    ) -> Result<Vec<PendingValue>, StoreError> {
         let (t, c) = keys(source);
         let after = after.map_or("", |h| h.as_str()).to_owned();
         let limit = limit as i64;
@@ -203,13 +207,15 @@ impl Store for PgStore {
         let hashes: Vec<&str> = batch.iter().map(|v| v.hash.as_str()).collect();
         let values: Vec<&str> = batch.iter().map(|v| v.value.as_str()).collect();
         let counts: Vec<i32> = batch.iter().map(|v| v.occurrences).collect();
-        let large: Vec<Option<PgVector>> = batch.iter().map(|v| v.large.as_deref().map(PgVector)).collect();
-        let small: Vec<Option<PgVector>> = batch.iter().map(|v| v.small.as_deref().map(PgVector)).collect();
+        let large: Vec<Option<PgVector>> = batch.iter().map(|v| v.large.as_ref().map(PgVector)).collect();
+        let small: Vec<Option<PgVector>> = batch.iter().map(|v| v.small.as_ref().map(PgVector)).collect();
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
         let ttl = progress.lease_ttl.as_secs_f64();
         let renewed = tx.execute(sql::RENEW_LEASE, &[&progress.holder, &ttl]).await.map_err(|e| err("renewing the lease", e))?;
         if renewed == 0 {
-            return Err(StoreError::lease_lost("the sync lease expired or was taken over by another invocation; this batch was not written"));
+            return Err(StoreError::lease_lost(
+                "the sync lease expired or was taken over by another invocation; this batch was not written",
+            ));
         }
         tx.execute(sql::UPSERT_BATCH, &[&t, &c, &self.tags.0, &self.tags.1, &hashes, &values, &counts, &large, &small])
             .await

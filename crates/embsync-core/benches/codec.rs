@@ -4,8 +4,9 @@
 //!
 //! Paths, each over the same 1,000 values (10 bodies of 100 items per model, like the batches
 //! the worker sends):
-//! - `base64`: `decode_response` on `encoding_format: "base64"` bodies, then `encode_pgvector`
-//!   of every vector (pgvector's binary format, bound as a parameter).
+//! - `base64`: `decode_response` on `encoding_format: "base64"` bodies (which decodes each
+//!   vector straight into pgvector's binary format), then every vector bound as a parameter
+//!   (one copy into the statement's buffer, as `PgVector::to_sql` does).
 //! - `float`: the same on `encoding_format: "float"` bodies (JSON arrays of numbers).
 //! - `text`: the float bodies decoded, then every vector formatted as pgvector text
 //!   `[v1,v2,...]`, as a naive client sends it.
@@ -24,7 +25,7 @@
 //! that every path gives back the vectors it was given.
 
 use embsync_core::provider::decode_response;
-use embsync_core::vector::{decode_pgvector, encode_base64_f32, encode_pgvector};
+use embsync_core::vector::{encode_base64_f32, Vector};
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -111,10 +112,10 @@ fn body(model: &str, vectors: &[Vec<f32>], format: Format) -> Vec<u8> {
 
 /// pgvector's text form, `[v1,v2,...]`, with f32's shortest round-trip formatting: what a naive
 /// client sends.
-fn pgvector_text(values: &[f32]) -> String {
+fn pgvector_text(values: impl ExactSizeIterator<Item = f32>) -> String {
     let mut s = String::with_capacity(values.len() * 12 + 2);
     s.push('[');
-    for (i, v) in values.iter().enumerate() {
+    for (i, v) in values.enumerate() {
         if i > 0 {
             s.push(',');
         }
@@ -156,7 +157,7 @@ fn bodies(vectors: &[ModelVectors], format: Format) -> Bodies {
 
 /// Decodes every body and hands each vector to `sink`; returns the bytes `sink` produced.
 #[inline(always)]
-fn path(bodies: &Bodies, mut sink: impl FnMut(&[f32]) -> usize) -> usize {
+fn path(bodies: &Bodies, mut sink: impl FnMut(&Vector) -> usize) -> usize {
     let mut sent = 0;
     for (dims, list) in &bodies.models {
         for body in list {
@@ -169,23 +170,31 @@ fn path(bodies: &Bodies, mut sink: impl FnMut(&[f32]) -> usize) -> usize {
     sent
 }
 
-/// Binds a vector as the worker does (`PgVector::to_sql`: a fresh buffer per parameter).
+/// Binds a vector as the worker does (`PgVector::to_sql` copies its bytes into the statement's
+/// buffer; a fresh buffer per parameter here, which costs at least as much).
 #[inline(always)]
-fn bind_binary(v: &[f32]) -> usize {
-    let mut buf = Vec::new();
-    encode_pgvector(v, &mut buf);
+fn bind_binary(v: &Vector) -> usize {
+    let bytes = v.as_pgvector_binary();
+    let mut buf = Vec::with_capacity(bytes.len());
+    buf.extend_from_slice(bytes);
     black_box(&buf);
     buf.len()
 }
 
+/// The float path's encode alone: floats to pgvector's binary format, then bound.
+#[inline(always)]
+fn encode_binary(v: &[f32]) -> usize {
+    bind_binary(&Vector::from_f32(v).expect("finite"))
+}
+
 /// Drops a decoded vector: the decode half alone.
-fn discard(v: &[f32]) -> usize {
+fn discard(v: &Vector) -> usize {
     black_box(v);
     0
 }
 
 #[inline(always)]
-fn bind_text(v: &[f32]) -> usize {
+fn bind_text(v: impl ExactSizeIterator<Item = f32>) -> usize {
     let s = pgvector_text(v);
     black_box(&s);
     s.len()
@@ -250,10 +259,12 @@ fn check(vectors: &[ModelVectors], b64: &Bodies, float: &Bodies) {
     for (name, bodies) in [("base64", b64), ("float", float)] {
         let mut i = 0;
         path(bodies, |v| {
-            let mut buf = Vec::new();
-            encode_pgvector(v, &mut buf);
-            assert_eq!(decode_pgvector(&buf).as_ref(), Some(all[i]), "{name} path, vector {i}");
-            let text = pgvector_text(v);
+            assert_eq!(
+                Vector::from_pgvector_binary(v.as_pgvector_binary()).map(|v| v.to_f32()).as_ref(),
+                Some(all[i]),
+                "{name} path, vector {i}"
+            );
+            let text = pgvector_text(v.iter());
             let back: Vec<f32> = text[1..text.len() - 1].split(',').map(|x| x.parse().unwrap()).collect();
             assert_eq!(&back, all[i], "text form of vector {i}");
             i += 1;
@@ -271,7 +282,7 @@ const ROWS: [(&str, &str, bool, bool, bool); 7] = [
     ("text", "JSON floats -> pgvector text", false, true, false),
     ("decode-base64", "  part: decode_response, base64", true, false, false),
     ("decode-float", "  part: decode_response, floats", false, true, false),
-    ("encode-binary", "  part: encode_pgvector only", false, false, true),
+    ("encode-binary", "  part: floats -> Vector, bound", false, false, true),
     ("encode-text", "  part: pgvector text only", false, false, true),
 ];
 
@@ -308,11 +319,11 @@ fn main() {
         let ((med, min, sent), body) = match key {
             "base64" => (time(runs, warmup, || path(&b64, bind_binary)), mb(b64.bytes())),
             "float" => (time(runs, warmup, || path(&float, bind_binary)), mb(float.bytes())),
-            "text" => (time(runs, warmup, || path(&float, bind_text)), mb(float.bytes())),
+            "text" => (time(runs, warmup, || path(&float, |v| bind_text(v.iter()))), mb(float.bytes())),
             "decode-base64" => (time(runs, warmup, || path(&b64, discard)), mb(b64.bytes())),
             "decode-float" => (time(runs, warmup, || path(&float, discard)), mb(float.bytes())),
-            "encode-binary" => (time(runs, warmup, || flat.iter().map(|v| bind_binary(black_box(v))).sum()), "-".into()),
-            "encode-text" => (time(runs, warmup, || flat.iter().map(|v| bind_text(black_box(v))).sum()), "-".into()),
+            "encode-binary" => (time(runs, warmup, || flat.iter().map(|v| encode_binary(black_box(v))).sum()), "-".into()),
+            "encode-text" => (time(runs, warmup, || flat.iter().map(|v| bind_text(black_box(v).iter().copied())).sum()), "-".into()),
             _ => unreachable!(),
         };
         let sent = if sent == 0 { "-".into() } else { mb(sent) };

@@ -80,10 +80,16 @@ mod tests {
             "postgresql://u:p@ep-x-123.eu-central-1.aws.neon.tech/neondb?sslmode=require&channel_binding=require",
             "Required postgresql://u:p@ep-x-123.eu-central-1.aws.neon.tech/neondb?sslmode=require",
         );
-        check("postgres://h/db?sslmode=verify-full&application_name=embsync", "Required postgres://h/db?sslmode=require&application_name=embsync");
+        check(
+            "postgres://h/db?sslmode=verify-full&application_name=embsync",
+            "Required postgres://h/db?sslmode=require&application_name=embsync",
+        );
         check("postgres://h/db?sslmode=verify-ca", "Required postgres://h/db?sslmode=require");
         check("postgres://h/db?sslmode=prefer", "Off postgres://h/db?sslmode=disable");
         check("postgres://h/db?channel_binding=require", "Off postgres://h/db");
-        check("postgres://h/db?sslmode=bogus", "err DATABASE_URL has sslmode=\"bogus\": use disable, prefer, require, verify-ca or verify-full");
+        check(
+            "postgres://h/db?sslmode=bogus",
+            "err DATABASE_URL has sslmode=\"bogus\": use disable, prefer, require, verify-ca or verify-full",
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! and body to [`decode_response`]; nothing here performs IO. Any OpenAI-compatible server
 //! (Azure OpenAI, a local server) speaks the same shapes.
 
-use crate::vector::{check_finite, decode_base64_f32};
+use crate::vector::Vector;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ impl EmbeddingRequest<'_> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embeddings {
     /// One vector per input, in input order.
-    pub vectors: Vec<Vec<f32>>,
+    pub vectors: Vec<Vector>,
     /// `usage.prompt_tokens` as the provider reported it (0 when absent).
     pub prompt_tokens: u64,
     /// The rate-limit state the provider reported, if it did.
@@ -203,7 +203,7 @@ struct Item {
 /// would buffer the value and, for a base64 string, format an error holding all of it first.
 enum RawVector {
     Floats(Vec<f32>),
-    Base64(Result<Vec<f32>, crate::vector::VectorDecodeError>),
+    Base64(Result<Vector, crate::vector::VectorDecodeError>),
 }
 
 impl<'de> Deserialize<'de> for RawVector {
@@ -217,7 +217,7 @@ impl<'de> Deserialize<'de> for RawVector {
             }
 
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawVector, E> {
-                Ok(RawVector::Base64(decode_base64_f32(v)))
+                Ok(RawVector::Base64(Vector::from_base64_f32(v)))
             }
 
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawVector, A::Error> {
@@ -275,20 +275,18 @@ pub fn decode_response(
     if parsed.data.len() != inputs {
         return Err(ProviderError::Malformed(format!("{} embeddings for {inputs} inputs", parsed.data.len())));
     }
-    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; inputs];
+    let mut vectors: Vec<Option<Vector>> = vec![None; inputs];
     for item in parsed.data {
         let vector = match item.embedding {
-            RawVector::Floats(v) => {
-                check_finite(&v).map_err(|e| ProviderError::Malformed(e.to_string()))?;
-                v
-            }
-            RawVector::Base64(decoded) => decoded.map_err(|e| ProviderError::Malformed(e.to_string()))?,
-        };
-        if vector.len() != dimensions as usize {
+            RawVector::Floats(v) => Vector::from_f32(&v),
+            RawVector::Base64(decoded) => decoded,
+        }
+        .map_err(|e| ProviderError::Malformed(e.to_string()))?;
+        if vector.dims() != dimensions as usize {
             return Err(ProviderError::Malformed(format!(
                 "embedding {} has {} dimensions, expected {dimensions}",
                 item.index,
-                vector.len()
+                vector.dims()
             )));
         }
         match vectors.get_mut(item.index) {
@@ -374,7 +372,7 @@ mod tests {
             r#"{"object":"list","data":[{"object":"embedding","index":1,"embedding":[0.5,0.25]},{"object":"embedding","index":0,"embedding":[1.0,-1.0]}],"model":"m","usage":{"prompt_tokens":7,"total_tokens":7}}"#,
             2,
             2,
-            expect!["ok [[1.0, -1.0], [0.5, 0.25]] tokens=7 rate=None"],
+            expect!["ok [Vector(2 dims: [1, -1]), Vector(2 dims: [0.5, 0.25])] tokens=7 rate=None"],
         );
         let b64 = encode_base64_f32(&[0.5, -2.0]);
         check(
@@ -383,7 +381,7 @@ mod tests {
             &format!(r#"{{"data":[{{"index":0,"embedding":"{b64}"}}],"usage":{{"prompt_tokens":3}}}}"#),
             1,
             2,
-            expect!["ok [[0.5, -2.0]] tokens=3 rate=None"],
+            expect!["ok [Vector(2 dims: [0.5, -2])] tokens=3 rate=None"],
         );
     }
 

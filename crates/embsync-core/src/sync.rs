@@ -12,6 +12,7 @@ use crate::report::{
     iso8601, CostEstimate, DryRunReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport, RunStatus, SourcePlanReport,
     SourceReport, TokenEstimate, Totals, Trigger, Usage,
 };
+use crate::vector::Vector;
 use std::time::Duration;
 
 /// A failure of the database, with what was being done.
@@ -99,9 +100,9 @@ pub struct EmbeddedValue {
     /// Source rows holding the value.
     pub occurrences: i32,
     /// New `embedding_large`, or `None` when the row has it already or the call failed.
-    pub large: Option<Vec<f32>>,
+    pub large: Option<Vector>,
     /// New `embedding_small`, likewise.
-    pub small: Option<Vec<f32>>,
+    pub small: Option<Vector>,
     /// The value has both embeddings once this batch is written.
     pub complete: bool,
 }
@@ -141,7 +142,13 @@ pub trait Store {
     /// Up to `limit` values that need an embedding, in hash order after `after`: from the run's
     /// snapshot of the source's pending values when [`Store::save_plan`] took one (a range scan),
     /// else from the source itself (a scan of the source per page).
-    async fn pending(&mut self, source: &Source, run: &RunId, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError>;
+    async fn pending(
+        &mut self,
+        source: &Source,
+        run: &RunId,
+        after: Option<&ValueHash>,
+        limit: usize,
+    ) -> Result<Vec<PendingValue>, StoreError>;
     /// Writes one batch and links all its values to the source, atomically, together with the
     /// run's counters for it (`progress`) and a renewal of the lease. A value counts as done for
     /// the source only when it is linked and its row holds both embeddings, so a value with one
@@ -858,7 +865,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
     /// isolated, so one bad value costs only itself. Retryable failures that outlast the retries
     /// fail the whole request (the values are retried by a later run).
     async fn embed_isolating(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Isolated, Stop> {
-        let mut results: Vec<Result<Vec<f32>, String>> = vec![Err(String::new()); inputs.len()];
+        let mut results: Vec<Result<Vector, String>> = vec![Err(String::new()); inputs.len()];
         let mut out = Isolated { results: Vec::new(), prompt_tokens: 0, requests: 0 };
         let all = 0..inputs.len();
         let mut todo = vec![all];
@@ -923,7 +930,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
 
 /// Per-input results of one model over a group.
 struct Isolated {
-    results: Vec<Result<Vec<f32>, String>>,
+    results: Vec<Result<Vector, String>>,
     prompt_tokens: u64,
     requests: u64,
 }

@@ -6,6 +6,7 @@ use crate::hash::{Value, ValueHash};
 use crate::provider::{Embeddings, ProviderError};
 use crate::report::Trigger;
 use crate::sync::*;
+use crate::vector::Vector;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -13,8 +14,8 @@ use std::time::Duration;
 #[derive(Clone, Debug)]
 struct Row {
     value: String,
-    large: Option<Vec<f32>>,
-    small: Option<Vec<f32>>,
+    large: Option<Vector>,
+    small: Option<Vector>,
     /// Model tags of the embeddings (None: unknown, e.g. written by someone else).
     tags: (Option<String>, Option<String>),
     #[allow(dead_code)]
@@ -77,7 +78,7 @@ impl MemStore {
         match self.cache.get(h) {
             None => (false, false),
             Some(r) => {
-                let current = |v: &Option<Vec<f32>>, tag: &Option<String>, want: &str| {
+                let current = |v: &Option<Vector>, tag: &Option<String>, want: &str| {
                     v.is_some() && (!r.owned || tag.as_deref().is_none_or(|t| t == want))
                 };
                 (current(&r.large, &r.tags.0, &self.tags.0), current(&r.small, &r.tags.1, &self.tags.1))
@@ -142,7 +143,13 @@ impl Store for MemStore {
         Ok(n)
     }
 
-    async fn pending(&mut self, s: &Source, _run: &RunId, after: Option<&ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError> {
+    async fn pending(
+        &mut self,
+        s: &Source,
+        _run: &RunId,
+        after: Option<&ValueHash>,
+        limit: usize,
+    ) -> Result<Vec<PendingValue>, StoreError> {
         let values = self.distinct(s)?;
         Ok(values
             .into_iter()
@@ -190,7 +197,7 @@ impl Store for MemStore {
                 owned: true,
             });
             let owned = row.owned;
-            let replace = |cur: &Option<Vec<f32>>, tag: &Option<String>, want: &str| {
+            let replace = |cur: &Option<Vector>, tag: &Option<String>, want: &str| {
                 cur.is_none() || (owned && tag.as_deref().is_some_and(|t| t != want))
             };
             if v.large.is_some() && replace(&row.large, &row.tags.0, &tags.0) {
@@ -350,7 +357,7 @@ impl Embedder for MemProvider {
         }
         let dims = model.dimensions() as usize;
         Ok(Embeddings {
-            vectors: inputs.iter().map(|i| vec![i.len() as f32; dims]).collect(),
+            vectors: inputs.iter().map(|i| Vector::from_f32(&vec![i.len() as f32; dims]).unwrap()).collect(),
             prompt_tokens: inputs.len() as u64,
             rate: self.rate,
         })
@@ -512,8 +519,8 @@ fn foreign_rows_are_reused_and_never_deleted() {
     let mut w = World::new(100);
     let foreign = |v: &str, both: bool| Row {
         value: v.into(),
-        large: Some(vec![9.0; 4]),
-        small: both.then(|| vec![9.0; 2]),
+        large: Some(Vector::from_f32(&[9.0; 4]).unwrap()),
+        small: both.then(|| Vector::from_f32(&[9.0; 2]).unwrap()),
         tags: (None, None),
         source: ("elsewhere".into(), "x".into()),
         owned: false,
@@ -534,7 +541,7 @@ fn foreign_rows_are_reused_and_never_deleted() {
         calls.iter().filter(|(_, i)| i.contains(&"half".to_owned())).map(|(m, _)| m.as_str()).collect::<Vec<_>>(),
         ["text-embedding-3-small"]
     );
-    assert_eq!(w.store.cache[&Value::normalize("half").unwrap().hash()].large, Some(vec![9.0; 4]));
+    assert_eq!(w.store.cache[&Value::normalize("half").unwrap().hash()].large, Some(Vector::from_f32(&[9.0; 4]).unwrap()));
     w.store.set("ta", "ca", &[]);
     assert_eq!(
         w.summary().lines().next().unwrap(),
@@ -643,7 +650,7 @@ fn a_model_change_re_embeds_that_model_only() {
     );
     let calls = w.provider.calls.borrow().clone();
     assert_eq!(calls[before..].iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["text-embedding-3-small"]);
-    assert!(w.store.cache.values().all(|r| r.small.as_ref().map(Vec::len) == Some(3) && r.large.as_ref().map(Vec::len) == Some(4)));
+    assert!(w.store.cache.values().all(|r| r.small.as_ref().map(Vector::dims) == Some(3) && r.large.as_ref().map(Vector::dims) == Some(4)));
     assert_eq!(
         w.summary().lines().next().unwrap(),
         "A: total=2 new=0 stale=0 unchanged=2 reused=0 embedded=0 deleted=0 errors=0 batches=0"
@@ -873,7 +880,11 @@ fn a_source_that_suddenly_looks_empty_keeps_its_embeddings_unless_allowed() {
     w.store.set("ta", "ca", &refs(&a[..4]));
     let r = w.run().unwrap();
     assert_eq!(r.sources[0].deleted, 0);
-    assert!(r.sources[0].warning.as_deref().unwrap().starts_with("6 of its 10 embedded values (60%) look stale, more than maxDeleteShare (50%)"));
+    assert!(r.sources[0]
+        .warning
+        .as_deref()
+        .unwrap()
+        .starts_with("6 of its 10 embedded values (60%) look stale, more than maxDeleteShare (50%)"));
     // Losing 2 of 10 is ordinary.
     w.store.set("ta", "ca", &refs(&a[..8]));
     let r = w.run().unwrap();
