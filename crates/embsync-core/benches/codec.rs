@@ -19,7 +19,8 @@
 //! - `--values N`: values per run, a multiple of 100, default 1000 (figures are per 1,000);
 //! - `--path KEY`: only that row: `base64`, `float`, `text`, or a half alone: `decode-base64`,
 //!   `decode-float`, `encode-binary`, `encode-text`;
-//! - `--quiet`: no table (for callgrind, which counts only what runs inside `measured`).
+//! - `--quiet`: no table (for callgrind, which counts only what runs inside `measured`);
+//! - `--trim`: keep glibc's heap trimming (see [`keep_heap`]), to see what it costs.
 //!
 //! Without `--bench` (as `cargo test --benches` runs it) it only checks, once and on 100 values,
 //! that every path gives back the vectors it was given.
@@ -214,10 +215,11 @@ struct Options {
     path: Option<String>,
     quiet: bool,
     bench: bool,
+    trim: bool,
 }
 
 fn options() -> Options {
-    let mut o = Options { runs: 15, warmup: 2, values: 1000, path: None, quiet: false, bench: false };
+    let mut o = Options { runs: 15, warmup: 2, values: 1000, path: None, quiet: false, bench: false, trim: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> usize { args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} needs a number")) };
@@ -228,6 +230,7 @@ fn options() -> Options {
             "--values" => o.values = num("--values"),
             "--path" => o.path = Some(args.next().expect("--path needs base64, float or text")),
             "--quiet" => o.quiet = true,
+            "--trim" => o.trim = true,
             // Filters and flags that cargo or libtest conventions pass along are ignored.
             _ => {}
         }
@@ -236,8 +239,15 @@ fn options() -> Options {
     o
 }
 
-/// Times `f` over `runs` runs after `warmup`; returns (median, min) and the last result.
-fn time(runs: usize, warmup: usize, mut f: impl FnMut() -> usize) -> (Duration, Duration, usize) {
+/// Figures of one row: wall-clock median and min, and the last result.
+struct Timing {
+    median: Duration,
+    min: Duration,
+    out: usize,
+}
+
+/// Times `f` over `runs` runs after `warmup`.
+fn time(runs: usize, warmup: usize, mut f: impl FnMut() -> usize) -> Timing {
     for _ in 0..warmup {
         black_box(measured(&mut f));
     }
@@ -250,7 +260,7 @@ fn time(runs: usize, warmup: usize, mut f: impl FnMut() -> usize) -> (Duration, 
         })
         .collect();
     times.sort();
-    (times[times.len() / 2], times[0], out)
+    Timing { median: times[times.len() / 2], min: times[0], out }
 }
 
 /// Checks that each path gives back exactly the vectors it was given.
@@ -286,8 +296,31 @@ const ROWS: [(&str, &str, bool, bool, bool); 7] = [
     ("encode-text", "  part: pgvector text only", false, false, true),
 ];
 
+/// Stops glibc from giving freed heap memory back to the kernel (`M_TRIM_THRESHOLD`).
+///
+/// A body's 200 vectors (3.7 MB) are freed once they are bound; glibc then trims the heap top
+/// and the next body page-faults the same memory back in: 4,500 faults per 1,000 values, which
+/// cost three times the decoding itself (13 ms against 4 ms per 1,000 values on our 2-core machine). The worker's wasm
+/// memory never shrinks, so those faults never happen there; the bench measures the codec, not
+/// the kernel's page allocator. `--trim` keeps glibc's default.
+fn keep_heap() -> &'static str {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        // SAFETY: mallopt is glibc's documented tuning call; any value is accepted.
+        if unsafe { mallopt(M_TRIM_THRESHOLD, i32::MAX) } == 1 {
+            return "heap trimming off, as in wasm";
+        }
+    }
+    "allocator default"
+}
+
 fn main() {
     let o = options();
+    let heap = if o.bench && !o.trim { keep_heap() } else { "allocator default" };
     if !o.bench {
         // `cargo test --benches`: a quick correctness check, no timing.
         let v = vectors(PER_BODY);
@@ -316,7 +349,7 @@ fn main() {
     for &&(key, label, _, _, _) in &rows {
         // The halves only explain the paths: fewer runs keep the whole bench well under a minute.
         let (runs, warmup) = if key.contains('-') && o.path.is_none() { (o.runs.div_ceil(2), 1) } else { (o.runs, o.warmup) };
-        let ((med, min, sent), body) = match key {
+        let (t, body) = match key {
             "base64" => (time(runs, warmup, || path(&b64, bind_binary)), mb(b64.bytes())),
             "float" => (time(runs, warmup, || path(&float, bind_binary)), mb(float.bytes())),
             "text" => (time(runs, warmup, || path(&float, |v| bind_text(v.iter()))), mb(float.bytes())),
@@ -326,14 +359,14 @@ fn main() {
             "encode-text" => (time(runs, warmup, || flat.iter().map(|v| bind_text(black_box(v).iter().copied())).sum()), "-".into()),
             _ => unreachable!(),
         };
-        let sent = if sent == 0 { "-".into() } else { mb(sent) };
-        table.push(format!("| {label} | {:.2} | {:.2} | {body} | {sent} |", ms(med), ms(min)));
+        let sent = if t.out == 0 { "-".into() } else { mb(t.out) };
+        table.push(format!("| {label} | {:.2} | {:.2} | {body} | {sent} |", ms(t.median), ms(t.min)));
     }
     if o.quiet {
         return;
     }
     println!(
-        "per 1,000 dual embeddings (1 x {} + 1 x {} dims each; {PER_BODY} items per body; {} values a run; median and min of {} runs after {} warm-up, parts {} after 1)",
+        "per 1,000 dual embeddings (1 x {} + 1 x {} dims each; {PER_BODY} items per body; {} values a run; median and min of {} runs after {} warm-up, parts {} after 1; {heap})",
         LARGE.1,
         SMALL.1,
         o.values,

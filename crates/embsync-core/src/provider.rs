@@ -4,7 +4,9 @@
 //! and body to [`decode_response`]; nothing here performs IO. Any OpenAI-compatible server
 //! (Azure OpenAI, a local server) speaks the same shapes.
 
-use crate::vector::Vector;
+use crate::vector::{Vector, VectorDecodeError};
+
+mod fast;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -203,7 +205,7 @@ struct Item {
 /// would buffer the value and, for a base64 string, format an error holding all of it first.
 enum RawVector {
     Floats(Vec<f32>),
-    Base64(Result<Vector, crate::vector::VectorDecodeError>),
+    Base64(Result<Vector, VectorDecodeError>),
 }
 
 impl<'de> Deserialize<'de> for RawVector {
@@ -270,33 +272,54 @@ pub fn decode_response(
     if status != 200 {
         return Err(classify_error(status, &header, body));
     }
-    let parsed: ResponseBody =
-        serde_json::from_slice(body).map_err(|e| ProviderError::Malformed(format!("body is not the embeddings shape: {e}")))?;
-    if parsed.data.len() != inputs {
-        return Err(ProviderError::Malformed(format!("{} embeddings for {inputs} inputs", parsed.data.len())));
+    let parsed = match fast::parse(body) {
+        Some(parsed) => parsed,
+        None => parse_with_serde(body)?,
+    };
+    if parsed.items.len() != inputs {
+        return Err(ProviderError::Malformed(format!("{} embeddings for {inputs} inputs", parsed.items.len())));
     }
     let mut vectors: Vec<Option<Vector>> = vec![None; inputs];
-    for item in parsed.data {
-        let vector = match item.embedding {
-            RawVector::Floats(v) => Vector::from_f32(&v),
-            RawVector::Base64(decoded) => decoded,
-        }
-        .map_err(|e| ProviderError::Malformed(e.to_string()))?;
+    for (index, vector) in parsed.items {
+        let vector = vector.map_err(|e| ProviderError::Malformed(e.to_string()))?;
         if vector.dims() != dimensions as usize {
-            return Err(ProviderError::Malformed(format!(
-                "embedding {} has {} dimensions, expected {dimensions}",
-                item.index,
-                vector.dims()
-            )));
+            return Err(ProviderError::Malformed(format!("embedding {index} has {} dimensions, expected {dimensions}", vector.dims())));
         }
-        match vectors.get_mut(item.index) {
+        match vectors.get_mut(index) {
             Some(slot @ None) => *slot = Some(vector),
-            Some(Some(_)) => return Err(ProviderError::Malformed(format!("index {} appears twice", item.index))),
-            None => return Err(ProviderError::Malformed(format!("index {} is out of range for {inputs} inputs", item.index))),
+            Some(Some(_)) => return Err(ProviderError::Malformed(format!("index {index} appears twice"))),
+            None => return Err(ProviderError::Malformed(format!("index {index} is out of range for {inputs} inputs"))),
         }
     }
     let vectors = vectors.into_iter().map(|v| v.expect("every index was filled exactly once")).collect();
-    Ok(Embeddings { vectors, prompt_tokens: parsed.usage.map_or(0, |u| u.prompt_tokens), rate: RateLimit::from_headers(header) })
+    Ok(Embeddings { vectors, prompt_tokens: parsed.prompt_tokens, rate: RateLimit::from_headers(header) })
+}
+
+/// A 200 body's items (index and vector, in body order) and token usage, before the checks
+/// against the request.
+#[derive(Debug, PartialEq)]
+struct Parsed {
+    items: Vec<(usize, Result<Vector, VectorDecodeError>)>,
+    prompt_tokens: u64,
+}
+
+/// Reads any body `serde_json` accepts: float arrays, escapes, any layout; the reference for
+/// [`fast::parse`], and the path that words the errors.
+fn parse_with_serde(body: &[u8]) -> Result<Parsed, ProviderError> {
+    let parsed: ResponseBody =
+        serde_json::from_slice(body).map_err(|e| ProviderError::Malformed(format!("body is not the embeddings shape: {e}")))?;
+    let items = parsed
+        .data
+        .into_iter()
+        .map(|item| {
+            let vector = match item.embedding {
+                RawVector::Floats(v) => Vector::from_f32(&v),
+                RawVector::Base64(decoded) => decoded,
+            };
+            (item.index, vector)
+        })
+        .collect();
+    Ok(Parsed { items, prompt_tokens: parsed.usage.map_or(0, |u| u.prompt_tokens) })
 }
 
 fn classify_error(status: u16, header: &impl Fn(&str) -> Option<String>, body: &[u8]) -> ProviderError {
@@ -383,6 +406,83 @@ mod tests {
             2,
             expect!["ok [Vector(2 dims: [0.5, -2])] tokens=3 rate=None"],
         );
+    }
+
+    /// A small body with everything the fast path reads and skips.
+    fn small_body() -> String {
+        let (a, b) = (encode_base64_f32(&[0.5, -2.0, 1e-3]), encode_base64_f32(&[3.0, 0.0, -0.25]));
+        format!(
+            r#"{{"object":"list","data":[{{"object":"embedding","index":1,"embedding":"{a}"}},
+            {{ "index" : 0 , "embedding":"{b}", "x":[1,-2.5,0,true,false,null,{{"k":"vé"}},[]] }}],
+            "model":"m","usage":{{"prompt_tokens":12,"total_tokens":12}}}}"#
+        )
+    }
+
+    #[test]
+    fn the_fast_path_reads_bodies_as_serde_does() {
+        let v = encode_base64_f32(&[0.5, -2.0]);
+        let bodies = [
+            small_body(),
+            format!(r#"{{"data":[{{"index":0,"embedding":"{v}"}}]}}"#),
+            format!(r#"{{"usage":null,"data":[{{"embedding":"{v}","index":0}}]}}"#),
+            format!(r#"{{"usage":{{}},"data":[]}}"#),
+            format!("\n {{ \"data\" :\t[ {{\"index\":0,\"embedding\":\"{v}\"}} ] , \"usage\":{{\"prompt_tokens\":0}} }} \r\n"),
+        ];
+        for body in &bodies {
+            let fast = fast::parse(body.as_bytes());
+            assert!(fast.is_some(), "the fast path should read {body}");
+            assert_eq!(fast.map(Ok), Some(parse_with_serde(body.as_bytes())), "{body}");
+        }
+    }
+
+    #[test]
+    fn the_fast_path_steps_aside_for_what_it_does_not_read() {
+        let v = encode_base64_f32(&[0.5, -2.0]);
+        for body in [
+            // serde reads these (escapes, floats, exponents): the fast path leaves them to it.
+            format!(r#"{{"data":[{{"index":0,"embedding":"{v}"}}],"model":"a\u0062"}}"#),
+            r#"{"data":[{"index":0,"embedding":[0.5,-2.0]}]}"#.to_owned(),
+            format!(r#"{{"data":[{{"index":0,"embedding":"{v}","n":1e3}}]}}"#),
+            // serde refuses these; so does the fast path.
+            format!(r#"{{"data":[{{"index":0,"index":0,"embedding":"{v}"}}]}}"#),
+            format!(r#"{{"data":[{{"index":0,"embedding":"{v}"}}],"data":[]}}"#),
+            format!(r#"{{"data":[{{"index":0.0,"embedding":"{v}"}}]}}"#),
+            format!(r#"{{"data":[{{"index":0,"embedding":"{v}"}}]}} x"#),
+            format!(r#"{{"data":[{{"index":0,"embedding":"{v}"}}],}}"#),
+            r#"{"data":[{"index":0,"embedding":"AAA*"}]}"#.to_owned(),
+            r#"{"data":[{"index":0}]}"#.to_owned(),
+            // Nesting deeper than the fast path goes (serde reads it).
+            format!(r#"{{"data":[],"x":{}{}}}"#, "[".repeat(70), "]".repeat(70)),
+        ] {
+            assert_eq!(fast::parse(body.as_bytes()), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn the_fast_path_never_reads_a_body_differently_from_serde() {
+        // Every prefix, and every byte replaced by a character that matters to JSON or base64:
+        // whenever the fast path answers, serde answers the same.
+        let body = small_body().into_bytes();
+        let mut variants: Vec<Vec<u8>> = (0..body.len()).map(|n| body[..n].to_vec()).collect();
+        for i in 0..body.len() {
+            for c in b"\"\\,:{}[] \t09-.eEA/=+nt\x01\x7f\xff\xc3" {
+                let mut m = body.clone();
+                m[i] = *c;
+                variants.push(m);
+            }
+            let mut m = body.clone();
+            m.remove(i);
+            variants.push(m);
+        }
+        let mut fast_reads = 0;
+        for m in &variants {
+            if let Some(parsed) = fast::parse(m) {
+                fast_reads += 1;
+                assert_eq!(Ok(parsed), parse_with_serde(m), "{}", String::from_utf8_lossy(m));
+            }
+        }
+        // Not vacuous: many variants (whitespace, other base64 digits, skipped values) are read.
+        assert!(fast_reads > 500, "the fast path read only {fast_reads} of {} variants", variants.len());
     }
 
     #[test]

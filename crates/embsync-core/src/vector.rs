@@ -4,12 +4,13 @@
 //! the float4 values, all in network byte order. A [`Vector`] holds exactly those bytes, so a
 //! decoded embedding is bound as a query parameter with one copy and no per-value work.
 //!
-//! The base64 path is the hot one (a 3072-d embedding is 16 KiB of text): it decodes with
-//! `base64-simd` (AVX2/SSE4.1 found at run time natively; wasm `simd128` when the worker is built
-//! with it) straight into the vector's buffer, then turns each little-endian float into network
-//! order and checks it is finite in one pass over data that is still in cache.
+//! The base64 path is the hot one (a 3072-d embedding is 16 KiB of text): a SIMD kernel
+//! (`kernel.rs`: AVX2 natively, wasm `simd128` in the worker) decodes it straight into network
+//! order floats in the vector's buffer, checking on the way that every value is finite.
 
 use base64::Engine as _;
+
+mod kernel;
 use std::fmt;
 
 /// Why an embedding could not be read.
@@ -60,25 +61,31 @@ impl Vector {
         Ok(Vector { bytes })
     }
 
-    /// Decodes OpenAI's `encoding_format: "base64"`: little-endian float32 values.
+    /// Decodes OpenAI's `encoding_format: "base64"`: little-endian float32 values. Takes bytes
+    /// so that a JSON scanner can pass a string it has not checked: every byte outside the
+    /// base64 alphabet is refused here.
     ///
     /// # Errors
     /// [`VectorDecodeError`] on bad base64, a length that is not a multiple of 4, too many
     /// values, or a value that is not finite.
-    pub fn from_base64_f32(text: &str) -> Result<Vector, VectorDecodeError> {
-        let src = text.as_bytes();
-        let engine = base64_simd::STANDARD;
-        let len = engine.decoded_length(src).map_err(|_| base64_error(src))?;
+    pub fn from_base64_f32(text: impl AsRef<[u8]>) -> Result<Vector, VectorDecodeError> {
+        let src = text.as_ref();
+        let len = decoded_len(src).ok_or_else(|| base64_error(src))?;
         if len % 4 != 0 {
             return Err(VectorDecodeError::Length(len));
         }
         let mut bytes = header(len / 4)?;
-        // Appends into the reserved capacity: no zero-fill of the 12 KiB first.
-        engine.decode_append(src, &mut bytes).map_err(|_| base64_error(src))?;
-        debug_assert_eq!(bytes.len(), 4 + len);
-        let (words, rest) = bytes[4..].as_chunks_mut::<4>();
-        debug_assert!(rest.is_empty());
-        let bad = swap::le_to_be_checking_finite(words);
+        let (done, mut bad) = kernel::decode_blocks(src, &mut bytes);
+        // The rest (the padded end, or everything without SIMD) through the reference decoder.
+        let tail = base64::engine::general_purpose::STANDARD.decode(&src[done..]).map_err(|_| base64_error(src))?;
+        for c in tail.as_chunks::<4>().0 {
+            let x = u32::from_le_bytes(*c);
+            bad |= x & EXPONENT == EXPONENT;
+            bytes.extend_from_slice(&x.to_be_bytes());
+        }
+        if bytes.len() != 4 + len {
+            return Err(base64_error(src));
+        }
         let vector = Vector { bytes };
         if bad {
             let index = vector.iter().position(|v| !v.is_finite()).expect("a value was not finite");
@@ -129,132 +136,13 @@ impl fmt::Debug for Vector {
 /// The exponent bits of a float32: all set for NaN and the infinities.
 const EXPONENT: u32 = 0x7f80_0000;
 
-/// Little-endian float32 words to network order in place, in one pass that also notes whether
-/// any is NaN or infinite. LLVM does not vectorise the plain loop (x86-64's baseline SSE2 has no
-/// byte shuffle), so the hot targets get explicit SIMD: AVX2 when the CPU has it (checked once
-/// at run time), wasm `simd128` when the worker is built with it. Everything else, and the
-/// tails, take the scalar loop; a test checks every path against it.
-mod swap {
-    use super::EXPONENT;
-
-    /// Swaps every word to big-endian; returns whether any was NaN or infinite.
-    pub fn le_to_be_checking_finite(words: &mut [[u8; 4]]) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { avx2(words) };
-            }
-        }
-        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        {
-            return simd128(words);
-        }
-        #[allow(unreachable_code)]
-        scalar(words)
+/// The byte count of strict, padded base64 text; `None` when its length cannot be base64.
+fn decoded_len(src: &[u8]) -> Option<usize> {
+    if src.len() % 4 != 0 {
+        return None;
     }
-
-    pub(super) fn scalar(words: &mut [[u8; 4]]) -> bool {
-        let mut bad = false;
-        for w in words {
-            let x = u32::from_le_bytes(*w);
-            bad |= x & EXPONENT == EXPONENT;
-            *w = x.to_be_bytes();
-        }
-        bad
-    }
-
-    /// Reverses the bytes of each 32-bit lane.
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    const SHUFFLE: [u8; 16] = [3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12];
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    pub(super) fn avx2(words: &mut [[u8; 4]]) -> bool {
-        use std::arch::x86_64::*;
-        let (blocks, rest) = words.as_chunks_mut::<8>();
-        let shuffle = _mm256_broadcastsi128_si256(_mm_setr_epi8(3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12));
-        let exponent = _mm256_set1_epi32(EXPONENT as i32);
-        let mut bad = _mm256_setzero_si256();
-        for block in blocks {
-            let p = block.as_mut_ptr().cast::<__m256i>();
-            // SAFETY: `block` is 32 initialised bytes we hold exclusively; unaligned load/store.
-            let v = unsafe { _mm256_loadu_si256(p) };
-            // x86 is little-endian: each lane holds the float's bits as they are.
-            bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(v, exponent), exponent));
-            // SAFETY: as above.
-            unsafe { _mm256_storeu_si256(p, _mm256_shuffle_epi8(v, shuffle)) };
-        }
-        scalar(rest) | (_mm256_movemask_epi8(bad) != 0)
-    }
-
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    pub(super) fn simd128(words: &mut [[u8; 4]]) -> bool {
-        use std::arch::wasm32::*;
-        let (blocks, rest) = words.as_chunks_mut::<4>();
-        let shuffle = u8x16(
-            SHUFFLE[0],
-            SHUFFLE[1],
-            SHUFFLE[2],
-            SHUFFLE[3],
-            SHUFFLE[4],
-            SHUFFLE[5],
-            SHUFFLE[6],
-            SHUFFLE[7],
-            SHUFFLE[8],
-            SHUFFLE[9],
-            SHUFFLE[10],
-            SHUFFLE[11],
-            SHUFFLE[12],
-            SHUFFLE[13],
-            SHUFFLE[14],
-            SHUFFLE[15],
-        );
-        let exponent = u32x4_splat(EXPONENT);
-        let mut bad = u32x4_splat(0);
-        for block in blocks {
-            let p = block.as_mut_ptr().cast::<v128>();
-            // SAFETY: `block` is 16 initialised bytes we hold exclusively; wasm loads and stores
-            // need no alignment.
-            let v = unsafe { v128_load(p) };
-            // wasm is little-endian: each lane holds the float's bits as they are.
-            bad = v128_or(bad, u32x4_eq(v128_and(v, exponent), exponent));
-            // SAFETY: as above.
-            unsafe { v128_store(p, i8x16_swizzle(v, shuffle)) };
-        }
-        scalar(rest) | v128_any_true(bad)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        /// Words covering whole SIMD blocks and tails, with a NaN or infinity at `bad`.
-        fn words(n: usize, bad: Option<usize>) -> Vec<[u8; 4]> {
-            (0..n).map(|i| if Some(i) == bad { [0, 0, 0xc0, 0x7f] } else { ((i as f32 - 7.5) / 3.0).to_le_bytes() }).collect()
-        }
-
-        #[test]
-        fn every_path_agrees_with_the_scalar_loop() {
-            for n in 0..40 {
-                for bad in std::iter::once(None).chain((0..n).map(Some)) {
-                    let mut expected = words(n, bad);
-                    let expected_bad = scalar(&mut expected);
-                    assert_eq!(expected_bad, bad.is_some());
-                    let mut w = words(n, bad);
-                    assert_eq!(le_to_be_checking_finite(&mut w), expected_bad, "{n} words, bad at {bad:?}");
-                    assert_eq!(w, expected, "{n} words");
-                    #[cfg(target_arch = "x86_64")]
-                    if std::arch::is_x86_feature_detected!("avx2") {
-                        let mut w = words(n, bad);
-                        // SAFETY: the CPU supports AVX2.
-                        assert_eq!(unsafe { avx2(&mut w) }, expected_bad, "avx2, {n} words, bad at {bad:?}");
-                        assert_eq!(w, expected, "avx2, {n} words");
-                    }
-                }
-            }
-        }
-    }
+    let padding = src.iter().rev().take(2).take_while(|&&c| c == b'=').count();
+    Some(src.len() / 4 * 3 - padding)
 }
 
 /// A buffer holding pgvector's 4-byte header for `dims` values.
@@ -262,7 +150,9 @@ fn header(dims: usize) -> Result<Vec<u8>, VectorDecodeError> {
     if dims > Vector::MAX_DIMS {
         return Err(VectorDecodeError::TooLong(dims));
     }
-    let mut bytes = Vec::with_capacity(4 + dims * 4);
+    // The SIMD kernel's stores write up to 8 bytes past the last value: room for them, so that
+    // it never reallocates.
+    let mut bytes = Vec::with_capacity(4 + dims * 4 + kernel::STORE_SLACK);
     bytes.extend_from_slice(&(dims as u16).to_be_bytes());
     bytes.extend_from_slice(&[0, 0]);
     Ok(bytes)
