@@ -534,6 +534,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 state.done = true;
                 rt.log(&state.report.to_string());
             }
+            Err(Stop::OutOfTime) => unreachable!("SourceRun::sync pauses the source when a retry runs out of time"),
             Err(Stop::LeaseLost(e)) => {
                 // The new holder owns the run now: finish nothing, report nothing as final.
                 rt.log(&format!("Invocation stopped: {e}"));
@@ -637,6 +638,9 @@ enum Stop {
     Store(StoreError),
     Fatal(ProviderError),
     LeaseLost(StoreError),
+    /// A retry's wait would run past the invocation's time budget: the group in hand is given
+    /// up unwritten and the source pauses before it, for the next invocation.
+    OutOfTime,
 }
 
 struct SourceRun<'a, S, E, R> {
@@ -730,7 +734,10 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                     let i = self.state.report.batches + 1;
                     self.rt.log(&format!("Batch {i} of {}: {name} ({} values)", self.state.planned_batches.max(i), group.len()));
                 }
-                let (mut batch, failed, usage) = self.embed_group(group).await?;
+                let (mut batch, failed, usage) = match self.embed_group(group).await {
+                    Err(Stop::OutOfTime) => return Ok(SourceEnd::Paused(after)),
+                    other => other?,
+                };
                 batch.retain(|v| v.complete || v.large.is_some() || v.small.is_some());
                 let embedded = batch.iter().filter(|v| v.complete && (v.large.is_some() || v.small.is_some())).count() as u64;
                 let complete = batch.iter().filter(|v| v.complete).count() as u64;
@@ -873,7 +880,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             if range.is_empty() {
                 continue;
             }
-            match self.embed_with_retry(model, &inputs[range.clone()]).await {
+            match self.embed_with_retry(model, &inputs[range.clone()]).await? {
                 Ok(e) => {
                     out.prompt_tokens += e.prompt_tokens;
                     out.requests += 1;
@@ -904,26 +911,38 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         Ok(out)
     }
 
-    async fn embed_with_retry(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
+    /// One request with retries: `Err(Stop::OutOfTime)` when the next wait would end past this
+    /// invocation's time budget (the budget bounds the retries as well as the batches).
+    async fn embed_with_retry(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Result<Embeddings, ProviderError>, Stop> {
         let mut retry = 0;
         loop {
-            match self.embedder.embed(model, inputs).await {
+            return Ok(match self.embedder.embed(model, inputs).await {
                 Ok(e) => {
                     if let Some(wait) = e.rate.and_then(|r| r.pause(batch::limit_tokens_all(inputs))) {
                         let wait = wait.min(self.retry.max_delay);
                         self.rt.log(&format!("Pacing {}: the rate limit is nearly used up, waiting {} ms", model.name(), wait.as_millis()));
                         self.rt.sleep(wait).await;
                     }
-                    return Ok(e);
+                    Ok(e)
                 }
                 Err(e) if e.is_retryable() && retry + 1 < self.retry.max_attempts => {
                     let wait = self.retry.delay(retry, e.retry_after(), self.rt.random());
+                    let deadline = self.spent.began + self.spent.budget.max_ms;
+                    if self.rt.now_ms() + wait.as_secs_f64() * 1e3 > deadline {
+                        self.rt.log(&format!(
+                            "Not retrying {} in {} ms ({e}): that is past this invocation's time budget; the next invocation goes on from this batch",
+                            model.name(),
+                            wait.as_millis()
+                        ));
+                        return Err(Stop::OutOfTime);
+                    }
                     self.rt.log(&format!("Retrying {} in {} ms: {e}", model.name(), wait.as_millis()));
                     self.rt.sleep(wait).await;
                     retry += 1;
+                    continue;
                 }
-                Err(e) => return Err(e),
-            }
+                Err(e) => Err(e),
+            });
         }
     }
 }

@@ -378,6 +378,7 @@ impl Runtime for MemRuntime {
     }
     async fn sleep(&self, d: Duration) {
         self.slept.borrow_mut().push(d);
+        *self.now.borrow_mut() += d.as_secs_f64() * 1e3;
     }
     fn random(&self) -> f64 {
         0.5
@@ -568,6 +569,48 @@ fn rate_limit_on_batch_two_is_retried_after_the_wait_asked_for() {
     // The large model's request 3 gets the 429 and waits what it was told; its retry (request 4)
     // gets the 503 and backs off 2 x 500 ms with jitter 0.75.
     assert_eq!(slept, [Duration::from_secs(3), Duration::from_millis(750)]);
+}
+
+#[test]
+fn a_retry_that_would_outlast_the_invocation_pauses_the_source_before_its_batch() {
+    let mut w = World::new(2);
+    let a = values("v", 6);
+    w.store.set("ta", "ca", &refs(&a));
+    w.store.set("tb", "cb", &[]);
+    // Batch 2's large request is told to come back in 15 s, in an invocation of 10 s.
+    w.provider.faults.insert(3, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(15)), message: "slow down".into() });
+    let budget = Budget { max_ms: 10_000.0, ..Budget::default() };
+    let hint = match w.invoke(budget, "inv-1", None).unwrap() {
+        Outcome::Paused(report, cursor) => {
+            let a = &report.sources[0];
+            // Batch 1 is stored; batch 2 was given up unwritten and is not an error.
+            assert_eq!((a.embedded, a.batches, a.errors), (2, 1, 0));
+            assert!(w.store.errors.is_empty());
+            // ... and the source pauses after batch 1: its two values come first in hash order.
+            let mut hashes: Vec<String> = values("v", 6).iter().map(|v| Value::normalize(v).unwrap().hash().as_str().to_owned()).collect();
+            hashes.sort();
+            assert_eq!(cursor.after.as_deref(), Some(hashes[1].as_str()));
+            cursor
+        }
+        other => panic!("expected a pause, got {other:?}"),
+    };
+    assert!(w.rt.slept.borrow().is_empty(), "it must not sleep past its budget: {:?}", w.rt.slept.borrow());
+    assert!(*w.rt.now.borrow() < 10_000.0);
+    assert!(
+        w.rt.logs.borrow().iter().any(|l| l.starts_with("Not retrying text-embedding-3-large in 15000 ms")),
+        "{:#?}",
+        w.rt.logs.borrow()
+    );
+    // The next invocation goes on from batch 2 and finishes with exact counts.
+    let report = match w.invoke(budget, "inv-2", Some(&hint)).unwrap() {
+        Outcome::Finished(r) => r,
+        other => panic!("expected the run to finish, got {other:?}"),
+    };
+    let a = &report.sources[0];
+    assert_eq!((a.total, a.new, a.embedded, a.batches, a.errors), (6, 6, 6, 3, 0));
+    for v in values("v", 6) {
+        assert!(w.store.cache.contains_key(&Value::normalize(&v).unwrap().hash()), "{v} stored");
+    }
 }
 
 #[test]
