@@ -13,12 +13,15 @@ mod pg;
 mod settings;
 
 use embsync_core::auth::{check_bearer, AuthOutcome};
+use embsync_core::log::{Level, LogEvent};
 use embsync_core::report::{RunReport, Trigger};
 use embsync_core::sync::{self, Budget, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
 use pg::PgStore;
 use settings::SettingsError;
 use std::time::Duration;
-use worker::{console_log, event, Context, Date, Delay, Env, Method, Request, Response, ScheduleContext, ScheduledEvent};
+use worker::{
+    console_error, console_log, console_warn, event, Context, Date, Delay, Env, Method, Request, Response, ScheduleContext, ScheduledEvent,
+};
 
 /// The KV key holding the last finished run's report.
 const LAST_RUN_KEY: &str = "last-run";
@@ -42,8 +45,15 @@ impl Runtime for WorkerRuntime {
         js_sys::Math::random()
     }
 
-    fn log(&self, line: &str) {
-        console_log!("{line}");
+    /// One JSON object per line (Workers Logs indexes its fields); warnings and errors through
+    /// `console.warn` and `console.error`, so their level shows.
+    fn log(&self, event: LogEvent) {
+        let line = event.to_json();
+        match event.level {
+            Level::Info => console_log!("{line}"),
+            Level::Warn => console_warn!("{line}"),
+            Level::Error => console_error!("{line}"),
+        }
     }
 }
 
@@ -126,7 +136,7 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
     match result {
         Ok(response) => response,
         Err(e) => {
-            console_log!("{path} failed: {e}");
+            WorkerRuntime.log(LogEvent::error("failed", format!("{path} failed: {e}")).field("path", &path).field("status", e.status()));
             json_error(e.status(), &e.to_string())
         }
     }
@@ -135,7 +145,7 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     if let Err(e) = run_sync(&env, Trigger::Cron).await {
-        console_log!("Sync failed: {e}");
+        WorkerRuntime.log(LogEvent::error("failed", format!("Sync failed: {e}")).field("trigger", "cron"));
     }
 }
 
@@ -182,7 +192,7 @@ async fn read_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) -> (bool,
     match serde_json::from_str::<Cursor>(&text) {
         Ok(c) => (true, Some(c)),
         Err(e) => {
-            rt.log(&format!("Ignoring an unreadable cursor in KV ({e}); Postgres knows where the run stands"));
+            rt.log(LogEvent::warn("cursor", format!("Ignoring an unreadable cursor in KV ({e}); Postgres knows where the run stands")));
             (true, None)
         }
     }
@@ -195,7 +205,7 @@ async fn kv_put(kv: Option<&worker::KvStore>, key: &str, value: String, rt: &Wor
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        rt.log(&format!("Could not write {key} to KV: {e}"));
+        rt.log(LogEvent::warn("kv", format!("Could not write {key} to KV: {e}")));
     }
 }
 
@@ -207,7 +217,7 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     let kv = match env.kv("SYNC_STATE") {
         Ok(kv) => Some(kv),
         Err(e) => {
-            rt.log(&format!("KV binding SYNC_STATE is missing ({e}); going on without a cursor"));
+            rt.log(LogEvent::warn("kv", format!("KV binding SYNC_STATE is missing ({e}); going on without a cursor")));
             None
         }
     };
@@ -221,25 +231,40 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     match result? {
         Outcome::Finished(report) => {
             let json = serde_json::to_string(&report).unwrap_or_default();
-            rt.log(&format!("Sync report: {json}"));
+            let t = &report.totals;
+            rt.log(
+                LogEvent::info(
+                    "report",
+                    format!(
+                        "Sync report: run {} finished: {} embedded, {} deleted, {} errors",
+                        report.run_id, t.embedded, t.deleted, t.errors
+                    ),
+                )
+                .run(&report.run_id)
+                .field("report", &report),
+            );
             kv_put(kv.as_ref(), LAST_RUN_KEY, json, &rt).await;
             if let Some(kv) = &kv {
                 if stored_cursor {
                     if let Err(e) = kv.delete(CURSOR_KEY).await {
-                        rt.log(&format!("Could not clear the cursor in KV: {e}"));
+                        rt.log(LogEvent::warn("kv", format!("Could not clear the cursor in KV: {e}")));
                     }
                 }
             }
             Ok(report)
         }
         Outcome::Paused(report, cursor) => {
-            rt.log(&format!("Sync paused: {}", serde_json::to_string(&cursor).unwrap_or_default()));
+            rt.log(
+                LogEvent::info("paused", format!("Sync paused: run {} goes on in the next invocation", cursor.run_id))
+                    .run(&cursor.run_id)
+                    .field("cursor", &cursor),
+            );
             kv_put(kv.as_ref(), CURSOR_KEY, serde_json::to_string(&cursor).unwrap_or_default(), &rt).await;
             Ok(report)
         }
         Outcome::Busy { holder, expires_in_secs } => {
             let e = AppError::Busy { holder, secs: expires_in_secs };
-            rt.log(&format!("Sync skipped: {e}"));
+            rt.log(LogEvent::warn("skipped", format!("Sync skipped: {e}")));
             Err(e)
         }
     }

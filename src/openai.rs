@@ -2,6 +2,7 @@
 
 use crate::settings::Redacted;
 use embsync_core::config::ModelSpec;
+use embsync_core::log::LogEvent;
 use embsync_core::provider::{decode_response, EmbeddingRequest, Embeddings, EncodingFormat, ProviderError};
 use embsync_core::sync::Embedder;
 use futures::future::{select, Either};
@@ -62,7 +63,9 @@ impl Embedder for OpenAi {
         let format = self.format.get();
         match self.send_with_timeout(model, inputs, format).await {
             Err(e) if format == EncodingFormat::Base64 && e.is_base64_unsupported() => {
-                worker::console_log!("The provider does not take encoding_format=base64 ({e}); using float from now on");
+                let event =
+                    LogEvent::warn("provider", format!("The provider does not take encoding_format=base64 ({e}); using float from now on"));
+                worker::console_warn!("{}", event.to_json());
                 self.format.set(EncodingFormat::Float);
                 self.send_with_timeout(model, inputs, EncodingFormat::Float).await
             }

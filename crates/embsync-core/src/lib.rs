@@ -11,6 +11,7 @@
 //! - [`vector`]: base64 float32 and pgvector binary encodings.
 //! - [`sync`]: the driver, over the [`sync::Store`], [`sync::Embedder`] and [`sync::Runtime`] traits.
 //! - [`report`]: run and dry-run reports.
+//! - [`log`]: structured log events (one JSON object per line).
 //!
 //! ```
 //! use embsync_core::{config::Config, hash::Value};
@@ -30,6 +31,7 @@ pub mod config;
 pub mod dburl;
 pub mod hash;
 pub mod ident;
+pub mod log;
 pub mod provider;
 pub mod report;
 pub mod sql;

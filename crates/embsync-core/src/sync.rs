@@ -7,6 +7,7 @@
 use crate::batch;
 use crate::config::{Config, ModelSlot, ModelSpec, Source};
 use crate::hash::ValueHash;
+use crate::log::LogEvent;
 use crate::provider::{Embeddings, ProviderError};
 use crate::report::{
     iso8601, CostEstimate, DryRunReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport, RunStatus, SourcePlanReport,
@@ -313,8 +314,8 @@ pub trait Runtime {
     async fn sleep(&self, duration: Duration);
     /// A number in [0, 1) for jitter.
     fn random(&self) -> f64;
-    /// Writes one log line.
-    fn log(&self, line: &str);
+    /// Writes one structured log event.
+    fn log(&self, event: LogEvent);
 }
 
 /// How failed provider calls are retried.
@@ -439,7 +440,7 @@ pub async fn invoke<S: Store, E: Embedder, R: Runtime>(
     }
     let result = invoke_leased(config, store, embedder, rt, inv, began).await;
     if let Err(e) = store.release_lease(inv.holder).await {
-        rt.log(&format!("Could not release the sync lease (it expires by itself): {e}"));
+        rt.log(LogEvent::warn("lease", format!("Could not release the sync lease (it expires by itself): {e}")));
     }
     result
 }
@@ -481,7 +482,11 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
         ))));
     }
     if run.invocations > 1 {
-        rt.log(&format!("Resuming run {} (invocation {})", run.id.0, run.invocations));
+        rt.log(
+            LogEvent::info("resume", format!("Resuming run {} (invocation {})", run.id.0, run.invocations))
+                .run(&run.id.0)
+                .field("invocation", run.invocations),
+        );
     }
     // The hint is used only when it agrees with Postgres about the run.
     let hint = hint.filter(|c| c.run_id == run.id.0);
@@ -512,10 +517,10 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
         let state = &mut run.sources[i];
         state.report.duration_ms += (rt.now_ms() - began_source).max(0.0) as u64;
         match outcome {
-            Ok(SourceEnd::Done) => rt.log(&state.report.to_string()),
+            Ok(SourceEnd::Done) => rt.log(source_event(&run.id, &state.report)),
             Ok(SourceEnd::TokenBudget) => {
                 // The run ends here; the next run goes on with what is still pending.
-                rt.log(&state.report.to_string());
+                rt.log(source_event(&run.id, &state.report));
                 break;
             }
             Ok(SourceEnd::Paused(after)) => {
@@ -532,23 +537,23 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 // The source is reported as failed for this run; the next run tries it again.
                 state.report.error = Some(e.to_string());
                 state.done = true;
-                rt.log(&state.report.to_string());
+                rt.log(source_event(&run.id, &state.report));
             }
             Err(Stop::OutOfTime) => unreachable!("SourceRun::sync pauses the source when a retry runs out of time"),
             Err(Stop::LeaseLost(e)) => {
                 // The new holder owns the run now: finish nothing, report nothing as final.
-                rt.log(&format!("Invocation stopped: {e}"));
+                rt.log(LogEvent::error("lease", format!("Invocation stopped: {e}")).run(&run.id.0));
                 return Err(SyncError::LeaseLost(e));
             }
             Err(Stop::Fatal(e)) => {
                 // Nothing later can succeed: the run ends here as failed, and the next trigger
                 // starts a new run once the cause is fixed.
-                rt.log(&format!("Sync stopped: {e}"));
+                rt.log(LogEvent::error("stopped", format!("Sync stopped: {e}")).run(&run.id.0));
                 let mut report = report_of(config, &run, rt);
                 report.status = RunStatus::Failed;
                 report.stopped = Some(e.to_string());
                 if let Err(store_error) = store.finish_run(&run.id, &report).await {
-                    rt.log(&format!("Could not mark run {} failed: {store_error}", run.id.0));
+                    rt.log(LogEvent::error("store", format!("Could not mark run {} failed: {store_error}", run.id.0)).run(&run.id.0));
                 }
                 return Err(SyncError::Provider(e));
             }
@@ -558,12 +563,19 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     if let Some(mut cursor) = paused {
         cursor.totals = report.totals.clone();
         report.status = RunStatus::Paused;
-        rt.log(&format!("Invocation budget spent after {} batches; run {} goes on in the next invocation", spent.batches, run.id.0));
+        rt.log(
+            LogEvent::info(
+                "budget",
+                format!("Invocation budget spent after {} batches; run {} goes on in the next invocation", spent.batches, run.id.0),
+            )
+            .run(&run.id.0)
+            .field("batches", spent.batches),
+        );
         return Ok(Outcome::Paused(report, cursor));
     }
     report.status = RunStatus::Finished;
     if let Some(why) = &report.stopped {
-        rt.log(&format!("Sync stopped early: {why}"));
+        rt.log(LogEvent::warn("stopped", format!("Sync stopped early: {why}")).run(&run.id.0));
     }
     store.finish_run(&run.id, &report).await.map_err(SyncError::Schema)?;
     Ok(Outcome::Finished(report))
@@ -617,6 +629,12 @@ fn mass_delete(config: &Config, counts: &SourceCounts) -> Option<String> {
         return None;
     };
     Some(format!("{why}; nothing was deleted: check the source, or set \"allowMassDelete\": true for it if this is intended"))
+}
+
+/// The event of a source's end in an invocation: its counts, as text and as fields.
+fn source_event(run: &RunId, report: &SourceReport) -> LogEvent {
+    let level = if report.error.is_some() { crate::log::Level::Error } else { crate::log::Level::Info };
+    LogEvent::new(level, "source", report.to_string()).run(&run.0).field("source", &report.name).field("report", report)
 }
 
 /// What this invocation has spent.
@@ -732,7 +750,15 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 let needs_provider = group.iter().any(|p| !(p.has_large && p.has_small));
                 if needs_provider {
                     let i = self.state.report.batches + 1;
-                    self.rt.log(&format!("Batch {i} of {}: {name} ({} values)", self.state.planned_batches.max(i), group.len()));
+                    let of = self.state.planned_batches.max(i);
+                    self.rt.log(
+                        LogEvent::info("batch", format!("Batch {i} of {of}: {name} ({} values)", group.len()))
+                            .run(&self.run.0)
+                            .field("source", name)
+                            .field("batch", i)
+                            .field("of", of)
+                            .field("values", group.len()),
+                    );
                 }
                 let (mut batch, failed, usage) = match self.embed_group(group).await {
                     Err(Stop::OutOfTime) => return Ok(SourceEnd::Paused(after)),
@@ -780,7 +806,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 None => self.store.counts(source).await.map_err(|e| ctx("counting values", e))?,
             };
             if let Some(why) = mass_delete(self.config, &now) {
-                self.rt.log(&format!("Source {name}: {why}"));
+                self.rt.log(LogEvent::warn("guard", format!("Source {name}: {why}")).run(&self.run.0).field("source", name));
                 self.state.report.warning = Some(why);
                 known_clean = true;
             }
@@ -890,17 +916,21 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 }
                 Err(e) if e.is_fatal() => return Err(Stop::Fatal(e)),
                 Err(e) if !e.is_retryable() && range.len() > 1 => {
-                    self.rt.log(&format!(
-                        "{} refused {} values ({e}); splitting the request to isolate the bad ones",
-                        model.name(),
-                        range.len()
+                    self.rt.log(self.event(
+                        LogEvent::warn(
+                            "split",
+                            format!("{} refused {} values ({e}); splitting the request to isolate the bad ones", model.name(), range.len()),
+                        ),
+                        model,
                     ));
                     let mid = range.start + range.len() / 2;
                     todo.push(mid..range.end);
                     todo.push(range.start..mid);
                 }
                 Err(e) => {
-                    self.rt.log(&format!("{} failed for {} values: {e}", model.name(), range.len()));
+                    self.rt.log(
+                        self.event(LogEvent::error("provider", format!("{} failed for {} values: {e}", model.name(), range.len())), model),
+                    );
                     for i in range {
                         results[i] = Err(e.to_string());
                     }
@@ -909,6 +939,11 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         }
         out.results = results;
         Ok(out)
+    }
+
+    /// `event` tagged with this run and `model`.
+    fn event(&self, event: LogEvent, model: &ModelSpec) -> LogEvent {
+        event.run(&self.run.0).field("model", model.name())
     }
 
     /// One request with retries: `Err(Stop::OutOfTime)` when the next wait would end past this
@@ -920,7 +955,16 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 Ok(e) => {
                     if let Some(wait) = e.rate.and_then(|r| r.pause(batch::limit_tokens_all(inputs))) {
                         let wait = wait.min(self.retry.max_delay);
-                        self.rt.log(&format!("Pacing {}: the rate limit is nearly used up, waiting {} ms", model.name(), wait.as_millis()));
+                        self.rt.log(
+                            self.event(
+                                LogEvent::info(
+                                    "pacing",
+                                    format!("Pacing {}: the rate limit is nearly used up, waiting {} ms", model.name(), wait.as_millis()),
+                                )
+                                .field("waitMs", wait.as_millis() as u64),
+                                model,
+                            ),
+                        );
                         self.rt.sleep(wait).await;
                     }
                     Ok(e)
@@ -929,14 +973,28 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                     let wait = self.retry.delay(retry, e.retry_after(), self.rt.random());
                     let deadline = self.spent.began + self.spent.budget.max_ms;
                     if self.rt.now_ms() + wait.as_secs_f64() * 1e3 > deadline {
-                        self.rt.log(&format!(
-                            "Not retrying {} in {} ms ({e}): that is past this invocation's time budget; the next invocation goes on from this batch",
-                            model.name(),
-                            wait.as_millis()
+                        self.rt.log(self.event(
+                            LogEvent::warn(
+                                "retry",
+                                format!(
+                                    "Not retrying {} in {} ms ({e}): that is past this invocation's time budget; the next invocation goes on from this batch",
+                                    model.name(),
+                                    wait.as_millis()
+                                ),
+                            )
+                            .field("waitMs", wait.as_millis() as u64),
+                            model,
                         ));
                         return Err(Stop::OutOfTime);
                     }
-                    self.rt.log(&format!("Retrying {} in {} ms: {e}", model.name(), wait.as_millis()));
+                    self.rt.log(
+                        self.event(
+                            LogEvent::warn("retry", format!("Retrying {} in {} ms: {e}", model.name(), wait.as_millis()))
+                                .field("waitMs", wait.as_millis() as u64)
+                                .field("attempt", retry + 2),
+                            model,
+                        ),
+                    );
                     self.rt.sleep(wait).await;
                     retry += 1;
                     continue;

@@ -3,6 +3,7 @@
 
 use crate::config::{Config, ModelSpec};
 use crate::hash::{Value, ValueHash};
+use crate::log::{Level, LogEvent};
 use crate::provider::{Embeddings, ProviderError};
 use crate::report::Trigger;
 use crate::sync::*;
@@ -368,7 +369,9 @@ impl Embedder for MemProvider {
 struct MemRuntime {
     now: RefCell<f64>,
     slept: RefCell<Vec<Duration>>,
+    /// The messages of the events, for tests that read them as text.
     logs: RefCell<Vec<String>>,
+    events: RefCell<Vec<LogEvent>>,
 }
 
 impl Runtime for MemRuntime {
@@ -383,8 +386,9 @@ impl Runtime for MemRuntime {
     fn random(&self) -> f64 {
         0.5
     }
-    fn log(&self, line: &str) {
-        self.logs.borrow_mut().push(line.to_owned());
+    fn log(&self, event: LogEvent) {
+        self.logs.borrow_mut().push(event.message.clone());
+        self.events.borrow_mut().push(event);
     }
 }
 
@@ -569,6 +573,35 @@ fn rate_limit_on_batch_two_is_retried_after_the_wait_asked_for() {
     // The large model's request 3 gets the 429 and waits what it was told; its retry (request 4)
     // gets the 503 and backs off 2 x 500 ms with jitter 0.75.
     assert_eq!(slept, [Duration::from_secs(3), Duration::from_millis(750)]);
+}
+
+#[test]
+fn batch_source_and_retry_events_carry_the_run_and_their_fields() {
+    let mut w = World::new(2);
+    let a = values("v", 3);
+    w.store.set("ta", "ca", &refs(&a));
+    w.store.set("tb", "cb", &[]);
+    w.provider.faults.insert(1, ProviderError::Server { status: 502, message: "bad gateway".into() });
+    let report = w.run().unwrap();
+    let events = w.rt.events.borrow();
+    let json: Vec<serde_json::Value> = events.iter().map(|e| serde_json::from_str(&e.to_json()).unwrap()).collect();
+    let of_kind = |kind: &str| json.iter().filter(|e| e["event"] == kind).cloned().collect::<Vec<_>>();
+    let batches = of_kind("batch");
+    assert_eq!(batches.len(), 2);
+    for (i, b) in batches.iter().enumerate() {
+        assert_eq!(b["runId"], report.run_id.as_str());
+        assert_eq!((b["batch"].as_u64(), b["of"].as_u64(), b["source"].as_str()), (Some(i as u64 + 1), Some(2), Some("A")));
+        assert_eq!(b["message"], format!("Batch {} of 2: A ({} values)", i + 1, [2, 1][i]));
+    }
+    let retry = &of_kind("retry")[0];
+    assert_eq!(
+        (retry["level"].as_str(), retry["model"].as_str(), retry["attempt"].as_u64()),
+        (Some("warn"), Some("text-embedding-3-large"), Some(2))
+    );
+    let sources = of_kind("source");
+    assert_eq!(sources.len(), 2);
+    assert_eq!((sources[0]["report"]["embedded"].as_u64(), sources[0]["runId"].as_str()), (Some(3), Some(report.run_id.as_str())));
+    assert!(events.iter().all(|e| e.level != Level::Error), "{events:#?}");
 }
 
 #[test]

@@ -1071,19 +1071,27 @@ impl Worker {
             .unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)))
     }
 
-    /// The reports logged as `Sync report: {...}` so far, oldest first.
-    pub fn logged_reports(&self) -> Vec<Value> {
+    /// The worker's structured log events so far, oldest first: every log line the worker
+    /// writes is one JSON object with `level`, `event` and `message` (wrangler may put a prefix
+    /// before it). Lines that are not the worker's own (wrangler's) are skipped.
+    pub fn events(&self) -> Vec<Value> {
         self.logs()
             .lines()
             .filter_map(|l| {
-                l.find("Sync report: ")
-                    .map(|i| &l[i + "Sync report: ".len()..])
-            })
-            .map(|json| {
-                serde_json::from_str(json.trim())
-                    .unwrap_or_else(|e| panic!("`Sync report:` line is not JSON ({e}): {json}"))
+                let v: Value = serde_json::from_str(l.get(l.find('{')?..)?.trim()).ok()?;
+                v.get("event").is_some().then_some(v)
             })
             .collect()
+    }
+
+    /// The events of kind `event` so far, oldest first.
+    pub fn events_of(&self, event: &str) -> Vec<Value> {
+        self.events().into_iter().filter(|e| e["event"] == event).collect()
+    }
+
+    /// The reports of finished runs logged so far (`report` events), oldest first.
+    pub fn logged_reports(&self) -> Vec<Value> {
+        self.events_of("report").into_iter().map(|e| e["report"].clone()).collect()
     }
 
     /// The `--persist-to` directory (local KV) of this worker.

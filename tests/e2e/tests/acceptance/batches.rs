@@ -1,4 +1,5 @@
-//! Batching: `Batch i of N` is logged for every batch, for HTTP and cron runs.
+//! Batching: `Batch i of N` is logged for every batch, for HTTP and cron runs; the logs are
+//! structured events (one JSON object a line) carrying the run id.
 
 use std::time::Duration;
 
@@ -86,4 +87,24 @@ fn logs_show_every_batch_for_http_and_cron_runs() {
         || Some(db.cache_count()).filter(|n| *n == 16),
     );
     assert_eq!(n, 16);
+
+    // Every line the worker logged is a JSON event with a level, a kind and a message, and the
+    // events of each run (batches, sources, the report) carry that run's id.
+    let events = worker.events();
+    for e in &events {
+        assert!(["info", "warn", "error"].contains(&e["level"].as_str().unwrap_or_default()), "{e}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+    }
+    let worker_lines = worker.logs().lines().filter(|l| l.contains("\"event\":")).count();
+    assert_eq!(worker_lines, events.len(), "every worker log line parses as one JSON event");
+    for (run, report) in [("http", &report), ("cron", &cron)] {
+        let id = report["runId"].as_str().expect("runId");
+        let of_run = |kind: &str| events.iter().filter(|e| e["event"] == kind && e["runId"] == id).count();
+        let batches = if run == "http" { 3 } else { 2 };
+        assert_eq!(of_run("batch"), batches, "{run}: one batch event per batch, tagged with {id}");
+        assert_eq!(of_run("source"), 3, "{run}: one source event per source, tagged with {id}");
+        assert_eq!(of_run("report"), 1, "{run}: one report event, tagged with {id}");
+    }
+    let batch = worker.events_of("batch").into_iter().find(|e| e["runId"] == cron["runId"]).expect("a cron batch event");
+    assert_eq!((batch["source"].as_str(), batch["of"].as_u64()), (Some("Attribute Labels"), Some(2)), "{batch}");
 }

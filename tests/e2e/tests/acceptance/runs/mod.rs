@@ -73,36 +73,32 @@ pub fn opts(db: &TestDb, provider: &Provider, batch_size: u64, vars: &[(&str, &s
 /// How one invocation ended, as the worker logged it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum End {
-    /// `Sync paused: {cursor}`.
+    /// A `paused` event: its cursor.
     Paused(Value),
-    /// `Sync report: {report}` (the run finished).
+    /// A `report` event (the run finished): its report.
     Finished(Value),
-    /// `Sync skipped: ...` (the lease was held).
+    /// A `skipped` event (the lease was held): its message.
     Skipped(String),
-    /// `Sync failed: ...` (cron) or `/sync failed: ...` (HTTP).
+    /// A `failed` event: `Sync failed: ...` (cron) or `/sync failed: ...` (HTTP).
     Failed(String),
 }
 
-/// The invocation ends logged so far, oldest first. A refused `POST /sync` logs both
-/// `Sync skipped:` and `/sync failed:`; the latter is folded into the former.
+/// The invocation ends logged so far, oldest first. A refused `POST /sync` logs both a
+/// `skipped` and a `failed` event; the latter is folded into the former.
 pub fn ends(worker: &Worker) -> Vec<End> {
     let mut out: Vec<End> = Vec::new();
-    for line in worker.logs().lines() {
-        let after = |needle: &str| line.find(needle).map(|i| line[i + needle.len()..].trim());
-        if let Some(json) = after("Sync paused: ") {
-            let v = serde_json::from_str(json).unwrap_or_else(|e| panic!("`Sync paused:` is not followed by JSON ({e}): {line}"));
-            out.push(End::Paused(v));
-        } else if let Some(json) = after("Sync report: ") {
-            let v = serde_json::from_str(json).unwrap_or_else(|e| panic!("`Sync report:` is not followed by JSON ({e}): {line}"));
-            out.push(End::Finished(v));
-        } else if let Some(text) = after("Sync skipped: ") {
-            out.push(End::Skipped(text.to_string()));
-        } else if let Some(text) = after("/sync failed: ") {
-            if !matches!(out.last(), Some(End::Skipped(_))) {
-                out.push(End::Failed(text.to_string()));
+    for e in worker.events() {
+        let message = e["message"].as_str().unwrap_or_default().to_string();
+        match e["event"].as_str() {
+            Some("paused") => out.push(End::Paused(e["cursor"].clone())),
+            Some("report") => out.push(End::Finished(e["report"].clone())),
+            Some("skipped") => out.push(End::Skipped(message)),
+            Some("failed") => {
+                if !matches!(out.last(), Some(End::Skipped(_))) || e["path"].is_null() {
+                    out.push(End::Failed(message));
+                }
             }
-        } else if let Some(text) = after("Sync failed: ") {
-            out.push(End::Failed(text.to_string()));
+            _ => {}
         }
     }
     out
@@ -154,18 +150,9 @@ pub fn cron_until_finished(worker: &Worker, max: usize, timeout_each: Duration) 
     panic!("the run did not finish within {max} cron invocations: {out:?}");
 }
 
-/// The `(i, N)` of every `Batch i of N: ...` line, in log order.
+/// The `(i, N)` of every `batch` event (`Batch i of N: ...`), in log order.
 pub fn batch_lines(worker: &Worker) -> Vec<(u64, u64)> {
-    worker
-        .logs()
-        .lines()
-        .filter_map(|l| {
-            let rest = &l[l.find("Batch ")? + "Batch ".len()..];
-            let (i, rest) = rest.split_once(" of ")?;
-            let (n, _) = rest.split_once(':')?;
-            Some((i.trim().parse().ok()?, n.trim().parse().ok()?))
-        })
-        .collect()
+    worker.events_of("batch").iter().map(|e| (e["batch"].as_u64().expect("batch"), e["of"].as_u64().expect("of"))).collect()
 }
 
 /// How often the provider answered 200 for each input of `model`.
