@@ -1248,23 +1248,37 @@ impl Drop for Worker {
 
 /// Runs `wrangler kv key <args...> --binding SYNC_STATE --local --persist-to <persist_dir>`
 /// the way the worker is started (same config, offline, no build).
+/// A command that finds the local KV's SQLite file locked by the running `wrangler dev`
+/// (`SQLITE_BUSY`) is tried again, up to five times: get, put and delete are idempotent.
 pub fn kv_command(persist_dir: &Path, args: &[&str]) -> std::process::Output {
     let repo = PathBuf::from(env_var("EMBSYNC_REPO"));
     let node = env_var("EMBSYNC_NODE");
     let wrangler_js = env_var("EMBSYNC_WRANGLER_JS");
-    Command::new(&node)
-        .arg(&wrangler_js)
-        .args(["kv", "key"])
-        .args(args)
-        .args(["--binding", "SYNC_STATE", "--local", "--persist-to"])
-        .arg(persist_dir)
-        .arg("--config")
-        .arg(repo.join("wrangler.toml"))
-        .envs(WRANGLER_ENV)
-        .current_dir(&repo)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {node} {wrangler_js} kv key: {e}"))
+    let mut attempt = 1;
+    loop {
+        let out = Command::new(&node)
+            .arg(&wrangler_js)
+            .args(["kv", "key"])
+            .args(args)
+            .args(["--binding", "SYNC_STATE", "--local", "--persist-to"])
+            .arg(persist_dir)
+            .arg("--config")
+            .arg(repo.join("wrangler.toml"))
+            .envs(WRANGLER_ENV)
+            .current_dir(&repo)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("spawn {node} {wrangler_js} kv key: {e}"));
+        let busy = !out.status.success()
+            && [&out.stdout, &out.stderr]
+                .iter()
+                .any(|b| String::from_utf8_lossy(b).contains("SQLITE_BUSY"));
+        if !busy || attempt == 5 {
+            return out;
+        }
+        attempt += 1;
+        thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// A temporary directory that outlives single workers (e.g. a `--persist-to` directory shared
