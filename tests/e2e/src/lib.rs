@@ -307,12 +307,18 @@ pub fn db_with_options(values: &[&str]) -> TestDb {
 }
 
 impl TestDb {
-    /// Creates a database with a unique name and connects to it.
+    /// Creates a database with a unique name in the shared cluster and connects to it.
     pub fn create() -> TestDb {
-        let admin_url = env_var("EMBSYNC_TEST_PG_URL");
+        TestDb::create_at(&env_var("EMBSYNC_TEST_PG_URL"))
+    }
+
+    /// Creates a database with a unique name in the cluster of `admin_url` (a superuser's URL)
+    /// and connects to it.
+    pub fn create_at(admin_url: &str) -> TestDb {
+        let admin_url = admin_url.to_string();
         let name = unique_name("embsync_e2e");
         let mut admin = Client::connect(&admin_url, NoTls)
-            .unwrap_or_else(|e| panic!("cannot connect to EMBSYNC_TEST_PG_URL ({admin_url}): {e}"));
+            .unwrap_or_else(|e| panic!("cannot connect to {admin_url}: {e}"));
         // CREATE DATABASE copies template1 and can fail while another session touches it.
         let mut last_err = None;
         for _ in 0..10 {
@@ -768,6 +774,9 @@ pub struct WorkerOpts {
     /// The `--persist-to` directory (local KV); `None` gives the worker a fresh one inside its
     /// own directory. Give two workers the same directory to restart on the same KV state.
     pub persist_to: Option<PathBuf>,
+    /// Environment variables of `wrangler dev` (e.g. `NODE_EXTRA_CA_CERTS`, which makes workerd
+    /// trust a CA). Whatever trust settings the test process has are not passed on.
+    pub env: Vec<(String, String)>,
 }
 
 impl WorkerOpts {
@@ -784,7 +793,14 @@ impl WorkerOpts {
             sources: None,
             vars: Vec::new(),
             persist_to: None,
+            env: Vec::new(),
         }
+    }
+
+    /// With one more environment variable for `wrangler dev`.
+    pub fn env(mut self, name: &str, value: impl ToString) -> WorkerOpts {
+        self.env.push((name.to_string(), value.to_string()));
+        self
     }
 
     /// With one more `--var NAME:VALUE`.
@@ -918,6 +934,13 @@ impl Worker {
         for (k, v) in &opts.vars {
             cmd.arg("--var").arg(format!("{k}:{v}"));
         }
+        // What workerd trusts is up to the test: NODE_EXTRA_CA_CERTS (which wrangler hands to
+        // workerd as trusted certificates) and SSL_CERT_FILE/SSL_CERT_DIR (which replace the
+        // system's CAs workerd reads) only come from `opts.env`.
+        for name in ["NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "SSL_CERT_DIR"] {
+            cmd.env_remove(name);
+        }
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         wrangler_env(&mut cmd, &repo)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -1233,23 +1256,37 @@ impl Drop for Worker {
 
 /// Runs `wrangler kv key <args...> --binding SYNC_STATE --local --persist-to <persist_dir>`
 /// the way the worker is started (same config, offline, no build).
+/// A command that finds the local KV's SQLite file locked by the running `wrangler dev`
+/// (`SQLITE_BUSY`) is tried again, up to five times: get, put and delete are idempotent.
 pub fn kv_command(persist_dir: &Path, args: &[&str]) -> std::process::Output {
     let repo = PathBuf::from(env_var("EMBSYNC_REPO"));
     let node = env_var("EMBSYNC_NODE");
     let wrangler_js = env_var("EMBSYNC_WRANGLER_JS");
-    Command::new(&node)
-        .arg(&wrangler_js)
-        .args(["kv", "key"])
-        .args(args)
-        .args(["--binding", "SYNC_STATE", "--local", "--persist-to"])
-        .arg(persist_dir)
-        .arg("--config")
-        .arg(repo.join("wrangler.toml"))
-        .envs(WRANGLER_ENV)
-        .current_dir(&repo)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {node} {wrangler_js} kv key: {e}"))
+    let mut attempt = 1;
+    loop {
+        let out = Command::new(&node)
+            .arg(&wrangler_js)
+            .args(["kv", "key"])
+            .args(args)
+            .args(["--binding", "SYNC_STATE", "--local", "--persist-to"])
+            .arg(persist_dir)
+            .arg("--config")
+            .arg(repo.join("wrangler.toml"))
+            .envs(WRANGLER_ENV)
+            .current_dir(&repo)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("spawn {node} {wrangler_js} kv key: {e}"));
+        let busy = !out.status.success()
+            && [&out.stdout, &out.stderr]
+                .iter()
+                .any(|b| String::from_utf8_lossy(b).contains("SQLITE_BUSY"));
+        if !busy || attempt == 5 {
+            return out;
+        }
+        attempt += 1;
+        thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// A temporary directory that outlives single workers (e.g. a `--persist-to` directory shared

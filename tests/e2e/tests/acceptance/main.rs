@@ -16,3 +16,4 @@ mod provider;
 mod runs;
 mod shared;
 mod sync;
+mod tls;
