@@ -37,17 +37,20 @@ step_end() {
 
 SETUP_START="$(now)"
 
-# The wasm32 target for the worker.
-step_begin "rust target wasm32-unknown-unknown"
+# The wasm32 targets: wasm32-unknown-unknown for the worker, wasm32-wasip1 to run the core's
+# tests as WebAssembly (with simd128, under Node's WASI), as the worker runs them on workerd.
 # The list is captured first: `grep -q` stopping early would otherwise fail the pipeline.
 installed_targets="$(rustup target list --installed)"
-if grep -qx 'wasm32-unknown-unknown' <<<"$installed_targets"; then
-    step_end "already installed"
-else
-    say "$STEP_NAME: installing with rustup"
-    rustup target add wasm32-unknown-unknown
-    step_end "installed"
-fi
+for target in wasm32-unknown-unknown wasm32-wasip1; do
+    step_begin "rust target $target"
+    if grep -qx "$target" <<<"$installed_targets"; then
+        step_end "already installed"
+    else
+        say "$STEP_NAME: installing with rustup"
+        rustup target add "$target"
+        step_end "installed"
+    fi
+done
 
 # Prints the version reported by `TOOL --version` (its last word), or nothing when the tool is
 # missing or fails.
