@@ -14,6 +14,9 @@
 //! `allowMassDelete`, default false) keeps a source that suddenly looks empty from deleting its
 //! embeddings. Every other field is required and unknown keys are rejected.
 //! Code past this module takes [`Config`], never raw JSON.
+//!
+//! `schema/embedding-sources.schema.json` states the same rules as a JSON Schema for editors;
+//! `tests/schema.rs` checks both on the examples in `tests/config-examples/`.
 
 use crate::ident::{Ident, TableName};
 use serde::Deserialize;
@@ -210,12 +213,12 @@ struct RawConfig {
     #[allow(dead_code)]
     schema: Option<String>,
     version: String,
-    models: RawModels,
+    models: Object<RawModels>,
     batch_size: Option<u64>,
     max_tokens_per_run: Option<u64>,
     max_delete_share: Option<f64>,
     mass_delete_minimum: Option<u64>,
-    sources: Vec<RawSource>,
+    sources: Vec<Object<RawSource>>,
 }
 
 #[derive(Deserialize)]
@@ -225,11 +228,30 @@ struct RawModels {
     small: RawModel,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A model name, or an object. Hand-written rather than `#[serde(untagged)]`, whose only error
+/// is "data did not match any variant": this one names the field that is wrong.
 enum RawModel {
     Name(String),
     Spec(RawModelSpec),
+}
+
+impl<'de> Deserialize<'de> for RawModel {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawModel;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a model name or {"name": "...", "dimensions": N}"#)
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<RawModel, E> {
+                Ok(RawModel::Name(name.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawModel, A::Error> {
+                RawModelSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(RawModel::Spec)
+            }
+        }
+        de.deserialize_any(Visit)
+    }
 }
 
 #[derive(Deserialize)]
@@ -251,6 +273,27 @@ struct RawSource {
     allow_mass_delete: Option<bool>,
 }
 
+/// A struct that must be written as a JSON object. Serde also fills a struct from an array of
+/// its fields in order (`["1.0", {...}, ...]`); the config is only ever written as objects, and
+/// the JSON Schema says so, so the parser says so too.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        de.deserialize_map(Visit(std::marker::PhantomData)).map(Object)
+    }
+}
+
 impl Config {
     /// Parses and checks a config document.
     ///
@@ -260,7 +303,7 @@ impl Config {
     /// not identifiers, empty or duplicate names, and duplicate table/column pairs.
     pub fn parse(json: &str) -> Result<Config, ConfigError> {
         let de = &mut serde_json::Deserializer::from_str(json);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|err| {
+        let Object(raw): Object<RawConfig> = serde_path_to_error::deserialize(de).map_err(|err| {
             let path = err.path().to_string();
             ConfigError::at(path, err.inner())
         })?;
@@ -271,7 +314,8 @@ impl Config {
         if raw.version != "1" && !raw.version.starts_with("1.") {
             return Err(ConfigError::at("version", format!("unsupported version {:?}: this build reads version 1.x", raw.version)));
         }
-        let models = Models { large: model("models.large", raw.models.large)?, small: model("models.small", raw.models.small)? };
+        let Object(raw_models) = raw.models;
+        let models = Models { large: model("models.large", raw_models.large)?, small: model("models.small", raw_models.small)? };
         let batch_size = match raw.batch_size {
             None => BatchSize(100),
             Some(n) => BatchSize::new(n).ok_or_else(|| {
@@ -289,7 +333,7 @@ impl Config {
         let mut names = HashSet::new();
         let mut pairs = HashSet::new();
         let mut sources = Vec::with_capacity(raw.sources.len());
-        for (i, s) in raw.sources.into_iter().enumerate() {
+        for (i, Object(s)) in raw.sources.into_iter().enumerate() {
             let at = |field: &str| format!("sources[{i}].{field}");
             let name = s.name.trim().to_owned();
             if name.is_empty() {
