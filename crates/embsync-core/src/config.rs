@@ -12,7 +12,9 @@
 //! `enabled` to `true`, and the optional `maxTokensPerRun` caps what one run may spend. The
 //! mass-delete guard (`maxDeleteShare`, default 0.5; `massDeleteMinimum`, default 100; per source
 //! `allowMassDelete`, default false) keeps a source that suddenly looks empty from deleting its
-//! embeddings. Every other field is required and unknown keys are rejected.
+//! embeddings. `vectorIndexes` (`{"enabled": true, "m": 16, "efConstruction": 64}`, off when
+//! absent) makes the sync keep HNSW indexes on the embedding columns (see [`crate::index`]).
+//! Every other field is required and unknown keys are rejected.
 //! Code past this module takes [`Config`], never raw JSON.
 //!
 //! `schema/embedding-sources.schema.json` states the same rules as a JSON Schema for editors;
@@ -43,6 +45,19 @@ pub struct Config {
     pub max_delete_share: f64,
     /// ... once it would lose at least this many values (default 100).
     pub mass_delete_minimum: u64,
+    /// HNSW indexes the sync keeps on the embedding columns (`vectorIndexes`); `None` when
+    /// absent or disabled: the sync then neither creates nor drops any index.
+    pub vector_indexes: Option<VectorIndexes>,
+}
+
+/// Build parameters of the HNSW indexes embsync keeps (see [`crate::index`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VectorIndexes {
+    /// Connections per node (pgvector `m`, 2..=100, default 16).
+    pub m: u16,
+    /// Candidate list size while building (pgvector `ef_construction`, 4..=1000, at least
+    /// `2 * m`, default 64).
+    pub ef_construction: u16,
 }
 
 /// The two embedding models.
@@ -218,7 +233,16 @@ struct RawConfig {
     max_tokens_per_run: Option<u64>,
     max_delete_share: Option<f64>,
     mass_delete_minimum: Option<u64>,
+    vector_indexes: Option<Object<RawVectorIndexes>>,
     sources: Vec<Object<RawSource>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawVectorIndexes {
+    enabled: bool,
+    m: Option<u16>,
+    ef_construction: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -366,6 +390,10 @@ impl Config {
             Some(share) if (0.0..=1.0).contains(&share) => share,
             Some(share) => return Err(ConfigError::at("maxDeleteShare", format!("{share} is not a share: use a number from 0 to 1"))),
         };
+        let vector_indexes = match raw.vector_indexes {
+            None => None,
+            Some(Object(v)) => vector_indexes(v)?,
+        };
         Ok(Config {
             models,
             batch_size,
@@ -373,6 +401,7 @@ impl Config {
             max_tokens_per_run: raw.max_tokens_per_run,
             max_delete_share,
             mass_delete_minimum: raw.mass_delete_minimum.unwrap_or(100),
+            vector_indexes,
         })
     }
 
@@ -391,6 +420,31 @@ impl Config {
     pub fn token_budget_spent(&self, tokens: u64) -> bool {
         self.max_tokens_per_run.is_some_and(|max| tokens >= max)
     }
+}
+
+/// Checks `vectorIndexes` (also when disabled, so a mistake shows before it is switched on).
+fn vector_indexes(raw: RawVectorIndexes) -> Result<Option<VectorIndexes>, ConfigError> {
+    let m = raw.m.unwrap_or(16);
+    if !(2..=100).contains(&m) {
+        return Err(ConfigError::at(
+            "vectorIndexes.m",
+            format!("{m} is out of range: use 2..=100 (pgvector's limits; 16 is a good default)"),
+        ));
+    }
+    let ef_construction = raw.ef_construction.unwrap_or(64);
+    if !(4..=1000).contains(&ef_construction) {
+        return Err(ConfigError::at(
+            "vectorIndexes.efConstruction",
+            format!("{ef_construction} is out of range: use 4..=1000 (pgvector's limits; 64 is a good default)"),
+        ));
+    }
+    if ef_construction < 2 * m {
+        return Err(ConfigError::at(
+            "vectorIndexes.efConstruction",
+            format!("{ef_construction} is less than 2 * m ({}): pgvector needs efConstruction >= 2 * m", 2 * m),
+        ));
+    }
+    Ok(raw.enabled.then_some(VectorIndexes { m, ef_construction }))
 }
 
 fn model(path: &str, raw: RawModel) -> Result<ModelSpec, ConfigError> {
@@ -500,7 +554,7 @@ mod tests {
 
     #[test]
     fn rejections() {
-        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `sources` at line 3 column 31"]);
+        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `sources` at line 3 column 31"]);
         check(
             &with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#),
             expect![

@@ -307,9 +307,15 @@ pub fn db_with_options(values: &[&str]) -> TestDb {
 }
 
 impl TestDb {
-    /// Creates a database with a unique name and connects to it.
+    /// Creates a database with a unique name in the shared cluster and connects to it.
     pub fn create() -> TestDb {
-        let admin_url = env_var("EMBSYNC_TEST_PG_URL");
+        TestDb::create_in(&env_var("EMBSYNC_TEST_PG_URL"))
+    }
+
+    /// Creates a database with a unique name in the cluster at `admin_url` (e.g. a
+    /// [`PrivatePg`]) and connects to it.
+    pub fn create_in(admin_url: &str) -> TestDb {
+        let admin_url = admin_url.to_string();
         let name = unique_name("embsync_e2e");
         let mut admin = Client::connect(&admin_url, NoTls)
             .unwrap_or_else(|e| panic!("cannot connect to EMBSYNC_TEST_PG_URL ({admin_url}): {e}"));
@@ -470,6 +476,55 @@ impl TestDb {
             )
             .unwrap_or_else(|e| panic!("select embeddings of {hash}: {e}"));
         (row.get(0), row.get(1))
+    }
+}
+
+/// A Postgres cluster of the test's own (`scripts/pg.sh`, a fresh data directory and port),
+/// stopped and removed on drop: for a test whose statements may crash the server, so that a
+/// crash cannot reset the connections of the tests sharing `EMBSYNC_TEST_PG_URL`.
+pub struct PrivatePg {
+    /// The superuser URL of its `postgres` database.
+    pub admin_url: String,
+    dir: PathBuf,
+}
+
+impl PrivatePg {
+    /// Initialises and starts the cluster (about a second).
+    pub fn start() -> PrivatePg {
+        let script = PathBuf::from(env_var("EMBSYNC_REPO")).join("scripts/pg.sh");
+        let dir = std::env::temp_dir().join(unique_name("embsync_private_pg"));
+        let port = free_port();
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .arg(&dir)
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "pg.sh start {} {port} failed:\n{}{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PrivatePg { admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), dir }
+    }
+
+    /// Waits until the server accepts connections again (after a crash it restarts itself).
+    pub fn wait_ready(&self) {
+        poll(Duration::from_secs(30), "the private Postgres to accept connections", || {
+            Client::connect(&self.admin_url, NoTls).ok().map(|_| ())
+        });
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let script = PathBuf::from(env_var("EMBSYNC_REPO")).join("scripts/pg.sh");
+        let _ = Command::new("bash").arg(&script).arg("stop").arg(&self.dir).stdin(Stdio::null()).output();
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
