@@ -5,7 +5,8 @@ use bytes::BytesMut;
 use embsync_core::config::{Config, Source};
 use embsync_core::dburl::{self, Tls, TlsError};
 use embsync_core::hash::ValueHash;
-use embsync_core::report::{ModelUsage, RunReport, SourceReport, Trigger};
+use embsync_core::index::{ExistingIndex, IndexState};
+use embsync_core::report::{IndexReport, ModelUsage, RunReport, SourceReport, Trigger};
 use embsync_core::sql::{self, SchemaState};
 use embsync_core::sync::{
     EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome, Store, StoreError, ValueFailure,
@@ -163,7 +164,11 @@ impl Store for PgStore {
     async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
         tx.execute(sql::LOCK_SCHEMA, &[]).await.map_err(|e| err("locking the schema", e))?;
+        let existed: bool = tx.query_one(sql::CACHE_EXISTS, &[]).await.map_err(|e| err("checking the schema", e))?.get(0);
         tx.batch_execute(&sql::ensure_schema(&config.models)).await.map_err(|e| err("creating tables", e))?;
+        if !existed {
+            tx.batch_execute(sql::MARK_CACHE_OURS).await.map_err(|e| err("marking embedding_cache as embsync's", e))?;
+        }
         let dims = tx.query_one(sql::COLUMN_DIMS, &[]).await.map_err(|e| err("reading the embedding columns", e))?;
         sql::check_column_dims(&config.models, dims.get(0), dims.get(1)).map_err(StoreError::new)?;
         tx.commit().await.map_err(|e| err("committing the schema", e))?;
@@ -399,6 +404,30 @@ impl Store for PgStore {
                 .map_err(|e| err("snapshotting pending values", e))?;
         }
         tx.commit().await.map_err(|e| err("committing the plan", e))
+    }
+
+    async fn index_state(&mut self) -> Result<IndexState, StoreError> {
+        let row = self.client.query_one(sql::INDEX_STATE, &[]).await.map_err(|e| err("reading the indexes", e))?;
+        let names: Vec<String> = row.get(4);
+        let valid: Vec<bool> = row.get(5);
+        Ok(IndexState {
+            cache_is_ours: row.get(0),
+            build_in_progress: row.get(1),
+            large_typmod: row.get(2),
+            small_typmod: row.get(3),
+            indexes: names.into_iter().zip(valid).map(|(name, valid)| ExistingIndex { name, valid }).collect(),
+        })
+    }
+
+    async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
+        // The simple query protocol runs it on its own, outside a transaction, as CONCURRENTLY needs.
+        self.client.batch_execute(statement).await.map_err(|e| err("running the index statement", e))
+    }
+
+    async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
+        let json = serde_json::to_string(indexes).unwrap_or_else(|_| "null".into());
+        self.client.execute(sql::RECORD_INDEXES, &[&run.0, &json]).await.map_err(|e| err("recording the index step", e))?;
+        Ok(())
     }
 
     async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {

@@ -12,8 +12,13 @@
 //! `enabled` to `true`, and the optional `maxTokensPerRun` caps what one run may spend. The
 //! mass-delete guard (`maxDeleteShare`, default 0.5; `massDeleteMinimum`, default 100; per source
 //! `allowMassDelete`, default false) keeps a source that suddenly looks empty from deleting its
-//! embeddings. Every other field is required and unknown keys are rejected.
+//! embeddings. `vectorIndexes` (`{"enabled": true, "m": 16, "efConstruction": 64}`, off when
+//! absent) makes the sync keep HNSW indexes on the embedding columns (see [`crate::index`]).
+//! Every other field is required and unknown keys are rejected.
 //! Code past this module takes [`Config`], never raw JSON.
+//!
+//! `schema/embedding-sources.schema.json` states the same rules as a JSON Schema for editors;
+//! `tests/schema.rs` checks both on the examples in `tests/config-examples/`.
 
 use crate::ident::{Ident, TableName};
 use serde::Deserialize;
@@ -40,6 +45,19 @@ pub struct Config {
     pub max_delete_share: f64,
     /// ... once it would lose at least this many values (default 100).
     pub mass_delete_minimum: u64,
+    /// HNSW indexes the sync keeps on the embedding columns (`vectorIndexes`); `None` when
+    /// absent or disabled: the sync then neither creates nor drops any index.
+    pub vector_indexes: Option<VectorIndexes>,
+}
+
+/// Build parameters of the HNSW indexes embsync keeps (see [`crate::index`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VectorIndexes {
+    /// Connections per node (pgvector `m`, 2..=100, default 16).
+    pub m: u16,
+    /// Candidate list size while building (pgvector `ef_construction`, 4..=1000, at least
+    /// `2 * m`, default 64).
+    pub ef_construction: u16,
 }
 
 /// The two embedding models.
@@ -210,12 +228,21 @@ struct RawConfig {
     #[allow(dead_code)]
     schema: Option<String>,
     version: String,
-    models: RawModels,
+    models: Object<RawModels>,
     batch_size: Option<u64>,
     max_tokens_per_run: Option<u64>,
     max_delete_share: Option<f64>,
     mass_delete_minimum: Option<u64>,
-    sources: Vec<RawSource>,
+    vector_indexes: Option<Object<RawVectorIndexes>>,
+    sources: Vec<Object<RawSource>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawVectorIndexes {
+    enabled: bool,
+    m: Option<u16>,
+    ef_construction: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -225,11 +252,30 @@ struct RawModels {
     small: RawModel,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A model name, or an object. Hand-written rather than `#[serde(untagged)]`, whose only error
+/// is "data did not match any variant": this one names the field that is wrong.
 enum RawModel {
     Name(String),
     Spec(RawModelSpec),
+}
+
+impl<'de> Deserialize<'de> for RawModel {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawModel;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a model name or {"name": "...", "dimensions": N}"#)
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<RawModel, E> {
+                Ok(RawModel::Name(name.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawModel, A::Error> {
+                RawModelSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(RawModel::Spec)
+            }
+        }
+        de.deserialize_any(Visit)
+    }
 }
 
 #[derive(Deserialize)]
@@ -251,6 +297,27 @@ struct RawSource {
     allow_mass_delete: Option<bool>,
 }
 
+/// A struct that must be written as a JSON object. Serde also fills a struct from an array of
+/// its fields in order (`["1.0", {...}, ...]`); the config is only ever written as objects, and
+/// the JSON Schema says so, so the parser says so too.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        de.deserialize_map(Visit(std::marker::PhantomData)).map(Object)
+    }
+}
+
 impl Config {
     /// Parses and checks a config document.
     ///
@@ -260,7 +327,7 @@ impl Config {
     /// not identifiers, empty or duplicate names, and duplicate table/column pairs.
     pub fn parse(json: &str) -> Result<Config, ConfigError> {
         let de = &mut serde_json::Deserializer::from_str(json);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|err| {
+        let Object(raw): Object<RawConfig> = serde_path_to_error::deserialize(de).map_err(|err| {
             let path = err.path().to_string();
             ConfigError::at(path, err.inner())
         })?;
@@ -271,7 +338,8 @@ impl Config {
         if raw.version != "1" && !raw.version.starts_with("1.") {
             return Err(ConfigError::at("version", format!("unsupported version {:?}: this build reads version 1.x", raw.version)));
         }
-        let models = Models { large: model("models.large", raw.models.large)?, small: model("models.small", raw.models.small)? };
+        let Object(raw_models) = raw.models;
+        let models = Models { large: model("models.large", raw_models.large)?, small: model("models.small", raw_models.small)? };
         let batch_size = match raw.batch_size {
             None => BatchSize(100),
             Some(n) => BatchSize::new(n).ok_or_else(|| {
@@ -289,7 +357,7 @@ impl Config {
         let mut names = HashSet::new();
         let mut pairs = HashSet::new();
         let mut sources = Vec::with_capacity(raw.sources.len());
-        for (i, s) in raw.sources.into_iter().enumerate() {
+        for (i, Object(s)) in raw.sources.into_iter().enumerate() {
             let at = |field: &str| format!("sources[{i}].{field}");
             let name = s.name.trim().to_owned();
             if name.is_empty() {
@@ -322,6 +390,10 @@ impl Config {
             Some(share) if (0.0..=1.0).contains(&share) => share,
             Some(share) => return Err(ConfigError::at("maxDeleteShare", format!("{share} is not a share: use a number from 0 to 1"))),
         };
+        let vector_indexes = match raw.vector_indexes {
+            None => None,
+            Some(Object(v)) => vector_indexes(v)?,
+        };
         Ok(Config {
             models,
             batch_size,
@@ -329,6 +401,7 @@ impl Config {
             max_tokens_per_run: raw.max_tokens_per_run,
             max_delete_share,
             mass_delete_minimum: raw.mass_delete_minimum.unwrap_or(100),
+            vector_indexes,
         })
     }
 
@@ -347,6 +420,31 @@ impl Config {
     pub fn token_budget_spent(&self, tokens: u64) -> bool {
         self.max_tokens_per_run.is_some_and(|max| tokens >= max)
     }
+}
+
+/// Checks `vectorIndexes` (also when disabled, so a mistake shows before it is switched on).
+fn vector_indexes(raw: RawVectorIndexes) -> Result<Option<VectorIndexes>, ConfigError> {
+    let m = raw.m.unwrap_or(16);
+    if !(2..=100).contains(&m) {
+        return Err(ConfigError::at(
+            "vectorIndexes.m",
+            format!("{m} is out of range: use 2..=100 (pgvector's limits; 16 is a good default)"),
+        ));
+    }
+    let ef_construction = raw.ef_construction.unwrap_or(64);
+    if !(4..=1000).contains(&ef_construction) {
+        return Err(ConfigError::at(
+            "vectorIndexes.efConstruction",
+            format!("{ef_construction} is out of range: use 4..=1000 (pgvector's limits; 64 is a good default)"),
+        ));
+    }
+    if ef_construction < 2 * m {
+        return Err(ConfigError::at(
+            "vectorIndexes.efConstruction",
+            format!("{ef_construction} is less than 2 * m ({}): pgvector needs efConstruction >= 2 * m", 2 * m),
+        ));
+    }
+    Ok(raw.enabled.then_some(VectorIndexes { m, ef_construction }))
 }
 
 fn model(path: &str, raw: RawModel) -> Result<ModelSpec, ConfigError> {
@@ -456,7 +554,7 @@ mod tests {
 
     #[test]
     fn rejections() {
-        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `sources` at line 3 column 31"]);
+        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `sources` at line 3 column 31"]);
         check(
             &with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#),
             expect![

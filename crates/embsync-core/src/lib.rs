@@ -6,6 +6,7 @@
 //! - [`ident`]: the only way a table or column name reaches SQL.
 //! - [`dburl`]: `DATABASE_URL` modes (`sslmode`, `channel_binding`) for the socket API.
 //! - [`hash`]: the value hash contract.
+//! - [`index`]: which HNSW indexes the sync keeps on the embedding columns (`vectorIndexes`).
 //! - [`sql`]: every statement, as text with bound parameters.
 //! - [`provider`]: OpenAI embeddings request encoding and response decoding.
 //! - [`vector`]: base64 float32 and pgvector binary encodings.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod dburl;
 pub mod hash;
 pub mod ident;
+pub mod index;
 pub mod log;
 pub mod provider;
 pub mod report;

@@ -169,6 +169,25 @@ pub struct RunReport {
     pub usage: Usage,
     /// Why the run stopped before doing everything (e.g. the token budget), if it did.
     pub stopped: Option<String>,
+    /// What the run did to the HNSW indexes (`vectorIndexes`); `None` when the option is off or
+    /// the run did not finish everything.
+    pub indexes: Option<IndexReport>,
+}
+
+/// The index step of a finished run (see [`crate::index`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexReport {
+    /// Indexes built by this run.
+    pub created: Vec<String>,
+    /// embsync's indexes dropped: replaced by a new one, or left INVALID by an interrupted build.
+    pub dropped: Vec<String>,
+    /// Wanted indexes that were there and valid.
+    pub kept: Vec<String>,
+    /// Why something wanted was not built (e.g. the cache is another pipeline's table).
+    pub skipped: Vec<String>,
+    /// The statement that failed, if one did; the next finished run tries again.
+    pub error: Option<String>,
 }
 
 impl fmt::Display for SourceReport {

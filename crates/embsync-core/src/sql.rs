@@ -16,7 +16,9 @@
 //!
 //! [`ModelSpec::tag`]: crate::config::ModelSpec::tag
 
-use crate::config::{Models, Source};
+use crate::config::{ModelSlot, Models, Source, VectorIndexes};
+use crate::ident::Ident;
+use crate::index::IndexTarget;
 
 /// Creates what embsync needs, idempotently, without touching existing rows. Runs in one
 /// transaction after [`LOCK_SCHEMA`].
@@ -522,6 +524,11 @@ pub const FINISH_RUN: &str = "\
 UPDATE embedding_sync_runs SET status = $3, finished_at = now(), updated_at = now(), report = $2::text::jsonb
 WHERE run_id = $1 AND finished_at IS NULL";
 
+/// Adds the index step (`$2`, JSON text) to the stored report of finished run `$1`.
+pub const RECORD_INDEXES: &str = "\
+UPDATE embedding_sync_runs SET report = jsonb_set(report, '{indexes}', $2::text::jsonb), updated_at = now()
+WHERE run_id = $1 AND report IS NOT NULL";
+
 /// The unfinished run, if any: `run_id`, `status`, `invocations`, `started_at` (text).
 pub const CURRENT_RUN: &str = "\
 SELECT run_id, status, invocations, started_at::text FROM embedding_sync_runs WHERE finished_at IS NULL";
@@ -602,6 +609,55 @@ WHERE o.value_hash = c.value_hash
   AND c.source_table = $1 AND c.source_column = $2
   AND NOT EXISTS (SELECT 1 FROM embedding_cache_sources x
                   WHERE x.value_hash = c.value_hash AND x.source_table = $1 AND x.source_column = $2)";
+
+/// Whether `embedding_cache` exists, read before [`ensure_schema`] to know whether embsync
+/// creates it.
+pub const CACHE_EXISTS: &str = "SELECT to_regclass('embedding_cache') IS NOT NULL";
+
+/// Marks `embedding_cache` as embsync's, in the transaction that created it: only then does
+/// embsync manage indexes on it (see [`crate::index`]).
+pub const MARK_CACHE_OURS: &str = "\
+COMMENT ON TABLE embedding_cache IS 'embsync: created by embsync, which keeps the embsync_hnsw_* indexes on it when vectorIndexes is enabled'";
+
+/// What [`crate::index::plan`] needs, one row: `ours` (the table comment starts with
+/// `embsync:`), `building` (a `CREATE INDEX` on the table is running), the declared dimensions of
+/// `embedding_large` and `embedding_small` (`atttypmod`), and every index on the table as
+/// `names` (text[]) and `valid` (bool[], `pg_index.indisvalid`), in name order.
+pub const INDEX_STATE: &str = "\
+SELECT coalesce(obj_description('embedding_cache'::regclass, 'pg_class'), '') LIKE 'embsync:%' AS ours,
+       EXISTS (SELECT 1 FROM pg_stat_progress_create_index p WHERE p.relid = 'embedding_cache'::regclass) AS building,
+       (SELECT atttypmod FROM pg_attribute WHERE attrelid = 'embedding_cache'::regclass
+          AND attname = 'embedding_large' AND NOT attisdropped) AS large,
+       (SELECT atttypmod FROM pg_attribute WHERE attrelid = 'embedding_cache'::regclass
+          AND attname = 'embedding_small' AND NOT attisdropped) AS small,
+       coalesce(array_agg(c.relname::text ORDER BY c.relname) FILTER (WHERE c.oid IS NOT NULL), '{}') AS names,
+       coalesce(array_agg(i.indisvalid ORDER BY c.relname) FILTER (WHERE c.oid IS NOT NULL), '{}') AS valid
+FROM (SELECT 1) one
+LEFT JOIN pg_index i ON i.indrelid = 'embedding_cache'::regclass
+LEFT JOIN pg_class c ON c.oid = i.indexrelid";
+
+/// Builds an HNSW cosine index on one embedding column without blocking writes. Runs outside a
+/// transaction (`CONCURRENTLY`); `IF NOT EXISTS` makes a repeat a no-op.
+pub fn create_hnsw_index(name: &Ident, slot: ModelSlot, target: IndexTarget, options: VectorIndexes) -> String {
+    let column = format!("embedding_{}", slot.key());
+    let (expression, opclass) = match target {
+        IndexTarget::Column => (column, "vector_cosine_ops"),
+        IndexTarget::VectorCast(dims) => (format!("({column}::vector({dims}))"), "vector_cosine_ops"),
+        IndexTarget::HalfvecCast(dims) => (format!("({column}::halfvec({dims}))"), "halfvec_cosine_ops"),
+    };
+    format!(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON embedding_cache USING hnsw ({expression} {opclass}) \
+         WITH (m = {m}, ef_construction = {ef})",
+        name = name.quoted(),
+        m = options.m,
+        ef = options.ef_construction,
+    )
+}
+
+/// Drops one of embsync's indexes without blocking writes; outside a transaction.
+pub fn drop_index(name: &Ident) -> String {
+    format!("DROP INDEX CONCURRENTLY IF EXISTS {}", name.quoted())
+}
 
 #[cfg(test)]
 mod tests {

@@ -7,11 +7,12 @@
 use crate::batch;
 use crate::config::{Config, ModelSlot, ModelSpec, Source};
 use crate::hash::ValueHash;
+use crate::index::{self, DropReason, IndexAction, IndexState};
 use crate::log::LogEvent;
 use crate::provider::{Embeddings, ProviderError};
 use crate::report::{
-    iso8601, CostEstimate, DryRunReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport, RunStatus, SourcePlanReport,
-    SourceReport, TokenEstimate, Totals, Trigger, Usage,
+    iso8601, CostEstimate, DryRunReport, IndexReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport, RunStatus,
+    SourcePlanReport, SourceReport, TokenEstimate, Totals, Trigger, Usage,
 };
 use crate::vector::Vector;
 use std::time::Duration;
@@ -178,6 +179,13 @@ pub trait Store {
     async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError>;
     /// Ends the run with its final report (status `finished` or `failed`, from the report).
     async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError>;
+    /// What [`index::plan`] needs to know about `embedding_cache`. Reads only.
+    async fn index_state(&mut self) -> Result<IndexState, StoreError>;
+    /// Runs one `CREATE INDEX CONCURRENTLY` or `DROP INDEX CONCURRENTLY` statement from
+    /// [`index::IndexAction::sql`], outside any transaction. It may take minutes.
+    async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError>;
+    /// Adds the index step's outcome to the stored report of a finished run.
+    async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError>;
 }
 
 /// A run's id: one run may span many invocations.
@@ -578,7 +586,66 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
         rt.log(LogEvent::warn("stopped", format!("Sync stopped early: {why}")).run(&run.id.0));
     }
     store.finish_run(&run.id, &report).await.map_err(SyncError::Schema)?;
+    // Only once every source is done, so a build does not compete with the initial load, and
+    // after the run is marked finished, so a build that outlives the invocation costs the next
+    // run nothing: it finds the index INVALID and builds it again.
+    if report.stopped.is_none() {
+        report.indexes = maintain_indexes(config, store, rt, &run.id).await;
+        if let Some(indexes) = &report.indexes {
+            if let Err(e) = store.record_indexes(&run.id, indexes).await {
+                rt.log(LogEvent::warn("index", format!("Could not record the index step in run {}: {e}", run.id.0)).run(&run.id.0));
+            }
+        }
+    }
     Ok(Outcome::Finished(report))
+}
+
+/// Brings embsync's HNSW indexes in line with the config (see [`crate::index`]). A failure is
+/// reported, not raised: the sync itself is done.
+async fn maintain_indexes<S: Store, R: Runtime>(config: &Config, store: &mut S, rt: &R, run: &RunId) -> Option<IndexReport> {
+    let options = config.vector_indexes?;
+    let mut report = IndexReport::default();
+    let state = match store.index_state().await {
+        Ok(state) => state,
+        Err(e) => {
+            report.error = Some(format!("reading the indexes of embedding_cache: {e}"));
+            rt.log(LogEvent::warn("index", format!("Indexes: {}", report.error.as_deref().unwrap_or_default())).run(&run.0));
+            return Some(report);
+        }
+    };
+    let plan = index::plan(options, &config.models, &state);
+    for why in &plan.skipped {
+        rt.log(LogEvent::info("index", format!("Indexes: skipped: {why}")).run(&run.0));
+    }
+    report.kept = plan.kept;
+    report.skipped = plan.skipped;
+    for action in &plan.actions {
+        let statement = action.sql();
+        let began = rt.now_ms();
+        rt.log(LogEvent::info("index", format!("Index {}: {statement}", action.name())).run(&run.0));
+        if let Err(e) = store.index_ddl(&statement).await {
+            let error = format!("{statement}: {e}");
+            rt.log(LogEvent::warn("index", format!("Index {} failed (the next finished run tries again): {e}", action.name())).run(&run.0));
+            report.error = Some(error);
+            break;
+        }
+        let secs = (rt.now_ms() - began).max(0.0) / 1000.0;
+        match action {
+            IndexAction::Create(_) => {
+                rt.log(LogEvent::info("index", format!("Index {}: built in {secs:.1} s", action.name())).run(&run.0));
+                report.created.push(action.name().to_owned());
+            }
+            IndexAction::Drop { reason, .. } => {
+                let why = match reason {
+                    DropReason::Invalid => "invalid after an interrupted build",
+                    DropReason::Replaced => "replaced",
+                };
+                rt.log(LogEvent::info("index", format!("Index {}: dropped ({why})", action.name())).run(&run.0));
+                report.dropped.push(action.name().to_owned());
+            }
+        }
+    }
+    Some(report)
 }
 
 fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
@@ -606,6 +673,7 @@ fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
         sources,
         usage,
         stopped,
+        indexes: None,
     }
 }
 

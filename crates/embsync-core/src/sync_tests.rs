@@ -47,6 +47,12 @@ struct MemStore {
     scans_spared: u64,
     /// Another invocation takes the lease over just before this store call (1-based).
     steal_lease_at_store_call: Option<usize>,
+    /// The catalog as `index_state` reads it; `index_ddl` applies its statements to it.
+    index_state: crate::index::IndexState,
+    /// Index statements run, in order.
+    ddl: Vec<String>,
+    /// `index_ddl` fails while this is set.
+    fail_ddl: Option<String>,
 }
 
 impl MemStore {
@@ -313,6 +319,30 @@ impl Store for MemStore {
     async fn finish_run(&mut self, _run: &RunId, report: &crate::report::RunReport) -> Result<(), StoreError> {
         self.run = None;
         self.finished.push(report.clone());
+        Ok(())
+    }
+
+    async fn index_state(&mut self) -> Result<crate::index::IndexState, StoreError> {
+        Ok(self.index_state.clone())
+    }
+
+    async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
+        assert!(self.run.is_none(), "indexes are built once the run is marked finished");
+        if let Some(e) = &self.fail_ddl {
+            return Err(StoreError::new(e.clone()));
+        }
+        self.ddl.push(statement.to_owned());
+        let name = statement.split('"').nth(1).expect("a quoted index name").to_owned();
+        self.index_state.indexes.retain(|i| i.name != name);
+        if statement.starts_with("CREATE") {
+            self.index_state.indexes.push(crate::index::ExistingIndex { name, valid: true });
+        }
+        Ok(())
+    }
+
+    async fn record_indexes(&mut self, _run: &RunId, indexes: &crate::report::IndexReport) -> Result<(), StoreError> {
+        let last = self.finished.last_mut().expect("a finished run");
+        last.indexes = Some(indexes.clone());
         Ok(())
     }
 }
@@ -987,4 +1017,66 @@ fn an_invocation_that_lost_its_lease_stops_without_finishing_or_reporting_the_ru
     assert_eq!((run.sources[0].report.embedded, run.sources[0].done, run.sources[1].report.embedded), (2, false, 0));
     assert!(w.store.finished.is_empty());
     assert_eq!(w.provider.requests_for("b"), 0);
+}
+
+fn with_indexes(w: &mut World) {
+    w.config.vector_indexes = Some(crate::config::VectorIndexes { m: 16, ef_construction: 64 });
+    w.store.index_state = crate::index::IndexState {
+        cache_is_ours: true,
+        large_typmod: Some(4),
+        small_typmod: Some(2),
+        indexes: vec![crate::index::ExistingIndex { name: "embedding_cache_pkey".into(), valid: true }],
+        ..Default::default()
+    };
+}
+
+#[test]
+fn indexes_are_built_once_the_run_has_done_everything_and_kept_afterwards() {
+    let mut w = World::new(2);
+    with_indexes(&mut w);
+    let a = values("v", 6);
+    w.store.set("ta", "ca", &refs(&a));
+    w.store.set("tb", "cb", &["b"]);
+    // A paused invocation builds nothing.
+    let Outcome::Paused(report, _) = w.invoke(small_budget(1), "i1", None).unwrap() else { panic!("expected a pause") };
+    assert_eq!((report.indexes, w.store.ddl.len()), (None, 0));
+    let report = w.run().unwrap();
+    let indexes = report.indexes.expect("an index report");
+    assert_eq!(indexes.created.len(), 2, "{indexes:?}");
+    assert!(indexes.created.iter().all(|n| n.starts_with("embsync_hnsw_")), "{indexes:?}");
+    assert!(w.store.ddl.iter().all(|s| s.starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS")), "{:?}", w.store.ddl);
+    assert!(w.rt.logs.borrow().iter().any(|l| l.starts_with("Index embsync_hnsw_large_4_") && l.contains("built in")));
+    // The next run finds them and does nothing.
+    let report = w.run().unwrap();
+    let indexes = report.indexes.expect("an index report");
+    assert_eq!((indexes.created.len(), indexes.kept.len(), w.store.ddl.len()), (0, 2, 2), "{indexes:?}");
+}
+
+#[test]
+fn without_the_option_no_index_is_touched() {
+    let mut w = World::new(2);
+    with_indexes(&mut w);
+    w.config.vector_indexes = None;
+    w.store.set("ta", "ca", &["a"]);
+    w.store.set("tb", "cb", &["b"]);
+    let report = w.run().unwrap();
+    assert_eq!((report.indexes, w.store.ddl.len()), (None, 0));
+}
+
+#[test]
+fn a_failed_index_build_is_reported_and_tried_again_by_the_next_finished_run() {
+    let mut w = World::new(2);
+    with_indexes(&mut w);
+    w.store.set("ta", "ca", &["a"]);
+    w.store.set("tb", "cb", &["b"]);
+    w.store.fail_ddl = Some("could not extend file: No space left on device".into());
+    let report = w.run().unwrap();
+    assert_eq!(report.status, crate::report::RunStatus::Finished);
+    let error = report.indexes.and_then(|i| i.error).expect("the failure is reported");
+    assert!(error.starts_with("CREATE INDEX CONCURRENTLY") && error.ends_with("No space left on device"), "{error}");
+    assert_eq!(w.store.finished.len(), 1, "the run is finished all the same");
+    assert_eq!(w.store.finished[0].indexes.as_ref().and_then(|i| i.error.as_deref()), Some(error.as_str()), "and the failure is stored");
+    w.store.fail_ddl = None;
+    let report = w.run().unwrap();
+    assert_eq!(report.indexes.map(|i| i.created.len()), Some(2));
 }

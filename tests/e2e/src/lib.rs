@@ -479,6 +479,55 @@ impl TestDb {
     }
 }
 
+/// A Postgres cluster of the test's own (`scripts/pg.sh`, a fresh data directory and port),
+/// stopped and removed on drop: for a test whose statements may crash the server, so that a
+/// crash cannot reset the connections of the tests sharing `EMBSYNC_TEST_PG_URL`.
+pub struct PrivatePg {
+    /// The superuser URL of its `postgres` database.
+    pub admin_url: String,
+    dir: PathBuf,
+}
+
+impl PrivatePg {
+    /// Initialises and starts the cluster (about a second).
+    pub fn start() -> PrivatePg {
+        let script = PathBuf::from(env_var("EMBSYNC_REPO")).join("scripts/pg.sh");
+        let dir = std::env::temp_dir().join(unique_name("embsync_private_pg"));
+        let port = free_port();
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .arg(&dir)
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "pg.sh start {} {port} failed:\n{}{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PrivatePg { admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), dir }
+    }
+
+    /// Waits until the server accepts connections again (after a crash it restarts itself).
+    pub fn wait_ready(&self) {
+        poll(Duration::from_secs(30), "the private Postgres to accept connections", || {
+            Client::connect(&self.admin_url, NoTls).ok().map(|_| ())
+        });
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let script = PathBuf::from(env_var("EMBSYNC_REPO")).join("scripts/pg.sh");
+        let _ = Command::new("bash").arg(&script).arg("stop").arg(&self.dir).stdin(Stdio::null()).output();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         drop(self.client.take());

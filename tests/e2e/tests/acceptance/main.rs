@@ -12,6 +12,7 @@ mod cron;
 mod foreign;
 mod guards;
 mod hashing;
+mod indexes;
 mod provider;
 mod runs;
 mod shared;
