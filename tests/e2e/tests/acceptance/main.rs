@@ -12,6 +12,7 @@ mod cron;
 mod foreign;
 mod guards;
 mod hashing;
+mod html;
 mod provider;
 mod runs;
 mod shared;
