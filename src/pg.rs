@@ -7,7 +7,7 @@ use embsync_core::dburl::Tls;
 use embsync_core::hash::ValueHash;
 use embsync_core::report::{iso8601, ModelUsage, RunReport, RunStatus, SourceReport, Trigger};
 use embsync_core::sql::{self, SchemaState};
-use embsync_core::status::{Coverage, CurrentRun, FinishedRun};
+use embsync_core::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource};
 use embsync_core::sync::{
     EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome, Store, StoreError, ValueFailure,
 };
@@ -457,7 +457,13 @@ impl PgStore {
             trigger: trigger_of(r.get(2)),
             invocations: r.get::<_, i32>(3).max(0) as u64,
             started_at: iso8601(r.get(4)),
-            sources: sources.iter().map(|row| source_state(row).report).collect(),
+            sources: sources
+                .iter()
+                .map(|row| {
+                    let state = source_state(row);
+                    OpenRunSource { report: state.report, planned: state.planned, done: state.done }
+                })
+                .collect(),
             run_id,
         }))
     }

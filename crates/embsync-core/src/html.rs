@@ -17,7 +17,7 @@
 //! ```
 
 use crate::report::{RunReport, RunStatus, SourceReport, Trigger};
-use crate::status::{Coverage, CurrentRun, FinishedRun, Status};
+use crate::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource, Status};
 use base64::Engine;
 use sha2::{Digest, Sha256};
 use std::fmt::{self, Write};
@@ -196,7 +196,7 @@ pub fn render(status: &Status) -> String {
 /// Which run's per-source counts the page shows next to the coverage.
 enum Counts<'a> {
     /// The open run's counters so far.
-    Current(&'a [SourceReport]),
+    Current(&'a [OpenRunSource]),
     /// The last finished run's report.
     Last(&'a [SourceReport]),
     /// No run to show.
@@ -349,12 +349,18 @@ fn write_source(out: &mut String, c: &Coverage, counts: &Counts<'_>) -> fmt::Res
             }
         }
     }
-    let (title, reports) = match counts {
-        Counts::Current(r) => ("This run so far", *r),
-        Counts::Last(r) => ("Last run", *r),
-        Counts::None => ("", &[][..]),
+    let same = |r: &SourceReport| r.table == c.table && r.column == c.column;
+    let (title, report) = match counts {
+        Counts::Current(sources) => match sources.iter().find(|s| same(&s.report)) {
+            Some(s) if !s.planned => {
+                out.push_str("<p class=\"counts-title muted\">Not reached yet in this run.</p>\n");
+                ("", None)
+            }
+            found => ("This run so far", found.map(|s| &s.report)),
+        },
+        Counts::Last(reports) => ("Last run", reports.iter().find(|r| same(r))),
+        Counts::None => ("", None),
     };
-    let report = reports.iter().find(|r| r.table == c.table && r.column == c.column);
     if let Some(r) = report {
         writeln!(out, "<p class=\"counts-title muted\">{title}</p>\n<dl class=\"counts\">")?;
         for (label, n) in [

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::report::{ModelUsage, Totals, Usage};
-use crate::status::CursorState;
+use crate::status::{CursorState, OpenRunSource};
 use expect_test::{expect, Expect};
 
 fn coverage(name: &str, table: &str, distinct: u64, pending: u64) -> Coverage {
@@ -80,11 +80,14 @@ fn paused_run_shows_progress_so_far() {
         trigger: Trigger::Cron,
         invocations: 1,
         started_at: "2026-11-24T00:00:00.120Z".into(),
-        sources: vec![source_report("Parts", "parts", 1000, 400)],
+        sources: vec![
+            OpenRunSource { report: source_report("Parts", "parts", 1000, 400), planned: true, done: false },
+            OpenRunSource { report: source_report("Later", "later", 0, 0), planned: false, done: false },
+        ],
     };
     let previous = finished(&report(RunStatus::Finished, vec![]));
     check(
-        &status(Some(run), vec![previous], vec![coverage("Parts", "parts", 1000, 600)]),
+        &status(Some(run), vec![previous], vec![coverage("Parts", "parts", 1000, 600), coverage("Later", "later", 50, 50)]),
         expect![[r#"
             <body>
             <header>
@@ -118,6 +121,12 @@ fn paused_run_shows_progress_so_far() {
             <div><dt>errors</dt><dd>0</dd></div>
             <div><dt>deferred</dt><dd>0</dd></div>
             </dl>
+            </article>
+            <article class="source">
+            <div class="source-head"><h3>Later</h3><code>later.description</code></div>
+            <progress class="bar" max="50" value="0" aria-label="Coverage of Later">0.0%</progress>
+            <p class="coverage"><strong>0</strong> of 50 values embedded · <strong>0.0%</strong></p>
+            <p class="counts-title muted">Not reached yet in this run.</p>
             </article>
             </section>
             </main>

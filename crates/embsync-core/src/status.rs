@@ -66,7 +66,20 @@ pub struct CurrentRun {
     /// ISO 8601 UTC start time.
     pub started_at: String,
     /// Per source, the counters so far (committed with each batch), in config order.
-    pub sources: Vec<SourceReport>,
+    pub sources: Vec<OpenRunSource>,
+}
+
+/// A source of the open run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenRunSource {
+    /// The counters so far, as in a report.
+    #[serde(flatten)]
+    pub report: SourceReport,
+    /// Whether the run has counted the source yet (until then its counters are all 0).
+    pub planned: bool,
+    /// Whether the run is done with the source.
+    pub done: bool,
 }
 
 impl CurrentRun {

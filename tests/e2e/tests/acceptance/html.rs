@@ -229,6 +229,9 @@ fn status_page_in_a_headless_browser() {
     assert_counts("part", coverage(&status, PART.table), &[("distinctValues", PART_VALUES), ("pending", PART_VALUES - PART_DONE)]);
     assert!(coverage(&status, BROKEN.table)["error"].as_str().is_some_and(|e| e.contains("html_missing")), "{status:#}");
     assert_eq!(status["currentRun"]["status"], json!("paused"), "{status:#}");
+    let open: Vec<(&Value, &Value)> =
+        status["currentRun"]["sources"].as_array().expect("sources").iter().map(|s| (&s["planned"], &s["done"])).collect();
+    assert_eq!(open, [(&json!(true), &json!(true)), (&json!(true), &json!(false)), (&json!(false), &json!(false))], "{status:#}");
     assert_eq!(status["disabled"], json!([DISABLED.name]), "{status:#}");
 
     check_auth_and_headers(&worker);
@@ -250,6 +253,7 @@ fn status_page_in_a_headless_browser() {
         "<div><dt>embedded</dt><dd>20</dd></div>",
         "<h3>&lt;script&gt;alert('x')&lt;/script&gt; &amp; \"Broken\"</h3>",
         "Coverage unavailable:",
+        "Not reached yet in this run.",
         "Disabled: Switched off",
     ] {
         assert!(dom.contains(text), "the page should show {text:?}:\n{dom}");
