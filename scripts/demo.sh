@@ -197,6 +197,7 @@ Try:
   curl -H "Authorization: Bearer $TOKEN" $ORIGIN/dry-run
   curl -X POST -H "Authorization: Bearer $TOKEN" $ORIGIN/sync
   curl "$ORIGIN/__scheduled?cron=$CRON"
+  open $ORIGIN/status.html in a browser (any user name, the token as the password)
   scripts/pg.sh psql $PG_PORT -c "select source_table, source_column, count(*) from embedding_cache group by 1, 2"
   scripts/pg.sh psql $PG_PORT -c "update config_option set description = 'Cutter with catch tray, heavy duty' where id = 6"
 

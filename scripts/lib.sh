@@ -47,6 +47,18 @@ provider_bin() {
     printf '%s\n' "$target_dir/debug/embsync-local-provider"
 }
 
+# Prints the path of a headless Chromium (Debian's chromium-headless-shell, or chromium); exit
+# status 1 when neither is installed.
+chromium_bin() {
+    local name
+    for name in chromium-headless-shell chromium; do
+        if command -v "$name" 2>/dev/null; then
+            return 0
+        fi
+    done
+    return 1
+}
+
 # Exit status 0 while process $1 is alive.
 alive() {
     [ -n "$1" ] && kill -0 "$1" 2>/dev/null

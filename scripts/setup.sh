@@ -153,4 +153,37 @@ else
     exit 1
 fi
 
+# Headless Chromium, with which the end-to-end tests load and screenshot the status page. Debian's
+# chromium-headless-shell is the browser without its desktop parts. The package lists are
+# refreshed only when they do not know the package or an install from them fails (stale lists).
+step_begin "chromium-headless-shell (Debian)"
+if have="$(chromium_bin)"; then
+    step_end "already installed ($have)"
+else
+    if [ "$(id -u)" -eq 0 ]; then
+        as_root=()
+    elif command -v sudo >/dev/null 2>&1; then
+        as_root=(sudo)
+    else
+        say "$STEP_NAME: not root and no sudo: install chromium-headless-shell (or chromium) and run this again" >&2
+        exit 1
+    fi
+    apt_install() {
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium-headless-shell
+    }
+    apt_update() {
+        say "$STEP_NAME: running apt-get update"
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    }
+    if ! apt-cache policy chromium-headless-shell 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        apt_update
+    fi
+    say "$STEP_NAME: installing with apt-get"
+    if ! apt_install; then
+        apt_update
+        apt_install
+    fi
+    step_end "installed ($(chromium_bin))"
+fi
+
 say "everything is in place ($(elapsed "$SETUP_START") s)"

@@ -24,6 +24,7 @@
 #   EMBSYNC_REPO           repository root (where wrangler.toml is)
 #   EMBSYNC_NODE           Node 22 binary, to run wrangler with
 #   EMBSYNC_WRANGLER_JS    wrangler's entry script: `$EMBSYNC_NODE $EMBSYNC_WRANGLER_JS dev ...`
+#   EMBSYNC_CHROMIUM       headless Chromium, which loads and screenshots the status page
 #   SKIP_WORKER_BUILD=1    makes wrangler.toml's build command a no-op (the worker is built)
 # plus everything scripts/env.sh exports (PATH with Node 22 first, WRANGLER_SEND_METRICS=false,
 # XDG_CONFIG_HOME, PG_BIN, ...).
@@ -179,6 +180,11 @@ export EMBSYNC_REPO="$REPO"
 export EMBSYNC_NODE="$NODE22"
 export EMBSYNC_WRANGLER_JS="$WRANGLER_JS"
 export SKIP_WORKER_BUILD=1
+EMBSYNC_CHROMIUM="$(chromium_bin)" || {
+    echo "no headless Chromium (chromium-headless-shell or chromium): scripts/setup.sh installs it" >&2
+    exit 1
+}
+export EMBSYNC_CHROMIUM
 [ -x "$EMBSYNC_PROVIDER_BIN" ] || {
     echo "the provider binary is not at $EMBSYNC_PROVIDER_BIN" >&2
     exit 1
@@ -187,4 +193,5 @@ export SKIP_WORKER_BUILD=1
 say "EMBSYNC_TEST_PG_URL=$EMBSYNC_TEST_PG_URL"
 say "EMBSYNC_TEST_TLS_PG_URL=$EMBSYNC_TEST_TLS_PG_URL"
 say "EMBSYNC_PROVIDER_BIN=$EMBSYNC_PROVIDER_BIN"
+say "EMBSYNC_CHROMIUM=$EMBSYNC_CHROMIUM"
 step "end-to-end tests (embsync-e2e)" cargo test -p embsync-e2e -- --test-threads=3 "$@"

@@ -1,6 +1,7 @@
 //! The embsync worker: Workers handlers and adapters, wiring only.
 //!
-//! - `fetch`: `GET /health`, `GET /dry-run`, `POST /sync`, `GET /status` (see README).
+//! - `fetch`: `GET /health`, `GET /dry-run`, `POST /sync`, `GET /status` (JSON, or the HTML page
+//!   for `Accept: text/html`), `GET /status.html` (see README).
 //! - `scheduled`: the cron trigger runs the same sync as `POST /sync`: one invocation of the
 //!   current run, within the invocation budget.
 //!
@@ -12,9 +13,10 @@ mod openai;
 mod pg;
 mod settings;
 
-use embsync_core::auth::{check_bearer, AuthOutcome};
+use embsync_core::auth::{self, AuthOutcome};
 use embsync_core::log::{Level, LogEvent};
 use embsync_core::report::{RunReport, Trigger};
+use embsync_core::status::{CursorState, Status};
 use embsync_core::sync::{self, Budget, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
 use pg::PgStore;
 use settings::SettingsError;
@@ -93,9 +95,14 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         "/health" => (false, Method::Get),
         "/dry-run" => (true, Method::Get),
         "/sync" => (true, Method::Post),
-        "/status" => (true, Method::Get),
-        _ => return json_error(404, "not found: the endpoints are GET /health, GET /dry-run, POST /sync and GET /status"),
+        "/status" | "/status.html" => (true, Method::Get),
+        _ => {
+            return json_error(404, "not found: the endpoints are GET /health, GET /dry-run, POST /sync, GET /status and GET /status.html")
+        }
     };
+    // The status page for people: at its own path, or `/status` for a client that asks for HTML.
+    let page = path == "/status.html"
+        || (path == "/status" && embsync_core::html::prefers_html(req.headers().get("accept").ok().flatten().as_deref()));
     if method != allowed {
         return json_error(405, &format!("method not allowed: use {allowed} {path}"));
     }
@@ -110,7 +117,17 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
     }
     let configured = settings::secret(&env, "SYNC_API_TOKEN");
     let header = req.headers().get("authorization").ok().flatten();
-    match check_bearer(header.as_deref(), configured.as_ref().map(|t| t.expose())) {
+    // A browser cannot send a bearer token when it opens a page, but it can send Basic
+    // credentials: the page takes the token as their password, and its 401 asks for them.
+    let accepts = if page { auth::Accepts::BearerOrBasic } else { auth::Accepts::Bearer };
+    let unauthorized = |message: &str| {
+        let response = json_error(401, message)?;
+        if page {
+            response.headers().set("www-authenticate", auth::BASIC_CHALLENGE)?;
+        }
+        Ok(response)
+    };
+    match auth::check(header.as_deref(), configured.as_ref().map(|t| t.expose()), accepts) {
         AuthOutcome::Allowed => {}
         AuthOutcome::NotConfigured => {
             return json_error(
@@ -118,8 +135,11 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
                 "SYNC_API_TOKEN is not configured, so the endpoints are closed: set it with `wrangler secret put SYNC_API_TOKEN`",
             )
         }
-        AuthOutcome::Missing => return json_error(401, "missing bearer token: send `Authorization: Bearer <SYNC_API_TOKEN>`"),
-        AuthOutcome::Wrong => return json_error(401, "invalid bearer token"),
+        AuthOutcome::Missing if page => {
+            return unauthorized("missing credentials: sign in with SYNC_API_TOKEN as the password (any user name), or send `Authorization: Bearer <SYNC_API_TOKEN>`")
+        }
+        AuthOutcome::Missing => return unauthorized("missing bearer token: send `Authorization: Bearer <SYNC_API_TOKEN>`"),
+        AuthOutcome::Wrong => return unauthorized("invalid token"),
     }
     if method == Method::Post {
         let body = req.text().await.unwrap_or_default();
@@ -130,7 +150,8 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
     }
     let result = match path.as_str() {
         "/dry-run" => dry_run(&env).await.map(|plan| Response::from_json(&plan)),
-        "/status" => status(&env).await.map(|s| Response::from_json(&s)),
+        "/status" | "/status.html" if page => status(&env).await.map(|s| html_response(&s)),
+        "/status" => status(&env).await.map(|s| Response::from_json(&s).and_then(vary_accept)),
         _ => run_sync(&env, Trigger::Http).await.map(|report| Response::from_json(&report)),
     };
     match result {
@@ -140,6 +161,22 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
             json_error(e.status(), &e.to_string())
         }
     }
+}
+
+/// The status page, with headers that keep it from being cached, sniffed, framed or extended.
+fn html_response(status: &Status) -> worker::Result<Response> {
+    let response = Response::from_html(embsync_core::html::render(status))?;
+    let headers = response.headers();
+    for (name, value) in embsync_core::html::response_headers() {
+        headers.set(name, &value)?;
+    }
+    vary_accept(response)
+}
+
+/// `/status` answers JSON or HTML by the `Accept` header, so caches must key on it.
+fn vary_accept(response: Response) -> worker::Result<Response> {
+    response.headers().set("vary", "Accept")?;
+    Ok(response)
 }
 
 #[event(scheduled)]
@@ -272,7 +309,7 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
 
 /// `GET /status`: the KV cursor, the unfinished run, the last finished runs and per-source
 /// coverage. Read-only.
-async fn status(env: &Env) -> Result<serde_json::Value, AppError> {
+async fn status(env: &Env) -> Result<Status, AppError> {
     let config = settings::config(env)?;
     let url = settings::database_url(env)?;
     let kv = env.kv("SYNC_STATE").ok();
@@ -280,25 +317,22 @@ async fn status(env: &Env) -> Result<serde_json::Value, AppError> {
         Some(kv) => kv.get(CURSOR_KEY).text().await.ok().flatten(),
         None => None,
     };
-    let cursor = match cursor_text {
-        None => serde_json::Value::Null,
-        Some(text) => match serde_json::from_str::<Cursor>(&text) {
-            Ok(c) => serde_json::to_value(c).unwrap_or_default(),
-            Err(e) => serde_json::json!({ "unreadable": e.to_string() }),
-        },
-    };
     let mut store = PgStore::connect(&url, &config).await?;
     let result = async {
-        let mut out = serde_json::json!({ "cursor": cursor, "currentRun": null, "lastRuns": [], "sources": [] });
+        let mut out = Status {
+            cursor: CursorState::from_kv(cursor_text.as_deref()),
+            current_run: None,
+            last_runs: Vec::new(),
+            sources: Vec::new(),
+            disabled: config.sources.iter().filter(|s| !s.enabled).map(|s| s.name.clone()).collect(),
+        };
         if store.has_run_tables().await? {
-            out["currentRun"] = store.current_run().await?;
-            out["lastRuns"] = serde_json::Value::Array(store.last_runs(10).await?);
+            out.current_run = store.current_run().await?;
+            out.last_runs = store.last_runs(10).await?;
         }
-        let mut sources = Vec::new();
         for source in config.enabled_sources() {
-            sources.push(serde_json::to_value(store.coverage(source).await).unwrap_or_default());
+            out.sources.push(store.coverage(source).await);
         }
-        out["sources"] = serde_json::Value::Array(sources);
         Ok::<_, StoreError>(out)
     }
     .await;

@@ -6,8 +6,9 @@ use embsync_core::config::{Config, Source};
 use embsync_core::dburl::{self, Tls, TlsError};
 use embsync_core::hash::ValueHash;
 use embsync_core::index::{ExistingIndex, IndexState};
-use embsync_core::report::{IndexReport, ModelUsage, RunReport, SourceReport, Trigger};
+use embsync_core::report::{iso8601, IndexReport, ModelUsage, RunReport, RunStatus, SourceReport, Trigger};
 use embsync_core::sql::{self, SchemaState};
+use embsync_core::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource};
 use embsync_core::sync::{
     EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome, Store, StoreError, ValueFailure,
 };
@@ -110,7 +111,8 @@ impl PgStore {
         let (tx, closed) = oneshot::channel();
         wasm_bindgen_futures::spawn_local(async move {
             if let Err(e) = connection.await {
-                worker::console_error!("Postgres connection error: {e}");
+                let event = embsync_core::log::LogEvent::error("postgres", format!("Postgres connection error: {e}"));
+                worker::console_error!("{}", event.to_json());
             }
             let _ = tx.send(());
         });
@@ -158,6 +160,49 @@ fn keys(source: &Source) -> (String, String) {
 
 fn hashes(failures: &[ValueFailure]) -> Vec<&str> {
     failures.iter().map(|f| f.hash.as_str()).collect()
+}
+
+/// A row of [`sql::RUN_SOURCES`].
+fn source_state(r: &tokio_postgres::Row) -> SourceState {
+    let n = |i: usize| r.get::<_, i64>(i).max(0) as u64;
+    SourceState {
+        report: SourceReport {
+            table: r.get(0),
+            column: r.get(1),
+            name: r.get(2),
+            total: n(6),
+            new: n(7),
+            unchanged: n(8),
+            reused: n(9),
+            embedded: n(10),
+            stale: n(11),
+            deleted: n(12),
+            errors: n(13),
+            deferred: n(14),
+            batches: n(15),
+            duration_ms: 0,
+            error: None,
+            warning: None,
+        },
+        planned: r.get(3),
+        done: r.get(4),
+        planned_batches: n(5),
+        usage: (ModelUsage { prompt_tokens: n(16), requests: n(17) }, ModelUsage { prompt_tokens: n(18), requests: n(19) }),
+    }
+}
+
+/// `embedding_sync_runs.trigger`.
+fn trigger_of(text: &str) -> Trigger {
+    if text == "http" {
+        Trigger::Http
+    } else {
+        Trigger::Cron
+    }
+}
+
+/// `embedding_sync_runs.status`, which only embsync writes.
+fn run_status(text: &str) -> Result<RunStatus, StoreError> {
+    RunStatus::parse(text).ok_or_else(|| StoreError::new(format!("embedding_sync_runs has a status this version does not know: {text:?}")))
 }
 
 impl Store for PgStore {
@@ -351,40 +396,10 @@ impl Store for PgStore {
             }
         };
         let id: String = row.get(0);
-        let trigger = if row.get::<_, String>(1) == "http" { Trigger::Http } else { Trigger::Cron };
+        let trigger = trigger_of(&row.get::<_, String>(1));
         let rows = tx.query(sql::RUN_SOURCES, &[&id]).await.map_err(|e| err("reading the run", e))?;
         tx.commit().await.map_err(|e| err("committing the run", e))?;
-        let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i64>(i).max(0) as u64;
-        let states = rows
-            .iter()
-            .map(|r| SourceState {
-                report: SourceReport {
-                    table: r.get(0),
-                    column: r.get(1),
-                    name: r.get(2),
-                    total: n(r, 6),
-                    new: n(r, 7),
-                    unchanged: n(r, 8),
-                    reused: n(r, 9),
-                    embedded: n(r, 10),
-                    stale: n(r, 11),
-                    deleted: n(r, 12),
-                    errors: n(r, 13),
-                    deferred: n(r, 14),
-                    batches: n(r, 15),
-                    duration_ms: 0,
-                    error: None,
-                    warning: None,
-                },
-                planned: r.get(3),
-                done: r.get(4),
-                planned_batches: n(r, 5),
-                usage: (
-                    ModelUsage { prompt_tokens: n(r, 16), requests: n(r, 17) },
-                    ModelUsage { prompt_tokens: n(r, 18), requests: n(r, 19) },
-                ),
-            })
-            .collect();
+        let states = rows.iter().map(source_state).collect();
         Ok(RunState { id: RunId(id), trigger, started_at_ms: row.get(2), invocations: row.get::<_, i32>(3).max(0) as u64, sources: states })
     }
 
@@ -438,30 +453,6 @@ impl Store for PgStore {
     }
 }
 
-/// Per-source coverage for `GET /status`.
-#[derive(Debug, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Coverage {
-    /// The source's name.
-    pub name: String,
-    /// The table as configured.
-    pub table: String,
-    /// The column.
-    pub column: String,
-    /// Distinct values in the source.
-    pub distinct_values: u64,
-    /// Values with an `embedding_large`.
-    pub embedded_large: u64,
-    /// Values with an `embedding_small`.
-    pub embedded_small: u64,
-    /// Values not yet done for the source.
-    pub pending: u64,
-    /// Values in the error table for the source.
-    pub errors: u64,
-    /// Why the source could not be read, if so.
-    pub error: Option<String>,
-}
-
 impl PgStore {
     /// Coverage of one source (read-only).
     pub async fn coverage(&mut self, source: &Source) -> Coverage {
@@ -491,36 +482,50 @@ impl PgStore {
         out
     }
 
-    /// The last `n` finished runs, newest first, as stored JSON.
+    /// The last `n` finished runs, newest first, with their stored reports.
     ///
     /// # Errors
     /// [`StoreError`] when the runs table cannot be read.
-    pub async fn last_runs(&mut self, n: i64) -> Result<Vec<serde_json::Value>, StoreError> {
+    pub async fn last_runs(&mut self, n: i64) -> Result<Vec<FinishedRun>, StoreError> {
         let rows = self.client.query(sql::LAST_RUNS, &[&n]).await.map_err(|e| err("reading the runs", e))?;
-        Ok(rows
-            .iter()
+        rows.iter()
             .map(|r| {
-                let report: serde_json::Value = serde_json::from_str(r.get::<_, &str>(2)).unwrap_or(serde_json::Value::Null);
-                serde_json::json!({ "runId": r.get::<_, String>(0), "status": r.get::<_, String>(1), "report": report })
+                Ok(FinishedRun {
+                    run_id: r.get(0),
+                    status: run_status(r.get(1))?,
+                    report: serde_json::from_str(r.get::<_, &str>(2)).unwrap_or(serde_json::Value::Null),
+                    finished_at: iso8601(r.get(3)),
+                })
             })
-            .collect())
+            .collect()
     }
 
-    /// The unfinished run, or JSON null.
+    /// The unfinished run with its per-source counters so far, if there is one.
     ///
     /// # Errors
-    /// [`StoreError`] when the runs table cannot be read.
-    pub async fn current_run(&mut self) -> Result<serde_json::Value, StoreError> {
-        let row = self.client.query_opt(sql::CURRENT_RUN, &[]).await.map_err(|e| err("reading the current run", e))?;
-        Ok(match row {
-            Some(r) => serde_json::json!({
-                "runId": r.get::<_, String>(0),
-                "status": r.get::<_, String>(1),
-                "invocations": r.get::<_, i32>(2),
-                "startedAt": r.get::<_, String>(3),
-            }),
-            None => serde_json::Value::Null,
-        })
+    /// [`StoreError`] when the runs tables cannot be read.
+    pub async fn current_run(&mut self) -> Result<Option<CurrentRun>, StoreError> {
+        let Some(r) = self.client.query_opt(sql::CURRENT_RUN, &[]).await.map_err(|e| err("reading the current run", e))? else {
+            return Ok(None);
+        };
+        let run_id: String = r.get(0);
+        let sources = self.client.query(sql::RUN_SOURCES, &[&run_id]).await.map_err(|e| err("reading the current run", e))?;
+        let lease = self.client.query_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
+        let lease_held = lease.is_some_and(|l| l.get::<_, f64>(1) > 0.0);
+        Ok(Some(CurrentRun {
+            status: CurrentRun::status_now(run_status(r.get(1))?, lease_held),
+            trigger: trigger_of(r.get(2)),
+            invocations: r.get::<_, i32>(3).max(0) as u64,
+            started_at: iso8601(r.get(4)),
+            sources: sources
+                .iter()
+                .map(|row| {
+                    let state = source_state(row);
+                    OpenRunSource { report: state.report, planned: state.planned, done: state.done }
+                })
+                .collect(),
+            run_id,
+        }))
     }
 
     /// Whether embsync's tables exist (so `/status` can say "never run" instead of failing).

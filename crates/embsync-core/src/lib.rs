@@ -1,6 +1,6 @@
 //! The pure core of embsync: everything that decides what to do, and nothing that does IO.
 //!
-//! - [`auth`]: bearer-token checks for the endpoints.
+//! - [`auth`]: token checks for the endpoints (bearer, and Basic for the HTML page).
 //! - [`batch`]: packing values into requests by token and input limits.
 //! - [`config`]: `embedding-sources.json` parsed once into [`Config`].
 //! - [`ident`]: the only way a table or column name reaches SQL.
@@ -13,6 +13,7 @@
 //! - [`sync`]: the driver, over the [`sync::Store`], [`sync::Embedder`] and [`sync::Runtime`] traits.
 //! - [`report`]: run and dry-run reports.
 //! - [`log`]: structured log events (one JSON object per line).
+//! - [`status`]: what `GET /status` answers; [`html`] renders it as a page for people.
 //!
 //! ```
 //! use embsync_core::{config::Config, hash::Value};
@@ -31,12 +32,14 @@ pub mod batch;
 pub mod config;
 pub mod dburl;
 pub mod hash;
+pub mod html;
 pub mod ident;
 pub mod index;
 pub mod log;
 pub mod provider;
 pub mod report;
 pub mod sql;
+pub mod status;
 pub mod sync;
 pub mod vector;
 

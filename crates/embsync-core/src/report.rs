@@ -4,8 +4,11 @@ use serde::Serialize;
 use std::fmt;
 
 /// Counts for one source in a sync run.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+///
+/// It also reads back from a stored report; fields missing there (from an older version) are 0
+/// or `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct SourceReport {
     /// The source's name from the config.
     pub name: String,
@@ -43,7 +46,7 @@ pub struct SourceReport {
 
 /// Sums over all sources.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Totals {
     /// See [`SourceReport::total`].
     pub total: u64,
@@ -88,8 +91,8 @@ impl Totals {
 }
 
 /// Tokens the provider reported, per model slot.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct Usage {
     /// `embedding_large`'s model.
     pub large: ModelUsage,
@@ -100,8 +103,8 @@ pub struct Usage {
 }
 
 /// Tokens one model consumed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct ModelUsage {
     /// Sum of `usage.prompt_tokens` over successful requests.
     pub prompt_tokens: u64,
@@ -131,6 +134,9 @@ pub enum RunStatus {
     Finished,
     /// Stopped for good by an error no later request could get past (e.g. a rejected API key).
     Failed,
+    /// Ended without a report: the config's sources changed while it was open, and a new run
+    /// started over.
+    Abandoned,
 }
 
 impl RunStatus {
@@ -141,12 +147,23 @@ impl RunStatus {
             RunStatus::Paused => "paused",
             RunStatus::Finished => "finished",
             RunStatus::Failed => "failed",
+            RunStatus::Abandoned => "abandoned",
         }
+    }
+
+    /// Reads [`RunStatus::as_str`]'s text back; `None` for anything else.
+    pub fn parse(text: &str) -> Option<RunStatus> {
+        [RunStatus::Running, RunStatus::Paused, RunStatus::Finished, RunStatus::Failed, RunStatus::Abandoned]
+            .into_iter()
+            .find(|s| s.as_str() == text)
     }
 }
 
 /// The report of one sync run, over all its invocations so far.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+///
+/// It also reads back from `embedding_sync_runs.report`; the fields later versions added
+/// (`invocations`, `totals`, `usage`, `stopped`) default when missing.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunReport {
     /// The run's id.
@@ -154,29 +171,35 @@ pub struct RunReport {
     /// Where the run stands.
     pub status: RunStatus,
     /// Invocations the run took so far.
+    #[serde(default)]
     pub invocations: u64,
     /// What started the run.
     pub trigger: Trigger,
     /// ISO 8601 UTC start time.
     pub started_at: String,
     /// Wall time of the run.
+    #[serde(default)]
     pub duration_ms: u64,
     /// One entry per enabled source, in config order.
     pub sources: Vec<SourceReport>,
     /// Sums over the sources.
+    #[serde(default)]
     pub totals: Totals,
     /// Tokens the provider reported.
+    #[serde(default)]
     pub usage: Usage,
     /// Why the run stopped before doing everything (e.g. the token budget), if it did.
+    #[serde(default)]
     pub stopped: Option<String>,
     /// What the run did to the HNSW indexes (`vectorIndexes`); `None` when the option is off or
     /// the run did not finish everything.
+    #[serde(default)]
     pub indexes: Option<IndexReport>,
 }
 
 /// The index step of a finished run (see [`crate::index`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct IndexReport {
     /// Indexes built by this run.
     pub created: Vec<String>,

@@ -529,13 +529,16 @@ pub const RECORD_INDEXES: &str = "\
 UPDATE embedding_sync_runs SET report = jsonb_set(report, '{indexes}', $2::text::jsonb), updated_at = now()
 WHERE run_id = $1 AND report IS NOT NULL";
 
-/// The unfinished run, if any: `run_id`, `status`, `invocations`, `started_at` (text).
+/// The unfinished run, if any: `run_id`, `status`, `trigger`, `invocations` (int4),
+/// `started_at` (epoch milliseconds, float8).
 pub const CURRENT_RUN: &str = "\
-SELECT run_id, status, invocations, started_at::text FROM embedding_sync_runs WHERE finished_at IS NULL";
+SELECT run_id, status, trigger, invocations, (extract(epoch FROM started_at) * 1000)::float8
+FROM embedding_sync_runs WHERE finished_at IS NULL";
 
-/// The last `$1` (int8) finished runs, newest first: `run_id`, `status`, `report` (JSON text).
+/// The last `$1` (int8) finished runs, newest first: `run_id`, `status`, `report` (JSON text),
+/// `finished_at` (epoch milliseconds, float8).
 pub const LAST_RUNS: &str = "\
-SELECT run_id, status, coalesce(report::text, 'null') FROM embedding_sync_runs
+SELECT run_id, status, coalesce(report::text, 'null'), (extract(epoch FROM finished_at) * 1000)::float8 FROM embedding_sync_runs
 WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT $1";
 
 /// Coverage of one source: `total`, `embedded_large`, `embedded_small`, `errors` (int8 each).

@@ -5,7 +5,8 @@
 //! `wrangler dev` ([`Worker`]). Nothing is mocked but the embeddings provider.
 //!
 //! The environment comes from `scripts/test.sh`: `EMBSYNC_TEST_PG_URL`, `EMBSYNC_PROVIDER_BIN`,
-//! `EMBSYNC_REPO`, `EMBSYNC_NODE` and `EMBSYNC_WRANGLER_JS`.
+//! `EMBSYNC_REPO`, `EMBSYNC_NODE`, `EMBSYNC_WRANGLER_JS` and `EMBSYNC_CHROMIUM` (the headless
+//! browser that [`Browser`] runs).
 //!
 //! Each part cleans up on `Drop`. When a test fails (the thread is panicking), the worker's and
 //! the provider's logs are kept and their tails printed, so the failure can be read in context.
@@ -180,6 +181,27 @@ pub fn decode_base64(text: &str) -> Vec<u8> {
         }
         let bytes = n.to_be_bytes();
         out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    out
+}
+
+/// An `Authorization` value with HTTP Basic credentials: `Basic base64(user:password)`.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = format!("{user}:{password}").into_bytes();
+    let mut out = String::from("Basic ");
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
     }
     out
 }
@@ -549,6 +571,52 @@ fn agent() -> ureq::Agent {
         .timeout_connect(Duration::from_secs(5))
         .timeout(HTTP_TIMEOUT)
         .build()
+}
+
+/// An HTTP answer with its headers.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lowercase, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends a GET with `headers`; returns the status, headers and body, or a transport error.
+fn send_get_full(url: &str, headers: &[(&str, &str)]) -> Result<HttpResponse, String> {
+    let mut req = agent().get(url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let resp = match req.call() {
+        Ok(resp) | Err(ureq::Error::Status(_, resp)) => resp,
+        Err(e) => return Err(format!("GET {url}: {e}")),
+    };
+    let status = resp.status();
+    let headers = resp
+        .headers_names()
+        .into_iter()
+        .filter_map(|n| {
+            let v = resp.header(&n)?.to_string();
+            Some((n.to_ascii_lowercase(), v))
+        })
+        .collect();
+    let body = resp.into_string().map_err(|e| format!("read body: {e}"))?;
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Sends a request; returns status and body text, or a transport error message.
@@ -1112,6 +1180,22 @@ impl Worker {
         self.request("POST", path, token)
     }
 
+    /// `GET path` with arbitrary headers; returns status, headers and the body as text.
+    pub fn get_full(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        let url = format!("{}{path}", self.origin);
+        send_get_full(&url, headers)
+            .unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)))
+    }
+
+    /// The port `wrangler dev` listens on.
+    pub fn port(&self) -> u16 {
+        self.origin
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in the worker's origin")
+    }
+
     /// `GET /dry-run` with [`TOKEN`]; asserts 200 and returns the plan.
     pub fn dry_run(&self) -> Value {
         let (status, body) = self.get("/dry-run", Some(TOKEN));
@@ -1385,6 +1469,113 @@ impl Worker {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Browser
+// ---------------------------------------------------------------------------------------------
+
+/// How long one headless browser run may take.
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Where tests leave files for a person to look at: `target/e2e-artifacts/` in the repository.
+pub fn artifacts_dir() -> PathBuf {
+    let dir = PathBuf::from(env_var("EMBSYNC_REPO")).join("target/e2e-artifacts");
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
+/// Headless Chromium (`EMBSYNC_CHROMIUM`, which `scripts/test.sh` finds), run once per page with
+/// a fresh profile.
+pub struct Browser {
+    bin: PathBuf,
+}
+
+impl Browser {
+    /// The browser `scripts/test.sh` found.
+    pub fn find() -> Browser {
+        let bin = PathBuf::from(env_var("EMBSYNC_CHROMIUM"));
+        assert!(
+            bin.exists(),
+            "EMBSYNC_CHROMIUM={} does not exist: scripts/setup.sh installs chromium-headless-shell",
+            bin.display()
+        );
+        Browser { bin }
+    }
+
+    /// Loads `url` and writes a PNG screenshot of the `width` x `height` viewport to `path`.
+    /// `dark` makes the page see `prefers-color-scheme: dark`.
+    pub fn screenshot(&self, url: &str, path: &Path, (width, height): (u32, u32), dark: bool) {
+        let _ = fs::remove_file(path);
+        let mut args = vec![
+            format!("--screenshot={}", path.display()),
+            format!("--window-size={width},{height}"),
+        ];
+        if dark {
+            args.push("--force-dark-mode".into());
+            args.push("--blink-settings=preferredColorScheme=0".into());
+        }
+        let out = self.run(&args, url);
+        assert!(
+            path.exists(),
+            "no screenshot at {} after loading {url}:\n{out}",
+            path.display()
+        );
+    }
+
+    /// Loads `url` and returns the DOM as the browser built it (`--dump-dom`).
+    pub fn dump_dom(&self, url: &str) -> String {
+        self.run(&["--dump-dom".to_string()], url)
+    }
+
+    /// Runs the browser on `url` with the usual headless flags and `args`; returns its stdout,
+    /// panicking with its output when it fails or takes longer than [`BROWSER_TIMEOUT`].
+    fn run(&self, args: &[String], url: &str) -> String {
+        let dir = temp_dir("embsync-e2e-browser");
+        let mut child = Command::new(&self.bin)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+                "--no-first-run",
+                "--disable-extensions",
+            ])
+            .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+            .args(args)
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(File::create(dir.join("stdout")).expect("browser stdout file"))
+            .stderr(File::create(dir.join("stderr")).expect("browser stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
+        let deadline = Instant::now() + BROWSER_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for the browser") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not finish within {BROWSER_TIMEOUT:?} on {url}; stderr:\n{}",
+                    self.bin.display(),
+                    tail_of(&dir.join("stderr"), 30)
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        let stdout = fs::read_to_string(dir.join("stdout")).unwrap_or_default();
+        assert!(
+            status.success(),
+            "{} {args:?} {url} exited with {status}; stderr:\n{}",
+            self.bin.display(),
+            tail_of(&dir.join("stderr"), 30)
+        );
+        let _ = fs::remove_dir_all(&dir);
+        stdout
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1426,6 +1617,14 @@ mod tests {
         assert_eq!(decode_base64("Zm9vYmFy"), b"foobar");
         assert_eq!(decode_base64("AACAPw=="), 1.0f32.to_le_bytes());
         assert_eq!(decode_base64("+/8="), [0xfb, 0xff]);
+    }
+
+    #[test]
+    fn basic_credentials_encode_as_rfc_4648_base64() {
+        assert_eq!(basic_auth("reader", ""), "Basic cmVhZGVyOg==");
+        assert_eq!(basic_auth("reader", "x"), "Basic cmVhZGVyOng=");
+        assert_eq!(basic_auth("reader", "xy"), "Basic cmVhZGVyOnh5");
+        assert_eq!(decode_base64(&basic_auth("ann", TOKEN)[6..]), format!("ann:{TOKEN}").as_bytes());
     }
 
     #[test]

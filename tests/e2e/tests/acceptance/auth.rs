@@ -110,6 +110,16 @@ fn endpoints_refuse_everything_when_no_token_is_configured() {
             );
         }
     }
+    // The status page, which also takes Basic credentials, is closed too.
+    let basic = basic_auth("reader", TOKEN);
+    for (path, headers) in [
+        ("/status.html", vec![("Authorization", basic.as_str())]),
+        ("/status", vec![("Authorization", basic.as_str()), ("Accept", "text/html")]),
+        ("/status", vec![("Authorization", bearer.as_str())]),
+    ] {
+        let (status, body) = worker.request_with("GET", path, &headers);
+        assert_error(status, &body, 503, &format!("GET {path} with {headers:?} and no SYNC_API_TOKEN"));
+    }
     assert_eq!(db.cache_count(), 0, "a refused request must not sync");
     assert!(
         provider.embedding_requests().is_empty(),

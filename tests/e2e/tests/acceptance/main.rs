@@ -13,6 +13,7 @@ mod foreign;
 mod guards;
 mod hashing;
 mod indexes;
+mod html;
 mod provider;
 mod runs;
 mod shared;

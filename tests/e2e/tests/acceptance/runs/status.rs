@@ -45,7 +45,10 @@ fn status_shows_a_paused_run_and_then_its_report_and_coverage() {
     let current = &paused["currentRun"];
     assert_eq!(current["runId"], json!(run_id), "currentRun in {paused:#}");
     assert_eq!(current["invocations"], json!(1), "{current}");
-    assert!(current["startedAt"].is_string(), "{current}");
+    // No invocation holds the lease between invocations: the run is paused, not running.
+    assert_eq!((&current["status"], &current["trigger"]), (&json!("paused"), &json!("cron")), "{current}");
+    assert!(current["startedAt"].as_str().is_some_and(|t| t.ends_with('Z')), "ISO 8601 UTC: {current}");
+    assert_counts("the open run's counters", &current["sources"][0], &[("new", DISTINCT), ("embedded", 400), ("batches", 4)]);
     assert_eq!(paused["lastRuns"], json!([]), "no run finished yet: {paused:#}");
     assert_counts(
         "coverage of a paused run",
@@ -62,6 +65,7 @@ fn status_shows_a_paused_run_and_then_its_report_and_coverage() {
     assert_eq!(last.len(), 1, "{done:#}");
     assert_eq!(last[0]["runId"], json!(run_id));
     assert_eq!(last[0]["status"], json!("finished"));
+    assert!(last[0]["finishedAt"].as_str().is_some_and(|t| t.ends_with('Z')), "{}", last[0]);
     assert_final_report(&last[0]["report"], &run_id, DISTINCT, 10);
     assert_eq!(last[0]["report"]["invocations"], json!(3));
     assert_counts(

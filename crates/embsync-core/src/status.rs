@@ -1,0 +1,207 @@
+//! What `GET /status` answers: the KV cursor, the open run, the last finished runs and per-source
+//! coverage. The worker gathers it (KV, Postgres); [`crate::html`] renders it for people and
+//! `serde_json` for programs.
+
+use crate::report::{RunReport, RunStatus, SourceReport, Trigger};
+use crate::sync::Cursor;
+use serde::Serialize;
+
+/// The answer of `GET /status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// The KV cursor of a paused run (a hint; Postgres holds the truth).
+    pub cursor: CursorState,
+    /// The run that has not finished yet, if any.
+    pub current_run: Option<CurrentRun>,
+    /// The last finished runs, newest first.
+    pub last_runs: Vec<FinishedRun>,
+    /// Coverage of each enabled source, in config order.
+    pub sources: Vec<Coverage>,
+    /// Names of the disabled sources.
+    pub disabled: Vec<String>,
+}
+
+/// The KV cursor as `GET /status` shows it: JSON `null`, the cursor, or
+/// `{"unreadable": "<why>"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum CursorState {
+    /// No cursor is stored.
+    Absent,
+    /// The stored cursor.
+    Readable(Cursor),
+    /// Something is stored that is not a cursor; the next invocation ignores it.
+    Unreadable {
+        /// Why it could not be read.
+        unreadable: String,
+    },
+}
+
+impl CursorState {
+    /// Reads the KV value (`None` when the key is missing).
+    pub fn from_kv(text: Option<&str>) -> CursorState {
+        match text {
+            None => CursorState::Absent,
+            Some(text) => match serde_json::from_str::<Cursor>(text) {
+                Ok(cursor) => CursorState::Readable(cursor),
+                Err(e) => CursorState::Unreadable { unreadable: e.to_string() },
+            },
+        }
+    }
+}
+
+/// The run that has not finished yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CurrentRun {
+    /// The run's id.
+    pub run_id: String,
+    /// `running` while an invocation works on it, `paused` between invocations.
+    pub status: RunStatus,
+    /// What started the run.
+    pub trigger: Trigger,
+    /// Invocations the run took so far.
+    pub invocations: u64,
+    /// ISO 8601 UTC start time.
+    pub started_at: String,
+    /// Per source, the counters so far (committed with each batch), in config order.
+    pub sources: Vec<OpenRunSource>,
+}
+
+/// A source of the open run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenRunSource {
+    /// The counters so far, as in a report.
+    #[serde(flatten)]
+    pub report: SourceReport,
+    /// Whether the run has counted the source yet (until then its counters are all 0).
+    pub planned: bool,
+    /// Whether the run is done with the source.
+    pub done: bool,
+}
+
+impl CurrentRun {
+    /// Where an unfinished run stands: `embedding_sync_runs.status` says `running` from the
+    /// moment an invocation takes it up, and stays so after the invocation spends its budget; it
+    /// is only running while an invocation holds the sync lease, and paused otherwise.
+    pub fn status_now(recorded: RunStatus, lease_held: bool) -> RunStatus {
+        match recorded {
+            RunStatus::Running if !lease_held => RunStatus::Paused,
+            other => other,
+        }
+    }
+}
+
+/// A finished run, as stored in `embedding_sync_runs`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FinishedRun {
+    /// The run's id.
+    pub run_id: String,
+    /// `finished`, `failed` or `abandoned`.
+    pub status: RunStatus,
+    /// ISO 8601 UTC end time.
+    pub finished_at: String,
+    /// The stored report as it is (JSON `null` for an abandoned run).
+    pub report: serde_json::Value,
+}
+
+impl FinishedRun {
+    /// The stored report, when there is one this version can read.
+    pub fn report(&self) -> Option<RunReport> {
+        serde_json::from_value(self.report.clone()).ok()
+    }
+}
+
+/// Coverage of one source, counted when `GET /status` is asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Coverage {
+    /// The source's name.
+    pub name: String,
+    /// The table as configured.
+    pub table: String,
+    /// The column.
+    pub column: String,
+    /// Distinct values in the source.
+    pub distinct_values: u64,
+    /// Values with an `embedding_large`.
+    pub embedded_large: u64,
+    /// Values with an `embedding_small`.
+    pub embedded_small: u64,
+    /// Values not yet done for the source.
+    pub pending: u64,
+    /// Values in the error table for the source.
+    pub errors: u64,
+    /// Why the source could not be read, if so.
+    pub error: Option<String>,
+}
+
+impl Coverage {
+    /// Values done for the source: linked to it, with both embeddings.
+    pub fn done(&self) -> u64 {
+        self.distinct_values.saturating_sub(self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Totals;
+    use expect_test::expect;
+
+    #[test]
+    fn cursor_states_serialize_as_before() {
+        let json = |s: &CursorState| serde_json::to_string(s).unwrap();
+        assert_eq!(json(&CursorState::from_kv(None)), "null");
+        expect![[r#"{"unreadable":"expected value at line 1 column 1"}"#]].assert_eq(&json(&CursorState::from_kv(Some("garbage"))));
+        let cursor = Cursor { run_id: "run-1".into(), source: 1, phase: "embed".into(), after: None, totals: Totals::default() };
+        let text = serde_json::to_string(&cursor).unwrap();
+        assert_eq!(CursorState::from_kv(Some(&text)), CursorState::Readable(cursor));
+        assert_eq!(json(&CursorState::from_kv(Some(&text))), text);
+    }
+
+    #[test]
+    fn stored_reports_read_back() {
+        let run = |report: serde_json::Value| FinishedRun {
+            run_id: "run-1".into(),
+            status: RunStatus::Finished,
+            finished_at: "2026-11-23T23:59:00.000Z".into(),
+            report,
+        };
+        assert_eq!(run(serde_json::Value::Null).report(), None);
+        // An older report without invocations, usage, stopped or per-source deferred/warning.
+        let old = run(serde_json::json!({
+            "runId": "run-1", "status": "finished", "trigger": "cron", "startedAt": "2026-11-23T23:58:00.000Z",
+            "durationMs": 5, "sources": [{"name": "A", "table": "t", "column": "c", "total": 3, "new": 3}],
+        }));
+        let report = old.report().expect("an older report reads back");
+        assert_eq!((report.invocations, report.sources[0].new, report.sources[0].deferred), (0, 3, 0));
+    }
+
+    #[test]
+    fn an_open_run_runs_only_while_the_lease_is_held() {
+        assert_eq!(CurrentRun::status_now(RunStatus::Running, true), RunStatus::Running);
+        assert_eq!(CurrentRun::status_now(RunStatus::Running, false), RunStatus::Paused);
+        assert_eq!(CurrentRun::status_now(RunStatus::Paused, true), RunStatus::Paused);
+    }
+
+    #[test]
+    fn done_is_distinct_minus_pending() {
+        let c = Coverage {
+            name: "A".into(),
+            table: "t".into(),
+            column: "c".into(),
+            distinct_values: 10,
+            embedded_large: 7,
+            embedded_small: 7,
+            pending: 3,
+            errors: 0,
+            error: None,
+        };
+        assert_eq!(c.done(), 7);
+        assert_eq!(Coverage { pending: 12, ..c }.done(), 0);
+    }
+}
