@@ -2,7 +2,8 @@
 # Runs all of embsync's tests; the one command for a fresh machine and for CI (.ci/run).
 #
 # 1. scripts/setup.sh installs the pinned toolchain (skipped step by step when present).
-# 2. The pure crates are tested natively: embsync-core and local-provider.
+# 2. The pure crates are tested natively: embsync-core and local-provider; the core's unit tests
+#    also run as WebAssembly (wasm32-wasip1 with simd128) under Node's WASI.
 # 3. The worker is built once (worker-build --release -> build/worker/shim.mjs) and so is the
 #    local embeddings provider.
 # 4. A throwaway Postgres 18 + pgvector starts on a free port in a temporary directory, and so
@@ -163,6 +164,11 @@ start_tls_postgres() {
 
 step "setup" "$REPO/scripts/setup.sh"
 step "unit tests (embsync-core, local-provider)" cargo test -p embsync-core -p local-provider
+# The core's unit tests again as WebAssembly with simd128, under Node's WASI: the SIMD base64
+# kernel the worker runs on workerd is checked against the reference decoder there too.
+step "unit tests as wasm (embsync-core, wasm32-wasip1 + simd128, Node WASI)" \
+    env CARGO_TARGET_WASM32_WASIP1_RUNNER="$NODE22 --no-warnings $REPO/scripts/wasi-run.mjs" \
+    cargo test -p embsync-core --lib --target wasm32-wasip1
 step "build the worker (worker-build --release)" build_worker
 step "build the local provider" cargo build -p local-provider
 step "start Postgres" start_postgres
