@@ -1230,13 +1230,15 @@ impl Worker {
     }
 
     /// The worker's structured log events so far, oldest first: every log line the worker
-    /// writes is one JSON object with `level`, `event` and `message` (wrangler may put a prefix
-    /// before it). Lines that are not the worker's own (wrangler's) are skipped.
+    /// writes is one JSON object with `level`, `event` and `message`. wrangler prints
+    /// `console.warn` / `console.error` lines inside a coloured `▲ [WARNING]` / `✘ [ERROR]`
+    /// frame, so the object is read from the line's first `{` to its last `}`. Lines that are not
+    /// the worker's own (wrangler's) are skipped.
     pub fn events(&self) -> Vec<Value> {
         self.logs()
             .lines()
             .filter_map(|l| {
-                let v: Value = serde_json::from_str(l.get(l.find('{')?..)?.trim()).ok()?;
+                let v: Value = serde_json::from_str(l.get(l.find('{')?..=l.rfind('}')?)?).ok()?;
                 v.get("event").is_some().then_some(v)
             })
             .collect()

@@ -4,7 +4,7 @@
 use embsync_e2e::*;
 use serde_json::json;
 
-/// Two sources, the first of which names a table that does not exist.
+/// Three sources: one names a table that does not exist, one a column that does not exist.
 fn missing_and_real() -> String {
     json!({
         "version": "1.0",
@@ -12,6 +12,7 @@ fn missing_and_real() -> String {
         "batchSize": 10,
         "sources": [
             { "name": "Gone", "table": "no_such_table", "column": "description" },
+            { "name": "No column", "table": "config_position", "column": "no_such_column" },
             { "name": "Option Descriptions", "table": "config_option", "column": "description" }
         ]
     })
@@ -19,7 +20,7 @@ fn missing_and_real() -> String {
 }
 
 #[test]
-fn a_source_whose_table_is_missing_fails_alone() {
+fn a_source_whose_table_or_column_is_missing_fails_alone() {
     let mut db = TestDb::create();
     db.create_default_sources();
     db.insert_strs(OPTION, &["Cutter with catch tray", "Peel-off sensor"]);
@@ -28,6 +29,9 @@ fn a_source_whose_table_is_missing_fails_alone() {
     let gone = source_entry(&report, "no_such_table");
     let error = gone["error"].as_str().unwrap_or_default();
     assert!(error.contains("no_such_table") && error.contains("does not exist"), "{gone}");
+    let no_column = source_entry(&report, "config_position");
+    let error = no_column["error"].as_str().unwrap_or_default();
+    assert!(error.contains("no_such_column") && error.contains("does not exist"), "{no_column}");
     assert_counts("the other source", source_entry(&report, OPTION.table), &[("new", 2), ("embedded", 2), ("errors", 0)]);
     assert_eq!(db.cache_count(), 2);
 }

@@ -303,3 +303,44 @@ fn nearly_used_up_rate_limits_make_the_run_pace_itself() {
     );
     assert_cache_complete(&mut db, &set_of(&VALUES[..10]));
 }
+
+#[test]
+fn a_retry_wait_past_the_invocation_budget_pauses_instead_of_overrunning() {
+    let mut db = db_with_options(&VALUES[..6]);
+    let provider = Provider::start(Some(API_KEY));
+    // An invocation may spend 5 s; batch 2's large request is told to come back in 15 s.
+    let worker = Worker::start(
+        WorkerOpts::new(&db, &provider)
+            .sources(sources_json(2, &[OPTION]))
+            .var("SYNC_MAX_SECONDS", 5),
+    );
+    provider.set_faults(&json!({"rules": [{"status": 429, "retryAfterMs": 15000, "nth": [3]}]}));
+
+    let started = std::time::Instant::now();
+    let first = worker.sync();
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(12), "the invocation waited for the retry: {took:?}");
+    assert_eq!(first["status"], "paused", "{first:#}");
+    assert_counts(
+        "invocation 1 (paused before batch 2)",
+        source_entry(&first, OPTION.table),
+        &[("embedded", 2), ("errors", 0), ("batches", 1)],
+    );
+    assert_eq!(db.text_set("SELECT value_hash FROM embedding_sync_errors").len(), 0, "an out-of-time batch is not an error");
+    // wrangler writes warnings through another stream: the line may land a moment later.
+    let not_retried = poll(std::time::Duration::from_secs(10), "a `Not retrying` retry event", || {
+        worker.events_of("retry").into_iter().find(|e| e["message"].as_str().is_some_and(|m| m.starts_with("Not retrying")))
+    });
+    assert_eq!((not_retried["waitMs"].as_u64(), not_retried["level"].as_str()), (Some(15000), Some("warn")), "{not_retried}");
+    assert_eq!(not_retried["runId"], first["runId"]);
+
+    // The next invocation goes on from batch 2 in the same run and finishes it.
+    let second = worker.sync();
+    assert_eq!((second["status"].as_str(), second["runId"].as_str()), (Some("finished"), first["runId"].as_str()), "{second:#}");
+    assert_counts(
+        "the run, over two invocations",
+        source_entry(&second, OPTION.table),
+        &[("total", 6), ("new", 6), ("embedded", 6), ("errors", 0), ("batches", 3)],
+    );
+    assert_cache_complete(&mut db, &set_of(&VALUES[..6]));
+}
