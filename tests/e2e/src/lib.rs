@@ -1129,6 +1129,27 @@ fn wrangler_env<'a>(cmd: &'a mut Command, repo: &Path) -> &'a mut Command {
     cmd.envs(WRANGLER_ENV).current_dir(repo).stdin(Stdio::null())
 }
 
+/// `line` without ANSI escape sequences (`ESC [ ... letter`), which wrangler puts around the
+/// worker's warnings and errors (`\x1b[1m{...}\x1b[0m`). A JSON string holds no raw ESC byte
+/// (it would be written `\u001b`), so the worker's own text is never touched.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Writes `dir/wrangler.toml`: the repository's, with `main` made absolute (paths in a wrangler
 /// config are relative to it) and a `[[hyperdrive]]` block for `binding` appended. Its
 /// connection string is left to the environment (`Worker::try_start`).
@@ -1430,11 +1451,13 @@ impl Worker {
 
     /// The worker's structured log events so far, oldest first: every log line the worker
     /// writes is one JSON object with `level`, `event` and `message` (wrangler may put a prefix
-    /// before it). Lines that are not the worker's own (wrangler's) are skipped.
+    /// before it, and for warnings and errors colour codes around it, whatever `NO_COLOR`
+    /// says). Lines that are not the worker's own (wrangler's) are skipped.
     pub fn events(&self) -> Vec<Value> {
         self.logs()
             .lines()
             .filter_map(|l| {
+                let l = strip_ansi(l);
                 let v: Value = serde_json::from_str(l.get(l.find('{')?..)?.trim()).ok()?;
                 v.get("event").is_some().then_some(v)
             })
@@ -1839,5 +1862,15 @@ mod tests {
         let got = distinct_trimmed(&[Some(" x "), Some("x"), None, Some("  "), Some("y")]);
         assert_eq!(got, BTreeSet::from(["x".to_string(), "y".to_string()]));
     }
-}
 
+    #[test]
+    fn colour_codes_around_a_warning_do_not_hide_its_event() {
+        // A line as wrangler writes the worker's console.warn, colour codes and all.
+        let line = "\x1b[33m\u{25b2} \x1b[43;33m[\x1b[43;30mWARNING\x1b[43;33m]\x1b[0m \x1b[1m{\"level\":\"warn\",\"event\":\"skipped\",\"message\":\"Sync skipped\"}\x1b[0m";
+        let plain = strip_ansi(line);
+        assert_eq!(plain, "\u{25b2} [WARNING] {\"level\":\"warn\",\"event\":\"skipped\",\"message\":\"Sync skipped\"}");
+        let json: Value = serde_json::from_str(&plain[plain.find('{').unwrap()..]).unwrap();
+        assert_eq!(json["event"], "skipped");
+        assert_eq!(strip_ansi("{\"message\":\"a \\u001b[1m b\"}"), "{\"message\":\"a \\u001b[1m b\"}");
+    }
+}
