@@ -59,6 +59,19 @@ chromium_bin() {
     return 1
 }
 
+# Prints the path of PgBouncer (Debian installs it in /usr/sbin, which may not be on PATH);
+# exit status 1 when it is not installed.
+pgbouncer_bin() {
+    local bin
+    for bin in "$(command -v pgbouncer 2>/dev/null)" /usr/sbin/pgbouncer; do
+        if [ -n "$bin" ] && [ -x "$bin" ]; then
+            printf '%s\n' "$bin"
+            return 0
+        fi
+    done
+    return 1
+}
+
 # Exit status 0 while process $1 is alive.
 alive() {
     [ -n "$1" ] && kill -0 "$1" 2>/dev/null

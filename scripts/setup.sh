@@ -213,4 +213,23 @@ else
     step_end "installed ($(chromium_bin))"
 fi
 
+# PgBouncer, which stands in for Hyperdrive's transaction pooling in the end-to-end tests
+# (tests/e2e/tests/acceptance/hyperdrive.rs). Debian puts it in /usr/sbin.
+step_begin "pgbouncer (Debian)"
+if have="$(pgbouncer_bin)"; then
+    step_end "already installed ($("$have" --version | head -n 1))"
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    if ! apt-cache policy pgbouncer 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        say "$STEP_NAME: running apt-get update"
+        apt-get update -qq
+    fi
+    say "$STEP_NAME: installing with apt-get"
+    # The package's service is not wanted: the tests start their own PgBouncer.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer
+    step_end "installed ($("$(pgbouncer_bin)" --version | head -n 1))"
+else
+    say "$STEP_NAME: missing; install Debian's package pgbouncer (apt-get install pgbouncer)"
+    exit 1
+fi
+
 say "everything is in place ($(elapsed "$SETUP_START") s)"

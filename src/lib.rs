@@ -186,10 +186,17 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     }
 }
 
+/// Connects to the database and logs which connection it is (`database` event, no password).
+async fn connect(db: &settings::Database, config: &embsync_core::Config) -> Result<PgStore, AppError> {
+    let store = PgStore::connect(db, config).await?;
+    WorkerRuntime.log(store.endpoint().log_event());
+    Ok(store)
+}
+
 async fn dry_run(env: &Env) -> Result<embsync_core::report::DryRunReport, AppError> {
     let config = settings::config(env)?;
-    let url = settings::database_url(env)?;
-    let mut store = PgStore::connect(&url, &config).await?;
+    let db = settings::database(env)?;
+    let mut store = connect(&db, &config).await?;
     let plan = sync::dry_run(&config, &mut store).await;
     store.close().await;
     Ok(plan)
@@ -248,7 +255,7 @@ async fn kv_put(kv: Option<&worker::KvStore>, key: &str, value: String, rt: &Wor
 
 async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     let config = settings::config(env)?;
-    let url = settings::database_url(env)?;
+    let db = settings::database(env)?;
     let embedder = openai::OpenAi::new(&settings::base_url(env), settings::api_key(env)?);
     let rt = WorkerRuntime;
     let kv = match env.kv("SYNC_STATE") {
@@ -259,7 +266,7 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
         }
     };
     let (stored_cursor, hint) = read_cursor(kv.as_ref(), &rt).await;
-    let mut store = PgStore::connect(&url, &config).await?;
+    let mut store = connect(&db, &config).await?;
     let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
     let inv =
         Invocation { trigger, retry: RetryPolicy::default(), budget: budget(env), new_run: &run_id, holder: &holder, hint: hint.as_ref() };
@@ -311,13 +318,13 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
 /// coverage. Read-only.
 async fn status(env: &Env) -> Result<Status, AppError> {
     let config = settings::config(env)?;
-    let url = settings::database_url(env)?;
+    let db = settings::database(env)?;
     let kv = env.kv("SYNC_STATE").ok();
     let cursor_text = match &kv {
         Some(kv) => kv.get(CURSOR_KEY).text().await.ok().flatten(),
         None => None,
     };
-    let mut store = PgStore::connect(&url, &config).await?;
+    let mut store = connect(&db, &config).await?;
     let result = async {
         let mut out = Status {
             cursor: CursorState::from_kv(cursor_text.as_deref()),

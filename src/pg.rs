@@ -1,8 +1,9 @@
 //! [`Store`] over tokio-postgres on the Workers TCP socket API.
 
-use crate::settings::Redacted;
+use crate::settings::Database;
 use bytes::BytesMut;
 use embsync_core::config::{Config, Source};
+use embsync_core::database::Endpoint;
 use embsync_core::dburl::{self, Tls, TlsError};
 use embsync_core::hash::ValueHash;
 use embsync_core::index::{ExistingIndex, IndexState};
@@ -18,7 +19,7 @@ use std::str::FromStr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::{ChannelBinding, Host, SslMode};
-use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 use worker::{SecureTransport, Socket};
 
@@ -29,6 +30,11 @@ pub struct PgStore {
     schema: Option<SchemaState>,
     /// The configured model tags (large, small), bound as `$3` and `$4`.
     tags: (String, String),
+    /// Which connection this is (for the log).
+    endpoint: Endpoint,
+    /// pgvector's `vector[]` type, looked up once per connection (its OID depends on the
+    /// database).
+    vector_array: Option<Type>,
 }
 
 fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
@@ -86,28 +92,60 @@ async fn open_socket(host: &str, port: u16, tls: Tls) -> Result<Socket, StoreErr
 }
 
 impl PgStore {
-    /// Connects to `DATABASE_URL`. With `sslmode=require`, `verify-ca` or `verify-full` the
-    /// connection is TLS or nothing (see [`open_socket`]); `channel_binding` is turned off because
-    /// the socket API does not expose the TLS channel.
+    /// Connects to the database `db` names: through its Hyperdrive binding, or to `DATABASE_URL`.
+    ///
+    /// Through Hyperdrive the socket is the binding's own (plain TCP to Hyperdrive's proxy, which
+    /// does TLS to the origin) and the credentials are the binding's fields. To `DATABASE_URL`,
+    /// `sslmode=require`, `verify-ca` or `verify-full` make the connection TLS or nothing (see
+    /// [`open_socket`]); `channel_binding` is turned off because the socket API does not expose the
+    /// TLS channel.
     ///
     /// # Errors
     /// [`StoreError`] when the URL cannot be parsed, the server cannot be reached, refuses TLS or
-    /// fails the TLS handshake; the message names the host, never the password.
-    pub async fn connect(url: &Redacted, sources: &Config) -> Result<PgStore, StoreError> {
-        let (url, tls) = embsync_core::dburl::normalize(url.expose()).map_err(|e| StoreError::new(e.to_string()))?;
-        let mut config = tokio_postgres::Config::from_str(&url)
-            .map_err(|e| StoreError::new(format!("DATABASE_URL is not a valid postgres:// URL: {e}")))?;
-        let host = match config.get_hosts().first() {
-            Some(Host::Tcp(h)) => h.clone(),
-            _ => return Err(StoreError::new("DATABASE_URL has no TCP host")),
+    /// fails the TLS handshake, or the login fails; the message names the binding or the host,
+    /// never the password.
+    pub async fn connect(db: &Database, sources: &Config) -> Result<PgStore, StoreError> {
+        let (endpoint, (client, connection)) = match db {
+            Database::Hyperdrive { binding, hyperdrive, url_ignored } => {
+                let endpoint = Endpoint::Hyperdrive {
+                    binding: binding.as_str().to_owned(),
+                    user: hyperdrive.user(),
+                    database: hyperdrive.database(),
+                    database_url_ignored: *url_ignored,
+                };
+                let what = format!("connecting to Postgres through the Hyperdrive binding {}", binding.as_str());
+                // The fields, not `connectionString`: workerd does not percent-encode the password
+                // in it. The socket is plain TCP (`database::HYPERDRIVE_TLS`).
+                let mut config = tokio_postgres::Config::new();
+                config.user(hyperdrive.user()).password(hyperdrive.password()).dbname(hyperdrive.database());
+                config.ssl_mode(SslMode::Disable).channel_binding(ChannelBinding::Disable);
+                let socket = hyperdrive.connect().map_err(|e| StoreError::new(format!("{what}: {e}")))?;
+                (endpoint, config.connect_raw(socket, NoTls).await.map_err(|e| err(&what, e))?)
+            }
+            Database::Url(url) => {
+                let (url, tls) = embsync_core::dburl::normalize(url.expose()).map_err(|e| StoreError::new(e.to_string()))?;
+                let mut config = tokio_postgres::Config::from_str(&url)
+                    .map_err(|e| StoreError::new(format!("DATABASE_URL is not a valid postgres:// URL: {e}")))?;
+                let host = match config.get_hosts().first() {
+                    Some(Host::Tcp(h)) => h.clone(),
+                    _ => return Err(StoreError::new("DATABASE_URL has no TCP host")),
+                };
+                let port = config.get_ports().first().copied().unwrap_or(5432);
+                let endpoint = Endpoint::DatabaseUrl {
+                    user: config.get_user().unwrap_or_default().to_owned(),
+                    host: host.clone(),
+                    port,
+                    database: config.get_dbname().or(config.get_user()).unwrap_or_default().to_owned(),
+                    tls: tls == Tls::Required,
+                };
+                let socket = open_socket(&host, port, endpoint.tls()).await?;
+                // The socket is already secured as asked: tokio-postgres must not negotiate again.
+                config.ssl_mode(SslMode::Disable);
+                config.channel_binding(ChannelBinding::Disable);
+                let what = format!("connecting to Postgres at {host}:{port}");
+                (endpoint, config.connect_raw(socket, NoTls).await.map_err(|e| err(&what, e))?)
+            }
         };
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        let socket = open_socket(&host, port, tls).await?;
-        // The socket is already secured as asked: tokio-postgres must not negotiate again.
-        config.ssl_mode(SslMode::Disable);
-        config.channel_binding(ChannelBinding::Disable);
-        let (client, connection) =
-            config.connect_raw(socket, NoTls).await.map_err(|e| err(&format!("connecting to Postgres at {host}:{port}"), e))?;
         let (tx, closed) = oneshot::channel();
         wasm_bindgen_futures::spawn_local(async move {
             if let Err(e) = connection.await {
@@ -117,7 +155,12 @@ impl PgStore {
             let _ = tx.send(());
         });
         let tags = (sources.models.large.tag(), sources.models.small.tag());
-        Ok(PgStore { client, closed, schema: None, tags })
+        Ok(PgStore { client, closed, schema: None, tags, endpoint, vector_array: None })
+    }
+
+    /// Which connection this is, for the log.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     /// Closes the connection cleanly (Terminate), waiting for the connection task to end.
@@ -126,11 +169,24 @@ impl PgStore {
         let _ = self.closed.await;
     }
 
+    /// pgvector's `vector[]`, whose OID the binary array format names (looked up once).
+    async fn vector_array_type(&mut self) -> Result<Type, StoreError> {
+        if let Some(t) = &self.vector_array {
+            return Ok(t.clone());
+        }
+        let row = self.client.query_typed_one(sql::VECTOR_TYPES, &[]).await.map_err(|e| err("looking up pgvector's vector type", e))?;
+        let schema: String = row.get(2);
+        let vector = Type::new("vector".into(), row.get(0), Kind::Simple, schema.clone());
+        let array = Type::new("_vector".into(), row.get(1), Kind::Array(vector), schema);
+        self.vector_array = Some(array.clone());
+        Ok(array)
+    }
+
     async fn schema_state(&mut self) -> Result<SchemaState, StoreError> {
         if let Some(s) = self.schema {
             return Ok(s);
         }
-        let row = self.client.query_one(sql::SCHEMA_STATE, &[]).await.map_err(|e| err("checking the schema", e))?;
+        let row = self.client.query_typed_one(sql::SCHEMA_STATE, &[]).await.map_err(|e| err("checking the schema", e))?;
         let state = SchemaState { cache: row.get(0), links: row.get::<_, Option<bool>>(1).unwrap_or(false) };
         self.schema = Some(state);
         Ok(state)
@@ -152,6 +208,50 @@ impl ToSql for PgVector<'_> {
     }
 
     to_sql_checked!();
+}
+
+/// A value bound as a parameter, with the Postgres type it is declared as.
+///
+/// Every statement goes out unnamed with its parameter types declared (tokio-postgres's
+/// `query_typed`/`execute_typed`: Parse, Bind, Describe, Execute and Sync in one message, one
+/// round trip). A named prepared statement (what `query(&str)` does: `s0`, `s1`, ... prepared in
+/// one round trip and executed in the next) would tie two messages to one server connection,
+/// which a transaction-mode pooler (Hyperdrive, PgBouncer) does not promise outside a
+/// transaction; the unnamed statement lives and dies within one Sync, so it works through any
+/// pooler, and it saves a round trip per statement everywhere.
+trait Param: ToSql + Sync {
+    /// The declared type: the one Postgres would infer, which the Rust type must match anyway.
+    fn pg_type(&self) -> Type;
+    /// Itself as a bindable value.
+    fn as_sql(&self) -> &(dyn ToSql + Sync);
+}
+
+macro_rules! param {
+    ($($rust:ty => $pg:expr),* $(,)?) => {$(
+        impl Param for $rust {
+            fn pg_type(&self) -> Type {
+                $pg
+            }
+            fn as_sql(&self) -> &(dyn ToSql + Sync) {
+                self
+            }
+        }
+    )*};
+}
+
+param! {
+    String => Type::TEXT,
+    &str => Type::TEXT,
+    i64 => Type::INT8,
+    f64 => Type::FLOAT8,
+    Vec<String> => Type::TEXT_ARRAY,
+    Vec<&str> => Type::TEXT_ARRAY,
+    Vec<i32> => Type::INT4_ARRAY,
+}
+
+/// The parameters of a statement with their declared types.
+fn typed<'a>(params: &[&'a dyn Param]) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+    params.iter().map(|p| (p.as_sql(), p.pg_type())).collect()
 }
 
 fn keys(source: &Source) -> (String, String) {
@@ -208,13 +308,13 @@ fn run_status(text: &str) -> Result<RunStatus, StoreError> {
 impl Store for PgStore {
     async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        tx.execute(sql::LOCK_SCHEMA, &[]).await.map_err(|e| err("locking the schema", e))?;
-        let existed: bool = tx.query_one(sql::CACHE_EXISTS, &[]).await.map_err(|e| err("checking the schema", e))?.get(0);
+        tx.execute_typed(sql::LOCK_SCHEMA, &[]).await.map_err(|e| err("locking the schema", e))?;
+        let existed: bool = tx.query_typed_one(sql::CACHE_EXISTS, &[]).await.map_err(|e| err("checking the schema", e))?.get(0);
         tx.batch_execute(&sql::ensure_schema(&config.models)).await.map_err(|e| err("creating tables", e))?;
         if !existed {
             tx.batch_execute(sql::MARK_CACHE_OURS).await.map_err(|e| err("marking embedding_cache as embsync's", e))?;
         }
-        let dims = tx.query_one(sql::COLUMN_DIMS, &[]).await.map_err(|e| err("reading the embedding columns", e))?;
+        let dims = tx.query_typed_one(sql::COLUMN_DIMS, &[]).await.map_err(|e| err("reading the embedding columns", e))?;
         sql::check_column_dims(&config.models, dims.get(0), dims.get(1)).map_err(StoreError::new)?;
         tx.commit().await.map_err(|e| err("committing the schema", e))?;
         self.schema = Some(SchemaState { cache: true, links: true });
@@ -227,7 +327,7 @@ impl Store for PgStore {
         let (lt, st) = (&self.tags.0, &self.tags.1);
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
         tx.batch_execute(sql::PLAN_WORK_MEM).await.map_err(|e| err("setting work_mem", e))?;
-        let row = tx.query_one(&sql::plan(source, state), &[&t, &c, lt, st]).await.map_err(|e| err("counting", e))?;
+        let row = tx.query_typed_one(&sql::plan(source, state), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("counting", e))?;
         tx.commit().await.map_err(|e| err("committing the count", e))?;
         let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
         Ok(SourceCounts { total: n(0), new: n(1), reusable: n(2), embed_tokens: n(3), stale: n(4), deferred: n(5) })
@@ -236,7 +336,7 @@ impl Store for PgStore {
     async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
         let (t, c) = keys(source);
         let (lt, st) = (&self.tags.0, &self.tags.1);
-        self.client.execute(&sql::link_reusable(source), &[&t, &c, lt, st]).await.map_err(|e| err("linking", e))
+        self.client.execute_typed(&sql::link_reusable(source), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("linking", e))
     }
 
     async fn pending(
@@ -249,16 +349,20 @@ impl Store for PgStore {
         let (t, c) = keys(source);
         let after = after.map_or("", |h| h.as_str()).to_owned();
         let limit = limit as i64;
-        let snapshot: bool =
-            self.client.query_one(sql::HAS_SNAPSHOT, &[&run.0, &t, &c]).await.map_err(|e| err("looking for the snapshot", e))?.get(0);
+        let snapshot: bool = self
+            .client
+            .query_typed_one(sql::HAS_SNAPSHOT, &typed(&[&run.0, &t, &c]))
+            .await
+            .map_err(|e| err("looking for the snapshot", e))?
+            .get(0);
         let rows = if snapshot {
             self.client
-                .query(&sql::pending_snapshot_page(), &[&t, &c, &self.tags.0, &self.tags.1, &run.0, &after, &limit])
+                .query_typed(&sql::pending_snapshot_page(), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &run.0, &after, &limit]))
                 .await
                 .map_err(|e| err("listing", e))?
         } else {
             self.client
-                .query(&sql::pending_page(source), &[&t, &c, &self.tags.0, &self.tags.1, &after, &limit])
+                .query_typed(&sql::pending_page(source), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &after, &limit]))
                 .await
                 .map_err(|e| err("listing", e))?
         };
@@ -283,25 +387,28 @@ impl Store for PgStore {
         let counts: Vec<i32> = batch.iter().map(|v| v.occurrences).collect();
         let large: Vec<Option<PgVector>> = batch.iter().map(|v| v.large.as_ref().map(PgVector)).collect();
         let small: Vec<Option<PgVector>> = batch.iter().map(|v| v.small.as_ref().map(PgVector)).collect();
+        let vector_array = self.vector_array_type().await?;
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
         let ttl = progress.lease_ttl.as_secs_f64();
-        let renewed = tx.execute(sql::RENEW_LEASE, &[&progress.holder, &ttl]).await.map_err(|e| err("renewing the lease", e))?;
+        let renewed =
+            tx.execute_typed(sql::RENEW_LEASE, &typed(&[&progress.holder, &ttl])).await.map_err(|e| err("renewing the lease", e))?;
         if renewed == 0 {
             return Err(StoreError::lease_lost(
                 "the sync lease expired or was taken over by another invocation; this batch was not written",
             ));
         }
-        tx.execute(sql::UPSERT_BATCH, &[&t, &c, &self.tags.0, &self.tags.1, &hashes, &values, &counts, &large, &small])
-            .await
-            .map_err(|e| err("writing embeddings", e))?;
-        tx.execute(sql::LINK_VALUES, &[&t, &c, &hashes]).await.map_err(|e| err("linking values", e))?;
+        let mut params = typed(&[&t, &c, &self.tags.0, &self.tags.1, &hashes, &values, &counts]);
+        params.push((&large, vector_array.clone()));
+        params.push((&small, vector_array));
+        tx.execute_typed(sql::UPSERT_BATCH, &params).await.map_err(|e| err("writing embeddings", e))?;
+        tx.execute_typed(sql::LINK_VALUES, &typed(&[&t, &c, &hashes])).await.map_err(|e| err("linking values", e))?;
         let done: Vec<&str> = batch.iter().filter(|v| v.complete).map(|v| v.hash.as_str()).collect();
-        tx.execute(sql::CLEAR_ERRORS, &[&t, &c, &done]).await.map_err(|e| err("clearing errors", e))?;
+        tx.execute_typed(sql::CLEAR_ERRORS, &typed(&[&t, &c, &done])).await.map_err(|e| err("clearing errors", e))?;
         let (l, sm) = &progress.usage;
         let n = |v: u64| v as i64;
-        tx.execute(
+        tx.execute_typed(
             sql::ADD_PROGRESS,
-            &[
+            &typed(&[
                 &progress.run.0,
                 &t,
                 &c,
@@ -312,7 +419,7 @@ impl Store for PgStore {
                 &n(l.requests),
                 &n(sm.prompt_tokens),
                 &n(sm.requests),
-            ],
+            ]),
         )
         .await
         .map_err(|e| err("counting the batch", e))?;
@@ -322,18 +429,21 @@ impl Store for PgStore {
     async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError> {
         let (t, c) = keys(source);
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        let unlinked =
-            if known_clean { 0 } else { tx.execute(&sql::unlink_stale(source), &[&t, &c]).await.map_err(|e| err("unlinking", e))? };
+        let unlinked = if known_clean {
+            0
+        } else {
+            tx.execute_typed(&sql::unlink_stale(source), &typed(&[&t, &c])).await.map_err(|e| err("unlinking", e))?
+        };
         let mut deleted = 0;
         if unlinked > 0 {
-            let row = tx.query_one(sql::DELETE_ORPHANS, &[]).await.map_err(|e| err("deleting", e))?;
+            let row = tx.query_typed_one(sql::DELETE_ORPHANS, &[]).await.map_err(|e| err("deleting", e))?;
             deleted = row.get::<_, i64>(0).max(0) as u64;
-            tx.execute(sql::REASSIGN_SOURCE, &[&t, &c]).await.map_err(|e| err("reassigning", e))?;
+            tx.execute_typed(sql::REASSIGN_SOURCE, &typed(&[&t, &c])).await.map_err(|e| err("reassigning", e))?;
         }
-        tx.execute(sql::SOURCE_DONE, &[&run.0, &t, &c, &(unlinked as i64), &(deleted as i64)])
+        tx.execute_typed(sql::SOURCE_DONE, &typed(&[&run.0, &t, &c, &(unlinked as i64), &(deleted as i64)]))
             .await
             .map_err(|e| err("marking the source done", e))?;
-        tx.execute(sql::DROP_SNAPSHOT, &[&run.0, &t, &c]).await.map_err(|e| err("dropping the snapshot", e))?;
+        tx.execute_typed(sql::DROP_SNAPSHOT, &typed(&[&run.0, &t, &c])).await.map_err(|e| err("dropping the snapshot", e))?;
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
         Ok(StaleOutcome { unlinked, deleted })
     }
@@ -343,18 +453,23 @@ impl Store for PgStore {
         let models: Vec<&str> = failures.iter().map(|f| f.model.as_str()).collect();
         let messages: Vec<&str> = failures.iter().map(|f| f.message.as_str()).collect();
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        tx.execute(sql::RECORD_ERRORS, &[&t, &c, &hashes(failures), &models, &messages]).await.map_err(|e| err("recording errors", e))?;
-        tx.execute(sql::ADD_ERRORS, &[&run.0, &t, &c, &(failures.len() as i64)]).await.map_err(|e| err("counting errors", e))?;
+        tx.execute_typed(sql::RECORD_ERRORS, &typed(&[&t, &c, &hashes(failures), &models, &messages]))
+            .await
+            .map_err(|e| err("recording errors", e))?;
+        tx.execute_typed(sql::ADD_ERRORS, &typed(&[&run.0, &t, &c, &(failures.len() as i64)]))
+            .await
+            .map_err(|e| err("counting errors", e))?;
         tx.commit().await.map_err(|e| err("committing errors", e))
     }
 
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
         let secs = ttl.as_secs_f64();
-        let taken = self.client.query(sql::ACQUIRE_LEASE, &[&holder, &secs]).await.map_err(|e| err("taking the sync lease", e))?;
+        let taken =
+            self.client.query_typed(sql::ACQUIRE_LEASE, &typed(&[&holder, &secs])).await.map_err(|e| err("taking the sync lease", e))?;
         if !taken.is_empty() {
             return Ok(Lease::Acquired);
         }
-        let row = self.client.query_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
+        let row = self.client.query_typed_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
         Ok(match row {
             Some(row) => Lease::Held { holder: row.get(0), expires_in_secs: row.get::<_, f64>(1).max(0.0) },
             None => Lease::Held { holder: "unknown".into(), expires_in_secs: 0.0 },
@@ -362,21 +477,21 @@ impl Store for PgStore {
     }
 
     async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError> {
-        self.client.execute(sql::RELEASE_LEASE, &[&holder]).await.map_err(|e| err("releasing the sync lease", e))?;
+        self.client.execute_typed(sql::RELEASE_LEASE, &typed(&[&holder])).await.map_err(|e| err("releasing the sync lease", e))?;
         Ok(())
     }
 
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        let mut resumed = tx.query_opt(sql::RESUME_RUN, &[]).await.map_err(|e| err("resuming the run", e))?;
+        let mut resumed = tx.query_typed_opt(sql::RESUME_RUN, &[]).await.map_err(|e| err("resuming the run", e))?;
         if let Some(row) = &resumed {
             let id: String = row.get(0);
-            let rows = tx.query(sql::RUN_SOURCES, &[&id]).await.map_err(|e| err("reading the run", e))?;
+            let rows = tx.query_typed(sql::RUN_SOURCES, &typed(&[&id])).await.map_err(|e| err("reading the run", e))?;
             let same = rows.len() == sources.len()
                 && rows.iter().zip(sources).all(|(r, s)| r.get::<_, String>(0) == s.table_key() && r.get::<_, String>(1) == s.column_key());
             if !same {
                 // The config changed mid-run: that run ends here and a new one starts.
-                tx.execute(sql::ABANDON_RUN, &[&id]).await.map_err(|e| err("abandoning the run", e))?;
+                tx.execute_typed(sql::ABANDON_RUN, &typed(&[&id])).await.map_err(|e| err("abandoning the run", e))?;
                 resumed = None;
             }
         }
@@ -387,17 +502,20 @@ impl Store for PgStore {
                     Trigger::Cron => "cron",
                     Trigger::Http => "http",
                 };
-                let row = tx.query_one(sql::START_RUN, &[&new_id.0, &trigger_text]).await.map_err(|e| err("starting a run", e))?;
+                let row =
+                    tx.query_typed_one(sql::START_RUN, &typed(&[&new_id.0, &trigger_text])).await.map_err(|e| err("starting a run", e))?;
                 let tables: Vec<String> = sources.iter().map(|s| s.table_key()).collect();
                 let columns: Vec<&str> = sources.iter().map(|s| s.column_key()).collect();
                 let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
-                tx.execute(sql::START_RUN_SOURCES, &[&new_id.0, &tables, &columns, &names]).await.map_err(|e| err("starting a run", e))?;
+                tx.execute_typed(sql::START_RUN_SOURCES, &typed(&[&new_id.0, &tables, &columns, &names]))
+                    .await
+                    .map_err(|e| err("starting a run", e))?;
                 row
             }
         };
         let id: String = row.get(0);
         let trigger = trigger_of(&row.get::<_, String>(1));
-        let rows = tx.query(sql::RUN_SOURCES, &[&id]).await.map_err(|e| err("reading the run", e))?;
+        let rows = tx.query_typed(sql::RUN_SOURCES, &typed(&[&id])).await.map_err(|e| err("reading the run", e))?;
         tx.commit().await.map_err(|e| err("committing the run", e))?;
         let states = rows.iter().map(source_state).collect();
         Ok(RunState { id: RunId(id), trigger, started_at_ms: row.get(2), invocations: row.get::<_, i32>(3).max(0) as u64, sources: states })
@@ -407,14 +525,24 @@ impl Store for PgStore {
         let (t, c) = keys(source);
         let n = |v: u64| v as i64;
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        tx.execute(
+        tx.execute_typed(
             sql::SAVE_PLAN,
-            &[&run.0, &t, &c, &n(plan.total), &n(plan.new), &n(plan.unchanged), &n(plan.reused), &n(plan.deferred), &n(plan.batches)],
+            &typed(&[
+                &run.0,
+                &t,
+                &c,
+                &n(plan.total),
+                &n(plan.new),
+                &n(plan.unchanged),
+                &n(plan.reused),
+                &n(plan.deferred),
+                &n(plan.batches),
+            ]),
         )
         .await
         .map_err(|e| err("saving the plan", e))?;
         if snapshot {
-            tx.execute(&sql::snapshot_pending(source), &[&t, &c, &self.tags.0, &self.tags.1, &run.0])
+            tx.execute_typed(&sql::snapshot_pending(source), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &run.0]))
                 .await
                 .map_err(|e| err("snapshotting pending values", e))?;
         }
@@ -422,7 +550,7 @@ impl Store for PgStore {
     }
 
     async fn index_state(&mut self) -> Result<IndexState, StoreError> {
-        let row = self.client.query_one(sql::INDEX_STATE, &[]).await.map_err(|e| err("reading the indexes", e))?;
+        let row = self.client.query_typed_one(sql::INDEX_STATE, &[]).await.map_err(|e| err("reading the indexes", e))?;
         let names: Vec<String> = row.get(4);
         let valid: Vec<bool> = row.get(5);
         Ok(IndexState {
@@ -441,14 +569,17 @@ impl Store for PgStore {
 
     async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
         let json = serde_json::to_string(indexes).unwrap_or_else(|_| "null".into());
-        self.client.execute(sql::RECORD_INDEXES, &[&run.0, &json]).await.map_err(|e| err("recording the index step", e))?;
+        self.client.execute_typed(sql::RECORD_INDEXES, &typed(&[&run.0, &json])).await.map_err(|e| err("recording the index step", e))?;
         Ok(())
     }
 
     async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
         let json = serde_json::to_string(report).unwrap_or_else(|_| "null".into());
-        self.client.execute(sql::FINISH_RUN, &[&run.0, &json, &report.status.as_str()]).await.map_err(|e| err("finishing the run", e))?;
-        self.client.execute(sql::DROP_OLD_SNAPSHOTS, &[]).await.map_err(|e| err("dropping old snapshots", e))?;
+        self.client
+            .execute_typed(sql::FINISH_RUN, &typed(&[&run.0, &json, &report.status.as_str()]))
+            .await
+            .map_err(|e| err("finishing the run", e))?;
+        self.client.execute_typed(sql::DROP_OLD_SNAPSHOTS, &[]).await.map_err(|e| err("dropping old snapshots", e))?;
         Ok(())
     }
 }
@@ -468,7 +599,7 @@ impl PgStore {
             error: None,
         };
         let (t, c) = keys(source);
-        match self.client.query_one(&sql::coverage(source), &[&t, &c]).await {
+        match self.client.query_typed_one(&sql::coverage(source), &typed(&[&t, &c])).await {
             Ok(row) => {
                 let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
                 (out.distinct_values, out.embedded_large, out.embedded_small, out.errors) = (n(0), n(1), n(2), n(3));
@@ -487,7 +618,7 @@ impl PgStore {
     /// # Errors
     /// [`StoreError`] when the runs table cannot be read.
     pub async fn last_runs(&mut self, n: i64) -> Result<Vec<FinishedRun>, StoreError> {
-        let rows = self.client.query(sql::LAST_RUNS, &[&n]).await.map_err(|e| err("reading the runs", e))?;
+        let rows = self.client.query_typed(sql::LAST_RUNS, &typed(&[&n])).await.map_err(|e| err("reading the runs", e))?;
         rows.iter()
             .map(|r| {
                 Ok(FinishedRun {
@@ -505,12 +636,12 @@ impl PgStore {
     /// # Errors
     /// [`StoreError`] when the runs tables cannot be read.
     pub async fn current_run(&mut self) -> Result<Option<CurrentRun>, StoreError> {
-        let Some(r) = self.client.query_opt(sql::CURRENT_RUN, &[]).await.map_err(|e| err("reading the current run", e))? else {
+        let Some(r) = self.client.query_typed_opt(sql::CURRENT_RUN, &[]).await.map_err(|e| err("reading the current run", e))? else {
             return Ok(None);
         };
         let run_id: String = r.get(0);
-        let sources = self.client.query(sql::RUN_SOURCES, &[&run_id]).await.map_err(|e| err("reading the current run", e))?;
-        let lease = self.client.query_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
+        let sources = self.client.query_typed(sql::RUN_SOURCES, &typed(&[&run_id])).await.map_err(|e| err("reading the current run", e))?;
+        let lease = self.client.query_typed_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
         let lease_held = lease.is_some_and(|l| l.get::<_, f64>(1) > 0.0);
         Ok(Some(CurrentRun {
             status: CurrentRun::status_now(run_status(r.get(1))?, lease_held),

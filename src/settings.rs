@@ -1,8 +1,9 @@
 //! The worker's environment, read once per invocation into [`Settings`].
 
 use embsync_core::config::{Config, ConfigError};
+use embsync_core::database::{self, BindingName, BindingState, Choice, DatabaseError, Found};
 use std::fmt;
-use worker::Env;
+use worker::{Env, Hyperdrive};
 
 /// The config compiled into the worker; `EMBEDDING_SOURCES` replaces it.
 pub const BUILT_IN_CONFIG: &str = include_str!("../embedding-sources.json");
@@ -38,6 +39,9 @@ pub enum SettingsError {
         /// How to set it.
         hint: &'static str,
     },
+    /// No usable database connection (Hyperdrive binding or `DATABASE_URL`).
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
     /// The embedding sources config is invalid.
     #[error("invalid embedding sources config ({origin}): {source}")]
     Config {
@@ -69,13 +73,50 @@ pub fn config(env: &Env) -> Result<Config, SettingsError> {
     }
 }
 
-/// `DATABASE_URL`.
+/// The database connection: a Hyperdrive binding, or `DATABASE_URL`.
+pub enum Database {
+    /// The Hyperdrive binding (which wins when `DATABASE_URL` is set too).
+    Hyperdrive {
+        /// Its name.
+        binding: BindingName,
+        /// The binding.
+        hyperdrive: Hyperdrive,
+        /// `DATABASE_URL` is set as well, and not used.
+        url_ignored: bool,
+    },
+    /// `DATABASE_URL`.
+    Url(Redacted),
+}
+
+/// The database connection: the Hyperdrive binding named by `HYPERDRIVE_BINDING` (default
+/// `HYPERDRIVE`) when the worker has it, else `DATABASE_URL` (see [`embsync_core::database`]).
 ///
 /// # Errors
-/// [`SettingsError::Missing`] when unset.
-pub fn database_url(env: &Env) -> Result<Redacted, SettingsError> {
-    secret(env, "DATABASE_URL")
-        .ok_or(SettingsError::Missing { name: "DATABASE_URL", hint: "set it with `wrangler secret put DATABASE_URL` (a postgres:// URL)" })
+/// [`SettingsError::Database`] when there is neither, or the binding named is missing or not a
+/// Hyperdrive binding.
+pub fn database(env: &Env) -> Result<Database, SettingsError> {
+    let named = string(env, database::BINDING_VAR);
+    let binding = match &named {
+        Some(name) => BindingName::parse(name.trim())?,
+        None => BindingName::default_name(),
+    };
+    let present = js_sys::Reflect::get(env, &binding.as_str().into()).is_ok_and(|v| !v.is_undefined());
+    let (state, hyperdrive) = if !present {
+        (BindingState::Absent, None)
+    } else {
+        match env.hyperdrive(binding.as_str()) {
+            Ok(hd) => (BindingState::Hyperdrive, Some(hd)),
+            Err(e) => (BindingState::Other(e.to_string()), None),
+        }
+    };
+    let url = secret(env, "DATABASE_URL");
+    let found = Found { binding, named: named.is_some(), state, database_url: url.is_some() };
+    match (database::choose(&found)?, hyperdrive, url) {
+        (Choice::Hyperdrive { binding, url_ignored }, Some(hyperdrive), _) => Ok(Database::Hyperdrive { binding, hyperdrive, url_ignored }),
+        (Choice::DatabaseUrl, _, Some(url)) => Ok(Database::Url(url)),
+        // `choose` only picks what was found.
+        _ => Err(DatabaseError::NoDatabase.into()),
+    }
 }
 
 /// `OPENAI_API_KEY`.

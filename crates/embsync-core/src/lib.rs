@@ -5,6 +5,7 @@
 //! - [`config`]: `embedding-sources.json` parsed once into [`Config`].
 //! - [`ident`]: the only way a table or column name reaches SQL.
 //! - [`dburl`]: `DATABASE_URL` modes (`sslmode`, `channel_binding`) for the socket API.
+//! - [`database`]: a Hyperdrive binding or `DATABASE_URL`: which one is used, and the log line.
 //! - [`hash`]: the value hash contract.
 //! - [`index`]: which HNSW indexes the sync keeps on the embedding columns (`vectorIndexes`).
 //! - [`sql`]: every statement, as text with bound parameters.
@@ -30,6 +31,7 @@
 pub mod auth;
 pub mod batch;
 pub mod config;
+pub mod database;
 pub mod dburl;
 pub mod hash;
 pub mod html;

@@ -613,6 +613,13 @@ WHERE o.value_hash = c.value_hash
   AND NOT EXISTS (SELECT 1 FROM embedding_cache_sources x
                   WHERE x.value_hash = c.value_hash AND x.source_table = $1 AND x.source_column = $2)";
 
+/// pgvector's `vector` type and its array type, as the statements see them (by the search path):
+/// `oid`, `array_oid` (both oid) and `schema` (text). The worker declares the types of the
+/// vectors it binds with these, since it sends every statement unnamed with typed parameters.
+pub const VECTOR_TYPES: &str = "\
+SELECT t.oid, t.typarray, n.nspname::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE t.oid = 'vector'::regtype";
+
 /// Whether `embedding_cache` exists, read before [`ensure_schema`] to know whether embsync
 /// creates it.
 pub const CACHE_EXISTS: &str = "SELECT to_regclass('embedding_cache') IS NOT NULL";

@@ -552,6 +552,154 @@ fn pg_sh(bin: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
         .unwrap_or_else(|e| panic!("running {}: {e}", script.display()))
 }
 
+/// PgBouncer in transaction mode in front of the test Postgres: the stand-in for Hyperdrive's
+/// transaction pooling. It hands a server connection to a client for one transaction (or one
+/// statement outside a transaction) only, and takes its server connections first in, first out
+/// (`server_round_robin`), so two consecutive messages of one client outside a transaction
+/// usually land on different server connections: anything that relies on session state, named
+/// prepared statements included (PgBouncer before 1.21 does not track them), fails through it.
+/// Stopped on drop.
+pub struct PgBouncer {
+    /// The port it listens on (127.0.0.1).
+    port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl PgBouncer {
+    /// Starts PgBouncer (`EMBSYNC_PGBOUNCER`) for every database of the server at `admin_url`
+    /// and waits until it answers.
+    pub fn start(admin_url: &str) -> PgBouncer {
+        let bin = env_var("EMBSYNC_PGBOUNCER");
+        let (host, pg_port) = {
+            let rest = admin_url.split_once('@').map_or(admin_url, |(_, r)| r);
+            let hostport = rest.split('/').next().unwrap_or(rest);
+            let (h, p) = hostport.rsplit_once(':').expect("host:port in the admin URL");
+            (h.to_string(), p.to_string())
+        };
+        let dir = temp_dir("embsync-e2e-pgbouncer");
+        let port = free_port();
+        let ini = format!(
+            "[databases]\n\
+             * = host={host} port={pg_port} user=postgres\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = any\n\
+             admin_users = postgres\n\
+             pool_mode = transaction\n\
+             server_round_robin = 1\n\
+             default_pool_size = 8\n\
+             ignore_startup_parameters = extra_float_digits,options\n"
+        );
+        let ini_path = dir.join("pgbouncer.ini");
+        fs::write(&ini_path, ini).expect("write pgbouncer.ini");
+        // PgBouncer refuses to run as root: as root it runs as the user scripts/pg.sh uses.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod the PgBouncer directory");
+            fs::set_permissions(&ini_path, fs::Permissions::from_mode(0o644)).expect("chmod pgbouncer.ini");
+        }
+        let log = File::create(dir.join("pgbouncer.log")).expect("PgBouncer log file");
+        let mut cmd = if unsafe { libc::geteuid() } == 0 {
+            let user = if Command::new("id").args(["-u", "postgres"]).output().is_ok_and(|o| o.status.success()) {
+                "postgres"
+            } else {
+                "nobody"
+            };
+            let mut c = Command::new("runuser");
+            c.args(["-u", user, "--"]).arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        cmd.arg(&ini_path).current_dir("/").stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let bouncer = PgBouncer { port, child: Some(child), dir };
+        let url = bouncer.url("postgres");
+        poll(Duration::from_secs(20), "PgBouncer to accept connections", || {
+            Client::connect(&url, NoTls).ok().and_then(|mut c| c.simple_query("SELECT 1").ok()).map(|_| ())
+        });
+        bouncer
+    }
+
+    /// The URL of `database` through PgBouncer.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Makes PgBouncer open `n` server connections for `database` and keep them idle in its
+    /// pool: `n` clients each hold one with an open transaction, then commit. Consecutive
+    /// statements then land on different ones (first in, first out). Checked with `SHOW POOLS`.
+    pub fn warm(&self, database: &str, n: usize) {
+        let url = self.url(database);
+        let mut clients: Vec<Client> = (0..n)
+            .map(|_| {
+                let mut c = Client::connect(&url, NoTls).unwrap_or_else(|e| panic!("connect through PgBouncer: {e}"));
+                c.batch_execute("BEGIN; SELECT 1").expect("open a transaction through PgBouncer");
+                c
+            })
+            .collect();
+        for c in &mut clients {
+            c.batch_execute("COMMIT").expect("commit through PgBouncer");
+        }
+        drop(clients);
+        let servers = self.server_connections(database);
+        assert!(servers >= n as i64, "PgBouncer holds {servers} server connections for {database}, not {n}:\n{}", self.log());
+    }
+
+    /// How many server connections PgBouncer holds for `database` (`SHOW POOLS`).
+    pub fn server_connections(&self, database: &str) -> i64 {
+        let mut admin = Client::connect(&self.url("pgbouncer"), NoTls).expect("PgBouncer's admin console");
+        admin
+            .simple_query("SHOW POOLS")
+            .expect("SHOW POOLS")
+            .iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some(database) => {
+                    let n = |col: &str| r.get(col).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+                    Some(n("sv_idle") + n("sv_used") + n("sv_active") + n("sv_tested") + n("sv_login"))
+                }
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// What PgBouncer logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGINT to the process group: PgBouncer itself, not only runuser.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGINT);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(50));
+            }
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+        if keep_logs() {
+            eprintln!("--- PgBouncer log kept in {} ---", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         drop(self.client.take());
@@ -881,6 +1029,7 @@ impl Drop for Provider {
 /// How to start the worker.
 #[derive(Clone, Debug)]
 pub struct WorkerOpts {
+    /// `DATABASE_URL`; empty leaves it unset (see [`WorkerOpts::no_database_url`]).
     pub database_url: String,
     pub openai_base_url: String,
     pub openai_api_key: String,
@@ -896,6 +1045,9 @@ pub struct WorkerOpts {
     /// Environment variables of `wrangler dev` (e.g. `NODE_EXTRA_CA_CERTS`, which makes workerd
     /// trust a CA). Whatever trust settings the test process has are not passed on.
     pub env: Vec<(String, String)>,
+    /// A Hyperdrive binding: its name and the connection string `wrangler dev` connects it to
+    /// (see [`WorkerOpts::hyperdrive`]).
+    pub hyperdrive: Option<(String, String)>,
 }
 
 impl WorkerOpts {
@@ -913,7 +1065,23 @@ impl WorkerOpts {
             vars: Vec::new(),
             persist_to: None,
             env: Vec::new(),
+            hyperdrive: None,
         }
+    }
+
+    /// With a Hyperdrive binding named `binding` that `wrangler dev` connects to
+    /// `local_connection_string`: the worker runs with a copy of wrangler.toml that has a
+    /// `[[hyperdrive]]` block, and the string is passed the way the Hyperdrive docs recommend
+    /// for local development, as `CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_<binding>`.
+    pub fn hyperdrive(mut self, binding: &str, local_connection_string: &str) -> WorkerOpts {
+        self.hyperdrive = Some((binding.to_string(), local_connection_string.to_string()));
+        self
+    }
+
+    /// Without `DATABASE_URL`.
+    pub fn no_database_url(mut self) -> WorkerOpts {
+        self.database_url = String::new();
+        self
     }
 
     /// With one more environment variable for `wrangler dev`.
@@ -961,6 +1129,51 @@ const WRANGLER_ENV: [(&str, &str); 6] = [
 /// Sets [`WRANGLER_ENV`], the working directory and no stdin on a wrangler command.
 fn wrangler_env<'a>(cmd: &'a mut Command, repo: &Path) -> &'a mut Command {
     cmd.envs(WRANGLER_ENV).current_dir(repo).stdin(Stdio::null())
+}
+
+/// `line` without ANSI escape sequences (`ESC [ ... letter`), which wrangler puts around the
+/// worker's warnings and errors (`\x1b[1m{...}\x1b[0m`). A JSON string holds no raw ESC byte
+/// (it would be written `\u001b`), so the worker's own text is never touched.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Writes `dir/wrangler.toml`: the repository's, with `main` made absolute (paths in a wrangler
+/// config are relative to it) and a `[[hyperdrive]]` block for `binding` appended. Its
+/// connection string is left to the environment (`Worker::try_start`).
+fn hyperdrive_config(repo: &Path, dir: &Path, binding: &str) -> PathBuf {
+    let text = fs::read_to_string(repo.join("wrangler.toml")).expect("read wrangler.toml");
+    let mut out = String::new();
+    for line in text.lines() {
+        match line.strip_prefix("main = ") {
+            Some(main) => {
+                let main = repo.join(main.trim_matches('"'));
+                out.push_str(&format!("main = {:?}\n", main.display().to_string()));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out.push_str(&format!("\n[[hyperdrive]]\nbinding = \"{binding}\"\nid = \"00000000000000000000000000000000\"\n"));
+    let path = dir.join("wrangler.toml");
+    fs::write(&path, out).expect("write the worker's wrangler.toml");
+    path
 }
 
 /// The real worker under `wrangler dev`, stopped on drop.
@@ -1017,11 +1230,15 @@ impl Worker {
             .clone()
             .unwrap_or_else(|| dir.join("state"));
 
+        let config = match &opts.hyperdrive {
+            Some((binding, _)) => hyperdrive_config(&repo, &dir, binding),
+            None => repo.join("wrangler.toml"),
+        };
         let mut cmd = Command::new(&node);
         cmd.arg(&wrangler_js)
             .arg("dev")
             .arg("--config")
-            .arg(repo.join("wrangler.toml"))
+            .arg(&config)
             .args(["--ip", "127.0.0.1", "--port", &port.to_string()])
             .args(["--inspector-port", &inspector_port.to_string()])
             .arg("--persist-to")
@@ -1037,10 +1254,12 @@ impl Worker {
                 "log",
             ]);
         let mut vars = vec![
-            ("DATABASE_URL", opts.database_url.clone()),
             ("OPENAI_API_KEY", opts.openai_api_key.clone()),
             ("OPENAI_BASE_URL", opts.openai_base_url.clone()),
         ];
+        if !opts.database_url.is_empty() {
+            vars.push(("DATABASE_URL", opts.database_url.clone()));
+        }
         if let Some(t) = &opts.sync_token {
             vars.push(("SYNC_API_TOKEN", t.clone()));
         }
@@ -1060,6 +1279,9 @@ impl Worker {
             cmd.env_remove(name);
         }
         cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+        if let Some((binding, url)) = &opts.hyperdrive {
+            cmd.env(format!("CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_{binding}"), url);
+        }
         wrangler_env(&mut cmd, &repo)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -1230,15 +1452,15 @@ impl Worker {
     }
 
     /// The worker's structured log events so far, oldest first: every log line the worker
-    /// writes is one JSON object with `level`, `event` and `message`. wrangler prints
-    /// `console.warn` / `console.error` lines inside a coloured `▲ [WARNING]` / `✘ [ERROR]`
-    /// frame, so the object is read from the line's first `{` to its last `}`. Lines that are not
-    /// the worker's own (wrangler's) are skipped.
+    /// writes is one JSON object with `level`, `event` and `message` (wrangler may put a prefix
+    /// before it, and for warnings and errors colour codes around it, whatever `NO_COLOR`
+    /// says). Lines that are not the worker's own (wrangler's) are skipped.
     pub fn events(&self) -> Vec<Value> {
         self.logs()
             .lines()
             .filter_map(|l| {
-                let v: Value = serde_json::from_str(l.get(l.find('{')?..=l.rfind('}')?)?).ok()?;
+                let l = strip_ansi(l);
+                let v: Value = serde_json::from_str(l.get(l.find('{')?..)?.trim()).ok()?;
                 v.get("event").is_some().then_some(v)
             })
             .collect()
@@ -1642,5 +1864,15 @@ mod tests {
         let got = distinct_trimmed(&[Some(" x "), Some("x"), None, Some("  "), Some("y")]);
         assert_eq!(got, BTreeSet::from(["x".to_string(), "y".to_string()]));
     }
-}
 
+    #[test]
+    fn colour_codes_around_a_warning_do_not_hide_its_event() {
+        // A line as wrangler writes the worker's console.warn, colour codes and all.
+        let line = "\x1b[33m\u{25b2} \x1b[43;33m[\x1b[43;30mWARNING\x1b[43;33m]\x1b[0m \x1b[1m{\"level\":\"warn\",\"event\":\"skipped\",\"message\":\"Sync skipped\"}\x1b[0m";
+        let plain = strip_ansi(line);
+        assert_eq!(plain, "\u{25b2} [WARNING] {\"level\":\"warn\",\"event\":\"skipped\",\"message\":\"Sync skipped\"}");
+        let json: Value = serde_json::from_str(&plain[plain.find('{').unwrap()..]).unwrap();
+        assert_eq!(json["event"], "skipped");
+        assert_eq!(strip_ansi("{\"message\":\"a \\u001b[1m b\"}"), "{\"message\":\"a \\u001b[1m b\"}");
+    }
+}

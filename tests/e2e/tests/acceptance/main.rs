@@ -14,6 +14,7 @@ mod guards;
 mod hashing;
 mod indexes;
 mod html;
+mod hyperdrive;
 mod provider;
 mod runs;
 mod shared;
