@@ -168,6 +168,9 @@ start_tls_postgres() {
 }
 
 step "setup" "$REPO/scripts/setup.sh"
+# What env.sh locates (PG_HNSW_BIN in .venv-hnsw, ...) may have been installed just now.
+# shellcheck source=scripts/env.sh
+. "$REPO/scripts/env.sh"
 step "unit tests (embsync-core, local-provider)" cargo test -p embsync-core -p local-provider
 # The core's unit tests again as WebAssembly with simd128, under Node's WASI: the SIMD base64
 # kernel the worker runs on workerd is checked against the reference decoder there too.
