@@ -98,6 +98,9 @@ mkdir -p "$RUN_DIR"
 # Install and build.
 say "setup"
 "$REPO/scripts/setup.sh"
+# What env.sh locates (PG_BIN in .venv, ...) may have been installed just now.
+# shellcheck source=scripts/env.sh
+. "$REPO/scripts/env.sh"
 say "building the worker (worker-build --release)"
 worker-build --release
 [ -f build/worker/shim.mjs ] || die "worker-build did not produce build/worker/shim.mjs"
