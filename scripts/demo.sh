@@ -168,20 +168,22 @@ echo "health: $(curl -fsS -m 5 "$ORIGIN/health")"
 say "triggering a cron run: GET /__scheduled?cron=$CRON"
 curl -sS -m 600 "$ORIGIN/__scheduled?cron=$CRON" || echo "(the request failed)"
 echo
+# The worker logs one JSON event per line; the run's end is the `report` event.
 report_line=""
 for _ in $(seq 1 600); do
-    report_line="$(grep -m 1 '^Sync report: ' "$WRANGLER_LOG" || true)"
+    report_line="$(grep -m 1 '"event":"report"' "$WRANGLER_LOG" || true)"
     [ -z "$report_line" ] || break
     alive "$WRANGLER_PID" || break
     sleep 0.2
 done
 
 say "sync report (from $WRANGLER_LOG)"
-grep -E '^(Batch |Source )' "$WRANGLER_LOG" || true
+# The messages of the batch and source events, then the report itself.
+grep -E '"event":"(batch|source)"' "$WRANGLER_LOG" | sed -E 's/.*"message":"(([^"\\]|\\.)*)".*/\1/' || true
 if [ -n "$report_line" ]; then
-    printf '%s\n' "${report_line#Sync report: }" | pretty_json
+    printf '%s\n' "$report_line" | sed -E 's/^[^{]*//; s/.*"report"://; s/\}[^}]*$//' | pretty_json
 else
-    echo "no 'Sync report:' line in $WRANGLER_LOG; its last lines:"
+    echo "no report event in $WRANGLER_LOG; its last lines:"
     tail -n 30 "$WRANGLER_LOG"
 fi
 
