@@ -47,15 +47,20 @@ impl Runtime for WorkerRuntime {
         js_sys::Math::random()
     }
 
-    /// One JSON object per line (Workers Logs indexes its fields); warnings and errors through
-    /// `console.warn` and `console.error`, so their level shows.
     fn log(&self, event: LogEvent) {
-        let line = event.to_json();
-        match event.level {
-            Level::Info => console_log!("{line}"),
-            Level::Warn => console_warn!("{line}"),
-            Level::Error => console_error!("{line}"),
-        }
+        log_event(event);
+    }
+}
+
+/// Writes one log event: one JSON object per line (Workers Logs indexes its fields); warnings
+/// and errors through `console.warn` and `console.error`, so their level shows. Every log line
+/// of the worker goes through here.
+pub(crate) fn log_event(event: LogEvent) {
+    let line = event.to_json();
+    match event.level {
+        Level::Info => console_log!("{line}"),
+        Level::Warn => console_warn!("{line}"),
+        Level::Error => console_error!("{line}"),
     }
 }
 

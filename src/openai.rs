@@ -63,9 +63,10 @@ impl Embedder for OpenAi {
         let format = self.format.get();
         match self.send_with_timeout(model, inputs, format).await {
             Err(e) if format == EncodingFormat::Base64 && e.is_base64_unsupported() => {
-                let event =
-                    LogEvent::warn("provider", format!("The provider does not take encoding_format=base64 ({e}); using float from now on"));
-                worker::console_warn!("{}", event.to_json());
+                crate::log_event(LogEvent::warn(
+                    "provider",
+                    format!("The provider does not take encoding_format=base64 ({e}); using float from now on"),
+                ));
                 self.format.set(EncodingFormat::Float);
                 self.send_with_timeout(model, inputs, EncodingFormat::Float).await
             }

@@ -149,8 +149,7 @@ impl PgStore {
         let (tx, closed) = oneshot::channel();
         wasm_bindgen_futures::spawn_local(async move {
             if let Err(e) = connection.await {
-                let event = embsync_core::log::LogEvent::error("postgres", format!("Postgres connection error: {e}"));
-                worker::console_error!("{}", event.to_json());
+                crate::log_event(embsync_core::log::LogEvent::error("postgres", format!("Postgres connection error: {e}")));
             }
             let _ = tx.send(());
         });

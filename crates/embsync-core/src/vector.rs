@@ -97,7 +97,7 @@ impl Vector {
     /// Reads pgvector's binary format; `None` when `bytes` is not a well-formed vector.
     pub fn from_pgvector_binary(bytes: &[u8]) -> Option<Vector> {
         let dims = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
-        let ok = dims <= Self::MAX_DIMS && bytes[2..4.min(bytes.len())] == [0, 0] && bytes.len() == 4 + dims * 4;
+        let ok = dims <= Self::MAX_DIMS && bytes.get(2..4) == Some(&[0, 0][..]) && bytes.len() == 4 + dims * 4;
         ok.then(|| Vector { bytes: bytes.to_vec() })
     }
 

@@ -130,12 +130,12 @@ impl<'a> Scan<'a> {
     /// A non-negative integer without fraction or exponent (what `usize`/`u64` fields take).
     fn uint(&mut self) -> Option<u64> {
         self.ws();
-        let digits = self.b[self.i..].iter().take_while(|c| c.is_ascii_digit()).count();
-        let text = &self.b[self.i..self.i + digits];
-        if digits == 0 || (digits > 1 && text[0] == b'0') || matches!(self.b.get(self.i + digits), Some(b'.' | b'e' | b'E')) {
+        let start = self.i;
+        let digits = self.digits();
+        let text = &self.b[start..self.i];
+        if digits == 0 || (digits > 1 && text[0] == b'0') || matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E')) {
             return None;
         }
-        self.i += digits;
         text.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
     }
 
