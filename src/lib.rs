@@ -18,7 +18,7 @@ use embsync_core::log::{Level, LogEvent};
 use embsync_core::report::{RunReport, Trigger};
 use embsync_core::status::{CursorState, Status};
 use embsync_core::sync::{self, Budget, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
-use pg::PgStore;
+use pg::Db;
 use settings::SettingsError;
 use std::time::Duration;
 use worker::{
@@ -192,18 +192,18 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
 }
 
 /// Connects to the database and logs which connection it is (`database` event, no password).
-async fn connect(db: &settings::Database, config: &embsync_core::Config) -> Result<PgStore, AppError> {
-    let store = PgStore::connect(db, config).await?;
-    WorkerRuntime.log(store.endpoint().log_event());
-    Ok(store)
+async fn connect(db: &settings::Database, config: &embsync_core::Config) -> Result<Db, AppError> {
+    let db = Db::connect(db, config).await?;
+    WorkerRuntime.log(db.endpoint().log_event());
+    Ok(db)
 }
 
 async fn dry_run(env: &Env) -> Result<embsync_core::report::DryRunReport, AppError> {
     let config = settings::config(env)?;
     let db = settings::database(env)?;
-    let mut store = connect(&db, &config).await?;
-    let plan = sync::dry_run(&config, &mut store).await;
-    store.close().await;
+    let mut conn = connect(&db, &config).await?;
+    let plan = sync::dry_run(&config, &mut conn.store).await;
+    conn.close().await;
     Ok(plan)
 }
 
@@ -271,12 +271,12 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
         }
     };
     let (stored_cursor, hint) = read_cursor(kv.as_ref(), &rt).await;
-    let mut store = connect(&db, &config).await?;
+    let mut conn = connect(&db, &config).await?;
     let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
     let inv =
         Invocation { trigger, retry: RetryPolicy::default(), budget: budget(env), new_run: &run_id, holder: &holder, hint: hint.as_ref() };
-    let result = sync::invoke(&config, &mut store, &embedder, &rt, &inv).await;
-    store.close().await;
+    let result = sync::invoke(&config, &mut conn.store, &embedder, &rt, &inv).await;
+    conn.close().await;
     match result? {
         Outcome::Finished(report) => {
             let json = serde_json::to_string(&report).unwrap_or_default();
@@ -329,7 +329,8 @@ async fn status(env: &Env) -> Result<Status, AppError> {
         Some(kv) => kv.get(CURSOR_KEY).text().await.ok().flatten(),
         None => None,
     };
-    let mut store = connect(&db, &config).await?;
+    let mut conn = connect(&db, &config).await?;
+    let store = &mut conn.store;
     let result = async {
         let mut out = Status {
             cursor: CursorState::from_kv(cursor_text.as_deref()),
@@ -348,6 +349,6 @@ async fn status(env: &Env) -> Result<Status, AppError> {
         Ok::<_, StoreError>(out)
     }
     .await;
-    store.close().await;
+    conn.close().await;
     Ok(result?)
 }
