@@ -47,5 +47,3 @@ pub mod vector;
 
 pub use config::Config;
 
-#[cfg(test)]
-mod sync_tests;

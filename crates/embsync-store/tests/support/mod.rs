@@ -150,6 +150,8 @@ pub struct FakeProvider {
     pub poison: RefCell<Option<String>>,
     /// Every request: model and inputs.
     pub calls: RefCell<Vec<(String, Vec<String>)>>,
+    /// Rate-limit state reported with every answer.
+    pub rate: RefCell<Option<embsync_core::provider::RateLimit>>,
 }
 
 impl FakeProvider {
@@ -178,7 +180,7 @@ impl Embedder for FakeProvider {
         Ok(Embeddings {
             vectors: inputs.iter().map(|i| Vector::from_f32(&vector_for(model.name(), dims, i)).expect("finite")).collect(),
             prompt_tokens: inputs.iter().map(|i| i.len().div_ceil(4) as u64).sum(),
-            rate: None,
+            rate: *self.rate.borrow(),
         })
     }
 }
@@ -190,6 +192,8 @@ pub struct TestRuntime {
     pub now: RefCell<f64>,
     /// Every event logged.
     pub events: RefCell<Vec<LogEvent>>,
+    /// Every wait, in order.
+    pub slept: RefCell<Vec<Duration>>,
 }
 
 impl TestRuntime {
@@ -205,6 +209,7 @@ impl Runtime for TestRuntime {
         *self.now.borrow()
     }
     async fn sleep(&self, d: Duration) {
+        self.slept.borrow_mut().push(d);
         *self.now.borrow_mut() += d.as_secs_f64() * 1e3;
     }
     fn random(&self) -> f64 {

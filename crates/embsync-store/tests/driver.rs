@@ -1,0 +1,805 @@
+//! Whole syncs: the real driver over the real store, against real Postgres + pgvector, with a
+//! provider that fails on command. (These were once driven over an in-memory copy of the SQL's
+//! meaning; that copy had drifted from Postgres, so they run on Postgres itself now.)
+
+mod support;
+
+use embsync_core::config::{Config, VectorIndexes};
+use embsync_core::index::{ExistingIndex, IndexState};
+use embsync_core::log::Level;
+use embsync_core::provider::{ProviderError, RateLimit};
+use embsync_core::report::{IndexReport, RunReport, RunStatus, SourceReport, Trigger};
+use embsync_core::sync::*;
+use embsync_core::config::Source;
+use embsync_store::PgStore;
+use std::cell::Cell;
+use std::time::Duration;
+use support::*;
+use tokio_postgres::Client;
+
+/// The real store with faults on command, for what Postgres cannot be made to do on cue.
+struct Hooked {
+    inner: PgStore,
+    /// A connection of its own, to act as "someone else" between the store's statements.
+    other: Client,
+    store_calls: usize,
+    /// Fails the n-th call to `store` (1-based) before anything is written.
+    fail_store_call: Option<usize>,
+    /// Another invocation takes the lease over just before the n-th call to `store` (1-based).
+    steal_lease_at_store_call: Option<usize>,
+    /// Stale removals that were told the source is clean (so they skipped the scan).
+    scans_spared: u64,
+    /// Index DDL never runs on this Postgres (its pgvector cannot build HNSW here): the catalog as
+    /// `index_state` reads it, and the statements `index_ddl` was given, applied to it.
+    index_state: Option<IndexState>,
+    ddl: Vec<String>,
+    fail_ddl: Option<String>,
+    /// Whether a run was open when an index statement ran (it must not be).
+    ddl_during_run: Cell<bool>,
+}
+
+impl Store for Hooked {
+    async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
+        self.inner.ensure_schema(config).await
+    }
+    async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError> {
+        self.inner.counts(source).await
+    }
+    async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
+        self.inner.link_reusable(source).await
+    }
+    async fn pending(&mut self, source: &Source, run: &RunId, after: Option<&embsync_core::hash::ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError> {
+        self.inner.pending(source, run, after, limit).await
+    }
+    async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
+        self.store_calls += 1;
+        if self.fail_store_call == Some(self.store_calls) {
+            return Err(StoreError::new("connection reset"));
+        }
+        if self.steal_lease_at_store_call == Some(self.store_calls) {
+            self.other
+                .batch_execute("UPDATE embedding_sync_lease SET holder = 'thief', expires_at = now() + interval '1 hour'")
+                .await
+                .expect("stealing the lease");
+        }
+        self.inner.store(source, batch, progress).await
+    }
+    async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError> {
+        self.scans_spared += u64::from(known_clean);
+        self.inner.remove_stale(source, run, known_clean).await
+    }
+    async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
+        self.inner.record_errors(source, failures, run).await
+    }
+    async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        self.inner.acquire_lease(holder, ttl).await
+    }
+    async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError> {
+        self.inner.release_lease(holder).await
+    }
+    async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
+        self.inner.open_run(new_id, trigger, sources).await
+    }
+    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {
+        self.inner.save_plan(run, source, plan, snapshot).await
+    }
+    async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
+        self.inner.finish_run(run, report).await
+    }
+    async fn index_state(&mut self) -> Result<IndexState, StoreError> {
+        match &self.index_state {
+            Some(state) => Ok(state.clone()),
+            None => self.inner.index_state().await,
+        }
+    }
+    async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
+        let open: i64 = self.other.query_one("SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NULL", &[]).await.unwrap().get(0);
+        self.ddl_during_run.set(self.ddl_during_run.get() || open > 0);
+        if let Some(e) = &self.fail_ddl {
+            return Err(StoreError::new(e.clone()));
+        }
+        self.ddl.push(statement.to_owned());
+        let state = self.index_state.as_mut().expect("index DDL only with a faked catalog");
+        let name = statement.split('"').nth(1).expect("a quoted index name").to_owned();
+        state.indexes.retain(|i| i.name != name);
+        if statement.starts_with("CREATE") {
+            state.indexes.push(ExistingIndex { name, valid: true });
+        }
+        Ok(())
+    }
+    async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
+        self.inner.record_indexes(run, indexes).await
+    }
+}
+
+/// Sources `A` (`ta.ca`) and `B` (`tb.cb`), dimensions 4 and 2.
+fn two_sources(batch: u32) -> Config {
+    config(batch, &[("A", "ta", "ca"), ("B", "tb", "cb")])
+}
+
+struct World {
+    db: TestDb,
+    config: Config,
+    store: Hooked,
+    provider: FakeProvider,
+    rt: TestRuntime,
+    runs: u32,
+}
+
+impl World {
+    async fn new(batch: u32) -> World {
+        let db = TestDb::create().await;
+        let config = two_sources(batch);
+        let store = Hooked {
+            inner: db.store(&config).await,
+            other: connect(&db.url).await,
+            store_calls: 0,
+            fail_store_call: None,
+            steal_lease_at_store_call: None,
+            scans_spared: 0,
+            index_state: None,
+            ddl: Vec::new(),
+            fail_ddl: None,
+            ddl_during_run: Cell::new(false),
+        };
+        World { db, config, store, provider: FakeProvider::default(), rt: TestRuntime::default(), runs: 0 }
+    }
+
+    /// Makes `table.column` hold exactly `values` (creating the table the first time).
+    async fn set(&self, table: &str, column: &str, values: &[&str]) {
+        self.db.exec(&format!("CREATE TABLE IF NOT EXISTS {table} (id serial PRIMARY KEY, {column} text); TRUNCATE {table}")).await;
+        self.db.insert(table, column, values).await;
+    }
+
+    async fn invoke(&mut self, budget: Budget, holder: &str, hint: Option<&Cursor>) -> Result<Outcome, SyncError> {
+        self.runs += 1;
+        let id = RunId(format!("run-{}", self.runs));
+        let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget, new_run: &id, holder, hint };
+        embsync_core::sync::invoke(&self.config, &mut self.store, &self.provider, &self.rt, &inv).await
+    }
+
+    /// One invocation with the default budget, which must finish the run.
+    async fn run(&mut self) -> Result<RunReport, SyncError> {
+        match self.invoke(Budget::default(), "worker", None).await? {
+            Outcome::Finished(r) => Ok(r),
+            other => panic!("the run did not finish: {other:?}"),
+        }
+    }
+
+    /// `name: total/new/stale/unchanged/reused/embedded/deleted/errors/batches` per source.
+    async fn summary(&mut self) -> String {
+        match self.run().await {
+            Ok(r) => r
+                .sources
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}: total={} new={} stale={} unchanged={} reused={} embedded={} deleted={} errors={}{} batches={}{}",
+                        s.name,
+                        s.total,
+                        s.new,
+                        s.stale,
+                        s.unchanged,
+                        s.reused,
+                        s.embedded,
+                        s.deleted,
+                        s.errors,
+                        if s.deferred > 0 { format!(" deferred={}", s.deferred) } else { String::new() },
+                        s.batches,
+                        s.error.as_ref().map(|e| format!(" error={e}")).unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.provider.calls.borrow().len()
+    }
+
+    fn logs(&self) -> Vec<String> {
+        self.rt.messages()
+    }
+
+    /// Whether the cache has a row for `value`.
+    async fn cached(&self, value: &str) -> bool {
+        self.db.client.query_one("SELECT count(*) FROM embedding_cache WHERE value_hash = $1", &[&hash_of(value)]).await.unwrap().get::<_, i64>(0) > 0
+    }
+
+    /// Rows in the cache.
+    async fn cache_len(&self) -> i64 {
+        self.db.count("SELECT count(*) FROM embedding_cache").await
+    }
+
+    /// The attempts recorded for `value` in source A, if it has an error record.
+    async fn attempts(&self, value: &str) -> Option<i32> {
+        self.db
+            .client
+            .query_opt("SELECT attempts FROM embedding_sync_errors WHERE source_table = 'ta' AND source_column = 'ca' AND value_hash = $1", &[&hash_of(value)])
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    }
+
+    /// Time passes: every recorded error may be retried.
+    async fn retry_errors_now(&self) {
+        self.db.exec("UPDATE embedding_sync_errors SET next_retry_at = now() - interval '1 second'").await;
+    }
+
+    /// Links of source A.
+    async fn links_of_a(&self) -> i64 {
+        self.db.count("SELECT count(*) FROM embedding_cache_sources WHERE source_table = 'ta' AND source_column = 'ca'").await
+    }
+
+    /// Runs that are over, with their status, oldest first.
+    async fn finished(&self) -> Vec<String> {
+        self.db
+            .client
+            .query("SELECT status FROM embedding_sync_runs WHERE finished_at IS NOT NULL ORDER BY finished_at, run_id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    async fn open_runs(&self) -> i64 {
+        self.db.count("SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NULL").await
+    }
+}
+
+fn values(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix} {i}")).collect()
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(|s| s.as_str()).collect()
+}
+
+fn small_budget(batches: u64) -> Budget {
+    Budget { max_batches: batches, ..Budget::default() }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn first_run_embeds_and_second_run_is_free() {
+    let mut w = World::new(10).await;
+    let a = values("alpha", 25);
+    let mut a_rows = refs(&a);
+    a_rows.extend(["  alpha 0 ", "", "   ", "alpha 1"]);
+    w.set("ta", "ca", &a_rows).await;
+    w.set("tb", "cb", &["beta"]).await;
+    assert_eq!(w.summary().await, "A: total=25 new=25 stale=0 unchanged=0 reused=0 embedded=25 deleted=0 errors=0 batches=3\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+    // Two models per batch: 3 + 1 batches.
+    assert_eq!(w.calls(), 8);
+    let logs = w.logs();
+    for line in ["Batch 1 of 3: A (10 values)", "Batch 2 of 3: A (10 values)", "Batch 3 of 3: A (5 values)", "Batch 1 of 1: B (1 values)"] {
+        assert!(logs.iter().any(|l| l == line), "{line} missing from {logs:#?}");
+    }
+    let stored: String =
+        w.db.client.query_one("SELECT value FROM embedding_cache WHERE value_hash = $1", &[&hash_of("alpha 0")]).await.unwrap().get(0);
+    assert_eq!(stored, "alpha 0", "the trimmed value is stored");
+
+    assert_eq!(w.summary().await, "A: total=25 new=0 stale=0 unchanged=25 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+    assert_eq!(w.calls(), 8, "a re-run must not call the provider");
+    assert_eq!(w.store.scans_spared, 2 + 2, "both runs counted no stale values, so neither scanned for them");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn stale_values_are_unlinked_and_deleted() {
+    let mut w = World::new(100).await;
+    w.set("ta", "ca", &["one", "two", "three"]).await;
+    w.set("tb", "cb", &["x"]).await;
+    w.run().await.unwrap();
+    w.set("ta", "ca", &["one", "four"]).await;
+    assert_eq!(w.summary().await, "A: total=2 new=1 stale=2 unchanged=1 reused=0 embedded=1 deleted=2 errors=0 batches=1\nB: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+    assert!(!w.cached("two").await);
+    assert_eq!(w.links_of_a().await, 2);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn shared_value_is_embedded_once_and_kept_while_any_source_has_it() {
+    let mut w = World::new(100).await;
+    w.set("ta", "ca", &["shared", "only a"]).await;
+    w.set("tb", "cb", &["shared"]).await;
+    assert_eq!(w.summary().await, "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1\nB: total=1 new=1 stale=0 unchanged=0 reused=1 embedded=0 deleted=0 errors=0 batches=0");
+    assert_eq!(w.provider.requests_for("shared"), 2, "once per model");
+    w.set("ta", "ca", &["only a"]).await;
+    assert_eq!(w.summary().await, "A: total=1 new=0 stale=1 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+    assert!(w.cached("shared").await);
+    w.set("tb", "cb", &[]).await;
+    assert_eq!(w.summary().await, "A: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=0 new=0 stale=1 unchanged=0 reused=0 embedded=0 deleted=1 errors=0 batches=0");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn foreign_rows_are_reused_and_never_deleted() {
+    let mut w = World::new(100).await;
+    // The schema first (a run over nothing), then rows another pipeline wrote.
+    w.set("ta", "ca", &[]).await;
+    w.set("tb", "cb", &[]).await;
+    w.run().await.unwrap();
+    for (v, small) in [("reuse me", "'[9,9]'"), ("half", "NULL"), ("unrelated", "'[9,9]'")] {
+        w.db.exec(&format!(
+            "INSERT INTO embedding_cache (value, value_hash, embedding_large, embedding_small, source_table, source_column)
+             VALUES ('{v}', '{}', '[9,9,9,9]', {small}, 'elsewhere', 'x')",
+            hash_of(v)
+        ))
+        .await;
+    }
+    let before = w.db.texts("SELECT c::text FROM embedding_cache c ORDER BY 1").await;
+    w.set("ta", "ca", &["reuse me", "half", "fresh"]).await;
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=3 new=3 stale=0 unchanged=0 reused=1 embedded=2 deleted=0 errors=0 batches=1");
+    assert_eq!(w.provider.requests_for("reuse me"), 0);
+    // Only the missing small embedding was asked for, and the existing large one was kept.
+    let calls = w.provider.calls.borrow().clone();
+    assert_eq!(calls.iter().filter(|(_, i)| i.contains(&"half".to_owned())).map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["text-embedding-3-small"]);
+    let large: String =
+        w.db.client.query_one("SELECT embedding_large::text FROM embedding_cache WHERE value_hash = $1", &[&hash_of("half")]).await.unwrap().get(0);
+    assert_eq!(large, "[9,9,9,9]");
+    w.set("ta", "ca", &[]).await;
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=0 new=0 stale=3 unchanged=0 reused=0 embedded=0 deleted=1 errors=0 batches=0");
+    for v in ["reuse me", "half", "unrelated"] {
+        assert!(w.cached(v).await, "foreign row {v} was deleted");
+    }
+    // "reuse me" and "unrelated" are byte for byte as they were; "half" only gained its NULL column.
+    let after = w.db.texts("SELECT c::text FROM embedding_cache c WHERE value <> 'half' ORDER BY 1").await;
+    assert!(after.iter().all(|row| before.contains(row)), "{after:#?} vs {before:#?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn rate_limit_on_batch_two_is_retried_after_the_wait_asked_for() {
+    let mut w = World::new(2).await;
+    let a = values("v", 6);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &[]).await;
+    w.provider.faults.borrow_mut().insert(3, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(3)), message: "slow down".into() });
+    w.provider.faults.borrow_mut().insert(4, ProviderError::Server { status: 503, message: "busy".into() });
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=6 new=6 stale=0 unchanged=0 reused=0 embedded=6 deleted=0 errors=0 batches=3");
+    // The large model's request 3 gets the 429 and waits what it was told; its retry (request 4)
+    // gets the 503 and backs off 2 x 500 ms with jitter 0.75.
+    assert_eq!(*w.rt.slept.borrow(), [Duration::from_secs(3), Duration::from_millis(750)]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn batch_source_and_retry_events_carry_the_run_and_their_fields() {
+    let mut w = World::new(2).await;
+    let a = values("v", 3);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &[]).await;
+    w.provider.faults.borrow_mut().insert(1, ProviderError::Server { status: 502, message: "bad gateway".into() });
+    let report = w.run().await.unwrap();
+    let events = w.rt.events.borrow();
+    let json: Vec<serde_json::Value> = events.iter().map(|e| serde_json::from_str(&e.to_json()).unwrap()).collect();
+    let of_kind = |kind: &str| json.iter().filter(|e| e["event"] == kind).cloned().collect::<Vec<_>>();
+    let batches = of_kind("batch");
+    assert_eq!(batches.len(), 2);
+    for (i, b) in batches.iter().enumerate() {
+        assert_eq!(b["runId"], report.run_id.as_str());
+        assert_eq!((b["batch"].as_u64(), b["of"].as_u64(), b["source"].as_str()), (Some(i as u64 + 1), Some(2), Some("A")));
+        assert_eq!(b["message"], format!("Batch {} of 2: A ({} values)", i + 1, [2, 1][i]));
+    }
+    let retry = &of_kind("retry")[0];
+    assert_eq!((retry["level"].as_str(), retry["model"].as_str(), retry["attempt"].as_u64()), (Some("warn"), Some("text-embedding-3-large"), Some(2)));
+    let sources = of_kind("source");
+    assert_eq!(sources.len(), 2);
+    assert_eq!((sources[0]["report"]["embedded"].as_u64(), sources[0]["runId"].as_str()), (Some(3), Some(report.run_id.as_str())));
+    assert!(events.iter().all(|e| e.level != Level::Error), "{events:#?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_retry_that_would_outlast_the_invocation_pauses_the_source_before_its_batch() {
+    let mut w = World::new(2).await;
+    let a = values("v", 6);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &[]).await;
+    // Batch 2's large request is told to come back in 15 s, in an invocation of 10 s.
+    w.provider.faults.borrow_mut().insert(3, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(15)), message: "slow down".into() });
+    let budget = Budget { max_ms: 10_000.0, ..Budget::default() };
+    let hint = match w.invoke(budget, "inv-1", None).await.unwrap() {
+        Outcome::Paused(report, cursor) => {
+            let a = &report.sources[0];
+            // Batch 1 is stored; batch 2 was given up unwritten and is not an error.
+            assert_eq!((a.embedded, a.batches, a.errors), (2, 1, 0));
+            assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_errors").await, 0);
+            // ... and the source pauses after batch 1: its two values come first in hash order.
+            let mut hashes: Vec<String> = values("v", 6).iter().map(|v| hash_of(v)).collect();
+            hashes.sort();
+            assert_eq!(cursor.after.as_deref(), Some(hashes[1].as_str()));
+            cursor
+        }
+        other => panic!("expected a pause, got {other:?}"),
+    };
+    assert!(w.rt.slept.borrow().is_empty(), "it must not sleep past its budget: {:?}", w.rt.slept.borrow());
+    assert!(*w.rt.now.borrow() < 10_000.0);
+    assert!(w.logs().iter().any(|l| l.starts_with("Not retrying text-embedding-3-large in 15000 ms")), "{:#?}", w.logs());
+    // The next invocation goes on from batch 2 and finishes with exact counts.
+    let report = match w.invoke(budget, "inv-2", Some(&hint)).await.unwrap() {
+        Outcome::Finished(r) => r,
+        other => panic!("expected the run to finish, got {other:?}"),
+    };
+    let a = &report.sources[0];
+    assert_eq!((a.total, a.new, a.embedded, a.batches, a.errors), (6, 6, 6, 3, 0));
+    for v in values("v", 6) {
+        assert!(w.cached(&v).await, "{v} stored");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_value_that_always_fails_is_isolated_recorded_and_retried_later() {
+    let mut w = World::new(4).await;
+    w.set("ta", "ca", &["good 1", "good 2", "bad apple", "good 3", "good 4"]).await;
+    w.set("tb", "cb", &["b"]).await;
+    *w.provider.poison.borrow_mut() = Some("bad".into());
+    // The request holding the bad value is split until the bad value is alone; the rest is stored.
+    assert_eq!(w.summary().await, "A: total=5 new=5 stale=0 unchanged=0 reused=0 embedded=4 deleted=0 errors=1 batches=2\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+    assert_eq!(w.attempts("bad apple").await, Some(1));
+    assert!(!w.cached("bad apple").await);
+    // The next run does not try it again before its retry time.
+    let calls = w.calls();
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=0 deferred=1 batches=0");
+    assert_eq!(w.calls(), calls);
+    // Once its time has come it is tried again; still bad, it is recorded with one more attempt.
+    w.retry_errors_now().await;
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=1 batches=1");
+    assert_eq!(w.attempts("bad apple").await, Some(2));
+    // Fixed at the provider, it goes through and its error record is cleared.
+    *w.provider.poison.borrow_mut() = None;
+    w.retry_errors_now().await;
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_errors").await, 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_value_over_the_input_limit_is_an_error_of_its_own() {
+    let mut w = World::new(10).await;
+    let long = "word ".repeat(7000);
+    w.set("ta", "ca", &["short", &long]).await;
+    w.set("tb", "cb", &[]).await;
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=1 batches=1");
+    assert_eq!(w.provider.requests_for(long.trim_matches(' ')), 0, "never sent");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_token_budget_stops_the_run_cleanly_and_the_next_run_goes_on() {
+    let mut w = World::new(2).await;
+    w.config.max_tokens_per_run = Some(6);
+    let a = values("v", 7);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &["b"]).await;
+    // Each batch of 2 values costs 2 tokens per model: the budget of 6 is reached after 2 batches.
+    let report = w.run().await.unwrap();
+    assert_eq!((report.totals.embedded, report.totals.batches), (4, 2));
+    assert_eq!(report.stopped.as_deref(), Some("token budget of 6 reached; the next run goes on where this one stopped"));
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=7 new=3 stale=0 unchanged=4 reused=0 embedded=3 deleted=0 errors=0 batches=2");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_model_change_re_embeds_that_model_only() {
+    let mut w = World::new(10).await;
+    w.set("ta", "ca", &["p", "q"]).await;
+    w.set("tb", "cb", &[]).await;
+    w.run().await.unwrap();
+    // The user lets the small column take any dimensions, keeping what it holds.
+    w.db.exec("ALTER TABLE embedding_cache ALTER COLUMN embedding_small TYPE vector").await;
+    w.config = Config::parse(r#"{"version":"1.0","models":{"large":{"name":"text-embedding-3-large","dimensions":4},"small":{"name":"text-embedding-3-small","dimensions":3}},
+        "batchSize":10,"sources":[{"name":"A","table":"ta","column":"ca"},{"name":"B","table":"tb","column":"cb"}]}"#).unwrap();
+    w.store.inner = w.db.store(&w.config).await;
+    let before = w.calls();
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1");
+    let calls = w.provider.calls.borrow().clone();
+    assert_eq!(calls[before..].iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["text-embedding-3-small"]);
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache WHERE vector_dims(embedding_small) = 3 AND vector_dims(embedding_large) = 4").await, 2);
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=0 stale=0 unchanged=2 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn pacing_waits_when_the_rate_limit_is_nearly_used_up() {
+    let mut w = World::new(10).await;
+    w.set("ta", "ca", &["p"]).await;
+    w.set("tb", "cb", &[]).await;
+    *w.provider.rate.borrow_mut() = Some(RateLimit {
+        remaining_requests: Some(1),
+        remaining_tokens: Some(1_000_000),
+        reset_requests: Some(Duration::from_millis(800)),
+        reset_tokens: None,
+    });
+    w.run().await.unwrap();
+    assert_eq!(*w.rt.slept.borrow(), [Duration::from_millis(800), Duration::from_millis(800)]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_model_failing_keeps_the_other_and_asks_only_for_the_missing_one_next_time() {
+    let mut w = World::new(10).await;
+    w.set("ta", "ca", &["p", "q"]).await;
+    w.set("tb", "cb", &[]).await;
+    // Calls 2..=6 are the small model of batch 1 and its four retries.
+    for n in 2..=6 {
+        w.provider.faults.borrow_mut().insert(n, ProviderError::Server { status: 500, message: "down".into() });
+    }
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=2 batches=1");
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache WHERE embedding_large IS NOT NULL AND embedding_small IS NULL").await, 2);
+    w.retry_errors_now().await;
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1");
+    let calls = w.provider.calls.borrow().clone();
+    assert_eq!(calls.last().map(|(m, _)| m.as_str()), Some("text-embedding-3-small"));
+    assert_eq!(calls.len(), 7, "1 large + 5 small attempts, then only the small one");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn unauthorized_stops_the_run_and_writes_nothing() {
+    let mut w = World::new(10).await;
+    w.set("ta", "ca", &["p"]).await;
+    w.set("tb", "cb", &["q"]).await;
+    w.provider.faults.borrow_mut().insert(1, ProviderError::Unauthorized { status: 401 });
+    assert_eq!(w.summary().await, "error: sync stopped: the provider rejected the API key (401): check the OPENAI_API_KEY secret");
+    assert_eq!(w.cache_len().await, 0);
+    assert!(w.calls() <= 2, "no retries and no further batches");
+    // The run ended as failed; the next trigger starts a new run.
+    assert_eq!((w.open_runs().await, w.finished().await), (0, vec!["failed".to_owned()]));
+    w.provider.faults.borrow_mut().clear();
+    let r = w.run().await.unwrap();
+    assert_eq!((r.run_id.as_str(), r.totals.new, r.totals.embedded), ("run-2", 2, 2));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_failing_store_fails_its_source_and_the_run_goes_on() {
+    let mut w = World::new(10).await;
+    w.set("ta", "ca", &["p"]).await;
+    w.set("tb", "cb", &["q"]).await;
+    w.store.fail_store_call = Some(1);
+    assert_eq!(w.summary().await, "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=0 error=storing a batch of source A: connection reset\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_missing_table_fails_only_its_source() {
+    let mut w = World::new(10).await;
+    w.set("tb", "cb", &["q"]).await;
+    assert_eq!(w.summary().await, "A: total=0 new=0 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=0 error=counting values of source A: counting: db error: ERROR: relation \"ta\" does not exist\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn dry_run_plans_without_writing_or_calling() {
+    let mut w = World::new(2).await;
+    w.set("ta", "ca", &["one", "two", "three", "  one"]).await;
+    let plan = dry_run(&w.config, &mut w.store).await;
+    let a = &plan.sources[0];
+    assert_eq!((a.total, a.new, a.to_embed, a.batches, a.estimated_tokens.large), (3, 3, 3, 2, 4), "ceil(bytes / 4) per value");
+    assert_eq!(plan.sources[1].error.as_deref(), Some("planning source B: counting: db error: ERROR: relation \"tb\" does not exist"));
+    assert_eq!(w.db.count("SELECT count(*) FROM pg_class WHERE relname LIKE 'embedding%'").await, 0, "nothing created");
+    assert_eq!(w.calls(), 0);
+}
+
+#[test]
+fn retry_policy_backs_off_and_caps() {
+    let p = RetryPolicy::default();
+    assert_eq!(p.delay(0, None, 0.0), Duration::from_millis(250));
+    assert_eq!(p.delay(0, None, 1.0), Duration::from_millis(500));
+    assert_eq!(p.delay(3, None, 1.0), Duration::from_secs(4));
+    assert_eq!(p.delay(30, None, 1.0), Duration::from_secs(20));
+    assert_eq!(p.delay(0, Some(Duration::from_secs(7)), 0.0), Duration::from_secs(7));
+    assert_eq!(p.delay(0, Some(Duration::from_secs(600)), 0.0), Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_large_source_finishes_over_several_invocations_with_exact_counts() {
+    let mut w = World::new(2).await;
+    let a = values("v", 9);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &["b1", "b2", "b3"]).await;
+    let mut hint: Option<Cursor> = None;
+    let mut invocations = 0;
+    let report = loop {
+        invocations += 1;
+        match w.invoke(small_budget(2), &format!("inv-{invocations}"), hint.as_ref()).await.unwrap() {
+            Outcome::Finished(r) => break r,
+            Outcome::Paused(r, cursor) => {
+                assert_eq!(r.status, RunStatus::Paused);
+                assert_eq!(cursor.run_id, "run-1", "every invocation goes on with the same run");
+                hint = Some(cursor);
+            }
+            Outcome::Busy { .. } => panic!("nobody else holds the lease"),
+        }
+        assert!(invocations < 20);
+    };
+    // 5 batches for A (9 values by 2) and 2 for B, at most 2 per invocation.
+    assert_eq!(invocations, 4);
+    assert_eq!((report.invocations, report.run_id.as_str()), (4, "run-1"));
+    let a = &report.sources[0];
+    assert_eq!((a.total, a.new, a.embedded, a.batches, a.errors), (9, 9, 9, 5, 0));
+    assert_eq!((report.totals.embedded, report.totals.batches), (12, 7));
+    for v in values("v", 9) {
+        assert_eq!(w.provider.requests_for(&v), 2, "{v} embedded once per model");
+    }
+    let logs = w.logs();
+    for i in 1..=5 {
+        assert!(
+            logs.iter().any(|l| l == &format!("Batch {i} of 5: A (2 values)") || l == &format!("Batch {i} of 5: A (1 values)")),
+            "Batch {i} of 5 missing: {logs:#?}"
+        );
+    }
+    assert_eq!(w.summary().await, "A: total=9 new=0 stale=0 unchanged=9 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=3 new=0 stale=0 unchanged=3 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_missing_or_garbage_hint_costs_a_rescan_not_a_value() {
+    let mut w = World::new(2).await;
+    let a = values("v", 6);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &[]).await;
+    assert!(matches!(w.invoke(small_budget(1), "i1", None).await.unwrap(), Outcome::Paused(..)));
+    // A cursor from another run, and one pointing past everything, are both ignored or harmless.
+    let foreign = Cursor { run_id: "other".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
+    assert!(matches!(w.invoke(small_budget(1), "i2", Some(&foreign)).await.unwrap(), Outcome::Paused(..)));
+    let past_end = Cursor { run_id: "run-1".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
+    let report = match w.invoke(small_budget(5), "i3", Some(&past_end)).await.unwrap() {
+        Outcome::Finished(r) => r,
+        other => panic!("{other:?}"),
+    };
+    // The hint skipped to the end of A, so this run left some values for the next one ...
+    let left = 6 - report.sources[0].embedded;
+    assert!(left > 0);
+    // ... which finds them, because Postgres, not the hint, decides what is pending.
+    assert_eq!(
+        w.summary().await.lines().next().unwrap(),
+        format!("A: total=6 new={left} stale=0 unchanged={} reused=0 embedded={left} deleted=0 errors=0 batches=1", 6 - left)
+    );
+    for v in values("v", 6) {
+        assert_eq!(w.provider.requests_for(&v), 2, "{v} paid once per model");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_invocation_killed_mid_run_is_finished_by_the_next_with_exact_counts() {
+    let mut w = World::new(2).await;
+    let a = values("v", 6);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &[]).await;
+    // The second batch's write fails as if the worker died after the provider answered.
+    w.store.fail_store_call = Some(2);
+    let r = w.run().await.unwrap();
+    assert!(r.sources[0].error.as_deref().unwrap().contains("connection reset"));
+    // The next run picks the rest up; only the batch in flight was paid twice.
+    let r = w.run().await.unwrap();
+    assert_eq!((r.sources[0].new, r.sources[0].embedded), (4, 4));
+    let twice: Vec<_> = values("v", 6).into_iter().filter(|v| w.provider.requests_for(v) > 2).collect();
+    assert_eq!(twice.len(), 2, "{twice:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_second_invocation_is_turned_away_while_the_lease_is_held() {
+    let mut w = World::new(2).await;
+    w.set("ta", "ca", &["p"]).await;
+    w.set("tb", "cb", &[]).await;
+    w.run().await.unwrap();
+    w.db.exec("INSERT INTO embedding_sync_lease (name, holder, expires_at) VALUES ('sync', 'someone', now() + interval '1000 seconds')").await;
+    assert!(matches!(w.invoke(Budget::default(), "me", None).await.unwrap(), Outcome::Busy { ref holder, .. } if holder == "someone"));
+    assert_eq!(w.calls(), 2);
+    // An expired lease is taken over.
+    w.db.exec("UPDATE embedding_sync_lease SET expires_at = now() - interval '1 second'").await;
+    assert!(matches!(w.invoke(Budget::default(), "me", None).await.unwrap(), Outcome::Finished(_)));
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_lease").await, 0, "released at the end");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_source_that_suddenly_looks_empty_keeps_its_embeddings_unless_allowed() {
+    let mut w = World::new(100).await;
+    w.config.mass_delete_minimum = 3;
+    let a = values("v", 10);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &[]).await;
+    w.run().await.unwrap();
+    // The table comes back empty (a bad migration, say): nothing is deleted and the report says why.
+    w.set("ta", "ca", &[]).await;
+    let r = w.run().await.unwrap();
+    assert_eq!((r.sources[0].stale, r.sources[0].deleted), (0, 0));
+    assert_eq!(r.sources[0].warning.as_deref(), Some("the source returned no values, so all 10 of its embedded values look stale; nothing was deleted: check the source, or set \"allowMassDelete\": true for it if this is intended"));
+    assert_eq!(w.cache_len().await, 10);
+    // Losing 6 of 10 is more than half: held back too.
+    w.set("ta", "ca", &refs(&a[..4])).await;
+    let r = w.run().await.unwrap();
+    assert_eq!(r.sources[0].deleted, 0);
+    assert!(r.sources[0].warning.as_deref().unwrap().starts_with("6 of its 10 embedded values (60%) look stale, more than maxDeleteShare (50%)"));
+    // Losing 2 of 10 is ordinary.
+    w.set("ta", "ca", &refs(&a[..8])).await;
+    let r = w.run().await.unwrap();
+    assert_eq!((r.sources[0].stale, r.sources[0].deleted, r.sources[0].warning.clone()), (2, 2, None));
+    // With allowMassDelete the source may lose everything.
+    w.config.sources[0].allow_mass_delete = true;
+    w.set("ta", "ca", &[]).await;
+    let r = w.run().await.unwrap();
+    assert_eq!((r.sources[0].stale, r.sources[0].deleted), (8, 8));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_invocation_that_lost_its_lease_stops_without_finishing_or_reporting_the_run() {
+    let mut w = World::new(2).await;
+    let a = values("v", 6);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &["b"]).await;
+    w.store.steal_lease_at_store_call = Some(2);
+    let result = w.invoke(Budget::default(), "slow", None).await;
+    assert!(matches!(result, Err(SyncError::LeaseLost(_))), "{result:?}");
+    // The run is still open for the new holder, with only the first batch counted, and source B
+    // was not touched.
+    let row = w
+        .db
+        .client
+        .query_one(
+            "SELECT (SELECT embedded FROM embedding_sync_run_sources WHERE source_table = 'ta'),
+                    (SELECT done FROM embedding_sync_run_sources WHERE source_table = 'ta'),
+                    (SELECT embedded FROM embedding_sync_run_sources WHERE source_table = 'tb')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, bool>(1), row.get::<_, i64>(2)), (2, false, 0));
+    assert_eq!((w.open_runs().await, w.finished().await.len()), (1, 0));
+    assert_eq!(w.provider.requests_for("b"), 0);
+}
+
+fn with_indexes(w: &mut World) {
+    w.config.vector_indexes = Some(VectorIndexes { m: 16, ef_construction: 64 });
+    w.store.index_state = Some(IndexState {
+        cache_is_ours: true,
+        large_typmod: Some(4),
+        small_typmod: Some(2),
+        indexes: vec![ExistingIndex { name: "embedding_cache_pkey".into(), valid: true }],
+        ..Default::default()
+    });
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn indexes_are_built_once_the_run_has_done_everything_and_kept_afterwards() {
+    let mut w = World::new(2).await;
+    with_indexes(&mut w);
+    let a = values("v", 6);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &["b"]).await;
+    // A paused invocation builds nothing.
+    let Outcome::Paused(report, _) = w.invoke(small_budget(1), "i1", None).await.unwrap() else { panic!("expected a pause") };
+    assert_eq!((report.indexes, w.store.ddl.len()), (None, 0));
+    let report = w.run().await.unwrap();
+    let indexes = report.indexes.expect("an index report");
+    assert_eq!(indexes.created.len(), 2, "{indexes:?}");
+    assert!(indexes.created.iter().all(|n| n.starts_with("embsync_hnsw_")), "{indexes:?}");
+    assert!(w.store.ddl.iter().all(|s| s.starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS")), "{:?}", w.store.ddl);
+    assert!(!w.store.ddl_during_run.get(), "indexes are built once the run is marked finished");
+    assert!(w.logs().iter().any(|l| l.starts_with("Index embsync_hnsw_large_4_") && l.contains("built in")));
+    // The next run finds them and does nothing.
+    let report = w.run().await.unwrap();
+    let indexes = report.indexes.expect("an index report");
+    assert_eq!((indexes.created.len(), indexes.kept.len(), w.store.ddl.len()), (0, 2, 2), "{indexes:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn without_the_option_no_index_is_touched() {
+    let mut w = World::new(2).await;
+    with_indexes(&mut w);
+    w.config.vector_indexes = None;
+    w.set("ta", "ca", &["a"]).await;
+    w.set("tb", "cb", &["b"]).await;
+    let report = w.run().await.unwrap();
+    assert_eq!((report.indexes, w.store.ddl.len()), (None, 0));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_index_build_is_reported_and_tried_again_by_the_next_finished_run() {
+    let mut w = World::new(2).await;
+    with_indexes(&mut w);
+    w.set("ta", "ca", &["a"]).await;
+    w.set("tb", "cb", &["b"]).await;
+    w.store.fail_ddl = Some("could not extend file: No space left on device".into());
+    let report = w.run().await.unwrap();
+    assert_eq!(report.status, RunStatus::Finished);
+    let error = report.indexes.and_then(|i| i.error).expect("the failure is reported");
+    assert!(error.starts_with("CREATE INDEX CONCURRENTLY") && error.ends_with("No space left on device"), "{error}");
+    assert_eq!(w.finished().await, ["finished"], "the run is finished all the same");
+    let stored: Option<String> =
+        w.db.client.query_one("SELECT report->'indexes'->>'error' FROM embedding_sync_runs", &[]).await.unwrap().get(0);
+    assert_eq!(stored.as_deref(), Some(error.as_str()), "and the failure is stored");
+    w.store.fail_ddl = None;
+    let report = w.run().await.unwrap();
+    assert_eq!(report.indexes.map(|i| i.created.len()), Some(2));
+}
