@@ -32,8 +32,18 @@ fn option_values(db: &mut TestDb) {
 }
 
 /// The `database` events the worker logged.
+///
+/// The worker's log line can reach wrangler's log a moment after the response (under load, more
+/// than a moment), so this waits up to 10 s for the first one.
 fn database_events(worker: &Worker) -> Vec<serde_json::Value> {
-    worker.events_of("database")
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let events = worker.events_of("database");
+        if !events.is_empty() || std::time::Instant::now() > deadline {
+            return events;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// A full sync and a re-sync, with exact counts, and a change in between: what every test here
