@@ -936,4 +936,33 @@ mod tests {
               AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)"#]]
         .assert_eq(&unlink_stale(&source()));
     }
+
+    #[test]
+    fn prune_sql() {
+        // The statement that counts and the one that deletes read the same set of rows.
+        let (count, delete) = (prune_rows(), prune_delete_rows());
+        assert!(count.starts_with(&format!("WITH {PRUNED}")) && delete.starts_with(&format!("WITH {PRUNED}")));
+        expect![[r#"
+            WITH t AS (
+                SELECT * FROM unnest($1::text[], $2::text[]) AS t(source_table, source_column)
+            ),
+            doomed AS (
+                SELECT DISTINCT l.value_hash
+                FROM embedding_cache_sources l
+                JOIN t ON t.source_table = l.source_table AND t.source_column = l.source_column
+                JOIN embedding_cache_owned o ON o.value_hash = l.value_hash
+                WHERE NOT EXISTS (SELECT 1 FROM embedding_cache_sources x
+                                  WHERE x.value_hash = l.value_hash
+                                    AND NOT EXISTS (SELECT 1 FROM t WHERE t.source_table = x.source_table AND t.source_column = x.source_column))
+            ),
+            gone AS (
+                DELETE FROM embedding_cache c USING doomed d WHERE c.value_hash = d.value_hash RETURNING c.value_hash
+            ),
+            disowned AS (
+                DELETE FROM embedding_cache_owned o USING doomed d WHERE o.value_hash = d.value_hash
+            )
+            SELECT count(*)::int8 FROM gone"#]].assert_eq(&delete);
+        assert!(ensure_schema(&Config::parse(include_str!("../../../embedding-sources.json")).unwrap().models)
+            .ends_with(&format!("-- Bounded run history (issue 9, hole 11): finished runs newest first.\n{RUNS_FINISHED_INDEX}")));
+    }
 }
