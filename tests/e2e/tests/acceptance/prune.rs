@@ -31,7 +31,8 @@ fn a_source_that_left_the_config_is_listed_by_status_and_pruned_by_post_prune() 
     assert!(body["error"].as_str().unwrap_or_default().contains("bad prune request"), "{body}");
     let (code, body) = worker.request_body("POST", "/prune", TOKEN, r#"{"all": true, "force": true}"#);
     assert_eq!(code, 400, "{body}");
-    let (code, body) = worker.request_body("POST", "/prune", TOKEN, &json!({"table": OPTION.table, "column": OPTION.column, "confirm": 0}).to_string());
+    let (code, body) =
+        worker.request_body("POST", "/prune", TOKEN, &json!({"table": OPTION.table, "column": OPTION.column, "confirm": 0}).to_string());
     assert_eq!(code, 400, "{body}");
     assert!(body["error"].as_str().unwrap_or_default().contains("enabled source"), "{body}");
     let target = json!({"table": POSITION.table, "column": POSITION.column});
@@ -54,10 +55,7 @@ fn a_source_that_left_the_config_is_listed_by_status_and_pruned_by_post_prune() 
     assert_eq!(code, 200, "{body}");
     assert_counts("prune", &body, &[("rows", 2), ("links", 3), ("errors", 0)]);
     assert_eq!(body["pruned"], json!(true), "{body}");
-    assert_eq!(
-        db.text_set("SELECT value FROM embedding_cache"),
-        ["Cutter with catch tray", "Peel-off sensor"].map(String::from).into()
-    );
+    assert_eq!(db.text_set("SELECT value FROM embedding_cache"), ["Cutter with catch tray", "Peel-off sensor"].map(String::from).into());
     assert_eq!(worker.status()["leftConfig"], json!([]));
     // The remaining source is untouched: the next run costs nothing.
     let report = worker.sync();
