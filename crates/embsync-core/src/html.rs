@@ -416,10 +416,15 @@ fn write_left_config(out: &mut String, left: &[LeftSource]) -> fmt::Result {
     for l in left {
         out.push_str("<article class=\"source\">\n<div class=\"source-head\">");
         write!(out, "<h3><code>{}.{}</code></h3>", Esc(&l.table), Esc(&l.column))?;
+        out.push_str("<span class=\"muted\">");
         match (l.reason, &l.name) {
-            (LeftReason::Disabled, Some(name)) => writeln!(out, "<span class=\"muted\">disabled: {}</span></div>", Esc(name))?,
-            (reason, _) => writeln!(out, "<span class=\"muted\">{}</span></div>", reason.as_str())?,
+            (LeftReason::Disabled, Some(name)) => write!(out, "disabled: {}", Esc(name))?,
+            (reason, _) => out.push_str(reason.as_str()),
         }
+        if let Some(same) = &l.same_as {
+            write!(out, " · the same column as the enabled source {}", Esc(same))?;
+        }
+        out.push_str("</span></div>\n");
         out.push_str("<dl class=\"counts\">\n");
         for (label, n) in [("links", l.links), ("errors", l.errors), ("rows only it holds", l.rows)] {
             writeln!(out, "<div><dt>{label}</dt><dd>{}</dd></div>", Num(n))?;

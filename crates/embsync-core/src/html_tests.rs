@@ -336,11 +336,13 @@ fn sources_that_left_the_config_show_what_they_hold() {
         links,
         errors,
         rows,
+        same_as: None,
     };
     let mut st = status(None, vec![], vec![coverage("Parts", "public.parts", 10, 0)]);
     st.disabled = vec!["Drafts".into()];
-    st.left_config =
-        vec![left("drafts", LeftReason::Disabled, Some("Drafts"), 1200, 3, 1000), left("parts", LeftReason::Removed, None, 10, 0, 0)];
+    let mut renamed = left("parts", LeftReason::Removed, None, 10, 0, 0);
+    renamed.same_as = Some("Parts".into());
+    st.left_config = vec![left("drafts", LeftReason::Disabled, Some("Drafts"), 1200, 3, 1000), renamed];
     check(
         &st,
         expect![[r#"
@@ -375,7 +377,7 @@ fn sources_that_left_the_config_show_what_they_hold() {
             </dl>
             </article>
             <article class="source">
-            <div class="source-head"><h3><code>parts.description</code></h3><span class="muted">removed</span></div>
+            <div class="source-head"><h3><code>parts.description</code></h3><span class="muted">removed · the same column as the enabled source Parts</span></div>
             <dl class="counts">
             <div><dt>links</dt><dd>10</dd></div>
             <div><dt>errors</dt><dd>0</dd></div>
@@ -429,6 +431,7 @@ fn every_text_is_escaped() {
         links: 1,
         errors: 0,
         rows: 1,
+        same_as: Some(format!("same {evil}")),
     }];
     let page = render(&st);
     assert!(!page.contains("<script"), "{page}");
@@ -446,7 +449,7 @@ fn every_text_is_escaped() {
         format!("<code>run {escaped}</code>"),
         format!("Disabled: {escaped}</p>"),
         format!("<h3><code>left {escaped}.c&lt;i&gt;</code></h3>"),
-        format!("disabled: name {escaped}</span>"),
+        format!("disabled: name {escaped} · the same column as the enabled source same {escaped}</span>"),
     ] {
         assert!(page.contains(&shown), "missing {shown:?} in {page}");
     }

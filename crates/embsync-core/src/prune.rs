@@ -38,6 +38,10 @@ pub struct LeftSource {
     pub errors: u64,
     /// Cache rows embsync wrote that no other source links: what pruning it alone deletes.
     pub rows: u64,
+    /// The enabled source that reads the same column under another spelling of the table
+    /// (`items` and `public.items`): a rename. Until that source has been synced, the rows only
+    /// this one holds are its rows too, and pruning them would cost their embeddings again.
+    pub same_as: Option<String>,
 }
 
 /// Why a recorded source is not synced.
@@ -78,7 +82,14 @@ impl LeftSource {
             links,
             errors,
             rows,
+            same_as: None,
         }
+    }
+
+    /// The table as SQL text (quoted), to compare with the enabled sources' tables in the
+    /// catalog; `None` when the recorded key is not a table name.
+    pub fn quoted_table(&self) -> Option<String> {
+        crate::ident::TableName::parse(&self.table).ok().map(|t| t.quoted())
     }
 
     /// `table.column`.
@@ -395,7 +406,7 @@ mod tests {
         assert_eq!((renamed.reason, renamed.name.as_deref()), (LeftReason::Removed, None));
         let disabled = LeftSource::new(&c, "notes".into(), "body".into(), 2, 0, 2);
         assert_eq!((disabled.reason, disabled.name.as_deref()), (LeftReason::Disabled, Some("Old")));
-        expect![[r#"{"table":"notes","column":"body","reason":"disabled","name":"Old","links":2,"errors":0,"rows":2}"#]]
+        expect![[r#"{"table":"notes","column":"body","reason":"disabled","name":"Old","links":2,"errors":0,"rows":2,"sameAs":null}"#]]
             .assert_eq(&serde_json::to_string(&disabled).unwrap());
         assert_eq!(enabled_keys(&c), (vec!["public.items".to_owned()], vec!["title".to_owned()]));
     }

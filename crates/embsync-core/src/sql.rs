@@ -716,6 +716,14 @@ SELECT g.source_table, g.source_column,
 FROM gone g
 ORDER BY g.source_table, g.source_column";
 
+/// For each table of `$1` (quoted names, text[]), the 1-based position in `$2` (quoted names of
+/// the enabled sources' tables, text[]) of the first that is the same relation in the catalog,
+/// or NULL (also for a table that does not exist): `i`, `j` (int8).
+pub const SAME_TABLES: &str = "\
+SELECT l.i, (SELECT min(e.j) FROM unnest($2::text[]) WITH ORDINALITY AS e(name, j)
+             WHERE to_regclass(e.name) = to_regclass(l.name))
+FROM unnest($1::text[]) WITH ORDINALITY AS l(name, i)";
+
 /// The sources a prune removes (`$1` tables, `$2` columns, text[]) as `t`, and as `doomed` the
 /// values whose cache rows it deletes: linked by one of them, written by embsync, and linked by
 /// no other source.

@@ -220,7 +220,8 @@ mod tests {
                   "name": "Drafts",
                   "links": 2,
                   "errors": 1,
-                  "rows": 2
+                  "rows": 2,
+                  "sameAs": null
                 },
                 {
                   "table": "items",
@@ -229,7 +230,8 @@ mod tests {
                   "name": null,
                   "links": 3,
                   "errors": 0,
-                  "rows": 0
+                  "rows": 0,
+                  "sameAs": null
                 }
               ]
             }"#]]

@@ -625,7 +625,23 @@ async fn read_left_sources(client: &impl tokio_postgres::GenericClient, config: 
         .await
         .map_err(|e| err("reading the sources that left the config", e))?;
     let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i64>(i).max(0) as u64;
-    Ok(rows.iter().map(|r| LeftSource::new(config, r.get(0), r.get(1), n(r, 2), n(r, 3), n(r, 4))).collect())
+    let mut left: Vec<LeftSource> = rows.iter().map(|r| LeftSource::new(config, r.get(0), r.get(1), n(r, 2), n(r, 3), n(r, 4))).collect();
+    // A rename: the same table, spelled another way, with the same column, is enabled.
+    let named: Vec<(usize, String)> = left.iter().enumerate().filter_map(|(i, l)| l.quoted_table().map(|q| (i, q))).collect();
+    let enabled: Vec<_> = config.enabled_sources().collect();
+    if named.is_empty() || enabled.is_empty() {
+        return Ok(left);
+    }
+    let quoted: Vec<String> = named.iter().map(|(_, q)| q.clone()).collect();
+    let enabled_quoted: Vec<String> = enabled.iter().map(|s| s.table.quoted()).collect();
+    let same = client.query_typed(sql::SAME_TABLES, &typed(&[&quoted, &enabled_quoted])).await.map_err(|e| err("comparing tables", e))?;
+    for row in same {
+        let (i, j): (i64, Option<i64>) = (row.get(0), row.get(1));
+        let Some(&(at, _)) = named.get((i - 1) as usize) else { continue };
+        let source = j.and_then(|j| enabled.get((j - 1) as usize)).filter(|s| s.column_key() == left[at].column);
+        left[at].same_as = source.map(|s| s.name.clone());
+    }
+    Ok(left)
 }
 
 /// The transaction of [`PgStore::prune`].

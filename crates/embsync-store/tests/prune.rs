@@ -131,12 +131,17 @@ async fn a_renamed_source_leaves_its_links_behind_and_pruning_them_deletes_no_ro
     // The same table, spelled with its schema: another source key, so everything is linked again
     // (reused, no provider call) and the old key's links stay.
     let qualified = config_with(&[("Items", "public.items", "title", true)], "");
+    // Before the renamed source has run, the old spelling holds every row alone: /status says
+    // that it is the same column, so nobody prunes it by mistake.
+    let mut store = db.store(&qualified).await;
+    let mut renamed = LeftSource::new(&qualified, "items".into(), "title".into(), 3, 0, 3);
+    renamed.same_as = Some("Items".into());
+    assert_eq!(store.left_sources(&qualified).await.unwrap(), vec![renamed.clone()]);
     let calls = provider.calls.borrow().len();
     let report = sync(&qualified, &db, &provider).await;
     assert_eq!((report.totals.new, report.totals.reused), (3, 3));
     assert_eq!(provider.calls.borrow().len(), calls);
-    let mut store = db.store(&qualified).await;
-    assert_eq!(store.left_sources(&qualified).await.unwrap(), vec![LeftSource::new(&qualified, "items".into(), "title".into(), 3, 0, 0)]);
+    assert_eq!(store.left_sources(&qualified).await.unwrap(), vec![LeftSource { rows: 0, ..renamed }]);
 
     let report = done(prune(&mut store, &qualified, r#"{"all":true,"confirm":0}"#).await);
     assert_eq!((report.rows, report.links), (0, 3));
