@@ -1,7 +1,7 @@
 //! The embsync worker: Workers handlers and adapters, wiring only.
 //!
 //! - `fetch`: `GET /health`, `GET /dry-run`, `POST /sync`, `GET /status` (JSON, or the HTML page
-//!   for `Accept: text/html`), `GET /status.html` (see README).
+//!   for `Accept: text/html`), `GET /status.html`, `POST /prune` (see README).
 //! - `scheduled`: the cron trigger runs the same sync as `POST /sync`: one invocation of the
 //!   current run, within the invocation budget.
 //!
@@ -15,6 +15,7 @@ mod settings;
 
 use embsync_core::auth::{self, AuthOutcome};
 use embsync_core::log::{Level, LogEvent};
+use embsync_core::prune::{PruneOutcome, PruneRequest};
 use embsync_core::report::{RunReport, Trigger};
 use embsync_core::status::{CursorState, Status};
 use embsync_core::sync::{self, Budget, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
@@ -83,6 +84,7 @@ impl AppError {
             AppError::Settings(_) => 500,
             AppError::Busy { .. } => 409,
             AppError::Sync(SyncError::LeaseLost(_)) => 409,
+            AppError::Database(e) if e.is_lease_lost() => 409,
             AppError::Database(_) | AppError::Sync(_) => 502,
         }
     }
@@ -101,8 +103,12 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         "/dry-run" => (true, Method::Get),
         "/sync" => (true, Method::Post),
         "/status" | "/status.html" => (true, Method::Get),
+        "/prune" => (true, Method::Post),
         _ => {
-            return json_error(404, "not found: the endpoints are GET /health, GET /dry-run, POST /sync, GET /status and GET /status.html")
+            return json_error(
+                404,
+                "not found: the endpoints are GET /health, GET /dry-run, POST /sync, GET /status, GET /status.html and POST /prune",
+            )
         }
     };
     // The status page for people: at its own path, or `/status` for a client that asks for HTML.
@@ -146,12 +152,28 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         AuthOutcome::Missing => return unauthorized("missing bearer token: send `Authorization: Bearer <SYNC_API_TOKEN>`"),
         AuthOutcome::Wrong => return unauthorized("invalid token"),
     }
+    let mut prune_request = None;
     if method == Method::Post {
         let body = req.text().await.unwrap_or_default();
         let trimmed = body.trim();
-        if !(trimmed.is_empty() || trimmed == "{}") {
+        if path == "/prune" {
+            match PruneRequest::parse(trimmed) {
+                Ok(request) => prune_request = Some(request),
+                Err(e) => return json_error(400, &e.to_string()),
+            }
+        } else if !(trimmed.is_empty() || trimmed == "{}") {
             return json_error(400, &format!("{path} takes no request body (or an empty JSON object)"));
         }
+    }
+    if let Some(request) = prune_request {
+        return match prune(&env, &request).await {
+            Ok(response) => response,
+            Err(e) => {
+                WorkerRuntime
+                    .log(LogEvent::error("failed", format!("{path} failed: {e}")).field("path", &path).field("status", e.status()));
+                json_error(e.status(), &e.to_string())
+            }
+        };
     }
     let result = match path.as_str() {
         "/dry-run" => dry_run(&env).await.map(|plan| Response::from_json(&plan)),
@@ -338,10 +360,12 @@ async fn status(env: &Env) -> Result<Status, AppError> {
             last_runs: Vec::new(),
             sources: Vec::new(),
             disabled: config.sources.iter().filter(|s| !s.enabled).map(|s| s.name.clone()).collect(),
+            left_config: Vec::new(),
         };
         if store.has_run_tables().await? {
             out.current_run = store.current_run().await?;
             out.last_runs = store.last_runs(10).await?;
+            out.left_config = store.left_sources(&config).await?;
         }
         for source in config.enabled_sources() {
             out.sources.push(store.coverage(source).await);
@@ -351,4 +375,39 @@ async fn status(env: &Env) -> Result<Status, AppError> {
     .await;
     conn.close().await;
     Ok(result?)
+}
+
+/// `POST /prune`: removes what the sources that left the config still hold, as `request` says
+/// (see `embsync_core::prune`): 200 with the report, a refusal's status with its message and
+/// counts, 409 while a sync holds the lease.
+async fn prune(env: &Env, request: &PruneRequest) -> Result<worker::Result<Response>, AppError> {
+    let config = settings::config(env)?;
+    let db = settings::database(env)?;
+    let mut conn = connect(&db, &config).await?;
+    let holder = new_id("prune");
+    let result = conn.store.prune(&config, request, &holder, budget(env).lease_ttl).await;
+    conn.close().await;
+    let rt = WorkerRuntime;
+    match result? {
+        PruneOutcome::Done(report) => {
+            let what = if report.dry_run { "Prune (dry run) would delete" } else { "Pruned" };
+            rt.log(
+                LogEvent::info(
+                    "prune",
+                    format!(
+                        "{what} {} cache rows, {} links and {} errors of sources that left the config",
+                        report.rows, report.links, report.errors
+                    ),
+                )
+                .field("report", &report),
+            );
+            Ok(Response::from_json(&report))
+        }
+        PruneOutcome::Refused(refusal) => {
+            rt.log(LogEvent::warn("prune", format!("Prune refused: {refusal}")).field("status", refusal.status()));
+            let body = serde_json::json!({ "error": refusal.to_string(), "prune": refusal.report() });
+            Ok(Response::from_json(&body).map(|r| r.with_status(refusal.status())))
+        }
+        PruneOutcome::Busy { holder, expires_in_secs } => Err(AppError::Busy { holder, secs: expires_in_secs }),
+    }
 }

@@ -14,6 +14,8 @@
 //! `allowMassDelete`, default false) keeps a source that suddenly looks empty from deleting its
 //! embeddings. `vectorIndexes` (`{"enabled": true, "m": 16, "efConstruction": 64}`, off when
 //! absent) makes the sync keep HNSW indexes on the embedding columns (see [`crate::index`]).
+//! `retention` (`{"runs": 1000}`) bounds the run history: when a run finishes, finished runs
+//! beyond the newest `runs` are deleted.
 //! Every other field is required and unknown keys are rejected.
 //! Code past this module takes [`Config`], never raw JSON.
 //!
@@ -48,7 +50,12 @@ pub struct Config {
     /// HNSW indexes the sync keeps on the embedding columns (`vectorIndexes`); `None` when
     /// absent or disabled: the sync then neither creates nor drops any index.
     pub vector_indexes: Option<VectorIndexes>,
+    /// How many finished runs `embedding_sync_runs` keeps (`retention.runs`, default 1000).
+    pub retention_runs: u64,
 }
+
+/// The default of `retention.runs`: about three days of a five-minute cron.
+pub const DEFAULT_RETENTION_RUNS: u64 = 1000;
 
 /// Build parameters of the HNSW indexes embsync keeps (see [`crate::index`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,7 +241,14 @@ struct RawConfig {
     max_delete_share: Option<f64>,
     mass_delete_minimum: Option<u64>,
     vector_indexes: Option<Object<RawVectorIndexes>>,
+    retention: Option<Object<RawRetention>>,
     sources: Vec<Object<RawSource>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    runs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -394,6 +408,11 @@ impl Config {
             None => None,
             Some(Object(v)) => vector_indexes(v)?,
         };
+        let retention_runs = match raw.retention.and_then(|Object(r)| r.runs) {
+            None => DEFAULT_RETENTION_RUNS,
+            Some(0) => return Err(ConfigError::at("retention.runs", "must be at least 1: the runs table keeps this many finished runs")),
+            Some(n) => n,
+        };
         Ok(Config {
             models,
             batch_size,
@@ -402,6 +421,7 @@ impl Config {
             max_delete_share,
             mass_delete_minimum: raw.mass_delete_minimum.unwrap_or(100),
             vector_indexes,
+            retention_runs,
         })
     }
 
@@ -554,7 +574,7 @@ mod tests {
 
     #[test]
     fn rejections() {
-        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `sources` at line 3 column 31"]);
+        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `sources` at line 3 column 31"]);
         check(
             &with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#),
             expect![

@@ -10,12 +10,20 @@
 //! use embsync_core::html;
 //! use embsync_core::status::{CursorState, Status};
 //!
-//! let status = Status { cursor: CursorState::Absent, current_run: None, last_runs: vec![], sources: vec![], disabled: vec![] };
+//! let status = Status {
+//!     cursor: CursorState::Absent,
+//!     current_run: None,
+//!     last_runs: vec![],
+//!     sources: vec![],
+//!     disabled: vec![],
+//!     left_config: vec![],
+//! };
 //! let page = html::render(&status);
 //! assert!(page.starts_with("<!DOCTYPE html>"));
 //! assert!(page.contains("No run yet"));
 //! ```
 
+use crate::prune::{LeftReason, LeftSource};
 use crate::report::{RunReport, RunStatus, SourceReport, Trigger};
 use crate::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource, Status};
 use base64::Engine;
@@ -246,7 +254,9 @@ fn write_page(out: &mut String, status: &Status) -> fmt::Result {
         }
         out.push_str("</p>\n");
     }
-    out.push_str("</section>\n</main>\n<footer>The same as JSON: <code>GET /status</code> with <code>Accept: application/json</code>.</footer>\n</body>\n</html>\n");
+    out.push_str("</section>\n");
+    write_left_config(out, &status.left_config)?;
+    out.push_str("</main>\n<footer>The same as JSON: <code>GET /status</code> with <code>Accept: application/json</code>.</footer>\n</body>\n</html>\n");
     Ok(())
 }
 
@@ -390,6 +400,38 @@ fn write_source(out: &mut String, c: &Coverage, counts: &Counts<'_>) -> fmt::Res
         )?;
     }
     out.push_str("</article>\n");
+    Ok(())
+}
+
+/// The sources that left the config and what they still hold, when there are any.
+fn write_left_config(out: &mut String, left: &[LeftSource]) -> fmt::Result {
+    if left.is_empty() {
+        return Ok(());
+    }
+    out.push_str("<section class=\"left-config\">\n<h2>Left the config</h2>\n");
+    out.push_str(
+        "<p class=\"muted\">No longer synced (removed from the config, renamed, or disabled), but their links, the cache \
+         rows only they hold and their errors are kept until <code>POST /prune</code> removes them.</p>\n",
+    );
+    for l in left {
+        out.push_str("<article class=\"source\">\n<div class=\"source-head\">");
+        write!(out, "<h3><code>{}.{}</code></h3>", Esc(&l.table), Esc(&l.column))?;
+        out.push_str("<span class=\"muted\">");
+        match (l.reason, &l.name) {
+            (LeftReason::Disabled, Some(name)) => write!(out, "disabled: {}", Esc(name))?,
+            (reason, _) => out.push_str(reason.as_str()),
+        }
+        if let Some(same) = &l.same_as {
+            write!(out, " · the same column as the enabled source {}", Esc(same))?;
+        }
+        out.push_str("</span></div>\n");
+        out.push_str("<dl class=\"counts\">\n");
+        for (label, n) in [("links", l.links), ("errors", l.errors), ("rows only it holds", l.rows)] {
+            writeln!(out, "<div><dt>{label}</dt><dd>{}</dd></div>", Num(n))?;
+        }
+        out.push_str("</dl>\n</article>\n");
+    }
+    out.push_str("</section>\n");
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! Snapshots of the status page in the states a person meets, and its escaping, bars and headers.
 
 use super::*;
+use crate::prune::{LeftReason, LeftSource};
 use crate::report::{ModelUsage, Totals, Usage};
 use crate::status::{CursorState, OpenRunSource};
 use expect_test::{expect, Expect};
@@ -63,7 +64,7 @@ fn finished(report: &RunReport) -> FinishedRun {
 }
 
 fn status(current_run: Option<CurrentRun>, last_runs: Vec<FinishedRun>, sources: Vec<Coverage>) -> Status {
-    Status { cursor: CursorState::Absent, current_run, last_runs, sources, disabled: vec![] }
+    Status { cursor: CursorState::Absent, current_run, last_runs, sources, disabled: vec![], left_config: vec![] }
 }
 
 /// Checks the page's `<body>`; the head is the same for every state (see `head_is_self_contained`).
@@ -326,6 +327,74 @@ fn never_run_with_an_empty_cache() {
 }
 
 #[test]
+fn sources_that_left_the_config_show_what_they_hold() {
+    let left = |table: &str, reason, name: Option<&str>, links, errors, rows| LeftSource {
+        table: table.into(),
+        column: "description".into(),
+        reason,
+        name: name.map(Into::into),
+        links,
+        errors,
+        rows,
+        same_as: None,
+    };
+    let mut st = status(None, vec![], vec![coverage("Parts", "public.parts", 10, 0)]);
+    st.disabled = vec!["Drafts".into()];
+    let mut renamed = left("parts", LeftReason::Removed, None, 10, 0, 0);
+    renamed.same_as = Some("Parts".into());
+    st.left_config = vec![left("drafts", LeftReason::Disabled, Some("Drafts"), 1200, 3, 1000), renamed];
+    check(
+        &st,
+        expect![[r#"
+            <body>
+            <header>
+            <h1>embsync</h1>
+            <p class="sub">Embeddings of Postgres column values: coverage per source and the sync run</p>
+            </header>
+            <main>
+            <section class="run">
+            <h2>No run yet</h2>
+            <p class="muted">Nothing has been synced yet: the next cron tick starts a run, or <code>POST /sync</code> does now.</p>
+            </section>
+            <section class="sources">
+            <h2>Sources</h2>
+            <article class="source">
+            <div class="source-head"><h3>Parts</h3><code>public.parts.description</code></div>
+            <progress class="bar" max="10" value="10" aria-label="Coverage of Parts">100%</progress>
+            <p class="coverage"><strong>10</strong> of 10 values embedded · <strong>100%</strong></p>
+            </article>
+            <p class="muted disabled">Disabled: Drafts</p>
+            </section>
+            <section class="left-config">
+            <h2>Left the config</h2>
+            <p class="muted">No longer synced (removed from the config, renamed, or disabled), but their links, the cache rows only they hold and their errors are kept until <code>POST /prune</code> removes them.</p>
+            <article class="source">
+            <div class="source-head"><h3><code>drafts.description</code></h3><span class="muted">disabled: Drafts</span></div>
+            <dl class="counts">
+            <div><dt>links</dt><dd>1,200</dd></div>
+            <div><dt>errors</dt><dd>3</dd></div>
+            <div><dt>rows only it holds</dt><dd>1,000</dd></div>
+            </dl>
+            </article>
+            <article class="source">
+            <div class="source-head"><h3><code>parts.description</code></h3><span class="muted">removed · the same column as the enabled source Parts</span></div>
+            <dl class="counts">
+            <div><dt>links</dt><dd>10</dd></div>
+            <div><dt>errors</dt><dd>0</dd></div>
+            <div><dt>rows only it holds</dt><dd>0</dd></div>
+            </dl>
+            </article>
+            </section>
+            </main>
+            <footer>The same as JSON: <code>GET /status</code> with <code>Accept: application/json</code>.</footer>
+            </body>
+            </html>
+        "#]],
+    );
+    assert!(!render(&status(None, vec![], vec![])).contains("Left the config"), "the section shows only when a source left");
+}
+
+#[test]
 fn abandoned_run_without_a_report() {
     let run = FinishedRun {
         run_id: "run-x".into(),
@@ -354,9 +423,20 @@ fn every_text_is_escaped() {
     run.stopped = Some(format!("stopped {evil}"));
     let mut st = status(None, vec![finished(&run)], vec![c]);
     st.disabled = vec![evil.into()];
+    st.left_config = vec![LeftSource {
+        table: format!("left {evil}"),
+        column: "c<i>".into(),
+        reason: LeftReason::Disabled,
+        name: Some(format!("name {evil}")),
+        links: 1,
+        errors: 0,
+        rows: 1,
+        same_as: Some(format!("same {evil}")),
+    }];
     let page = render(&st);
     assert!(!page.contains("<script"), "{page}");
     assert!(!page.contains("<b>"), "{page}");
+    assert!(!page.contains("<i>"), "{page}");
     assert!(!page.contains("\"onmouseover"), "{page}");
     assert!(!page.contains("'q'"), "{page}");
     for shown in [
@@ -368,6 +448,8 @@ fn every_text_is_escaped() {
         format!("Stopped: stopped {escaped}"),
         format!("<code>run {escaped}</code>"),
         format!("Disabled: {escaped}</p>"),
+        format!("<h3><code>left {escaped}.c&lt;i&gt;</code></h3>"),
+        format!("disabled: name {escaped} · the same column as the enabled source same {escaped}</span>"),
     ] {
         assert!(page.contains(&shown), "missing {shown:?} in {page}");
     }

@@ -10,6 +10,7 @@
 //! - [`index`]: which HNSW indexes the sync keeps on the embedding columns (`vectorIndexes`).
 //! - [`sql`]: every statement, as text with bound parameters.
 //! - [`provider`]: OpenAI embeddings request encoding and response decoding.
+//! - [`prune`]: sources that left the config, and pruning them on request.
 //! - [`vector`]: base64 float32 and pgvector binary encodings.
 //! - [`sync`]: the driver, over the [`sync::Store`], [`sync::Embedder`] and [`sync::Runtime`] traits.
 //! - [`report`]: run and dry-run reports.
@@ -39,6 +40,7 @@ pub mod ident;
 pub mod index;
 pub mod log;
 pub mod provider;
+pub mod prune;
 pub mod report;
 pub mod sql;
 pub mod status;

@@ -2,6 +2,7 @@
 //! coverage. The worker gathers it (KV, Postgres); [`crate::html`] renders it for people and
 //! `serde_json` for programs.
 
+use crate::prune::LeftSource;
 use crate::report::{RunReport, RunStatus, SourceReport, Trigger};
 use crate::sync::Cursor;
 use serde::Serialize;
@@ -20,6 +21,9 @@ pub struct Status {
     pub sources: Vec<Coverage>,
     /// Names of the disabled sources.
     pub disabled: Vec<String>,
+    /// Sources recorded in embsync's tables that no enabled source has (removed, renamed or
+    /// disabled), with what they still hold; `POST /prune` removes them.
+    pub left_config: Vec<LeftSource>,
 }
 
 /// The KV cursor as `GET /status` shows it: JSON `null`, the cursor, or
@@ -179,6 +183,59 @@ mod tests {
         }));
         let report = old.report().expect("an older report reads back");
         assert_eq!((report.invocations, report.sources[0].new, report.sources[0].deferred), (0, 3, 0));
+    }
+
+    #[test]
+    fn sources_that_left_the_config_are_in_the_json() {
+        let config = crate::Config::parse(
+            r#"{"version":"1.0","models":{"large":"text-embedding-3-large","small":"text-embedding-3-small"},
+            "sources":[{"name":"Items","table":"public.items","column":"title"},{"name":"Drafts","table":"drafts","column":"body","enabled":false}]}"#,
+        )
+        .unwrap();
+        let status = Status {
+            cursor: CursorState::Absent,
+            current_run: None,
+            last_runs: vec![],
+            sources: vec![],
+            disabled: vec!["Drafts".into()],
+            left_config: vec![
+                LeftSource::new(&config, "drafts".into(), "body".into(), 2, 1, 2),
+                LeftSource::new(&config, "items".into(), "title".into(), 3, 0, 0),
+            ],
+        };
+        expect![[r#"
+            {
+              "cursor": null,
+              "currentRun": null,
+              "lastRuns": [],
+              "sources": [],
+              "disabled": [
+                "Drafts"
+              ],
+              "leftConfig": [
+                {
+                  "table": "drafts",
+                  "column": "body",
+                  "reason": "disabled",
+                  "name": "Drafts",
+                  "links": 2,
+                  "errors": 1,
+                  "rows": 2,
+                  "sameAs": null
+                },
+                {
+                  "table": "items",
+                  "column": "title",
+                  "reason": "removed",
+                  "name": null,
+                  "links": 3,
+                  "errors": 0,
+                  "rows": 0,
+                  "sameAs": null
+                }
+              ]
+            }"#]]
+        .assert_eq(&serde_json::to_string_pretty(&status).unwrap());
     }
 
     #[test]

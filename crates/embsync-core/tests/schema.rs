@@ -231,6 +231,9 @@ fn bad_examples_fail_the_parser_and_the_schema_at_the_same_field() {
             models-missing-small.json: models: missing field `small` at line 5 column 3
             models-unknown-slot.json: models.medium: unknown field `medium`, expected `large` or `small` at line 6 column 12
             not-an-object.json: .: invalid type: sequence, expected a JSON object at line 1 column 0
+            retention-runs-0.json: retention.runs: must be at least 1: the runs table keeps this many finished runs
+            retention-runs-string.json: retention.runs: invalid type: string "100", expected u64 at line 15 column 17
+            retention-unknown-key.json: retention.days: unknown field `days`, expected `runs` at line 16 column 10
             schema-not-a-string.json: $schema: invalid type: integer `5`, expected a string at line 14 column 14
             source-allowMassDelete-number.json: sources[0].allowMassDelete: invalid type: integer `1`, expected a boolean at line 12 column 26
             source-as-array.json: sources[0]: invalid type: sequence, expected a JSON object at line 8 column 4
@@ -260,7 +263,7 @@ fn bad_examples_fail_the_parser_and_the_schema_at_the_same_field() {
             table-with-hyphen.json: sources[0].table: "config-option" is not a valid identifier: '-' is not allowed (use letters, digits, _ and $, starting with a letter or _)
             table-with-space.json: sources[0].table: "config option" is not a valid identifier: ' ' is not allowed (use letters, digits, _ and $, starting with a letter or _)
             top-level-as-array.json: .: invalid type: sequence, expected a JSON object at line 1 column 0
-            unknown-top-level-key.json: extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `sources` at line 14 column 9
+            unknown-top-level-key.json: extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `sources` at line 14 column 9
             vectorIndexes-as-array.json: vectorIndexes: invalid type: sequence, expected a JSON object at line 14 column 19
             vectorIndexes-as-boolean.json: vectorIndexes: invalid type: boolean `true`, expected a JSON object at line 14 column 23
             vectorIndexes-efConstruction-1001.json: vectorIndexes.efConstruction: 1001 is out of range: use 4..=1000 (pgvector's limits; 64 is a good default)

@@ -8,6 +8,7 @@ use bytes::BytesMut;
 use embsync_core::config::{Config, Source};
 use embsync_core::hash::ValueHash;
 use embsync_core::index::{ExistingIndex, IndexState};
+use embsync_core::prune::{self, LeftSource, PruneOutcome, PruneReport, PruneRequest};
 use embsync_core::report::{iso8601, IndexReport, ModelUsage, RunReport, RunStatus, SourceReport, Trigger};
 use embsync_core::sql::{self, SchemaState};
 use embsync_core::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource};
@@ -28,6 +29,8 @@ pub struct PgStore {
     /// pgvector's `vector[]` type, looked up once per connection (its OID depends on the
     /// database).
     vector_array: Option<Type>,
+    /// Finished runs kept (`retention.runs`).
+    retention_runs: i64,
 }
 
 fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
@@ -54,7 +57,8 @@ impl PgStore {
     /// The store over `client`, for the models `config` names.
     pub fn new(client: Client, config: &Config) -> PgStore {
         let tags = (config.models.large.tag(), config.models.small.tag());
-        PgStore { client, schema: None, tags, vector_array: None }
+        let retention_runs = i64::try_from(config.retention_runs).unwrap_or(i64::MAX);
+        PgStore { client, schema: None, tags, vector_array: None, retention_runs }
     }
 
     /// The connection, given back (e.g. to close it).
@@ -473,6 +477,10 @@ impl Store for PgStore {
             .await
             .map_err(|e| err("finishing the run", e))?;
         self.client.execute_typed(sql::DROP_OLD_SNAPSHOTS, &[]).await.map_err(|e| err("dropping old snapshots", e))?;
+        self.client
+            .execute_typed(sql::DELETE_OLD_RUNS, &typed(&[&self.retention_runs]))
+            .await
+            .map_err(|e| err("deleting runs beyond the retention", e))?;
         Ok(())
     }
 }
@@ -559,4 +567,127 @@ impl PgStore {
     pub async fn has_run_tables(&mut self) -> Result<bool, StoreError> {
         Ok(self.schema_state().await?.links)
     }
+
+    /// The sources recorded in embsync's tables that no enabled source of `config` has, with
+    /// what they still hold (read-only; none before the first run).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the tables cannot be read.
+    pub async fn left_sources(&mut self, config: &Config) -> Result<Vec<LeftSource>, StoreError> {
+        if !self.schema_state().await?.links {
+            return Ok(Vec::new());
+        }
+        read_left_sources(&self.client, config).await
+    }
+
+    /// Prunes the sources that left the config that `request` names: deletes the cache rows
+    /// embsync wrote that only they link, gives rows that other sources still link another
+    /// source, removes their links and their errors, in one transaction that holds the sync
+    /// lease (taken for `holder` for `ttl`, renewed in the transaction, released at the end),
+    /// so it never runs alongside a sync. The counts it is confirmed against are read in that
+    /// transaction. A dry run only counts, without the lease.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the database fails (nothing is deleted then) or the lease was lost.
+    pub async fn prune(
+        &mut self,
+        config: &Config,
+        request: &PruneRequest,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<PruneOutcome, StoreError> {
+        if !self.schema_state().await?.links {
+            // Never synced: nothing is recorded.
+            return Ok(match request.targets(config, &[]) {
+                Ok(_) => PruneOutcome::Done(PruneReport::planned(request.dry_run, Vec::new(), 0)),
+                Err(refusal) => PruneOutcome::Refused(refusal),
+            });
+        }
+        if !request.dry_run {
+            match self.acquire_lease(holder, ttl).await? {
+                Lease::Acquired => {}
+                Lease::Held { holder, expires_in_secs } => return Ok(PruneOutcome::Busy { holder, expires_in_secs }),
+            }
+        }
+        let result = prune_leased(&mut self.client, config, request, holder, ttl).await;
+        if !request.dry_run {
+            // A failed release leaves the lease to expire by itself.
+            let _ = self.release_lease(holder).await;
+        }
+        result
+    }
+}
+
+async fn read_left_sources(client: &impl tokio_postgres::GenericClient, config: &Config) -> Result<Vec<LeftSource>, StoreError> {
+    let (tables, columns) = prune::enabled_keys(config);
+    let rows = client
+        .query_typed(sql::LEFT_SOURCES, &typed(&[&tables, &columns]))
+        .await
+        .map_err(|e| err("reading the sources that left the config", e))?;
+    let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i64>(i).max(0) as u64;
+    let mut left: Vec<LeftSource> = rows.iter().map(|r| LeftSource::new(config, r.get(0), r.get(1), n(r, 2), n(r, 3), n(r, 4))).collect();
+    // A rename: the same table, spelled another way, with the same column, is enabled.
+    let named: Vec<(usize, String)> = left.iter().enumerate().filter_map(|(i, l)| l.quoted_table().map(|q| (i, q))).collect();
+    let enabled: Vec<_> = config.enabled_sources().collect();
+    if named.is_empty() || enabled.is_empty() {
+        return Ok(left);
+    }
+    let quoted: Vec<String> = named.iter().map(|(_, q)| q.clone()).collect();
+    let enabled_quoted: Vec<String> = enabled.iter().map(|s| s.table.quoted()).collect();
+    let same = client.query_typed(sql::SAME_TABLES, &typed(&[&quoted, &enabled_quoted])).await.map_err(|e| err("comparing tables", e))?;
+    for row in same {
+        let (i, j): (i64, Option<i64>) = (row.get(0), row.get(1));
+        let Some(&(at, _)) = named.get((i - 1) as usize) else { continue };
+        let source = j.and_then(|j| enabled.get((j - 1) as usize)).filter(|s| s.column_key() == left[at].column);
+        left[at].same_as = source.map(|s| s.name.clone());
+    }
+    Ok(left)
+}
+
+/// The transaction of [`PgStore::prune`].
+async fn prune_leased(
+    client: &mut Client,
+    config: &Config,
+    request: &PruneRequest,
+    holder: &str,
+    ttl: Duration,
+) -> Result<PruneOutcome, StoreError> {
+    let tx = client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+    if !request.dry_run {
+        let renewed =
+            tx.execute_typed(sql::RENEW_LEASE, &typed(&[&holder, &ttl.as_secs_f64()])).await.map_err(|e| err("renewing the lease", e))?;
+        if renewed == 0 {
+            return Err(StoreError::lease_lost("the sync lease expired or was taken over before the prune; nothing was deleted"));
+        }
+    }
+    let left = read_left_sources(&tx, config).await?;
+    let targets = match request.targets(config, &left) {
+        Ok(targets) => targets,
+        Err(refusal) => return Ok(PruneOutcome::Refused(refusal)),
+    };
+    let tables: Vec<String> = targets.iter().map(|t| t.table.clone()).collect();
+    let columns: Vec<String> = targets.iter().map(|t| t.column.clone()).collect();
+    let keys = typed(&[&tables, &columns]);
+    let rows: i64 = tx.query_typed_one(&sql::prune_rows(), &keys).await.map_err(|e| err("counting what the prune deletes", e))?.get(0);
+    let mut report = PruneReport::planned(request.dry_run, targets, rows.max(0) as u64);
+    if request.dry_run {
+        return Ok(PruneOutcome::Done(report));
+    }
+    if let Err(refusal) = request.check_confirmed(&report) {
+        return Ok(PruneOutcome::Refused(refusal));
+    }
+    let deleted: i64 = tx.query_typed_one(&sql::prune_delete_rows(), &keys).await.map_err(|e| err("deleting cache rows", e))?.get(0);
+    if deleted != rows {
+        // Nothing else deletes embsync's rows while it holds the lease; if something did, the
+        // confirmed count no longer holds and the transaction is rolled back.
+        return Err(StoreError::new(format!(
+            "the prune would have deleted {deleted} cache rows, not the {rows} it counted; nothing was deleted: try again"
+        )));
+    }
+    tx.execute_typed(sql::PRUNE_REASSIGN, &keys).await.map_err(|e| err("reassigning cache rows", e))?;
+    report.links = tx.execute_typed(sql::PRUNE_UNLINK, &keys).await.map_err(|e| err("unlinking", e))?;
+    report.errors = tx.execute_typed(sql::PRUNE_ERRORS, &keys).await.map_err(|e| err("removing errors", e))?;
+    tx.commit().await.map_err(|e| err("committing the prune", e))?;
+    report.pruned = true;
+    Ok(PruneOutcome::Done(report))
 }

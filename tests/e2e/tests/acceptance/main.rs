@@ -16,6 +16,7 @@ mod indexes;
 mod html;
 mod hyperdrive;
 mod provider;
+mod prune;
 mod runs;
 mod shared;
 mod sync;
