@@ -10,6 +10,7 @@
 //! - [`index`]: which HNSW indexes the sync keeps on the embedding columns (`vectorIndexes`).
 //! - [`sql`]: every statement, as text with bound parameters.
 //! - [`provider`]: OpenAI embeddings request encoding and response decoding.
+//! - [`endpoint`]: where requests go and how they carry the key (OpenAI or Azure OpenAI).
 //! - [`vector`]: base64 float32 and pgvector binary encodings.
 //! - [`sync`]: the driver, over the [`sync::Store`], [`sync::Embedder`] and [`sync::Runtime`] traits.
 //! - [`report`]: run and dry-run reports.
@@ -33,6 +34,7 @@ pub mod batch;
 pub mod config;
 pub mod database;
 pub mod dburl;
+pub mod endpoint;
 pub mod hash;
 pub mod html;
 pub mod ident;

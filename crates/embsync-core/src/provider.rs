@@ -2,7 +2,8 @@
 //!
 //! The worker sends [`EmbeddingRequest::to_json`] with `fetch` and hands the status, headers
 //! and body to [`decode_response`]; nothing here performs IO. Any OpenAI-compatible server
-//! (Azure OpenAI, a local server) speaks the same shapes.
+//! (Azure OpenAI, a local server) speaks the same body shapes; where a request goes and how it
+//! carries the key is [`crate::endpoint`]'s.
 
 use crate::vector::{Vector, VectorDecodeError};
 
@@ -249,6 +250,24 @@ struct ErrorBody {
 struct ErrorDetail {
     #[serde(default)]
     message: String,
+}
+
+/// The `error.code` of an error body (Azure's `DeploymentNotFound`, OpenAI's
+/// `model_not_found`), if it has one, as text.
+pub(crate) fn error_code(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Body {
+        error: Code,
+    }
+    #[derive(Deserialize)]
+    struct Code {
+        #[serde(default)]
+        code: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Body>(body).ok()?.error.code? {
+        serde_json::Value::String(s) => Some(s),
+        other => Some(other.to_string()),
+    }
 }
 
 /// The longest provider message kept in an error.
