@@ -194,6 +194,9 @@ impl App {
             (route, _) => route,
         };
         let Some(route) = route else {
+            if self.azure.is_some() {
+                return crate::azure::resource_not_found();
+            }
             return error_response(&ApiError {
                 status: 404,
                 message: format!("Invalid URL ({} {path})", head.method),
@@ -256,11 +259,12 @@ impl App {
             (state.log.begin(), GlobalFaults::of(state.faults.config()))
         };
         let authorization = head.header("authorization");
-        let (auth, known_model, token, azure) = match &self.azure {
+        let (auth, authorized, known_model, token, azure) = match &self.azure {
             None => {
                 let auth = api::check_auth(authorization, self.api_key.as_deref())
                     .map_err(|error| Answer::error(&error));
-                (auth, None, api::bearer_token(authorization), None)
+                let authorized = auth.is_ok();
+                (auth, authorized, None, api::bearer_token(authorization), None)
             }
             Some(deployments) => {
                 let routed = deployments.route(head, self.api_key.as_deref(), body);
@@ -275,11 +279,11 @@ impl App {
                         None,
                     ),
                 };
-                (auth, model, head.header("api-key"), Some(routed.facts))
+                let token = head.header("api-key");
+                (auth, routed.authorized, model, token, Some(routed.facts))
             }
         };
         let (summary, parsed) = api::parse_request_as(body, known_model);
-        let authorized = auth.is_ok();
         let answer = match auth {
             Err(answer) => answer,
             Ok(()) => match parsed {

@@ -80,6 +80,8 @@ pub struct AzureFacts {
 /// `model` is read as usual), or Azure's error.
 pub struct Routed {
     pub result: Result<Option<Model>, Response>,
+    /// Whether the `api-key` header was accepted.
+    pub authorized: bool,
     pub facts: AzureFacts,
 }
 
@@ -91,7 +93,8 @@ fn error(status: u16, code: &str, message: &str) -> Response {
     )
 }
 
-fn resource_not_found() -> Response {
+/// Azure's answer for a path it does not serve.
+pub fn resource_not_found() -> Response {
     error(404, "404", "Resource not found")
 }
 
@@ -171,14 +174,17 @@ impl Deployments {
             api_key_header: api_key.is_some(),
             authorization_header: head.header("authorization").is_some(),
         };
+        let authorized = match (api_key, expected_key) {
+            (None, _) => false,
+            (Some(key), _) if key.trim().is_empty() => false,
+            (Some(key), Some(expected)) => key == expected,
+            (Some(_), None) => true,
+        };
         let result = (|| {
-            let path = azure_path(head.path()).ok_or_else(resource_not_found)?;
-            match (api_key, expected_key) {
-                (None, _) => return Err(access_denied()),
-                (Some(key), _) if key.trim().is_empty() => return Err(access_denied()),
-                (Some(key), Some(expected)) if key != expected => return Err(access_denied()),
-                _ => {}
+            if !authorized {
+                return Err(access_denied());
             }
+            let path = azure_path(head.path()).ok_or_else(resource_not_found)?;
             let version = facts.api_version.as_deref();
             let deployment = match path {
                 AzurePath::Deployment(deployment) => {
@@ -208,7 +214,11 @@ impl Deployments {
                 .map(Some)
                 .ok_or_else(deployment_not_found)
         })();
-        Routed { result, facts }
+        Routed {
+            result,
+            authorized,
+            facts,
+        }
     }
 }
 

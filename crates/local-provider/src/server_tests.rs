@@ -710,29 +710,33 @@ fn azure_mode_serves_deployments_with_the_api_key_header() {
         (400, "BadRequest".to_string(), "API version not supported".to_string())
     );
     let openai_path = client.request("POST", "/v1/embeddings", &key, &with_model);
-    assert_eq!(openai_path.status, 404);
+    assert_eq!(
+        azure_error(&openai_path),
+        (404, "404".to_string(), "Resource not found".to_string())
+    );
 
-    // The log records the deployment, the api-version and which key headers came.
+    // The log records whether the key was accepted, the deployment, the api-version and which
+    // key headers came.
     let log = admin(addr, "GET", "/_admin/requests", "").json();
     let facts: Vec<Value> = log
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| json!([e["status"], e["model"], e["azure"]]))
+        .map(|e| json!([e["status"], e["model"], e["authorized"], e["azure"]]))
         .collect();
     assert_eq!(
         facts,
         vec![
-            json!([200, "text-embedding-3-large", {"deployment": "emb-large", "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
-            json!([200, "text-embedding-3-large", {"deployment": "emb-large", "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
-            json!([200, "text-embedding-3-small", {"deployment": "emb-small", "apiVersion": null, "apiKeyHeader": true, "authorizationHeader": false}]),
-            json!([200, "text-embedding-3-small", {"deployment": "emb-small", "apiVersion": "v1", "apiKeyHeader": true, "authorizationHeader": false}]),
-            json!([401, null, {"deployment": null, "apiVersion": "2024-10-21", "apiKeyHeader": false, "authorizationHeader": true}]),
-            json!([401, null, {"deployment": null, "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
-            json!([404, null, {"deployment": "text-embedding-3-large", "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
-            json!([404, "text-embedding-3-large", {"deployment": "text-embedding-3-large", "apiVersion": null, "apiKeyHeader": true, "authorizationHeader": false}]),
-            json!([404, null, {"deployment": null, "apiVersion": null, "apiKeyHeader": true, "authorizationHeader": false}]),
-            json!([400, null, {"deployment": null, "apiVersion": "latest", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([200, "text-embedding-3-large", true, {"deployment": "emb-large", "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([200, "text-embedding-3-large", true, {"deployment": "emb-large", "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([200, "text-embedding-3-small", true, {"deployment": "emb-small", "apiVersion": null, "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([200, "text-embedding-3-small", true, {"deployment": "emb-small", "apiVersion": "v1", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([401, null, false, {"deployment": null, "apiVersion": "2024-10-21", "apiKeyHeader": false, "authorizationHeader": true}]),
+            json!([401, null, false, {"deployment": null, "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([404, null, true, {"deployment": "text-embedding-3-large", "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([404, "text-embedding-3-large", true, {"deployment": "text-embedding-3-large", "apiVersion": null, "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([404, null, true, {"deployment": null, "apiVersion": null, "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([400, null, true, {"deployment": null, "apiVersion": "latest", "apiKeyHeader": true, "authorizationHeader": false}]),
         ]
     );
 }

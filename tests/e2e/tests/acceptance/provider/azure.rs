@@ -116,7 +116,7 @@ fn a_sync_uses_each_models_deployment_the_api_key_header_and_the_api_version() {
     }
     assert_each_embedded_once(&provider, &set_of(&VALUES));
     assert_cache_complete(&mut db, &set_of(&VALUES));
-    assert_vectors_are_the_models(&mut db, &Provider::start(None));
+    assert_vectors_are_the_models(&mut db, &Provider::start(Some(API_KEY)));
     assert!(!worker.logs().contains(API_KEY), "the key must not reach the worker's log");
 }
 
