@@ -10,8 +10,8 @@
 //! A model is a name, or `{ "name": "...", "dimensions": 1024, "pricePerMillionTokens": 0.13,
 //! "deployment": "..." }` (list prices of the OpenAI models are built in; `deployment` is the
 //! Azure OpenAI deployment that serves the model, see [`crate::endpoint`]). `batchSize`
-//! (1..=2048) defaults to 100, `enabled` to `true`, and the optional `maxTokensPerRun` caps what one run may spend. The
-//! mass-delete guard (`maxDeleteShare`, default 0.5; `massDeleteMinimum`, default 100; per source
+//! (1..=2048) defaults to 100, `enabled` to `true`, and the optional `maxTokensPerRun` caps what
+//! one run may spend. The mass-delete guard (`maxDeleteShare`, default 0.5; `massDeleteMinimum`, default 100; per source
 //! `allowMassDelete`, default false) keeps a source that suddenly looks empty from deleting its
 //! embeddings. `vectorIndexes` (`{"enabled": true, "m": 16, "efConstruction": 64}`, off when
 //! absent) makes the sync keep HNSW indexes on the embedding columns (see [`crate::index`]).

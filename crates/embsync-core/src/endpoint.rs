@@ -230,7 +230,7 @@ impl ProviderEndpoint {
         }
     }
 
-    /// What the `provider` log event says about the endpoint (never the key).
+    /// The endpoint in words, for messages (it never holds the key).
     pub fn describe(&self) -> String {
         match self {
             ProviderEndpoint::OpenAi { base_url } => format!("OpenAI-compatible at {base_url}"),
