@@ -221,13 +221,13 @@ impl ProviderEndpoint {
         body: &[u8],
         inputs: usize,
     ) -> Result<Embeddings, ProviderError> {
-        let result = provider::decode_response(status, header, body, inputs, model.dimensions());
-        match (self, result) {
-            (ProviderEndpoint::Azure { endpoint, api }, Err(ProviderError::Rejected { status: 404, message })) => {
-                Err(ProviderError::Rejected { status: 404, message: explain_azure_404(endpoint, api, model, &message, body) })
+        let mut result = provider::decode_response(status, header, body, inputs, model.dimensions());
+        if let (ProviderEndpoint::Azure { endpoint, api }, Err(error)) = (self, &mut result) {
+            if let Some((404, message)) = error.refusal_mut() {
+                *message = explain_azure_404(endpoint, api, model, message, body);
             }
-            (_, result) => result,
         }
+        result
     }
 
     /// The endpoint in words, for messages (it never holds the key).

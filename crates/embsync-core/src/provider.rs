@@ -179,6 +179,20 @@ impl ProviderError {
         matches!(self, ProviderError::Unauthorized { .. })
     }
 
+    /// The status and message of a refusal (a 4xx other than 401/403/429), for the edge to add
+    /// what it knows (see [`crate::endpoint`]). Every variant is listed, so that a new kind of
+    /// refusal has to say whether it is one.
+    pub(crate) fn refusal_mut(&mut self) -> Option<(u16, &mut String)> {
+        match self {
+            ProviderError::Rejected { status, message } => Some((*status, message)),
+            ProviderError::RateLimited { .. }
+            | ProviderError::Server { .. }
+            | ProviderError::Unauthorized { .. }
+            | ProviderError::Malformed(_)
+            | ProviderError::Transport(_) => None,
+        }
+    }
+
     /// The wait the provider asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
