@@ -283,7 +283,8 @@ async fn kv_put(kv: Option<&worker::KvStore>, key: &str, value: String, rt: &Wor
 async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     let config = settings::config(env)?;
     let db = settings::database(env)?;
-    let embedder = openai::OpenAi::new(&settings::base_url(env), settings::api_key(env)?);
+    let endpoint = settings::endpoint(env, &config.models)?;
+    let embedder = openai::OpenAi::new(endpoint, settings::api_key(env)?);
     let rt = WorkerRuntime;
     let kv = match env.kv("SYNC_STATE") {
         Ok(kv) => Some(kv),

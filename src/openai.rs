@@ -2,8 +2,9 @@
 
 use crate::settings::Redacted;
 use embsync_core::config::ModelSpec;
+use embsync_core::endpoint::ProviderEndpoint;
 use embsync_core::log::LogEvent;
-use embsync_core::provider::{decode_response, EmbeddingRequest, Embeddings, EncodingFormat, ProviderError};
+use embsync_core::provider::{EmbeddingRequest, Embeddings, EncodingFormat, ProviderError};
 use embsync_core::sync::Embedder;
 use futures::future::{select, Either};
 use std::cell::Cell;
@@ -14,36 +15,38 @@ use worker::{Delay, Fetch, Headers, Method, Request, RequestInit};
 /// How long one request may take before it counts as failed (and is retried).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// An OpenAI-compatible embeddings endpoint.
+/// An embeddings endpoint: OpenAI, a compatible server or Azure OpenAI ([`ProviderEndpoint`]
+/// says where each request goes and how it carries the key).
 pub struct OpenAi {
-    url: String,
+    endpoint: ProviderEndpoint,
     api_key: Redacted,
     /// Base64 until the server refuses it, then float for the rest of the invocation.
     format: Cell<EncodingFormat>,
 }
 
 impl OpenAi {
-    /// `base_url` is e.g. `https://api.openai.com/v1`; requests go to `{base_url}/embeddings`.
-    pub fn new(base_url: &str, api_key: Redacted) -> Self {
-        OpenAi { url: format!("{base_url}/embeddings"), api_key, format: Cell::new(EncodingFormat::Base64) }
+    /// Requests go where `endpoint` says, with `api_key`.
+    pub fn new(endpoint: ProviderEndpoint, api_key: Redacted) -> Self {
+        OpenAi { endpoint, api_key, format: Cell::new(EncodingFormat::Base64) }
     }
 
     async fn send(&self, model: &ModelSpec, inputs: &[&str], format: EncodingFormat) -> Result<Embeddings, ProviderError> {
+        let target = self.endpoint.target(model);
         let body =
-            EmbeddingRequest { model: model.name(), input: inputs, dimensions: model.requested_dimensions(), encoding_format: format }
+            EmbeddingRequest { model: &target.model, input: inputs, dimensions: model.requested_dimensions(), encoding_format: format }
                 .to_json();
         let transport = |e: worker::Error| ProviderError::Transport(e.to_string());
         let headers = Headers::new();
-        headers.set("authorization", &format!("Bearer {}", self.api_key.expose())).map_err(transport)?;
+        headers.set(target.auth.header_name(), &target.auth.header_value(self.api_key.expose())).map_err(transport)?;
         headers.set("content-type", "application/json").map_err(transport)?;
         let mut init = RequestInit::new();
         init.with_method(Method::Post).with_headers(headers).with_body(Some(JsValue::from_str(&body)));
-        let request = Request::new_with_init(&self.url, &init).map_err(transport)?;
+        let request = Request::new_with_init(&target.url, &init).map_err(transport)?;
         let mut response = Fetch::Request(request).send().await.map_err(transport)?;
         let status = response.status_code();
         let bytes = response.bytes().await.map_err(transport)?;
         let headers = response.headers();
-        decode_response(status, |name| headers.get(name).ok().flatten(), &bytes, inputs.len(), model.dimensions())
+        self.endpoint.decode_response(model, status, |name| headers.get(name).ok().flatten(), &bytes, inputs.len())
     }
 }
 

@@ -1,15 +1,14 @@
 //! The worker's environment, read once per invocation into [`Settings`].
 
+use embsync_core::config::Models;
 use embsync_core::config::{Config, ConfigError};
 use embsync_core::database::{self, BindingName, BindingState, Choice, DatabaseError, Found};
+use embsync_core::endpoint::{EndpointError, EndpointVars, ProviderEndpoint};
 use std::fmt;
 use worker::{Env, Hyperdrive};
 
 /// The config compiled into the worker; `EMBEDDING_SOURCES` replaces it.
 pub const BUILT_IN_CONFIG: &str = include_str!("../embedding-sources.json");
-
-/// The default provider base URL.
-pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
 /// A secret string: never shown by `Debug` or `Display`.
 #[derive(Clone)]
@@ -42,6 +41,9 @@ pub enum SettingsError {
     /// No usable database connection (Hyperdrive binding or `DATABASE_URL`).
     #[error(transparent)]
     Database(#[from] DatabaseError),
+    /// The provider endpoint settings are unusable.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
     /// The embedding sources config is invalid.
     #[error("invalid embedding sources config ({origin}): {source}")]
     Config {
@@ -128,7 +130,18 @@ pub fn api_key(env: &Env) -> Result<Redacted, SettingsError> {
         .ok_or(SettingsError::Missing { name: "OPENAI_API_KEY", hint: "set it with `wrangler secret put OPENAI_API_KEY`" })
 }
 
-/// `OPENAI_BASE_URL` without a trailing slash, default [`DEFAULT_BASE_URL`].
-pub fn base_url(env: &Env) -> String {
-    string(env, "OPENAI_BASE_URL").unwrap_or_else(|| DEFAULT_BASE_URL.to_owned()).trim_end_matches('/').to_owned()
+/// The provider endpoint: Azure OpenAI when `AZURE_OPENAI_ENDPOINT` is set (with
+/// `AZURE_OPENAI_API_VERSION` and the models' deployments), else `OPENAI_BASE_URL`.
+///
+/// # Errors
+/// [`SettingsError::Endpoint`] naming the variable and the fix.
+pub fn endpoint(env: &Env, models: &Models) -> Result<ProviderEndpoint, SettingsError> {
+    let (base_url, azure_endpoint, azure_api_version) =
+        (string(env, "OPENAI_BASE_URL"), string(env, "AZURE_OPENAI_ENDPOINT"), string(env, "AZURE_OPENAI_API_VERSION"));
+    let vars = EndpointVars {
+        openai_base_url: base_url.as_deref(),
+        azure_endpoint: azure_endpoint.as_deref(),
+        azure_api_version: azure_api_version.as_deref(),
+    };
+    Ok(ProviderEndpoint::from_vars(&vars, models)?)
 }

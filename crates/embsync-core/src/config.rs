@@ -7,10 +7,11 @@
 //!   "sources": [
 //!     { "name": "Option Descriptions", "table": "config_option", "column": "description", "enabled": true } ] }
 //! ```
-//! A model is a name, or `{ "name": "...", "dimensions": 1024, "pricePerMillionTokens": 0.13 }`
-//! (list prices of the OpenAI models are built in). `batchSize` (1..=2048) defaults to 100,
-//! `enabled` to `true`, and the optional `maxTokensPerRun` caps what one run may spend. The
-//! mass-delete guard (`maxDeleteShare`, default 0.5; `massDeleteMinimum`, default 100; per source
+//! A model is a name, or `{ "name": "...", "dimensions": 1024, "pricePerMillionTokens": 0.13,
+//! "deployment": "..." }` (list prices of the OpenAI models are built in; `deployment` is the
+//! Azure OpenAI deployment that serves the model, see [`crate::endpoint`]). `batchSize`
+//! (1..=2048) defaults to 100, `enabled` to `true`, and the optional `maxTokensPerRun` caps what
+//! one run may spend. The mass-delete guard (`maxDeleteShare`, default 0.5; `massDeleteMinimum`, default 100; per source
 //! `allowMassDelete`, default false) keeps a source that suddenly looks empty from deleting its
 //! embeddings. `vectorIndexes` (`{"enabled": true, "m": 16, "efConstruction": 64}`, off when
 //! absent) makes the sync keep HNSW indexes on the embedding columns (see [`crate::index`]).
@@ -115,6 +116,7 @@ pub struct ModelSpec {
     dimensions: u32,
     explicit_dimensions: bool,
     price_per_million: f64,
+    deployment: Option<Deployment>,
 }
 
 impl ModelSpec {
@@ -145,6 +147,40 @@ impl ModelSpec {
     /// US dollars per million input tokens.
     pub fn price_per_million(&self) -> f64 {
         self.price_per_million
+    }
+
+    /// The Azure OpenAI deployment that serves this model: `deployment` when the config sets
+    /// it, else one named like the model. Other providers ignore it; it is not part of the
+    /// [`tag`](Self::tag), since a deployment is only where the model runs.
+    pub fn deployment(&self) -> &str {
+        self.deployment.as_ref().map_or(&self.name, |d| d.as_str())
+    }
+}
+
+/// An Azure OpenAI deployment name, checked so that it is one URL path segment as it is:
+/// 1 to 64 ASCII letters, digits, `-`, `_` and `.`, starting with a letter or digit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployment(String);
+
+impl Deployment {
+    /// Checks a name.
+    ///
+    /// # Errors
+    /// What is wrong with it, as a message for [`ConfigError`].
+    pub fn parse(name: &str) -> Result<Deployment, String> {
+        let starts_well = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        let chars_ok = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if name.is_empty() || name.len() > 64 || !starts_well || !chars_ok {
+            return Err(format!(
+                "{name:?} is not an Azure deployment name: use 1 to 64 letters, digits, '-', '_' and '.', starting with a letter or digit"
+            ));
+        }
+        Ok(Deployment(name.to_owned()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -299,6 +335,7 @@ struct RawModelSpec {
     name: String,
     dimensions: Option<u32>,
     price_per_million_tokens: Option<f64>,
+    deployment: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -468,10 +505,11 @@ fn vector_indexes(raw: RawVectorIndexes) -> Result<Option<VectorIndexes>, Config
 }
 
 fn model(path: &str, raw: RawModel) -> Result<ModelSpec, ConfigError> {
-    let (name, dimensions, price) = match raw {
-        RawModel::Name(name) => (name, None, None),
-        RawModel::Spec(spec) => (spec.name, spec.dimensions, spec.price_per_million_tokens),
+    let (name, dimensions, price, deployment) = match raw {
+        RawModel::Name(name) => (name, None, None, None),
+        RawModel::Spec(spec) => (spec.name, spec.dimensions, spec.price_per_million_tokens, spec.deployment),
     };
+    let deployment = deployment.map(|d| Deployment::parse(&d)).transpose().map_err(|e| ConfigError::at(format!("{path}.deployment"), e))?;
     let price = match price {
         Some(p) if !(p.is_finite() && p >= 0.0) => {
             return Err(ConfigError::at(
@@ -503,7 +541,7 @@ fn model(path: &str, raw: RawModel) -> Result<ModelSpec, ConfigError> {
             ))
         }
     };
-    Ok(ModelSpec { name, dimensions: dims, explicit_dimensions: dimensions.is_some(), price_per_million: price })
+    Ok(ModelSpec { name, dimensions: dims, explicit_dimensions: dimensions.is_some(), price_per_million: price, deployment })
 }
 
 #[cfg(test)]

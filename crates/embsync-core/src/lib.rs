@@ -11,6 +11,7 @@
 //! - [`sql`]: every statement, as text with bound parameters.
 //! - [`provider`]: OpenAI embeddings request encoding and response decoding.
 //! - [`prune`]: sources that left the config, and pruning them on request.
+//! - [`endpoint`]: where requests go and how they carry the key (OpenAI or Azure OpenAI).
 //! - [`vector`]: base64 float32 and pgvector binary encodings.
 //! - [`sync`]: the driver, over the [`sync::Store`], [`sync::Embedder`] and [`sync::Runtime`] traits.
 //! - [`report`]: run and dry-run reports.
@@ -34,6 +35,7 @@ pub mod batch;
 pub mod config;
 pub mod database;
 pub mod dburl;
+pub mod endpoint;
 pub mod hash;
 pub mod html;
 pub mod ident;

@@ -2,7 +2,8 @@
 //!
 //! The worker sends [`EmbeddingRequest::to_json`] with `fetch` and hands the status, headers
 //! and body to [`decode_response`]; nothing here performs IO. Any OpenAI-compatible server
-//! (Azure OpenAI, a local server) speaks the same shapes.
+//! (Azure OpenAI, a local server) speaks the same body shapes; where a request goes and how it
+//! carries the key is [`crate::endpoint`]'s.
 
 use crate::vector::{Vector, VectorDecodeError};
 
@@ -178,6 +179,20 @@ impl ProviderError {
         matches!(self, ProviderError::Unauthorized { .. })
     }
 
+    /// The status and message of a refusal (a 4xx other than 401/403/429), for the edge to add
+    /// what it knows (see [`crate::endpoint`]). Every variant is listed, so that a new kind of
+    /// refusal has to say whether it is one.
+    pub(crate) fn refusal_mut(&mut self) -> Option<(u16, &mut String)> {
+        match self {
+            ProviderError::Rejected { status, message } => Some((*status, message)),
+            ProviderError::RateLimited { .. }
+            | ProviderError::Server { .. }
+            | ProviderError::Unauthorized { .. }
+            | ProviderError::Malformed(_)
+            | ProviderError::Transport(_) => None,
+        }
+    }
+
     /// The wait the provider asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -249,6 +264,24 @@ struct ErrorBody {
 struct ErrorDetail {
     #[serde(default)]
     message: String,
+}
+
+/// The `error.code` of an error body (Azure's `DeploymentNotFound`, OpenAI's
+/// `model_not_found`), if it has one, as text.
+pub(crate) fn error_code(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Body {
+        error: Code,
+    }
+    #[derive(Deserialize)]
+    struct Code {
+        #[serde(default)]
+        code: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Body>(body).ok()?.error.code? {
+        serde_json::Value::String(s) => Some(s),
+        other => Some(other.to_string()),
+    }
 }
 
 /// The longest provider message kept in an error.

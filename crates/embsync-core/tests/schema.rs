@@ -207,6 +207,12 @@ fn bad_examples_fail_the_parser_and_the_schema_at_the_same_field() {
             missing-sources.json: .: missing field `sources` at line 7 column 1
             missing-version.json: .: missing field `version` at line 13 column 1
             model-as-array.json: models.large: invalid type: sequence, expected a model name or {"name": "...", "dimensions": N} at line 5 column 6
+            model-deployment-65-chars.json: models.large.deployment: "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" is not an Azure deployment name: use 1 to 64 letters, digits, '-', '_' and '.', starting with a letter or digit
+            model-deployment-empty.json: models.large.deployment: "" is not an Azure deployment name: use 1 to 64 letters, digits, '-', '_' and '.', starting with a letter or digit
+            model-deployment-number.json: models.large.deployment: invalid type: integer `3`, expected a string at line 4 column 64
+            model-deployment-starts-with-dot.json: models.large.deployment: ".." is not an Azure deployment name: use 1 to 64 letters, digits, '-', '_' and '.', starting with a letter or digit
+            model-deployment-with-slash.json: models.large.deployment: "emb/large" is not an Azure deployment name: use 1 to 64 letters, digits, '-', '_' and '.', starting with a letter or digit
+            model-deployment-with-space.json: models.large.deployment: "emb large" is not an Azure deployment name: use 1 to 64 letters, digits, '-', '_' and '.', starting with a letter or digit
             model-dimensions-0.json: models.small.dimensions: must be at least 1
             model-dimensions-fractional.json: models.small.dimensions: invalid type: floating point `512.5`, expected u32 at line 7 column 25
             model-dimensions-negative.json: models.small.dimensions: invalid value: integer `-1`, expected u32 at line 7 column 22
@@ -221,7 +227,7 @@ fn bad_examples_fail_the_parser_and_the_schema_at_the_same_field() {
             model-number.json: models.large: invalid type: integer `3072`, expected a model name or {"name": "...", "dimensions": N} at line 4 column 17
             model-object-blank-name.json: models.small: model name is empty
             model-object-missing-name.json: models.small: missing field `name` at line 7 column 5
-            model-object-unknown-key.json: models.small.dims: unknown field `dims`, expected one of `name`, `dimensions`, `pricePerMillionTokens` at line 7 column 12
+            model-object-unknown-key.json: models.small.dims: unknown field `dims`, expected one of `name`, `dimensions`, `pricePerMillionTokens`, `deployment` at line 7 column 12
             model-price-negative.json: models.large.pricePerMillionTokens: -0.13 is not a price: use a number of US dollars, 0 or more
             model-price-string.json: models.large.pricePerMillionTokens: invalid type: string "0.13", expected f64 at line 6 column 37
             model-unknown-name.json: models.small: unknown model "my-model": give its vector size as {"name": "my-model", "dimensions": N}

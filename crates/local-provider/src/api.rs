@@ -344,8 +344,23 @@ impl EmbeddingRequest {
 /// Parses and validates a request body. The summary is always available for
 /// logging; the request only when it is valid.
 pub fn parse_request(body: &[u8]) -> (RequestSummary, Result<EmbeddingRequest, ApiError>) {
+    parse_request_as(body, None)
+}
+
+/// [`parse_request`] for a request whose model is already known (`Some`: an Azure
+/// deployment's): the body's `model` is then not read, and the summary names `model`.
+pub fn parse_request_as(
+    body: &[u8],
+    model: Option<Model>,
+) -> (RequestSummary, Result<EmbeddingRequest, ApiError>) {
     match serde_json::from_slice::<Value>(body) {
-        Ok(value) => (RequestSummary::from_value(&value), validate(&value)),
+        Ok(value) => {
+            let mut summary = RequestSummary::from_value(&value);
+            if let Some(model) = model {
+                summary.model = Some(model.name().to_string());
+            }
+            (summary, validate(&value, model))
+        }
         Err(_) => (RequestSummary::default(), Err(ApiError::unparsable_json())),
     }
 }
@@ -404,7 +419,7 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<String>, ApiError> {
 }
 
 /// Validates a parsed JSON request body.
-fn validate(value: &Value) -> Result<EmbeddingRequest, ApiError> {
+fn validate(value: &Value, known_model: Option<Model>) -> Result<EmbeddingRequest, ApiError> {
     let Value::Object(fields) = value else {
         return Err(ApiError::invalid(
             None,
@@ -412,10 +427,13 @@ fn validate(value: &Value) -> Result<EmbeddingRequest, ApiError> {
         ));
     };
 
-    let model_name = optional_string(fields, "model")?.ok_or_else(|| {
-        ApiError::invalid(Some("model"), "you must provide a model parameter")
-            .with_code("missing_required_parameter")
-    })?;
+    let model_name = match known_model {
+        Some(model) => model.name(),
+        None => optional_string(fields, "model")?.ok_or_else(|| {
+            ApiError::invalid(Some("model"), "you must provide a model parameter")
+                .with_code("missing_required_parameter")
+        })?,
+    };
     let inputs = parse_inputs(fields.get("input"))?;
     let encoding = match optional_string(fields, "encoding_format")? {
         None | Some("float") => EncodingFormat::Float,

@@ -15,6 +15,7 @@ use crate::api::{
     self, ApiError, EmbeddingList, EmbeddingRequest, EncodingFormat, RATE_LIMIT_REQUESTS,
     RATE_LIMIT_TOKENS,
 };
+use crate::azure::Deployments;
 use crate::faults::{BodyFault, FaultConfig, FaultEffect, FaultState, RequestFacts, HANG_SECONDS};
 use crate::http::{RequestHead, Response};
 use crate::log::{LogEntry, RequestLog};
@@ -24,6 +25,8 @@ use crate::log::{LogEntry, RequestLog};
 enum Route {
     Health,
     Embeddings,
+    /// `/openai/...`: Azure OpenAI's paths (served in Azure mode only).
+    AzureEmbeddings,
     AdminRequests,
     AdminFaults,
 }
@@ -35,6 +38,7 @@ impl Route {
             "/v1/embeddings" | "/embeddings" => Some(Route::Embeddings),
             "/_admin/requests" => Some(Route::AdminRequests),
             "/_admin/faults" => Some(Route::AdminFaults),
+            p if p.starts_with("/openai/") => Some(Route::AzureEmbeddings),
             _ => None,
         }
     }
@@ -42,7 +46,7 @@ impl Route {
     fn allowed_methods(self) -> &'static str {
         match self {
             Route::Health => "GET",
-            Route::Embeddings => "POST",
+            Route::Embeddings | Route::AzureEmbeddings => "POST",
             Route::AdminRequests => "GET, DELETE",
             Route::AdminFaults => "GET, POST, PUT, DELETE",
         }
@@ -138,6 +142,8 @@ pub struct App {
     base_latency: Duration,
     /// `--no-base64`: refuse `encoding_format: "base64"`.
     reject_base64: bool,
+    /// Azure OpenAI mode (`--azure`): its deployments.
+    azure: Option<Deployments>,
     log_file: Option<Mutex<File>>,
     state: Mutex<State>,
     request_ids: RequestIds,
@@ -152,6 +158,7 @@ impl App {
             api_key,
             base_latency,
             reject_base64: false,
+            azure: None,
             log_file: log_file.map(Mutex::new),
             state: Mutex::new(State::default()),
             request_ids: RequestIds::new(),
@@ -165,6 +172,13 @@ impl App {
         self
     }
 
+    /// Serves Azure OpenAI's paths and only those, with these deployments (`--azure`; see
+    /// [`crate::azure`]).
+    pub fn azure(mut self, deployments: Option<Deployments>) -> Self {
+        self.azure = deployments;
+        self
+    }
+
     /// The shared state. A panic in another connection's thread cannot leave
     /// it inconsistent (every update is a single step), so poisoning is ignored.
     fn state(&self) -> MutexGuard<'_, State> {
@@ -174,7 +188,15 @@ impl App {
     /// Answers one request.
     pub fn handle(&self, head: &RequestHead, body: &[u8]) -> Response {
         let path = head.path();
-        let Some(route) = Route::of(path) else {
+        let route = match (Route::of(path), &self.azure) {
+            // An Azure resource serves only its own paths; an OpenAI server none of them.
+            (Some(Route::Embeddings), Some(_)) | (Some(Route::AzureEmbeddings), None) => None,
+            (route, _) => route,
+        };
+        let Some(route) = route else {
+            if self.azure.is_some() {
+                return crate::azure::resource_not_found();
+            }
             return error_response(&ApiError {
                 status: 404,
                 message: format!("Invalid URL ({} {path})", head.method),
@@ -185,7 +207,7 @@ impl App {
         };
         match (route, head.method.as_str()) {
             (Route::Health, "GET") => Response::json(200, &json!({"status": "ok"})),
-            (Route::Embeddings, "POST") => self.embeddings(head, body),
+            (Route::Embeddings | Route::AzureEmbeddings, "POST") => self.embeddings(head, body),
             (Route::AdminRequests, "GET") => {
                 let entries = self.state().log.entries().to_vec();
                 Response::json(200, &entries)
@@ -236,18 +258,38 @@ impl App {
             let mut state = self.state();
             (state.log.begin(), GlobalFaults::of(state.faults.config()))
         };
-        let (summary, parsed) = api::parse_request(body);
         let authorization = head.header("authorization");
-        let auth = api::check_auth(authorization, self.api_key.as_deref());
-        let authorized = auth.is_ok();
-        let answer = match auth.and(parsed) {
-            Err(error) => Answer::error(&error),
-            Ok(request) => self.answer(
-                ticket.seq,
-                &request,
-                api::bearer_token(authorization),
-                global,
-            ),
+        let (auth, authorized, known_model, token, azure) = match &self.azure {
+            None => {
+                let auth = api::check_auth(authorization, self.api_key.as_deref())
+                    .map_err(|error| Answer::error(&error));
+                let authorized = auth.is_ok();
+                (auth, authorized, None, api::bearer_token(authorization), None)
+            }
+            Some(deployments) => {
+                let routed = deployments.route(head, self.api_key.as_deref(), body);
+                let (auth, model) = match routed.result {
+                    Ok(model) => (Ok(()), model),
+                    Err(response) => (
+                        Err(Answer {
+                            response,
+                            fault: None,
+                            delay: Duration::ZERO,
+                        }),
+                        None,
+                    ),
+                };
+                let token = head.header("api-key");
+                (auth, routed.authorized, model, token, Some(routed.facts))
+            }
+        };
+        let (summary, parsed) = api::parse_request_as(body, known_model);
+        let answer = match auth {
+            Err(answer) => answer,
+            Ok(()) => match parsed {
+                Err(error) => Answer::error(&error),
+                Ok(request) => self.answer(ticket.seq, &request, token, global),
+            },
         };
 
         let entry = LogEntry {
@@ -260,6 +302,7 @@ impl App {
             status: answer.response.status,
             fault: answer.fault,
             authorized,
+            azure,
         };
         eprintln!(
             "embsync-local-provider: #{} {} model={} inputs={} -> {}{}",

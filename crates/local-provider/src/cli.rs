@@ -3,12 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::api::Model;
+use crate::azure::Deployments;
 use crate::server::Config;
 
 /// The usage text printed by `--help` and after a usage error.
 pub const USAGE: &str = "\
 Usage: embsync-local-provider [--port P] [--host H] [--api-key KEY] [--log FILE] [--latency-ms N]
-                              [--no-base64]
+                              [--no-base64] [--azure] [--azure-deployment NAME=MODEL]...
 
 An OpenAI-compatible embeddings server with deterministic vectors, for tests and demos.
 
@@ -19,6 +21,12 @@ Options:
   --log FILE       also append every embeddings request log entry to FILE as a JSON line
   --latency-ms N   delay every embeddings answer by N milliseconds (default 0)
   --no-base64      refuse encoding_format \"base64\" with a 400, like a float-only server
+  --azure          serve Azure OpenAI's API instead: POST /openai/deployments/NAME/embeddings
+                   ?api-version=YYYY-MM-DD and POST /openai/v1/embeddings, the key in an
+                   `api-key` header; without --azure-deployment each model is a deployment
+                   of its own name
+  --azure-deployment NAME=MODEL
+                   (repeatable; implies --azure) a deployment NAME serving MODEL
   -h, --help       print this help
 
 The first line on stdout is `listening on http://HOST:PORT`.";
@@ -40,6 +48,8 @@ where
     I::Item: Into<String>,
 {
     let mut config = Config::default();
+    // `--azure` / `--azure-deployment`: the deployments given (none: named like the models).
+    let mut azure: Option<Vec<(String, Model)>> = None;
     let mut args = args.into_iter().map(Into::into);
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
@@ -47,6 +57,10 @@ where
         }
         if arg == "--no-base64" {
             config.reject_base64 = true;
+            continue;
+        }
+        if arg == "--azure" {
+            azure.get_or_insert_with(Vec::new);
             continue;
         }
         let (name, inline_value) = match arg.split_once('=') {
@@ -84,9 +98,20 @@ where
                     .map_err(|_| format!("--latency-ms: not a number of milliseconds: {text:?}"))?;
                 config.latency = Duration::from_millis(ms);
             }
+            "--azure-deployment" => {
+                let deployment = crate::azure::parse_deployment(&value()?)?;
+                azure.get_or_insert_with(Vec::new).push(deployment);
+            }
             _ => return Err(format!("unknown argument: {arg}")),
         }
     }
+    config.azure = azure.map(|given| {
+        if given.is_empty() {
+            Deployments::named_like_models()
+        } else {
+            Deployments::new(given)
+        }
+    });
     Ok(Command::Serve(config))
 }
 
@@ -129,9 +154,27 @@ mod tests {
                 log_file: Some(PathBuf::from("/tmp/l.jsonl")),
                 latency: Duration::from_millis(25),
                 reject_base64: false,
+                azure: None,
             }
         );
         assert!(serve(&["--no-base64"]).reject_base64);
+        assert_eq!(
+            serve(&["--azure"]).azure,
+            Some(Deployments::named_like_models())
+        );
+        assert_eq!(
+            serve(&[
+                "--azure-deployment",
+                "emb-large=text-embedding-3-large",
+                "--azure-deployment=emb-small=text-embedding-3-small",
+                "--azure",
+            ])
+            .azure,
+            Some(Deployments::new(vec![
+                ("emb-large".into(), Model::TextEmbedding3Large),
+                ("emb-small".into(), Model::TextEmbedding3Small),
+            ]))
+        );
         // A key may itself contain '='.
         assert_eq!(serve(&["--api-key=a=b"]).api_key.as_deref(), Some("a=b"));
     }
@@ -148,6 +191,9 @@ mod tests {
             &["--api-key", ""],
             &["--verbose"],
             &["--no-base64=1"],
+            &["--azure-deployment", "emb"],
+            &["--azure-deployment", "emb=gpt-4"],
+            &["--azure=1"],
             &["8080"],
         ] {
             assert!(parse_args(bad.iter().copied()).is_err(), "{bad:?}");

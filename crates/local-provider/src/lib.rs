@@ -12,6 +12,7 @@
 //! * [`http`]: HTTP/1.1 request parsing and response writing;
 //! * [`app`]: routing and endpoint handlers;
 //! * [`api`]: the OpenAI request/response/error formats and validation;
+//! * [`azure`]: Azure OpenAI mode (its paths, `api-key`, `api-version`, deployments);
 //! * [`faults`]: fault rules and their selection;
 //! * [`log`]: the request log;
 //! * [`vectors`] and [`tokens`]: deterministic vectors and token counts;
@@ -19,6 +20,7 @@
 
 pub mod api;
 pub mod app;
+pub mod azure;
 pub mod cli;
 pub mod faults;
 pub mod http;

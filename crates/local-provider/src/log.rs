@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::azure::AzureFacts;
+
 /// One embeddings request as the provider saw and answered it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -21,8 +23,11 @@ pub struct LogEntry {
     pub status: u16,
     /// The fault rule that fired, e.g. `rules[0]: status 429`.
     pub fault: Option<String>,
-    /// Whether the `Authorization` header was accepted.
+    /// Whether the `Authorization` header (in Azure mode, the `api-key` header) was accepted.
     pub authorized: bool,
+    /// In Azure mode: the deployment, `api-version` and which key headers were sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureFacts>,
 }
 
 /// A sequence number handed out when a request arrives. It carries the log
@@ -97,6 +102,7 @@ mod tests {
             status,
             fault: None,
             authorized: true,
+            azure: None,
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::ApiError;
 use crate::app::App;
+use crate::azure::Deployments;
 use crate::http::{self, BodyFraming, HttpError, Version};
 
 /// How long an idle keep-alive connection is kept open.
@@ -34,6 +35,8 @@ pub struct Config {
     pub latency: Duration,
     /// Refuse `encoding_format: "base64"` with a 400 (`--no-base64`).
     pub reject_base64: bool,
+    /// Azure OpenAI mode and its deployments (`--azure`, `--azure-deployment`).
+    pub azure: Option<Deployments>,
 }
 
 impl Default for Config {
@@ -45,6 +48,7 @@ impl Default for Config {
             log_file: None,
             latency: Duration::ZERO,
             reject_base64: false,
+            azure: None,
         }
     }
 }
@@ -67,7 +71,8 @@ impl Server {
             )
         })?;
         let app = App::new(config.api_key.clone(), config.latency, log_file)
-            .rejecting_base64(config.reject_base64);
+            .rejecting_base64(config.reject_base64)
+            .azure(config.azure.clone());
         Ok(Server {
             listener,
             app: Arc::new(app),

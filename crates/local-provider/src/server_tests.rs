@@ -617,3 +617,140 @@ fn base64_can_be_refused() {
     admin(addr, "DELETE", "/_admin/faults", "");
     assert_eq!(client.embed(b64).status, 200);
 }
+
+fn start_azure() -> SocketAddr {
+    start(Config {
+        api_key: Some(KEY.to_string()),
+        azure: Some(crate::azure::Deployments::new(vec![
+            ("emb-large".into(), crate::api::Model::TextEmbedding3Large),
+            ("emb-small".into(), crate::api::Model::TextEmbedding3Small),
+        ])),
+        ..Config::default()
+    })
+}
+
+/// An Azure error body's code and message.
+fn azure_error(reply: &Reply) -> (u16, String, String) {
+    let error = reply.json()["error"].clone();
+    (
+        reply.status,
+        error["code"].as_str().unwrap_or_default().to_string(),
+        error["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn azure_mode_serves_deployments_with_the_api_key_header() {
+    let addr = start_azure();
+    let mut client = Client::connect(addr);
+    let body = json!({"input": ["hello"], "encoding_format": "float"}).to_string();
+    let key = [("api-key", KEY), ("Content-Type", "application/json")];
+    let deployment = "/openai/deployments/emb-large/embeddings?api-version=2024-10-21";
+
+    // The deployment picks the model; `model` in the body is ignored, as Azure ignores it.
+    let ok = client.request("POST", deployment, &key, &body);
+    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    let list: EmbeddingList = serde_json::from_slice(&ok.body).unwrap();
+    assert_eq!(list.model, "text-embedding-3-large");
+    assert_eq!(
+        list.data[0].embedding,
+        EmbeddingData::Float(vectors::embedding("text-embedding-3-large", "hello", 3072))
+    );
+    let with_model = json!({"model": "text-embedding-3-small", "input": "hello"}).to_string();
+    let ignored = client.request("POST", deployment, &key, &with_model);
+    assert_eq!(ignored.json()["model"], "text-embedding-3-large");
+
+    // The v1 API: the body's `model` names the deployment; api-version optional.
+    let v1 = json!({"model": "emb-small", "input": "hello"}).to_string();
+    for path in ["/openai/v1/embeddings", "/openai/v1/embeddings?api-version=v1"] {
+        let reply = client.request("POST", path, &key, &v1);
+        assert_eq!(reply.status, 200, "{path}");
+        assert_eq!(reply.json()["model"], "text-embedding-3-small");
+    }
+
+    // A bearer token is not Azure's key header: 401, Azure-shaped.
+    let bearer = format!("Bearer {KEY}");
+    let denied = client.request("POST", deployment, &[("Authorization", &bearer)], &body);
+    let (status, code, message) = azure_error(&denied);
+    assert_eq!((status, code.as_str()), (401, "401"));
+    assert!(message.starts_with("Access denied due to invalid subscription key"));
+    let wrong = client.request("POST", deployment, &[("api-key", "sk-wrong")], &body);
+    assert_eq!(azure_error(&wrong).0, 401);
+
+    // Unknown deployment; missing and unknown api-version; OpenAI's own paths.
+    let unknown = client.request(
+        "POST",
+        "/openai/deployments/text-embedding-3-large/embeddings?api-version=2024-10-21",
+        &key,
+        &body,
+    );
+    let (status, code, message) = azure_error(&unknown);
+    assert_eq!((status, code.as_str()), (404, "DeploymentNotFound"));
+    assert!(message.starts_with("The API deployment for this resource does not exist."));
+    let v1_unknown = client.request(
+        "POST",
+        "/openai/v1/embeddings",
+        &key,
+        &json!({"model": "text-embedding-3-large", "input": "x"}).to_string(),
+    );
+    assert_eq!(azure_error(&v1_unknown).1, "DeploymentNotFound");
+    let no_version = client.request("POST", "/openai/deployments/emb-large/embeddings", &key, &body);
+    assert_eq!(
+        azure_error(&no_version),
+        (404, "404".to_string(), "Resource not found".to_string())
+    );
+    let bad_version = client.request(
+        "POST",
+        "/openai/deployments/emb-large/embeddings?api-version=latest",
+        &key,
+        &body,
+    );
+    assert_eq!(
+        azure_error(&bad_version),
+        (400, "BadRequest".to_string(), "API version not supported".to_string())
+    );
+    let openai_path = client.request("POST", "/v1/embeddings", &key, &with_model);
+    assert_eq!(
+        azure_error(&openai_path),
+        (404, "404".to_string(), "Resource not found".to_string())
+    );
+
+    // The log records whether the key was accepted, the deployment, the api-version and which
+    // key headers came.
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    let facts: Vec<Value> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| json!([e["status"], e["model"], e["authorized"], e["azure"]]))
+        .collect();
+    assert_eq!(
+        facts,
+        vec![
+            json!([200, "text-embedding-3-large", true, {"deployment": "emb-large", "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([200, "text-embedding-3-large", true, {"deployment": "emb-large", "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([200, "text-embedding-3-small", true, {"deployment": "emb-small", "apiVersion": null, "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([200, "text-embedding-3-small", true, {"deployment": "emb-small", "apiVersion": "v1", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([401, null, false, {"deployment": null, "apiVersion": "2024-10-21", "apiKeyHeader": false, "authorizationHeader": true}]),
+            json!([401, null, false, {"deployment": null, "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([404, null, true, {"deployment": "text-embedding-3-large", "apiVersion": "2024-10-21", "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([404, "text-embedding-3-large", true, {"deployment": "text-embedding-3-large", "apiVersion": null, "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([404, null, true, {"deployment": null, "apiVersion": null, "apiKeyHeader": true, "authorizationHeader": false}]),
+            json!([400, null, true, {"deployment": null, "apiVersion": "latest", "apiKeyHeader": true, "authorizationHeader": false}]),
+        ]
+    );
+}
+
+#[test]
+fn azure_paths_are_unknown_to_an_openai_server() {
+    let addr = start_with_key();
+    let mut client = Client::connect(addr);
+    let reply = client.request(
+        "POST",
+        "/openai/deployments/emb-large/embeddings?api-version=2024-10-21",
+        &[("api-key", KEY)],
+        "{}",
+    );
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["type"], "invalid_request_error");
+}

@@ -1031,6 +1031,7 @@ impl Drop for Provider {
 pub struct WorkerOpts {
     /// `DATABASE_URL`; empty leaves it unset (see [`WorkerOpts::no_database_url`]).
     pub database_url: String,
+    /// `OPENAI_BASE_URL`; empty leaves it unset (see [`WorkerOpts::azure`]).
     pub openai_base_url: String,
     pub openai_api_key: String,
     /// `SYNC_API_TOKEN`; `None` leaves it unconfigured.
@@ -1075,6 +1076,18 @@ impl WorkerOpts {
     /// for local development, as `CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_<binding>`.
     pub fn hyperdrive(mut self, binding: &str, local_connection_string: &str) -> WorkerOpts {
         self.hyperdrive = Some((binding.to_string(), local_connection_string.to_string()));
+        self
+    }
+
+    /// Against the provider in Azure mode (`--azure`): `AZURE_OPENAI_ENDPOINT` is its origin,
+    /// `AZURE_OPENAI_API_VERSION` is `api_version` (`None`: unset, the v1 API), and
+    /// `OPENAI_BASE_URL` is unset.
+    pub fn azure(mut self, provider: &Provider, api_version: Option<&str>) -> WorkerOpts {
+        self.openai_base_url = String::new();
+        self.vars.push(("AZURE_OPENAI_ENDPOINT".to_string(), provider.origin.clone()));
+        if let Some(v) = api_version {
+            self.vars.push(("AZURE_OPENAI_API_VERSION".to_string(), v.to_string()));
+        }
         self
     }
 
@@ -1253,10 +1266,10 @@ impl Worker {
                 "--log-level",
                 "log",
             ]);
-        let mut vars = vec![
-            ("OPENAI_API_KEY", opts.openai_api_key.clone()),
-            ("OPENAI_BASE_URL", opts.openai_base_url.clone()),
-        ];
+        let mut vars = vec![("OPENAI_API_KEY", opts.openai_api_key.clone())];
+        if !opts.openai_base_url.is_empty() {
+            vars.push(("OPENAI_BASE_URL", opts.openai_base_url.clone()));
+        }
         if !opts.database_url.is_empty() {
             vars.push(("DATABASE_URL", opts.database_url.clone()));
         }

@@ -1,10 +1,12 @@
 //! Issue 4, the provider side: retries and pacing, fatal and permanent errors, base64 and
-//! pgvector's binary format, model changes, cost estimates and the per-run token budget.
+//! pgvector's binary format, model changes, cost estimates and the per-run token budget; and
+//! Azure OpenAI (issue 9).
 //!
 //! Every test starts its own stack; faults come from the local provider's switches
 //! (`/_admin/faults`, `--no-base64`), and the assertions read the provider's request log, the
 //! database and the worker's log.
 
+mod azure;
 mod cost;
 mod errors;
 mod models;
