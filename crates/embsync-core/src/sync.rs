@@ -593,14 +593,21 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
             stopped.push(why.clone());
         }
         report.stopped = (!stopped.is_empty()).then(|| stopped.join("; "));
-        rt.log(
-            LogEvent::info(
+        let (n, id) = (spent.batches, &run.id.0);
+        let event = match spent.pause.borrow().as_ref() {
+            Some(Pause::Outage(why)) => {
+                LogEvent::warn("budget", format!("Invocation paused after {n} batches: {why}; run {id} goes on in the next invocation"))
+            }
+            _ if spent.requests.get() >= budget.max_subrequests => LogEvent::info(
                 "budget",
-                format!("Invocation budget spent after {} batches; run {} goes on in the next invocation", spent.batches, run.id.0),
-            )
-            .run(&run.id.0)
-            .field("batches", spent.batches),
-        );
+                format!(
+                    "Invocation paused after {n} batches: its {} provider requests (SYNC_MAX_SUBREQUESTS) are sent; run {id} goes on in the next invocation",
+                    budget.max_subrequests
+                ),
+            ),
+            _ => LogEvent::info("budget", format!("Invocation budget spent after {n} batches; run {id} goes on in the next invocation")),
+        };
+        rt.log(event.run(id).field("batches", n).field("requests", spent.requests.get()));
         return Ok(Outcome::Paused(report, cursor));
     }
     report.status = RunStatus::Finished;

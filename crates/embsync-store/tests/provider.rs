@@ -265,6 +265,7 @@ async fn every_invocation_keeps_its_provider_requests_under_the_cap() {
     assert_eq!(done_values(&db).await, set(&refs[..14]));
     assert_eq!(error_hashes(&db).await, [hash_of("bad one"), hash_of("bad two")].into());
     assert_eq!(report.totals.errors, 2, "{report:?}");
+    assert!(rt.messages().iter().any(|m| m.contains("7 provider requests (SYNC_MAX_SUBREQUESTS) are sent")), "{:#?}", rt.messages());
 }
 
 #[tokio::test(flavor = "current_thread")]
