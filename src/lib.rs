@@ -234,8 +234,8 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:x}-{:08x}", Date::now().as_millis(), (js_sys::Math::random() * f64::from(u32::MAX)) as u32)
 }
 
-/// The invocation budget: `SYNC_MAX_BATCHES`, `SYNC_MAX_SECONDS` and `SYNC_LEASE_SECONDS`
-/// override the defaults.
+/// The invocation budget: `SYNC_MAX_BATCHES`, `SYNC_MAX_SECONDS`, `SYNC_LEASE_SECONDS` and
+/// `SYNC_MAX_SUBREQUESTS` override the defaults.
 fn budget(env: &Env) -> Budget {
     let num = |name: &str| settings::string(env, name).and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite() && *v > 0.0);
     let mut b = Budget::default();
@@ -247,6 +247,9 @@ fn budget(env: &Env) -> Budget {
     }
     if let Some(s) = num("SYNC_LEASE_SECONDS") {
         b.lease_ttl = Duration::from_secs_f64(s);
+    }
+    if let Some(n) = num("SYNC_MAX_SUBREQUESTS") {
+        b.max_subrequests = n as u64;
     }
     b
 }

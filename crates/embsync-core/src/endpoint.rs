@@ -510,20 +510,20 @@ mod tests {
         };
         // Azure's bodies, as its REST API sends them.
         let not_found = r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."}}"#;
-        expect![[r#"err provider refused the request (404): Azure OpenAI at https://acme.openai.azure.com has no deployment "emb-large" for model text-embedding-3-large (DeploymentNotFound: The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again.): deploy the model under that name, or set the model's "deployment" in the config to the name of its deployment retryable=false fatal=false"#]]
+        expect![[r#"err the provider refused the request itself (404): Azure OpenAI at https://acme.openai.azure.com has no deployment "emb-large" for model text-embedding-3-large (DeploymentNotFound: The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again.): deploy the model under that name, or set the model's "deployment" in the config to the name of its deployment retryable=false fatal=false"#]]
             .assert_eq(&decode(&dated, &m.large, 404, not_found));
         let resource = r#"{"error":{"code":"404","message":"Resource not found"}}"#;
-        expect![[r#"err provider refused the request (404): Azure OpenAI at https://acme.openai.azure.com does not serve api-version 2024-10-21 for deployment "text-embedding-3-small" (Resource not found): check AZURE_OPENAI_ENDPOINT (https://NAME.openai.azure.com) and AZURE_OPENAI_API_VERSION retryable=false fatal=false"#]]
+        expect![[r#"err the provider refused the request itself (404): Azure OpenAI at https://acme.openai.azure.com does not serve api-version 2024-10-21 for deployment "text-embedding-3-small" (Resource not found): check AZURE_OPENAI_ENDPOINT (https://NAME.openai.azure.com) and AZURE_OPENAI_API_VERSION retryable=false fatal=false"#]]
             .assert_eq(&decode(&dated, &m.small, 404, resource));
         let v1 = ProviderEndpoint::Azure { endpoint: "https://acme.openai.azure.com".into(), api: AzureApi::V1 };
-        expect![[r#"err provider refused the request (404): Azure OpenAI at https://acme.openai.azure.com does not serve the v1 API for deployment "emb-large" (Resource not found): check AZURE_OPENAI_ENDPOINT (https://NAME.openai.azure.com) and AZURE_OPENAI_API_VERSION retryable=false fatal=false"#]]
+        expect![[r#"err the provider refused the request itself (404): Azure OpenAI at https://acme.openai.azure.com does not serve the v1 API for deployment "emb-large" (Resource not found): check AZURE_OPENAI_ENDPOINT (https://NAME.openai.azure.com) and AZURE_OPENAI_API_VERSION retryable=false fatal=false"#]]
             .assert_eq(&decode(&v1, &m.large, 404, resource));
         // 401 and 400 are decoded as for OpenAI.
         let denied = r#"{"error":{"code":"401","message":"Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."}}"#;
         expect!["err the provider rejected the API key (401): check the OPENAI_API_KEY secret retryable=false fatal=true"]
             .assert_eq(&decode(&dated, &m.large, 401, denied));
         let bad_version = r#"{"error":{"code":"BadRequest","message":"API version not supported"}}"#;
-        expect!["err provider refused the request (400): API version not supported retryable=false fatal=false"].assert_eq(&decode(
+        expect!["err the provider refused the request itself (400): API version not supported retryable=false fatal=false"].assert_eq(&decode(
             &dated,
             &m.large,
             400,
@@ -531,7 +531,7 @@ mod tests {
         ));
         // OpenAI's 404 is left as it is.
         let openai = ProviderEndpoint::OpenAi { base_url: DEFAULT_BASE_URL.into() };
-        expect!["err provider refused the request (404): DeploymentNotFound retryable=false fatal=false"].assert_eq(&decode(
+        expect!["err the provider refused the request itself (404): DeploymentNotFound retryable=false fatal=false"].assert_eq(&decode(
             &openai,
             &m.large,
             404,

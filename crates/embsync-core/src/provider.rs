@@ -146,9 +146,20 @@ pub enum ProviderError {
         /// The HTTP status.
         status: u16,
     },
-    /// Another 4xx: this request will never succeed as it is.
+    /// A 4xx about an input (too long, invalid, filtered): this request will never succeed as
+    /// it is, but one without the input may; splitting the request isolates the value.
     #[error("provider refused the request ({status}): {message}")]
     Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// The provider's message.
+        message: String,
+    },
+    /// A 4xx about the request itself, not any input: the model is unknown (404), `dimensions`
+    /// or another parameter is refused, the body is too large (413) or of the wrong shape.
+    /// No value is to blame, and no request of this model succeeds until the config is fixed.
+    #[error("the provider refused the request itself ({status}): {message}")]
+    RequestRejected {
         /// The HTTP status.
         status: u16,
         /// The provider's message.
@@ -171,7 +182,14 @@ impl ProviderError {
     /// Whether the provider refused `encoding_format: "base64"`, so the request should be sent
     /// again with `float`.
     pub fn is_base64_unsupported(&self) -> bool {
-        matches!(self, ProviderError::Rejected { status: 400 | 422, message } if message.contains("encoding_format") || message.contains("base64"))
+        matches!(self, ProviderError::Rejected { status: 400 | 422, message } | ProviderError::RequestRejected { status: 400 | 422, message }
+            if message.contains("encoding_format") || message.contains("base64"))
+    }
+
+    /// Whether the provider refused the request itself rather than one of its inputs: splitting
+    /// it would only repeat the refusal, and no value is to blame.
+    pub fn is_request_level(&self) -> bool {
+        matches!(self, ProviderError::RequestRejected { .. })
     }
 
     /// Whether the whole run must stop: no later request can succeed either.
@@ -184,7 +202,7 @@ impl ProviderError {
     /// refusal has to say whether it is one.
     pub(crate) fn refusal_mut(&mut self) -> Option<(u16, &mut String)> {
         match self {
-            ProviderError::Rejected { status, message } => Some((*status, message)),
+            ProviderError::Rejected { status, message } | ProviderError::RequestRejected { status, message } => Some((*status, message)),
             ProviderError::RateLimited { .. }
             | ProviderError::Server { .. }
             | ProviderError::Unauthorized { .. }
@@ -264,6 +282,12 @@ struct ErrorBody {
 struct ErrorDetail {
     #[serde(default)]
     message: String,
+    /// The request field the error is about (`input`, `model`, `dimensions`), often `null`.
+    #[serde(default)]
+    param: Option<String>,
+    /// A machine-readable code (`model_not_found`, `context_length_exceeded`), often `null`.
+    #[serde(default)]
+    code: Option<serde_json::Value>,
 }
 
 /// The `error.code` of an error body (Azure's `DeploymentNotFound`, OpenAI's
@@ -356,18 +380,48 @@ fn parse_with_serde(body: &[u8]) -> Result<Parsed, ProviderError> {
 }
 
 fn classify_error(status: u16, header: &impl Fn(&str) -> Option<String>, body: &[u8]) -> ProviderError {
-    let message = match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(b) if !b.error.message.is_empty() => b.error.message,
-        _ => String::from_utf8_lossy(body).trim().to_owned(),
+    let (message, param, code) = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) if !b.error.message.is_empty() => {
+            let code = match b.error.code {
+                Some(serde_json::Value::String(c)) => Some(c),
+                _ => None,
+            };
+            (b.error.message, b.error.param, code)
+        }
+        _ => (String::from_utf8_lossy(body).trim().to_owned(), None, None),
     };
+    let about_an_input = is_about_an_input(param.as_deref(), code.as_deref(), &message, body);
     let message = truncate(if message.is_empty() { "no message".to_owned() } else { message });
     match status {
         429 => ProviderError::RateLimited { retry_after: retry_after(header), message },
         401 | 403 => ProviderError::Unauthorized { status },
         408 | 409 => ProviderError::Server { status, message },
         500..=599 => ProviderError::Server { status, message },
-        _ => ProviderError::Rejected { status, message },
+        // Not found (the model, or a wrong base URL), method not allowed, body too large: never
+        // about one input.
+        404 | 405 | 413 => ProviderError::RequestRejected { status, message },
+        _ if about_an_input => ProviderError::Rejected { status, message },
+        _ => ProviderError::RequestRejected { status, message },
     }
+}
+
+/// Whether a refusal is about an input rather than the request itself. OpenAI names the field
+/// in `param` only sometimes (`"param": "input"`); its context-length and invalid-input errors
+/// carry `"param": null` and say it in the message ("This model's maximum context length is
+/// 8192 tokens, however you requested ...", "'$.input' is invalid", "Invalid 'input': ...");
+/// Azure's content filter has `"code": "content_filter"`; FastAPI-style servers answer 422
+/// with `"loc": ["body", "input", 3]`. Anything else (an unknown model, `dimensions`, an
+/// unreadable body) is about the request.
+fn is_about_an_input(param: Option<&str>, code: Option<&str>, message: &str, body: &[u8]) -> bool {
+    if matches!(code, Some("context_length_exceeded" | "content_filter" | "invalid_input" | "string_above_max_length")) {
+        return true;
+    }
+    if let Some(param) = param {
+        return param == "input" || param.starts_with("input[") || param.starts_with("input.");
+    }
+    let m = message.to_lowercase();
+    let says = ["context length", "context window", "'$.input'", "invalid 'input", "input length", "too many tokens", "token", "prompt"];
+    says.iter().any(|s| m.contains(s)) || memchr::memmem::find(body, br#""input""#).is_some()
 }
 
 /// Reads `retry-after-ms` (milliseconds, OpenAI's own) or `retry-after` (seconds).
@@ -553,6 +607,14 @@ mod tests {
             expect!["err provider refused the request (400): '$.input' is invalid. retryable=false fatal=false wait=None"],
         );
         check(
+            404,
+            &[],
+            r#"{"error":{"message":"The model `text-embedding-3-larg` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+            1,
+            2,
+            expect!["err the provider refused the request itself (404): The model `text-embedding-3-larg` does not exist or you do not have access to it. retryable=false fatal=false wait=None"],
+        );
+        check(
             401,
             &[],
             r#"{"error":{"message":"Incorrect API key provided: sk-abc***xyz.","code":"invalid_api_key"}}"#,
@@ -568,6 +630,76 @@ mod tests {
             2,
             expect!["err provider error (502): <html>bad gateway</html> retryable=true fatal=false wait=None"],
         );
+    }
+
+    /// Which refusals are about an input (split the request to isolate it) and which about the
+    /// request itself (no value to blame), on bodies as OpenAI and compatible servers send them.
+    #[test]
+    fn refusals_are_about_an_input_or_the_request_itself() {
+        let cases: &[(u16, &str, bool)] = &[
+            // OpenAI: an input over the context length (`param` null), old and new wording.
+            (
+                400,
+                r#"{"error":{"message":"This model's maximum context length is 8192 tokens, however you requested 8610 tokens (8610 in your prompt; 0 for the completion). Please reduce your prompt; or completion length.","type":"invalid_request_error","param":null,"code":null}}"#,
+                true,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"Invalid 'input': maximum context length is 8192 tokens.","type":"invalid_request_error","param":null,"code":null}}"#,
+                true,
+            ),
+            // OpenAI: an empty or invalid input.
+            (
+                400,
+                r#"{"error":{"message":"'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference.","type":"invalid_request_error","param":null,"code":null}}"#,
+                true,
+            ),
+            // The local provider and OpenAI's newer errors name the field.
+            (400, r#"{"error":{"message":"Injected fault: HTTP 400.","type":"invalid_request_error","param":"input","code":null}}"#, true),
+            (400, r#"{"error":{"message":"Invalid value.","type":"invalid_request_error","param":"input[3]","code":null}}"#, true),
+            // Azure OpenAI's content filter.
+            (
+                400,
+                r#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content management policy.","type":null,"param":"prompt","code":"content_filter"}}"#,
+                true,
+            ),
+            (400, r#"{"error":{"message":"The response was filtered.","type":null,"param":null,"code":"content_filter"}}"#, true),
+            // A FastAPI-style 422 about an input.
+            (
+                422,
+                r#"{"detail":[{"loc":["body","input",2],"msg":"String should have at most 2048 characters","type":"string_too_long"}]}"#,
+                true,
+            ),
+            // The request itself: the model, `dimensions`, the body's size or shape.
+            (
+                404,
+                r#"{"error":{"message":"The model `nope` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+                false,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"This model does not support specifying dimensions.","type":"invalid_request_error","param":null,"code":null}}"#,
+                false,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"Invalid value for 'dimensions' = 5000. The maximum for text-embedding-3-small is 1536.","type":"invalid_request_error","param":"dimensions","code":null}}"#,
+                false,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"you must provide a model parameter","type":"invalid_request_error","param":"model","code":"missing_required_parameter"}}"#,
+                false,
+            ),
+            (413, "<html><body>413 Request Entity Too Large</body></html>", false),
+            (422, r#"{"detail":[{"loc":["body","dimensions"],"msg":"Input should be a valid integer","type":"int_parsing"}]}"#, false),
+            (400, "", false),
+        ];
+        for &(status, body, about_an_input) in cases {
+            let e = decode_response(status, |_| None, body.as_bytes(), 1, 2).unwrap_err();
+            assert_eq!(!e.is_request_level(), about_an_input, "{status} {body}: {e:?}");
+            assert!(!e.is_retryable() && !e.is_fatal(), "{e:?}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::report::{
     SourcePlanReport, SourceReport, TokenEstimate, Totals, Trigger, Usage,
 };
 use crate::vector::Vector;
+use std::cell::{Cell, RefCell};
 use std::time::Duration;
 
 /// A failure of the database, with what was being done.
@@ -264,13 +265,17 @@ pub struct Budget {
     pub max_ms: f64,
     /// How long the lease lasts without renewal; a killed invocation blocks others this long.
     pub lease_ttl: Duration,
+    /// Provider requests (subrequests), retries and split halves included: the invocation
+    /// pauses before the one that would go past this.
+    pub max_subrequests: u64,
 }
 
 impl Default for Budget {
-    /// Fits the Workers paid plan: at most 200 batches (400 provider subrequests plus retries,
-    /// well under the subrequest cap) and 120 s of wall time per invocation.
+    /// Fits the Workers paid plan: at most 200 batches and 120 s of wall time per invocation,
+    /// and at most 1,000 provider requests, a tenth of the plan's 10,000 subrequests per
+    /// invocation, whatever the retries and splits.
     fn default() -> Self {
-        Budget { max_batches: 200, max_ms: 120_000.0, lease_ttl: Duration::from_secs(300) }
+        Budget { max_batches: 200, max_ms: 120_000.0, lease_ttl: Duration::from_secs(300), max_subrequests: 1000 }
     }
 }
 
@@ -333,7 +338,8 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// The first backoff.
     pub base: Duration,
-    /// No single wait is longer than this, whatever the provider asks.
+    /// No backoff of ours is longer than this. A wait the provider asks for (`retry-after`) is
+    /// honoured in full; the invocation's time budget bounds it.
     pub max_delay: Duration,
 }
 
@@ -345,16 +351,16 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// The wait before retry number `retry` (0 = first retry): the provider's `retry-after`
-    /// when it gave one, else exponential backoff with full jitter (`random` in [0, 1)).
+    /// when it gave one, in full; else exponential backoff capped at `max_delay`, of which a
+    /// random half is waited ("equal jitter": between half and all of it, `random` in [0, 1)).
     pub fn delay(&self, retry: u32, retry_after: Option<Duration>, random: f64) -> Duration {
-        let wait = match retry_after {
+        match retry_after {
             Some(d) => d,
             None => {
                 let exp = self.base.saturating_mul(1u32 << retry.min(16));
                 exp.min(self.max_delay).mul_f64(0.5 + 0.5 * random.clamp(0.0, 1.0))
             }
-        };
-        wait.min(self.max_delay)
+        }
     }
 }
 
@@ -498,7 +504,8 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     }
     // The hint is used only when it agrees with Postgres about the run.
     let hint = hint.filter(|c| c.run_id == run.id.0);
-    let mut spent = InvocationSpend { batches: 0, began, budget };
+    let mut spent = InvocationSpend::new(began, budget);
+    let mut token_budget_ended = false;
     let mut paused: Option<Cursor> = None;
     for (i, source) in sources.iter().enumerate() {
         if run.sources[i].done {
@@ -529,6 +536,12 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
             Ok(SourceEnd::TokenBudget) => {
                 // The run ends here; the next run goes on with what is still pending.
                 rt.log(source_event(&run.id, &state.report));
+                token_budget_ended = true;
+                break;
+            }
+            Ok(SourceEnd::Refused) => {
+                // Neither model can embed anything: the run ends here, stopped (see below).
+                rt.log(source_event(&run.id, &state.report));
                 break;
             }
             Ok(SourceEnd::Paused(after)) => {
@@ -547,7 +560,6 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 state.done = true;
                 rt.log(source_event(&run.id, &state.report));
             }
-            Err(Stop::OutOfTime) => unreachable!("SourceRun::sync pauses the source when a retry runs out of time"),
             Err(Stop::LeaseLost(e)) => {
                 // The new holder owns the run now: finish nothing, report nothing as final.
                 rt.log(LogEvent::error("lease", format!("Invocation stopped: {e}")).run(&run.id.0));
@@ -568,20 +580,38 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
         }
     }
     let mut report = report_of(config, &run, rt);
+    // Stopped early: the token budget ended the run while values were left, or the provider
+    // refused a model's requests (that model's values wait for the run after the fix).
+    let mut stopped: Vec<String> = spent.refused.iter().filter_map(|r| r.borrow().clone()).collect();
+    if let (true, Some(max)) = (token_budget_ended, config.max_tokens_per_run) {
+        stopped.push(format!("token budget of {max} reached; the next run goes on where this one stopped"));
+    }
     if let Some(mut cursor) = paused {
         cursor.totals = report.totals.clone();
         report.status = RunStatus::Paused;
-        rt.log(
-            LogEvent::info(
+        if let Some(Pause::Outage(why)) = spent.pause.borrow().as_ref() {
+            stopped.push(why.clone());
+        }
+        report.stopped = (!stopped.is_empty()).then(|| stopped.join("; "));
+        let (n, id) = (spent.batches, &run.id.0);
+        let event = match spent.pause.borrow().as_ref() {
+            Some(Pause::Outage(why)) => {
+                LogEvent::warn("budget", format!("Invocation paused after {n} batches: {why}; run {id} goes on in the next invocation"))
+            }
+            _ if spent.requests.get() >= budget.max_subrequests => LogEvent::info(
                 "budget",
-                format!("Invocation budget spent after {} batches; run {} goes on in the next invocation", spent.batches, run.id.0),
-            )
-            .run(&run.id.0)
-            .field("batches", spent.batches),
-        );
+                format!(
+                    "Invocation paused after {n} batches: its {} provider requests (SYNC_MAX_SUBREQUESTS) are sent; run {id} goes on in the next invocation",
+                    budget.max_subrequests
+                ),
+            ),
+            _ => LogEvent::info("budget", format!("Invocation budget spent after {n} batches; run {id} goes on in the next invocation")),
+        };
+        rt.log(event.run(id).field("batches", n).field("requests", spent.requests.get()));
         return Ok(Outcome::Paused(report, cursor));
     }
     report.status = RunStatus::Finished;
+    report.stopped = (!stopped.is_empty()).then(|| stopped.join("; "));
     if let Some(why) = &report.stopped {
         rt.log(LogEvent::warn("stopped", format!("Sync stopped early: {why}")).run(&run.id.0));
     }
@@ -658,10 +688,6 @@ fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
         usage.small.requests += s.usage.1.requests;
     }
     usage.cost_usd = CostEstimate::of(config, usage.large.prompt_tokens, usage.small.prompt_tokens).total;
-    let stopped = config
-        .max_tokens_per_run
-        .filter(|_| config.token_budget_spent(usage.large.prompt_tokens + usage.small.prompt_tokens))
-        .map(|max| format!("token budget of {max} reached; the next run goes on where this one stopped"));
     RunReport {
         run_id: run.id.0.clone(),
         status: RunStatus::Running,
@@ -672,7 +698,7 @@ fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
         totals: Totals::of(&sources),
         sources,
         usage,
-        stopped,
+        stopped: None,
         indexes: None,
     }
 }
@@ -705,17 +731,48 @@ fn source_event(run: &RunId, report: &SourceReport) -> LogEvent {
     LogEvent::new(level, "source", report.to_string()).run(&run.0).field("source", &report.name).field("report", report)
 }
 
-/// What this invocation has spent.
+/// What this invocation has spent, and what it learnt about the provider.
 struct InvocationSpend {
     batches: u64,
     began: f64,
     budget: Budget,
+    /// Provider requests sent, retries and split halves included.
+    requests: Cell<u64>,
+    /// Per model (large, small): why the provider refused its requests themselves, if it did.
+    /// That model sends nothing more in this invocation.
+    refused: [RefCell<Option<String>>; 2],
+    /// Why no further batch may start (a wait that would outlast the budget), if so.
+    pause: RefCell<Option<Pause>>,
+}
+
+impl InvocationSpend {
+    fn new(began: f64, budget: Budget) -> Self {
+        InvocationSpend { batches: 0, began, budget, requests: Cell::new(0), refused: Default::default(), pause: RefCell::new(None) }
+    }
+
+    fn refused(&self, slot: ModelSlot) -> bool {
+        self.refused[slot_index(slot)].borrow().is_some()
+    }
+
+    /// The end of the time budget (epoch ms).
+    fn deadline(&self) -> f64 {
+        self.began + self.budget.max_ms
+    }
+}
+
+fn slot_index(slot: ModelSlot) -> usize {
+    match slot {
+        ModelSlot::Large => 0,
+        ModelSlot::Small => 1,
+    }
 }
 
 enum SourceEnd {
     Done,
-    /// The run's token budget is spent.
+    /// The run's token budget is spent: the run ends here.
     TokenBudget,
+    /// The provider refuses both models' requests themselves: the run ends here.
+    Refused,
     /// Stopped at the budget after the given hash (the last one stored).
     Paused(Option<ValueHash>),
 }
@@ -724,9 +781,20 @@ enum Stop {
     Store(StoreError),
     Fatal(ProviderError),
     LeaseLost(StoreError),
-    /// A retry's wait would run past the invocation's time budget: the group in hand is given
-    /// up unwritten and the source pauses before it, for the next invocation.
+}
+
+/// Why an invocation stops sending before its batch budget is spent. The group in hand keeps
+/// what it got (stored, so nothing paid for is lost) and the source pauses before it, for the
+/// next invocation.
+#[derive(Debug, Clone)]
+enum Pause {
+    /// A wait (a retry, a `retry-after`, pacing) would end past the time budget.
     OutOfTime,
+    /// The provider stayed unavailable (429, 5xx, no answer) through every retry: no value is
+    /// to blame.
+    Outage(String),
+    /// The next request would go past the invocation's subrequest cap.
+    Subrequests,
 }
 
 struct SourceRun<'a, S, E, R> {
@@ -790,6 +858,8 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             }
             // A short page is the last one: no need to ask again.
             let last_page = page.len() < page_size;
+            // Once every value of the page is stored or recorded, the next page starts after it.
+            let page_end = page.last().map(|p| p.hash.clone());
             let (page, long): (Vec<PendingValue>, Vec<PendingValue>) = page.into_iter().partition(|p| !batch::too_long(&p.value));
             let failures: Vec<ValueFailure> = long
                 .iter()
@@ -805,17 +875,20 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 })
                 .collect();
             self.record(source, &failures).await?;
-            if let Some(last) = long.last() {
-                if page.last().is_none_or(|p| p.hash < last.hash) {
-                    after = Some(last.hash.clone());
-                }
-            }
+            // `after` moves only past values that are stored or recorded: a pause within the page
+            // resumes at its first group not yet stored, whatever its over-long values are.
             for range in batch::pack(page.iter().map(|p| p.value.as_str()), batch_size, batch::MAX_TOKENS_PER_REQUEST) {
                 if let Some(end) = self.budget_end(&after) {
                     return Ok(end);
                 }
+                if self.spent.refused(ModelSlot::Large) && self.spent.refused(ModelSlot::Small) {
+                    return Ok(SourceEnd::Refused);
+                }
                 let group = &page[range];
-                let needs_provider = group.iter().any(|p| !(p.has_large && p.has_small));
+                // What a refused model lacks waits for the next run.
+                let needs_provider = group.iter().any(|p| {
+                    (!p.has_large && !self.spent.refused(ModelSlot::Large)) || (!p.has_small && !self.spent.refused(ModelSlot::Small))
+                });
                 if needs_provider {
                     let i = self.state.report.batches + 1;
                     let of = self.state.planned_batches.max(i);
@@ -828,11 +901,11 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                             .field("values", group.len()),
                     );
                 }
-                let (mut batch, failed, usage) = match self.embed_group(group).await {
-                    Err(Stop::OutOfTime) => return Ok(SourceEnd::Paused(after)),
-                    other => other?,
-                };
+                let (mut batch, failed, usage, paused) = self.embed_group(group).await?;
                 batch.retain(|v| v.complete || v.large.is_some() || v.small.is_some());
+                // A group cut short by a pause is done again by the next invocation: it counts
+                // as a batch then.
+                let counts_as_batch = needs_provider && paused.is_none();
                 let embedded = batch.iter().filter(|v| v.complete && (v.large.is_some() || v.small.is_some())).count() as u64;
                 let complete = batch.iter().filter(|v| v.complete).count() as u64;
                 let progress = Progress {
@@ -841,17 +914,17 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                     lease_ttl: self.lease_ttl,
                     embedded,
                     reused: complete - embedded,
-                    batches: u64::from(needs_provider),
+                    batches: u64::from(counts_as_batch),
                     usage: usage.clone(),
                 };
-                if !batch.is_empty() || needs_provider {
+                if !batch.is_empty() || counts_as_batch {
                     self.store.store(source, &batch, &progress).await.map_err(|e| ctx("storing a batch", e))?;
                 }
                 // Counters follow the committed write, so they equal what Postgres holds.
                 let r = &mut self.state.report;
                 r.embedded += embedded;
                 r.reused += complete - embedded;
-                if needs_provider {
+                if counts_as_batch {
                     r.batches += 1;
                     self.spent.batches += 1;
                 }
@@ -861,8 +934,13 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 self.state.usage.1.requests += usage.1.requests;
                 self.run_tokens += usage.0.prompt_tokens + usage.1.prompt_tokens;
                 self.record(source, &failed).await?;
+                if let Some(pause) = paused {
+                    *self.spent.pause.borrow_mut() = Some(pause);
+                    return Ok(SourceEnd::Paused(after));
+                }
                 after = group.last().map(|p| p.hash.clone());
             }
+            after = page_end;
             if last_page {
                 break;
             }
@@ -887,13 +965,16 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
     }
 
     /// Why no further batch may start, if so: the run's token budget, or this invocation's
-    /// batch and time budget.
+    /// batch, time and subrequest budget, or a wait that would outlast it.
     fn budget_end(&self, after: &Option<ValueHash>) -> Option<SourceEnd> {
         if self.config.token_budget_spent(self.run_tokens) {
             return Some(SourceEnd::TokenBudget);
         }
         let b = &self.spent.budget;
-        let spent = self.spent.batches >= b.max_batches || self.rt.now_ms() - self.spent.began >= b.max_ms;
+        let spent = self.spent.batches >= b.max_batches
+            || self.rt.now_ms() - self.spent.began >= b.max_ms
+            || self.spent.requests.get() >= b.max_subrequests
+            || self.spent.pause.borrow().is_some();
         spent.then(|| SourceEnd::Paused(after.clone()))
     }
 
@@ -911,18 +992,21 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
 
     /// Calls both models concurrently for the values that lack each. A value one model fails
     /// for keeps the other model's embedding (it is paid for) and is retried later for the
-    /// missing one only.
+    /// missing one only. With a pause, the values keep what they got and the rest is left to the
+    /// next invocation; a model whose requests the provider refuses sends nothing and blames no
+    /// value.
     async fn embed_group(
         &mut self,
         group: &[PendingValue],
-    ) -> Result<(Vec<EmbeddedValue>, Vec<ValueFailure>, (ModelUsage, ModelUsage)), Stop> {
+    ) -> Result<(Vec<EmbeddedValue>, Vec<ValueFailure>, (ModelUsage, ModelUsage), Option<Pause>), Stop> {
         let models = &self.config.models;
         let large_idx: Vec<usize> = (0..group.len()).filter(|&i| !group[i].has_large).collect();
         let small_idx: Vec<usize> = (0..group.len()).filter(|&i| !group[i].has_small).collect();
         let large_in: Vec<&str> = large_idx.iter().map(|&i| group[i].value.as_str()).collect();
         let small_in: Vec<&str> = small_idx.iter().map(|&i| group[i].value.as_str()).collect();
         let (large, small) =
-            futures::future::join(self.embed_isolating(&models.large, &large_in), self.embed_isolating(&models.small, &small_in)).await;
+            futures::future::join(self.embed_isolating(ModelSlot::Large, &large_in), self.embed_isolating(ModelSlot::Small, &small_in))
+                .await;
         let mut out: Vec<EmbeddedValue> = group
             .iter()
             .map(|p| EmbeddedValue {
@@ -936,16 +1020,21 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             .collect();
         let mut errors: Vec<Vec<(String, String)>> = vec![Vec::new(); group.len()];
         let mut usage = (ModelUsage::default(), ModelUsage::default());
-        for (slot, result, idx) in [(ModelSlot::Large, large, &large_idx), (ModelSlot::Small, small, &small_idx)] {
-            let outcome = result?;
+        let mut pause = None;
+        for (slot, outcome, idx) in [(ModelSlot::Large, large, &large_idx), (ModelSlot::Small, small, &small_idx)] {
+            if let Some(e) = outcome.fatal {
+                return Err(Stop::Fatal(e));
+            }
+            pause = pause.or(outcome.pause);
             let u = if slot == ModelSlot::Large { &mut usage.0 } else { &mut usage.1 };
             u.prompt_tokens += outcome.prompt_tokens;
             u.requests += outcome.requests;
             for (&i, r) in idx.iter().zip(outcome.results) {
                 match (r, slot) {
-                    (Ok(v), ModelSlot::Large) => out[i].large = Some(v),
-                    (Ok(v), ModelSlot::Small) => out[i].small = Some(v),
-                    (Err(e), _) => errors[i].push((models.get(slot).name().to_owned(), e)),
+                    (Some(Ok(v)), ModelSlot::Large) => out[i].large = Some(v),
+                    (Some(Ok(v)), ModelSlot::Small) => out[i].small = Some(v),
+                    (Some(Err(e)), _) => errors[i].push((models.get(slot).name().to_owned(), e)),
+                    (None, _) => {}
                 }
             }
         }
@@ -958,32 +1047,51 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 failures.push(ValueFailure { hash: v.hash.clone(), model, message });
             }
         }
-        Ok((out, failures, usage))
+        Ok((out, failures, usage, pause))
     }
 
-    /// Embeds `inputs` with retries. When the provider refuses a request for good (a 400, a
-    /// malformed answer), the request is split in halves until the values it refuses are
-    /// isolated, so one bad value costs only itself. Retryable failures that outlast the retries
-    /// fail the whole request (the values are retried by a later run).
-    async fn embed_isolating(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Isolated, Stop> {
-        let mut results: Vec<Result<Vector, String>> = vec![Err(String::new()); inputs.len()];
-        let mut out = Isolated { results: Vec::new(), prompt_tokens: 0, requests: 0 };
+    /// Embeds `inputs` with the model in `slot`, with retries. When the provider refuses a
+    /// request because of an input (not [`ProviderError::is_request_level`]), the request is
+    /// split in halves until the values it refuses are isolated, so one bad value costs only itself.
+    /// When it refuses the request itself (the model, `dimensions`, its size), no value is to
+    /// blame: the model sends nothing more in this invocation. Retryable failures that outlast
+    /// the retries, a wait past the time budget and the subrequest cap pause the invocation.
+    /// An input that got no answer has no result.
+    async fn embed_isolating(&self, slot: ModelSlot, inputs: &[&str]) -> Isolated {
+        let model = self.config.models.get(slot);
+        let mut out = Isolated { results: vec![None; inputs.len()], prompt_tokens: 0, requests: 0, pause: None, fatal: None };
         let all = 0..inputs.len();
         let mut todo = vec![all];
         while let Some(range) = todo.pop() {
-            if range.is_empty() {
+            if range.is_empty() || self.spent.refused(slot) {
                 continue;
             }
-            match self.embed_with_retry(model, &inputs[range.clone()]).await? {
+            let answer = match self.embed_with_retry(model, &inputs[range.clone()]).await {
+                Ok(answer) => answer,
+                Err(pause) => {
+                    out.pause = Some(pause);
+                    break;
+                }
+            };
+            match answer {
                 Ok(e) => {
                     out.prompt_tokens += e.prompt_tokens;
                     out.requests += 1;
                     for (i, v) in range.zip(e.vectors) {
-                        results[i] = Ok(v);
+                        out.results[i] = Some(Ok(v));
                     }
                 }
-                Err(e) if e.is_fatal() => return Err(Stop::Fatal(e)),
-                Err(e) if !e.is_retryable() && range.len() > 1 => {
+                Err(e) if e.is_fatal() => {
+                    out.fatal = Some(e);
+                    break;
+                }
+                Err(e) if e.is_request_level() => {
+                    let why = refusal_message(slot, model, &e);
+                    self.rt.log(self.event(LogEvent::error("refused", why.clone()), model));
+                    *self.spent.refused[slot_index(slot)].borrow_mut() = Some(why);
+                    break;
+                }
+                Err(e) if range.len() > 1 => {
                     self.rt.log(self.event(
                         LogEvent::warn(
                             "split",
@@ -1000,13 +1108,12 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                         self.event(LogEvent::error("provider", format!("{} failed for {} values: {e}", model.name(), range.len())), model),
                     );
                     for i in range {
-                        results[i] = Err(e.to_string());
+                        out.results[i] = Some(Err(e.to_string()));
                     }
                 }
             }
         }
-        out.results = results;
-        Ok(out)
+        out
     }
 
     /// `event` tagged with this run and `model`.
@@ -1014,33 +1121,69 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         event.run(&self.run.0).field("model", model.name())
     }
 
-    /// One request with retries: `Err(Stop::OutOfTime)` when the next wait would end past this
-    /// invocation's time budget (the budget bounds the retries as well as the batches).
-    async fn embed_with_retry(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Result<Embeddings, ProviderError>, Stop> {
+    /// One request with retries, each counted against the subrequest cap. `Err` is a pause:
+    /// the cap would be passed, a wait (a retry's backoff, the provider's `retry-after`) would
+    /// end past this invocation's time budget, or the provider stayed unavailable through every
+    /// retry (an outage, for the next invocation). A pacing wait that would end past the budget
+    /// is not waited: the answer is returned and no further batch starts.
+    async fn embed_with_retry(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Result<Embeddings, ProviderError>, Pause> {
         let mut retry = 0;
         loop {
+            if self.spent.requests.get() >= self.spent.budget.max_subrequests {
+                self.rt.log(self.event(
+                    LogEvent::info(
+                        "subrequests",
+                        format!(
+                            "Not sending {}: this invocation has sent its {} provider requests (SYNC_MAX_SUBREQUESTS); the next invocation goes on from this batch",
+                            model.name(),
+                            self.spent.budget.max_subrequests
+                        ),
+                    ),
+                    model,
+                ));
+                return Err(Pause::Subrequests);
+            }
+            self.spent.requests.set(self.spent.requests.get() + 1);
             return Ok(match self.embedder.embed(model, inputs).await {
                 Ok(e) => {
                     if let Some(wait) = e.rate.and_then(|r| r.pause(batch::limit_tokens_all(inputs))) {
-                        let wait = wait.min(self.retry.max_delay);
-                        self.rt.log(
-                            self.event(
+                        if self.rt.now_ms() + wait.as_secs_f64() * 1e3 > self.spent.deadline() {
+                            self.rt.log(self.event(
                                 LogEvent::info(
                                     "pacing",
-                                    format!("Pacing {}: the rate limit is nearly used up, waiting {} ms", model.name(), wait.as_millis()),
+                                    format!(
+                                        "The rate limit of {} is nearly used up for {} ms, past this invocation's time budget; the next invocation goes on after this batch",
+                                        model.name(),
+                                        wait.as_millis()
+                                    ),
                                 )
                                 .field("waitMs", wait.as_millis() as u64),
                                 model,
-                            ),
-                        );
-                        self.rt.sleep(wait).await;
+                            ));
+                            self.spent.pause.borrow_mut().get_or_insert(Pause::OutOfTime);
+                        } else {
+                            self.rt.log(
+                                self.event(
+                                    LogEvent::info(
+                                        "pacing",
+                                        format!(
+                                            "Pacing {}: the rate limit is nearly used up, waiting {} ms",
+                                            model.name(),
+                                            wait.as_millis()
+                                        ),
+                                    )
+                                    .field("waitMs", wait.as_millis() as u64),
+                                    model,
+                                ),
+                            );
+                            self.rt.sleep(wait).await;
+                        }
                     }
                     Ok(e)
                 }
                 Err(e) if e.is_retryable() && retry + 1 < self.retry.max_attempts => {
                     let wait = self.retry.delay(retry, e.retry_after(), self.rt.random());
-                    let deadline = self.spent.began + self.spent.budget.max_ms;
-                    if self.rt.now_ms() + wait.as_secs_f64() * 1e3 > deadline {
+                    if self.rt.now_ms() + wait.as_secs_f64() * 1e3 > self.spent.deadline() {
                         self.rt.log(self.event(
                             LogEvent::warn(
                                 "retry",
@@ -1053,7 +1196,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                             .field("waitMs", wait.as_millis() as u64),
                             model,
                         ));
-                        return Err(Stop::OutOfTime);
+                        return Err(Pause::OutOfTime);
                     }
                     self.rt.log(
                         self.event(
@@ -1067,15 +1210,50 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                     retry += 1;
                     continue;
                 }
+                Err(e) if e.is_retryable() => {
+                    let why = format!(
+                        "{} is unavailable after {} attempts ({e}); no value is to blame: the next invocation goes on from this batch",
+                        model.name(),
+                        retry + 1
+                    );
+                    self.rt.log(self.event(LogEvent::warn("outage", why.clone()), model));
+                    return Err(Pause::Outage(why));
+                }
                 Err(e) => Err(e),
             });
         }
     }
 }
 
-/// Per-input results of one model over a group.
+/// What a run says when the provider refuses `model`'s requests themselves: the model, the
+/// refusal, and what to fix.
+fn refusal_message(slot: ModelSlot, model: &ModelSpec, e: &ProviderError) -> String {
+    let slot = match slot {
+        ModelSlot::Large => "large",
+        ModelSlot::Small => "small",
+    };
+    let fix = match e {
+        ProviderError::RequestRejected { status: 413, .. } => {
+            "the request is too large for the provider: lower batchSize in embedding-sources.json".to_owned()
+        }
+        _ => {
+            format!("check models.{slot} in embedding-sources.json (its name, and dimensions if the model takes them) and OPENAI_BASE_URL")
+        }
+    };
+    format!(
+        "{} refused the request itself ({e}); no value is to blame: {fix}. Values keep the other model's embedding and get this one's in the first run after the fix",
+        model.name()
+    )
+}
+
+/// Per-input results of one model over a group: `None` for an input that got no answer (a
+/// pause, a refused model).
 struct Isolated {
-    results: Vec<Result<Vector, String>>,
+    results: Vec<Option<Result<Vector, String>>>,
     prompt_tokens: u64,
     requests: u64,
+    /// Why the model stopped sending before every input had an answer, if it did.
+    pause: Option<Pause>,
+    /// The provider refused the API key: the run stops.
+    fatal: Option<ProviderError>,
 }

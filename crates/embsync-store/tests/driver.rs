@@ -513,14 +513,18 @@ async fn one_model_failing_keeps_the_other_and_asks_only_for_the_missing_one_nex
     let mut w = World::new(10).await;
     w.set("ta", "ca", &["p", "q"]).await;
     w.set("tb", "cb", &[]).await;
-    // Calls 2..=6 are the small model of batch 1 and its four retries.
+    // Calls 2..=6 are the small model of batch 1 and its four retries: an outage, which pauses
+    // the run and blames no value.
     for n in 2..=6 {
         w.provider.faults.borrow_mut().insert(n, ProviderError::Server { status: 500, message: "down".into() });
     }
-    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=2 batches=1");
+    let Outcome::Paused(report, cursor) = w.invoke(Budget::default(), "inv-1", None).await.unwrap() else { panic!("an outage pauses") };
+    assert_eq!((report.totals.embedded, report.totals.errors, report.totals.batches), (0, 0, 0));
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_errors").await, 0);
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache WHERE embedding_large IS NOT NULL AND embedding_small IS NULL").await, 2);
-    w.retry_errors_now().await;
-    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1");
+    let Outcome::Finished(report) = w.invoke(Budget::default(), "inv-2", Some(&cursor)).await.unwrap() else { panic!("the run finishes") };
+    let a = &report.sources[0];
+    assert_eq!((a.total, a.new, a.embedded, a.errors, a.batches), (2, 2, 2, 0, 1));
     let calls = w.provider.calls.borrow().clone();
     assert_eq!(calls.last().map(|(m, _)| m.as_str()), Some("text-embedding-3-small"));
     assert_eq!(calls.len(), 7, "1 large + 5 small attempts, then only the small one");
@@ -579,7 +583,9 @@ fn retry_policy_backs_off_and_caps() {
     assert_eq!(p.delay(3, None, 1.0), Duration::from_secs(4));
     assert_eq!(p.delay(30, None, 1.0), Duration::from_secs(20));
     assert_eq!(p.delay(0, Some(Duration::from_secs(7)), 0.0), Duration::from_secs(7));
-    assert_eq!(p.delay(0, Some(Duration::from_secs(600)), 0.0), Duration::from_secs(20));
+    // The provider's wait is honoured in full: the invocation's time budget bounds it, not the
+    // policy.
+    assert_eq!(p.delay(0, Some(Duration::from_secs(600)), 0.0), Duration::from_secs(600));
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -802,4 +808,20 @@ async fn a_failed_index_build_is_reported_and_tried_again_by_the_next_finished_r
     w.store.fail_ddl = None;
     let report = w.run().await.unwrap();
     assert_eq!(report.indexes.map(|i| i.created.len()), Some(2));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_run_that_reaches_its_token_budget_with_everything_done_finishes_and_builds_its_indexes() {
+    let mut w = World::new(2).await;
+    with_indexes(&mut w);
+    // A: two batches of two values, B: one of one; a token per value and model: 10 in all, the
+    // budget, reached by the last batch.
+    w.config.max_tokens_per_run = Some(10);
+    let a = values("v", 4);
+    w.set("ta", "ca", &refs(&a)).await;
+    w.set("tb", "cb", &["b"]).await;
+    let report = w.run().await.unwrap();
+    assert_eq!((report.totals.embedded, report.usage.large.prompt_tokens + report.usage.small.prompt_tokens), (5, 10));
+    assert_eq!(report.stopped, None, "everything is done: not stopped early");
+    assert_eq!(report.indexes.map(|i| i.created.len()), Some(2), "a finished run maintains the indexes");
 }

@@ -218,6 +218,16 @@ impl ApiError {
         }
     }
 
+    /// The error blamed on an input, as OpenAI names the field of a refusal (`"param":
+    /// "input"`): what a rule with `inputContains` answers, for a 4xx that is not about the
+    /// key (401), the model (404) or the rate (429).
+    pub fn about_input(mut self) -> Self {
+        if (400..=499).contains(&self.status) && !matches!(self.status, 401 | 404 | 429) {
+            self.param = Some("input");
+        }
+        self
+    }
+
     /// The JSON body, with OpenAI's field order.
     pub fn body(&self) -> ErrorBody<'_> {
         ErrorBody {
@@ -821,6 +831,15 @@ mod tests {
             "server_error"
         );
         assert_eq!(ApiError::injected(503, "m", None, None).status, 503);
+        assert_eq!(ApiError::injected(400, "m", None, None).param, None);
+        assert_eq!(
+            ApiError::injected(400, "m", None, None).about_input().param,
+            Some("input")
+        );
+        assert_eq!(
+            ApiError::injected(404, "m", None, None).about_input().param,
+            None
+        );
         assert_eq!(
             ApiError::injected(401, "m", Some("sk-abcdefghijklmn"), None).code,
             Some("invalid_api_key")

@@ -357,6 +357,15 @@ impl App {
         };
         let fired = self.state().faults.select(&facts);
         let fault = fired.as_ref().map(|fired| fired.description());
+        // A rule that picks requests by an input refuses that input, and says so.
+        let about_input = fired.as_ref().is_some_and(|fired| {
+            self.state()
+                .faults
+                .config()
+                .rules
+                .get(fired.rule_index)
+                .is_some_and(|rule| rule.input_contains.is_some())
+        });
         let body_fault = match fired.map(|fired| fired.effect) {
             None => None,
             Some(FaultEffect::Body(body)) => Some(body),
@@ -370,8 +379,11 @@ impl App {
                     (None, Some(seconds)) => Some(format!("{seconds}s")),
                     (None, None) => None,
                 };
-                let error =
+                let mut error =
                     ApiError::injected(status, request.model.name(), token, retry_in.as_deref());
+                if about_input {
+                    error = error.about_input();
+                }
                 let mut response = error_response(&error);
                 if status == 429 {
                     response =

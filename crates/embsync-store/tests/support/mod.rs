@@ -9,7 +9,7 @@
 
 use embsync_core::config::{Config, ModelSpec};
 use embsync_core::log::LogEvent;
-use embsync_core::provider::{Embeddings, ProviderError};
+use embsync_core::provider::{decode_response, Embeddings, ProviderError, RateLimit};
 use embsync_core::report::Trigger;
 use embsync_core::sync::{self, Budget, Cursor, Embedder, Invocation, Outcome, RetryPolicy, RunId, Runtime, SyncError};
 use embsync_core::vector::Vector;
@@ -150,8 +150,21 @@ pub struct FakeProvider {
     pub poison: RefCell<Option<String>>,
     /// Every request: model and inputs.
     pub calls: RefCell<Vec<(String, Vec<String>)>>,
-    /// Rate-limit state reported with every answer.
-    pub rate: RefCell<Option<embsync_core::provider::RateLimit>>,
+    /// Recorded error answers, decoded by the worker's own `decode_response`: the first that
+    /// matches a request answers it.
+    pub refusals: RefCell<Vec<Refusal>>,
+    /// The rate-limit state reported with every successful answer.
+    pub rate: RefCell<Option<RateLimit>>,
+}
+
+/// A recorded error answer (status and body, as the provider sends them) for the requests it
+/// matches: those of `model` (any when `None`) with an input containing `input_contains` (any
+/// when `None`).
+pub struct Refusal {
+    pub model: Option<String>,
+    pub input_contains: Option<String>,
+    pub status: u16,
+    pub body: String,
 }
 
 impl FakeProvider {
@@ -170,6 +183,14 @@ impl Embedder for FakeProvider {
         };
         if let Some(e) = self.faults.borrow().get(&n) {
             return Err(e.clone());
+        }
+        for r in self.refusals.borrow().iter() {
+            let model_matches = r.model.as_deref().is_none_or(|m| m == model.name());
+            let input_matches = r.input_contains.as_deref().is_none_or(|p| inputs.iter().any(|i| i.contains(p)));
+            if model_matches && input_matches {
+                let decoded = decode_response(r.status, |_| None, r.body.as_bytes(), inputs.len(), model.dimensions());
+                return Err(decoded.expect_err("a refusal decodes as an error"));
+            }
         }
         if let Some(p) = self.poison.borrow().as_deref() {
             if inputs.iter().any(|i| i.contains(p)) {
@@ -222,8 +243,7 @@ impl Runtime for TestRuntime {
 
 /// A config with small dimensions (4 and 2) and the given sources (`name`, `table`, `column`).
 pub fn config(batch: u32, sources: &[(&str, &str, &str)]) -> Config {
-    let sources: Vec<String> =
-        sources.iter().map(|(n, t, c)| format!(r#"{{"name":"{n}","table":"{t}","column":"{c}"}}"#)).collect();
+    let sources: Vec<String> = sources.iter().map(|(n, t, c)| format!(r#"{{"name":"{n}","table":"{t}","column":"{c}"}}"#)).collect();
     Config::parse(&format!(
         r#"{{"version":"1.0","models":{{"large":{{"name":"text-embedding-3-large","dimensions":4}},"small":{{"name":"text-embedding-3-small","dimensions":2}}}},
         "batchSize":{batch},"sources":[{}]}}"#,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use embsync_e2e::*;
 use postgres::Row;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::*;
 
@@ -319,4 +319,60 @@ fn a_value_over_8192_tokens_is_recorded_and_never_sent() {
         &[("new", 1), ("deferred", 1), ("embedded", 0), ("errors", 0)],
     );
     assert!(provider.requests().is_empty());
+}
+
+/// A refusal of the request itself (here: `dimensions` sent to a model that takes none, and a
+/// model the provider does not know, 404) is not split and blames no value: one request of that
+/// model, the other model embeds everything, and the run says what to fix.
+#[test]
+fn a_refusal_of_the_request_itself_ends_that_models_work_and_blames_no_value() {
+    for (small, status) in [
+        (
+            json!({"name": "text-embedding-ada-002", "dimensions": 1536}),
+            400,
+        ),
+        (
+            json!({"name": "text-embedding-3-smal", "dimensions": 1536}),
+            404,
+        ),
+    ] {
+        let db = db_with_options(&GOOD);
+        let mut config: Value = serde_json::from_str(&sources_json(2, &[OPTION])).unwrap();
+        config["models"]["small"] = small.clone();
+        let (provider, worker) = start_stack(&db, Some(config.to_string()));
+        let report = worker.sync();
+        let small_name = small["name"].as_str().unwrap();
+        let small_requests: Vec<Value> = provider
+            .requests()
+            .into_iter()
+            .filter(|r| r["model"] == json!(small_name))
+            .collect();
+        assert_eq!(
+            small_requests.len(),
+            1,
+            "{status}: one request, not split: {small_requests:#?}"
+        );
+        assert_eq!(
+            small_requests[0]["status"],
+            json!(status),
+            "{small_requests:#?}"
+        );
+        assert_eq!(
+            sent(&provider, LARGE_MODEL),
+            set_of(&GOOD).into_iter().collect::<Vec<_>>(),
+            "the large model embeds everything"
+        );
+        assert_counts(
+            &format!("{status}"),
+            source_entry(&report, OPTION.table),
+            &[("total", 5), ("embedded", 0), ("errors", 0)],
+        );
+        let stopped = report["stopped"].as_str().unwrap_or_default();
+        assert!(
+            stopped.contains(small_name) && stopped.contains("models.small"),
+            "{status}: {report:#}"
+        );
+        let mut db = db;
+        assert_eq!(error_count(&mut db), 0, "{status}: no value is to blame");
+    }
 }
