@@ -221,16 +221,33 @@ impl Store for MemStore {
         Ok(())
     }
 
-    async fn remove_stale(&mut self, s: &Source, _run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError> {
+    async fn remove_stale(
+        &mut self,
+        s: &Source,
+        _run: &RunId,
+        known_clean: bool,
+        guard: Option<DeleteGuard>,
+    ) -> Result<StaleOutcome, StoreError> {
         self.scans_spared += u64::from(known_clean);
-        if known_clean {
-            let i = self.source_index(s);
-            let st = &mut self.run.as_mut().expect("a run is open").sources[i];
+        let mark_done = |store: &mut MemStore, unlinked: u64, deleted: u64| {
+            let i = store.source_index(s);
+            let st = &mut store.run.as_mut().expect("a run is open").sources[i];
+            st.report.stale = unlinked;
+            st.report.deleted = deleted;
             st.done = true;
+        };
+        let (t, c) = Self::key(s);
+        if known_clean && !self.errors.keys().any(|(et, ec, _)| *et == t && *ec == c) {
+            mark_done(self, 0, 0);
             return Ok(StaleOutcome::default());
         }
         let values = self.distinct(s)?;
-        let (t, c) = Self::key(s);
+        let had = self.link_count(s) as u64;
+        let stale = self.links.iter().filter(|(lt, lc, h)| *lt == t && *lc == c && !values.contains_key(h)).count() as u64;
+        if let Some(why) = guard.and_then(|g| g.check(values.len() as u64, had, stale)) {
+            mark_done(self, 0, 0);
+            return Ok(StaleOutcome { held_back: Some(why), ..Default::default() });
+        }
         let before = self.links.len();
         self.links.retain(|(lt, lc, h)| !(*lt == t && *lc == c && !values.contains_key(h)));
         let unlinked = (before - self.links.len()) as u64;
@@ -238,12 +255,9 @@ impl Store for MemStore {
         let before = self.cache.len();
         self.cache.retain(|h, r| !r.owned || linked.contains(h));
         let deleted = (before - self.cache.len()) as u64;
-        let i = self.source_index(s);
-        let st = &mut self.run.as_mut().expect("a run is open").sources[i];
-        st.report.stale = unlinked;
-        st.report.deleted = deleted;
-        st.done = true;
-        Ok(StaleOutcome { unlinked, deleted })
+        self.errors.retain(|(et, ec, h), _| !(*et == t && *ec == c && !values.contains_key(h)));
+        mark_done(self, unlinked, deleted);
+        Ok(StaleOutcome { unlinked, deleted, held_back: None })
     }
 
     async fn record_errors(&mut self, s: &Source, failures: &[ValueFailure], _run: &RunId) -> Result<(), StoreError> {
