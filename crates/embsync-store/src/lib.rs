@@ -125,6 +125,16 @@ impl PgStore {
                 err("locking the schema", e)
             }
         })?;
+        // Another invocation may have migrated while this one waited for the lock.
+        let current = tx.query_typed_one(sql::HAS_SCHEMA_VERSION, &[]).await.map_err(|e| err("checking the schema", e))?.get::<_, bool>(0)
+            && tx
+                .query_typed_opt(sql::SCHEMA_VERSION_ROW, &[])
+                .await
+                .map_err(|e| err("reading the schema version", e))?
+                .is_some_and(|r| r.get::<_, i32>(0) >= sql::SCHEMA_VERSION);
+        if current {
+            return tx.commit().await.map_err(|e| err("committing the schema", e));
+        }
         let existed: bool = tx.query_typed_one(sql::CACHE_EXISTS, &[]).await.map_err(|e| err("checking the schema", e))?.get(0);
         if existed {
             let shape = tx.query_typed_one(sql::CACHE_SHAPE, &[]).await.map_err(|e| err("reading embedding_cache", e))?;
@@ -285,11 +295,12 @@ impl Store for PgStore {
     async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
         // Steady state: catalog reads and one read of embsync's own version row; no DDL, so no
         // lock that waits for a pg_dump or makes readers of the user's tables queue.
-        let version = self.schema_version().await?;
+        let mut version = self.schema_version().await?;
         if version.is_none_or(|(v, _)| v < sql::SCHEMA_VERSION) {
             self.migrate(config).await?;
+            version = self.schema_version().await?;
         }
-        let (version, cache_created) = self.schema_version().await?.unwrap_or((0, false));
+        let (version, cache_created) = version.unwrap_or((0, false));
         if version > sql::SCHEMA_VERSION {
             return Err(StoreError::new(format!(
                 "the database's embsync schema is version {version}, newer than this embsync knows ({}): deploy the embsync that migrated it",

@@ -95,3 +95,37 @@ async fn a_migration_under_a_pg_dump_fails_fast_with_a_clear_error_and_leaves_no
     assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
     assert_eq!(db.count("SELECT count(*) FROM embedding_sync_schema").await, 1, "the version is recorded");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn embsync_builds_no_index_on_a_cache_it_did_not_create() {
+    let db = TestDb::create().await;
+    db.source_table("items", "title", &["alpha"]).await;
+    // Another pipeline's cache, without a unique index on value_hash.
+    db.exec(
+        "CREATE TABLE embedding_cache (id bigserial PRIMARY KEY, value text, value_hash text, embedding_large vector(4),
+             embedding_small vector(2), source_table text, source_column text, usage_count int, created_at timestamptz DEFAULT now())",
+    )
+    .await;
+    let config = config(10, &[("Items", "items", "title")]);
+    let (provider, rt) = (FakeProvider::default(), TestRuntime::default());
+    let mut store = db.store(&config).await;
+    let outcome = invoke(&config, &mut store, &provider, &rt, Budget::default(), "inv", None).await;
+    let Err(SyncError::Schema(e)) = &outcome else { panic!("expected a schema error, got {outcome:?}") };
+    assert!(
+        e.to_string().contains(
+            "embedding_cache has no unique index on value_hash, which embsync needs to insert rows: create it (CREATE UNIQUE INDEX CONCURRENTLY"
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        db.texts("SELECT indexname::text FROM pg_indexes WHERE tablename = 'embedding_cache'").await,
+        ["embedding_cache_pkey".to_owned()].into()
+    );
+    assert_eq!(provider.calls.borrow().len(), 0);
+
+    // Once the owner has built it, embsync goes on with the cache as it is.
+    db.exec("CREATE UNIQUE INDEX embedding_cache_value_hash_key ON embedding_cache (value_hash)").await;
+    let outcome = invoke(&config, &mut store, &provider, &rt, Budget::default(), "inv", None).await.unwrap();
+    assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
+    assert_eq!(db.count("SELECT count(*) FROM embedding_cache WHERE embedding_large IS NOT NULL").await, 1);
+}
