@@ -793,6 +793,9 @@ SELECT EXISTS (SELECT 1 FROM embedding_sync_errors WHERE source_table = $1 AND s
 /// would, later). Takes SHARE UPDATE EXCLUSIVE on them, which no reader or writer waits for.
 pub const ANALYZE_OWN: &str = "ANALYZE embedding_cache_sources, embedding_cache_owned";
 
+/// An ANALYZE waits at most a second for its lock (another ANALYZE or a VACUUM holds it).
+pub const ANALYZE_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '1s'";
+
 /// Likewise for the run's snapshot of pending values.
 pub const ANALYZE_PENDING: &str = "ANALYZE embedding_sync_pending";
 
@@ -867,6 +870,34 @@ mod tests {
         let json = r#"{"version":"1.0","models":{"large":"text-embedding-3-large","small":"text-embedding-3-small"},
             "sources":[{"name":"A","table":"app.Items","column":"title"}]}"#;
         Config::parse(json).unwrap().sources.remove(0)
+    }
+
+    #[test]
+    fn migration_sql() {
+        let config = Config::parse(
+            r#"{"version":"1.0","models":{"large":"text-embedding-3-large","small":"text-embedding-3-small"},
+            "sources":[{"name":"A","table":"a","column":"b"}]}"#,
+        )
+        .unwrap();
+        let locks = |existed| migration(&config.models, existed).iter().map(|s| s.locks).collect::<Vec<_>>().join(", ");
+        // On a cache that exists (maybe another pipeline's) no step names it: it is only read.
+        expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_lease, embedding_sync_schema"].assert_eq(&locks(true));
+        expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_lease, embedding_sync_schema"].assert_eq(&locks(false));
+        assert!(migration(&config.models, false)[1].sql.contains("embedding_large vector(3072),\n    embedding_small vector(1536)"));
+        assert!(!migration(&config.models, true).iter().any(|s| s.sql.contains("INDEX") && s.sql.contains("ON embedding_cache ")));
+        expect![[r#"
+            UPDATE embedding_cache_owned o SET cache_id = c.id
+            FROM embedding_cache c
+            WHERE o.cache_id IS NULL AND c.value_hash = o.value_hash AND c.created_at = o.created_at AND c.id IS NOT NULL;
+            DELETE FROM embedding_cache_owned WHERE cache_id IS NULL;
+            ALTER TABLE embedding_cache_owned ALTER COLUMN cache_id SET NOT NULL"#]]
+        .assert_eq(CLAIM_OWNED_ROWS);
+        expect!["SET LOCAL lock_timeout = '5s'"].assert_eq(&migration_lock_timeout());
+        let shape = |unique, id| check_cache_shape(unique, id).err().unwrap_or_default();
+        expect!["embedding_cache has no unique index on value_hash, which embsync needs to insert rows: create it (CREATE UNIQUE INDEX CONCURRENTLY embedding_cache_value_hash_key ON embedding_cache (value_hash)); embsync does not build indexes on a table it did not create"].assert_eq(&shape(false, Some("bigint")));
+        expect!["embedding_cache has no id column, which embsync records the rows it inserted by: add one (ALTER TABLE embedding_cache ADD COLUMN id bigserial)"].assert_eq(&shape(true, None));
+        expect!["embedding_cache.id is uuid, but embsync records the rows it inserted by an integer id: use a bigint id (id bigserial PRIMARY KEY)"].assert_eq(&shape(true, Some("uuid")));
+        expect![""].assert_eq(&shape(true, Some("integer")));
     }
 
     #[test]

@@ -156,7 +156,7 @@ impl PgStore {
     /// for a lock. A failure is only a missed refresh: autovacuum analyzes the tables later.
     async fn analyze(&mut self, statement: &str) {
         let Ok(tx) = self.client.transaction().await else { return };
-        if tx.batch_execute("SET LOCAL lock_timeout = '1s'").await.is_err() || tx.batch_execute(statement).await.is_err() {
+        if tx.batch_execute(sql::ANALYZE_LOCK_TIMEOUT).await.is_err() || tx.batch_execute(statement).await.is_err() {
             let _ = tx.rollback().await;
             return;
         }
