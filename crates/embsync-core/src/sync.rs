@@ -122,12 +122,55 @@ pub struct ValueFailure {
 }
 
 /// What removing stale values did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StaleOutcome {
     /// Links removed: values the source no longer has.
     pub unlinked: u64,
     /// Cache rows deleted because no source has them any more.
     pub deleted: u64,
+    /// Why the mass-delete guard held the removal back (then nothing was removed).
+    pub held_back: Option<String>,
+}
+
+/// The mass-delete guard: how much of a source's values one run may remove. The store checks it
+/// in the transaction that removes them, on the counts that transaction sees, so a source emptied
+/// after the driver counted it is still held back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeleteGuard {
+    /// Fewer stale values than this always pass (`massDeleteMinimum`).
+    pub minimum: u64,
+    /// The largest share of its linked values a source may lose (`maxDeleteShare`).
+    pub max_share: f64,
+}
+
+impl DeleteGuard {
+    /// The guard for `source`, or `None` when it allows mass deletes.
+    pub fn of(config: &Config, source: &Source) -> Option<DeleteGuard> {
+        (!source.allow_mass_delete).then_some(DeleteGuard { minimum: config.mass_delete_minimum, max_share: config.max_delete_share })
+    }
+
+    /// Whether removing `stale` of the source's `had` linked values, while it has `total`
+    /// values, is held back. The SQL form is [`crate::sql::MASS_DELETE_HELD`].
+    pub fn holds(&self, total: u64, had: u64, stale: u64) -> bool {
+        stale >= self.minimum && had > 0 && (total == 0 || stale as f64 > self.max_share * had as f64)
+    }
+
+    /// Why the removal is held back, for the report and the log, if it is.
+    pub fn check(&self, total: u64, had: u64, stale: u64) -> Option<String> {
+        if !self.holds(total, had, stale) {
+            return None;
+        }
+        let why = if total == 0 {
+            format!("the source returned no values, so all {stale} of its embedded values look stale")
+        } else {
+            format!(
+                "{stale} of its {had} embedded values ({:.0}%) look stale, more than maxDeleteShare ({:.0}%)",
+                stale as f64 / had as f64 * 100.0,
+                self.max_share * 100.0
+            )
+        };
+        Some(format!("{why}; nothing was deleted: check the source, or set \"allowMassDelete\": true for it if this is intended"))
+    }
 }
 
 /// The database, as the driver needs it. Every method is one transaction.
@@ -136,7 +179,9 @@ pub struct StaleOutcome {
 /// done, the lease); anything kept elsewhere (the KV cursor) is a hint that may be stale.
 #[allow(async_fn_in_trait)]
 pub trait Store {
-    /// Creates tables and indexes if they are missing; never touches existing rows.
+    /// Brings embsync's schema up to date when its recorded version is behind (DDL only then,
+    /// with a lock timeout, so a steady-state invocation takes no lock a pg_dump holds up) and
+    /// checks the embedding columns against the models. Never changes the user's rows.
     async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError>;
     /// Counts for one source. Must not write anything (a dry run calls it on a fresh database).
     async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError>;
@@ -161,10 +206,20 @@ pub trait Store {
     /// [`StoreError`] also when the lease was lost (another invocation took over): nothing is
     /// written then.
     async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError>;
-    /// Unlinks values the source no longer has, deletes embsync's rows no source has, and marks
-    /// the source done in the run, atomically. With `known_clean` (this invocation counted no
-    /// stale values) it only marks the source done, sparing a scan of the source.
-    async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError>;
+    /// Unlinks values the source no longer has, deletes embsync's rows no source has, drops the
+    /// source's errors of values it no longer has, and marks the source done in the run,
+    /// atomically. With a `guard`, it counts and decides in the same transaction (the same
+    /// snapshot of the source) and removes nothing when the guard holds
+    /// ([`StaleOutcome::held_back`]). With `known_clean` (this invocation counted no stale
+    /// values) and no errors recorded for the source it only marks the source done, sparing a
+    /// scan of the source.
+    async fn remove_stale(
+        &mut self,
+        source: &Source,
+        run: &RunId,
+        known_clean: bool,
+        guard: Option<DeleteGuard>,
+    ) -> Result<StaleOutcome, StoreError>;
     /// Records failures so the values are retried by a later run, with backoff, and counts them
     /// in the run. A successful [`Store::store`] of a value clears its record.
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError>;
@@ -703,28 +758,6 @@ fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
     }
 }
 
-/// Why removing this source's stale values would be a mass delete the guard holds back, if so.
-fn mass_delete(config: &Config, counts: &SourceCounts) -> Option<String> {
-    let had = counts.total.saturating_sub(counts.new) + counts.stale;
-    if counts.stale < config.mass_delete_minimum || had == 0 {
-        return None;
-    }
-    let share = counts.stale as f64 / had as f64;
-    let why = if counts.total == 0 {
-        format!("the source returned no values, so all {} of its embedded values look stale", counts.stale)
-    } else if share > config.max_delete_share {
-        format!(
-            "{} of its {had} embedded values ({:.0}%) look stale, more than maxDeleteShare ({:.0}%)",
-            counts.stale,
-            share * 100.0,
-            config.max_delete_share * 100.0
-        )
-    } else {
-        return None;
-    };
-    Some(format!("{why}; nothing was deleted: check the source, or set \"allowMassDelete\": true for it if this is intended"))
-}
-
 /// The event of a source's end in an invocation: its counts, as text and as fields.
 fn source_event(run: &RunId, report: &SourceReport) -> LogEvent {
     let level = if report.error.is_some() { crate::log::Level::Error } else { crate::log::Level::Info };
@@ -945,19 +978,13 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 break;
             }
         }
-        let mut known_clean = fresh.is_some_and(|c| c.stale == 0);
-        if !known_clean && !source.allow_mass_delete {
-            let now = match fresh {
-                Some(c) => c,
-                None => self.store.counts(source).await.map_err(|e| ctx("counting values", e))?,
-            };
-            if let Some(why) = mass_delete(self.config, &now) {
-                self.rt.log(LogEvent::warn("guard", format!("Source {name}: {why}")).run(&self.run.0).field("source", name));
-                self.state.report.warning = Some(why);
-                known_clean = true;
-            }
+        let known_clean = fresh.is_some_and(|c| c.stale == 0);
+        let guard = DeleteGuard::of(self.config, source);
+        let stale = self.store.remove_stale(source, self.run, known_clean, guard).await.map_err(|e| ctx("removing stale values", e))?;
+        if let Some(why) = &stale.held_back {
+            self.rt.log(LogEvent::warn("guard", format!("Source {name}: {why}")).run(&self.run.0).field("source", name));
+            self.state.report.warning = Some(why.clone());
         }
-        let stale = self.store.remove_stale(source, self.run, known_clean).await.map_err(|e| ctx("removing stale values", e))?;
         self.state.report.stale = stale.unlinked;
         self.state.report.deleted = stale.deleted;
         self.state.done = true;

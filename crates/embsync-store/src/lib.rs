@@ -13,7 +13,8 @@ use embsync_core::report::{iso8601, IndexReport, ModelUsage, RunReport, RunStatu
 use embsync_core::sql::{self, SchemaState};
 use embsync_core::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource};
 use embsync_core::sync::{
-    EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome, Store, StoreError, ValueFailure,
+    DeleteGuard, EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome, Store, StoreError,
+    ValueFailure,
 };
 use embsync_core::vector::Vector;
 use std::time::Duration;
@@ -31,6 +32,21 @@ pub struct PgStore {
     vector_array: Option<Type>,
     /// Finished runs kept (`retention.runs`).
     retention_runs: i64,
+    /// Whether embsync created `embedding_cache` (from `embedding_sync_schema`), so that it may
+    /// analyze it too.
+    cache_created: bool,
+    /// Rows written to embsync's tables since this store last analyzed them.
+    written: u64,
+}
+
+/// After this many rows written, the store analyzes embsync's tables before it relies on their
+/// plans (stale removal), instead of waiting for autovacuum; the run's snapshot is analyzed
+/// when it holds this many rows.
+pub const ANALYZE_AFTER_ROWS: u64 = 10_000;
+
+/// A lock wait that ran out (`lock_timeout`, SQLSTATE 55P03).
+fn lock_timed_out(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
 }
 
 fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
@@ -58,7 +74,7 @@ impl PgStore {
     pub fn new(client: Client, config: &Config) -> PgStore {
         let tags = (config.models.large.tag(), config.models.small.tag());
         let retention_runs = i64::try_from(config.retention_runs).unwrap_or(i64::MAX);
-        PgStore { client, schema: None, tags, vector_array: None, retention_runs }
+        PgStore { client, schema: None, tags, vector_array: None, retention_runs, cache_created: false, written: 0 }
     }
 
     /// The connection, given back (e.g. to close it).
@@ -79,12 +95,88 @@ impl PgStore {
         Ok(array)
     }
 
+    /// The recorded schema version and whether embsync created `embedding_cache`; `None` before
+    /// the version was recorded (or on an empty database).
+    async fn schema_version(&mut self) -> Result<Option<(i32, bool)>, StoreError> {
+        let exists: bool =
+            self.client.query_typed_one(sql::HAS_SCHEMA_VERSION, &[]).await.map_err(|e| err("checking the schema", e))?.get(0);
+        if !exists {
+            return Ok(None);
+        }
+        let row = self.client.query_typed_opt(sql::SCHEMA_VERSION_ROW, &[]).await.map_err(|e| err("reading the schema version", e))?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Brings the schema to [`sql::SCHEMA_VERSION`] in one transaction whose every lock wait is
+    /// bounded by [`sql::MIGRATION_LOCK_TIMEOUT_SECS`].
+    ///
+    /// # Errors
+    /// When a lock is not granted in time, an error that names what holds it up (nothing is
+    /// left waiting: the transaction is rolled back).
+    async fn migrate(&mut self, config: &Config) -> Result<(), StoreError> {
+        let timed_out = |what: &str| {
+            StoreError::new(format!(
+                "could not get a lock on {what} within {} s; something holds it (a pg_dump?): retry later (the next invocation tries again)",
+                sql::MIGRATION_LOCK_TIMEOUT_SECS
+            ))
+        };
+        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        tx.batch_execute(&sql::migration_lock_timeout()).await.map_err(|e| err("setting lock_timeout", e))?;
+        tx.execute_typed(sql::LOCK_SCHEMA, &[]).await.map_err(|e| {
+            if lock_timed_out(&e) {
+                timed_out("embsync's schema lock (another invocation is migrating)")
+            } else {
+                err("locking the schema", e)
+            }
+        })?;
+        // Another invocation may have migrated while this one waited for the lock.
+        let current = tx.query_typed_one(sql::HAS_SCHEMA_VERSION, &[]).await.map_err(|e| err("checking the schema", e))?.get::<_, bool>(0)
+            && tx
+                .query_typed_opt(sql::SCHEMA_VERSION_ROW, &[])
+                .await
+                .map_err(|e| err("reading the schema version", e))?
+                .is_some_and(|r| r.get::<_, i32>(0) >= sql::SCHEMA_VERSION);
+        if current {
+            return tx.commit().await.map_err(|e| err("committing the schema", e));
+        }
+        let existed: bool = tx.query_typed_one(sql::CACHE_EXISTS, &[]).await.map_err(|e| err("checking the schema", e))?.get(0);
+        if existed {
+            let shape = tx.query_typed_one(sql::CACHE_SHAPE, &[]).await.map_err(|e| err("reading embedding_cache", e))?;
+            sql::check_cache_shape(shape.get(0), shape.get(1)).map_err(StoreError::new)?;
+        }
+        for step in sql::migration(&config.models, existed) {
+            tx.batch_execute(&step.sql).await.map_err(|e| {
+                if lock_timed_out(&e) {
+                    timed_out(step.locks)
+                } else {
+                    err(&format!("migrating {}", step.locks), e)
+                }
+            })?;
+        }
+        tx.commit().await.map_err(|e| err("committing the schema", e))
+    }
+
+    /// Refreshes the planner's statistics (one of the `ANALYZE_*` statements) without waiting
+    /// for a lock. A failure is only a missed refresh: autovacuum analyzes the tables later.
+    async fn analyze(&mut self, statement: &str) {
+        let Ok(tx) = self.client.transaction().await else { return };
+        if tx.batch_execute(sql::ANALYZE_LOCK_TIMEOUT).await.is_err() || tx.batch_execute(statement).await.is_err() {
+            let _ = tx.rollback().await;
+            return;
+        }
+        let _ = tx.commit().await;
+    }
+
     async fn schema_state(&mut self) -> Result<SchemaState, StoreError> {
         if let Some(s) = self.schema {
             return Ok(s);
         }
         let row = self.client.query_typed_one(sql::SCHEMA_STATE, &[]).await.map_err(|e| err("checking the schema", e))?;
-        let state = SchemaState { cache: row.get(0), links: row.get::<_, Option<bool>>(1).unwrap_or(false) };
+        let state = SchemaState {
+            cache: row.get(0),
+            links: row.get::<_, Option<bool>>(1).unwrap_or(false),
+            owned_by_row: row.get::<_, Option<bool>>(2).unwrap_or(false),
+        };
         self.schema = Some(state);
         Ok(state)
     }
@@ -140,6 +232,7 @@ param! {
     String => Type::TEXT,
     &str => Type::TEXT,
     i64 => Type::INT8,
+    bool => Type::BOOL,
     f64 => Type::FLOAT8,
     Vec<String> => Type::TEXT_ARRAY,
     Vec<&str> => Type::TEXT_ARRAY,
@@ -204,17 +297,24 @@ fn run_status(text: &str) -> Result<RunStatus, StoreError> {
 
 impl Store for PgStore {
     async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
-        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        tx.execute_typed(sql::LOCK_SCHEMA, &[]).await.map_err(|e| err("locking the schema", e))?;
-        let existed: bool = tx.query_typed_one(sql::CACHE_EXISTS, &[]).await.map_err(|e| err("checking the schema", e))?.get(0);
-        tx.batch_execute(&sql::ensure_schema(&config.models)).await.map_err(|e| err("creating tables", e))?;
-        if !existed {
-            tx.batch_execute(sql::MARK_CACHE_OURS).await.map_err(|e| err("marking embedding_cache as embsync's", e))?;
+        // Steady state: catalog reads and one read of embsync's own version row; no DDL, so no
+        // lock that waits for a pg_dump or makes readers of the user's tables queue.
+        let mut version = self.schema_version().await?;
+        if version.is_none_or(|(v, _)| v < sql::SCHEMA_VERSION) {
+            self.migrate(config).await?;
+            version = self.schema_version().await?;
         }
-        let dims = tx.query_typed_one(sql::COLUMN_DIMS, &[]).await.map_err(|e| err("reading the embedding columns", e))?;
+        let (version, cache_created) = version.unwrap_or((0, false));
+        if version > sql::SCHEMA_VERSION {
+            return Err(StoreError::new(format!(
+                "the database's embsync schema is version {version}, newer than this embsync knows ({}): deploy the embsync that migrated it",
+                sql::SCHEMA_VERSION
+            )));
+        }
+        self.cache_created = cache_created;
+        let dims = self.client.query_typed_one(sql::COLUMN_DIMS, &[]).await.map_err(|e| err("reading the embedding columns", e))?;
         sql::check_column_dims(&config.models, dims.get(0), dims.get(1)).map_err(StoreError::new)?;
-        tx.commit().await.map_err(|e| err("committing the schema", e))?;
-        self.schema = Some(SchemaState { cache: true, links: true });
+        self.schema = Some(SchemaState { cache: true, links: true, owned_by_row: true });
         Ok(())
     }
 
@@ -233,7 +333,10 @@ impl Store for PgStore {
     async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
         let (t, c) = keys(source);
         let (lt, st) = (&self.tags.0, &self.tags.1);
-        self.client.execute_typed(&sql::link_reusable(source), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("linking", e))
+        let linked =
+            self.client.execute_typed(&sql::link_reusable(source), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("linking", e))?;
+        self.written += linked;
+        Ok(linked)
     }
 
     async fn pending(
@@ -320,29 +423,58 @@ impl Store for PgStore {
         )
         .await
         .map_err(|e| err("counting the batch", e))?;
-        tx.commit().await.map_err(|e| err("committing a batch", e))
+        tx.commit().await.map_err(|e| err("committing a batch", e))?;
+        self.written += batch.len() as u64;
+        Ok(())
     }
 
-    async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError> {
+    async fn remove_stale(
+        &mut self,
+        source: &Source,
+        run: &RunId,
+        known_clean: bool,
+        guard: Option<DeleteGuard>,
+    ) -> Result<StaleOutcome, StoreError> {
         let (t, c) = keys(source);
-        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        let unlinked = if known_clean {
-            0
-        } else {
-            tx.execute_typed(&sql::unlink_stale(source), &typed(&[&t, &c])).await.map_err(|e| err("unlinking", e))?
-        };
-        let mut deleted = 0;
-        if unlinked > 0 {
-            let row = tx.query_typed_one(sql::DELETE_ORPHANS, &[]).await.map_err(|e| err("deleting", e))?;
-            deleted = row.get::<_, i64>(0).max(0) as u64;
-            tx.execute_typed(sql::REASSIGN_SOURCE, &typed(&[&t, &c])).await.map_err(|e| err("reassigning", e))?;
+        if self.written >= ANALYZE_AFTER_ROWS {
+            self.analyze(sql::ANALYZE_OWN).await;
+            if self.cache_created {
+                self.analyze(sql::ANALYZE_CACHE).await;
+            }
+            self.written = 0;
         }
-        tx.execute_typed(sql::SOURCE_DONE, &typed(&[&run.0, &t, &c, &(unlinked as i64), &(deleted as i64)]))
+        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        let clean = known_clean
+            && !tx.query_typed_one(sql::HAS_ERRORS, &typed(&[&t, &c])).await.map_err(|e| err("looking for errors", e))?.get::<_, bool>(0);
+        let mut outcome = StaleOutcome::default();
+        if !clean {
+            // The guard's counts and the removal are one statement: one snapshot of the source.
+            let (on, minimum, share) = match guard {
+                Some(g) => (true, g.minimum.min(i64::MAX as u64) as i64, g.max_share),
+                None => (false, 0, 1.0),
+            };
+            let row = tx
+                .query_typed_one(&sql::remove_stale(source), &typed(&[&t, &c, &on, &minimum, &share]))
+                .await
+                .map_err(|e| err("removing stale values", e))?;
+            let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
+            let (total, had, stale, held) = (n(0), n(1), n(2), row.get::<_, bool>(3));
+            if held {
+                outcome.held_back = Some(
+                    guard
+                        .and_then(|g| g.check(total, had, stale))
+                        .unwrap_or_else(|| format!("{stale} of its {had} embedded values look stale; nothing was deleted")),
+                );
+            } else {
+                (outcome.unlinked, outcome.deleted) = (n(4), n(5));
+            }
+        }
+        tx.execute_typed(sql::SOURCE_DONE, &typed(&[&run.0, &t, &c, &(outcome.unlinked as i64), &(outcome.deleted as i64)]))
             .await
             .map_err(|e| err("marking the source done", e))?;
         tx.execute_typed(sql::DROP_SNAPSHOT, &typed(&[&run.0, &t, &c])).await.map_err(|e| err("dropping the snapshot", e))?;
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
-        Ok(StaleOutcome { unlinked, deleted })
+        Ok(outcome)
     }
 
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
@@ -438,12 +570,19 @@ impl Store for PgStore {
         )
         .await
         .map_err(|e| err("saving the plan", e))?;
+        let mut snapshotted = 0;
         if snapshot {
-            tx.execute_typed(&sql::snapshot_pending(source), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &run.0]))
+            snapshotted = tx
+                .execute_typed(&sql::snapshot_pending(source), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &run.0]))
                 .await
                 .map_err(|e| err("snapshotting pending values", e))?;
         }
-        tx.commit().await.map_err(|e| err("committing the plan", e))
+        tx.commit().await.map_err(|e| err("committing the plan", e))?;
+        if snapshotted >= ANALYZE_AFTER_ROWS {
+            // The pages read from the snapshot are planned on its statistics.
+            self.analyze(sql::ANALYZE_PENDING).await;
+        }
+        Ok(())
     }
 
     async fn index_state(&mut self) -> Result<IndexState, StoreError> {
@@ -574,10 +713,11 @@ impl PgStore {
     /// # Errors
     /// [`StoreError`] when the tables cannot be read.
     pub async fn left_sources(&mut self, config: &Config) -> Result<Vec<LeftSource>, StoreError> {
-        if !self.schema_state().await?.links {
+        let state = self.schema_state().await?;
+        if !state.links {
             return Ok(Vec::new());
         }
-        read_left_sources(&self.client, config).await
+        read_left_sources(&self.client, config, state).await
     }
 
     /// Prunes the sources that left the config that `request` names: deletes the cache rows
@@ -596,7 +736,13 @@ impl PgStore {
         holder: &str,
         ttl: Duration,
     ) -> Result<PruneOutcome, StoreError> {
-        if !self.schema_state().await?.links {
+        let state = self.schema_state().await?;
+        if state.links && !state.owned_by_row {
+            return Err(StoreError::new(
+                "embsync's tables are from an earlier version: run a sync first (POST /sync or the cron trigger), which migrates them, then prune",
+            ));
+        }
+        if !state.links {
             // Never synced: nothing is recorded.
             return Ok(match request.targets(config, &[]) {
                 Ok(_) => PruneOutcome::Done(PruneReport::planned(request.dry_run, Vec::new(), 0)),
@@ -618,10 +764,14 @@ impl PgStore {
     }
 }
 
-async fn read_left_sources(client: &impl tokio_postgres::GenericClient, config: &Config) -> Result<Vec<LeftSource>, StoreError> {
+async fn read_left_sources(
+    client: &impl tokio_postgres::GenericClient,
+    config: &Config,
+    state: SchemaState,
+) -> Result<Vec<LeftSource>, StoreError> {
     let (tables, columns) = prune::enabled_keys(config);
     let rows = client
-        .query_typed(sql::LEFT_SOURCES, &typed(&[&tables, &columns]))
+        .query_typed(&sql::left_sources(state), &typed(&[&tables, &columns]))
         .await
         .map_err(|e| err("reading the sources that left the config", e))?;
     let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i64>(i).max(0) as u64;
@@ -660,7 +810,7 @@ async fn prune_leased(
             return Err(StoreError::lease_lost("the sync lease expired or was taken over before the prune; nothing was deleted"));
         }
     }
-    let left = read_left_sources(&tx, config).await?;
+    let left = read_left_sources(&tx, config, SchemaState { cache: true, links: true, owned_by_row: true }).await?;
     let targets = match request.targets(config, &left) {
         Ok(targets) => targets,
         Err(refusal) => return Ok(PruneOutcome::Refused(refusal)),

@@ -64,9 +64,9 @@ impl Store for Hooked {
         }
         self.inner.store(source, batch, progress).await
     }
-    async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool) -> Result<StaleOutcome, StoreError> {
+    async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool, guard: Option<DeleteGuard>) -> Result<StaleOutcome, StoreError> {
         self.scans_spared += u64::from(known_clean);
-        self.inner.remove_stale(source, run, known_clean).await
+        self.inner.remove_stale(source, run, known_clean, guard).await
     }
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
         self.inner.record_errors(source, failures, run).await
