@@ -6,6 +6,7 @@
 
 use embsync_e2e::*;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 use super::*;
 
@@ -178,16 +179,19 @@ fn a_deployment_the_resource_does_not_have_is_named_with_the_fix() {
     let expected = format!(
         "has no deployment \"emb-lrage\" for model {LARGE_MODEL} (DeploymentNotFound: The API deployment for this resource does not exist."
     );
-    let explained = worker.events().into_iter().any(|e| {
-        let message = e["message"].as_str().unwrap_or_default();
-        message.contains(&expected)
-            && message.contains("set the model's \"deployment\" in the config")
-    });
+    let stopped = body["stopped"].as_str().unwrap_or_default();
     assert!(
-        explained,
-        "the worker's log should explain the missing deployment (sync -> {status}: {body})\n{}",
-        worker.log_tail(40)
+        stopped.contains(&expected) && stopped.contains("set the model's \"deployment\" in the config"),
+        "the run report should explain the missing deployment (sync -> {status}: {body})"
     );
+    // The log says so too; warnings reach wrangler's log a moment after the response.
+    let explained = |worker: &Worker| {
+        worker.events().into_iter().any(|e| {
+            let message = e["message"].as_str().unwrap_or_default();
+            message.contains(&expected) && message.contains("set the model's \"deployment\" in the config")
+        })
+    };
+    poll(Duration::from_secs(15), "the worker's log to explain the missing deployment", || explained(&worker).then_some(()));
     assert_eq!(
         db.count("SELECT count(*) FROM embedding_cache WHERE embedding_large IS NOT NULL"),
         0,
