@@ -17,7 +17,7 @@ use embsync_core::auth::{self, AuthOutcome};
 use embsync_core::log::{Level, LogEvent};
 use embsync_core::report::{RunReport, Trigger};
 use embsync_core::status::{CursorState, Status};
-use embsync_core::sync::{self, Budget, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
+use embsync_core::sync::{self, Budget, BudgetError, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
 use pg::Db;
 use settings::SettingsError;
 use std::time::Duration;
@@ -69,6 +69,8 @@ pub(crate) fn log_event(event: LogEvent) {
 enum AppError {
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
     #[error("a sync run is already in progress (lease held by {holder} for {secs:.0} more seconds unless renewed); try again later")]
     Busy { holder: String, secs: f64 },
     #[error("database: {0}")]
@@ -80,7 +82,7 @@ enum AppError {
 impl AppError {
     fn status(&self) -> u16 {
         match self {
-            AppError::Settings(_) => 500,
+            AppError::Settings(_) | AppError::Budget(_) => 500,
             AppError::Busy { .. } => 409,
             AppError::Sync(SyncError::LeaseLost(_)) => 409,
             AppError::Database(_) | AppError::Sync(_) => 502,
@@ -213,36 +215,29 @@ fn new_id(prefix: &str) -> String {
 }
 
 /// The invocation budget: `SYNC_MAX_BATCHES`, `SYNC_MAX_SECONDS` and `SYNC_LEASE_SECONDS`
-/// override the defaults.
-fn budget(env: &Env) -> Budget {
-    let num = |name: &str| settings::string(env, name).and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite() && *v > 0.0);
-    let mut b = Budget::default();
-    if let Some(n) = num("SYNC_MAX_BATCHES") {
-        b.max_batches = n as u64;
-    }
-    if let Some(s) = num("SYNC_MAX_SECONDS") {
-        b.max_ms = s * 1000.0;
-    }
-    if let Some(s) = num("SYNC_LEASE_SECONDS") {
-        b.lease_ttl = Duration::from_secs_f64(s);
-    }
-    b
+/// override the defaults, checked by [`Budget::from_settings`].
+fn budget(env: &Env) -> Result<Budget, BudgetError> {
+    Budget::from_settings(|name| settings::string(env, name))
 }
 
-/// The KV cursor: whether a value is stored at all, and the cursor if it is readable. A missing
-/// or unreadable one is no cursor (it is only a hint).
-async fn read_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) -> (bool, Option<Cursor>) {
-    let Some(text) = (match kv {
-        Some(kv) => kv.get(CURSOR_KEY).text().await.ok().flatten(),
-        None => None,
-    }) else {
-        return (false, None);
-    };
+/// Removes the KV cursor: the run it pointed into is over.
+async fn clear_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) {
+    if let Some(kv) = kv {
+        if let Err(e) = kv.delete(CURSOR_KEY).await {
+            rt.log(LogEvent::warn("kv", format!("Could not clear the cursor in KV: {e}")));
+        }
+    }
+}
+
+/// The KV cursor, if one is stored and readable. A missing or unreadable one is no cursor (it
+/// is only a hint).
+async fn read_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) -> Option<Cursor> {
+    let text = kv?.get(CURSOR_KEY).text().await.ok().flatten()?;
     match serde_json::from_str::<Cursor>(&text) {
-        Ok(c) => (true, Some(c)),
+        Ok(c) => Some(c),
         Err(e) => {
             rt.log(LogEvent::warn("cursor", format!("Ignoring an unreadable cursor in KV ({e}); Postgres knows where the run stands")));
-            (true, None)
+            None
         }
     }
 }
@@ -260,6 +255,7 @@ async fn kv_put(kv: Option<&worker::KvStore>, key: &str, value: String, rt: &Wor
 
 async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     let config = settings::config(env)?;
+    let budget = budget(env)?;
     let db = settings::database(env)?;
     let embedder = openai::OpenAi::new(&settings::base_url(env), settings::api_key(env)?);
     let rt = WorkerRuntime;
@@ -270,13 +266,16 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
             None
         }
     };
-    let (stored_cursor, hint) = read_cursor(kv.as_ref(), &rt).await;
+    let hint = read_cursor(kv.as_ref(), &rt).await;
     let mut conn = connect(&db, &config).await?;
     let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
-    let inv =
-        Invocation { trigger, retry: RetryPolicy::default(), budget: budget(env), new_run: &run_id, holder: &holder, hint: hint.as_ref() };
+    let inv = Invocation { trigger, retry: RetryPolicy::default(), budget, new_run: &run_id, holder: &holder, hint: hint.as_ref() };
     let result = sync::invoke(&config, &mut conn.store, &embedder, &rt, &inv).await;
     conn.close().await;
+    // A run that failed is over: its cursor goes, as a finished run's does (below).
+    if let Err(SyncError::Provider(_)) = &result {
+        clear_cursor(kv.as_ref(), &rt).await;
+    }
     match result? {
         Outcome::Finished(report) => {
             let json = serde_json::to_string(&report).unwrap_or_default();
@@ -293,13 +292,9 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
                 .field("report", &report),
             );
             kv_put(kv.as_ref(), LAST_RUN_KEY, json, &rt).await;
-            if let Some(kv) = &kv {
-                if stored_cursor {
-                    if let Err(e) = kv.delete(CURSOR_KEY).await {
-                        rt.log(LogEvent::warn("kv", format!("Could not clear the cursor in KV: {e}")));
-                    }
-                }
-            }
+            // Whether or not this invocation read a cursor: one may have been written by an
+            // earlier invocation and not yet be visible here (KV takes up to 60 s).
+            clear_cursor(kv.as_ref(), &rt).await;
             Ok(report)
         }
         Outcome::Paused(report, cursor) => {

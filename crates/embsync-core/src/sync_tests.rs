@@ -42,6 +42,8 @@ struct MemStore {
     finished: Vec<crate::report::RunReport>,
     /// Lease holder and expiry (in store calls: a crude clock).
     lease: Option<(String, u64)>,
+    /// The holder this store acquired the lease as (its fencing token).
+    me: Option<String>,
     clock: u64,
     /// Stale removals that were told the source is clean.
     scans_spared: u64,
@@ -179,7 +181,7 @@ impl Store for MemStore {
         if self.steal_lease_at_store_call == Some(self.store_calls) {
             self.lease = Some(("thief".into(), u64::MAX));
         }
-        if self.lease.as_ref().map(|(h, _)| h.as_str()) != Some(p.holder) {
+        if self.lease.as_ref().map(|(h, _)| h) != self.me.as_ref() {
             return Err(StoreError::lease_lost("the sync lease was lost to another invocation"));
         }
         let i = self.source_index(s);
@@ -265,13 +267,14 @@ impl Store for MemStore {
             }
             _ => {
                 self.lease = Some((holder.to_owned(), self.clock + ttl.as_secs()));
+                self.me = Some(holder.to_owned());
                 Ok(Lease::Acquired)
             }
         }
     }
 
-    async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError> {
-        if self.lease.as_ref().is_some_and(|(h, _)| h == holder) {
+    async fn release_lease(&mut self) -> Result<(), StoreError> {
+        if self.lease.as_ref().map(|(h, _)| h) == self.me.take().as_ref() {
             self.lease = None;
         }
         Ok(())
@@ -1079,4 +1082,49 @@ fn a_failed_index_build_is_reported_and_tried_again_by_the_next_finished_run() {
     w.store.fail_ddl = None;
     let report = w.run().unwrap();
     assert_eq!(report.indexes.map(|i| i.created.len()), Some(2));
+}
+
+/// `Budget::from_settings` over the given settings: the budget, or the error.
+fn budget_of(settings: &[(&str, &str)]) -> String {
+    match Budget::from_settings(|name| settings.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string())) {
+        Ok(b) => format!("{} batches, {} ms, lease {:?}", b.max_batches, b.max_ms, b.lease_ttl),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+#[test]
+fn the_budget_settings_are_checked_and_the_lease_must_outlast_the_time_budget() {
+    let check = |settings: &[(&str, &str)], expect: expect_test::Expect| expect.assert_eq(&budget_of(settings));
+    use expect_test::expect;
+    check(&[], expect!["200 batches, 120000 ms, lease 300s"]);
+    check(&[("SYNC_MAX_BATCHES", " 7 "), ("SYNC_MAX_SECONDS", "4"), ("SYNC_LEASE_SECONDS", "6")], expect!["7 batches, 4000 ms, lease 6s"]);
+    check(&[("SYNC_MAX_SECONDS", ""), ("SYNC_LEASE_SECONDS", "")], expect!["200 batches, 120000 ms, lease 300s"]);
+    check(
+        &[("SYNC_MAX_SECONDS", "300")],
+        expect!["error: SYNC_LEASE_SECONDS (300) must be at least 1.5 times SYNC_MAX_SECONDS (300), so that a working invocation keeps its lease: set SYNC_LEASE_SECONDS to 450 or more, or lower SYNC_MAX_SECONDS"],
+    );
+    check(
+        &[("SYNC_LEASE_SECONDS", "2")],
+        expect!["error: SYNC_LEASE_SECONDS (2) must be at least 1.5 times SYNC_MAX_SECONDS (120), so that a working invocation keeps its lease: set SYNC_LEASE_SECONDS to 180 or more, or lower SYNC_MAX_SECONDS"],
+    );
+    check(
+        &[("SYNC_MAX_SECONDS", "ten")],
+        expect![[r#"error: SYNC_MAX_SECONDS is "ten", which is not a positive number: set it to one or remove it for the default"#]],
+    );
+    check(
+        &[("SYNC_MAX_BATCHES", "2.5")],
+        expect![[r#"error: SYNC_MAX_BATCHES is "2.5", which is not a positive whole number: set it to one or remove it for the default"#]],
+    );
+    check(
+        &[("SYNC_MAX_BATCHES", "0")],
+        expect![[r#"error: SYNC_MAX_BATCHES is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
+    );
+    check(
+        &[("SYNC_LEASE_SECONDS", "-5")],
+        expect![[r#"error: SYNC_LEASE_SECONDS is "-5", which is not a positive number: set it to one or remove it for the default"#]],
+    );
+    check(
+        &[("SYNC_MAX_SECONDS", "inf")],
+        expect![[r#"error: SYNC_MAX_SECONDS is "inf", which is not a positive number: set it to one or remove it for the default"#]],
+    );
 }
