@@ -55,6 +55,8 @@ struct MemStore {
     ddl: Vec<String>,
     /// `index_ddl` fails while this is set.
     fail_ddl: Option<String>,
+    /// Another invocation takes the lease over just before the first `index_ddl`.
+    steal_lease_at_ddl: bool,
 }
 
 impl MemStore {
@@ -331,6 +333,12 @@ impl Store for MemStore {
 
     async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
         assert!(self.run.is_none(), "indexes are built once the run is marked finished");
+        if std::mem::take(&mut self.steal_lease_at_ddl) {
+            self.lease = Some(("thief".into(), u64::MAX));
+        }
+        if self.lease.as_ref().map(|(h, _)| h) != self.me.as_ref() {
+            return Err(StoreError::lease_lost("the sync lease was lost to another invocation"));
+        }
         if let Some(e) = &self.fail_ddl {
             return Err(StoreError::new(e.clone()));
         }
@@ -1127,4 +1135,18 @@ fn the_budget_settings_are_checked_and_the_lease_must_outlast_the_time_budget() 
         &[("SYNC_MAX_SECONDS", "inf")],
         expect![[r#"error: SYNC_MAX_SECONDS is "inf", which is not a positive number: set it to one or remove it for the default"#]],
     );
+}
+
+#[test]
+fn an_invocation_that_lost_its_lease_before_an_index_build_stops_there() {
+    let mut w = World::new(2);
+    with_indexes(&mut w);
+    w.store.set("ta", "ca", &["a"]);
+    w.store.set("tb", "cb", &["b"]);
+    w.store.steal_lease_at_ddl = true;
+    let result = w.invoke(Budget::default(), "slow", None);
+    assert!(matches!(result, Err(SyncError::LeaseLost(_))), "{result:?}");
+    assert_eq!(w.store.ddl.len(), 0, "no index statement after the lease was lost");
+    assert_eq!(w.store.finished.len(), 1, "the run had been finished before");
+    assert_eq!(w.store.finished[0].indexes, None, "no index step is recorded");
 }
