@@ -51,8 +51,8 @@ impl LeaseToken {
     /// - `idle_in_transaction_session_timeout`, the same: a client that stalls or dies inside a
     ///   transaction is disconnected by the server, so the lease row is free again before the
     ///   lease expires, and a killed invocation blocks the next one no longer than the lease.
-    /// - `lock_timeout`, 5 s (at most half the statement timeout): in steady state embsync waits for
-    ///   no lock (the lease serialises its writers); a wait means another pipeline holds rows of
+    /// - `lock_timeout`, 5 s (at most half the statement timeout): in steady state embsync waits
+    ///   for no lock (the lease serialises its writers); a wait means another pipeline holds rows of
     ///   `embedding_cache`, or a DDL statement (queued behind a long reader such as pg_dump)
     ///   holds a table: the statement fails and the next run retries, rather than queueing
     ///   behind it and making every later reader queue behind embsync.
