@@ -18,7 +18,7 @@ use embsync_core::log::{Level, LogEvent};
 use embsync_core::prune::{PruneOutcome, PruneRequest};
 use embsync_core::report::{RunReport, Trigger};
 use embsync_core::status::{CursorState, Status};
-use embsync_core::sync::{self, Budget, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
+use embsync_core::sync::{self, Budget, BudgetError, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
 use pg::Db;
 use settings::SettingsError;
 use std::time::Duration;
@@ -70,6 +70,8 @@ pub(crate) fn log_event(event: LogEvent) {
 enum AppError {
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
     #[error("a sync run is already in progress (lease held by {holder} for {secs:.0} more seconds unless renewed); try again later")]
     Busy { holder: String, secs: f64 },
     #[error("database: {0}")]
@@ -81,7 +83,7 @@ enum AppError {
 impl AppError {
     fn status(&self) -> u16 {
         match self {
-            AppError::Settings(_) => 500,
+            AppError::Settings(_) | AppError::Budget(_) => 500,
             AppError::Busy { .. } => 409,
             AppError::Sync(SyncError::LeaseLost(_)) => 409,
             AppError::Database(e) if e.is_lease_lost() => 409,
@@ -234,40 +236,30 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:x}-{:08x}", Date::now().as_millis(), (js_sys::Math::random() * f64::from(u32::MAX)) as u32)
 }
 
-/// The invocation budget: `SYNC_MAX_BATCHES`, `SYNC_MAX_SECONDS`, `SYNC_LEASE_SECONDS` and
-/// `SYNC_MAX_SUBREQUESTS` override the defaults.
-fn budget(env: &Env) -> Budget {
-    let num = |name: &str| settings::string(env, name).and_then(|v| v.trim().parse::<f64>().ok()).filter(|v| v.is_finite() && *v > 0.0);
-    let mut b = Budget::default();
-    if let Some(n) = num("SYNC_MAX_BATCHES") {
-        b.max_batches = n as u64;
-    }
-    if let Some(s) = num("SYNC_MAX_SECONDS") {
-        b.max_ms = s * 1000.0;
-    }
-    if let Some(s) = num("SYNC_LEASE_SECONDS") {
-        b.lease_ttl = Duration::from_secs_f64(s);
-    }
-    if let Some(n) = num("SYNC_MAX_SUBREQUESTS") {
-        b.max_subrequests = n as u64;
-    }
-    b
+/// The invocation budget: `SYNC_MAX_BATCHES`, `SYNC_MAX_SECONDS` and `SYNC_LEASE_SECONDS`
+/// override the defaults, checked by [`Budget::from_settings`].
+fn budget(env: &Env) -> Result<Budget, BudgetError> {
+    Budget::from_settings(|name| settings::string(env, name))
 }
 
-/// The KV cursor: whether a value is stored at all, and the cursor if it is readable. A missing
-/// or unreadable one is no cursor (it is only a hint).
-async fn read_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) -> (bool, Option<Cursor>) {
-    let Some(text) = (match kv {
-        Some(kv) => kv.get(CURSOR_KEY).text().await.ok().flatten(),
-        None => None,
-    }) else {
-        return (false, None);
-    };
+/// Removes the KV cursor: the run it pointed into is over.
+async fn clear_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) {
+    if let Some(kv) = kv {
+        if let Err(e) = kv.delete(CURSOR_KEY).await {
+            rt.log(LogEvent::warn("kv", format!("Could not clear the cursor in KV: {e}")));
+        }
+    }
+}
+
+/// The KV cursor, if one is stored and readable. A missing or unreadable one is no cursor (it
+/// is only a hint).
+async fn read_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) -> Option<Cursor> {
+    let text = kv?.get(CURSOR_KEY).text().await.ok().flatten()?;
     match serde_json::from_str::<Cursor>(&text) {
-        Ok(c) => (true, Some(c)),
+        Ok(c) => Some(c),
         Err(e) => {
             rt.log(LogEvent::warn("cursor", format!("Ignoring an unreadable cursor in KV ({e}); Postgres knows where the run stands")));
-            (true, None)
+            None
         }
     }
 }
@@ -285,6 +277,7 @@ async fn kv_put(kv: Option<&worker::KvStore>, key: &str, value: String, rt: &Wor
 
 async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     let config = settings::config(env)?;
+    let budget = budget(env)?;
     let db = settings::database(env)?;
     let endpoint = settings::endpoint(env, &config.models)?;
     let embedder = openai::OpenAi::new(endpoint, settings::api_key(env)?);
@@ -296,13 +289,16 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
             None
         }
     };
-    let (stored_cursor, hint) = read_cursor(kv.as_ref(), &rt).await;
+    let hint = read_cursor(kv.as_ref(), &rt).await;
     let mut conn = connect(&db, &config).await?;
     let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
-    let inv =
-        Invocation { trigger, retry: RetryPolicy::default(), budget: budget(env), new_run: &run_id, holder: &holder, hint: hint.as_ref() };
+    let inv = Invocation { trigger, retry: RetryPolicy::default(), budget, new_run: &run_id, holder: &holder, hint: hint.as_ref() };
     let result = sync::invoke(&config, &mut conn.store, &embedder, &rt, &inv).await;
     conn.close().await;
+    // A run that failed is over: its cursor goes, as a finished run's does (below).
+    if let Err(SyncError::Provider(_)) = &result {
+        clear_cursor(kv.as_ref(), &rt).await;
+    }
     match result? {
         Outcome::Finished(report) => {
             let json = serde_json::to_string(&report).unwrap_or_default();
@@ -319,13 +315,9 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
                 .field("report", &report),
             );
             kv_put(kv.as_ref(), LAST_RUN_KEY, json, &rt).await;
-            if let Some(kv) = &kv {
-                if stored_cursor {
-                    if let Err(e) = kv.delete(CURSOR_KEY).await {
-                        rt.log(LogEvent::warn("kv", format!("Could not clear the cursor in KV: {e}")));
-                    }
-                }
-            }
+            // Whether or not this invocation read a cursor: one may have been written by an
+            // earlier invocation and not yet be visible here (KV takes up to 60 s).
+            clear_cursor(kv.as_ref(), &rt).await;
             Ok(report)
         }
         Outcome::Paused(report, cursor) => {
@@ -387,9 +379,10 @@ async fn status(env: &Env) -> Result<Status, AppError> {
 async fn prune(env: &Env, request: &PruneRequest) -> Result<worker::Result<Response>, AppError> {
     let config = settings::config(env)?;
     let db = settings::database(env)?;
+    let lease_ttl = budget(env)?.lease_ttl;
     let mut conn = connect(&db, &config).await?;
     let holder = new_id("prune");
-    let result = conn.store.prune(&config, request, &holder, budget(env).lease_ttl).await;
+    let result = conn.store.prune(&config, request, &holder, lease_ttl).await;
     conn.close().await;
     let rt = WorkerRuntime;
     match result? {

@@ -190,8 +190,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS embedding_sync_runs_one_open ON embedding_sync
         "CREATE TABLE IF NOT EXISTS embedding_sync_lease (
     name text PRIMARY KEY,
     holder text NOT NULL,
-    expires_at timestamptz NOT NULL
-)",
+    expires_at timestamptz NOT NULL,
+    generation bigint NOT NULL DEFAULT 0
+);
+-- The lease's fencing generation, for deployments older than it.
+ALTER TABLE embedding_sync_lease ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0",
     ));
     // Bounded run history: what `/status` reads, finished runs newest first.
     steps.push(step("embedding_sync_runs", RUNS_FINISHED_INDEX));
@@ -584,26 +587,43 @@ SELECT h, $1, $2 FROM unnest($3::text[]) AS h
 ON CONFLICT DO NOTHING";
 
 /// Takes the sync lease for `$1` (holder) for `$2` (float8 seconds) unless someone else holds
-/// it unexpired. One row (the holder) when taken, none when not.
+/// it unexpired. One row when taken: the lease's new `generation` (int8), which with the holder
+/// is this invocation's fencing token ([`FENCE`]); none when not. Every acquisition starts a new
+/// generation, also when the holder id is the same, so a token is never valid twice. The row is
+/// never deleted (a release expires it), so generations only grow.
 pub const ACQUIRE_LEASE: &str = "\
-INSERT INTO embedding_sync_lease AS l (name, holder, expires_at)
-VALUES ('sync', $1, now() + make_interval(secs => $2))
-ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
-WHERE l.expires_at < now() OR l.holder = EXCLUDED.holder
-RETURNING holder";
+INSERT INTO embedding_sync_lease AS l (name, holder, expires_at, generation)
+VALUES ('sync', $1, now() + make_interval(secs => $2), 1)
+ON CONFLICT (name) DO UPDATE
+SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at, generation = l.generation + 1
+WHERE l.expires_at <= now() OR l.holder = EXCLUDED.holder
+RETURNING generation";
 
 /// Who holds the lease and for how many more seconds: `holder`, `secs` (float8).
 pub const LEASE_HOLDER: &str = "\
 SELECT holder, extract(epoch FROM expires_at - now())::float8 FROM embedding_sync_lease WHERE name = 'sync'";
 
-/// Extends the lease of `$1` by `$2` seconds from now; 0 rows when `$1` no longer holds it.
-/// Run inside each batch's transaction, it fences off an invocation that lost the lease.
-pub const RENEW_LEASE: &str = "\
-UPDATE embedding_sync_lease SET expires_at = now() + make_interval(secs => $2)
-WHERE name = 'sync' AND holder = $1 AND expires_at > now()";
+/// The fence: the first statement of every transaction that writes for an invocation. Extends
+/// the lease of the token `$1` (holder), `$2` (generation, int8) by `$3` (float8) seconds from
+/// now; 0 rows when the token no longer holds it unexpired, and then the transaction writes
+/// nothing. The row lock it takes is held until the transaction ends, so nobody takes the lease
+/// over while a fenced transaction is in flight.
+pub const FENCE: &str = "\
+UPDATE embedding_sync_lease SET expires_at = now() + make_interval(secs => $3)
+WHERE name = 'sync' AND holder = $1 AND generation = $2 AND expires_at > now()";
 
-/// Gives the lease up.
-pub const RELEASE_LEASE: &str = "DELETE FROM embedding_sync_lease WHERE name = 'sync' AND holder = $1";
+/// Gives up the lease of the token `$1` (holder), `$2` (generation): it expires now (the row
+/// stays, keeping its generation). A token that no longer holds it changes nothing.
+pub const RELEASE_LEASE: &str = "\
+UPDATE embedding_sync_lease SET expires_at = now()
+WHERE name = 'sync' AND holder = $1 AND generation = $2 AND expires_at > now()";
+
+/// The limits of a fenced transaction, transaction-scoped (`set_config(.., true)` is
+/// `SET LOCAL`): `$1` `statement_timeout`, `$2` `lock_timeout`, `$3`
+/// `idle_in_transaction_session_timeout`, each in milliseconds as text.
+pub const WRITE_LIMITS: &str = "\
+SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true),
+       set_config('idle_in_transaction_session_timeout', $3, true)";
 
 /// The unfinished run, counting this invocation: `run_id`, `trigger`, `started_ms` (float8),
 /// `invocations`.

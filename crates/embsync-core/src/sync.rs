@@ -177,6 +177,11 @@ impl DeleteGuard {
 ///
 /// Architecture Invariant: Postgres holds the truth about a run (its counters, which sources are
 /// done, the lease); anything kept elsewhere (the KV cursor) is a hint that may be stale.
+///
+/// Architecture Invariant: every method that writes (all but `ensure_schema`, `counts`,
+/// `pending` and `index_state`) is fenced by the lease [`Store::acquire_lease`] took: it writes
+/// only while that lease is still this invocation's, unexpired, and renews it; otherwise it
+/// writes nothing and fails with [`StoreError::is_lease_lost`], and the driver stops.
 #[allow(async_fn_in_trait)]
 pub trait Store {
     /// Brings embsync's schema up to date when its recorded version is behind (DDL only then,
@@ -198,13 +203,9 @@ pub trait Store {
         limit: usize,
     ) -> Result<Vec<PendingValue>, StoreError>;
     /// Writes one batch and links all its values to the source, atomically, together with the
-    /// run's counters for it (`progress`) and a renewal of the lease. A value counts as done for
-    /// the source only when it is linked and its row holds both embeddings, so a value with one
-    /// embedding is kept (it is paid for) and completed by a later run.
-    ///
-    /// # Errors
-    /// [`StoreError`] also when the lease was lost (another invocation took over): nothing is
-    /// written then.
+    /// run's counters for it (`progress`). A value counts as done for the source only when it is
+    /// linked and its row holds both embeddings, so a value with one embedding is kept (it is
+    /// paid for) and completed by a later run.
     async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError>;
     /// Unlinks values the source no longer has, deletes embsync's rows no source has, drops the
     /// source's errors of values it no longer has, and marks the source done in the run,
@@ -223,10 +224,12 @@ pub trait Store {
     /// Records failures so the values are retried by a later run, with backoff, and counts them
     /// in the run. A successful [`Store::store`] of a value clears its record.
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError>;
-    /// Takes the sync lease for `holder` for `ttl`, unless another holder has it unexpired.
+    /// Takes the sync lease for `holder` for `ttl`, unless another holder has it unexpired. The
+    /// store keeps the lease it took (its fencing token) for the writes that follow, each of
+    /// which renews it for `ttl`.
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError>;
-    /// Gives the lease up (only if `holder` still has it).
-    async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError>;
+    /// Gives the lease up, if this store still holds it (a lost lease is left alone).
+    async fn release_lease(&mut self) -> Result<(), StoreError>;
     /// The unfinished run with its per-source state, or a new run `new_id` over `sources`.
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError>;
     /// Saves a source's plan (counted once per run, at its first invocation) and, with
@@ -267,10 +270,6 @@ pub enum Lease {
 pub struct Progress<'a> {
     /// The run.
     pub run: &'a RunId,
-    /// The lease holder, renewed by the write; the write fails if it is not the holder.
-    pub holder: &'a str,
-    /// The lease's time to live from now.
-    pub lease_ttl: Duration,
     /// Values embedded and stored by this batch.
     pub embedded: u64,
     /// Values reused (no provider call) by this batch.
@@ -332,6 +331,96 @@ impl Default for Budget {
     fn default() -> Self {
         Budget { max_batches: 200, max_ms: 120_000.0, lease_ttl: Duration::from_secs(300), max_subrequests: 1000 }
     }
+}
+
+impl Budget {
+    /// How many times the time budget the lease must last at least: a healthy invocation renews
+    /// it with every write, and the longest stretch without one is a batch's provider calls
+    /// with their retries, which the time budget bounds (plus the request in flight).
+    pub const LEASE_MARGIN: f64 = 1.5;
+
+    /// A budget of `max_batches` provider batches and `max_seconds` of wall time per invocation,
+    /// with a lease of `lease_seconds`.
+    ///
+    /// # Errors
+    /// [`BudgetError`] when a number is not positive and finite, or the lease is shorter than
+    /// [`Budget::LEASE_MARGIN`] times `max_seconds`.
+    pub fn new(max_batches: u64, max_seconds: f64, lease_seconds: f64) -> Result<Budget, BudgetError> {
+        let positive = |name: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(BudgetError::NotPositive { name, value: v.to_string() })
+            }
+        };
+        positive("SYNC_MAX_BATCHES", max_batches as f64)?;
+        let max_seconds = positive("SYNC_MAX_SECONDS", max_seconds)?;
+        let lease_seconds = positive("SYNC_LEASE_SECONDS", lease_seconds)?;
+        if lease_seconds < max_seconds * Self::LEASE_MARGIN {
+            return Err(BudgetError::LeaseTooShort { lease_seconds, max_seconds });
+        }
+        Ok(Budget {
+            max_batches,
+            max_ms: max_seconds * 1000.0,
+            lease_ttl: Duration::from_secs_f64(lease_seconds),
+            max_subrequests: Budget::default().max_subrequests,
+        })
+    }
+
+    /// The budget from the settings `SYNC_MAX_BATCHES`, `SYNC_MAX_SECONDS`,
+    /// `SYNC_LEASE_SECONDS` and `SYNC_MAX_SUBREQUESTS`, as `setting` reads them (`None` or blank:
+    /// the default).
+    ///
+    /// # Errors
+    /// [`BudgetError`] naming the setting that is not a number, or as [`Budget::new`].
+    pub fn from_settings(setting: impl Fn(&str) -> Option<String>) -> Result<Budget, BudgetError> {
+        let d = Budget::default();
+        let read = |name: &'static str, default: f64| -> Result<f64, BudgetError> {
+            match setting(name).as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+                None => Ok(default),
+                Some(v) => v.parse::<f64>().map_err(|_| BudgetError::NotPositive { name, value: v.to_owned() }),
+            }
+        };
+        let whole = |name: &'static str, default: u64| -> Result<u64, BudgetError> {
+            match setting(name).as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+                None => Ok(default),
+                Some(v) => v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| BudgetError::NotPositive { name, value: v.to_owned() }),
+            }
+        };
+        let batches = whole("SYNC_MAX_BATCHES", d.max_batches)?;
+        let subrequests = whole("SYNC_MAX_SUBREQUESTS", d.max_subrequests)?;
+        let budget = Budget::new(batches, read("SYNC_MAX_SECONDS", d.max_ms / 1000.0)?, read("SYNC_LEASE_SECONDS", d.lease_ttl.as_secs_f64())?)?;
+        Ok(Budget { max_subrequests: subrequests, ..budget })
+    }
+}
+
+/// Why the invocation budget's settings were refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BudgetError {
+    /// A setting is not a positive number (`SYNC_MAX_BATCHES`, `SYNC_MAX_SUBREQUESTS`: a positive
+    /// integer).
+    #[error(
+        "{name} is {value:?}, which is not a positive {}number: set it to one or remove it for the default",
+        if matches!(*name, "SYNC_MAX_BATCHES" | "SYNC_MAX_SUBREQUESTS") { "whole " } else { "" }
+    )]
+    NotPositive {
+        /// The setting.
+        name: &'static str,
+        /// What it holds.
+        value: String,
+    },
+    /// The lease would expire during a healthy invocation, which would then lose it to the next.
+    #[error(
+        "SYNC_LEASE_SECONDS ({lease_seconds}) must be at least 1.5 times SYNC_MAX_SECONDS ({max_seconds}), so that a working \
+         invocation keeps its lease: set SYNC_LEASE_SECONDS to {} or more, or lower SYNC_MAX_SECONDS",
+        (max_seconds * Budget::LEASE_MARGIN).ceil()
+    )]
+    LeaseTooShort {
+        /// `SYNC_LEASE_SECONDS`.
+        lease_seconds: f64,
+        /// `SYNC_MAX_SECONDS`.
+        max_seconds: f64,
+    },
 }
 
 /// Where an invocation stopped: saved in KV as a hint for the next one.
@@ -492,7 +581,9 @@ fn model_info(config: &Config, slot: ModelSlot) -> ModelInfo {
 /// # Errors
 /// [`SyncError::Schema`] when the database cannot be prepared or the run state cannot be read,
 /// and [`SyncError::Provider`] when the provider rejects the API key: nothing later could
-/// succeed, so the run stops at once.
+/// succeed, so the run stops at once. [`SyncError::LeaseLost`] when any write was refused because
+/// another invocation took the lease over (or it expired): this one stops at once, writes nothing
+/// more and reports nothing; the run is the new holder's.
 pub async fn invoke<S: Store, E: Embedder, R: Runtime>(
     config: &Config,
     store: &mut S,
@@ -508,7 +599,7 @@ pub async fn invoke<S: Store, E: Embedder, R: Runtime>(
         Lease::Held { holder, expires_in_secs } => return Ok(Outcome::Busy { holder, expires_in_secs }),
     }
     let result = invoke_leased(config, store, embedder, rt, inv, began).await;
-    if let Err(e) = store.release_lease(inv.holder).await {
+    if let Err(e) = store.release_lease().await {
         rt.log(LogEvent::warn("lease", format!("Could not release the sync lease (it expires by itself): {e}")));
     }
     result
@@ -539,9 +630,9 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     inv: &Invocation<'_>,
     began: f64,
 ) -> Result<Outcome, SyncError> {
-    let Invocation { trigger, retry, budget, new_run, holder, hint } = inv.clone();
+    let Invocation { trigger, retry, budget, new_run, hint, .. } = inv.clone();
     let sources: Vec<&Source> = config.enabled_sources().collect();
-    let mut run = store.open_run(new_run, trigger, &sources).await.map_err(SyncError::Schema)?;
+    let mut run = store.open_run(new_run, trigger, &sources).await.map_err(fatal)?;
     if run.sources.len() != sources.len() {
         return Err(SyncError::Schema(StoreError::new(format!(
             "run {} has {} sources but the config enables {}",
@@ -570,19 +661,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
         let began_source = rt.now_ms();
         let run_tokens: u64 = run.sources.iter().map(|s| s.usage.0.prompt_tokens + s.usage.1.prompt_tokens).sum();
         let state = &mut run.sources[i];
-        let mut ctx = SourceRun {
-            config,
-            store: &mut *store,
-            embedder,
-            rt,
-            retry,
-            state,
-            run: &run.id,
-            holder,
-            lease_ttl: budget.lease_ttl,
-            spent: &mut spent,
-            run_tokens,
-        };
+        let mut ctx = SourceRun { config, store: &mut *store, embedder, rt, retry, state, run: &run.id, spent: &mut spent, run_tokens };
         let outcome = ctx.sync(source, after).await;
         let state = &mut run.sources[i];
         state.report.duration_ms += (rt.now_ms() - began_source).max(0.0) as u64;
@@ -615,11 +694,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 state.done = true;
                 rt.log(source_event(&run.id, &state.report));
             }
-            Err(Stop::LeaseLost(e)) => {
-                // The new holder owns the run now: finish nothing, report nothing as final.
-                rt.log(LogEvent::error("lease", format!("Invocation stopped: {e}")).run(&run.id.0));
-                return Err(SyncError::LeaseLost(e));
-            }
+            Err(Stop::LeaseLost(e)) => return Err(lease_lost(rt, &run.id, e)),
             Err(Stop::Fatal(e)) => {
                 // Nothing later can succeed: the run ends here as failed, and the next trigger
                 // starts a new run once the cause is fixed.
@@ -628,6 +703,9 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 report.status = RunStatus::Failed;
                 report.stopped = Some(e.to_string());
                 if let Err(store_error) = store.finish_run(&run.id, &report).await {
+                    if store_error.is_lease_lost() {
+                        return Err(lease_lost(rt, &run.id, store_error));
+                    }
                     rt.log(LogEvent::error("store", format!("Could not mark run {} failed: {store_error}", run.id.0)).run(&run.id.0));
                 }
                 return Err(SyncError::Provider(e));
@@ -670,14 +748,17 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     if let Some(why) = &report.stopped {
         rt.log(LogEvent::warn("stopped", format!("Sync stopped early: {why}")).run(&run.id.0));
     }
-    store.finish_run(&run.id, &report).await.map_err(SyncError::Schema)?;
+    store.finish_run(&run.id, &report).await.map_err(|e| if e.is_lease_lost() { lease_lost(rt, &run.id, e) } else { fatal(e) })?;
     // Only once every source is done, so a build does not compete with the initial load, and
     // after the run is marked finished, so a build that outlives the invocation costs the next
     // run nothing: it finds the index INVALID and builds it again.
     if report.stopped.is_none() {
-        report.indexes = maintain_indexes(config, store, rt, &run.id).await;
+        report.indexes = maintain_indexes(config, store, rt, &run.id).await.map_err(|e| lease_lost(rt, &run.id, e))?;
         if let Some(indexes) = &report.indexes {
             if let Err(e) = store.record_indexes(&run.id, indexes).await {
+                if e.is_lease_lost() {
+                    return Err(lease_lost(rt, &run.id, e));
+                }
                 rt.log(LogEvent::warn("index", format!("Could not record the index step in run {}: {e}", run.id.0)).run(&run.id.0));
             }
         }
@@ -685,17 +766,42 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     Ok(Outcome::Finished(report))
 }
 
+/// A store error that ends the invocation: [`SyncError::LeaseLost`] when the lease was lost,
+/// else [`SyncError::Schema`].
+fn fatal(e: StoreError) -> SyncError {
+    if e.is_lease_lost() {
+        SyncError::LeaseLost(e)
+    } else {
+        SyncError::Schema(e)
+    }
+}
+
+/// The invocation lost the lease: the new holder owns the run now, so this one finishes
+/// nothing and reports nothing as final.
+fn lease_lost<R: Runtime>(rt: &R, run: &RunId, e: StoreError) -> SyncError {
+    rt.log(LogEvent::error("lease", format!("Invocation stopped: {e}")).run(&run.0));
+    SyncError::LeaseLost(e)
+}
+
 /// Brings embsync's HNSW indexes in line with the config (see [`crate::index`]). A failure is
 /// reported, not raised: the sync itself is done.
-async fn maintain_indexes<S: Store, R: Runtime>(config: &Config, store: &mut S, rt: &R, run: &RunId) -> Option<IndexReport> {
-    let options = config.vector_indexes?;
+///
+/// # Errors
+/// Only the lease lost (the store refused a statement): the invocation stops there.
+async fn maintain_indexes<S: Store, R: Runtime>(
+    config: &Config,
+    store: &mut S,
+    rt: &R,
+    run: &RunId,
+) -> Result<Option<IndexReport>, StoreError> {
+    let Some(options) = config.vector_indexes else { return Ok(None) };
     let mut report = IndexReport::default();
     let state = match store.index_state().await {
         Ok(state) => state,
         Err(e) => {
             report.error = Some(format!("reading the indexes of embedding_cache: {e}"));
             rt.log(LogEvent::warn("index", format!("Indexes: {}", report.error.as_deref().unwrap_or_default())).run(&run.0));
-            return Some(report);
+            return Ok(Some(report));
         }
     };
     let plan = index::plan(options, &config.models, &state);
@@ -709,6 +815,9 @@ async fn maintain_indexes<S: Store, R: Runtime>(config: &Config, store: &mut S, 
         let began = rt.now_ms();
         rt.log(LogEvent::info("index", format!("Index {}: {statement}", action.name())).run(&run.0));
         if let Err(e) = store.index_ddl(&statement).await {
+            if e.is_lease_lost() {
+                return Err(e);
+            }
             let error = format!("{statement}: {e}");
             rt.log(LogEvent::warn("index", format!("Index {} failed (the next finished run tries again): {e}", action.name())).run(&run.0));
             report.error = Some(error);
@@ -730,7 +839,7 @@ async fn maintain_indexes<S: Store, R: Runtime>(config: &Config, store: &mut S, 
             }
         }
     }
-    Some(report)
+    Ok(Some(report))
 }
 
 fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
@@ -830,6 +939,18 @@ enum Pause {
     Subrequests,
 }
 
+impl Stop {
+    /// A store error: the invocation stops at once when it lost the lease; otherwise only the
+    /// source does.
+    fn of(e: StoreError) -> Stop {
+        if e.is_lease_lost() {
+            Stop::LeaseLost(e)
+        } else {
+            Stop::Store(e)
+        }
+    }
+}
+
 struct SourceRun<'a, S, E, R> {
     config: &'a Config,
     store: &'a mut S,
@@ -838,8 +959,6 @@ struct SourceRun<'a, S, E, R> {
     retry: RetryPolicy,
     state: &'a mut SourceState,
     run: &'a RunId,
-    holder: &'a str,
-    lease_ttl: Duration,
     spent: &'a mut InvocationSpend,
     run_tokens: u64,
 }
@@ -847,14 +966,7 @@ struct SourceRun<'a, S, E, R> {
 impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
     async fn sync(&mut self, source: &Source, mut after: Option<ValueHash>) -> Result<SourceEnd, Stop> {
         let name = &source.name;
-        let ctx = |what: &str, e: StoreError| {
-            let e = e.context(format_args!("{what} of source {name}"));
-            if e.is_lease_lost() {
-                Stop::LeaseLost(e)
-            } else {
-                Stop::Store(e)
-            }
-        };
+        let ctx = |what: &str, e: StoreError| Stop::of(e.context(format_args!("{what} of source {name}")));
         let batch_size = self.config.values_per_batch();
         // Counts taken by this invocation let a no-op source skip its other scans.
         let mut fresh: Option<SourceCounts> = None;
@@ -943,8 +1055,6 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 let complete = batch.iter().filter(|v| v.complete).count() as u64;
                 let progress = Progress {
                     run: self.run,
-                    holder: self.holder,
-                    lease_ttl: self.lease_ttl,
                     embedded,
                     reused: complete - embedded,
                     batches: u64::from(counts_as_batch),
@@ -1012,7 +1122,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         self.store
             .record_errors(source, failures, self.run)
             .await
-            .map_err(|e| Stop::Store(e.context(format_args!("recording errors of source {}", source.name))))?;
+            .map_err(|e| Stop::of(e.context(format_args!("recording errors of source {}", source.name))))?;
         self.state.report.errors += failures.len() as u64;
         Ok(())
     }
@@ -1283,4 +1393,60 @@ struct Isolated {
     pause: Option<Pause>,
     /// The provider refused the API key: the run stops.
     fatal: Option<ProviderError>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::{expect, Expect};
+
+    fn check(settings: &[(&str, &str)], expect: Expect) {
+        let budget = Budget::from_settings(|name| settings.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string()));
+        expect.assert_eq(&match budget {
+            Ok(b) => format!("{} batches, {} ms, lease {:?}, {} subrequests", b.max_batches, b.max_ms, b.lease_ttl, b.max_subrequests),
+            Err(e) => format!("error: {e}"),
+        });
+    }
+
+    #[test]
+    fn the_budget_settings_are_checked_and_the_lease_must_outlast_the_time_budget() {
+        check(&[], expect!["200 batches, 120000 ms, lease 300s, 1000 subrequests"]);
+        check(
+            &[("SYNC_MAX_BATCHES", " 7 "), ("SYNC_MAX_SECONDS", "4"), ("SYNC_LEASE_SECONDS", "6"), ("SYNC_MAX_SUBREQUESTS", "40")],
+            expect!["7 batches, 4000 ms, lease 6s, 40 subrequests"],
+        );
+        check(&[("SYNC_MAX_SECONDS", ""), ("SYNC_LEASE_SECONDS", "")], expect!["200 batches, 120000 ms, lease 300s, 1000 subrequests"]);
+        check(
+            &[("SYNC_MAX_SECONDS", "300")],
+            expect!["error: SYNC_LEASE_SECONDS (300) must be at least 1.5 times SYNC_MAX_SECONDS (300), so that a working invocation keeps its lease: set SYNC_LEASE_SECONDS to 450 or more, or lower SYNC_MAX_SECONDS"],
+        );
+        check(
+            &[("SYNC_LEASE_SECONDS", "2")],
+            expect!["error: SYNC_LEASE_SECONDS (2) must be at least 1.5 times SYNC_MAX_SECONDS (120), so that a working invocation keeps its lease: set SYNC_LEASE_SECONDS to 180 or more, or lower SYNC_MAX_SECONDS"],
+        );
+        check(
+            &[("SYNC_MAX_SECONDS", "ten")],
+            expect![[r#"error: SYNC_MAX_SECONDS is "ten", which is not a positive number: set it to one or remove it for the default"#]],
+        );
+        check(
+            &[("SYNC_MAX_BATCHES", "2.5")],
+            expect![[r#"error: SYNC_MAX_BATCHES is "2.5", which is not a positive whole number: set it to one or remove it for the default"#]],
+        );
+        check(
+            &[("SYNC_MAX_BATCHES", "0")],
+            expect![[r#"error: SYNC_MAX_BATCHES is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
+        );
+        check(
+            &[("SYNC_MAX_SUBREQUESTS", "0")],
+            expect![[r#"error: SYNC_MAX_SUBREQUESTS is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
+        );
+        check(
+            &[("SYNC_LEASE_SECONDS", "-5")],
+            expect![[r#"error: SYNC_LEASE_SECONDS is "-5", which is not a positive number: set it to one or remove it for the default"#]],
+        );
+        check(
+            &[("SYNC_MAX_SECONDS", "inf")],
+            expect![[r#"error: SYNC_MAX_SECONDS is "inf", which is not a positive number: set it to one or remove it for the default"#]],
+        );
+    }
 }

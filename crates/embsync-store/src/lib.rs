@@ -18,8 +18,9 @@ use embsync_core::sync::{
 };
 use embsync_core::vector::Vector;
 use std::time::Duration;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 /// embsync's tables in one Postgres database, over one connection.
 pub struct PgStore {
@@ -37,6 +38,8 @@ pub struct PgStore {
     cache_created: bool,
     /// Rows written to embsync's tables since this store last analyzed them.
     written: u64,
+    /// The lease [`Store::acquire_lease`] took: the fencing token of every write.
+    lease: Option<LeaseToken>,
 }
 
 /// After this many rows written, the store analyzes embsync's tables before it relies on their
@@ -47,6 +50,62 @@ pub const ANALYZE_AFTER_ROWS: u64 = 10_000;
 /// A lock wait that ran out (`lock_timeout`, SQLSTATE 55P03).
 fn lock_timed_out(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
+
+/// A lease this store took: who, which generation, for how long. Every write checks that the
+/// lease row still holds exactly this holder and generation, unexpired ([`sql::FENCE`]).
+#[derive(Debug, Clone)]
+struct LeaseToken {
+    holder: String,
+    generation: i64,
+    ttl: Duration,
+}
+
+impl LeaseToken {
+    /// The limits of each fenced transaction, in milliseconds as text (see [`sql::WRITE_LIMITS`]).
+    ///
+    /// - `statement_timeout`, a third of the lease: a statement still running when its
+    ///   invocation was killed holds the lease row (locked by the fence) no longer than that, and
+    ///   one that stalls is cut off long before the lease it renewed expires.
+    /// - `idle_in_transaction_session_timeout`, the same: a client that stalls or dies inside a
+    ///   transaction is disconnected by the server, so the lease row is free again before the
+    ///   lease expires, and a killed invocation blocks the next one no longer than the lease.
+    /// - `lock_timeout`, 5 s (at most half the statement timeout): in steady state embsync waits
+    ///   for no lock (the lease serialises its writers); a wait means another pipeline holds rows of
+    ///   `embedding_cache`, or a DDL statement (queued behind a long reader such as pg_dump)
+    ///   holds a table: the statement fails and the next run retries, rather than queueing
+    ///   behind it and making every later reader queue behind embsync.
+    fn limits(&self) -> (String, String, String) {
+        let statement = (self.ttl / 3).max(Duration::from_millis(1));
+        let lock = (statement / 2).min(Duration::from_secs(5));
+        let ms = |d: Duration| d.as_millis().to_string();
+        (ms(statement), ms(lock), ms(statement))
+    }
+}
+
+/// Begins a transaction that writes for the invocation holding `lease`: its limits, then the
+/// fence. When the lease is not this invocation's any more (taken over, expired or released),
+/// the transaction is rolled back and the error is [`StoreError::lease_lost`]: nothing is written.
+async fn fenced<'a>(client: &'a mut Client, lease: Option<&LeaseToken>, what: &str) -> Result<Transaction<'a>, StoreError> {
+    let Some(lease) = lease else {
+        return Err(StoreError::lease_lost(format!("{what}: this invocation holds no sync lease; nothing was written")));
+    };
+    let tx = client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+    let (statement, lock, idle) = lease.limits();
+    tx.execute_typed(sql::WRITE_LIMITS, &typed(&[&statement, &lock, &idle])).await.map_err(|e| err("setting the timeouts", e))?;
+    let ttl = lease.ttl.as_secs_f64();
+    let held = tx
+        .execute_typed(sql::FENCE, &typed(&[&lease.holder.as_str(), &lease.generation, &ttl]))
+        .await
+        .map_err(|e| err("checking the sync lease", e))?;
+    if held == 0 {
+        tx.rollback().await.map_err(|e| err("rolling back", e))?;
+        return Err(StoreError::lease_lost(format!(
+            "{what}: the sync lease expired or was taken over by another invocation; nothing was written"
+        )));
+    }
+    Ok(tx)
 }
 
 fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
@@ -74,7 +133,7 @@ impl PgStore {
     pub fn new(client: Client, config: &Config) -> PgStore {
         let tags = (config.models.large.tag(), config.models.small.tag());
         let retention_runs = i64::try_from(config.retention_runs).unwrap_or(i64::MAX);
-        PgStore { client, schema: None, tags, vector_array: None, retention_runs, cache_created: false, written: 0 }
+        PgStore { client, schema: None, tags, vector_array: None, retention_runs, cache_created: false, written: 0, lease: None }
     }
 
     /// The connection, given back (e.g. to close it).
@@ -333,8 +392,9 @@ impl Store for PgStore {
     async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
         let (t, c) = keys(source);
         let (lt, st) = (&self.tags.0, &self.tags.1);
-        let linked =
-            self.client.execute_typed(&sql::link_reusable(source), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("linking", e))?;
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "linking reusable values").await?;
+        let linked = tx.execute_typed(&sql::link_reusable(source), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("linking", e))?;
+        tx.commit().await.map_err(|e| err("committing the links", e))?;
         self.written += linked;
         Ok(linked)
     }
@@ -388,15 +448,7 @@ impl Store for PgStore {
         let large: Vec<Option<PgVector>> = batch.iter().map(|v| v.large.as_ref().map(PgVector)).collect();
         let small: Vec<Option<PgVector>> = batch.iter().map(|v| v.small.as_ref().map(PgVector)).collect();
         let vector_array = self.vector_array_type().await?;
-        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        let ttl = progress.lease_ttl.as_secs_f64();
-        let renewed =
-            tx.execute_typed(sql::RENEW_LEASE, &typed(&[&progress.holder, &ttl])).await.map_err(|e| err("renewing the lease", e))?;
-        if renewed == 0 {
-            return Err(StoreError::lease_lost(
-                "the sync lease expired or was taken over by another invocation; this batch was not written",
-            ));
-        }
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "writing a batch").await?;
         let mut params = typed(&[&t, &c, &self.tags.0, &self.tags.1, &hashes, &values, &counts]);
         params.push((&large, vector_array.clone()));
         params.push((&small, vector_array));
@@ -443,7 +495,7 @@ impl Store for PgStore {
             }
             self.written = 0;
         }
-        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "removing stale values").await?;
         let clean = known_clean
             && !tx.query_typed_one(sql::HAS_ERRORS, &typed(&[&t, &c])).await.map_err(|e| err("looking for errors", e))?.get::<_, bool>(0);
         let mut outcome = StaleOutcome::default();
@@ -481,7 +533,7 @@ impl Store for PgStore {
         let (t, c) = keys(source);
         let models: Vec<&str> = failures.iter().map(|f| f.model.as_str()).collect();
         let messages: Vec<&str> = failures.iter().map(|f| f.message.as_str()).collect();
-        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "recording errors").await?;
         tx.execute_typed(sql::RECORD_ERRORS, &typed(&[&t, &c, &hashes(failures), &models, &messages]))
             .await
             .map_err(|e| err("recording errors", e))?;
@@ -492,11 +544,23 @@ impl Store for PgStore {
     }
 
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        self.lease = None;
         let secs = ttl.as_secs_f64();
-        let taken =
-            self.client.query_typed(sql::ACQUIRE_LEASE, &typed(&[&holder, &secs])).await.map_err(|e| err("taking the sync lease", e))?;
-        if !taken.is_empty() {
-            return Ok(Lease::Acquired);
+        let token = LeaseToken { holder: holder.to_owned(), generation: 0, ttl };
+        let (statement, lock, idle) = token.limits();
+        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        tx.execute_typed(sql::WRITE_LIMITS, &typed(&[&statement, &lock, &idle])).await.map_err(|e| err("setting the timeouts", e))?;
+        // A fenced transaction of the holder in flight locks the row: waiting past the lock
+        // timeout means the lease is in use.
+        match tx.query_typed_opt(sql::ACQUIRE_LEASE, &typed(&[&holder, &secs])).await {
+            Ok(Some(row)) => {
+                tx.commit().await.map_err(|e| err("committing the sync lease", e))?;
+                self.lease = Some(LeaseToken { generation: row.get(0), ..token });
+                return Ok(Lease::Acquired);
+            }
+            Ok(None) => tx.commit().await.map_err(|e| err("committing the sync lease", e))?,
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => tx.rollback().await.map_err(|e| err("rolling back", e))?,
+            Err(e) => return Err(err("taking the sync lease", e)),
         }
         let row = self.client.query_typed_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
         Ok(match row {
@@ -505,13 +569,19 @@ impl Store for PgStore {
         })
     }
 
-    async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError> {
-        self.client.execute_typed(sql::RELEASE_LEASE, &typed(&[&holder])).await.map_err(|e| err("releasing the sync lease", e))?;
-        Ok(())
+    async fn release_lease(&mut self) -> Result<(), StoreError> {
+        let Some(lease) = self.lease.take() else { return Ok(()) };
+        let (statement, lock, idle) = lease.limits();
+        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        tx.execute_typed(sql::WRITE_LIMITS, &typed(&[&statement, &lock, &idle])).await.map_err(|e| err("setting the timeouts", e))?;
+        tx.execute_typed(sql::RELEASE_LEASE, &typed(&[&lease.holder.as_str(), &lease.generation]))
+            .await
+            .map_err(|e| err("releasing the sync lease", e))?;
+        tx.commit().await.map_err(|e| err("committing the release", e))
     }
 
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
-        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "opening the run").await?;
         let mut resumed = tx.query_typed_opt(sql::RESUME_RUN, &[]).await.map_err(|e| err("resuming the run", e))?;
         if let Some(row) = &resumed {
             let id: String = row.get(0);
@@ -553,7 +623,7 @@ impl Store for PgStore {
     async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {
         let (t, c) = keys(source);
         let n = |v: u64| v as i64;
-        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "saving the plan").await?;
         tx.execute_typed(
             sql::SAVE_PLAN,
             &typed(&[
@@ -599,28 +669,34 @@ impl Store for PgStore {
     }
 
     async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
+        // CONCURRENTLY cannot run in a transaction, so the fence is checked (and the lease
+        // renewed) in one just before. It gets no timeouts: only a session-level SET could give
+        // it any, which a transaction-pooling proxy would leak to other clients. It takes SHARE
+        // UPDATE EXCLUSIVE, which blocks no reads or writes, and runs only on a table embsync
+        // created; the next invocation sees a build still running and leaves it alone.
+        fenced(&mut self.client, self.lease.as_ref(), "building an index").await?.commit().await.map_err(|e| err("committing", e))?;
         // The simple query protocol runs it on its own, outside a transaction, as CONCURRENTLY needs.
         self.client.batch_execute(statement).await.map_err(|e| err("running the index statement", e))
     }
 
     async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
         let json = serde_json::to_string(indexes).unwrap_or_else(|_| "null".into());
-        self.client.execute_typed(sql::RECORD_INDEXES, &typed(&[&run.0, &json])).await.map_err(|e| err("recording the index step", e))?;
-        Ok(())
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "recording the index step").await?;
+        tx.execute_typed(sql::RECORD_INDEXES, &typed(&[&run.0, &json])).await.map_err(|e| err("recording the index step", e))?;
+        tx.commit().await.map_err(|e| err("committing the index step", e))
     }
 
     async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
         let json = serde_json::to_string(report).unwrap_or_else(|_| "null".into());
-        self.client
-            .execute_typed(sql::FINISH_RUN, &typed(&[&run.0, &json, &report.status.as_str()]))
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "finishing the run").await?;
+        tx.execute_typed(sql::FINISH_RUN, &typed(&[&run.0, &json, &report.status.as_str()]))
             .await
             .map_err(|e| err("finishing the run", e))?;
-        self.client.execute_typed(sql::DROP_OLD_SNAPSHOTS, &[]).await.map_err(|e| err("dropping old snapshots", e))?;
-        self.client
-            .execute_typed(sql::DELETE_OLD_RUNS, &typed(&[&self.retention_runs]))
+        tx.execute_typed(sql::DROP_OLD_SNAPSHOTS, &[]).await.map_err(|e| err("dropping old snapshots", e))?;
+        tx.execute_typed(sql::DELETE_OLD_RUNS, &typed(&[&self.retention_runs]))
             .await
             .map_err(|e| err("deleting runs beyond the retention", e))?;
-        Ok(())
+        tx.commit().await.map_err(|e| err("committing the finished run", e))
     }
 }
 
@@ -755,10 +831,11 @@ impl PgStore {
                 Lease::Held { holder, expires_in_secs } => return Ok(PruneOutcome::Busy { holder, expires_in_secs }),
             }
         }
-        let result = prune_leased(&mut self.client, config, request, holder, ttl).await;
+        let lease = if request.dry_run { None } else { self.lease.clone() };
+        let result = prune_leased(&mut self.client, config, request, lease.as_ref()).await;
         if !request.dry_run {
             // A failed release leaves the lease to expire by itself.
-            let _ = self.release_lease(holder).await;
+            let _ = self.release_lease().await;
         }
         result
     }
@@ -794,22 +871,18 @@ async fn read_left_sources(
     Ok(left)
 }
 
-/// The transaction of [`PgStore::prune`].
+/// The transaction of [`PgStore::prune`]: fenced by `lease` (a dry run has none and writes
+/// nothing).
 async fn prune_leased(
     client: &mut Client,
     config: &Config,
     request: &PruneRequest,
-    holder: &str,
-    ttl: Duration,
+    lease: Option<&LeaseToken>,
 ) -> Result<PruneOutcome, StoreError> {
-    let tx = client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-    if !request.dry_run {
-        let renewed =
-            tx.execute_typed(sql::RENEW_LEASE, &typed(&[&holder, &ttl.as_secs_f64()])).await.map_err(|e| err("renewing the lease", e))?;
-        if renewed == 0 {
-            return Err(StoreError::lease_lost("the sync lease expired or was taken over before the prune; nothing was deleted"));
-        }
-    }
+    let tx = match lease {
+        Some(_) => fenced(client, lease, "pruning").await?,
+        None => client.transaction().await.map_err(|e| err("starting a transaction", e))?,
+    };
     let left = read_left_sources(&tx, config, SchemaState { cache: true, links: true, owned_by_row: true }).await?;
     let targets = match request.targets(config, &left) {
         Ok(targets) => targets,

@@ -27,6 +27,8 @@ struct Hooked {
     fail_store_call: Option<usize>,
     /// Another invocation takes the lease over just before the n-th call to `store` (1-based).
     steal_lease_at_store_call: Option<usize>,
+    /// Another invocation takes the lease over just before the first index statement.
+    steal_lease_at_ddl: bool,
     /// Stale removals that were told the source is clean (so they skipped the scan).
     scans_spared: u64,
     /// Index DDL never runs on this Postgres (its pgvector cannot build HNSW here): the catalog as
@@ -74,8 +76,8 @@ impl Store for Hooked {
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
         self.inner.acquire_lease(holder, ttl).await
     }
-    async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError> {
-        self.inner.release_lease(holder).await
+    async fn release_lease(&mut self) -> Result<(), StoreError> {
+        self.inner.release_lease().await
     }
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
         self.inner.open_run(new_id, trigger, sources).await
@@ -93,6 +95,15 @@ impl Store for Hooked {
         }
     }
     async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
+        if self.steal_lease_at_ddl {
+            self.other
+                .batch_execute("UPDATE embedding_sync_lease SET holder = 'thief', generation = generation + 1, expires_at = now() + interval '1 hour'")
+                .await
+                .expect("stealing the lease");
+        }
+        // The real store's fence check, with a statement this Postgres can run (its pgvector
+        // cannot build HNSW indexes here); the statement itself is applied to the faked catalog.
+        self.inner.index_ddl("SELECT 1").await?;
         let open: i64 = self.other.query_one("SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NULL", &[]).await.unwrap().get(0);
         self.ddl_during_run.set(self.ddl_during_run.get() || open > 0);
         if let Some(e) = &self.fail_ddl {
@@ -136,6 +147,7 @@ impl World {
             store_calls: 0,
             fail_store_call: None,
             steal_lease_at_store_call: None,
+            steal_lease_at_ddl: false,
             scans_spared: 0,
             index_state: None,
             ddl: Vec::new(),
@@ -679,13 +691,14 @@ async fn a_second_invocation_is_turned_away_while_the_lease_is_held() {
     w.set("ta", "ca", &["p"]).await;
     w.set("tb", "cb", &[]).await;
     w.run().await.unwrap();
-    w.db.exec("INSERT INTO embedding_sync_lease (name, holder, expires_at) VALUES ('sync', 'someone', now() + interval '1000 seconds')").await;
+    // Someone else holds it (the row is there since the first run; a release expires it).
+    w.db.exec("UPDATE embedding_sync_lease SET holder = 'someone', generation = generation + 1, expires_at = now() + interval '1000 seconds'").await;
     assert!(matches!(w.invoke(Budget::default(), "me", None).await.unwrap(), Outcome::Busy { ref holder, .. } if holder == "someone"));
     assert_eq!(w.calls(), 2);
     // An expired lease is taken over.
     w.db.exec("UPDATE embedding_sync_lease SET expires_at = now() - interval '1 second'").await;
     assert!(matches!(w.invoke(Budget::default(), "me", None).await.unwrap(), Outcome::Finished(_)));
-    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_lease").await, 0, "released at the end");
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_lease WHERE expires_at > now()").await, 0, "released at the end");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -824,4 +837,18 @@ async fn a_run_that_reaches_its_token_budget_with_everything_done_finishes_and_b
     assert_eq!((report.totals.embedded, report.usage.large.prompt_tokens + report.usage.small.prompt_tokens), (5, 10));
     assert_eq!(report.stopped, None, "everything is done: not stopped early");
     assert_eq!(report.indexes.map(|i| i.created.len()), Some(2), "a finished run maintains the indexes");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_invocation_that_lost_its_lease_before_an_index_build_stops_there() {
+    let mut w = World::new(2).await;
+    with_indexes(&mut w);
+    w.set("ta", "ca", &["a"]).await;
+    w.set("tb", "cb", &["b"]).await;
+    w.store.steal_lease_at_ddl = true;
+    let result = w.invoke(Budget::default(), "slow", None).await;
+    assert!(matches!(result, Err(SyncError::LeaseLost(_))), "{result:?}");
+    assert_eq!(w.store.ddl.len(), 0, "no index statement after the lease was lost");
+    assert_eq!(w.finished().await, ["finished"], "the run had been finished before");
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_runs WHERE report ? 'indexes' AND report->'indexes' <> 'null'").await, 0, "no index step is recorded");
 }

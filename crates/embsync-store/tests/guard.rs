@@ -61,8 +61,8 @@ impl Store for EmptiedBeforeRemoval<'_> {
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
         self.inner.acquire_lease(holder, ttl).await
     }
-    async fn release_lease(&mut self, holder: &str) -> Result<(), StoreError> {
-        self.inner.release_lease(holder).await
+    async fn release_lease(&mut self) -> Result<(), StoreError> {
+        self.inner.release_lease().await
     }
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
         self.inner.open_run(new_id, trigger, sources).await

@@ -211,3 +211,23 @@ fn config_accepts_schema_qualified_table() {
     ]));
     assert_eq!(db.cache_hashes(), expected);
 }
+
+#[test]
+fn a_lease_shorter_than_the_time_budget_allows_is_a_configuration_error() {
+    let mut db = db_with_options(&["Leather seats", "Sunroof"]);
+    let provider = Provider::start(Some(API_KEY));
+    let worker = Worker::start(WorkerOpts::new(&db, &provider).var("SYNC_MAX_SECONDS", 120).var("SYNC_LEASE_SECONDS", 150));
+    let (status, body) = worker.post("/sync", Some(TOKEN));
+    assert_eq!(status, 500, "POST /sync: {body}");
+    let msg = body["error"].as_str().unwrap_or_else(|| panic!("no \"error\" string in {body}"));
+    assert!(
+        msg.contains("SYNC_LEASE_SECONDS (150) must be at least 1.5 times SYNC_MAX_SECONDS (120)") && msg.contains("to 180 or more"),
+        "the error says what to set: {msg:?}"
+    );
+    // The cron trigger logs the same error.
+    let (status, _) = worker.scheduled();
+    assert_eq!(status, 200);
+    worker.wait_for_log("Sync failed: SYNC_LEASE_SECONDS (150)", std::time::Duration::from_secs(30));
+    assert!(!db.relation_exists("embedding_cache"), "nothing may be written");
+    assert!(provider.embedding_requests().is_empty(), "the provider must not be called");
+}

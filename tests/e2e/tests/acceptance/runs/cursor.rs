@@ -83,3 +83,24 @@ fn a_deleted_foreign_or_garbage_cursor_costs_nothing_but_a_rescan() {
     let cursor = worker.status()["cursor"].clone();
     assert_eq!(cursor, Value::Null, "the cursor key must be deleted when the run finishes (it held garbage before the last invocation)");
 }
+
+#[test]
+fn a_run_that_fails_takes_its_cursor_with_it() {
+    const DISTINCT: u64 = 600;
+    let mut db = db_with_parts(DISTINCT, DISTINCT);
+    let provider = Provider::start(Some(API_KEY));
+    let worker = Worker::start(opts(&db, &provider, BATCH, &[("SYNC_MAX_BATCHES", "2")]));
+    let timeout = Duration::from_secs(120);
+
+    // 1: pauses and leaves its cursor.
+    let End::Paused(c1) = cron(&worker, timeout) else { panic!("invocation 1 should pause: {}", worker.log_tail(30)) };
+    assert_eq!(kv_cursor(&worker).as_ref(), Some(&c1), "the paused invocation's cursor is in KV");
+
+    // 2: the provider refuses the key: the run ends as failed, and nothing is left to resume.
+    provider.set_faults(&json!({"rules": [{"status": 401}]}));
+    let end = cron(&worker, timeout);
+    assert!(matches!(end, End::Failed(ref m) if m.contains("OPENAI_API_KEY")), "invocation 2 should fail on the key: {end:?}");
+    let run_id = only_run_id(&mut db);
+    assert_eq!(runs(&mut db), vec![(run_id, "failed".into(), 2, true)]);
+    assert_eq!(worker.status()["cursor"], Value::Null, "the cursor of a run that failed must be deleted with it");
+}

@@ -21,8 +21,9 @@ fn a_run_killed_with_sigkill_is_finished_by_the_next_invocation() {
     // Slow answers: a batch is in flight for at least this long, so the kill lands mid-run.
     provider.set_faults(&json!({"latencyMs": 400}));
     let kv = SharedDir::new("embsync-e2e-kv");
-    // Short, so the dead invocation's lease expires soon; long enough to see it block first.
-    let vars = [("SYNC_LEASE_SECONDS", "6")];
+    // Short, so the dead invocation's lease expires soon; long enough to see it block first. The
+    // lease must be 1.5 times the time budget at least.
+    let vars = [("SYNC_LEASE_SECONDS", "9"), ("SYNC_MAX_SECONDS", "6")];
     let mut first = Worker::start(opts(&db, &provider, BATCH, &vars).persist_to(&kv.path));
 
     let _trigger = first.scheduled_in_background();
@@ -72,7 +73,7 @@ fn a_run_killed_with_sigkill_is_finished_by_the_next_invocation() {
                 skipped += 1;
                 assert!(
                     killed_at.elapsed() < Duration::from_secs(30),
-                    "the dead invocation's 6 s lease still blocks {:?} after the kill",
+                    "the dead invocation's 9 s lease still blocks {:?} after the kill",
                     killed_at.elapsed()
                 );
                 thread::sleep(Duration::from_millis(500));
@@ -159,9 +160,9 @@ fn an_invocation_that_lost_its_lease_leaves_the_run_to_the_new_holder() {
     let mut db = db_with_parts(DISTINCT, DISTINCT);
     let values = part_values(&mut db);
     let provider = Provider::start(Some(API_KEY));
-    let worker = Worker::start(opts(&db, &provider, BATCH, &[("SYNC_LEASE_SECONDS", "2")]));
+    let worker = Worker::start(opts(&db, &provider, BATCH, &[("SYNC_LEASE_SECONDS", "3"), ("SYNC_MAX_SECONDS", "2")]));
 
-    // Invocation A: its first batch takes 6 s, three times its 2 s lease.
+    // Invocation A: its first batch takes 6 s, twice its 3 s lease.
     provider.set_faults(&json!({"latencyMs": 6000}));
     let a = worker.scheduled_in_background();
     worker.wait_for_log("Batch 1 of", Duration::from_secs(60));
