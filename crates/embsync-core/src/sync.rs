@@ -173,7 +173,10 @@ impl DeleteGuard {
     }
 }
 
-/// The database, as the driver needs it. Every method is one transaction.
+/// The database, as the driver needs it. Every method that writes is one transaction, fenced by
+/// the lease this store took in [`Store::acquire_lease`]: once the lease is lost it writes
+/// nothing. `index_ddl` is the exception: `CONCURRENTLY` runs outside a transaction, after a
+/// fenced check. Reads may take more than one statement.
 ///
 /// Architecture Invariant: Postgres holds the truth about a run (its counters, which sources are
 /// done, the lease); anything kept elsewhere (the KV cursor) is a hint that may be stale.
