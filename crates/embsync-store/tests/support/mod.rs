@@ -217,8 +217,7 @@ impl Runtime for TestRuntime {
 
 /// A config with small dimensions (4 and 2) and the given sources (`name`, `table`, `column`).
 pub fn config(batch: u32, sources: &[(&str, &str, &str)]) -> Config {
-    let sources: Vec<String> =
-        sources.iter().map(|(n, t, c)| format!(r#"{{"name":"{n}","table":"{t}","column":"{c}"}}"#)).collect();
+    let sources: Vec<String> = sources.iter().map(|(n, t, c)| format!(r#"{{"name":"{n}","table":"{t}","column":"{c}"}}"#)).collect();
     Config::parse(&format!(
         r#"{{"version":"1.0","models":{{"large":{{"name":"text-embedding-3-large","dimensions":4}},"small":{{"name":"text-embedding-3-small","dimensions":2}}}},
         "batchSize":{batch},"sources":[{}]}}"#,
