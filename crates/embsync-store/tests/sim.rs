@@ -338,6 +338,32 @@ struct SimStore<'a> {
     /// Rows of embsync's that [`Store::remove_stale`] deleted although an enabled source still
     /// had their value: (value, source).
     in_use: Vec<(String, String)>,
+    foreign: Option<(usize, String, Option<String>, Option<String>)>,
+    /// Rows the other pipeline wrote during the invocation.
+    foreign_written: Vec<(i64, ForeignRow)>,
+}
+
+/// The other pipeline writes a row for `value` unless one exists; returns it as written.
+async fn insert_foreign(admin: &Client, value: &str, large: &Option<String>, small: &Option<String>) -> Option<(i64, ForeignRow)> {
+    let row = admin
+        .query_opt(
+            "INSERT INTO embedding_cache (value, value_hash, embedding_large, embedding_small, source_table, source_column, usage_count, created_at)
+             VALUES ($1, $2, $3::text::vector, $4::text::vector, 'other_pipeline', 'text', 7, '2020-01-01 00:00:00+00')
+             ON CONFLICT (value_hash) DO NOTHING RETURNING id",
+            &[&value, &hash_of(value), large, small],
+        )
+        .await
+        .expect("the other pipeline's insert")?;
+    let id: i64 = row.get(0);
+    let read = admin
+        .query_one(
+            "SELECT (id, value, value_hash, source_table, source_column, usage_count, created_at)::text, embedding_large::text, embedding_small::text
+             FROM embedding_cache WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("reading the other pipeline's row");
+    Some((id, ForeignRow { value: value.to_owned(), fixed: read.get(0), large: read.get(1), small: read.get(2) }))
 }
 
 /// The values of embsync's rows.
@@ -366,6 +392,13 @@ impl SimStore<'_> {
                 self.intruder = Some(intruder);
             }
             self.fired = Some(fingerprint(self.admin).await);
+        }
+        if let Some((at, value, large, small)) = &self.foreign {
+            if *at == self.calls {
+                if let Some(row) = insert_foreign(self.admin, value, large, small).await {
+                    self.foreign_written.push(row);
+                }
+            }
         }
         if let Some(b) = self.baton {
             b.gate(self.me, fire).await;
@@ -522,6 +555,8 @@ struct InvFaults {
     fault_rate: f64,
     reject: Option<String>,
     hint: &'static str,
+    /// The other pipeline writes a row (value, large, small vectors as text) before this store call.
+    foreign: Option<(usize, String, Option<String>, Option<String>)>,
 }
 
 /// How one invocation went.
@@ -796,36 +831,9 @@ impl Sim {
         let large = (!self.rng.chance(0.2)).then(|| self.foreign_vector(LARGE_DIMS));
         let small_dims = if self.constrained { self.small_dims } else { *self.rng.pick(&[2, 3]) };
         let small = (!self.rng.chance(0.2)).then(|| self.foreign_vector(small_dims));
-        let row = self
-            .db
-            .client
-            .query_opt(
-                "INSERT INTO embedding_cache (value, value_hash, embedding_large, embedding_small, source_table, source_column, usage_count, created_at)
-                 VALUES ($1, $2, $3::text::vector, $4::text::vector, 'other_pipeline', 'text', 7, '2020-01-01 00:00:00+00')
-                 ON CONFLICT (value_hash) DO NOTHING RETURNING id",
-                &[&value, &hash_of(value), &large, &small],
-            )
-            .await
-            .expect("the other pipeline's insert")?;
-        let id: i64 = row.get(0);
+        let (id, row) = insert_foreign(&self.db.client, value, &large, &small).await?;
         self.touched.insert(hash_of(value));
-        let fixed: String = self
-            .db
-            .client
-            .query_one(
-                "SELECT (id, value, value_hash, source_table, source_column, usage_count, created_at)::text FROM embedding_cache WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .expect("reading the other pipeline's row")
-            .get(0);
-        let read = self
-            .db
-            .client
-            .query_one("SELECT embedding_large::text, embedding_small::text FROM embedding_cache WHERE id = $1", &[&id])
-            .await
-            .expect("reading the other pipeline's row");
-        self.foreign.insert(id, ForeignRow { value: value.to_owned(), fixed, large: read.get(0), small: read.get(1) });
+        self.foreign.insert(id, row);
         Some(id)
     }
 
@@ -976,7 +984,35 @@ impl Sim {
         panic!("the backend of {app} did not go away");
     }
 
-    async fn single(&mut self, f: InvFaults) -> Result<(), Violation> {
+    /// With the `foreign` class, maybe a row the other pipeline writes mid-invocation, for a
+    /// value a source has.
+    async fn foreign_meanwhile(&mut self, f: &mut InvFaults) {
+        if !self.faults.on("foreign") || !self.rng.chance(0.25) {
+            return;
+        }
+        let t = self.rng.below(self.tables as u64);
+        let values: Vec<String> = self
+            .db
+            .texts(&format!(
+                "SELECT btrim(title, ' ') FROM src{t} s WHERE btrim(title, ' ') <> ''
+                 AND NOT EXISTS (SELECT 1 FROM embedding_cache c WHERE c.value_hash = encode(sha256(convert_to(btrim(s.title, ' '), 'UTF8')), 'hex'))"
+            ))
+            .await
+            .into_iter()
+            .collect();
+        if values.is_empty() {
+            return;
+        }
+        let v = self.rng.pick(&values).clone();
+        let large = (!self.rng.chance(0.3)).then(|| self.foreign_vector(LARGE_DIMS));
+        let small_dims = if self.constrained { self.small_dims } else { *self.rng.pick(&[2, 3]) };
+        let small = (!self.rng.chance(0.3)).then(|| self.foreign_vector(small_dims));
+        let at = self.rng.range(3, self.calls_per_invocation.max(4) as u64) as usize;
+        f.foreign = Some((at, v, large, small));
+    }
+
+    async fn single(&mut self, mut f: InvFaults) -> Result<(), Violation> {
+        self.foreign_meanwhile(&mut f).await;
         let r = self.run_invocations(vec![f], false).await;
         self.after_invocations(r).await
     }
@@ -1046,6 +1082,8 @@ impl Sim {
                 config: &config,
                 committed: Vec::new(),
                 in_use: Vec::new(),
+                foreign: fs[me].foreign.clone(),
+                foreign_written: Vec::new(),
             });
         }
         let results: Vec<Result<Outcome, SyncError>> = {
@@ -1127,6 +1165,12 @@ impl Sim {
             let excused = cut_happened || any_lost;
             let committed = std::mem::take(&mut store.committed);
             let in_use = std::mem::take(&mut store.in_use);
+            for (id, row) in std::mem::take(&mut store.foreign_written) {
+                summary.push_str(&format!("; meanwhile the other pipeline wrote row {id} for {:?}", row.value));
+                self.touched.insert(hash_of(&row.value));
+                self.last_mutation = self.step;
+                self.foreign.insert(id, row);
+            }
             drop(store);
             out.push(InvResult {
                 result,
