@@ -15,6 +15,9 @@
 //! - `SIM_FAULTS=ci|all|none|a,b,-c`: the fault classes (default `ci`, [`CI_FAULTS`]).
 //! - `SIM_DURATION=secs`: go on with further seeds until this much time has passed.
 //! - `SIM_KEEP_GOING=1`: report every failing seed instead of stopping at the first.
+//! - `SIM_ALLOW=none|a,b`: the invariants tolerated as known failures (default
+//!   [`KNOWN_FAILING`]): counted and printed in the summary instead of failing the seed.
+//! - `SIM_TRACE=1`: print every step as it runs, with its time (with `--nocapture`).
 
 #[path = "sim/proxy.rs"]
 mod proxy;
@@ -61,6 +64,30 @@ const CLASSES: &[(&str, &str)] = &[
 /// The classes `.ci/run` runs: those that pass on the current code (see the report of the
 /// simulation in ARCHITECTURE.md for the others).
 const CI_FAULTS: &[&str] = &["foreign", "dims", "disable", "poison", "cut", "overlap", "hint"];
+// The invariants, by the name a failure reports:
+// - `foreign`: every row of the other pipeline is as it left it (embsync only fills a NULL
+//   embedding, with the provider's vector).
+// - `vectors`: every vector in embsync's rows is the provider's for its value and the model tag
+//   recorded with it; its hash is the value's.
+// - `errors`: only values refused for themselves (poison, over-long) are in embedding_sync_errors.
+// - `paid-twice`: per model tag, a value is paid for once, plus once per time its stored vector
+//   went away, plus what cut or lease-lost invocations had in flight.
+// - `wasted`: an invocation neither cut nor overtaken stores everything it paid for.
+// - `in-use`: embsync never deletes its row of a value an enabled source still has.
+// - `fence`: an invocation whose lease was taken over writes nothing more.
+// - `outcome`: an invocation neither cut nor overtaken finishes or pauses (busy only when
+//   overlapped).
+// - `counters`: a finished run's stored report and counters equal the returned ones and the
+//   provider's answers; after a run during which nothing changed, total, new, unchanged, reused,
+//   embedded, errors and deferred add up, to the source and to what is done.
+//   `deferred-reused`: the same sum, broken by a value counted as reused and as deferred.
+// - `pending`: no snapshot rows are left after a finish.
+// - `pending-left`: a finished run leaves nothing pending that was pending when it started and
+//   did not change since; `pending-left-model`: the same, in a run open while a model changed.
+// - `converged`: after a run during which nothing changed, every enabled source's values are
+//   done but those that failed, and it has no stale links.
+// - `finish`: a settle phase finishes a clean run within 60 invocations.
+
 /// Invariants the current code is known to break even without faults (see ARCHITECTURE.md):
 /// their violations are counted and printed, not failed on, unless `SIM_ALLOW=none`.
 const KNOWN_FAILING: &[&str] = &["in-use", "pending-left-model"];
@@ -985,7 +1012,6 @@ impl Sim {
         let (port, state) = proxy::start(self.upstream.clone(), cut).await;
         let pg: tokio_postgres::Config = self.db.url.parse().expect("the test URL");
         let mut c = tokio_postgres::Config::new();
-        let port = if env("SIM_NOPROXY").is_some() { self.upstream.1 } else { port };
         c.host("127.0.0.1").port(port).dbname(pg.get_dbname().expect("a database")).application_name(app);
         c.ssl_mode(tokio_postgres::config::SslMode::Disable);
         if let Some(u) = pg.get_user() {
