@@ -994,6 +994,11 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         // Pages are a few batches long, so a large source is scanned fewer times.
         let page_size = (batch_size * 4).clamp(batch_size, 2048);
         let nothing_to_embed = fresh.is_some_and(|c| c.to_embed() <= c.deferred);
+        // A hint is only where this invocation starts. Once the end is reached, one more pass
+        // from the start finds whatever comes before it (a stale or garbage hint, values left
+        // by an earlier invocation): it costs a scan of the snapshot's done values, never a value
+        // left pending by a finished source.
+        let mut wrap = after.is_some();
         loop {
             if nothing_to_embed {
                 break;
@@ -1002,6 +1007,10 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             // the budget up still finds its page empty and finishes in this invocation.
             let page = self.store.pending(source, self.run, after.as_ref(), page_size).await.map_err(|e| ctx("listing new values", e))?;
             if page.is_empty() {
+                if std::mem::take(&mut wrap) {
+                    after = None;
+                    continue;
+                }
                 break;
             }
             // A short page is the last one: no need to ask again.
@@ -1088,6 +1097,10 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             }
             after = page_end;
             if last_page {
+                if std::mem::take(&mut wrap) {
+                    after = None;
+                    continue;
+                }
                 break;
             }
         }
