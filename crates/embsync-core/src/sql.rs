@@ -389,7 +389,7 @@ const NOT_DEFERRED: &str = "NOT EXISTS (SELECT 1 FROM embedding_sync_errors e\n 
 /// else; reusable = new values whose cache row already has both; embed_tokens = estimated
 /// tokens of the rest (ceil(bytes / 4) each, see [`crate::batch::estimate_tokens`]); stale =
 /// links of this source whose value is gone; deferred = new values waiting for a retry after
-/// an error.
+/// an error (not those another pipeline has since made reusable: those count as reusable).
 pub fn plan(source: &Source, state: SchemaState) -> String {
     let fresh = if !state.cache {
         "SELECT s.h, s.v, false AS complete FROM src s WHERE $1::text IS NOT NULL AND $2::text IS NOT NULL\n      \
@@ -417,7 +417,7 @@ pub fn plan(source: &Source, state: SchemaState) -> String {
              AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)",
             "SELECT count(*) FROM fresh f JOIN embedding_sync_errors e\n       \
              ON e.source_table = $1 AND e.source_column = $2 AND e.value_hash = f.h\n     \
-             WHERE e.next_retry_at > now()",
+             WHERE e.next_retry_at > now() AND NOT f.complete",
         )
     } else {
         ("SELECT 0::int8", "SELECT 0::int8")
@@ -437,15 +437,24 @@ pub fn plan(source: &Source, state: SchemaState) -> String {
 }
 
 /// Links this source to every value it has whose cache row already holds both embeddings
-/// (ours or another pipeline's): no provider call. Rows affected = values reused.
+/// (ours or another pipeline's): no provider call. A linked value is done, so its error record
+/// for the source goes. One row: the values reused (int8).
 pub fn link_reusable(source: &Source) -> String {
     format!(
-        "WITH src AS (\n    {src}\n)\n\
-         INSERT INTO embedding_cache_sources (value_hash, source_table, source_column)\n\
-         SELECT s.h, $1, $2 FROM src s\n\
-         {join}\n\
-         WHERE {complete}\n\
-         ON CONFLICT DO NOTHING",
+        "WITH src AS (\n    {src}\n),\n\
+         linked AS (\n    \
+         INSERT INTO embedding_cache_sources (value_hash, source_table, source_column)\n    \
+         SELECT s.h, $1, $2 FROM src s\n    \
+         {join}\n    \
+         WHERE {complete}\n    \
+         ON CONFLICT DO NOTHING\n    \
+         RETURNING value_hash\n\
+         ),\n\
+         cleared AS (\n    \
+         DELETE FROM embedding_sync_errors e USING linked\n    \
+         WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = linked.value_hash\n\
+         )\n\
+         SELECT count(*)::int8 FROM linked",
         src = source_values(source),
         join = join_cache(FULL),
         complete = complete(FULL),
@@ -1094,7 +1103,7 @@ mod tests {
                    AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)) AS stale,
                 (SELECT count(*) FROM fresh f JOIN embedding_sync_errors e
                    ON e.source_table = $1 AND e.source_column = $2 AND e.value_hash = f.h
-                 WHERE e.next_retry_at > now()) AS deferred"#]].assert_eq(&plan(&source(), full));
+                 WHERE e.next_retry_at > now() AND NOT f.complete) AS deferred"#]].assert_eq(&plan(&source(), full));
         let fresh = SchemaState { cache: false, links: false, owned_by_row: false };
         expect![[r#"
             WITH src AS MATERIALIZED (
@@ -1126,13 +1135,21 @@ mod tests {
                 SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n
                 FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
                 WHERE d.v <> ''
-            )
-            INSERT INTO embedding_cache_sources (value_hash, source_table, source_column)
-            SELECT s.h, $1, $2 FROM src s
-            LEFT JOIN embedding_cache c ON c.value_hash = s.h
+            ),
+            linked AS (
+                INSERT INTO embedding_cache_sources (value_hash, source_table, source_column)
+                SELECT s.h, $1, $2 FROM src s
+                LEFT JOIN embedding_cache c ON c.value_hash = s.h
                 LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h AND o.cache_id = c.id
-            WHERE ((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)))
-            ON CONFLICT DO NOTHING"#]].assert_eq(&link_reusable(&source()));
+                WHERE ((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)))
+                ON CONFLICT DO NOTHING
+                RETURNING value_hash
+            ),
+            cleared AS (
+                DELETE FROM embedding_sync_errors e USING linked
+                WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = linked.value_hash
+            )
+            SELECT count(*)::int8 FROM linked"#]].assert_eq(&link_reusable(&source()));
         expect![[r#"
             WITH src AS (
                 SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n

@@ -393,8 +393,9 @@ impl Store for PgStore {
         let (t, c) = keys(source);
         let (lt, st) = (&self.tags.0, &self.tags.1);
         let tx = fenced(&mut self.client, self.lease.as_ref(), "linking reusable values").await?;
-        let linked = tx.execute_typed(&sql::link_reusable(source), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("linking", e))?;
+        let row = tx.query_typed_one(&sql::link_reusable(source), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("linking", e))?;
         tx.commit().await.map_err(|e| err("committing the links", e))?;
+        let linked = row.get::<_, i64>(0).max(0) as u64;
         self.written += linked;
         Ok(linked)
     }

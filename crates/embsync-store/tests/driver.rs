@@ -848,3 +848,26 @@ async fn an_invocation_that_lost_its_lease_before_an_index_build_stops_there() {
     assert_eq!(w.finished().await, ["finished"], "the run had been finished before");
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_runs WHERE report ? 'indexes' AND report->'indexes' <> 'null'").await, 0, "no index step is recorded");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_value_another_pipeline_completes_is_reused_and_does_not_hold_the_others_back() {
+    let mut w = World::new(10).await;
+    w.set("ta", "ca", &["good 1", "bad apple"]).await;
+    w.set("tb", "cb", &[]).await;
+    *w.provider.poison.borrow_mut() = Some("bad".into());
+    w.run().await.unwrap();
+    assert_eq!(w.attempts("bad apple").await, Some(1));
+    // Another pipeline writes a complete row for the value embsync could not embed, and the
+    // source gains a value.
+    w.db.exec(&format!(
+        "INSERT INTO embedding_cache (value, value_hash, embedding_large, embedding_small) VALUES ('bad apple', '{}', '[1,1,1,1]', '[1,1]')",
+        hash_of("bad apple")
+    ))
+    .await;
+    w.db.insert("ta", "ca", &["good 2"]).await;
+    // The failed value is reused (not also counted as waiting for a retry), so the new value is
+    // embedded in this run, and the error record goes with the link.
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=3 new=2 stale=0 unchanged=1 reused=1 embedded=1 deleted=0 errors=0 batches=1");
+    assert_eq!(w.attempts("bad apple").await, None);
+    assert!(w.cached("good 2").await);
+}
