@@ -143,7 +143,10 @@ ALTER TABLE embedding_cache_owned ADD COLUMN IF NOT EXISTS cache_id bigint",
     invocations integer NOT NULL DEFAULT 0,
     report jsonb
 );
-CREATE UNIQUE INDEX IF NOT EXISTS embedding_sync_runs_one_open ON embedding_sync_runs ((true)) WHERE finished_at IS NULL",
+CREATE UNIQUE INDEX IF NOT EXISTS embedding_sync_runs_one_open ON embedding_sync_runs ((true)) WHERE finished_at IS NULL;
+-- The model tags a run embeds with (large and small, a line each): a run is resumed only under
+-- the same ones.
+ALTER TABLE embedding_sync_runs ADD COLUMN IF NOT EXISTS models text",
     ));
     steps.push(step(
         "embedding_sync_run_sources",
@@ -635,16 +638,18 @@ SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2,
        set_config('idle_in_transaction_session_timeout', $3, true)";
 
 /// The unfinished run, counting this invocation: `run_id`, `trigger`, `started_ms` (float8),
-/// `invocations`.
+/// `invocations`, `models` (the model tags it was started with, large and small a line each;
+/// empty for a run started before they were recorded).
 pub const RESUME_RUN: &str = "\
 UPDATE embedding_sync_runs SET invocations = invocations + 1, updated_at = now(), status = 'running'
 WHERE finished_at IS NULL
-RETURNING run_id, trigger, (extract(epoch FROM started_at) * 1000)::float8, invocations";
+RETURNING run_id, trigger, (extract(epoch FROM started_at) * 1000)::float8, invocations, coalesce(models, '')";
 
-/// Starts run `$1` with trigger `$2`: same columns as [`RESUME_RUN`].
+/// Starts run `$1` with trigger `$2` and the model tags `$3` (see [`RESUME_RUN`]): same columns
+/// as [`RESUME_RUN`].
 pub const START_RUN: &str = "\
-INSERT INTO embedding_sync_runs (run_id, trigger, invocations) VALUES ($1, $2, 1)
-RETURNING run_id, trigger, (extract(epoch FROM started_at) * 1000)::float8, invocations";
+INSERT INTO embedding_sync_runs (run_id, trigger, invocations, models) VALUES ($1, $2, 1, $3)
+RETURNING run_id, trigger, (extract(epoch FROM started_at) * 1000)::float8, invocations, models";
 
 /// Adds the run's sources: `$1` run, `$2` tables, `$3` columns, `$4` names (text[]).
 pub const START_RUN_SOURCES: &str = "\

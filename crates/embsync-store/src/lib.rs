@@ -582,15 +582,18 @@ impl Store for PgStore {
     }
 
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
+        let models = format!("{}\n{}", self.tags.0, self.tags.1);
         let tx = fenced(&mut self.client, self.lease.as_ref(), "opening the run").await?;
         let mut resumed = tx.query_typed_opt(sql::RESUME_RUN, &[]).await.map_err(|e| err("resuming the run", e))?;
         if let Some(row) = &resumed {
             let id: String = row.get(0);
             let rows = tx.query_typed(sql::RUN_SOURCES, &typed(&[&id])).await.map_err(|e| err("reading the run", e))?;
             let same = rows.len() == sources.len()
-                && rows.iter().zip(sources).all(|(r, s)| r.get::<_, String>(0) == s.table_key() && r.get::<_, String>(1) == s.column_key());
+                && rows.iter().zip(sources).all(|(r, s)| r.get::<_, String>(0) == s.table_key() && r.get::<_, String>(1) == s.column_key())
+                && row.get::<_, String>(4) == models;
             if !same {
-                // The config changed mid-run: that run ends here and a new one starts.
+                // The config changed mid-run (its sources or a model): that run ends here and a
+                // new one starts, planned under the new config.
                 tx.execute_typed(sql::ABANDON_RUN, &typed(&[&id])).await.map_err(|e| err("abandoning the run", e))?;
                 resumed = None;
             }
@@ -603,7 +606,7 @@ impl Store for PgStore {
                     Trigger::Http => "http",
                 };
                 let row =
-                    tx.query_typed_one(sql::START_RUN, &typed(&[&new_id.0, &trigger_text])).await.map_err(|e| err("starting a run", e))?;
+                    tx.query_typed_one(sql::START_RUN, &typed(&[&new_id.0, &trigger_text, &models])).await.map_err(|e| err("starting a run", e))?;
                 let tables: Vec<String> = sources.iter().map(|s| s.table_key()).collect();
                 let columns: Vec<&str> = sources.iter().map(|s| s.column_key()).collect();
                 let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();

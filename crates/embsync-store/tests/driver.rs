@@ -871,3 +871,33 @@ async fn a_failed_value_another_pipeline_completes_is_reused_and_does_not_hold_t
     assert_eq!(w.attempts("bad apple").await, None);
     assert!(w.cached("good 2").await);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_model_change_mid_run_starts_a_new_run_that_leaves_nothing_behind() {
+    let mut w = World::new(2).await;
+    let old = values("old", 6);
+    w.set("ta", "ca", &refs(&old)).await;
+    w.set("tb", "cb", &[]).await;
+    w.run().await.unwrap();
+    // A run starts on four new values and pauses after its first batch ...
+    w.db.insert("ta", "ca", &refs(&values("new", 4))).await;
+    assert!(matches!(w.invoke(small_budget(1), "i1", None).await.unwrap(), Outcome::Paused(..)));
+    // ... when the small model changes (the column takes any dimensions).
+    w.db.exec("ALTER TABLE embedding_cache ALTER COLUMN embedding_small TYPE vector").await;
+    w.config = Config::parse(r#"{"version":"1.0","models":{"large":{"name":"text-embedding-3-large","dimensions":4},"small":{"name":"text-embedding-3-small","dimensions":3}},
+        "batchSize":2,"sources":[{"name":"A","table":"ta","column":"ca"},{"name":"B","table":"tb","column":"cb"}]}"#).unwrap();
+    w.store.inner = w.db.store(&w.config).await;
+    let mut invocations = 0;
+    let report = loop {
+        invocations += 1;
+        assert!(invocations < 30, "the run does not finish");
+        if let Outcome::Finished(r) = w.invoke(small_budget(1), &format!("j{invocations}"), None).await.unwrap() {
+            break r;
+        }
+    };
+    // The paused run was planned under the old model: it ends, and a new run plans every value
+    // under the new one, so none is left with the old small embedding.
+    assert_eq!(w.finished().await.iter().filter(|s| *s == "abandoned").count(), 1, "{:?}", w.finished().await);
+    assert_eq!(report.sources[0].total, 10);
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache WHERE vector_dims(embedding_small) = 3").await, 10);
+}
