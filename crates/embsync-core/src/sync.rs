@@ -994,11 +994,12 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         // Pages are a few batches long, so a large source is scanned fewer times.
         let page_size = (batch_size * 4).clamp(batch_size, 2048);
         let nothing_to_embed = fresh.is_some_and(|c| c.to_embed() <= c.deferred);
-        // A hint is only where this invocation starts. Once the end is reached, one more pass
-        // from the start finds whatever comes before it (a stale or garbage hint, values left
-        // by an earlier invocation): it costs a scan of the snapshot's done values, never a value
-        // left pending by a finished source.
-        let mut wrap = after.is_some();
+        // A hint is only where this invocation starts, and a source planned by an earlier
+        // invocation may have values before it that an earlier invocation left (a model it had
+        // refused). Once the end is reached, one more pass from the start finds them: once per
+        // source and run, it costs a scan of the snapshot's done values, never a value left
+        // pending by a finished source.
+        let mut wrap = after.is_some() || fresh.is_none();
         loop {
             if nothing_to_embed {
                 break;
