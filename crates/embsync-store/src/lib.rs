@@ -49,9 +49,8 @@ pub const ANALYZE_AFTER_ROWS: u64 = 10_000;
 
 /// A lock wait that ran out (`lock_timeout`, SQLSTATE 55P03).
 fn lock_timed_out(e: &tokio_postgres::Error) -> bool {
-    e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+    e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
 }
-
 
 /// A lease this store took: who, which generation, for how long. Every write checks that the
 /// lease row still holds exactly this holder and generation, unexpired ([`sql::FENCE`]).
@@ -84,6 +83,14 @@ impl LeaseToken {
     }
 }
 
+/// Begins a transaction with `lease`'s limits ([`LeaseToken::limits`]), `SET LOCAL`.
+async fn limited<'a>(client: &'a mut Client, lease: &LeaseToken) -> Result<Transaction<'a>, StoreError> {
+    let tx = client.transaction().await.map_err(|e| err("starting a transaction", e))?;
+    let (statement, lock, idle) = lease.limits();
+    tx.execute_typed(sql::WRITE_LIMITS, &typed(&[&statement, &lock, &idle])).await.map_err(|e| err("setting the timeouts", e))?;
+    Ok(tx)
+}
+
 /// Begins a transaction that writes for the invocation holding `lease`: its limits, then the
 /// fence. When the lease is not this invocation's any more (taken over, expired or released),
 /// the transaction is rolled back and the error is [`StoreError::lease_lost`]: nothing is written.
@@ -91,9 +98,7 @@ async fn fenced<'a>(client: &'a mut Client, lease: Option<&LeaseToken>, what: &s
     let Some(lease) = lease else {
         return Err(StoreError::lease_lost(format!("{what}: this invocation holds no sync lease; nothing was written")));
     };
-    let tx = client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-    let (statement, lock, idle) = lease.limits();
-    tx.execute_typed(sql::WRITE_LIMITS, &typed(&[&statement, &lock, &idle])).await.map_err(|e| err("setting the timeouts", e))?;
+    let tx = limited(client, lease).await?;
     let ttl = lease.ttl.as_secs_f64();
     let held = tx
         .execute_typed(sql::FENCE, &typed(&[&lease.holder.as_str(), &lease.generation, &ttl]))
@@ -106,6 +111,16 @@ async fn fenced<'a>(client: &'a mut Client, lease: Option<&LeaseToken>, what: &s
         )));
     }
     Ok(tx)
+}
+
+/// See [`PgStore::schema_version`]; also read inside the migration's transaction.
+async fn read_schema_version(client: &impl tokio_postgres::GenericClient) -> Result<Option<(i32, bool)>, StoreError> {
+    let exists: bool = client.query_typed_one(sql::HAS_SCHEMA_VERSION, &[]).await.map_err(|e| err("checking the schema", e))?.get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client.query_typed_opt(sql::SCHEMA_VERSION_ROW, &[]).await.map_err(|e| err("reading the schema version", e))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
 fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
@@ -157,13 +172,7 @@ impl PgStore {
     /// The recorded schema version and whether embsync created `embedding_cache`; `None` before
     /// the version was recorded (or on an empty database).
     async fn schema_version(&mut self) -> Result<Option<(i32, bool)>, StoreError> {
-        let exists: bool =
-            self.client.query_typed_one(sql::HAS_SCHEMA_VERSION, &[]).await.map_err(|e| err("checking the schema", e))?.get(0);
-        if !exists {
-            return Ok(None);
-        }
-        let row = self.client.query_typed_opt(sql::SCHEMA_VERSION_ROW, &[]).await.map_err(|e| err("reading the schema version", e))?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        read_schema_version(&self.client).await
     }
 
     /// Brings the schema to [`sql::SCHEMA_VERSION`] in one transaction whose every lock wait is
@@ -189,12 +198,7 @@ impl PgStore {
             }
         })?;
         // Another invocation may have migrated while this one waited for the lock.
-        let current = tx.query_typed_one(sql::HAS_SCHEMA_VERSION, &[]).await.map_err(|e| err("checking the schema", e))?.get::<_, bool>(0)
-            && tx
-                .query_typed_opt(sql::SCHEMA_VERSION_ROW, &[])
-                .await
-                .map_err(|e| err("reading the schema version", e))?
-                .is_some_and(|r| r.get::<_, i32>(0) >= sql::SCHEMA_VERSION);
+        let current = read_schema_version(&tx).await?.is_some_and(|(version, _)| version >= sql::SCHEMA_VERSION);
         if current {
             return tx.commit().await.map_err(|e| err("committing the schema", e));
         }
@@ -548,9 +552,7 @@ impl Store for PgStore {
         self.lease = None;
         let secs = ttl.as_secs_f64();
         let token = LeaseToken { holder: holder.to_owned(), generation: 0, ttl };
-        let (statement, lock, idle) = token.limits();
-        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        tx.execute_typed(sql::WRITE_LIMITS, &typed(&[&statement, &lock, &idle])).await.map_err(|e| err("setting the timeouts", e))?;
+        let tx = limited(&mut self.client, &token).await?;
         // A fenced transaction of the holder in flight locks the row: waiting past the lock
         // timeout means the lease is in use.
         match tx.query_typed_opt(sql::ACQUIRE_LEASE, &typed(&[&holder, &secs])).await {
@@ -560,7 +562,7 @@ impl Store for PgStore {
                 return Ok(Lease::Acquired);
             }
             Ok(None) => tx.commit().await.map_err(|e| err("committing the sync lease", e))?,
-            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => tx.rollback().await.map_err(|e| err("rolling back", e))?,
+            Err(e) if lock_timed_out(&e) => tx.rollback().await.map_err(|e| err("rolling back", e))?,
             Err(e) => return Err(err("taking the sync lease", e)),
         }
         let row = self.client.query_typed_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
@@ -572,9 +574,7 @@ impl Store for PgStore {
 
     async fn release_lease(&mut self) -> Result<(), StoreError> {
         let Some(lease) = self.lease.take() else { return Ok(()) };
-        let (statement, lock, idle) = lease.limits();
-        let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-        tx.execute_typed(sql::WRITE_LIMITS, &typed(&[&statement, &lock, &idle])).await.map_err(|e| err("setting the timeouts", e))?;
+        let tx = limited(&mut self.client, &lease).await?;
         tx.execute_typed(sql::RELEASE_LEASE, &typed(&[&lease.holder.as_str(), &lease.generation]))
             .await
             .map_err(|e| err("releasing the sync lease", e))?;
@@ -605,8 +605,10 @@ impl Store for PgStore {
                     Trigger::Cron => "cron",
                     Trigger::Http => "http",
                 };
-                let row =
-                    tx.query_typed_one(sql::START_RUN, &typed(&[&new_id.0, &trigger_text, &models])).await.map_err(|e| err("starting a run", e))?;
+                let row = tx
+                    .query_typed_one(sql::START_RUN, &typed(&[&new_id.0, &trigger_text, &models]))
+                    .await
+                    .map_err(|e| err("starting a run", e))?;
                 let tables: Vec<String> = sources.iter().map(|s| s.table_key()).collect();
                 let columns: Vec<&str> = sources.iter().map(|s| s.column_key()).collect();
                 let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
