@@ -144,6 +144,21 @@ pub fn normalize(url: &str) -> Result<(String, Tls), DatabaseUrlError> {
     Ok((url, tls))
 }
 
+/// `url` (a `postgres://` URL) with its database replaced by `database`, the query kept: how the
+/// tests reach the databases they create next to the one they are given.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.find('?') {
+        Some(i) => (&url[..i], &url[i..]),
+        None => (url, ""),
+    };
+    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[after_scheme..].find('/') {
+        Some(i) => &base[..after_scheme + i],
+        None => base,
+    };
+    format!("{base}/{database}{query}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +259,12 @@ mod tests {
              workerd trusts (a public CA when deployed; for a private CA in local development, start wrangler dev with \
              NODE_EXTRA_CA_CERTS=/path/to/ca.pem)"
         );
+    }
+
+    #[test]
+    fn the_database_is_replaced() {
+        assert_eq!(with_database("postgres://postgres@127.0.0.1:5432/postgres", "x"), "postgres://postgres@127.0.0.1:5432/x");
+        assert_eq!(with_database("postgres://u:p@h:1/db?sslmode=disable", "y"), "postgres://u:p@h:1/y?sslmode=disable");
+        assert_eq!(with_database("postgres://h:1", "z"), "postgres://h:1/z");
     }
 }

@@ -8,18 +8,17 @@ use embsync_core::config::{Config, VectorIndexes};
 use embsync_core::index::{ExistingIndex, IndexState};
 use embsync_core::log::Level;
 use embsync_core::provider::{ProviderError, RateLimit};
-use embsync_core::report::{IndexReport, RunReport, RunStatus, SourceReport, Trigger};
+use embsync_core::report::{RunReport, RunStatus, Trigger};
 use embsync_core::sync::*;
-use embsync_core::config::Source;
 use embsync_store::PgStore;
 use std::cell::Cell;
 use std::time::Duration;
+use support::hooked::{Call, Go, Hook, Hooked};
 use support::*;
 use tokio_postgres::Client;
 
-/// The real store with faults on command, for what Postgres cannot be made to do on cue.
-struct Hooked {
-    inner: PgStore,
+/// Faults on command around the real store, for what Postgres cannot be made to do on cue.
+struct Faults {
     /// A connection of its own, to act as "someone else" between the store's statements.
     other: Client,
     store_calls: usize,
@@ -40,86 +39,62 @@ struct Hooked {
     ddl_during_run: Cell<bool>,
 }
 
-impl Store for Hooked {
-    async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
-        self.inner.ensure_schema(config).await
-    }
-    async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError> {
-        self.inner.counts(source).await
-    }
-    async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
-        self.inner.link_reusable(source).await
-    }
-    async fn pending(&mut self, source: &Source, run: &RunId, after: Option<&embsync_core::hash::ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError> {
-        self.inner.pending(source, run, after, limit).await
-    }
-    async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
-        self.store_calls += 1;
-        if self.fail_store_call == Some(self.store_calls) {
-            return Err(StoreError::new("connection reset"));
+impl Hook for Faults {
+    async fn before(&mut self, call: &Call<'_>, store: &mut PgStore) -> Go {
+        match call {
+            Call::Store { .. } => {
+                self.store_calls += 1;
+                if self.fail_store_call == Some(self.store_calls) {
+                    return Go::Fail(StoreError::new("connection reset"));
+                }
+                if self.steal_lease_at_store_call == Some(self.store_calls) {
+                    self.other
+                        .batch_execute("UPDATE embedding_sync_lease SET holder = 'thief', expires_at = now() + interval '1 hour'")
+                        .await
+                        .expect("stealing the lease");
+                }
+                Go::Run
+            }
+            Call::RemoveStale { known_clean, .. } => {
+                self.scans_spared += u64::from(*known_clean);
+                Go::Run
+            }
+            Call::IndexState => match &self.index_state {
+                Some(state) => Go::Answer(Box::new(state.clone())),
+                None => Go::Run,
+            },
+            Call::IndexDdl { statement } => {
+                if self.steal_lease_at_ddl {
+                    self.other
+                        .batch_execute(
+                            "UPDATE embedding_sync_lease SET holder = 'thief', generation = generation + 1, expires_at = now() + interval '1 hour'",
+                        )
+                        .await
+                        .expect("stealing the lease");
+                }
+                // The real store's fence check, with a statement this Postgres can run (its
+                // pgvector cannot build HNSW indexes here); the statement itself is applied to
+                // the faked catalog.
+                if let Err(e) = store.index_ddl("SELECT 1").await {
+                    return Go::Fail(e);
+                }
+                let open: i64 =
+                    self.other.query_one("SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NULL", &[]).await.unwrap().get(0);
+                self.ddl_during_run.set(self.ddl_during_run.get() || open > 0);
+                if let Some(e) = &self.fail_ddl {
+                    return Go::Fail(StoreError::new(e.clone()));
+                }
+                self.ddl.push(statement.to_string());
+                let state = self.index_state.as_mut().expect("index DDL only with a faked catalog");
+                let name = statement.split('"').nth(1).expect("a quoted index name").to_owned();
+                state.indexes.retain(|i| i.name != name);
+                if statement.starts_with("CREATE") {
+                    state.indexes.push(ExistingIndex { name, valid: true });
+                }
+                Go::Answer(Box::new(()))
+            }
+            _ => Go::Run,
         }
-        if self.steal_lease_at_store_call == Some(self.store_calls) {
-            self.other
-                .batch_execute("UPDATE embedding_sync_lease SET holder = 'thief', expires_at = now() + interval '1 hour'")
-                .await
-                .expect("stealing the lease");
-        }
-        self.inner.store(source, batch, progress).await
-    }
-    async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool, guard: Option<DeleteGuard>) -> Result<StaleOutcome, StoreError> {
-        self.scans_spared += u64::from(known_clean);
-        self.inner.remove_stale(source, run, known_clean, guard).await
-    }
-    async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
-        self.inner.record_errors(source, failures, run).await
-    }
-    async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
-        self.inner.acquire_lease(holder, ttl).await
-    }
-    async fn release_lease(&mut self) -> Result<(), StoreError> {
-        self.inner.release_lease().await
-    }
-    async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
-        self.inner.open_run(new_id, trigger, sources).await
-    }
-    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {
-        self.inner.save_plan(run, source, plan, snapshot).await
-    }
-    async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
-        self.inner.finish_run(run, report).await
-    }
-    async fn index_state(&mut self) -> Result<IndexState, StoreError> {
-        match &self.index_state {
-            Some(state) => Ok(state.clone()),
-            None => self.inner.index_state().await,
-        }
-    }
-    async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
-        if self.steal_lease_at_ddl {
-            self.other
-                .batch_execute("UPDATE embedding_sync_lease SET holder = 'thief', generation = generation + 1, expires_at = now() + interval '1 hour'")
-                .await
-                .expect("stealing the lease");
-        }
-        // The real store's fence check, with a statement this Postgres can run (its pgvector
-        // cannot build HNSW indexes here); the statement itself is applied to the faked catalog.
-        self.inner.index_ddl("SELECT 1").await?;
-        let open: i64 = self.other.query_one("SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NULL", &[]).await.unwrap().get(0);
-        self.ddl_during_run.set(self.ddl_during_run.get() || open > 0);
-        if let Some(e) = &self.fail_ddl {
-            return Err(StoreError::new(e.clone()));
-        }
-        self.ddl.push(statement.to_owned());
-        let state = self.index_state.as_mut().expect("index DDL only with a faked catalog");
-        let name = statement.split('"').nth(1).expect("a quoted index name").to_owned();
-        state.indexes.retain(|i| i.name != name);
-        if statement.starts_with("CREATE") {
-            state.indexes.push(ExistingIndex { name, valid: true });
-        }
-        Ok(())
-    }
-    async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
-        self.inner.record_indexes(run, indexes).await
     }
 }
 
@@ -131,7 +106,7 @@ fn two_sources(batch: u32) -> Config {
 struct World {
     db: TestDb,
     config: Config,
-    store: Hooked,
+    store: Hooked<Faults>,
     provider: FakeProvider,
     rt: TestRuntime,
     runs: u32,
@@ -141,8 +116,7 @@ impl World {
     async fn new(batch: u32) -> World {
         let db = TestDb::create().await;
         let config = two_sources(batch);
-        let store = Hooked {
-            inner: db.store(&config).await,
+        let faults = Faults {
             other: connect(&db.url).await,
             store_calls: 0,
             fail_store_call: None,
@@ -154,6 +128,7 @@ impl World {
             fail_ddl: None,
             ddl_during_run: Cell::new(false),
         };
+        let store = Hooked::new(db.store(&config).await, faults);
         World { db, config, store, provider: FakeProvider::default(), rt: TestRuntime::default(), runs: 0 }
     }
 
@@ -295,7 +270,7 @@ async fn first_run_embeds_and_second_run_is_free() {
 
     assert_eq!(w.summary().await, "A: total=25 new=0 stale=0 unchanged=25 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0");
     assert_eq!(w.calls(), 8, "a re-run must not call the provider");
-    assert_eq!(w.store.scans_spared, 2 + 2, "both runs counted no stale values, so neither scanned for them");
+    assert_eq!(w.store.hook.scans_spared, 2 + 2, "both runs counted no stale values, so neither scanned for them");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -563,7 +538,7 @@ async fn a_failing_store_fails_its_source_and_the_run_goes_on() {
     let mut w = World::new(10).await;
     w.set("ta", "ca", &["p"]).await;
     w.set("tb", "cb", &["q"]).await;
-    w.store.fail_store_call = Some(1);
+    w.store.hook.fail_store_call = Some(1);
     assert_eq!(w.summary().await, "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=0 error=storing a batch of source A: connection reset\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
     assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
 }
@@ -671,7 +646,7 @@ async fn an_invocation_killed_mid_run_is_finished_by_the_next_with_exact_counts(
     w.set("ta", "ca", &refs(&a)).await;
     w.set("tb", "cb", &[]).await;
     // The second batch's write fails as if the worker died after the provider answered.
-    w.store.fail_store_call = Some(2);
+    w.store.hook.fail_store_call = Some(2);
     let r = w.run().await.unwrap();
     assert!(r.sources[0].error.as_deref().unwrap().contains("connection reset"));
     // The next run picks the rest up; only the batch in flight was paid twice.
@@ -733,7 +708,7 @@ async fn an_invocation_that_lost_its_lease_stops_without_finishing_or_reporting_
     let a = values("v", 6);
     w.set("ta", "ca", &refs(&a)).await;
     w.set("tb", "cb", &["b"]).await;
-    w.store.steal_lease_at_store_call = Some(2);
+    w.store.hook.steal_lease_at_store_call = Some(2);
     let result = w.invoke(Budget::default(), "slow", None).await;
     assert!(matches!(result, Err(SyncError::LeaseLost(_))), "{result:?}");
     // The run is still open for the new holder, with only the first batch counted, and source B
@@ -756,7 +731,7 @@ async fn an_invocation_that_lost_its_lease_stops_without_finishing_or_reporting_
 
 fn with_indexes(w: &mut World) {
     w.config.vector_indexes = Some(VectorIndexes { m: 16, ef_construction: 64 });
-    w.store.index_state = Some(IndexState {
+    w.store.hook.index_state = Some(IndexState {
         cache_is_ours: true,
         large_typmod: Some(4),
         small_typmod: Some(2),
@@ -774,18 +749,18 @@ async fn indexes_are_built_once_the_run_has_done_everything_and_kept_afterwards(
     w.set("tb", "cb", &["b"]).await;
     // A paused invocation builds nothing.
     let Outcome::Paused(report, _) = w.invoke(small_budget(1), "i1", None).await.unwrap() else { panic!("expected a pause") };
-    assert_eq!((report.indexes, w.store.ddl.len()), (None, 0));
+    assert_eq!((report.indexes, w.store.hook.ddl.len()), (None, 0));
     let report = w.run().await.unwrap();
     let indexes = report.indexes.expect("an index report");
     assert_eq!(indexes.created.len(), 2, "{indexes:?}");
     assert!(indexes.created.iter().all(|n| n.starts_with("embsync_hnsw_")), "{indexes:?}");
-    assert!(w.store.ddl.iter().all(|s| s.starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS")), "{:?}", w.store.ddl);
-    assert!(!w.store.ddl_during_run.get(), "indexes are built once the run is marked finished");
+    assert!(w.store.hook.ddl.iter().all(|s| s.starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS")), "{:?}", w.store.hook.ddl);
+    assert!(!w.store.hook.ddl_during_run.get(), "indexes are built once the run is marked finished");
     assert!(w.logs().iter().any(|l| l.starts_with("Index embsync_hnsw_large_4_") && l.contains("built in")));
     // The next run finds them and does nothing.
     let report = w.run().await.unwrap();
     let indexes = report.indexes.expect("an index report");
-    assert_eq!((indexes.created.len(), indexes.kept.len(), w.store.ddl.len()), (0, 2, 2), "{indexes:?}");
+    assert_eq!((indexes.created.len(), indexes.kept.len(), w.store.hook.ddl.len()), (0, 2, 2), "{indexes:?}");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -796,7 +771,7 @@ async fn without_the_option_no_index_is_touched() {
     w.set("ta", "ca", &["a"]).await;
     w.set("tb", "cb", &["b"]).await;
     let report = w.run().await.unwrap();
-    assert_eq!((report.indexes, w.store.ddl.len()), (None, 0));
+    assert_eq!((report.indexes, w.store.hook.ddl.len()), (None, 0));
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -805,7 +780,7 @@ async fn a_failed_index_build_is_reported_and_tried_again_by_the_next_finished_r
     with_indexes(&mut w);
     w.set("ta", "ca", &["a"]).await;
     w.set("tb", "cb", &["b"]).await;
-    w.store.fail_ddl = Some("could not extend file: No space left on device".into());
+    w.store.hook.fail_ddl = Some("could not extend file: No space left on device".into());
     let report = w.run().await.unwrap();
     assert_eq!(report.status, RunStatus::Finished);
     let error = report.indexes.and_then(|i| i.error).expect("the failure is reported");
@@ -814,7 +789,7 @@ async fn a_failed_index_build_is_reported_and_tried_again_by_the_next_finished_r
     let stored: Option<String> =
         w.db.client.query_one("SELECT report->'indexes'->>'error' FROM embedding_sync_runs", &[]).await.unwrap().get(0);
     assert_eq!(stored.as_deref(), Some(error.as_str()), "and the failure is stored");
-    w.store.fail_ddl = None;
+    w.store.hook.fail_ddl = None;
     let report = w.run().await.unwrap();
     assert_eq!(report.indexes.map(|i| i.created.len()), Some(2));
 }
@@ -841,10 +816,10 @@ async fn an_invocation_that_lost_its_lease_before_an_index_build_stops_there() {
     with_indexes(&mut w);
     w.set("ta", "ca", &["a"]).await;
     w.set("tb", "cb", &["b"]).await;
-    w.store.steal_lease_at_ddl = true;
+    w.store.hook.steal_lease_at_ddl = true;
     let result = w.invoke(Budget::default(), "slow", None).await;
     assert!(matches!(result, Err(SyncError::LeaseLost(_))), "{result:?}");
-    assert_eq!(w.store.ddl.len(), 0, "no index statement after the lease was lost");
+    assert_eq!(w.store.hook.ddl.len(), 0, "no index statement after the lease was lost");
     assert_eq!(w.finished().await, ["finished"], "the run had been finished before");
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_runs WHERE report ? 'indexes' AND report->'indexes' <> 'null'").await, 0, "no index step is recorded");
 }

@@ -10,15 +10,12 @@ mod support;
 
 use embsync_core::config::{Config, Source};
 use embsync_core::hash::ValueHash;
-use embsync_core::index::IndexState;
 use embsync_core::report::{IndexReport, RunReport, RunStatus, SourceReport, Trigger};
-use embsync_core::sync::{
-    Budget, EmbeddedValue, Lease, Outcome, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store, StoreError,
-    SyncError, ValueFailure,
-};
+use embsync_core::sync::{Budget, EmbeddedValue, Lease, Outcome, Progress, RunId, Store, StoreError, SyncError, ValueFailure};
 use embsync_core::vector::Vector;
 use embsync_store::PgStore;
 use std::time::Duration;
+use support::hooked::{Call, Go, Hook, Hooked};
 use support::*;
 
 const TTL: Duration = Duration::from_secs(300);
@@ -283,10 +280,9 @@ async fn waiting_for_the_lease_row_ends_at_the_lock_timeout() {
 const WRITES: &[&str] =
     &["open_run", "link_reusable", "save_plan", "store", "remove_stale", "record_errors", "finish_run", "index_ddl", "record_indexes"];
 
-/// A store that lets another invocation take the lease over right before its `at`-th call
+/// Lets another invocation take the lease over right before the store's `at`-th call
 /// (1-based) and records what the invocation did after that.
 struct Takeover<'a> {
-    inner: PgStore,
     db: &'a TestDb,
     thief: &'a mut PgStore,
     at: usize,
@@ -297,105 +293,20 @@ struct Takeover<'a> {
     after: Vec<(&'static str, bool)>,
 }
 
-impl Takeover<'_> {
-    async fn before(&mut self, name: &'static str) {
-        self.calls.push(name);
+impl Hook for Takeover<'_> {
+    async fn before(&mut self, call: &Call<'_>, _: &mut PgStore) -> Go {
+        self.calls.push(call.name());
         if self.calls.len() == self.at {
             take_over(self.db, self.thief, "inv-b").await;
             self.snapshot = Some(dump(self.db).await);
         }
+        Go::Run
     }
 
-    fn after<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    async fn after(&mut self, call: &Call<'_>, result: Result<&dyn std::any::Any, &StoreError>) {
         if self.snapshot.is_some() {
-            let name = self.calls.last().copied().unwrap_or_default();
-            self.after.push((name, result.as_ref().err().is_some_and(StoreError::is_lease_lost)));
+            self.after.push((call.name(), result.err().is_some_and(StoreError::is_lease_lost)));
         }
-        result
-    }
-}
-
-impl Store for Takeover<'_> {
-    async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
-        self.before("ensure_schema").await;
-        let r = self.inner.ensure_schema(config).await;
-        self.after(r)
-    }
-    async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError> {
-        self.before("counts").await;
-        let r = self.inner.counts(source).await;
-        self.after(r)
-    }
-    async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
-        self.before("link_reusable").await;
-        let r = self.inner.link_reusable(source).await;
-        self.after(r)
-    }
-    async fn pending(
-        &mut self,
-        source: &Source,
-        run: &RunId,
-        after: Option<&ValueHash>,
-        limit: usize,
-    ) -> Result<Vec<PendingValue>, StoreError> {
-        self.before("pending").await;
-        let r = self.inner.pending(source, run, after, limit).await;
-        self.after(r)
-    }
-    async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
-        self.before("store").await;
-        let r = self.inner.store(source, batch, progress).await;
-        self.after(r)
-    }
-    async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool, guard: Option<embsync_core::sync::DeleteGuard>) -> Result<StaleOutcome, StoreError> {
-        self.before("remove_stale").await;
-        let r = self.inner.remove_stale(source, run, known_clean, guard).await;
-        self.after(r)
-    }
-    async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
-        self.before("record_errors").await;
-        let r = self.inner.record_errors(source, failures, run).await;
-        self.after(r)
-    }
-    async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
-        self.before("acquire_lease").await;
-        let r = self.inner.acquire_lease(holder, ttl).await;
-        self.after(r)
-    }
-    async fn release_lease(&mut self) -> Result<(), StoreError> {
-        self.before("release_lease").await;
-        let r = self.inner.release_lease().await;
-        self.after(r)
-    }
-    async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
-        self.before("open_run").await;
-        let r = self.inner.open_run(new_id, trigger, sources).await;
-        self.after(r)
-    }
-    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {
-        self.before("save_plan").await;
-        let r = self.inner.save_plan(run, source, plan, snapshot).await;
-        self.after(r)
-    }
-    async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
-        self.before("finish_run").await;
-        let r = self.inner.finish_run(run, report).await;
-        self.after(r)
-    }
-    async fn index_state(&mut self) -> Result<IndexState, StoreError> {
-        self.before("index_state").await;
-        let r = self.inner.index_state().await;
-        self.after(r)
-    }
-    async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
-        self.before("index_ddl").await;
-        let r = self.inner.index_ddl(statement).await;
-        self.after(r)
-    }
-    async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
-        self.before("record_indexes").await;
-        let r = self.inner.record_indexes(run, indexes).await;
-        self.after(r)
     }
 }
 
@@ -451,18 +362,11 @@ async fn a_takeover_before_any_store_call_fences_the_rest_of_the_invocation() {
     // The undisturbed invocation, for its sequence of calls.
     let (db, config, provider) = changed_world().await;
     let mut thief = db.store(&config).await;
-    let mut probe = Takeover {
-        inner: db.store(&config).await,
-        db: &db,
-        thief: &mut thief,
-        at: 0,
-        calls: Vec::new(),
-        snapshot: None,
-        after: Vec::new(),
-    };
+    let takeover = Takeover { db: &db, thief: &mut thief, at: 0, calls: Vec::new(), snapshot: None, after: Vec::new() };
+    let mut probe = Hooked::new(db.store(&config).await, takeover);
     let outcome = invoke_on(&config, &mut probe, &provider, "inv-a").await;
     assert!(matches!(outcome, Ok(Outcome::Finished(_))), "{outcome:?}");
-    let calls = probe.calls.clone();
+    let calls = probe.hook.calls.clone();
     for kind in ["open_run", "link_reusable", "save_plan", "store", "remove_stale", "record_errors", "finish_run"] {
         assert!(calls.contains(&kind), "the scenario should call {kind}: {calls:?}");
     }
@@ -473,19 +377,12 @@ async fn a_takeover_before_any_store_call_fences_the_rest_of_the_invocation() {
     for k in first..=calls.len() {
         let (db, config, provider) = changed_world().await;
         let mut thief = db.store(&config).await;
-        let mut store = Takeover {
-            inner: db.store(&config).await,
-            db: &db,
-            thief: &mut thief,
-            at: k,
-            calls: Vec::new(),
-            snapshot: None,
-            after: Vec::new(),
-        };
+        let takeover = Takeover { db: &db, thief: &mut thief, at: k, calls: Vec::new(), snapshot: None, after: Vec::new() };
+        let mut store = Hooked::new(db.store(&config).await, takeover);
         let outcome = invoke_on(&config, &mut store, &provider, "inv-a").await;
         let label = format!("takeover before call {k} ({})", calls[k - 1]);
-        let after = store.after.clone();
-        let snapshot = store.snapshot.clone().unwrap_or_else(|| panic!("{label}: no takeover happened"));
+        let after = store.hook.after.clone();
+        let snapshot = store.hook.snapshot.clone().unwrap_or_else(|| panic!("{label}: no takeover happened"));
         let wrote = after.iter().position(|(name, _)| WRITES.contains(name));
         match wrote {
             Some(i) => {

@@ -3,84 +3,25 @@
 
 mod support;
 
-use embsync_core::config::{Config, Source};
-use embsync_core::hash::ValueHash;
-use embsync_core::index::IndexState;
-use embsync_core::report::{IndexReport, RunReport, SourceReport, Trigger};
-use embsync_core::sync::{
-    Budget, DeleteGuard, EmbeddedValue, Lease, Outcome, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store,
-    StoreError, ValueFailure,
-};
+use embsync_core::report::Trigger;
+use embsync_core::sync::{Budget, DeleteGuard, Outcome, RunId};
 use embsync_store::PgStore;
-use std::time::Duration;
+use support::hooked::{Call, Go, Hook, Hooked};
 use support::*;
 
-/// The real store, with the source table emptied (by someone else) just before stale values
-/// are removed: after every count the driver could take.
+/// The source table emptied (by someone else) just before stale values are removed: after
+/// every count the driver could take.
 struct EmptiedBeforeRemoval<'a> {
-    inner: PgStore,
     db: &'a TestDb,
     empty: &'a str,
 }
 
-impl Store for EmptiedBeforeRemoval<'_> {
-    async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
-        self.inner.ensure_schema(config).await
-    }
-    async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError> {
-        self.inner.counts(source).await
-    }
-    async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
-        self.inner.link_reusable(source).await
-    }
-    async fn pending(
-        &mut self,
-        source: &Source,
-        run: &RunId,
-        after: Option<&ValueHash>,
-        limit: usize,
-    ) -> Result<Vec<PendingValue>, StoreError> {
-        self.inner.pending(source, run, after, limit).await
-    }
-    async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
-        self.inner.store(source, batch, progress).await
-    }
-    async fn remove_stale(
-        &mut self,
-        source: &Source,
-        run: &RunId,
-        known_clean: bool,
-        guard: Option<DeleteGuard>,
-    ) -> Result<StaleOutcome, StoreError> {
-        self.db.exec(&format!("DELETE FROM {}", self.empty)).await;
-        self.inner.remove_stale(source, run, known_clean, guard).await
-    }
-    async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
-        self.inner.record_errors(source, failures, run).await
-    }
-    async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
-        self.inner.acquire_lease(holder, ttl).await
-    }
-    async fn release_lease(&mut self) -> Result<(), StoreError> {
-        self.inner.release_lease().await
-    }
-    async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
-        self.inner.open_run(new_id, trigger, sources).await
-    }
-    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {
-        self.inner.save_plan(run, source, plan, snapshot).await
-    }
-    async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
-        self.inner.finish_run(run, report).await
-    }
-    async fn index_state(&mut self) -> Result<IndexState, StoreError> {
-        self.inner.index_state().await
-    }
-    async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
-        self.inner.index_ddl(statement).await
-    }
-    async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
-        self.inner.record_indexes(run, indexes).await
+impl Hook for EmptiedBeforeRemoval<'_> {
+    async fn before(&mut self, call: &Call<'_>, _: &mut PgStore) -> Go {
+        if let Call::RemoveStale { .. } = call {
+            self.db.exec(&format!("DELETE FROM {}", self.empty)).await;
+        }
+        Go::Run
     }
 }
 
@@ -100,7 +41,7 @@ async fn a_source_emptied_after_it_was_counted_is_still_held_back_by_the_guard()
     // Two values go (an ordinary change, which the driver's count lets through), and the
     // table is emptied after that count, just before the removal.
     db.exec("DELETE FROM items WHERE title IN ('v0', 'v1')").await;
-    let mut store = EmptiedBeforeRemoval { inner: db.store(&config).await, db: &db, empty: "items" };
+    let mut store = Hooked::new(db.store(&config).await, EmptiedBeforeRemoval { db: &db, empty: "items" });
     let id = RunId("run-guard".into());
     let inv = embsync_core::sync::Invocation {
         trigger: Trigger::Cron,

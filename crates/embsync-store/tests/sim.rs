@@ -24,14 +24,11 @@ mod proxy;
 mod support;
 
 use embsync_core::config::{Config, ModelSpec, Source};
-use embsync_core::hash::ValueHash;
-use embsync_core::index::IndexState;
 use embsync_core::log::LogEvent;
 use embsync_core::provider::{Embeddings, ProviderError};
-use embsync_core::report::{IndexReport, RunReport, SourceReport, Trigger};
+use embsync_core::report::{RunReport, Trigger};
 use embsync_core::sync::{
-    self, Budget, Cursor, EmbeddedValue, Embedder, Invocation, Lease, Outcome, PendingValue, Progress, RetryPolicy, RunId, RunState,
-    Runtime, SourceCounts, StaleOutcome, Store, StoreError, SyncError, ValueFailure,
+    self, Budget, Cursor, Embedder, Invocation, Lease, Outcome, RetryPolicy, RunId, Runtime, StaleOutcome, Store, StoreError, SyncError,
 };
 use embsync_core::vector::Vector;
 use embsync_store::PgStore;
@@ -40,6 +37,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
+use support::hooked::{Call, Go, Hook, Hooked};
 use support::{hash_of, vector_for, TestDb};
 use tokio_postgres::Client;
 
@@ -379,9 +377,9 @@ struct LeaseFault {
     intruder: bool,
 }
 
-/// The real [`PgStore`], with a hook before every call.
-struct SimStore<'a> {
-    inner: PgStore,
+/// What the simulation does before (and after) every call of an invocation to the real
+/// [`PgStore`].
+struct SimHook<'a> {
     calls: usize,
     me: usize,
     baton: Option<&'a Baton>,
@@ -400,6 +398,8 @@ struct SimStore<'a> {
     foreign: Option<(usize, String, Option<String>, Option<String>)>,
     /// Rows the other pipeline wrote during the invocation.
     foreign_written: Vec<(i64, ForeignRow)>,
+    /// embsync's rows' values before the current `remove_stale`.
+    owned_before: Option<BTreeSet<String>>,
 }
 
 /// The other pipeline writes a row for `value` unless one exists; returns it as written.
@@ -434,8 +434,8 @@ async fn owned_values(admin: &Client) -> BTreeSet<String> {
     rows.iter().map(|r| r.get(0)).collect()
 }
 
-impl SimStore<'_> {
-    async fn before(&mut self) {
+impl SimHook<'_> {
+    async fn gate(&mut self) {
         self.calls += 1;
         let fire = self.lease.is_some_and(|l| l.at == self.calls);
         if fire {
@@ -491,103 +491,50 @@ async fn fingerprint(admin: &Client) -> String {
     admin.query_one(&sql, &[]).await.expect("fingerprinting").get(0)
 }
 
-impl Store for SimStore<'_> {
-    async fn ensure_schema(&mut self, config: &Config) -> Result<(), StoreError> {
-        self.before().await;
-        self.inner.ensure_schema(config).await
-    }
-    async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError> {
-        self.before().await;
-        self.inner.counts(source).await
-    }
-    async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
-        self.before().await;
-        self.inner.link_reusable(source).await
-    }
-    async fn pending(
-        &mut self,
-        source: &Source,
-        run: &RunId,
-        after: Option<&ValueHash>,
-        limit: usize,
-    ) -> Result<Vec<PendingValue>, StoreError> {
-        self.before().await;
-        self.inner.pending(source, run, after, limit).await
-    }
-    async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
-        self.before().await;
-        self.inner.store(source, batch, progress).await?;
-        let (lt, st) = (self.config.models.large.tag(), self.config.models.small.tag());
-        for v in batch {
-            if v.large.is_some() {
-                self.committed.push((lt.clone(), v.value.clone()));
-            }
-            if v.small.is_some() {
-                self.committed.push((st.clone(), v.value.clone()));
-            }
+impl Hook for SimHook<'_> {
+    async fn before(&mut self, call: &Call<'_>, _: &mut PgStore) -> Go {
+        self.gate().await;
+        if let Call::RemoveStale { .. } = call {
+            self.owned_before = Some(owned_values(self.admin).await);
         }
-        Ok(())
+        Go::Run
     }
-    async fn remove_stale(
-        &mut self,
-        source: &Source,
-        run: &RunId,
-        known_clean: bool,
-        guard: Option<embsync_core::sync::DeleteGuard>,
-    ) -> Result<StaleOutcome, StoreError> {
-        self.before().await;
-        let before = owned_values(self.admin).await;
-        let out = self.inner.remove_stale(source, run, known_clean, guard).await?;
-        if out.deleted > 0 {
-            let after = owned_values(self.admin).await;
-            for v in before.difference(&after) {
-                for s in self.config.enabled_sources() {
-                    let sql =
-                        format!("SELECT EXISTS (SELECT 1 FROM {} WHERE btrim({}::text, ' ') = $1)", s.table.quoted(), s.column.quoted());
-                    if self.admin.query_one(&sql, &[v]).await.expect("looking up a value").get::<_, bool>(0) {
-                        self.in_use.push((v.clone(), s.name.clone()));
-                        break;
+
+    async fn after(&mut self, call: &Call<'_>, result: Result<&dyn std::any::Any, &StoreError>) {
+        match (call, result) {
+            (Call::Store { batch, .. }, Ok(_)) => {
+                let (lt, st) = (self.config.models.large.tag(), self.config.models.small.tag());
+                for v in batch.iter() {
+                    if v.large.is_some() {
+                        self.committed.push((lt.clone(), v.value.clone()));
+                    }
+                    if v.small.is_some() {
+                        self.committed.push((st.clone(), v.value.clone()));
                     }
                 }
             }
+            (Call::RemoveStale { .. }, Ok(out)) => {
+                let before = self.owned_before.take().expect("read before the removal");
+                let out = out.downcast_ref::<StaleOutcome>().expect("remove_stale answers a StaleOutcome");
+                if out.deleted > 0 {
+                    let after = owned_values(self.admin).await;
+                    for v in before.difference(&after) {
+                        for s in self.config.enabled_sources() {
+                            let sql = format!(
+                                "SELECT EXISTS (SELECT 1 FROM {} WHERE btrim({}::text, ' ') = $1)",
+                                s.table.quoted(),
+                                s.column.quoted()
+                            );
+                            if self.admin.query_one(&sql, &[v]).await.expect("looking up a value").get::<_, bool>(0) {
+                                self.in_use.push((v.clone(), s.name.clone()));
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
         }
-        Ok(out)
-    }
-    async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
-        self.before().await;
-        self.inner.record_errors(source, failures, run).await
-    }
-    async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
-        self.before().await;
-        self.inner.acquire_lease(holder, ttl).await
-    }
-    async fn release_lease(&mut self) -> Result<(), StoreError> {
-        self.before().await;
-        self.inner.release_lease().await
-    }
-    async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
-        self.before().await;
-        self.inner.open_run(new_id, trigger, sources).await
-    }
-    async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {
-        self.before().await;
-        self.inner.save_plan(run, source, plan, snapshot).await
-    }
-    async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
-        self.before().await;
-        self.inner.finish_run(run, report).await
-    }
-    async fn index_state(&mut self) -> Result<IndexState, StoreError> {
-        self.before().await;
-        self.inner.index_state().await
-    }
-    async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
-        self.before().await;
-        self.inner.index_ddl(statement).await
-    }
-    async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
-        self.before().await;
-        self.inner.record_indexes(run, indexes).await
     }
 }
 
@@ -1173,8 +1120,7 @@ impl Sim {
         let mut stores = Vec::new();
         for (me, (_, client, ..)) in prepared.iter_mut().enumerate() {
             let client = client.take().expect("a client");
-            stores.push(SimStore {
-                inner: PgStore::new(client, &config),
+            let hook = SimHook {
                 calls: 0,
                 me,
                 baton: two.then_some(&baton),
@@ -1188,7 +1134,9 @@ impl Sim {
                 in_use: Vec::new(),
                 foreign: fs[me].foreign.clone(),
                 foreign_written: Vec::new(),
-            });
+                owned_before: None,
+            };
+            stores.push(Hooked::new(PgStore::new(client, &config), hook));
         }
         let results: Vec<Result<Outcome, SyncError>> = {
             let mut futs = Vec::new();
@@ -1217,7 +1165,7 @@ impl Sim {
         let mut out = Vec::new();
         let mut any_lost = false;
         for (store, result) in stores.iter().zip(&results) {
-            any_lost |= store.fired.is_some() || matches!(result, Err(SyncError::LeaseLost(_)));
+            any_lost |= store.hook.fired.is_some() || matches!(result, Err(SyncError::LeaseLost(_)));
         }
         for ((mut store, result), (app, _, proxy_state, provider, hint, budget, rt, _, holder)) in
             stores.into_iter().zip(results).zip(prepared)
@@ -1229,20 +1177,20 @@ impl Sim {
             }
             let messages = ps.messages;
             drop(ps);
-            if let Some(mut intruder) = store.intruder.take() {
+            if let Some(mut intruder) = store.hook.intruder.take() {
                 intruder.release_lease().await.expect("the intruder gives the lease back");
             }
-            let fence = if two { None } else { store.fired.clone() };
+            let fence = if two { None } else { store.hook.fired.clone() };
             let mut summary = format!("{holder}: budget {} batches, hint {}", budget.max_batches, hint_name(&hint, &self.kv));
-            if let Some(c) = fs.get(store.me).and_then(|f| f.cut) {
+            if let Some(c) = fs.get(store.hook.me).and_then(|f| f.cut) {
                 summary.push_str(&format!(", cut {:?} at message {}{}", c.mode, c.at, if cut_happened { "" } else { " (not reached)" }));
             }
-            if let Some(l) = store.lease {
+            if let Some(l) = store.hook.lease {
                 summary.push_str(&format!(
                     ", lease {} before call {}{}",
                     if l.intruder { "taken over" } else { "expired" },
                     l.at,
-                    if store.fired.is_some() { "" } else { " (not reached)" }
+                    if store.hook.fired.is_some() { "" } else { " (not reached)" }
                 ));
             }
             if provider.fault_rate > 0.0 {
@@ -1268,14 +1216,14 @@ impl Sim {
             }
             if cut_happened {
                 self.wait_gone(&app).await;
-            } else if !two && store.fired.is_none() && result.is_ok() {
+            } else if !two && store.hook.fired.is_none() && result.is_ok() {
                 self.messages_per_invocation = (self.messages_per_invocation + messages) / 2;
-                self.calls_per_invocation = (self.calls_per_invocation + store.calls) / 2;
+                self.calls_per_invocation = (self.calls_per_invocation + store.hook.calls) / 2;
             }
             let excused = cut_happened || any_lost;
-            let committed = std::mem::take(&mut store.committed);
-            let in_use = std::mem::take(&mut store.in_use);
-            for (id, row) in std::mem::take(&mut store.foreign_written) {
+            let committed = std::mem::take(&mut store.hook.committed);
+            let in_use = std::mem::take(&mut store.hook.in_use);
+            for (id, row) in std::mem::take(&mut store.hook.foreign_written) {
                 summary.push_str(&format!("; meanwhile the other pipeline wrote row {id} for {:?}", row.value));
                 self.touched.insert(hash_of(&row.value));
                 self.last_mutation = self.step;

@@ -295,20 +295,6 @@ pub fn assert_counts(what: &str, obj: &Value, expected: &[(&str, i64)]) {
 // Database
 // ---------------------------------------------------------------------------------------------
 
-/// Replaces the database name in a `postgres://` URL.
-pub fn url_with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.find('?') {
-        Some(i) => (&url[..i], &url[i..]),
-        None => (url, ""),
-    };
-    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[after_scheme..].find('/') {
-        Some(i) => &base[..after_scheme + i],
-        None => base,
-    };
-    format!("{base}/{db}{query}")
-}
-
 /// A fresh database in the shared cluster, dropped at the end.
 pub struct TestDb {
     /// The database's URL (what the worker gets as `DATABASE_URL`).
@@ -358,7 +344,7 @@ impl TestDb {
         if let Some(e) = last_err {
             panic!("CREATE DATABASE {name}: {e}");
         }
-        let url = url_with_database(&admin_url, &name);
+        let url = embsync_core::dburl::with_database(&admin_url, &name);
         let client =
             Client::connect(&url, NoTls).unwrap_or_else(|e| panic!("connect to {url}: {e}"));
         TestDb {
@@ -1832,19 +1818,6 @@ mod tests {
             expected_hash("\u{e9}"),
             Some(hex::encode(Sha256::digest([0xc3, 0xa9])))
         );
-    }
-
-    #[test]
-    fn database_is_replaced_in_urls() {
-        assert_eq!(
-            url_with_database("postgres://postgres@127.0.0.1:5432/postgres", "x"),
-            "postgres://postgres@127.0.0.1:5432/x"
-        );
-        assert_eq!(
-            url_with_database("postgres://u:p@h:1/db?sslmode=disable", "y"),
-            "postgres://u:p@h:1/y?sslmode=disable"
-        );
-        assert_eq!(url_with_database("postgres://h:1", "z"), "postgres://h:1/z");
     }
 
     #[test]

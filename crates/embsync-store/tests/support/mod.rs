@@ -7,7 +7,10 @@
 
 #![allow(dead_code)]
 
+pub mod hooked;
+
 use embsync_core::config::{Config, ModelSpec};
+use embsync_core::dburl;
 use embsync_core::log::LogEvent;
 use embsync_core::provider::{decode_response, Embeddings, ProviderError, RateLimit};
 use embsync_core::report::Trigger;
@@ -28,20 +31,6 @@ pub fn admin_url() -> String {
     std::env::var("EMBSYNC_TEST_PG_URL").unwrap_or_else(|_| {
         panic!("EMBSYNC_TEST_PG_URL is not set: run these tests through scripts/test.sh, which starts a throwaway Postgres")
     })
-}
-
-/// `url` with its database replaced by `db`.
-pub fn url_with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.find('?') {
-        Some(i) => (&url[..i], &url[i..]),
-        None => (url, ""),
-    };
-    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[after_scheme..].find('/') {
-        Some(i) => &base[..after_scheme + i],
-        None => base,
-    };
-    format!("{base}/{db}{query}")
 }
 
 /// Connects to `url`; the connection is driven by a task on the current tokio runtime.
@@ -86,7 +75,7 @@ impl TestDb {
         if let Some(e) = last {
             panic!("CREATE DATABASE {name}: {e}");
         }
-        let url = url_with_database(&admin_url(), &name);
+        let url = dburl::with_database(&admin_url(), &name);
         let client = connect(&url).await;
         client.batch_execute("CREATE EXTENSION IF NOT EXISTS vector").await.expect("CREATE EXTENSION vector");
         TestDb { url, name, client }
