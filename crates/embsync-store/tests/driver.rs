@@ -12,6 +12,7 @@ use embsync_core::report::{RunReport, RunStatus, Trigger};
 use embsync_core::sync::*;
 use embsync_store::PgStore;
 use std::cell::Cell;
+use std::collections::BTreeSet;
 use std::time::Duration;
 use support::hooked::{Call, Go, Hook, Hooked};
 use support::*;
@@ -114,8 +115,11 @@ struct World {
 
 impl World {
     async fn new(batch: u32) -> World {
+        World::with(two_sources(batch)).await
+    }
+
+    async fn with(config: Config) -> World {
         let db = TestDb::create().await;
-        let config = two_sources(batch);
         let faults = Faults {
             other: connect(&db.url).await,
             store_calls: 0,
@@ -184,6 +188,65 @@ impl World {
 
     fn calls(&self) -> usize {
         self.provider.calls.borrow().len()
+    }
+
+    /// The values sent to `model`, sorted.
+    fn inputs_for(&self, model: &str) -> Vec<String> {
+        let mut inputs: Vec<String> =
+            self.provider.calls.borrow().iter().filter(|(m, _)| m == model).flat_map(|(_, inputs)| inputs.clone()).collect();
+        inputs.sort();
+        inputs
+    }
+
+    /// The dry run: `name: total/new/stale/unchanged/reusable/to_embed/batches` per source, and
+    /// the same for the totals.
+    async fn plan(&mut self) -> String {
+        let plan = dry_run(&self.config, &mut self.store).await;
+        let mut lines: Vec<String> = plan
+            .sources
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}: total={} new={} stale={} unchanged={} reusable={} to_embed={} batches={}{}",
+                    s.name,
+                    s.total,
+                    s.new,
+                    s.stale,
+                    s.unchanged,
+                    s.reusable,
+                    s.to_embed,
+                    s.batches,
+                    s.error.as_ref().map(|e| format!(" error={e}")).unwrap_or_default()
+                )
+            })
+            .collect();
+        let t = &plan.totals;
+        lines.push(format!(
+            "totals: total={} new={} stale={} unchanged={} reusable={} to_embed={} batches={}",
+            t.total, t.new, t.stale, t.unchanged, t.reusable, t.to_embed, t.batches
+        ));
+        assert!(t.to_embed == 0 || (t.estimated_tokens.large > 0 && t.estimated_tokens.small > 0), "estimated tokens: {t:?}");
+        lines.join("\n")
+    }
+
+    /// The hashes linked to the source on `table`.
+    async fn links(&self, table: &str) -> BTreeSet<String> {
+        self.db.texts(&format!("SELECT value_hash FROM embedding_cache_sources WHERE source_table = '{table}'")).await
+    }
+
+    /// The sources (`table.column`) linked to `value`.
+    async fn sources_having(&self, value: &str) -> BTreeSet<String> {
+        self.db
+            .texts(&format!(
+                "SELECT source_table || '.' || source_column FROM embedding_cache_sources WHERE value_hash = '{}'",
+                hash_of(value)
+            ))
+            .await
+    }
+
+    /// The hash of every cache row.
+    async fn cache_hashes(&self) -> BTreeSet<String> {
+        self.db.texts("SELECT value_hash FROM embedding_cache").await
     }
 
     fn logs(&self) -> Vec<String> {
@@ -267,10 +330,18 @@ async fn first_run_embeds_and_second_run_is_free() {
     let stored: String =
         w.db.client.query_one("SELECT value FROM embedding_cache WHERE value_hash = $1", &[&hash_of("alpha 0")]).await.unwrap().get(0);
     assert_eq!(stored, "alpha 0", "the trimmed value is stored");
+    let rows = w.db.texts("SELECT c::text FROM embedding_cache c").await;
 
     assert_eq!(w.summary().await, "A: total=25 new=0 stale=0 unchanged=25 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0");
     assert_eq!(w.calls(), 8, "a re-run must not call the provider");
     assert_eq!(w.store.hook.scans_spared, 2 + 2, "both runs counted no stale values, so neither scanned for them");
+    assert_eq!(w.db.texts("SELECT c::text FROM embedding_cache c").await, rows, "a re-run must not rewrite rows");
+    assert_eq!(
+        w.plan().await,
+        "A: total=25 new=0 stale=0 unchanged=25 reusable=0 to_embed=0 batches=0\n\
+         B: total=1 new=0 stale=0 unchanged=1 reusable=0 to_embed=0 batches=0\n\
+         totals: total=26 new=0 stale=0 unchanged=26 reusable=0 to_embed=0 batches=0"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -283,20 +354,6 @@ async fn stale_values_are_unlinked_and_deleted() {
     assert_eq!(w.summary().await, "A: total=2 new=1 stale=2 unchanged=1 reused=0 embedded=1 deleted=2 errors=0 batches=1\nB: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0");
     assert!(!w.cached("two").await);
     assert_eq!(w.links_of_a().await, 2);
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn shared_value_is_embedded_once_and_kept_while_any_source_has_it() {
-    let mut w = World::new(100).await;
-    w.set("ta", "ca", &["shared", "only a"]).await;
-    w.set("tb", "cb", &["shared"]).await;
-    assert_eq!(w.summary().await, "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1\nB: total=1 new=1 stale=0 unchanged=0 reused=1 embedded=0 deleted=0 errors=0 batches=0");
-    assert_eq!(w.provider.requests_for("shared"), 2, "once per model");
-    w.set("ta", "ca", &["only a"]).await;
-    assert_eq!(w.summary().await, "A: total=1 new=0 stale=1 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0");
-    assert!(w.cached("shared").await);
-    w.set("tb", "cb", &[]).await;
-    assert_eq!(w.summary().await, "A: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=0 new=0 stale=1 unchanged=0 reused=0 embedded=0 deleted=1 errors=0 batches=0");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -544,10 +601,16 @@ async fn a_failing_store_fails_its_source_and_the_run_goes_on() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn a_missing_table_fails_only_its_source() {
-    let mut w = World::new(10).await;
-    w.set("tb", "cb", &["q"]).await;
-    assert_eq!(w.summary().await, "A: total=0 new=0 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=0 error=counting values of source A: counting: db error: ERROR: relation \"ta\" does not exist\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
+async fn a_source_whose_table_or_column_is_missing_fails_alone() {
+    let mut w = World::with(config(10, &[("A", "ta", "ca"), ("No column", "tb", "nope"), ("B", "tb", "cb")])).await;
+    w.set("tb", "cb", &["q", "r"]).await;
+    assert_eq!(
+        w.summary().await,
+        "A: total=0 new=0 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=0 error=counting values of source A: counting: db error: ERROR: relation \"ta\" does not exist\n\
+         No column: total=0 new=0 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=0 error=counting values of source No column: counting: db error: ERROR: column \"nope\" does not exist\n\
+         B: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1"
+    );
+    assert_eq!(w.cache_len().await, 2);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -875,4 +938,224 @@ async fn a_model_change_mid_run_starts_a_new_run_that_leaves_nothing_behind() {
     assert_eq!(w.finished().await.iter().filter(|s| *s == "abandoned").count(), 1, "{:?}", w.finished().await);
     assert_eq!(report.sources[0].total, 10);
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache WHERE vector_dims(embedding_small) = 3").await, 10);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Moved down from the end-to-end suite: what a sync leaves in the database.
+
+/// Sources `A` (`ta.ca`), `B` (`tb.cb`) and `C` (`tc.cc`).
+fn three_sources(batch: u32) -> Config {
+    config(batch, &[("A", "ta", "ca"), ("B", "tb", "cb"), ("C", "tc", "cc")])
+}
+
+/// The hashes of `values`.
+fn hashes(values: &[&str]) -> BTreeSet<String> {
+    values.iter().map(|v| hash_of(v)).collect()
+}
+
+fn set_of(values: &[&str]) -> BTreeSet<String> {
+    values.iter().map(|v| v.to_string()).collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn new_values_are_detected_on_fresh_sources() {
+    let mut w = World::with(three_sources(10)).await;
+    // Duplicates, padding, blanks and NULL: only distinct trimmed values count.
+    w.set("ta", "ca", &["Red leather seats", "  Red leather seats ", "Sunroof", "Sunroof", "Heated steering wheel", "", "   ", "Tow hitch"]).await;
+    w.db.exec("INSERT INTO ta (ca) VALUES (NULL)").await;
+    w.set("tb", "cb", &["Color", "Trim level", "Engine", "Color "]).await;
+    w.set("tc", "cc", &["Body style", "Drive type"]).await;
+    let a = ["Red leather seats", "Sunroof", "Heated steering wheel", "Tow hitch"];
+    let b = ["Color", "Trim level", "Engine"];
+    let c = ["Body style", "Drive type"];
+
+    assert_eq!(
+        w.plan().await,
+        "A: total=4 new=4 stale=0 unchanged=0 reusable=0 to_embed=4 batches=1\n\
+         B: total=3 new=3 stale=0 unchanged=0 reusable=0 to_embed=3 batches=1\n\
+         C: total=2 new=2 stale=0 unchanged=0 reusable=0 to_embed=2 batches=1\n\
+         totals: total=9 new=9 stale=0 unchanged=0 reusable=0 to_embed=9 batches=3"
+    );
+    assert_eq!(w.calls(), 0, "the dry run must not call the provider");
+    assert_eq!(w.db.count("SELECT count(*) FROM pg_class WHERE relname LIKE 'embedding%'").await, 0, "the dry run must write nothing");
+
+    assert_eq!(
+        w.summary().await,
+        "A: total=4 new=4 stale=0 unchanged=0 reused=0 embedded=4 deleted=0 errors=0 batches=1\n\
+         B: total=3 new=3 stale=0 unchanged=0 reused=0 embedded=3 deleted=0 errors=0 batches=1\n\
+         C: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1"
+    );
+    for (table, values) in [("ta", &a[..]), ("tb", &b[..]), ("tc", &c[..])] {
+        assert_eq!(w.links(table).await, hashes(values), "the links of {table}");
+    }
+    let logs = w.logs();
+    for line in [
+        "Source A: total=4 new=4 stale=0 unchanged=0 reused=0 embedded=4 deleted=0 errors=0 batches=1 deferred=0 (",
+        "Source B: total=3 new=3 stale=0 unchanged=0 reused=0 embedded=3 deleted=0 errors=0 batches=1 deferred=0 (",
+        "Source C: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1 deferred=0 (",
+    ] {
+        assert!(logs.iter().any(|l| l.starts_with(line)), "{line} missing from {logs:#?}");
+    }
+    let all: Vec<&str> = a.iter().chain(&b).chain(&c).copied().collect();
+    assert_eq!(w.cache_hashes().await, hashes(&all), "embedding_cache must hold exactly the new values");
+    assert_eq!(w.db.texts("SELECT value FROM embedding_cache").await, set_of(&all), "embedding_cache.value must be the trimmed values");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn stale_values_are_detected_after_deleting_source_rows() {
+    let mut w = World::with(config(10, &[("A", "ta", "ca")])).await;
+    w.set("ta", "ca", &["alpha", "beta", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", " theta "]).await;
+    assert_eq!(w.summary().await, "A: total=8 new=8 stale=0 unchanged=0 reused=0 embedded=8 deleted=0 errors=0 batches=1");
+    let calls = w.calls();
+
+    // Three distinct values go; " theta " goes but "theta" stays, so theta is not stale.
+    w.db.exec("DELETE FROM ta WHERE ca IN ('beta', 'gamma', 'delta', ' theta ')").await;
+    assert_eq!(
+        w.plan().await,
+        "A: total=5 new=0 stale=3 unchanged=5 reusable=0 to_embed=0 batches=0\n\
+         totals: total=5 new=0 stale=3 unchanged=5 reusable=0 to_embed=0 batches=0"
+    );
+    assert_eq!(w.cache_len().await, 8, "the dry run must not delete anything");
+
+    assert_eq!(w.summary().await, "A: total=5 new=0 stale=3 unchanged=5 reused=0 embedded=0 deleted=3 errors=0 batches=0");
+    assert_eq!(w.cache_hashes().await, hashes(&["alpha", "epsilon", "zeta", "eta", "theta"]));
+    assert_eq!(w.calls(), calls, "deleting needs no provider call");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn distinct_source_table_and_column_list_every_source() {
+    let mut w = World::with(three_sources(10)).await;
+    w.set("ta", "ca", &["Alloy wheels", "Fog lights"]).await;
+    w.set("tb", "cb", &["Wheel size", "Lighting"]).await;
+    w.set("tc", "cc", &["wheel_diameter_inch"]).await;
+    w.run().await.unwrap();
+    let pairs = w.db.texts("SELECT DISTINCT source_table || '.' || source_column FROM embedding_cache").await;
+    assert_eq!(pairs, set_of(&["ta.ca", "tb.cb", "tc.cc"]));
+    // And each row is attributed to the source that has it.
+    let of_a = w.db.texts("SELECT value FROM embedding_cache WHERE source_table = 'ta' AND source_column = 'ca'").await;
+    assert_eq!(of_a, set_of(&["Alloy wheels", "Fog lights"]));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn shared_value_is_embedded_once_and_kept_while_any_source_has_it() {
+    let mut w = World::with(three_sources(10)).await;
+    w.set("ta", "ca", &["Shared value", "Only in A"]).await;
+    w.set("tb", "cb", &["  Shared value ", "Only in B"]).await;
+    w.set("tc", "cc", &[]).await;
+    assert_eq!(
+        w.summary().await,
+        "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1\n\
+         B: total=2 new=2 stale=0 unchanged=0 reused=1 embedded=1 deleted=0 errors=0 batches=1\n\
+         C: total=0 new=0 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=0"
+    );
+    for model in ["text-embedding-3-large", "text-embedding-3-small"] {
+        assert_eq!(w.inputs_for(model), ["Only in A", "Only in B", "Shared value"], "each distinct value once to {model}");
+    }
+    assert_eq!(w.cache_len().await, 3);
+    assert_eq!(w.sources_having("Shared value").await, set_of(&["ta.ca", "tb.cb"]), "the shared value is linked to both sources");
+    let row = "SELECT (id, value, value_hash, embedding_large, embedding_small, usage_count, created_at)::text FROM embedding_cache WHERE value = 'Shared value'";
+    let before = w.db.texts(row).await;
+    assert_eq!(before.len(), 1);
+
+    // A third source gets a value that is embedded already: reused, no provider call.
+    let calls = w.calls();
+    w.set("tc", "cc", &["Only in A"]).await;
+    assert_eq!(
+        w.summary().await.lines().nth(2).unwrap(),
+        "C: total=1 new=1 stale=0 unchanged=0 reused=1 embedded=0 deleted=0 errors=0 batches=0"
+    );
+
+    // Gone from one source: stale there, but the row stays as it is, with both embeddings.
+    w.set("ta", "ca", &["Only in A"]).await;
+    assert_eq!(
+        w.summary().await,
+        "A: total=1 new=0 stale=1 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0\n\
+         B: total=2 new=0 stale=0 unchanged=2 reused=0 embedded=0 deleted=0 errors=0 batches=0\n\
+         C: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0"
+    );
+    assert_eq!(w.db.texts(row).await, before, "the shared row must be kept as it is");
+    let named = w.db.texts("SELECT source_table || '.' || source_column FROM embedding_cache WHERE value = 'Shared value'").await;
+    assert_eq!(named, set_of(&["tb.cb"]), "the row names a source that has the value");
+    assert_eq!(w.sources_having("Shared value").await, set_of(&["tb.cb"]));
+
+    // Gone from both: deleted.
+    w.set("tb", "cb", &["Only in B"]).await;
+    assert_eq!(
+        w.summary().await.lines().nth(1).unwrap(),
+        "B: total=1 new=0 stale=1 unchanged=1 reused=0 embedded=0 deleted=1 errors=0 batches=0"
+    );
+    assert!(!w.cached("Shared value").await, "the shared value should be deleted once no source has it");
+    assert!(w.sources_having("Shared value").await.is_empty());
+    assert_eq!(w.calls(), calls, "none of these syncs needed the provider");
+}
+
+/// A row another pipeline wrote in an `embedding_cache` it created before embsync ran; returns
+/// its id.
+async fn insert_foreign(db: &TestDb, value: &str, embedded: bool, table: &str, column: &str) -> i64 {
+    let (large, small) = if embedded { (Some("[0.5,-0.5,0.25,1]"), Some("[1,-1]")) } else { (None, None) };
+    db.client
+        .query_one(
+            "INSERT INTO embedding_cache (value, value_hash, embedding_large, embedding_small, source_table, source_column, usage_count, created_at)
+             VALUES ($1, $2, $3::text::vector, $4::text::vector, $5, $6, 7, now() - interval '30 days') RETURNING id",
+            &[&value, &hash_of(value), &large, &small, &table, &column],
+        )
+        .await
+        .expect("the other pipeline's insert")
+        .get(0)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_preexisting_cache_with_foreign_rows_is_left_intact() {
+    let mut w = World::with(config(10, &[("A", "ta", "ca")])).await;
+    w.db.exec(
+        "CREATE TABLE embedding_cache (id bigserial PRIMARY KEY, value text, value_hash text UNIQUE, embedding_large vector(4),
+         embedding_small vector(2), source_table text, source_column text, usage_count int, created_at timestamptz DEFAULT now())",
+    )
+    .await;
+    let mut foreign = Vec::new();
+    foreign.push(insert_foreign(&w.db, "Legacy value with embeddings", true, "legacy_table", "legacy_column").await);
+    foreign.push(insert_foreign(&w.db, "Legacy value without embeddings", false, "legacy_table", "legacy_column").await);
+    foreign.push(insert_foreign(&w.db, "Matches the source", true, "ta", "ca").await);
+    let ids = foreign.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(",");
+    let snapshot = format!("SELECT c::text FROM embedding_cache c WHERE id IN ({ids})");
+    let before = w.db.texts(&snapshot).await;
+    assert_eq!(before.len(), 3);
+
+    w.set("ta", "ca", &["Matches the source", " Matches the source ", "Fresh one", "Fresh two"]).await;
+    assert_eq!(
+        w.plan().await,
+        "A: total=3 new=3 stale=0 unchanged=0 reusable=1 to_embed=2 batches=1\n\
+         totals: total=3 new=3 stale=0 unchanged=0 reusable=1 to_embed=2 batches=1"
+    );
+    assert_eq!(w.summary().await, "A: total=3 new=3 stale=0 unchanged=0 reused=1 embedded=2 deleted=0 errors=0 batches=1");
+    for model in ["text-embedding-3-large", "text-embedding-3-small"] {
+        assert_eq!(w.inputs_for(model), ["Fresh one", "Fresh two"], "{model}: the matching row must be reused, not embedded again");
+    }
+    assert_eq!(w.db.texts(&snapshot).await, before, "foreign rows must not change");
+    assert_eq!(w.cache_len().await, 5);
+    assert_eq!(
+        w.db.count("SELECT count(*) FROM embedding_cache WHERE value LIKE 'Fresh%' AND embedding_large IS NOT NULL AND embedding_small IS NOT NULL").await,
+        2,
+        "the fresh values need both embeddings"
+    );
+    // The documented shape is still there.
+    let columns = w.db.texts("SELECT column_name::text FROM information_schema.columns WHERE table_name = 'embedding_cache'").await;
+    let documented =
+        ["id", "value", "value_hash", "embedding_large", "embedding_small", "source_table", "source_column", "usage_count", "created_at"];
+    assert_eq!(columns, set_of(&documented), "embedding_cache's columns");
+
+    // The matching value and one fresh value leave the source: the fresh row goes, the foreign
+    // row stays.
+    let calls = w.calls();
+    w.set("ta", "ca", &["Fresh two"]).await;
+    assert_eq!(w.summary().await, "A: total=1 new=0 stale=2 unchanged=1 reused=0 embedded=0 deleted=1 errors=0 batches=0");
+    assert_eq!(w.db.texts(&snapshot).await, before, "a foreign row must never be deleted or changed");
+    assert!(!w.cached("Fresh one").await, "the row embsync created should be deleted");
+
+    // Empty source: only embsync's last row goes.
+    w.set("ta", "ca", &[]).await;
+    assert_eq!(w.summary().await, "A: total=0 new=0 stale=1 unchanged=0 reused=0 embedded=0 deleted=1 errors=0 batches=0");
+    assert_eq!(w.db.texts(&snapshot).await, before);
+    assert_eq!(w.cache_len().await, 3, "only the foreign rows are left");
+    assert_eq!(w.calls(), calls);
 }

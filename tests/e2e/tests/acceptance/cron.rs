@@ -1,4 +1,5 @@
-//! The cron trigger (`/__scheduled` under `wrangler dev --test-scheduled`) runs the sync.
+//! The cron trigger (`/__scheduled` under `wrangler dev --test-scheduled`) runs the sync, and an
+//! immediate second cron run has nothing to do.
 
 use std::time::Duration;
 
@@ -55,4 +56,21 @@ fn cron_trigger_runs_the_sync() {
         want.sort();
         assert_eq!(sent, want, "values the cron run sent to {model}");
     }
+
+    // The cron path is the same sync: run again at once, it has nothing to do and pays nothing.
+    provider.clear();
+    let rows_before = db.text_set("SELECT c::text FROM embedding_cache c");
+    let (status, _) = worker.scheduled();
+    assert_eq!(status, 200, "the second /__scheduled");
+    let again = poll(Duration::from_secs(60), "a second cron `Sync report:` line", || {
+        worker.logged_reports().into_iter().nth(1)
+    });
+    assert_eq!(again["trigger"], json!("cron"), "{again:#}");
+    assert_counts(
+        "cron re-run totals",
+        &again["totals"],
+        &[("new", 0), ("stale", 0), ("unchanged", 5), ("embedded", 0), ("deleted", 0)],
+    );
+    assert!(provider.embedding_requests().is_empty(), "the cron re-run called the provider");
+    assert_eq!(db.text_set("SELECT c::text FROM embedding_cache c"), rows_before, "a re-run must not rewrite rows");
 }

@@ -1,76 +1,9 @@
-//! Issue 5 guards: a broken source fails alone, a source that suddenly looks empty keeps its
-//! embeddings, requests are validated, and no secret reaches the logs.
+//! Issue 5 guards at the worker's edge: requests are validated, and no secret reaches the logs.
+//! (A broken source failing alone and the mass-delete guard are tested on the store tier,
+//! `crates/embsync-store/tests/driver.rs` and `guard.rs`.)
 
 use embsync_e2e::*;
 use serde_json::json;
-
-/// Three sources: one names a table that does not exist, one a column that does not exist.
-fn missing_and_real() -> String {
-    json!({
-        "version": "1.0",
-        "models": { "large": LARGE_MODEL, "small": SMALL_MODEL },
-        "batchSize": 10,
-        "sources": [
-            { "name": "Gone", "table": "no_such_table", "column": "description" },
-            { "name": "No column", "table": "config_position", "column": "no_such_column" },
-            { "name": "Option Descriptions", "table": "config_option", "column": "description" }
-        ]
-    })
-    .to_string()
-}
-
-#[test]
-fn a_source_whose_table_or_column_is_missing_fails_alone() {
-    let mut db = TestDb::create();
-    db.create_default_sources();
-    db.insert_strs(OPTION, &["Cutter with catch tray", "Peel-off sensor"]);
-    let (_provider, worker) = start_stack(&db, Some(missing_and_real()));
-    let report = worker.sync();
-    let gone = source_entry(&report, "no_such_table");
-    let error = gone["error"].as_str().unwrap_or_default();
-    assert!(error.contains("no_such_table") && error.contains("does not exist"), "{gone}");
-    let no_column = source_entry(&report, "config_position");
-    let error = no_column["error"].as_str().unwrap_or_default();
-    assert!(error.contains("no_such_column") && error.contains("does not exist"), "{no_column}");
-    assert_counts("the other source", source_entry(&report, OPTION.table), &[("new", 2), ("embedded", 2), ("errors", 0)]);
-    assert_eq!(db.cache_count(), 2);
-}
-
-#[test]
-fn a_source_that_suddenly_looks_empty_keeps_its_embeddings_unless_allowed() {
-    let mut db = TestDb::create();
-    db.create_default_sources();
-    let values: Vec<String> = (0..12).map(|i| format!("Label stock option {i}")).collect();
-    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-    db.insert_strs(OPTION, &refs);
-    let config = |allow: bool| {
-        json!({
-            "version": "1.0",
-            "models": { "large": LARGE_MODEL, "small": SMALL_MODEL },
-            "massDeleteMinimum": 5,
-            "sources": [{ "name": "Option Descriptions", "table": "config_option", "column": "description", "allowMassDelete": allow }]
-        })
-        .to_string()
-    };
-    let provider = Provider::start(None);
-    {
-        let worker = Worker::start(WorkerOpts::new(&db, &provider).sources(config(false)));
-        worker.sync();
-        // A bad migration empties the table: nothing is deleted and the report says why.
-        db.exec("DELETE FROM config_option");
-        let report = worker.sync();
-        let entry = source_entry(&report, OPTION.table);
-        assert_counts("guarded", entry, &[("stale", 0), ("deleted", 0)]);
-        let warning = entry["warning"].as_str().unwrap_or_default();
-        assert!(warning.contains("returned no values") && warning.contains("allowMassDelete"), "{entry}");
-        assert_eq!(db.cache_count(), 12);
-    }
-    // With allowMassDelete the same deletion goes through.
-    let worker = Worker::start(WorkerOpts::new(&db, &provider).sources(config(true)));
-    let report = worker.sync();
-    assert_counts("allowed", source_entry(&report, OPTION.table), &[("stale", 12), ("deleted", 12)]);
-    assert_eq!(db.cache_count(), 0);
-}
 
 #[test]
 fn query_strings_and_request_bodies_are_validated() {
