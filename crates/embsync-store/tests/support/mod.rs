@@ -1,6 +1,7 @@
 //! What the store's native tests share: a fresh database per test in the throwaway Postgres that
 //! `scripts/test.sh` starts (`EMBSYNC_TEST_PG_URL`), a provider that answers like OpenAI's shapes
-//! and fails on command, and a runtime with a virtual clock.
+//! and fails on command, a runtime with a virtual clock, and ([`hooked`]) the one wrapper that
+//! lets a test reach between the driver and the store.
 //!
 //! The store under test is the worker's own [`PgStore`]: only the socket differs (TCP here, the
 //! Workers socket API in the worker).
