@@ -961,7 +961,8 @@ fn set_of(values: &[&str]) -> BTreeSet<String> {
 async fn new_values_are_detected_on_fresh_sources() {
     let mut w = World::with(three_sources(10)).await;
     // Duplicates, padding, blanks and NULL: only distinct trimmed values count.
-    w.set("ta", "ca", &["Red leather seats", "  Red leather seats ", "Sunroof", "Sunroof", "Heated steering wheel", "", "   ", "Tow hitch"]).await;
+    let rows = ["Red leather seats", "  Red leather seats ", "Sunroof", "Sunroof", "Heated steering wheel", "", "   ", "Tow hitch"];
+    w.set("ta", "ca", &rows).await;
     w.db.exec("INSERT INTO ta (ca) VALUES (NULL)").await;
     w.set("tb", "cb", &["Color", "Trim level", "Engine", "Color "]).await;
     w.set("tc", "cc", &["Body style", "Drive type"]).await;
@@ -1053,7 +1054,8 @@ async fn shared_value_is_embedded_once_and_kept_while_any_source_has_it() {
     }
     assert_eq!(w.cache_len().await, 3);
     assert_eq!(w.sources_having("Shared value").await, set_of(&["ta.ca", "tb.cb"]), "the shared value is linked to both sources");
-    let row = "SELECT (id, value, value_hash, embedding_large, embedding_small, usage_count, created_at)::text FROM embedding_cache WHERE value = 'Shared value'";
+    let row = "SELECT (id, value, value_hash, embedding_large, embedding_small, usage_count, created_at)::text
+               FROM embedding_cache WHERE value = 'Shared value'";
     let before = w.db.texts(row).await;
     assert_eq!(before.len(), 1);
 
@@ -1133,11 +1135,9 @@ async fn a_preexisting_cache_with_foreign_rows_is_left_intact() {
     }
     assert_eq!(w.db.texts(&snapshot).await, before, "foreign rows must not change");
     assert_eq!(w.cache_len().await, 5);
-    assert_eq!(
-        w.db.count("SELECT count(*) FROM embedding_cache WHERE value LIKE 'Fresh%' AND embedding_large IS NOT NULL AND embedding_small IS NOT NULL").await,
-        2,
-        "the fresh values need both embeddings"
-    );
+    let done =
+        "SELECT count(*) FROM embedding_cache WHERE value LIKE 'Fresh%' AND embedding_large IS NOT NULL AND embedding_small IS NOT NULL";
+    assert_eq!(w.db.count(done).await, 2, "the fresh values need both embeddings");
     // The documented shape is still there.
     let columns = w.db.texts("SELECT column_name::text FROM information_schema.columns WHERE table_name = 'embedding_cache'").await;
     let documented =
