@@ -121,25 +121,17 @@ pub struct RequestHead {
 impl RequestHead {
     /// The value of the first header field called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// All values of the header fields called `name`, in order.
     fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// Whether a comma-separated header (like `Connection`) lists `token`.
     fn has_token(&self, name: &str, token: &str) -> bool {
-        self.header_values(name)
-            .flat_map(|value| value.split(','))
-            .any(|item| item.trim().eq_ignore_ascii_case(token))
+        self.header_values(name).flat_map(|value| value.split(',')).any(|item| item.trim().eq_ignore_ascii_case(token))
     }
 
     /// The path of the target, without the query string.
@@ -222,9 +214,7 @@ fn read_line<R: BufRead>(reader: &mut R) -> Result<Option<String>, HttpError> {
     if buf.last() == Some(&b'\r') {
         buf.pop();
     }
-    String::from_utf8(buf)
-        .map(Some)
-        .map_err(|_| malformed("line is not valid UTF-8"))
+    String::from_utf8(buf).map(Some).map_err(|_| malformed("line is not valid UTF-8"))
 }
 
 /// Like [`read_line`], but the end of input is an error.
@@ -246,20 +236,12 @@ fn read_fields<R: BufRead>(reader: &mut R) -> Result<Vec<(String, String)>, Http
         if line.starts_with([' ', '\t']) {
             return Err(malformed("obsolete header line folding"));
         }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| malformed(format!("header line without colon: {line:?}")))?;
-        let valid_name = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        let (name, value) = line.split_once(':').ok_or_else(|| malformed(format!("header line without colon: {line:?}")))?;
+        let valid_name = !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
         if !valid_name {
             return Err(malformed(format!("invalid header name: {name:?}")));
         }
-        fields.push((
-            name.to_string(),
-            value.trim_matches([' ', '\t']).to_string(),
-        ));
+        fields.push((name.to_string(), value.trim_matches([' ', '\t']).to_string()));
     }
 }
 
@@ -277,9 +259,7 @@ pub fn read_head<R: BufRead>(reader: &mut R) -> Result<Option<RequestHead>, Http
         }
     };
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(malformed(format!("invalid request line: {request_line:?}")));
     };
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -291,18 +271,11 @@ pub fn read_head<R: BufRead>(reader: &mut R) -> Result<Option<RequestHead>, Http
     let version = match version {
         "HTTP/1.1" => Version::Http11,
         "HTTP/1.0" => Version::Http10,
-        other if other.starts_with("HTTP/") => {
-            return Err(HttpError::UnsupportedVersion(other.to_string()))
-        }
+        other if other.starts_with("HTTP/") => return Err(HttpError::UnsupportedVersion(other.to_string())),
         other => return Err(malformed(format!("invalid HTTP version: {other:?}"))),
     };
     let headers = read_fields(reader)?;
-    Ok(Some(RequestHead {
-        method: method.to_string(),
-        target: target.to_string(),
-        version,
-        headers,
-    }))
+    Ok(Some(RequestHead { method: method.to_string(), target: target.to_string(), version, headers }))
 }
 
 /// Reads a request body delimited as `framing` says.
@@ -389,11 +362,7 @@ pub struct Response {
 impl Response {
     /// A response with a body and no extra headers.
     pub fn new(status: u16, body: Vec<u8>) -> Self {
-        Response {
-            status,
-            headers: Vec::new(),
-            body,
-        }
+        Response { status, headers: Vec::new(), body }
     }
 
     /// A JSON response.
@@ -414,27 +383,14 @@ impl Response {
 
     /// The value of the first header field called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// Writes the response. `keep_alive` says whether the connection stays
     /// open afterwards; it is announced in a `Connection` header when it
     /// differs from the version's default.
-    pub fn write_to<W: Write>(
-        &self,
-        writer: &mut W,
-        version: Version,
-        keep_alive: bool,
-    ) -> io::Result<()> {
-        let mut head = format!(
-            "{} {} {}\r\n",
-            version.as_str(),
-            self.status,
-            reason_phrase(self.status)
-        );
+    pub fn write_to<W: Write>(&self, writer: &mut W, version: Version, keep_alive: bool) -> io::Result<()> {
+        let mut head = format!("{} {} {}\r\n", version.as_str(), self.status, reason_phrase(self.status));
         for (name, value) in &self.headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
@@ -473,9 +429,7 @@ mod tests {
 
     #[test]
     fn parses_request_line_and_headers() {
-        let h = head(
-            "\r\nPOST /v1/embeddings?a=b HTTP/1.1\r\nHost: x\r\nX-Thing:  spaced value \r\n\r\n",
-        );
+        let h = head("\r\nPOST /v1/embeddings?a=b HTTP/1.1\r\nHost: x\r\nX-Thing:  spaced value \r\n\r\n");
         assert_eq!(h.method, "POST");
         assert_eq!(h.target, "/v1/embeddings?a=b");
         assert_eq!(h.path(), "/v1/embeddings");
@@ -490,15 +444,9 @@ mod tests {
     #[test]
     fn clean_end_of_input_is_not_an_error() {
         assert!(matches!(read_head(&mut Cursor::new(&b""[..])), Ok(None)));
-        assert!(matches!(
-            read_head(&mut Cursor::new(&b"\r\n"[..])),
-            Ok(None)
-        ));
+        assert!(matches!(read_head(&mut Cursor::new(&b"\r\n"[..])), Ok(None)));
         // ...but a request cut off in its header section is.
-        assert!(matches!(
-            read_head(&mut Cursor::new(&b"GET / HTTP/1.1\r\nHost: x\r\n"[..])),
-            Err(HttpError::Io(_))
-        ));
+        assert!(matches!(read_head(&mut Cursor::new(&b"GET / HTTP/1.1\r\nHost: x\r\n"[..])), Err(HttpError::Io(_))));
     }
 
     #[test]
@@ -513,10 +461,7 @@ mod tests {
             "GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n",
         ] {
             let result = read_head(&mut Cursor::new(raw.as_bytes()));
-            assert!(
-                matches!(result, Err(HttpError::Malformed(_))),
-                "{raw:?}: {result:?}"
-            );
+            assert!(matches!(result, Err(HttpError::Malformed(_))), "{raw:?}: {result:?}");
         }
         let result = read_head(&mut Cursor::new(&b"GET / HTTP/2.0\r\n\r\n"[..]));
         assert!(matches!(result, Err(HttpError::UnsupportedVersion(_))));
@@ -536,31 +481,18 @@ mod tests {
 
     #[test]
     fn content_length_body() {
-        let (h, body) =
-            request(b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloEXTRA").unwrap();
+        let (h, body) = request(b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloEXTRA").unwrap();
         assert_eq!(h.body_framing().unwrap(), BodyFraming::Length(5));
         assert_eq!(body, b"hello");
         let (_, body) = request(b"POST /x HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\nabc").unwrap();
         assert_eq!(body, b"abc");
-        assert!(matches!(
-            request(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort"),
-            Err(HttpError::Io(_))
-        ));
+        assert!(matches!(request(b"POST /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort"), Err(HttpError::Io(_))));
         for bad in ["-1", "abc", "1, 2", ""] {
             let raw = format!("POST /x HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
-            assert!(
-                matches!(request(raw.as_bytes()), Err(HttpError::Malformed(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(request(raw.as_bytes()), Err(HttpError::Malformed(_))), "{bad:?}");
         }
-        let huge = format!(
-            "POST /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            MAX_BODY_BYTES + 1
-        );
-        assert!(matches!(
-            request(huge.as_bytes()),
-            Err(HttpError::BodyTooLarge)
-        ));
+        let huge = format!("POST /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY_BYTES + 1);
+        assert!(matches!(request(huge.as_bytes()), Err(HttpError::BodyTooLarge)));
     }
 
     #[test]
@@ -582,43 +514,26 @@ mod tests {
     fn rejects_bad_chunked_bodies() {
         let bad_size = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
         assert!(matches!(request(bad_size), Err(HttpError::Malformed(_))));
-        let overlong =
-            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n";
+        let overlong = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n";
         assert!(matches!(request(overlong), Err(HttpError::Malformed(_))));
         let truncated = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab";
         assert!(matches!(request(truncated), Err(HttpError::Io(_))));
         let gzip = b"POST /x HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
-        assert!(matches!(
-            request(gzip),
-            Err(HttpError::UnsupportedTransferCoding(_))
-        ));
+        assert!(matches!(request(gzip), Err(HttpError::UnsupportedTransferCoding(_))));
     }
 
     #[test]
     fn writes_responses_with_content_length() {
-        let response =
-            Response::json(200, &serde_json::json!({"ok": true})).with_header("x-a", "1");
+        let response = Response::json(200, &serde_json::json!({"ok": true})).with_header("x-a", "1");
         let mut out = Vec::new();
         response.write_to(&mut out, Version::Http11, true).unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert_eq!(
-            text,
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-a: 1\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
-        );
+        assert_eq!(text, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-a: 1\r\ncontent-length: 11\r\n\r\n{\"ok\":true}");
         let mut out = Vec::new();
-        Response::new(404, Vec::new())
-            .write_to(&mut out, Version::Http11, false)
-            .unwrap();
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-        );
+        Response::new(404, Vec::new()).write_to(&mut out, Version::Http11, false).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
         let mut out = Vec::new();
-        Response::new(200, b"x".to_vec())
-            .write_to(&mut out, Version::Http10, true)
-            .unwrap();
-        assert!(String::from_utf8(out)
-            .unwrap()
-            .contains("connection: keep-alive\r\n"));
+        Response::new(200, b"x".to_vec()).write_to(&mut out, Version::Http10, true).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("connection: keep-alive\r\n"));
     }
 }

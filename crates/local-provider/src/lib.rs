@@ -15,6 +15,7 @@
 //! * [`azure`]: Azure OpenAI mode (its paths, `api-key`, `api-version`, deployments);
 //! * [`faults`]: fault rules and their selection;
 //! * [`log`]: the request log;
+//! * [`ratelimit`]: the rate-limit mode (OpenAI's per-minute request and token limits);
 //! * [`vectors`] and [`tokens`]: deterministic vectors and token counts;
 //! * [`cli`]: command-line parsing.
 
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod faults;
 pub mod http;
 pub mod log;
+pub mod ratelimit;
 pub mod server;
 pub mod tokens;
 pub mod vectors;

@@ -35,10 +35,7 @@ fn main() -> ExitCode {
     };
     // Scripts read the port from this first line, so it is flushed at once.
     let mut stdout = std::io::stdout().lock();
-    if writeln!(stdout, "listening on http://{addr}")
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
+    if writeln!(stdout, "listening on http://{addr}").and_then(|()| stdout.flush()).is_err() {
         eprintln!("embsync-local-provider: cannot write to stdout");
         return ExitCode::FAILURE;
     }

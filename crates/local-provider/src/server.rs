@@ -13,6 +13,7 @@ use crate::api::ApiError;
 use crate::app::App;
 use crate::azure::Deployments;
 use crate::http::{self, BodyFraming, HttpError, Version};
+use crate::ratelimit::RateLimitConfig;
 
 /// How long an idle keep-alive connection is kept open.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -33,6 +34,10 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     /// Delay before every embeddings answer.
     pub latency: Duration,
+    /// Further delay per input of an embeddings request.
+    pub latency_per_input: Duration,
+    /// The rate-limit mode's settings (`--rpm`, `--tpm`); off by default.
+    pub rate_limits: RateLimitConfig,
     /// Refuse `encoding_format: "base64"` with a 400 (`--no-base64`).
     pub reject_base64: bool,
     /// Azure OpenAI mode and its deployments (`--azure`, `--azure-deployment`).
@@ -47,6 +52,8 @@ impl Default for Config {
             api_key: None,
             log_file: None,
             latency: Duration::ZERO,
+            latency_per_input: Duration::ZERO,
+            rate_limits: RateLimitConfig::default(),
             reject_base64: false,
             azure: None,
         }
@@ -64,19 +71,14 @@ impl Server {
     /// Opens the log file (if any) and binds the listening socket.
     pub fn bind(config: &Config) -> io::Result<Server> {
         let log_file = config.log_file.as_ref().map(open_log_file).transpose()?;
-        let listener = TcpListener::bind((config.host.as_str(), config.port)).map_err(|err| {
-            io::Error::new(
-                err.kind(),
-                format!("cannot listen on {}:{}: {err}", config.host, config.port),
-            )
-        })?;
+        let listener = TcpListener::bind((config.host.as_str(), config.port))
+            .map_err(|err| io::Error::new(err.kind(), format!("cannot listen on {}:{}: {err}", config.host, config.port)))?;
         let app = App::new(config.api_key.clone(), config.latency, log_file)
+            .latency_per_input(config.latency_per_input)
+            .rate_limits(config.rate_limits.clone())
             .rejecting_base64(config.reject_base64)
             .azure(config.azure.clone());
-        Ok(Server {
-            listener,
-            app: Arc::new(app),
-        })
+        Ok(Server { listener, app: Arc::new(app) })
     }
 
     /// The address the server listens on (with the actual port).
@@ -90,13 +92,9 @@ impl Server {
             match self.listener.accept() {
                 Ok((stream, _peer)) => {
                     let app = Arc::clone(&self.app);
-                    let spawned = thread::Builder::new()
-                        .name("connection".to_string())
-                        .spawn(move || serve_connection(stream, &app));
+                    let spawned = thread::Builder::new().name("connection".to_string()).spawn(move || serve_connection(stream, &app));
                     if let Err(err) = spawned {
-                        eprintln!(
-                            "embsync-local-provider: cannot start a connection thread: {err}"
-                        );
+                        eprintln!("embsync-local-provider: cannot start a connection thread: {err}");
                     }
                 }
                 Err(err) => {
@@ -112,9 +110,7 @@ impl Server {
     /// (for tests that embed the provider).
     pub fn spawn(self) -> io::Result<SocketAddr> {
         let addr = self.local_addr()?;
-        thread::Builder::new()
-            .name("local-provider".to_string())
-            .spawn(move || self.run())?;
+        thread::Builder::new().name("local-provider".to_string()).spawn(move || self.run())?;
         Ok(addr)
     }
 }
@@ -124,12 +120,7 @@ fn open_log_file(path: &PathBuf) -> io::Result<File> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|err| {
-            io::Error::new(
-                err.kind(),
-                format!("cannot open log file {}: {err}", path.display()),
-            )
-        })
+        .map_err(|err| io::Error::new(err.kind(), format!("cannot open log file {}: {err}", path.display())))
 }
 
 /// Serves the requests of one connection until it closes, asks to close, or
@@ -152,13 +143,7 @@ fn serve_connection(stream: TcpStream, app: &App) {
             Ok(false) => break,
             Err(err) => {
                 if let Some(status) = err.status() {
-                    let error = ApiError {
-                        status,
-                        message: err.to_string(),
-                        kind: "invalid_request_error",
-                        param: None,
-                        code: None,
-                    };
+                    let error = ApiError { status, message: err.to_string(), kind: "invalid_request_error", param: None, code: None };
                     let response = http::Response::json(status, &error.body());
                     // The client may be gone already; nothing more to do then.
                     let _ = write_response(&mut writer, &response, Version::Http11, false);
@@ -172,11 +157,7 @@ fn serve_connection(stream: TcpStream, app: &App) {
 
 /// Reads one request and answers it. Returns whether the connection stays
 /// open (`Ok(false)` also at a clean end of the connection).
-fn serve_one(
-    reader: &mut BufReader<TcpStream>,
-    writer: &mut TcpStream,
-    app: &App,
-) -> Result<bool, HttpError> {
+fn serve_one(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, app: &App) -> Result<bool, HttpError> {
     let Some(head) = http::read_head(reader)? else {
         return Ok(false);
     };
@@ -187,17 +168,16 @@ fn serve_one(
     }
     let body = http::read_body(reader, framing)?;
     let keep_alive = head.keep_alive();
-    let response = app.handle(&head, &body);
+    let pending = app.handle(&head, &body);
+    if !pending.wait.is_zero() {
+        thread::sleep(pending.wait);
+    }
+    let response = app.complete(pending);
     write_response(writer, &response, head.version, keep_alive)?;
     Ok(keep_alive)
 }
 
-fn write_response(
-    writer: &mut TcpStream,
-    response: &http::Response,
-    version: Version,
-    keep_alive: bool,
-) -> io::Result<()> {
+fn write_response(writer: &mut TcpStream, response: &http::Response, version: Version, keep_alive: bool) -> io::Result<()> {
     let mut buffered = BufWriter::with_capacity(64 * 1024, writer);
     response.write_to(&mut buffered, version, keep_alive)
 }
