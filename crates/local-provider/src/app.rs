@@ -91,11 +91,13 @@ struct Answer {
     delay: Duration,
     /// The rate-limit state after the request, in the rate-limit mode.
     rate: Option<Snapshot>,
+    /// Close the connection instead of answering.
+    drop_connection: bool,
 }
 
 impl Answer {
     fn error(error: &ApiError) -> Self {
-        Answer { response: error_response(error), fault: None, delay: Duration::ZERO, rate: None }
+        Answer { response: error_response(error), fault: None, delay: Duration::ZERO, rate: None, drop_connection: false }
     }
 }
 
@@ -111,13 +113,16 @@ fn error_response(error: &ApiError) -> Response {
 pub struct Pending {
     pub response: Response,
     pub wait: Duration,
+    /// Close the connection after the wait instead of answering (the `drop`
+    /// fault).
+    pub drop_connection: bool,
     embeddings: Option<(Ticket, Instant)>,
 }
 
 impl Pending {
     /// An answer sent at once.
     fn now(response: Response) -> Self {
-        Pending { response, wait: Duration::ZERO, embeddings: None }
+        Pending { response, wait: Duration::ZERO, drop_connection: false, embeddings: None }
     }
 }
 
@@ -339,7 +344,9 @@ impl App {
                 let routed = deployments.route(head, self.api_key.as_deref(), body);
                 let (auth, model) = match routed.result {
                     Ok(model) => (Ok(()), model),
-                    Err(response) => (Err(Answer { response, fault: None, delay: Duration::ZERO, rate: None }), None),
+                    Err(response) => {
+                        (Err(Answer { response, fault: None, delay: Duration::ZERO, rate: None, drop_connection: false }), None)
+                    }
                 };
                 let token = head.header("api-key");
                 (auth, routed.authorized, model, token, Some(routed.facts))
@@ -369,7 +376,8 @@ impl App {
             inputs: summary.inputs,
             dimensions: summary.dimensions,
             encoding_format: summary.encoding_format,
-            status: answer.response.status,
+            // Nothing is answered on a dropped connection.
+            status: if answer.drop_connection { 0 } else { answer.response.status },
             fault: answer.fault,
             authorized,
             key: token.map(api::mask_key),
@@ -391,7 +399,7 @@ impl App {
         // The entry is visible before the (possibly long) wait, so tests can
         // observe a hanging request; its end time is filled in after the wait.
         self.state().log.record(ticket, entry);
-        Pending { response: answer.response, wait, embeddings: Some((ticket, started)) }
+        Pending { drop_connection: answer.drop_connection, response: answer.response, wait, embeddings: Some((ticket, started)) }
     }
 
     /// Completes an answer after its wait: records the end time of an
@@ -421,6 +429,7 @@ impl App {
                 fault: Some("rejectBase64".to_string()),
                 delay: Duration::ZERO,
                 rate: None,
+                drop_connection: false,
             };
         }
         let model = request.model.name();
@@ -437,7 +446,13 @@ impl App {
             for (name, value) in refusal.retry_headers().into_iter().flatten() {
                 response = response.with_header(name, value);
             }
-            return Answer { response, fault: Some(refusal.exceeded.description().to_string()), delay: Duration::ZERO, rate };
+            return Answer {
+                response,
+                fault: Some(refusal.exceeded.description().to_string()),
+                delay: Duration::ZERO,
+                rate,
+                drop_connection: false,
+            };
         }
         let facts = RequestFacts { seq, model, inputs: &request.inputs };
         let fired = self.state().faults.select(&facts);
@@ -469,7 +484,7 @@ impl App {
                 if let Some(ms) = retry_after_ms {
                     response = response.with_header("retry-after-ms", ms);
                 }
-                return Answer { response, fault, delay: Duration::ZERO, rate };
+                return Answer { response, fault, delay: Duration::ZERO, rate, drop_connection: false };
             }
         };
 
@@ -497,6 +512,7 @@ impl App {
             fault,
             delay,
             rate,
+            drop_connection: body_fault == Some(BodyFault::Drop),
         }
     }
 

@@ -55,7 +55,7 @@ pub struct FaultRule {
     pub model: Option<String>,
     /// Selector: some input contains this substring.
     pub input_contains: Option<String>,
-    /// Effect: answer 200 with a broken body.
+    /// Effect: answer 200 with a broken body, late, or not at all.
     pub body: Option<BodyFault>,
 }
 
@@ -71,6 +71,8 @@ pub enum BodyFault {
     WrongDims,
     /// Wait [`HANG_SECONDS`] before answering normally.
     Hang,
+    /// Close the connection without an answer (after the latency).
+    Drop,
 }
 
 /// How long a `hang` fault stalls the answer.
@@ -84,6 +86,7 @@ impl BodyFault {
             BodyFault::WrongCount => "wrongCount",
             BodyFault::WrongDims => "wrongDims",
             BodyFault::Hang => "hang",
+            BodyFault::Drop => "drop",
         }
     }
 }

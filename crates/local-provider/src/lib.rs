@@ -8,8 +8,8 @@
 //! See `README.md` beside this crate for the HTTP interface.
 //!
 //! Modules, from the wire inwards:
-//! * [`server`]: TCP listener, one thread per connection, keep-alive loop;
-//! * [`http`]: HTTP/1.1 request parsing and response writing;
+//! * [`server`]: the HTTP/1.1 server (hyper on tokio) and the faults it injects on the wire;
+//! * [`http`]: requests and responses as the handlers see them (plain data);
 //! * [`app`]: routing and endpoint handlers;
 //! * [`api`]: the OpenAI request/response/error formats and validation;
 //! * [`azure`]: Azure OpenAI mode (its paths, `api-key`, `api-version`, deployments);

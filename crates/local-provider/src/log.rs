@@ -20,7 +20,7 @@ pub struct LogEntry {
     pub dimensions: Option<i64>,
     /// `encoding_format` as sent (`null` when absent).
     pub encoding_format: Option<String>,
-    /// The status code answered.
+    /// The status code answered (0: the connection was dropped without an answer).
     pub status: u16,
     /// The fault rule that fired, e.g. `rules[0]: status 429`.
     pub fault: Option<String>,

@@ -40,5 +40,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     drop(stdout);
-    server.run()
+    let err = server.run();
+    eprintln!("embsync-local-provider: cannot run the server: {err}");
+    ExitCode::FAILURE
 }

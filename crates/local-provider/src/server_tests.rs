@@ -720,7 +720,7 @@ fn latency_grows_with_the_inputs() {
 /// 300 ms, all overlap in time.
 #[test]
 fn concurrent_requests_wait_in_parallel() {
-    const N: usize = 8;
+    const N: usize = 16;
     let addr = start(Config { latency: Duration::from_millis(300), ..Config::default() });
     let started = std::time::Instant::now();
     let threads: Vec<_> = (0..N)
@@ -743,4 +743,41 @@ fn concurrent_requests_wait_in_parallel() {
     assert!(latest_start < earliest_end, "every request started before any ended: {log}");
     // Served one after another they would take N * 300 ms.
     assert!(elapsed * 2 < Duration::from_millis(300) * N as u32, "{N} requests of 300 ms took {elapsed:?}");
+}
+
+#[test]
+fn malformed_request_heads_get_400_and_close() {
+    let addr = start(Config::default());
+    for raw in ["GET /\r\n\r\n", "GET / HTTP/1.1\r\nNoColon\r\n\r\n"] {
+        let mut client = Client::connect(addr);
+        client.send_raw(raw.as_bytes());
+        let mut text = String::new();
+        let _ = client.reader.read_to_string(&mut text);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{raw:?}: {text:?}");
+    }
+    // The server still serves.
+    assert_eq!(admin(addr, "GET", "/health", "").status, 200);
+}
+
+#[test]
+fn drop_closes_the_connection_without_an_answer() {
+    let addr = start(Config::default());
+    admin(addr, "POST", "/_admin/faults", r#"{"latencyMs": 50, "rules":[{"body":"drop","times":1}]}"#);
+    let mut client = Client::connect(addr);
+    let body = small(json!("dropped")).to_string();
+    client.send_raw(
+        format!("POST /v1/embeddings HTTP/1.1\r\nAuthorization: Bearer k\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+    );
+    let mut rest = Vec::new();
+    let read = client.reader.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "no answer expected, got {:?}", String::from_utf8_lossy(&rest));
+    // EOF or a reset: either way, nothing came.
+    drop(read);
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    assert_eq!(log[0]["fault"], "rules[0]: body drop");
+    assert_eq!(log[0]["status"], 0);
+    assert!(log[0]["endedMs"].as_u64().unwrap() >= log[0]["startedMs"].as_u64().unwrap() + 50);
+    // The rule fired once: a new connection is answered.
+    let mut again = Client::connect(addr);
+    assert_eq!(embed_as(&mut again, "k", &small(json!("dropped"))).status, 200);
 }
