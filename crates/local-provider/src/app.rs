@@ -116,7 +116,7 @@ pub struct Pending {
     /// Close the connection after the wait instead of answering (the `drop`
     /// fault).
     pub drop_connection: bool,
-    embeddings: Option<(Ticket, Instant)>,
+    embeddings: Option<(Ticket, Instant, LogEntry)>,
 }
 
 impl Pending {
@@ -398,22 +398,22 @@ impl App {
         );
         // The entry is visible before the (possibly long) wait, so tests can
         // observe a hanging request; its end time is filled in after the wait.
-        self.state().log.record(ticket, entry);
-        Pending { drop_connection: answer.drop_connection, response: answer.response, wait, embeddings: Some((ticket, started)) }
+        self.state().log.record(ticket, entry.clone());
+        Pending { drop_connection: answer.drop_connection, response: answer.response, wait, embeddings: Some((ticket, started, entry)) }
     }
 
     /// Completes an answer after its wait: records the end time of an
     /// embeddings request (and appends its entry to the `--log` file) and adds
     /// the headers that depend on the time taken.
     pub fn complete(&self, pending: Pending) -> Response {
-        let Some((ticket, started)) = pending.embeddings else {
+        let Some((ticket, started, mut entry)) = pending.embeddings else {
             return pending.response;
         };
         let ended = unix_millis(SystemTime::now());
-        let entry = self.state().log.finish(ticket, ended);
-        if let Some(entry) = entry {
-            self.append_to_log_file(&entry);
-        }
+        // (A request that outlived a reset of the log still goes to the file.)
+        self.state().log.finish(ticket, ended);
+        entry.ended_ms = Some(ended);
+        self.append_to_log_file(&entry);
         pending
             .response
             .with_header("openai-processing-ms", started.elapsed().as_millis().to_string())

@@ -86,16 +86,19 @@ impl RequestLog {
         true
     }
 
-    /// Sets the end time of a recorded request; returns its entry. `None` if
-    /// the log was reset since the ticket was handed out.
-    pub fn finish(&mut self, ticket: Ticket, ended_ms: u64) -> Option<LogEntry> {
+    /// Sets the end time of a recorded request. Returns false if the log was
+    /// reset since the ticket was handed out.
+    pub fn finish(&mut self, ticket: Ticket, ended_ms: u64) -> bool {
         if ticket.generation != self.generation {
-            return None;
+            return false;
         }
-        let position = self.entries.binary_search_by_key(&ticket.seq, |entry| entry.seq).ok()?;
-        let entry = &mut self.entries[position];
-        entry.ended_ms = Some(ended_ms);
-        Some(entry.clone())
+        match self.entries.binary_search_by_key(&ticket.seq, |entry| entry.seq) {
+            Ok(position) => {
+                self.entries[position].ended_ms = Some(ended_ms);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// The recorded entries, by sequence number.
@@ -157,9 +160,9 @@ mod tests {
         assert_eq!(fresh.seq, 1);
         assert!(log.record(fresh, entry(200)));
         assert_eq!(log.entries().len(), 1);
-        assert_eq!(log.finish(fresh, 9).map(|e| e.ended_ms), Some(Some(9)));
+        assert!(log.finish(fresh, 9));
         assert_eq!(log.entries()[0].ended_ms, Some(9));
-        assert_eq!(log.finish(in_flight, 10), None, "stale ticket");
+        assert!(!log.finish(in_flight, 10), "stale ticket");
     }
 
     #[test]
