@@ -30,11 +30,7 @@ pub enum Model {
 
 impl Model {
     /// All served models.
-    pub const ALL: [Model; 3] = [
-        Model::TextEmbedding3Large,
-        Model::TextEmbedding3Small,
-        Model::TextEmbeddingAda002,
-    ];
+    pub const ALL: [Model; 3] = [Model::TextEmbedding3Large, Model::TextEmbedding3Small, Model::TextEmbeddingAda002];
 
     /// The model with this API name, if served.
     pub fn from_name(name: &str) -> Option<Model> {
@@ -88,13 +84,7 @@ pub struct ApiError {
 impl ApiError {
     /// A 400 `invalid_request_error` about `param`.
     pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
-        ApiError {
-            status: 400,
-            message: message.into(),
-            kind: "invalid_request_error",
-            param,
-            code: None,
-        }
+        ApiError { status: 400, message: message.into(), kind: "invalid_request_error", param, code: None }
     }
 
     fn with_code(mut self, code: &'static str) -> Self {
@@ -148,10 +138,7 @@ impl ApiError {
     /// `encoding_format: "base64"` refused, as by a compatible server that
     /// only returns JSON floats (`--no-base64`, `rejectBase64`).
     pub fn base64_unsupported() -> Self {
-        ApiError::invalid(
-            Some("encoding_format"),
-            "Invalid value for 'encoding_format': 'base64' is not supported",
-        )
+        ApiError::invalid(Some("encoding_format"), "Invalid value for 'encoding_format': 'base64' is not supported")
     }
 
     /// The requested model is not served (404).
@@ -188,8 +175,7 @@ impl ApiError {
             },
             500 => ApiError {
                 status,
-                message: "The server had an error while processing your request. Sorry about that!"
-                    .to_string(),
+                message: "The server had an error while processing your request. Sorry about that!".to_string(),
                 kind: "server_error",
                 param: None,
                 code: None,
@@ -208,13 +194,7 @@ impl ApiError {
                 param: None,
                 code: None,
             },
-            _ => ApiError {
-                status,
-                message: format!("Injected fault: HTTP {status}."),
-                kind: "server_error",
-                param: None,
-                code: None,
-            },
+            _ => ApiError { status, message: format!("Injected fault: HTTP {status}."), kind: "server_error", param: None, code: None },
         }
     }
 
@@ -230,14 +210,7 @@ impl ApiError {
 
     /// The JSON body, with OpenAI's field order.
     pub fn body(&self) -> ErrorBody<'_> {
-        ErrorBody {
-            error: ErrorDetail {
-                message: &self.message,
-                kind: self.kind,
-                param: self.param,
-                code: self.code,
-            },
-        }
+        ErrorBody { error: ErrorDetail { message: &self.message, kind: self.kind, param: self.param, code: self.code } }
     }
 }
 
@@ -316,9 +289,7 @@ impl RequestSummary {
             model: field("model").and_then(Value::as_str).map(str::to_string),
             inputs,
             dimensions: field("dimensions").and_then(Value::as_i64),
-            encoding_format: field("encoding_format")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            encoding_format: field("encoding_format").and_then(Value::as_str).map(str::to_string),
         }
     }
 }
@@ -344,10 +315,7 @@ impl EmbeddingRequest {
     /// The vectors for all inputs, in input order.
     pub fn vectors(&self) -> Vec<Vec<f32>> {
         let dims = self.output_dimensions();
-        self.inputs
-            .iter()
-            .map(|input| vectors::embedding(self.model.name(), input, dims))
-            .collect()
+        self.inputs.iter().map(|input| vectors::embedding(self.model.name(), input, dims)).collect()
     }
 }
 
@@ -359,10 +327,7 @@ pub fn parse_request(body: &[u8]) -> (RequestSummary, Result<EmbeddingRequest, A
 
 /// [`parse_request`] for a request whose model is already known (`Some`: an Azure
 /// deployment's): the body's `model` is then not read, and the summary names `model`.
-pub fn parse_request_as(
-    body: &[u8],
-    model: Option<Model>,
-) -> (RequestSummary, Result<EmbeddingRequest, ApiError>) {
+pub fn parse_request_as(body: &[u8], model: Option<Model>) -> (RequestSummary, Result<EmbeddingRequest, ApiError>) {
     match serde_json::from_slice::<Value>(body) {
         Ok(value) => {
             let mut summary = RequestSummary::from_value(&value);
@@ -376,17 +341,11 @@ pub fn parse_request_as(
 }
 
 /// A field that must be absent, `null` or a string.
-fn optional_string<'a>(
-    fields: &'a Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<&'a str>, ApiError> {
+fn optional_string<'a>(fields: &'a Map<String, Value>, name: &'static str) -> Result<Option<&'a str>, ApiError> {
     match fields.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => Ok(Some(text)),
-        Some(other) => Err(ApiError::invalid(
-            Some(name),
-            format!("{other} is not of type 'string' - '{name}'"),
-        )),
+        Some(other) => Err(ApiError::invalid(Some(name), format!("{other} is not of type 'string' - '{name}'"))),
     }
 }
 
@@ -402,11 +361,9 @@ fn invalid_input() -> ApiError {
 /// The `input` field as a list of strings.
 fn parse_inputs(input: Option<&Value>) -> Result<Vec<String>, ApiError> {
     match input {
-        None | Some(Value::Null) => Err(ApiError::invalid(
-            Some("input"),
-            "Missing required parameter: 'input'.",
-        )
-        .with_code("missing_required_parameter")),
+        None | Some(Value::Null) => {
+            Err(ApiError::invalid(Some("input"), "Missing required parameter: 'input'.").with_code("missing_required_parameter"))
+        }
         Some(Value::String(text)) => Ok(vec![text.clone()]),
         Some(Value::Array(items)) => {
             if items.is_empty() {
@@ -416,10 +373,9 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<String>, ApiError> {
                 .iter()
                 .map(|item| match item {
                     Value::String(text) => Ok(text.clone()),
-                    Value::Number(_) | Value::Array(_) => Err(ApiError::invalid(
-                        Some("input"),
-                        "Token arrays are not supported by this local provider; send strings.",
-                    )),
+                    Value::Number(_) | Value::Array(_) => {
+                        Err(ApiError::invalid(Some("input"), "Token arrays are not supported by this local provider; send strings."))
+                    }
                     _ => Err(invalid_input()),
                 })
                 .collect()
@@ -431,17 +387,13 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<String>, ApiError> {
 /// Validates a parsed JSON request body.
 fn validate(value: &Value, known_model: Option<Model>) -> Result<EmbeddingRequest, ApiError> {
     let Value::Object(fields) = value else {
-        return Err(ApiError::invalid(
-            None,
-            "The request body must be a JSON object.",
-        ));
+        return Err(ApiError::invalid(None, "The request body must be a JSON object."));
     };
 
     let model_name = match known_model {
         Some(model) => model.name(),
         None => optional_string(fields, "model")?.ok_or_else(|| {
-            ApiError::invalid(Some("model"), "you must provide a model parameter")
-                .with_code("missing_required_parameter")
+            ApiError::invalid(Some("model"), "you must provide a model parameter").with_code("missing_required_parameter")
         })?,
     };
     let inputs = parse_inputs(fields.get("input"))?;
@@ -461,49 +413,26 @@ fn validate(value: &Value, known_model: Option<Model>) -> Result<EmbeddingReques
             (Some(d), _) => Some(d),
             // Beyond i64: certainly larger than any model's size.
             (None, Some(_)) => Some(i64::MAX),
-            (None, None) => {
-                return Err(ApiError::invalid(
-                    Some("dimensions"),
-                    format!("{n} is not of type 'integer' - 'dimensions'"),
-                ))
-            }
+            (None, None) => return Err(ApiError::invalid(Some("dimensions"), format!("{n} is not of type 'integer' - 'dimensions'"))),
         },
-        Some(other) => {
-            return Err(ApiError::invalid(
-                Some("dimensions"),
-                format!("{other} is not of type 'integer' - 'dimensions'"),
-            ))
-        }
+        Some(other) => return Err(ApiError::invalid(Some("dimensions"), format!("{other} is not of type 'integer' - 'dimensions'"))),
     };
     optional_string(fields, "user")?;
 
-    let model =
-        Model::from_name(model_name).ok_or_else(|| ApiError::model_not_found(model_name))?;
+    let model = Model::from_name(model_name).ok_or_else(|| ApiError::model_not_found(model_name))?;
 
     let dimensions = match requested_dimensions {
         None => None,
         Some(_) if !model.supports_dimensions() => {
-            return Err(ApiError::invalid(
-                Some("dimensions"),
-                "This model does not support specifying dimensions.",
-            ))
+            return Err(ApiError::invalid(Some("dimensions"), "This model does not support specifying dimensions."))
         }
-        Some(d) if d < 1 => {
-            return Err(ApiError::invalid(
-                Some("dimensions"),
-                format!("{d} is less than the minimum of 1 - 'dimensions'"),
-            ))
-        }
+        Some(d) if d < 1 => return Err(ApiError::invalid(Some("dimensions"), format!("{d} is less than the minimum of 1 - 'dimensions'"))),
         Some(d) => match usize::try_from(d) {
             Ok(d) if d <= model.native_dimensions() => Some(d),
             _ => {
                 return Err(ApiError::invalid(
                     Some("dimensions"),
-                    format!(
-                        "Invalid value for 'dimensions' = {d}. The maximum for {} is {}.",
-                        model.name(),
-                        model.native_dimensions()
-                    ),
+                    format!("Invalid value for 'dimensions' = {d}. The maximum for {} is {}.", model.name(), model.native_dimensions()),
                 ))
             }
         },
@@ -538,13 +467,7 @@ fn validate(value: &Value, known_model: Option<Model>) -> Result<EmbeddingReques
         prompt_tokens += tokens;
     }
 
-    Ok(EmbeddingRequest {
-        model,
-        inputs,
-        dimensions,
-        encoding,
-        prompt_tokens,
-    })
+    Ok(EmbeddingRequest { model, inputs, dimensions, encoding, prompt_tokens })
 }
 
 /// A successful embeddings response body.
@@ -593,9 +516,7 @@ impl EmbeddingList {
                 index,
                 embedding: match request.encoding {
                     EncodingFormat::Float => EmbeddingData::Float(vector),
-                    EncodingFormat::Base64 => {
-                        EmbeddingData::Base64(vectors::encode_base64(&vector))
-                    }
+                    EncodingFormat::Base64 => EmbeddingData::Base64(vectors::encode_base64(&vector)),
                 },
             })
             .collect();
@@ -603,10 +524,7 @@ impl EmbeddingList {
             object: "list".to_string(),
             data,
             model: request.model.name().to_string(),
-            usage: Usage {
-                prompt_tokens: request.prompt_tokens,
-                total_tokens: request.prompt_tokens,
-            },
+            usage: Usage { prompt_tokens: request.prompt_tokens, total_tokens: request.prompt_tokens },
         }
     }
 }
@@ -634,18 +552,9 @@ mod tests {
 
     #[test]
     fn model_table() {
-        assert_eq!(
-            Model::from_name("text-embedding-3-large").map(Model::native_dimensions),
-            Some(3072)
-        );
-        assert_eq!(
-            Model::from_name("text-embedding-3-small").map(Model::native_dimensions),
-            Some(1536)
-        );
-        assert_eq!(
-            Model::from_name("text-embedding-ada-002").map(Model::native_dimensions),
-            Some(1536)
-        );
+        assert_eq!(Model::from_name("text-embedding-3-large").map(Model::native_dimensions), Some(3072));
+        assert_eq!(Model::from_name("text-embedding-3-small").map(Model::native_dimensions), Some(1536));
+        assert_eq!(Model::from_name("text-embedding-ada-002").map(Model::native_dimensions), Some(1536));
         assert_eq!(Model::from_name("gpt-4"), None);
         assert!(!Model::TextEmbeddingAda002.supports_dimensions());
     }
@@ -667,21 +576,16 @@ mod tests {
         assert_eq!(single.inputs, ["x"]);
         assert_eq!(single.encoding, EncodingFormat::Float);
         assert_eq!(single.output_dimensions(), 3072);
-        let full =
-            parse(json!({"model": "text-embedding-3-large", "input": "x", "dimensions": 3072}));
+        let full = parse(json!({"model": "text-embedding-3-large", "input": "x", "dimensions": 3072}));
         assert_eq!(full.unwrap().output_dimensions(), 3072);
-        let ada =
-            parse(json!({"model": "text-embedding-ada-002", "input": "x", "dimensions": null}));
+        let ada = parse(json!({"model": "text-embedding-ada-002", "input": "x", "dimensions": null}));
         assert_eq!(ada.unwrap().output_dimensions(), 1536);
     }
 
     #[test]
     fn rejects_invalid_requests() {
         let m = "text-embedding-3-small";
-        assert_eq!(
-            parse_request(b"{not json").1.unwrap_err(),
-            ApiError::unparsable_json()
-        );
+        assert_eq!(parse_request(b"{not json").1.unwrap_err(), ApiError::unparsable_json());
         check_rejected(json!([1, 2]), 400, None);
         check_rejected(json!({"input": "x"}), 400, Some("model"));
         check_rejected(json!({"model": 5, "input": "x"}), 400, Some("model"));
@@ -692,67 +596,21 @@ mod tests {
         check_rejected(json!({"model": m, "input": [1, 2, 3]}), 400, Some("input"));
         check_rejected(json!({"model": m, "input": [[1, 2]]}), 400, Some("input"));
         check_rejected(json!({"model": m, "input": {"a": 1}}), 400, Some("input"));
-        check_rejected(
-            json!({"model": m, "input": vec!["x"; MAX_INPUTS + 1]}),
-            400,
-            Some("input"),
-        );
-        check_rejected(
-            json!({"model": m, "input": "x", "dimensions": 0}),
-            400,
-            Some("dimensions"),
-        );
-        check_rejected(
-            json!({"model": m, "input": "x", "dimensions": -3}),
-            400,
-            Some("dimensions"),
-        );
-        check_rejected(
-            json!({"model": m, "input": "x", "dimensions": 1537}),
-            400,
-            Some("dimensions"),
-        );
-        check_rejected(
-            json!({"model": m, "input": "x", "dimensions": u64::MAX}),
-            400,
-            Some("dimensions"),
-        );
-        check_rejected(
-            json!({"model": m, "input": "x", "dimensions": 1.5}),
-            400,
-            Some("dimensions"),
-        );
-        check_rejected(
-            json!({"model": m, "input": "x", "dimensions": "8"}),
-            400,
-            Some("dimensions"),
-        );
-        check_rejected(
-            json!({"model": "text-embedding-ada-002", "input": "x", "dimensions": 8}),
-            400,
-            Some("dimensions"),
-        );
-        check_rejected(
-            json!({"model": m, "input": "x", "encoding_format": "hex"}),
-            400,
-            Some("encoding_format"),
-        );
-        check_rejected(
-            json!({"model": m, "input": "x", "user": 1}),
-            400,
-            Some("user"),
-        );
+        check_rejected(json!({"model": m, "input": vec!["x"; MAX_INPUTS + 1]}), 400, Some("input"));
+        check_rejected(json!({"model": m, "input": "x", "dimensions": 0}), 400, Some("dimensions"));
+        check_rejected(json!({"model": m, "input": "x", "dimensions": -3}), 400, Some("dimensions"));
+        check_rejected(json!({"model": m, "input": "x", "dimensions": 1537}), 400, Some("dimensions"));
+        check_rejected(json!({"model": m, "input": "x", "dimensions": u64::MAX}), 400, Some("dimensions"));
+        check_rejected(json!({"model": m, "input": "x", "dimensions": 1.5}), 400, Some("dimensions"));
+        check_rejected(json!({"model": m, "input": "x", "dimensions": "8"}), 400, Some("dimensions"));
+        check_rejected(json!({"model": "text-embedding-ada-002", "input": "x", "dimensions": 8}), 400, Some("dimensions"));
+        check_rejected(json!({"model": m, "input": "x", "encoding_format": "hex"}), 400, Some("encoding_format"));
+        check_rejected(json!({"model": m, "input": "x", "user": 1}), 400, Some("user"));
         let too_long = "word ".repeat(MAX_INPUT_TOKENS + 1);
-        check_rejected(
-            json!({"model": m, "input": ["fine", too_long]}),
-            400,
-            Some("input"),
-        );
+        check_rejected(json!({"model": m, "input": ["fine", too_long]}), 400, Some("input"));
         // Exactly the limit is fine.
         assert!(parse(json!({"model": m, "input": vec!["x"; MAX_INPUTS]})).is_ok());
-        assert!(
-            parse(json!({"model": m, "input": "abc ".repeat(MAX_INPUT_TOKENS).trim_end()})).is_ok()
-        );
+        assert!(parse(json!({"model": m, "input": "abc ".repeat(MAX_INPUT_TOKENS).trim_end()})).is_ok());
     }
 
     #[test]
@@ -771,11 +629,8 @@ mod tests {
 
     #[test]
     fn summary_is_lenient() {
-        let (summary, result) = parse_request(
-            json!({"model": "m", "input": ["a", 7], "dimensions": 3, "encoding_format": "base64"})
-                .to_string()
-                .as_bytes(),
-        );
+        let (summary, result) =
+            parse_request(json!({"model": "m", "input": ["a", 7], "dimensions": 3, "encoding_format": "base64"}).to_string().as_bytes());
         assert!(result.is_err());
         assert_eq!(
             summary,
@@ -791,32 +646,17 @@ mod tests {
 
     #[test]
     fn auth_checks_and_masks_keys() {
-        assert_eq!(
-            check_auth(Some("Bearer sk-right"), Some("sk-right")),
-            Ok(())
-        );
+        assert_eq!(check_auth(Some("Bearer sk-right"), Some("sk-right")), Ok(()));
         assert_eq!(check_auth(Some("bearer  anything "), None), Ok(()));
-        for header in [
-            None,
-            Some(""),
-            Some("Bearer"),
-            Some("Bearer   "),
-            Some("Basic abc"),
-        ] {
+        for header in [None, Some(""), Some("Bearer"), Some("Bearer   "), Some("Basic abc")] {
             let err = check_auth(header, None).unwrap_err();
-            assert_eq!(
-                (err.status, err.code),
-                (401, Some("invalid_api_key")),
-                "{header:?}"
-            );
+            assert_eq!((err.status, err.code), (401, Some("invalid_api_key")), "{header:?}");
         }
         let wrong = "sk-proj-0123456789abcdefWXYZ";
         let err = check_auth(Some(&format!("Bearer {wrong}")), Some("sk-right")).unwrap_err();
         assert_eq!(err.status, 401);
         assert!(!err.message.contains(wrong));
-        assert!(err
-            .message
-            .starts_with("Incorrect API key provided: sk-*********************WXYZ."));
+        assert!(err.message.starts_with("Incorrect API key provided: sk-*********************WXYZ."));
         assert_eq!(mask_key("short"), "*****");
         assert_eq!(mask_key("sk-abcdefghij"), "sk-******ghij");
     }
@@ -826,66 +666,37 @@ mod tests {
         let limited = ApiError::injected(429, "text-embedding-3-small", None, Some("2s"));
         assert_eq!(limited.code, Some("rate_limit_exceeded"));
         assert!(limited.message.contains("Please try again in 2s."));
-        assert_eq!(
-            ApiError::injected(500, "m", None, None).kind,
-            "server_error"
-        );
+        assert_eq!(ApiError::injected(500, "m", None, None).kind, "server_error");
         assert_eq!(ApiError::injected(503, "m", None, None).status, 503);
         assert_eq!(ApiError::injected(400, "m", None, None).param, None);
-        assert_eq!(
-            ApiError::injected(400, "m", None, None).about_input().param,
-            Some("input")
-        );
-        assert_eq!(
-            ApiError::injected(404, "m", None, None).about_input().param,
-            None
-        );
-        assert_eq!(
-            ApiError::injected(401, "m", Some("sk-abcdefghijklmn"), None).code,
-            Some("invalid_api_key")
-        );
-        assert_eq!(
-            ApiError::injected(418, "m", None, None).kind,
-            "invalid_request_error"
-        );
+        assert_eq!(ApiError::injected(400, "m", None, None).about_input().param, Some("input"));
+        assert_eq!(ApiError::injected(404, "m", None, None).about_input().param, None);
+        assert_eq!(ApiError::injected(401, "m", Some("sk-abcdefghijklmn"), None).code, Some("invalid_api_key"));
+        assert_eq!(ApiError::injected(418, "m", None, None).kind, "invalid_request_error");
     }
 
     #[test]
     fn response_body_shape() {
-        let request =
-            parse(json!({"model": "text-embedding-3-small", "input": ["a", "b"], "dimensions": 2}))
-                .unwrap();
+        let request = parse(json!({"model": "text-embedding-3-small", "input": ["a", "b"], "dimensions": 2})).unwrap();
         let list = EmbeddingList::new(&request, request.vectors());
         let body = serde_json::to_value(&list).unwrap();
         assert_eq!(body["object"], "list");
         assert_eq!(body["model"], "text-embedding-3-small");
-        assert_eq!(
-            body["usage"],
-            json!({"prompt_tokens": 2, "total_tokens": 2})
-        );
+        assert_eq!(body["usage"], json!({"prompt_tokens": 2, "total_tokens": 2}));
         assert_eq!(body["data"][1]["object"], "embedding");
         assert_eq!(body["data"][1]["index"], 1);
-        assert_eq!(
-            body["data"][1]["embedding"].as_array().map(Vec::len),
-            Some(2)
-        );
+        assert_eq!(body["data"][1]["embedding"].as_array().map(Vec::len), Some(2));
 
         // Floats are printed so that they parse back to the same f32.
         let text = serde_json::to_string(&list).unwrap();
         let parsed: EmbeddingList = serde_json::from_str(&text).unwrap();
         assert_eq!(parsed, list);
 
-        let base64 = parse(
-            json!({"model": "text-embedding-3-small", "input": "a", "encoding_format": "base64"}),
-        )
-        .unwrap();
+        let base64 = parse(json!({"model": "text-embedding-3-small", "input": "a", "encoding_format": "base64"})).unwrap();
         let list = EmbeddingList::new(&base64, base64.vectors());
         let EmbeddingData::Base64(encoded) = &list.data[0].embedding else {
             panic!("expected base64, got {:?}", list.data[0].embedding);
         };
-        assert_eq!(
-            vectors::decode_base64(encoded),
-            Some(base64.vectors().remove(0))
-        );
+        assert_eq!(vectors::decode_base64(encoded), Some(base64.vectors().remove(0)));
     }
 }

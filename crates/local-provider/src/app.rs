@@ -5,20 +5,17 @@ use std::fs::File;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::api::{
-    self, ApiError, EmbeddingList, EmbeddingRequest, EncodingFormat, RATE_LIMIT_REQUESTS,
-    RATE_LIMIT_TOKENS,
-};
+use crate::api::{self, ApiError, EmbeddingList, EmbeddingRequest, EncodingFormat, RATE_LIMIT_REQUESTS, RATE_LIMIT_TOKENS};
 use crate::azure::Deployments;
 use crate::faults::{BodyFault, FaultConfig, FaultEffect, FaultState, RequestFacts, HANG_SECONDS};
 use crate::http::{RequestHead, Response};
-use crate::log::{LogEntry, RequestLog};
+use crate::log::{LogEntry, RequestLog, Ticket};
+use crate::ratelimit::{RateLimitConfig, RateLimiter, Snapshot};
 
 /// The endpoints, by path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +26,7 @@ enum Route {
     AzureEmbeddings,
     AdminRequests,
     AdminFaults,
+    AdminRateLimit,
 }
 
 impl Route {
@@ -38,6 +36,7 @@ impl Route {
             "/v1/embeddings" | "/embeddings" => Some(Route::Embeddings),
             "/_admin/requests" => Some(Route::AdminRequests),
             "/_admin/faults" => Some(Route::AdminFaults),
+            "/_admin/ratelimit" => Some(Route::AdminRateLimit),
             p if p.starts_with("/openai/") => Some(Route::AzureEmbeddings),
             _ => None,
         }
@@ -48,7 +47,7 @@ impl Route {
             Route::Health => "GET",
             Route::Embeddings | Route::AzureEmbeddings => "POST",
             Route::AdminRequests => "GET, DELETE",
-            Route::AdminFaults => "GET, POST, PUT, DELETE",
+            Route::AdminFaults | Route::AdminRateLimit => "GET, POST, PUT, DELETE",
         }
     }
 }
@@ -58,12 +57,14 @@ impl Route {
 struct State {
     log: RequestLog,
     faults: FaultState,
+    limiter: RateLimiter,
 }
 
 /// Settings of the fault configuration that apply to every embeddings request.
 #[derive(Debug, Clone, Copy)]
 struct GlobalFaults {
     latency: Duration,
+    latency_per_input: Duration,
     remaining_requests: Option<u64>,
     remaining_tokens: Option<u64>,
     reject_base64: bool,
@@ -73,6 +74,7 @@ impl GlobalFaults {
     fn of(config: &FaultConfig) -> Self {
         GlobalFaults {
             latency: Duration::from_millis(config.latency_ms),
+            latency_per_input: Duration::from_millis(config.latency_per_input_ms),
             remaining_requests: config.remaining_requests,
             remaining_tokens: config.remaining_tokens,
             reject_base64: config.reject_base64,
@@ -87,21 +89,46 @@ struct Answer {
     fault: Option<String>,
     /// Extra wait caused by the fault (a `hang`).
     delay: Duration,
+    /// The rate-limit state after the request, in the rate-limit mode.
+    rate: Option<Snapshot>,
+    /// Close the connection instead of answering.
+    drop_connection: bool,
 }
 
 impl Answer {
     fn error(error: &ApiError) -> Self {
-        Answer {
-            response: error_response(error),
-            fault: None,
-            delay: Duration::ZERO,
-        }
+        Answer { response: error_response(error), fault: None, delay: Duration::ZERO, rate: None, drop_connection: false }
     }
 }
 
 /// An OpenAI-style JSON error response.
 fn error_response(error: &ApiError) -> Response {
     Response::json(error.status, &error.body())
+}
+
+/// An answer waiting to be sent: the response, how long to wait first (the
+/// latency and a `hang`), and for an embeddings request what
+/// [`App::complete`] needs to finish its log entry.
+#[derive(Debug)]
+pub struct Pending {
+    pub response: Response,
+    pub wait: Duration,
+    /// Close the connection after the wait instead of answering (the `drop`
+    /// fault).
+    pub drop_connection: bool,
+    embeddings: Option<(Ticket, Instant, LogEntry)>,
+}
+
+impl Pending {
+    /// An answer sent at once.
+    fn now(response: Response) -> Self {
+        Pending { response, wait: Duration::ZERO, drop_connection: false, embeddings: None }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or_default()
 }
 
 /// Generates `x-request-id` values: `req_` and 32 hex digits, unique per
@@ -114,22 +141,13 @@ struct RequestIds {
 
 impl RequestIds {
     fn new() -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|elapsed| elapsed.as_nanos() as u64)
-            .unwrap_or_default();
-        RequestIds {
-            seed: nanos ^ u64::from(std::process::id()).rotate_left(32),
-            counter: AtomicU64::new(0),
-        }
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_nanos() as u64).unwrap_or_default();
+        RequestIds { seed: nanos ^ u64::from(std::process::id()).rotate_left(32), counter: AtomicU64::new(0) }
     }
 
     fn next(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let digest = Sha256::new()
-            .chain_update(self.seed.to_le_bytes())
-            .chain_update(n.to_le_bytes())
-            .finalize();
+        let digest = Sha256::new().chain_update(self.seed.to_le_bytes()).chain_update(n.to_le_bytes()).finalize();
         format!("req_{}", hex::encode(&digest[..16]))
     }
 }
@@ -140,6 +158,11 @@ impl RequestIds {
 pub struct App {
     api_key: Option<String>,
     base_latency: Duration,
+    /// `--latency-per-input-ms`: added to the latency per input of a request.
+    latency_per_input: Duration,
+    /// The rate limits of the command line (`--rpm`, `--tpm`), restored by
+    /// `DELETE /_admin/ratelimit`.
+    rate_limits: RateLimitConfig,
     /// `--no-base64`: refuse `encoding_format: "base64"`.
     reject_base64: bool,
     /// Azure OpenAI mode (`--azure`): its deployments.
@@ -157,6 +180,8 @@ impl App {
         App {
             api_key,
             base_latency,
+            latency_per_input: Duration::ZERO,
+            rate_limits: RateLimitConfig::default(),
             reject_base64: false,
             azure: None,
             log_file: log_file.map(Mutex::new),
@@ -169,6 +194,21 @@ impl App {
     /// compatible server that only speaks `float` does (`--no-base64`).
     pub fn rejecting_base64(mut self, reject: bool) -> Self {
         self.reject_base64 = reject;
+        self
+    }
+
+    /// Adds `per_input` to the latency of an answer for each input of its request
+    /// (`--latency-per-input-ms`).
+    pub fn latency_per_input(mut self, per_input: Duration) -> Self {
+        self.latency_per_input = per_input;
+        self
+    }
+
+    /// Enforces these rate limits from the start (`--rpm`, `--tpm`; see [`crate::ratelimit`]);
+    /// `DELETE /_admin/ratelimit` comes back to them.
+    pub fn rate_limits(mut self, config: RateLimitConfig) -> Self {
+        self.state().limiter = RateLimiter::new(config.clone());
+        self.rate_limits = config;
         self
     }
 
@@ -185,29 +225,44 @@ impl App {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Answers one request.
-    pub fn handle(&self, head: &RequestHead, body: &[u8]) -> Response {
+    /// Answers one request: the response, and how long to wait before sending
+    /// it. Pass the result to [`App::complete`] after the wait.
+    pub fn handle(&self, head: &RequestHead, body: &[u8]) -> Pending {
+        match self.route(head) {
+            Ok(Route::Embeddings | Route::AzureEmbeddings) if head.method == "POST" => self.embeddings(head, body),
+            Ok(route) => Pending::now(self.admin(route, head, body)),
+            Err(response) => Pending::now(response),
+        }
+    }
+
+    /// The route of a request; `Err` is the answer to a path that is not served.
+    fn route(&self, head: &RequestHead) -> Result<Route, Response> {
         let path = head.path();
         let route = match (Route::of(path), &self.azure) {
             // An Azure resource serves only its own paths; an OpenAI server none of them.
             (Some(Route::Embeddings), Some(_)) | (Some(Route::AzureEmbeddings), None) => None,
             (route, _) => route,
         };
-        let Some(route) = route else {
+        route.ok_or_else(|| {
             if self.azure.is_some() {
                 return crate::azure::resource_not_found();
             }
-            return error_response(&ApiError {
+            error_response(&ApiError {
                 status: 404,
                 message: format!("Invalid URL ({} {path})", head.method),
                 kind: "invalid_request_error",
                 param: None,
                 code: None,
-            });
-        };
+            })
+        })
+    }
+
+    /// Answers the requests other than embeddings: `/health`, the admin API
+    /// and wrong methods.
+    fn admin(&self, route: Route, head: &RequestHead, body: &[u8]) -> Response {
+        let path = head.path();
         match (route, head.method.as_str()) {
             (Route::Health, "GET") => Response::json(200, &json!({"status": "ok"})),
-            (Route::Embeddings | Route::AzureEmbeddings, "POST") => self.embeddings(head, body),
             (Route::AdminRequests, "GET") => {
                 let entries = self.state().log.entries().to_vec();
                 Response::json(200, &entries)
@@ -221,6 +276,12 @@ impl App {
             (Route::AdminFaults, "DELETE") => {
                 self.state().faults = FaultState::default();
                 Response::json(200, &FaultConfig::default())
+            }
+            (Route::AdminRateLimit, "GET") => Response::json(200, self.state().limiter.config()),
+            (Route::AdminRateLimit, "POST" | "PUT") => self.set_rate_limits(body),
+            (Route::AdminRateLimit, "DELETE") => {
+                self.state().limiter = RateLimiter::new(self.rate_limits.clone());
+                Response::json(200, &self.rate_limits)
             }
             (route, method) => error_response(&ApiError {
                 status: 405,
@@ -238,9 +299,7 @@ impl App {
     fn set_faults(&self, body: &[u8]) -> Response {
         let parsed = serde_json::from_slice::<FaultConfig>(body)
             .map_err(|err| format!("invalid fault config: {err}"))
-            .and_then(|config| {
-                FaultState::new(config).map_err(|err| format!("invalid fault config: {err}"))
-            });
+            .and_then(|config| FaultState::new(config).map_err(|err| format!("invalid fault config: {err}")));
         match parsed {
             Ok(faults) => {
                 let response = Response::json(200, faults.config());
@@ -251,9 +310,25 @@ impl App {
         }
     }
 
+    /// `POST /_admin/ratelimit`: replaces the rate-limit settings; every bucket starts full.
+    fn set_rate_limits(&self, body: &[u8]) -> Response {
+        let parsed = serde_json::from_slice::<RateLimitConfig>(body)
+            .map_err(|err| err.to_string())
+            .and_then(|config| config.validate().map(|()| config));
+        match parsed {
+            Ok(config) => {
+                let response = Response::json(200, &config);
+                self.state().limiter = RateLimiter::new(config);
+                response
+            }
+            Err(err) => error_response(&ApiError::invalid(None, format!("invalid rate limit config: {err}"))),
+        }
+    }
+
     /// `POST /v1/embeddings`.
-    fn embeddings(&self, head: &RequestHead, body: &[u8]) -> Response {
+    fn embeddings(&self, head: &RequestHead, body: &[u8]) -> Pending {
         let started = Instant::now();
+        let started_at = SystemTime::now();
         let (ticket, global) = {
             let mut state = self.state();
             (state.log.begin(), GlobalFaults::of(state.faults.config()))
@@ -261,8 +336,7 @@ impl App {
         let authorization = head.header("authorization");
         let (auth, authorized, known_model, token, azure) = match &self.azure {
             None => {
-                let auth = api::check_auth(authorization, self.api_key.as_deref())
-                    .map_err(|error| Answer::error(&error));
+                let auth = api::check_auth(authorization, self.api_key.as_deref()).map_err(|error| Answer::error(&error));
                 let authorized = auth.is_ok();
                 (auth, authorized, None, api::bearer_token(authorization), None)
             }
@@ -270,27 +344,30 @@ impl App {
                 let routed = deployments.route(head, self.api_key.as_deref(), body);
                 let (auth, model) = match routed.result {
                     Ok(model) => (Ok(()), model),
-                    Err(response) => (
-                        Err(Answer {
-                            response,
-                            fault: None,
-                            delay: Duration::ZERO,
-                        }),
-                        None,
-                    ),
+                    Err(response) => {
+                        (Err(Answer { response, fault: None, delay: Duration::ZERO, rate: None, drop_connection: false }), None)
+                    }
                 };
                 let token = head.header("api-key");
                 (auth, routed.authorized, model, token, Some(routed.facts))
             }
         };
         let (summary, parsed) = api::parse_request_as(body, known_model);
+        let mut tokens = None;
         let answer = match auth {
             Err(answer) => answer,
             Ok(()) => match parsed {
                 Err(error) => Answer::error(&error),
-                Ok(request) => self.answer(ticket.seq, &request, token, global),
+                Ok(request) => {
+                    tokens = Some(request.prompt_tokens as u64);
+                    self.answer(ticket.seq, &request, token, global)
+                }
             },
         };
+        let wait = self.base_latency
+            + global.latency
+            + (self.latency_per_input + global.latency_per_input).saturating_mul(u32::try_from(summary.inputs.len()).unwrap_or(u32::MAX))
+            + answer.delay;
 
         let entry = LogEntry {
             seq: ticket.seq,
@@ -299,9 +376,15 @@ impl App {
             inputs: summary.inputs,
             dimensions: summary.dimensions,
             encoding_format: summary.encoding_format,
-            status: answer.response.status,
+            // Nothing is answered on a dropped connection.
+            status: if answer.drop_connection { 0 } else { answer.response.status },
             fault: answer.fault,
             authorized,
+            key: token.map(api::mask_key),
+            tokens,
+            rate_limit: answer.rate,
+            started_ms: unix_millis(started_at),
+            ended_ms: None,
             azure,
         };
         eprintln!(
@@ -311,83 +394,89 @@ impl App {
             entry.model.as_deref().unwrap_or("-"),
             entry.inputs.len(),
             entry.status,
-            entry
-                .fault
-                .as_deref()
-                .map(|f| format!(" (fault {f})"))
-                .unwrap_or_default()
+            entry.fault.as_deref().map(|f| format!(" (fault {f})")).unwrap_or_default()
         );
-        self.append_to_log_file(&entry);
-        self.state().log.record(ticket, entry);
-
         // The entry is visible before the (possibly long) wait, so tests can
-        // observe a hanging request.
-        thread::sleep(self.base_latency + global.latency + answer.delay);
-        answer
+        // observe a hanging request; its end time is filled in after the wait.
+        self.state().log.record(ticket, entry.clone());
+        Pending { drop_connection: answer.drop_connection, response: answer.response, wait, embeddings: Some((ticket, started, entry)) }
+    }
+
+    /// Completes an answer after its wait: records the end time of an
+    /// embeddings request (and appends its entry to the `--log` file) and adds
+    /// the headers that depend on the time taken.
+    pub fn complete(&self, pending: Pending) -> Response {
+        let Some((ticket, started, mut entry)) = pending.embeddings else {
+            return pending.response;
+        };
+        let ended = unix_millis(SystemTime::now());
+        // (A request that outlived a reset of the log still goes to the file.)
+        self.state().log.finish(ticket, ended);
+        entry.ended_ms = Some(ended);
+        self.append_to_log_file(&entry);
+        pending
             .response
-            .with_header(
-                "openai-processing-ms",
-                started.elapsed().as_millis().to_string(),
-            )
+            .with_header("openai-processing-ms", started.elapsed().as_millis().to_string())
             .with_header("x-request-id", self.request_ids.next())
     }
 
-    /// Answers a valid, authorised request, applying the first matching
-    /// fault rule.
-    fn answer(
-        &self,
-        seq: u64,
-        request: &EmbeddingRequest,
-        token: Option<&str>,
-        global: GlobalFaults,
-    ) -> Answer {
-        if request.encoding == EncodingFormat::Base64
-            && (self.reject_base64 || global.reject_base64)
-        {
+    /// Answers a valid, authorised request: the rate limiter (in the
+    /// rate-limit mode) first, then the first matching fault rule.
+    fn answer(&self, seq: u64, request: &EmbeddingRequest, token: Option<&str>, global: GlobalFaults) -> Answer {
+        if request.encoding == EncodingFormat::Base64 && (self.reject_base64 || global.reject_base64) {
             return Answer {
                 response: error_response(&ApiError::base64_unsupported()),
                 fault: Some("rejectBase64".to_string()),
                 delay: Duration::ZERO,
+                rate: None,
+                drop_connection: false,
             };
         }
-        let facts = RequestFacts {
-            seq,
-            model: request.model.name(),
-            inputs: &request.inputs,
+        let model = request.model.name();
+        let tokens = request.prompt_tokens as u64;
+        let decision = {
+            let mut state = self.state();
+            state.limiter.enabled().then(|| state.limiter.check(Instant::now(), token.unwrap_or_default(), model, tokens))
         };
+        let rate = decision.map(|decision| decision.snapshot);
+        if let Some(refusal) = decision.and_then(|decision| decision.refusal) {
+            let snapshot = rate.expect("a refusal comes with a snapshot");
+            let mut response = error_response(&refusal.error(model, &snapshot));
+            response = with_rate_limit_headers(response, global, rate, tokens, false);
+            for (name, value) in refusal.retry_headers().into_iter().flatten() {
+                response = response.with_header(name, value);
+            }
+            return Answer {
+                response,
+                fault: Some(refusal.exceeded.description().to_string()),
+                delay: Duration::ZERO,
+                rate,
+                drop_connection: false,
+            };
+        }
+        let facts = RequestFacts { seq, model, inputs: &request.inputs };
         let fired = self.state().faults.select(&facts);
         let fault = fired.as_ref().map(|fired| fired.description());
         // A rule that picks requests by an input refuses that input, and says so.
         let about_input = fired.as_ref().is_some_and(|fired| {
-            self.state()
-                .faults
-                .config()
-                .rules
-                .get(fired.rule_index)
-                .is_some_and(|rule| rule.input_contains.is_some())
+            self.state().faults.config().rules.get(fired.rule_index).is_some_and(|rule| rule.input_contains.is_some())
         });
         let body_fault = match fired.map(|fired| fired.effect) {
             None => None,
             Some(FaultEffect::Body(body)) => Some(body),
-            Some(FaultEffect::Status {
-                status,
-                retry_after,
-                retry_after_ms,
-            }) => {
+            Some(FaultEffect::Status { status, retry_after, retry_after_ms }) => {
                 let retry_in = match (&retry_after_ms, &retry_after) {
                     (Some(ms), _) => Some(format!("{ms}ms")),
                     (None, Some(seconds)) => Some(format!("{seconds}s")),
                     (None, None) => None,
                 };
-                let mut error =
-                    ApiError::injected(status, request.model.name(), token, retry_in.as_deref());
+                let mut error = ApiError::injected(status, model, token, retry_in.as_deref());
                 if about_input {
                     error = error.about_input();
                 }
                 let mut response = error_response(&error);
                 if status == 429 {
-                    response =
-                        with_rate_limit_headers(response, global, request.prompt_tokens, true);
+                    response = with_rate_limit_headers(response, global, rate, tokens, true);
                 }
                 if let Some(seconds) = retry_after {
                     response = response.with_header("retry-after", seconds);
@@ -395,11 +484,7 @@ impl App {
                 if let Some(ms) = retry_after_ms {
                     response = response.with_header("retry-after-ms", ms);
                 }
-                return Answer {
-                    response,
-                    fault,
-                    delay: Duration::ZERO,
-                };
+                return Answer { response, fault, delay: Duration::ZERO, rate, drop_connection: false };
             }
         };
 
@@ -418,18 +503,16 @@ impl App {
             // Cutting a JSON object anywhere before its end leaves it invalid.
             response.body.truncate(response.body.len() / 2);
         }
-        let delay = if body_fault == Some(BodyFault::Hang) {
-            Duration::from_secs(HANG_SECONDS)
-        } else {
-            Duration::ZERO
-        };
+        let delay = if body_fault == Some(BodyFault::Hang) { Duration::from_secs(HANG_SECONDS) } else { Duration::ZERO };
         Answer {
-            response: with_rate_limit_headers(response, global, request.prompt_tokens, false)
-                .with_header("openai-model", request.model.name())
+            response: with_rate_limit_headers(response, global, rate, tokens, false)
+                .with_header("openai-model", model)
                 .with_header("openai-organization", "local-provider")
                 .with_header("openai-version", "2020-10-01"),
             fault,
             delay,
+            rate,
+            drop_connection: body_fault == Some(BodyFault::Drop),
         }
     }
 
@@ -438,48 +521,37 @@ impl App {
         let Some(file) = &self.log_file else {
             return;
         };
-        let written = serde_json::to_string(entry)
-            .map_err(|err| err.to_string())
-            .and_then(|line| {
-                let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
-                writeln!(file, "{line}").map_err(|err| err.to_string())
-            });
+        let written = serde_json::to_string(entry).map_err(|err| err.to_string()).and_then(|line| {
+            let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
+            writeln!(file, "{line}").map_err(|err| err.to_string())
+        });
         if let Err(err) = written {
             eprintln!("embsync-local-provider: cannot write the log file: {err}");
         }
     }
 }
 
-/// Adds OpenAI's `x-ratelimit-*` headers. Values are fixed and generous;
-/// the fault configuration may override the remaining counts. `exhausted`
-/// (an injected 429) reports no remaining requests unless overridden.
-fn with_rate_limit_headers(
-    response: Response,
-    global: GlobalFaults,
-    tokens: usize,
-    exhausted: bool,
-) -> Response {
-    let default_requests = if exhausted {
-        0
-    } else {
-        RATE_LIMIT_REQUESTS - 1
-    };
-    let used_tokens = u64::try_from(tokens).unwrap_or(u64::MAX);
-    let remaining_requests = global.remaining_requests.unwrap_or(default_requests);
-    let remaining_tokens = global
-        .remaining_tokens
-        .unwrap_or(RATE_LIMIT_TOKENS.saturating_sub(used_tokens));
-    response
-        .with_header(
-            "x-ratelimit-limit-requests",
-            RATE_LIMIT_REQUESTS.to_string(),
-        )
-        .with_header("x-ratelimit-limit-tokens", RATE_LIMIT_TOKENS.to_string())
-        .with_header(
-            "x-ratelimit-remaining-requests",
-            remaining_requests.to_string(),
-        )
-        .with_header("x-ratelimit-remaining-tokens", remaining_tokens.to_string())
-        .with_header("x-ratelimit-reset-requests", "6ms")
-        .with_header("x-ratelimit-reset-tokens", "0s")
+/// Adds OpenAI's `x-ratelimit-*` headers: in the rate-limit mode those of the
+/// limiter's `snapshot`, otherwise fixed generous values. The fault
+/// configuration may override the remaining counts. `exhausted` (an injected
+/// 429) reports no remaining requests unless overridden.
+fn with_rate_limit_headers(response: Response, global: GlobalFaults, snapshot: Option<Snapshot>, tokens: u64, exhausted: bool) -> Response {
+    let mut snapshot = snapshot.unwrap_or(Snapshot {
+        limit_requests: RATE_LIMIT_REQUESTS,
+        limit_tokens: RATE_LIMIT_TOKENS,
+        remaining_requests: RATE_LIMIT_REQUESTS - 1,
+        remaining_tokens: RATE_LIMIT_TOKENS.saturating_sub(tokens),
+        reset_requests: Duration::from_millis(6),
+        reset_tokens: Duration::ZERO,
+    });
+    if exhausted {
+        snapshot.remaining_requests = 0;
+    }
+    if let Some(requests) = global.remaining_requests {
+        snapshot.remaining_requests = requests;
+    }
+    if let Some(tokens) = global.remaining_tokens {
+        snapshot.remaining_tokens = tokens;
+    }
+    snapshot.headers().into_iter().fold(response, |response, (name, value)| response.with_header(name, value))
 }

@@ -25,12 +25,7 @@ pub struct Deployments(Vec<(String, Model)>);
 impl Deployments {
     /// Each served model as a deployment of its own name (`--azure` alone).
     pub fn named_like_models() -> Self {
-        Deployments(
-            Model::ALL
-                .into_iter()
-                .map(|m| (m.name().to_string(), m))
-                .collect(),
-        )
+        Deployments(Model::ALL.into_iter().map(|m| (m.name().to_string(), m)).collect())
     }
 
     /// The given deployments (`--azure-deployment NAME=MODEL`, in order).
@@ -40,25 +35,17 @@ impl Deployments {
 
     /// The model a deployment serves.
     pub fn model(&self, deployment: &str) -> Option<Model> {
-        self.0
-            .iter()
-            .find(|(name, _)| name == deployment)
-            .map(|(_, model)| *model)
+        self.0.iter().find(|(name, _)| name == deployment).map(|(_, model)| *model)
     }
 }
 
 /// Parses `NAME=MODEL` (`--azure-deployment`).
 pub fn parse_deployment(text: &str) -> Result<(String, Model), String> {
-    let (name, model) = text
-        .split_once('=')
-        .ok_or_else(|| format!("--azure-deployment: expected NAME=MODEL, got {text:?}"))?;
+    let (name, model) = text.split_once('=').ok_or_else(|| format!("--azure-deployment: expected NAME=MODEL, got {text:?}"))?;
     if name.is_empty() || name.contains('/') {
-        return Err(format!(
-            "--azure-deployment: {name:?} is not a deployment name"
-        ));
+        return Err(format!("--azure-deployment: {name:?} is not a deployment name"));
     }
-    let model = Model::from_name(model)
-        .ok_or_else(|| format!("--azure-deployment: unknown model {model:?}"))?;
+    let model = Model::from_name(model).ok_or_else(|| format!("--azure-deployment: unknown model {model:?}"))?;
     Ok((name.to_string(), model))
 }
 
@@ -87,10 +74,7 @@ pub struct Routed {
 
 /// An Azure-shaped error response.
 fn error(status: u16, code: &str, message: &str) -> Response {
-    Response::json(
-        status,
-        &json!({"error": {"code": code, "message": message}}),
-    )
+    Response::json(status, &json!({"error": {"code": code, "message": message}}))
 }
 
 /// Azure's answer for a path it does not serve.
@@ -125,25 +109,14 @@ fn version_not_supported() -> Response {
 fn is_dated_version(v: &str) -> bool {
     let date = v.strip_suffix("-preview").unwrap_or(v);
     let b = date.as_bytes();
-    b.len() == 10
-        && b.iter().enumerate().all(|(i, c)| {
-            if i == 4 || i == 7 {
-                *c == b'-'
-            } else {
-                c.is_ascii_digit()
-            }
-        })
+    b.len() == 10 && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
 }
 
 /// The value of query parameter `name` of a request target (not percent-decoded: the
 /// values Azure takes here need no escapes).
 fn query_param<'a>(target: &'a str, name: &str) -> Option<&'a str> {
     let (_, query) = target.split_once('?')?;
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value)
+    query.split('&').filter_map(|pair| pair.split_once('=').or(Some((pair, "")))).find(|(key, _)| *key == name).map(|(_, value)| value)
 }
 
 /// Which Azure API a path is.
@@ -156,11 +129,8 @@ fn azure_path(path: &str) -> Option<AzurePath<'_>> {
     if path == "/openai/v1/embeddings" {
         return Some(AzurePath::V1);
     }
-    let deployment = path
-        .strip_prefix("/openai/deployments/")?
-        .strip_suffix("/embeddings")?;
-    (!deployment.is_empty() && !deployment.contains('/'))
-        .then_some(AzurePath::Deployment(deployment))
+    let deployment = path.strip_prefix("/openai/deployments/")?.strip_suffix("/embeddings")?;
+    (!deployment.is_empty() && !deployment.contains('/')).then_some(AzurePath::Deployment(deployment))
 }
 
 impl Deployments {
@@ -199,9 +169,7 @@ impl Deployments {
                     if !matches!(version, None | Some("v1" | "preview")) {
                         return Err(version_not_supported());
                     }
-                    let model = serde_json::from_slice::<Value>(body)
-                        .ok()
-                        .and_then(|v| v.get("model")?.as_str().map(str::to_string));
+                    let model = serde_json::from_slice::<Value>(body).ok().and_then(|v| v.get("model")?.as_str().map(str::to_string));
                     // Without a deployment named, the body's validation answers.
                     match model {
                         Some(model) => model,
@@ -210,15 +178,9 @@ impl Deployments {
                 }
             };
             facts.deployment = Some(deployment.clone());
-            self.model(&deployment)
-                .map(Some)
-                .ok_or_else(deployment_not_found)
+            self.model(&deployment).map(Some).ok_or_else(deployment_not_found)
         })();
-        Routed {
-            result,
-            authorized,
-            facts,
-        }
+        Routed { result, authorized, facts }
     }
 }
 
@@ -228,10 +190,7 @@ mod tests {
 
     #[test]
     fn deployments_and_versions() {
-        assert_eq!(
-            parse_deployment("emb-large=text-embedding-3-large"),
-            Ok(("emb-large".to_string(), Model::TextEmbedding3Large))
-        );
+        assert_eq!(parse_deployment("emb-large=text-embedding-3-large"), Ok(("emb-large".to_string(), Model::TextEmbedding3Large)));
         assert!(parse_deployment("emb-large").is_err());
         assert!(parse_deployment("=text-embedding-3-large").is_err());
         assert!(parse_deployment("a/b=text-embedding-3-large").is_err());
@@ -240,10 +199,7 @@ mod tests {
         assert!(is_dated_version("2025-04-01-preview"));
         assert!(!is_dated_version("v1"));
         assert!(!is_dated_version("2024-10"));
-        assert_eq!(
-            query_param("/p?a=1&api-version=2024-10-21", "api-version"),
-            Some("2024-10-21")
-        );
+        assert_eq!(query_param("/p?a=1&api-version=2024-10-21", "api-version"), Some("2024-10-21"));
         assert_eq!(query_param("/p?api-version", "api-version"), Some(""));
         assert_eq!(query_param("/p", "api-version"), None);
     }

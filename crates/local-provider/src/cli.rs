@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use crate::api::Model;
 use crate::azure::Deployments;
+use crate::ratelimit;
 use crate::server::Config;
 
 /// The usage text printed by `--help` and after a usage error.
 pub const USAGE: &str = "\
 Usage: embsync-local-provider [--port P] [--host H] [--api-key KEY] [--log FILE] [--latency-ms N]
+                              [--latency-per-input-ms N] [--rpm [MODEL=]N]... [--tpm [MODEL=]N]...
                               [--no-base64] [--azure] [--azure-deployment NAME=MODEL]...
 
 An OpenAI-compatible embeddings server with deterministic vectors, for tests and demos.
@@ -20,6 +22,12 @@ Options:
   --api-key KEY    accept only this bearer token (default: any bearer token)
   --log FILE       also append every embeddings request log entry to FILE as a JSON line
   --latency-ms N   delay every embeddings answer by N milliseconds (default 0)
+  --latency-per-input-ms N
+                   and by N more milliseconds per input of the request (default 0)
+  --rpm [MODEL=]N  rate-limit mode: at most N requests per minute per API key and model
+                   (repeatable; with MODEL= for that model only; default 10000)
+  --tpm [MODEL=]N  rate-limit mode: at most N input tokens per minute per API key and model
+                   (repeatable like --rpm; default 10000000). Past a limit: OpenAI's 429
   --no-base64      refuse encoding_format \"base64\" with a 400, like a float-only server
   --azure          serve Azure OpenAI's API instead: POST /openai/deployments/NAME/embeddings
                    ?api-version=YYYY-MM-DD and POST /openai/v1/embeddings, the key in an
@@ -64,23 +72,14 @@ where
             continue;
         }
         let (name, inline_value) = match arg.split_once('=') {
-            Some((name, value)) if name.starts_with("--") => {
-                (name.to_string(), Some(value.to_string()))
-            }
+            Some((name, value)) if name.starts_with("--") => (name.to_string(), Some(value.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = || {
-            inline_value
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
+        let mut value = || inline_value.clone().or_else(|| args.next()).ok_or_else(|| format!("{name} needs a value"));
         match name.as_str() {
             "--port" => {
                 let text = value()?;
-                config.port = text
-                    .parse()
-                    .map_err(|_| format!("--port: not a port number: {text:?}"))?;
+                config.port = text.parse().map_err(|_| format!("--port: not a port number: {text:?}"))?;
             }
             "--host" => config.host = value()?,
             "--api-key" => {
@@ -91,12 +90,27 @@ where
                 config.api_key = Some(key);
             }
             "--log" => config.log_file = Some(PathBuf::from(value()?)),
-            "--latency-ms" => {
+            "--latency-ms" | "--latency-per-input-ms" => {
                 let text = value()?;
-                let ms: u64 = text
-                    .parse()
-                    .map_err(|_| format!("--latency-ms: not a number of milliseconds: {text:?}"))?;
-                config.latency = Duration::from_millis(ms);
+                let ms: u64 = text.parse().map_err(|_| format!("{name}: not a number of milliseconds: {text:?}"))?;
+                if name == "--latency-ms" {
+                    config.latency = Duration::from_millis(ms);
+                } else {
+                    config.latency_per_input = Duration::from_millis(ms);
+                }
+            }
+            "--rpm" | "--tpm" => {
+                let (model, limit) = ratelimit::parse_limit_arg(&value()?).map_err(|err| format!("{name}: {err}"))?;
+                let limits = &mut config.rate_limits;
+                limits.enabled = true;
+                let (rpm, tpm) = match model {
+                    None => (&mut limits.rpm, &mut limits.tpm),
+                    Some(model) => {
+                        let own = limits.models.entry(model).or_default();
+                        (&mut own.rpm, &mut own.tpm)
+                    }
+                };
+                *(if name == "--rpm" { rpm } else { tpm }) = Some(limit);
             }
             "--azure-deployment" => {
                 let deployment = crate::azure::parse_deployment(&value()?)?;
@@ -105,19 +119,14 @@ where
             _ => return Err(format!("unknown argument: {arg}")),
         }
     }
-    config.azure = azure.map(|given| {
-        if given.is_empty() {
-            Deployments::named_like_models()
-        } else {
-            Deployments::new(given)
-        }
-    });
+    config.azure = azure.map(|given| if given.is_empty() { Deployments::named_like_models() } else { Deployments::new(given) });
     Ok(Command::Serve(config))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ratelimit::{Limits, RateLimitConfig};
 
     fn serve(args: &[&str]) -> Config {
         match parse_args(args.iter().copied()) {
@@ -135,16 +144,7 @@ mod tests {
 
     #[test]
     fn all_options() {
-        let config = serve(&[
-            "--port",
-            "8081",
-            "--host=0.0.0.0",
-            "--api-key",
-            "sk-x",
-            "--log",
-            "/tmp/l.jsonl",
-            "--latency-ms=25",
-        ]);
+        let config = serve(&["--port", "8081", "--host=0.0.0.0", "--api-key", "sk-x", "--log", "/tmp/l.jsonl", "--latency-ms=25"]);
         assert_eq!(
             config,
             Config {
@@ -153,15 +153,14 @@ mod tests {
                 api_key: Some("sk-x".into()),
                 log_file: Some(PathBuf::from("/tmp/l.jsonl")),
                 latency: Duration::from_millis(25),
+                latency_per_input: Duration::ZERO,
+                rate_limits: RateLimitConfig::default(),
                 reject_base64: false,
                 azure: None,
             }
         );
         assert!(serve(&["--no-base64"]).reject_base64);
-        assert_eq!(
-            serve(&["--azure"]).azure,
-            Some(Deployments::named_like_models())
-        );
+        assert_eq!(serve(&["--azure"]).azure, Some(Deployments::named_like_models()));
         assert_eq!(
             serve(&[
                 "--azure-deployment",
@@ -175,6 +174,18 @@ mod tests {
                 ("emb-small".into(), Model::TextEmbedding3Small),
             ]))
         );
+        let limited = serve(&["--rpm", "3000", "--tpm=1000000", "--rpm", "text-embedding-3-large=500", "--latency-per-input-ms", "2"]);
+        assert_eq!(limited.latency_per_input, Duration::from_millis(2));
+        assert_eq!(
+            limited.rate_limits,
+            RateLimitConfig {
+                enabled: true,
+                rpm: Some(3000),
+                tpm: Some(1_000_000),
+                models: [("text-embedding-3-large".to_string(), Limits { rpm: Some(500), tpm: None })].into(),
+            }
+        );
+        assert!(!serve(&[]).rate_limits.enabled);
         // A key may itself contain '='.
         assert_eq!(serve(&["--api-key=a=b"]).api_key.as_deref(), Some("a=b"));
     }
@@ -188,6 +199,10 @@ mod tests {
             &["--port", "99999"],
             &["--port", "x"],
             &["--latency-ms", "-1"],
+            &["--latency-per-input-ms", "x"],
+            &["--rpm", "0"],
+            &["--tpm", "gpt-4=10"],
+            &["--rpm"],
             &["--api-key", ""],
             &["--verbose"],
             &["--no-base64=1"],

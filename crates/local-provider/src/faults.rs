@@ -16,6 +16,10 @@ pub struct FaultConfig {
     /// Extra delay before every embeddings answer, in milliseconds.
     #[serde(default, deserialize_with = "null_as_default")]
     pub latency_ms: u64,
+    /// Extra delay per input of a request, in milliseconds (added to
+    /// `--latency-per-input-ms`).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub latency_per_input_ms: u64,
     /// Rules in priority order.
     #[serde(default, deserialize_with = "null_as_default")]
     pub rules: Vec<FaultRule>,
@@ -51,7 +55,7 @@ pub struct FaultRule {
     pub model: Option<String>,
     /// Selector: some input contains this substring.
     pub input_contains: Option<String>,
-    /// Effect: answer 200 with a broken body.
+    /// Effect: answer 200 with a broken body, late, or not at all.
     pub body: Option<BodyFault>,
 }
 
@@ -67,6 +71,8 @@ pub enum BodyFault {
     WrongDims,
     /// Wait [`HANG_SECONDS`] before answering normally.
     Hang,
+    /// Close the connection without an answer (after the latency).
+    Drop,
 }
 
 /// How long a `hang` fault stalls the answer.
@@ -80,6 +86,7 @@ impl BodyFault {
             BodyFault::WrongCount => "wrongCount",
             BodyFault::WrongDims => "wrongDims",
             BodyFault::Hang => "hang",
+            BodyFault::Drop => "drop",
         }
     }
 }
@@ -114,11 +121,7 @@ where
 #[derive(Debug, Clone, PartialEq)]
 pub enum FaultEffect {
     /// Answer with an OpenAI-style error of this status.
-    Status {
-        status: u16,
-        retry_after: Option<String>,
-        retry_after_ms: Option<String>,
-    },
+    Status { status: u16, retry_after: Option<String>, retry_after_ms: Option<String> },
     /// Answer 200 with a broken body (or late).
     Body(BodyFault),
 }
@@ -136,18 +139,10 @@ impl FaultRule {
     /// Whether all selectors given by the rule match the request (the firing
     /// limit is checked separately).
     pub fn matches(&self, facts: &RequestFacts<'_>) -> bool {
-        let nth = self
-            .nth
-            .as_ref()
-            .is_none_or(|list| list.contains(&facts.seq));
+        let nth = self.nth.as_ref().is_none_or(|list| list.contains(&facts.seq));
         let every = self.every.is_none_or(|n| facts.seq.is_multiple_of(n));
         let model = self.model.as_ref().is_none_or(|model| model == facts.model);
-        let input = self.input_contains.as_ref().is_none_or(|needle| {
-            facts
-                .inputs
-                .iter()
-                .any(|input| input.contains(needle.as_str()))
-        });
+        let input = self.input_contains.as_ref().is_none_or(|needle| facts.inputs.iter().any(|input| input.contains(needle.as_str())));
         nth && every && model && input
     }
 
@@ -159,9 +154,7 @@ impl FaultRule {
                 Some(value) => {
                     let text = value.to_string();
                     if text.is_empty() || text.chars().any(char::is_control) {
-                        Err(format!(
-                            "{name} must be a non-empty value without control characters"
-                        ))
+                        Err(format!("{name} must be a non-empty value without control characters"))
                     } else {
                         Ok(Some(text))
                     }
@@ -178,9 +171,7 @@ impl FaultRule {
                 retry_after_ms: header(&self.retry_after_ms, "retryAfterMs")?,
             }),
             (Some(status), None) => Err(format!("status must be 400-599, got {status}")),
-            (None, Some(body)) if self.retry_after.is_none() && self.retry_after_ms.is_none() => {
-                Ok(FaultEffect::Body(body))
-            }
+            (None, Some(body)) if self.retry_after.is_none() && self.retry_after_ms.is_none() => Ok(FaultEffect::Body(body)),
             (None, Some(_)) => Err("retryAfter and retryAfterMs need a status".to_string()),
             (Some(_), Some(_)) => Err("give either status or body, not both".to_string()),
             (None, None) => Err("give a status or a body".to_string()),
@@ -222,17 +213,10 @@ impl FaultState {
             .rules
             .iter()
             .enumerate()
-            .map(|(index, rule)| {
-                rule.effect()
-                    .map_err(|err| format!("rules[{index}]: {err}"))
-            })
+            .map(|(index, rule)| rule.effect().map_err(|err| format!("rules[{index}]: {err}")))
             .collect::<Result<Vec<_>, _>>()?;
         let fired = vec![0; effects.len()];
-        Ok(FaultState {
-            config,
-            effects,
-            fired,
-        })
+        Ok(FaultState { config, effects, fired })
     }
 
     /// The configuration as given.
@@ -248,20 +232,12 @@ impl FaultState {
     /// Picks the first rule that matches and has not used up its `times`,
     /// and counts it as fired.
     pub fn select(&mut self, facts: &RequestFacts<'_>) -> Option<FiredFault> {
-        let rules = self
-            .config
-            .rules
-            .iter()
-            .zip(&self.effects)
-            .zip(&mut self.fired);
+        let rules = self.config.rules.iter().zip(&self.effects).zip(&mut self.fired);
         for (rule_index, ((rule, effect), fired)) in rules.enumerate() {
             let exhausted = rule.times.is_some_and(|times| *fired >= times);
             if !exhausted && rule.matches(facts) {
                 *fired += 1;
-                return Some(FiredFault {
-                    rule_index,
-                    effect: effect.clone(),
-                });
+                return Some(FiredFault { rule_index, effect: effect.clone() });
             }
         }
         None
@@ -285,11 +261,7 @@ mod tests {
             .enumerate()
             .map(|(i, input)| {
                 let inputs = vec![input.to_string()];
-                let facts = RequestFacts {
-                    seq: i as u64 + 1,
-                    model: "m",
-                    inputs: &inputs,
-                };
+                let facts = RequestFacts { seq: i as u64 + 1, model: "m", inputs: &inputs };
                 state.select(&facts).map(|fired| fired.rule_index)
             })
             .collect()
@@ -303,25 +275,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.rules[0].status, Some(429));
-        assert_eq!(
-            config.rules[0].retry_after,
-            Some(HeaderText::Text("1".into()))
-        );
+        assert_eq!(config.rules[0].retry_after, Some(HeaderText::Text("1".into())));
         let state = FaultState::new(config.clone()).unwrap();
-        assert_eq!(
-            state.effects[0],
-            FaultEffect::Status {
-                status: 429,
-                retry_after: Some("1".into()),
-                retry_after_ms: None
-            }
-        );
+        assert_eq!(state.effects[0], FaultEffect::Status { status: 429, retry_after: Some("1".into()), retry_after_ms: None });
         // Serialises back to an equivalent configuration.
-        let round_trip: FaultConfig =
-            serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
+        let round_trip: FaultConfig = serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
         assert_eq!(round_trip, config);
-        let empty: FaultConfig =
-            serde_json::from_str(r#"{"rules":null,"latencyMs":null}"#).unwrap();
+        let empty: FaultConfig = serde_json::from_str(r#"{"rules":null,"latencyMs":null}"#).unwrap();
         assert_eq!(empty, FaultConfig::default());
     }
 
@@ -337,85 +297,50 @@ mod tests {
             r#"[{"status":429,"every":0}]"#,
             r#"[{"status":429,"retryAfter":"1\r\nx: y"}]"#,
         ] {
-            let config: FaultConfig =
-                serde_json::from_str(&format!(r#"{{"rules":{rules}}}"#)).unwrap();
+            let config: FaultConfig = serde_json::from_str(&format!(r#"{{"rules":{rules}}}"#)).unwrap();
             let err = FaultState::new(config).unwrap_err();
             assert!(err.starts_with("rules[0]: "), "{rules}: {err}");
         }
-        let numeric: FaultConfig = serde_json::from_str(
-            r#"{"rules":[{"status":429,"retryAfter":2,"retryAfterMs":1500}]}"#,
-        )
-        .unwrap();
+        let numeric: FaultConfig = serde_json::from_str(r#"{"rules":[{"status":429,"retryAfter":2,"retryAfterMs":1500}]}"#).unwrap();
         let state = FaultState::new(numeric).unwrap();
         assert_eq!(
             state.effects[0],
-            FaultEffect::Status {
-                status: 429,
-                retry_after: Some("2".into()),
-                retry_after_ms: Some("1500".into())
-            }
+            FaultEffect::Status { status: 429, retry_after: Some("2".into()), retry_after_ms: Some("1500".into()) }
         );
     }
 
     #[test]
     fn nth_selects_sequence_numbers() {
         let mut s = state(r#"{"rules":[{"status":500,"nth":[2,5]}]}"#);
-        assert_eq!(
-            run(&mut s, &["a"; 6]),
-            [None, Some(0), None, None, Some(0), None]
-        );
+        assert_eq!(run(&mut s, &["a"; 6]), [None, Some(0), None, None, Some(0), None]);
     }
 
     #[test]
     fn every_selects_multiples() {
         let mut s = state(r#"{"rules":[{"status":503,"every":3}]}"#);
-        assert_eq!(
-            run(&mut s, &["a"; 7]),
-            [None, None, Some(0), None, None, Some(0), None]
-        );
+        assert_eq!(run(&mut s, &["a"; 7]), [None, None, Some(0), None, None, Some(0), None]);
     }
 
     #[test]
     fn times_limits_firing_and_falls_through() {
-        let mut s =
-            state(r#"{"rules":[{"status":429,"times":2},{"body":"wrongCount","times":1}]}"#);
-        assert_eq!(
-            run(&mut s, &["a"; 5]),
-            [Some(0), Some(0), Some(1), None, None]
-        );
+        let mut s = state(r#"{"rules":[{"status":429,"times":2},{"body":"wrongCount","times":1}]}"#);
+        assert_eq!(run(&mut s, &["a"; 5]), [Some(0), Some(0), Some(1), None, None]);
         assert_eq!(s.fired_counts(), [2, 1]);
     }
 
     #[test]
     fn input_contains_and_model_selectors() {
-        let mut s = state(
-            r#"{"rules":[{"status":400,"inputContains":"boom"},{"status":500,"model":"other"}]}"#,
-        );
-        assert_eq!(
-            run(&mut s, &["fine", "a boom b", "boo"]),
-            [None, Some(0), None]
-        );
+        let mut s = state(r#"{"rules":[{"status":400,"inputContains":"boom"},{"status":500,"model":"other"}]}"#);
+        assert_eq!(run(&mut s, &["fine", "a boom b", "boo"]), [None, Some(0), None]);
         let inputs = vec!["x".to_string()];
-        let other = RequestFacts {
-            seq: 9,
-            model: "other",
-            inputs: &inputs,
-        };
-        assert_eq!(
-            s.select(&other).map(|f| f.description()),
-            Some("rules[1]: status 500".into())
-        );
+        let other = RequestFacts { seq: 9, model: "other", inputs: &inputs };
+        assert_eq!(s.select(&other).map(|f| f.description()), Some("rules[1]: status 500".into()));
     }
 
     #[test]
     fn all_selectors_must_match_and_first_rule_wins() {
-        let mut s = state(
-            r#"{"rules":[{"status":429,"every":2,"inputContains":"x"},{"body":"malformed","every":2}]}"#,
-        );
-        assert_eq!(
-            run(&mut s, &["x", "x", "y", "y"]),
-            [None, Some(0), None, Some(1)]
-        );
+        let mut s = state(r#"{"rules":[{"status":429,"every":2,"inputContains":"x"},{"body":"malformed","every":2}]}"#);
+        assert_eq!(run(&mut s, &["x", "x", "y", "y"]), [None, Some(0), None, Some(1)]);
         let mut unconditional = state(r#"{"rules":[{"body":"hang"}]}"#);
         assert_eq!(run(&mut unconditional, &["a", "b"]), [Some(0), Some(0)]);
     }

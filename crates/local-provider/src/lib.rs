@@ -8,13 +8,14 @@
 //! See `README.md` beside this crate for the HTTP interface.
 //!
 //! Modules, from the wire inwards:
-//! * [`server`]: TCP listener, one thread per connection, keep-alive loop;
-//! * [`http`]: HTTP/1.1 request parsing and response writing;
+//! * [`server`]: the HTTP/1.1 server (hyper on tokio) and the faults it injects on the wire;
+//! * [`http`]: requests and responses as the handlers see them (plain data);
 //! * [`app`]: routing and endpoint handlers;
 //! * [`api`]: the OpenAI request/response/error formats and validation;
 //! * [`azure`]: Azure OpenAI mode (its paths, `api-key`, `api-version`, deployments);
 //! * [`faults`]: fault rules and their selection;
 //! * [`log`]: the request log;
+//! * [`ratelimit`]: the rate-limit mode (OpenAI's per-minute request and token limits);
 //! * [`vectors`] and [`tokens`]: deterministic vectors and token counts;
 //! * [`cli`]: command-line parsing.
 
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod faults;
 pub mod http;
 pub mod log;
+pub mod ratelimit;
 pub mod server;
 pub mod tokens;
 pub mod vectors;

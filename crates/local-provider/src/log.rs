@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::azure::AzureFacts;
+use crate::ratelimit::Snapshot;
 
 /// One embeddings request as the provider saw and answered it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,12 +20,29 @@ pub struct LogEntry {
     pub dimensions: Option<i64>,
     /// `encoding_format` as sent (`null` when absent).
     pub encoding_format: Option<String>,
-    /// The status code answered.
+    /// The status code answered (0: the connection was dropped without an answer).
     pub status: u16,
     /// The fault rule that fired, e.g. `rules[0]: status 429`.
     pub fault: Option<String>,
     /// Whether the `Authorization` header (in Azure mode, the `api-key` header) was accepted.
     pub authorized: bool,
+    /// The API key sent (bearer token; in Azure mode the `api-key` header), masked as OpenAI
+    /// masks keys in its messages (`sk-***...wxyz`); `null` when none was sent.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The request's input tokens as the rate limit counts them (`usage.prompt_tokens`), for a
+    /// valid request.
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    /// In the rate-limit mode: the limits and what was left after the request.
+    #[serde(default)]
+    pub rate_limit: Option<Snapshot>,
+    /// When the request arrived (its body read), in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub started_ms: u64,
+    /// When its answer was sent, after the latency (`null` while it waits).
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
     /// In Azure mode: the deployment, `api-version` and which key headers were sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureFacts>,
@@ -51,10 +69,7 @@ impl RequestLog {
     /// Hands out the next sequence number.
     pub fn begin(&mut self) -> Ticket {
         self.last_seq += 1;
-        Ticket {
-            generation: self.generation,
-            seq: self.last_seq,
-        }
+        Ticket { generation: self.generation, seq: self.last_seq }
     }
 
     /// Records the entry of a request (its `seq` is taken from the ticket).
@@ -69,6 +84,21 @@ impl RequestLog {
         let position = self.entries.partition_point(|e| e.seq < entry.seq);
         self.entries.insert(position, entry);
         true
+    }
+
+    /// Sets the end time of a recorded request. Returns false if the log was
+    /// reset since the ticket was handed out.
+    pub fn finish(&mut self, ticket: Ticket, ended_ms: u64) -> bool {
+        if ticket.generation != self.generation {
+            return false;
+        }
+        match self.entries.binary_search_by_key(&ticket.seq, |entry| entry.seq) {
+            Ok(position) => {
+                self.entries[position].ended_ms = Some(ended_ms);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// The recorded entries, by sequence number.
@@ -102,6 +132,11 @@ mod tests {
             status,
             fault: None,
             authorized: true,
+            key: None,
+            tokens: Some(1),
+            rate_limit: None,
+            started_ms: 5,
+            ended_ms: None,
             azure: None,
         }
     }
@@ -119,15 +154,15 @@ mod tests {
 
         let in_flight = log.begin();
         assert_eq!(log.reset(), 2);
-        assert!(
-            !log.record(in_flight, entry(200)),
-            "stale ticket must be dropped"
-        );
+        assert!(!log.record(in_flight, entry(200)), "stale ticket must be dropped");
         assert!(log.entries().is_empty());
         let fresh = log.begin();
         assert_eq!(fresh.seq, 1);
         assert!(log.record(fresh, entry(200)));
         assert_eq!(log.entries().len(), 1);
+        assert!(log.finish(fresh, 9));
+        assert_eq!(log.entries()[0].ended_ms, Some(9));
+        assert!(!log.finish(in_flight, 10), "stale ticket");
     }
 
     #[test]
@@ -136,7 +171,8 @@ mod tests {
         assert_eq!(
             value,
             serde_json::json!({"seq":0,"path":"/v1/embeddings","model":"m","inputs":["a"],
-                "dimensions":null,"encodingFormat":null,"status":200,"fault":null,"authorized":true})
+                "dimensions":null,"encodingFormat":null,"status":200,"fault":null,"authorized":true,
+                "key":null,"tokens":1,"rateLimit":null,"startedMs":5,"endedMs":null})
         );
     }
 }

@@ -35,13 +35,12 @@ fn main() -> ExitCode {
     };
     // Scripts read the port from this first line, so it is flushed at once.
     let mut stdout = std::io::stdout().lock();
-    if writeln!(stdout, "listening on http://{addr}")
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
+    if writeln!(stdout, "listening on http://{addr}").and_then(|()| stdout.flush()).is_err() {
         eprintln!("embsync-local-provider: cannot write to stdout");
         return ExitCode::FAILURE;
     }
     drop(stdout);
-    server.run()
+    let err = server.run();
+    eprintln!("embsync-local-provider: cannot run the server: {err}");
+    ExitCode::FAILURE
 }

@@ -1,21 +1,48 @@
-//! The TCP listener and the per-connection request loop (one thread per
-//! connection, requests on a connection answered in order).
+//! The HTTP server: hyper's HTTP/1.1 connections on a tokio runtime.
+//!
+//! hyper does the protocol (request parsing, keep-alive, `Content-Length` and
+//! chunked bodies, `Expect: 100-continue`, HTTP/1.0, `Connection: close`,
+//! answering malformed requests with a 400 and closing). This module turns its
+//! requests into [`RequestHead`] and a body for [`App::handle`], waits the
+//! answer's latency with a timer (so a wait holds up only its own connection:
+//! many requests wait at once), and writes the answer back. Two pieces are
+//! done by hand because hyper has no setting for them:
+//!
+//! * the `drop` fault closes the connection without an answer: the service
+//!   returns an error, on which hyper drops the connection unanswered;
+//! * a connection that ends while the client may still be sending (an answer
+//!   with `Connection: close`, e.g. a 413 before an unread body) is closed
+//!   gracefully: hyper would drop the socket with unread input, and the kernel
+//!   then sends a reset that can destroy the answer still in flight, so the
+//!   server takes the socket back (`without_shutdown`), shuts its write side
+//!   and drains the input for a moment.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::ApiError;
 use crate::app::App;
 use crate::azure::Deployments;
-use crate::http::{self, BodyFraming, HttpError, Version};
+use crate::http::{RequestHead, Response, MAX_BODY_BYTES};
+use crate::ratelimit::RateLimitConfig;
 
-/// How long an idle keep-alive connection is kept open.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a connection may take to send a request's header section
+/// (including the idle time of a keep-alive connection before it).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How long, at most, unread request bytes are drained before closing.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -33,6 +60,10 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     /// Delay before every embeddings answer.
     pub latency: Duration,
+    /// Further delay per input of an embeddings request.
+    pub latency_per_input: Duration,
+    /// The rate-limit mode's settings (`--rpm`, `--tpm`); off by default.
+    pub rate_limits: RateLimitConfig,
     /// Refuse `encoding_format: "base64"` with a 400 (`--no-base64`).
     pub reject_base64: bool,
     /// Azure OpenAI mode and its deployments (`--azure`, `--azure-deployment`).
@@ -47,6 +78,8 @@ impl Default for Config {
             api_key: None,
             log_file: None,
             latency: Duration::ZERO,
+            latency_per_input: Duration::ZERO,
+            rate_limits: RateLimitConfig::default(),
             reject_base64: false,
             azure: None,
         }
@@ -56,7 +89,7 @@ impl Default for Config {
 /// A bound server, ready to accept connections.
 #[derive(Debug)]
 pub struct Server {
-    listener: TcpListener,
+    listener: StdTcpListener,
     app: Arc<App>,
 }
 
@@ -64,19 +97,15 @@ impl Server {
     /// Opens the log file (if any) and binds the listening socket.
     pub fn bind(config: &Config) -> io::Result<Server> {
         let log_file = config.log_file.as_ref().map(open_log_file).transpose()?;
-        let listener = TcpListener::bind((config.host.as_str(), config.port)).map_err(|err| {
-            io::Error::new(
-                err.kind(),
-                format!("cannot listen on {}:{}: {err}", config.host, config.port),
-            )
-        })?;
+        let listener = StdTcpListener::bind((config.host.as_str(), config.port))
+            .map_err(|err| io::Error::new(err.kind(), format!("cannot listen on {}:{}: {err}", config.host, config.port)))?;
+        listener.set_nonblocking(true)?;
         let app = App::new(config.api_key.clone(), config.latency, log_file)
+            .latency_per_input(config.latency_per_input)
+            .rate_limits(config.rate_limits.clone())
             .rejecting_base64(config.reject_base64)
             .azure(config.azure.clone());
-        Ok(Server {
-            listener,
-            app: Arc::new(app),
-        })
+        Ok(Server { listener, app: Arc::new(app) })
     }
 
     /// The address the server listens on (with the actual port).
@@ -84,25 +113,30 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Accepts connections forever, serving each on its own thread.
-    pub fn run(self) -> ! {
+    /// Serves connections until the process ends; returns only if the runtime
+    /// cannot be started.
+    pub fn run(self) -> io::Error {
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("local-provider").build() {
+            Ok(runtime) => runtime,
+            Err(err) => return err,
+        };
+        runtime.block_on(self.accept_loop())
+    }
+
+    async fn accept_loop(self) -> io::Error {
+        let listener = match TcpListener::from_std(self.listener) {
+            Ok(listener) => listener,
+            Err(err) => return err,
+        };
         loop {
-            match self.listener.accept() {
+            match listener.accept().await {
                 Ok((stream, _peer)) => {
-                    let app = Arc::clone(&self.app);
-                    let spawned = thread::Builder::new()
-                        .name("connection".to_string())
-                        .spawn(move || serve_connection(stream, &app));
-                    if let Err(err) = spawned {
-                        eprintln!(
-                            "embsync-local-provider: cannot start a connection thread: {err}"
-                        );
-                    }
+                    tokio::spawn(serve_connection(stream, Arc::clone(&self.app)));
                 }
                 Err(err) => {
                     // For example too many open files: back off briefly.
                     eprintln!("embsync-local-provider: accept failed: {err}");
-                    thread::sleep(Duration::from_millis(50));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
@@ -112,9 +146,10 @@ impl Server {
     /// (for tests that embed the provider).
     pub fn spawn(self) -> io::Result<SocketAddr> {
         let addr = self.local_addr()?;
-        thread::Builder::new()
-            .name("local-provider".to_string())
-            .spawn(move || self.run())?;
+        thread::Builder::new().name("local-provider".to_string()).spawn(move || {
+            let err = self.run();
+            eprintln!("embsync-local-provider: cannot run the server: {err}");
+        })?;
         Ok(addr)
     }
 }
@@ -124,97 +159,122 @@ fn open_log_file(path: &PathBuf) -> io::Result<File> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|err| {
-            io::Error::new(
-                err.kind(),
-                format!("cannot open log file {}: {err}", path.display()),
-            )
-        })
+        .map_err(|err| io::Error::new(err.kind(), format!("cannot open log file {}: {err}", path.display())))
 }
 
-/// Serves the requests of one connection until it closes, asks to close, or
-/// sends something unparsable.
-fn serve_connection(stream: TcpStream, app: &App) {
-    // Failing to set socket options only costs latency or a stuck thread.
+/// Why a connection is dropped without an answer (the `drop` fault).
+#[derive(Debug)]
+struct DropConnection;
+
+impl std::fmt::Display for DropConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped by a fault rule")
+    }
+}
+
+impl std::error::Error for DropConnection {}
+
+/// Serves the requests of one connection until it closes.
+async fn serve_connection(stream: TcpStream, app: Arc<App>) {
+    // Failing to set it only costs latency.
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
-    let mut writer = match stream.try_clone() {
-        Ok(writer) => writer,
-        Err(err) => {
-            eprintln!("embsync-local-provider: cannot use connection: {err}");
-            return;
-        }
-    };
-    let mut reader = BufReader::new(stream);
-    loop {
-        match serve_one(&mut reader, &mut writer, app) {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(err) => {
-                if let Some(status) = err.status() {
-                    let error = ApiError {
-                        status,
-                        message: err.to_string(),
-                        kind: "invalid_request_error",
-                        param: None,
-                        code: None,
-                    };
-                    let response = http::Response::json(status, &error.body());
-                    // The client may be gone already; nothing more to do then.
-                    let _ = write_response(&mut writer, &response, Version::Http11, false);
-                }
-                break;
-            }
-        }
+    let service = service_fn(move |request| handle(Arc::clone(&app), request));
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .without_shutdown();
+    // An error means the client went away, sent something hyper answered with an error and
+    // closed, or a `drop` fault fired: the socket is already gone then.
+    if let Ok(parts) = connection.await {
+        close_gracefully(parts.io.into_inner()).await;
     }
-    close_gracefully(reader, &writer);
 }
 
-/// Reads one request and answers it. Returns whether the connection stays
-/// open (`Ok(false)` also at a clean end of the connection).
-fn serve_one(
-    reader: &mut BufReader<TcpStream>,
-    writer: &mut TcpStream,
-    app: &App,
-) -> Result<bool, HttpError> {
-    let Some(head) = http::read_head(reader)? else {
-        return Ok(false);
-    };
-    let framing = head.body_framing()?;
-    if head.expects_continue() && framing != BodyFraming::Empty {
-        writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        writer.flush()?;
-    }
-    let body = http::read_body(reader, framing)?;
-    let keep_alive = head.keep_alive();
-    let response = app.handle(&head, &body);
-    write_response(writer, &response, head.version, keep_alive)?;
-    Ok(keep_alive)
-}
-
-fn write_response(
-    writer: &mut TcpStream,
-    response: &http::Response,
-    version: Version,
-    keep_alive: bool,
-) -> io::Result<()> {
-    let mut buffered = BufWriter::with_capacity(64 * 1024, writer);
-    response.write_to(&mut buffered, version, keep_alive)
-}
-
-/// Closes the connection without losing the last response: a close with
-/// unread input makes the kernel send a reset, which can discard response
-/// bytes still in flight. So the write side is shut down first and pending
-/// input is drained for a short while.
-fn close_gracefully(mut reader: BufReader<TcpStream>, writer: &TcpStream) {
-    let _ = writer.shutdown(Shutdown::Write);
-    let _ = reader.get_ref().set_read_timeout(Some(DRAIN_TIMEOUT));
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
+/// Closes the connection without losing the last answer: the write side is
+/// shut down first and pending input drained for a short while (see the
+/// module documentation).
+async fn close_gracefully(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
     let mut sink = [0u8; 16 * 1024];
-    while Instant::now() < deadline {
-        match reader.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => continue,
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while let Ok(1..) = stream.read(&mut sink).await {} }).await;
+}
+
+/// Answers one request.
+async fn handle(app: Arc<App>, request: hyper::Request<Incoming>) -> Result<hyper::Response<Full<Bytes>>, DropConnection> {
+    let (parts, body) = request.into_parts();
+    let declared = parts.headers.get(CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Ok(closing(too_large()));
+    }
+    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Ok(closing(too_large())),
+        // A body that breaks off or is malformed (e.g. a bad chunk size).
+        Err(err) => return Ok(closing(bad_request(&format!("malformed request body: {err}")))),
+    };
+    let head = RequestHead {
+        method: parts.method.as_str().to_string(),
+        target: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_string(), |target| target.as_str().to_string()),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str().to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+            .collect(),
+    };
+    // Building an answer is CPU work (vectors, JSON): keep it off the threads that drive
+    // the connections.
+    let worker = Arc::clone(&app);
+    let pending = match tokio::task::spawn_blocking(move || worker.handle(&head, &body)).await {
+        Ok(pending) => pending,
+        Err(err) => {
+            eprintln!("embsync-local-provider: request handler failed: {err}");
+            return Ok(to_hyper(Response::json(500, &ApiError::injected(500, "", None, None).body())));
+        }
+    };
+    if !pending.wait.is_zero() {
+        tokio::time::sleep(pending.wait).await;
+    }
+    let drop_connection = pending.drop_connection;
+    let response = app.complete(pending);
+    if drop_connection {
+        return Err(DropConnection);
+    }
+    Ok(to_hyper(response))
+}
+
+/// An OpenAI-style 400.
+fn bad_request(message: &str) -> Response {
+    Response::json(400, &ApiError::invalid(None, message).body())
+}
+
+/// The 413 for a body over [`MAX_BODY_BYTES`].
+fn too_large() -> Response {
+    let error = ApiError { status: 413, ..ApiError::invalid(None, format!("request body larger than {MAX_BODY_BYTES} bytes")) };
+    Response::json(413, &error.body())
+}
+
+/// A response after which the connection closes (the request's body may be
+/// unread).
+fn closing(response: Response) -> hyper::Response<Full<Bytes>> {
+    let mut response = to_hyper(response);
+    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Converts the app's response; hyper adds `Content-Length`.
+fn to_hyper(response: Response) -> hyper::Response<Full<Bytes>> {
+    let mut out = hyper::Response::new(Full::new(Bytes::from(response.body)));
+    *out.status_mut() = hyper::StatusCode::from_u16(response.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = out.headers_mut();
+    for (name, value) in response.headers {
+        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value.as_bytes())) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            // Fault headers are checked when configured; this cannot happen.
+            _ => eprintln!("embsync-local-provider: dropped an invalid header {name:?}"),
         }
     }
+    out
 }

@@ -18,10 +18,7 @@ fn start(config: Config) -> SocketAddr {
 }
 
 fn start_with_key() -> SocketAddr {
-    start(Config {
-        api_key: Some(KEY.to_string()),
-        ..Config::default()
-    })
+    start(Config { api_key: Some(KEY.to_string()), ..Config::default() })
 }
 
 /// A parsed response as the client saw it.
@@ -34,19 +31,11 @@ struct Reply {
 
 impl Reply {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
-            panic!(
-                "invalid JSON ({err}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| panic!("invalid JSON ({err}): {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
@@ -59,13 +48,8 @@ struct Client {
 impl Client {
     fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        Client {
-            writer: stream.try_clone().unwrap(),
-            reader: BufReader::new(stream),
-        }
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Client { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream) }
     }
 
     fn send_raw(&mut self, raw: &[u8]) {
@@ -95,16 +79,8 @@ impl Client {
             let (name, value) = line.split_once(": ").unwrap();
             headers.push((name.to_string(), value.to_string()));
         }
-        let mut reply = Reply {
-            status,
-            headers,
-            body: Vec::new(),
-        };
-        let length: usize = reply
-            .header("content-length")
-            .expect("content-length")
-            .parse()
-            .unwrap();
+        let mut reply = Reply { status, headers, body: Vec::new() };
+        let length: usize = reply.header("content-length").expect("content-length").parse().unwrap();
         reply.body = vec![0; length];
         self.reader.read_exact(&mut reply.body).unwrap();
         reply
@@ -127,15 +103,7 @@ impl Client {
 
     fn embed(&mut self, body: Value) -> Reply {
         let auth = format!("Bearer {KEY}");
-        self.request(
-            "POST",
-            "/v1/embeddings",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/json"),
-            ],
-            &body.to_string(),
-        )
+        self.request("POST", "/v1/embeddings", &[("Authorization", &auth), ("Content-Type", "application/json")], &body.to_string())
     }
 
     /// Whether the server closed the connection (EOF on read).
@@ -159,10 +127,7 @@ fn keep_alive_with_content_length_and_chunked_bodies() {
     let mut client = Client::connect(addr);
 
     let health = client.request("GET", "/health", &[], "");
-    assert_eq!(
-        (health.status, health.json()),
-        (200, json!({"status": "ok"}))
-    );
+    assert_eq!((health.status, health.json()), (200, json!({"status": "ok"})));
     assert_eq!(health.header("connection"), None);
 
     let first = client.embed(small(json!(["hello", "world"])));
@@ -193,12 +158,7 @@ fn keep_alive_with_content_length_and_chunked_bodies() {
     assert_eq!(client.read_reply().status, 404);
 
     let log = admin(addr, "GET", "/_admin/requests", "").json();
-    let seqs: Vec<_> = log
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["seq"].clone())
-        .collect();
+    let seqs: Vec<_> = log.as_array().unwrap().iter().map(|e| e["seq"].clone()).collect();
     assert_eq!(seqs, [json!(1), json!(2)]);
 }
 
@@ -235,9 +195,7 @@ fn oversized_bodies_get_413() {
     let addr = start(Config::default());
     let mut client = Client::connect(addr);
     let too_big = crate::http::MAX_BODY_BYTES + 1;
-    client.send_raw(
-        format!("POST /v1/embeddings HTTP/1.1\r\nContent-Length: {too_big}\r\n\r\n{{").as_bytes(),
-    );
+    client.send_raw(format!("POST /v1/embeddings HTTP/1.1\r\nContent-Length: {too_big}\r\n\r\n{{").as_bytes());
     let reply = client.read_reply();
     assert_eq!(reply.status, 413);
     assert!(client.is_closed());
@@ -246,25 +204,14 @@ fn oversized_bodies_get_413() {
 #[test]
 fn hang_is_logged_before_the_late_answer() {
     let addr = start(Config::default());
-    admin(
-        addr,
-        "POST",
-        "/_admin/faults",
-        r#"{"rules":[{"body":"hang","times":1}]}"#,
-    );
+    admin(addr, "POST", "/_admin/faults", r#"{"rules":[{"body":"hang","times":1}]}"#);
     let mut client = Client::connect(addr);
     // Reader and writer share one socket, so this applies to both.
     let socket = client.reader.get_ref();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let body = small(json!("slow")).to_string();
     client.send_raw(
-        format!(
-            "POST /v1/embeddings HTTP/1.1\r\nAuthorization: Bearer k\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
+        format!("POST /v1/embeddings HTTP/1.1\r\nAuthorization: Bearer k\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
     );
     let mut byte = [0u8; 1];
     let read = client.reader.read(&mut byte);
@@ -274,12 +221,7 @@ fn hang_is_logged_before_the_late_answer() {
     assert_eq!(log[0]["status"], 200);
     // The rule fired once; other connections are served normally meanwhile.
     let mut other = Client::connect(addr);
-    let reply = other.request(
-        "POST",
-        "/v1/embeddings",
-        &[("Authorization", "Bearer k")],
-        &body,
-    );
+    let reply = other.request("POST", "/v1/embeddings", &[("Authorization", "Bearer k")], &body);
     assert_eq!(reply.status, 200);
 }
 
@@ -306,8 +248,7 @@ fn expect_100_continue() {
 fn success_headers_and_base64() {
     let addr = start_with_key();
     let mut client = Client::connect(addr);
-    let request =
-        json!({"model": "text-embedding-3-large", "input": ["a", "b c"], "dimensions": 8});
+    let request = json!({"model": "text-embedding-3-large", "input": ["a", "b c"], "dimensions": 8});
     let floats = client.embed(request.clone());
     assert_eq!(floats.status, 200);
     for header in [
@@ -321,25 +262,17 @@ fn success_headers_and_base64() {
     ] {
         assert!(floats.header(header).is_some(), "missing {header}");
     }
-    assert!(floats
-        .header("x-request-id")
-        .is_some_and(|id| id.starts_with("req_")));
+    assert!(floats.header("x-request-id").is_some_and(|id| id.starts_with("req_")));
     assert_eq!(floats.header("content-type"), Some("application/json"));
     let body = floats.json();
-    assert_eq!(
-        body["usage"],
-        json!({"prompt_tokens": 3, "total_tokens": 3})
-    );
+    assert_eq!(body["usage"], json!({"prompt_tokens": 3, "total_tokens": 3}));
 
     let mut base64_request = request;
     base64_request["encoding_format"] = json!("base64");
-    let encoded: EmbeddingList =
-        serde_json::from_slice(&client.embed(base64_request).body).unwrap();
+    let encoded: EmbeddingList = serde_json::from_slice(&client.embed(base64_request).body).unwrap();
     let float_list: EmbeddingList = serde_json::from_value(body).unwrap();
     for (b64, float) in encoded.data.iter().zip(&float_list.data) {
-        let (EmbeddingData::Base64(text), EmbeddingData::Float(values)) =
-            (&b64.embedding, &float.embedding)
-        else {
+        let (EmbeddingData::Base64(text), EmbeddingData::Float(values)) = (&b64.embedding, &float.embedding) else {
             panic!("unexpected encodings: {b64:?} / {float:?}");
         };
         assert_eq!(vectors::decode_base64(text).as_ref(), Some(values));
@@ -358,42 +291,41 @@ fn auth_errors_and_log_entries() {
     assert_eq!(missing.json()["error"]["code"], "invalid_api_key");
 
     let wrong_key = "sk-wrong-key-abcdefghijklmnop";
-    let wrong = client.request(
-        "POST",
-        "/v1/embeddings",
-        &[("Authorization", &format!("Bearer {wrong_key}"))],
-        &body,
-    );
+    let wrong = client.request("POST", "/v1/embeddings", &[("Authorization", &format!("Bearer {wrong_key}"))], &body);
     assert_eq!(wrong.status, 401);
     let error = wrong.json()["error"].clone();
     assert_eq!(error["type"], "invalid_request_error");
     assert_eq!(error["param"], Value::Null);
-    assert!(error["message"]
-        .as_str()
-        .unwrap()
-        .starts_with("Incorrect API key provided: sk-"));
+    assert!(error["message"].as_str().unwrap().starts_with("Incorrect API key provided: sk-"));
     assert!(!String::from_utf8_lossy(&wrong.body).contains(wrong_key));
 
     let unknown = client.embed(json!({"model": "x", "input": "y"}));
     assert_eq!(unknown.status, 404);
     assert_eq!(unknown.json()["error"]["code"], "model_not_found");
 
-    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    let mut log = admin(addr, "GET", "/_admin/requests", "").json();
+    // The times: set, in order, and taken out before the comparison.
+    for entry in log.as_array_mut().unwrap() {
+        let entry = entry.as_object_mut().unwrap();
+        let started = entry.remove("startedMs").unwrap().as_u64().unwrap();
+        let ended = entry.remove("endedMs").unwrap().as_u64().unwrap();
+        assert!(started > 1_700_000_000_000 && started <= ended, "{started} {ended}");
+    }
     assert_eq!(
         log,
         json!([
             {"seq": 1, "path": "/v1/embeddings", "model": "text-embedding-3-small", "inputs": ["x"],
-             "dimensions": null, "encodingFormat": null, "status": 401, "fault": null, "authorized": false},
+             "dimensions": null, "encodingFormat": null, "status": 401, "fault": null, "authorized": false,
+             "key": null, "tokens": null, "rateLimit": null},
             {"seq": 2, "path": "/v1/embeddings", "model": "text-embedding-3-small", "inputs": ["x"],
-             "dimensions": null, "encodingFormat": null, "status": 401, "fault": null, "authorized": false},
+             "dimensions": null, "encodingFormat": null, "status": 401, "fault": null, "authorized": false,
+             "key": "sk-**********************mnop", "tokens": null, "rateLimit": null},
             {"seq": 3, "path": "/v1/embeddings", "model": "x", "inputs": ["y"],
-             "dimensions": null, "encodingFormat": null, "status": 404, "fault": null, "authorized": true},
+             "dimensions": null, "encodingFormat": null, "status": 404, "fault": null, "authorized": true,
+             "key": "sk-***************6789", "tokens": null, "rateLimit": null},
         ])
     );
-    assert_eq!(
-        admin(addr, "DELETE", "/_admin/requests", "").json(),
-        json!({"cleared": 3})
-    );
+    assert_eq!(admin(addr, "DELETE", "/_admin/requests", "").json(), json!({"cleared": 3}));
     client.embed(small(json!("again")));
     let log = admin(addr, "GET", "/_admin/requests", "").json();
     assert_eq!(log[0]["seq"], 1);
@@ -416,10 +348,7 @@ fn fault_rules_over_http() {
     });
     let set = admin(addr, "POST", "/_admin/faults", &config.to_string());
     assert_eq!(set.status, 200);
-    assert_eq!(
-        admin(addr, "GET", "/_admin/faults", "").json()["rules"][0]["retryAfter"],
-        "1"
-    );
+    assert_eq!(admin(addr, "GET", "/_admin/faults", "").json()["rules"][0]["retryAfter"], "1");
 
     let mut client = Client::connect(addr);
     let request = json!({"model": "text-embedding-3-small", "input": ["a", "b"], "dimensions": 4});
@@ -436,28 +365,16 @@ fn fault_rules_over_http() {
     let short = client.embed(request.clone()).json();
     assert_eq!(short["data"].as_array().map(Vec::len), Some(1));
     let thin = client.embed(request.clone()).json();
-    assert_eq!(
-        thin["data"][0]["embedding"].as_array().map(Vec::len),
-        Some(3)
-    );
+    assert_eq!(thin["data"][0]["embedding"].as_array().map(Vec::len), Some(3));
     let broken = client.embed(request.clone());
     assert_eq!(broken.status, 200);
     assert!(serde_json::from_slice::<Value>(&broken.body).is_err());
 
     assert_eq!(client.embed(small(json!("explode"))).status, 500);
-    assert_eq!(
-        client.embed(small(json!("explode"))).status,
-        200,
-        "times: 1"
-    );
+    assert_eq!(client.embed(small(json!("explode"))).status, 200, "times: 1");
 
     let log = admin(addr, "GET", "/_admin/requests", "").json();
-    let faults: Vec<_> = log
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["fault"].clone())
-        .collect();
+    let faults: Vec<_> = log.as_array().unwrap().iter().map(|e| e["fault"].clone()).collect();
     assert_eq!(
         faults,
         [
@@ -471,46 +388,23 @@ fn fault_rules_over_http() {
         ]
     );
 
-    let bad = admin(
-        addr,
-        "POST",
-        "/_admin/faults",
-        r#"{"rules":[{"status":429,"nht":[1]}]}"#,
-    );
+    let bad = admin(addr, "POST", "/_admin/faults", r#"{"rules":[{"status":429,"nht":[1]}]}"#);
     assert_eq!(bad.status, 400);
-    assert!(bad.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("nht"));
-    assert_eq!(
-        admin(addr, "DELETE", "/_admin/faults", "").json()["rules"],
-        json!([])
-    );
+    assert!(bad.json()["error"]["message"].as_str().unwrap().contains("nht"));
+    assert_eq!(admin(addr, "DELETE", "/_admin/faults", "").json()["rules"], json!([]));
     assert_eq!(client.embed(request).status, 200);
 }
 
 #[test]
 fn latency_delays_answers() {
-    let addr = start(Config {
-        latency: Duration::from_millis(30),
-        ..Config::default()
-    });
+    let addr = start(Config { latency: Duration::from_millis(30), ..Config::default() });
     admin(addr, "POST", "/_admin/faults", r#"{"latencyMs": 40}"#);
     let mut client = Client::connect(addr);
     let started = std::time::Instant::now();
-    let reply = client.request(
-        "POST",
-        "/v1/embeddings",
-        &[("Authorization", "Bearer k")],
-        &small(json!("x")).to_string(),
-    );
+    let reply = client.request("POST", "/v1/embeddings", &[("Authorization", "Bearer k")], &small(json!("x")).to_string());
     assert_eq!(reply.status, 200);
     assert!(started.elapsed() >= Duration::from_millis(70));
-    let processing: u64 = reply
-        .header("openai-processing-ms")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let processing: u64 = reply.header("openai-processing-ms").unwrap().parse().unwrap();
     assert!(processing >= 70, "{processing}");
 }
 
@@ -520,53 +414,29 @@ fn unknown_paths_and_methods() {
     let mut client = Client::connect(addr);
     let missing = client.request("GET", "/v1/models", &[], "");
     assert_eq!(missing.status, 404);
-    assert_eq!(
-        missing.json()["error"]["message"],
-        "Invalid URL (GET /v1/models)"
-    );
+    assert_eq!(missing.json()["error"]["message"], "Invalid URL (GET /v1/models)");
     let wrong = client.request("GET", "/v1/embeddings", &[], "");
     assert_eq!(wrong.status, 405);
     assert_eq!(wrong.header("allow"), Some("POST"));
     // The connection survives error answers.
-    assert_eq!(
-        client.request("GET", "/health?probe=1", &[], "").status,
-        200
-    );
+    assert_eq!(client.request("GET", "/health?probe=1", &[], "").status, 200);
 }
 
 #[test]
 fn log_file_gets_json_lines() {
-    let path =
-        std::env::temp_dir().join(format!("local-provider-test-{}.jsonl", std::process::id()));
+    let path = std::env::temp_dir().join(format!("local-provider-test-{}.jsonl", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let addr = start(Config {
-        log_file: Some(path.clone()),
-        ..Config::default()
-    });
+    let addr = start(Config { log_file: Some(path.clone()), ..Config::default() });
     let mut client = Client::connect(addr);
     let auth = [("Authorization", "Bearer k")];
-    client.request(
-        "POST",
-        "/v1/embeddings",
-        &auth,
-        &small(json!("one")).to_string(),
-    );
+    client.request("POST", "/v1/embeddings", &auth, &small(json!("one")).to_string());
     client.request("POST", "/v1/embeddings", &auth, "not json");
     let text = std::fs::read_to_string(&path).unwrap();
     let _ = std::fs::remove_file(&path);
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let lines: Vec<Value> = text.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
     assert_eq!(lines.len(), 2);
-    assert_eq!(
-        (lines[0]["seq"].clone(), lines[0]["status"].clone()),
-        (json!(1), json!(200))
-    );
-    assert_eq!(
-        (lines[1]["seq"].clone(), lines[1]["status"].clone()),
-        (json!(2), json!(400))
-    );
+    assert_eq!((lines[0]["seq"].clone(), lines[0]["status"].clone()), (json!(1), json!(200)));
+    assert_eq!((lines[1]["seq"].clone(), lines[1]["status"].clone()), (json!(2), json!(400)));
 }
 
 #[test]
@@ -580,11 +450,7 @@ fn base64_can_be_refused() {
     float["encoding_format"] = json!("float");
 
     // `--no-base64`.
-    let addr = start(Config {
-        api_key: Some(KEY.to_string()),
-        reject_base64: true,
-        ..Config::default()
-    });
+    let addr = start(Config { api_key: Some(KEY.to_string()), reject_base64: true, ..Config::default() });
     let mut client = Client::connect(addr);
     let refused = client.embed(b64.clone());
     assert_eq!(refused.status, 400);
@@ -601,12 +467,7 @@ fn base64_can_be_refused() {
     let addr = start_with_key();
     let mut client = Client::connect(addr);
     assert_eq!(client.embed(b64.clone()).status, 200);
-    let set = admin(
-        addr,
-        "POST",
-        "/_admin/faults",
-        r#"{"rejectBase64": true, "rules": [{"status": 500, "times": 1}]}"#,
-    );
+    let set = admin(addr, "POST", "/_admin/faults", r#"{"rejectBase64": true, "rules": [{"status": 500, "times": 1}]}"#);
     assert_eq!(set.status, 200);
     assert_eq!(set.json()["rejectBase64"], true);
     let refused = client.embed(b64.clone());
@@ -632,11 +493,7 @@ fn start_azure() -> SocketAddr {
 /// An Azure error body's code and message.
 fn azure_error(reply: &Reply) -> (u16, String, String) {
     let error = reply.json()["error"].clone();
-    (
-        reply.status,
-        error["code"].as_str().unwrap_or_default().to_string(),
-        error["message"].as_str().unwrap_or_default().to_string(),
-    )
+    (reply.status, error["code"].as_str().unwrap_or_default().to_string(), error["message"].as_str().unwrap_or_default().to_string())
 }
 
 #[test]
@@ -652,10 +509,7 @@ fn azure_mode_serves_deployments_with_the_api_key_header() {
     assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
     let list: EmbeddingList = serde_json::from_slice(&ok.body).unwrap();
     assert_eq!(list.model, "text-embedding-3-large");
-    assert_eq!(
-        list.data[0].embedding,
-        EmbeddingData::Float(vectors::embedding("text-embedding-3-large", "hello", 3072))
-    );
+    assert_eq!(list.data[0].embedding, EmbeddingData::Float(vectors::embedding("text-embedding-3-large", "hello", 3072)));
     let with_model = json!({"model": "text-embedding-3-small", "input": "hello"}).to_string();
     let ignored = client.request("POST", deployment, &key, &with_model);
     assert_eq!(ignored.json()["model"], "text-embedding-3-large");
@@ -678,52 +532,24 @@ fn azure_mode_serves_deployments_with_the_api_key_header() {
     assert_eq!(azure_error(&wrong).0, 401);
 
     // Unknown deployment; missing and unknown api-version; OpenAI's own paths.
-    let unknown = client.request(
-        "POST",
-        "/openai/deployments/text-embedding-3-large/embeddings?api-version=2024-10-21",
-        &key,
-        &body,
-    );
+    let unknown = client.request("POST", "/openai/deployments/text-embedding-3-large/embeddings?api-version=2024-10-21", &key, &body);
     let (status, code, message) = azure_error(&unknown);
     assert_eq!((status, code.as_str()), (404, "DeploymentNotFound"));
     assert!(message.starts_with("The API deployment for this resource does not exist."));
-    let v1_unknown = client.request(
-        "POST",
-        "/openai/v1/embeddings",
-        &key,
-        &json!({"model": "text-embedding-3-large", "input": "x"}).to_string(),
-    );
+    let v1_unknown =
+        client.request("POST", "/openai/v1/embeddings", &key, &json!({"model": "text-embedding-3-large", "input": "x"}).to_string());
     assert_eq!(azure_error(&v1_unknown).1, "DeploymentNotFound");
     let no_version = client.request("POST", "/openai/deployments/emb-large/embeddings", &key, &body);
-    assert_eq!(
-        azure_error(&no_version),
-        (404, "404".to_string(), "Resource not found".to_string())
-    );
-    let bad_version = client.request(
-        "POST",
-        "/openai/deployments/emb-large/embeddings?api-version=latest",
-        &key,
-        &body,
-    );
-    assert_eq!(
-        azure_error(&bad_version),
-        (400, "BadRequest".to_string(), "API version not supported".to_string())
-    );
+    assert_eq!(azure_error(&no_version), (404, "404".to_string(), "Resource not found".to_string()));
+    let bad_version = client.request("POST", "/openai/deployments/emb-large/embeddings?api-version=latest", &key, &body);
+    assert_eq!(azure_error(&bad_version), (400, "BadRequest".to_string(), "API version not supported".to_string()));
     let openai_path = client.request("POST", "/v1/embeddings", &key, &with_model);
-    assert_eq!(
-        azure_error(&openai_path),
-        (404, "404".to_string(), "Resource not found".to_string())
-    );
+    assert_eq!(azure_error(&openai_path), (404, "404".to_string(), "Resource not found".to_string()));
 
     // The log records whether the key was accepted, the deployment, the api-version and which
     // key headers came.
     let log = admin(addr, "GET", "/_admin/requests", "").json();
-    let facts: Vec<Value> = log
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| json!([e["status"], e["model"], e["authorized"], e["azure"]]))
-        .collect();
+    let facts: Vec<Value> = log.as_array().unwrap().iter().map(|e| json!([e["status"], e["model"], e["authorized"], e["azure"]])).collect();
     assert_eq!(
         facts,
         vec![
@@ -745,12 +571,213 @@ fn azure_mode_serves_deployments_with_the_api_key_header() {
 fn azure_paths_are_unknown_to_an_openai_server() {
     let addr = start_with_key();
     let mut client = Client::connect(addr);
-    let reply = client.request(
-        "POST",
-        "/openai/deployments/emb-large/embeddings?api-version=2024-10-21",
-        &[("api-key", KEY)],
-        "{}",
-    );
+    let reply = client.request("POST", "/openai/deployments/emb-large/embeddings?api-version=2024-10-21", &[("api-key", KEY)], "{}");
     assert_eq!(reply.status, 404);
     assert_eq!(reply.json()["error"]["type"], "invalid_request_error");
+}
+
+fn start_rate_limited(rpm: u64, tpm: u64) -> SocketAddr {
+    start(Config {
+        rate_limits: crate::ratelimit::RateLimitConfig { enabled: true, rpm: Some(rpm), tpm: Some(tpm), models: Default::default() },
+        ..Config::default()
+    })
+}
+
+fn embed_as(client: &mut Client, key: &str, body: &Value) -> Reply {
+    client.request("POST", "/v1/embeddings", &[("Authorization", &format!("Bearer {key}"))], &body.to_string())
+}
+
+fn header_u64(reply: &Reply, name: &str) -> u64 {
+    reply.header(name).unwrap_or_else(|| panic!("no {name}")).parse().unwrap()
+}
+
+#[test]
+fn rate_limit_mode_refuses_past_the_requests_per_minute() {
+    let addr = start_rate_limited(2, 1_000_000);
+    let mut client = Client::connect(addr);
+    let key = "sk-rate-limited-key-0001";
+    let body = small(json!(["one two", "three"]));
+    let first = embed_as(&mut client, key, &body);
+    assert_eq!(first.status, 200);
+    let tokens = first.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(header_u64(&first, "x-ratelimit-limit-requests"), 2);
+    assert_eq!(header_u64(&first, "x-ratelimit-limit-tokens"), 1_000_000);
+    assert_eq!(header_u64(&first, "x-ratelimit-remaining-requests"), 1);
+    assert_eq!(header_u64(&first, "x-ratelimit-remaining-tokens"), 1_000_000 - tokens);
+    // 2 RPM: a request comes back in 30 s.
+    assert_eq!(first.header("x-ratelimit-reset-requests"), Some("30s"));
+    let second = embed_as(&mut client, key, &body);
+    assert_eq!(second.status, 200);
+    assert_eq!(header_u64(&second, "x-ratelimit-remaining-requests"), 0);
+
+    let third = embed_as(&mut client, key, &body);
+    assert_eq!(third.status, 429);
+    let error = third.json()["error"].clone();
+    assert_eq!(error["code"], "rate_limit_exceeded");
+    assert_eq!(error["type"], "requests");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Rate limit reached for text-embedding-3-small in organization org-local-provider \
+             on requests per min (RPM): Limit 2, Used 2, Requested 1. Please try again in 2"
+        ),
+        "{message}"
+    );
+    assert_eq!(header_u64(&third, "x-ratelimit-remaining-requests"), 0);
+    // The first request's slot comes back 30 s after it: a little less than 30 s from now.
+    assert_eq!(third.header("retry-after"), Some("30"));
+    let retry_ms = header_u64(&third, "retry-after-ms");
+    assert!((25_000..=30_000).contains(&retry_ms), "{retry_ms}");
+    assert!(third.header("x-ratelimit-reset-tokens").is_some());
+
+    // Another key has buckets of its own.
+    assert_eq!(embed_as(&mut client, "sk-other-key-000000002", &body).status, 200);
+
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    let statuses: Vec<_> = log.as_array().unwrap().iter().map(|e| e["status"].clone()).collect();
+    assert_eq!(statuses, [json!(200), json!(200), json!(429), json!(200)]);
+    assert_eq!(log[2]["fault"], "rateLimit: requests");
+    assert_eq!(log[2]["key"], "sk-*****************0001");
+    assert_eq!(log[2]["tokens"], tokens);
+    assert_eq!(log[1]["rateLimit"]["remainingRequests"], 0);
+    assert_eq!(log[1]["rateLimit"]["limitRequests"], 2);
+    assert_eq!(log[3]["rateLimit"]["remainingRequests"], 1);
+}
+
+#[test]
+fn rate_limits_change_at_run_time() {
+    let addr = start_rate_limited(100, 1_000_000);
+    let mut client = Client::connect(addr);
+    let config = admin(addr, "GET", "/_admin/ratelimit", "").json();
+    assert_eq!(config, json!({"enabled": true, "rpm": 100, "tpm": 1_000_000, "models": {}}));
+    // 60 tokens per minute for the small model: a token a second.
+    let set = admin(addr, "POST", "/_admin/ratelimit", r#"{"models":{"text-embedding-3-small":{"tpm":60}}}"#);
+    assert_eq!(set.status, 200);
+    let long = "word ".repeat(70).trim_end().to_string();
+    let too_large = embed_as(&mut client, "k", &small(json!(long)));
+    assert_eq!(too_large.status, 429);
+    let message = too_large.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.starts_with("Request too large for text-embedding-3-small") && message.contains("Limit 60, Requested 70."),
+        "{message}"
+    );
+    assert_eq!(too_large.header("retry-after"), None);
+
+    let forty = "word ".repeat(40).trim_end().to_string();
+    let ok = embed_as(&mut client, "k", &small(json!(forty)));
+    assert_eq!(ok.status, 200);
+    assert_eq!(header_u64(&ok, "x-ratelimit-limit-tokens"), 60);
+    assert_eq!(header_u64(&ok, "x-ratelimit-remaining-tokens"), 20);
+    // 40 tokens used at a token a second: full again in 40 s.
+    let reset = ok.header("x-ratelimit-reset-tokens").unwrap();
+    assert!(reset.starts_with("39.9") || reset == "40s", "{reset}");
+    // The default limits apply to the other model (the defaults of the mode, 10,000 RPM).
+    let large = embed_as(&mut client, "k", &json!({"model": "text-embedding-3-large", "input": "x"}));
+    assert_eq!(header_u64(&large, "x-ratelimit-limit-requests"), 10_000);
+
+    let refused = embed_as(&mut client, "k", &small(json!(forty)));
+    assert_eq!(refused.status, 429);
+    let error = refused.json()["error"].clone();
+    assert_eq!(error["type"], "tokens");
+    assert!(error["message"]
+        .as_str()
+        .unwrap()
+        .contains("on tokens per min (TPM): Limit 60, Used 40, Requested 40. Please try again in 19.9"));
+    assert_eq!(refused.header("retry-after"), Some("20"));
+
+    let bad = admin(addr, "POST", "/_admin/ratelimit", r#"{"rpm":0}"#);
+    assert_eq!(bad.status, 400);
+    // DELETE goes back to the command line's limits, with full buckets.
+    let restored = admin(addr, "DELETE", "/_admin/ratelimit", "").json();
+    assert_eq!(restored["rpm"], 100);
+    assert_eq!(embed_as(&mut client, "k", &small(json!(forty))).status, 200);
+    // Off: the fixed headers of a server without the mode.
+    admin(addr, "POST", "/_admin/ratelimit", r#"{"enabled":false,"rpm":1}"#);
+    for _ in 0..3 {
+        let reply = embed_as(&mut client, "k", &small(json!("x")));
+        assert_eq!(reply.status, 200);
+        assert_eq!(header_u64(&reply, "x-ratelimit-limit-requests"), 10_000);
+        assert_eq!(reply.header("x-ratelimit-reset-requests"), Some("6ms"));
+    }
+}
+
+#[test]
+fn latency_grows_with_the_inputs() {
+    let addr = start(Config { latency_per_input: Duration::from_millis(15), ..Config::default() });
+    admin(addr, "POST", "/_admin/faults", r#"{"latencyPerInputMs": 5}"#);
+    let mut client = Client::connect(addr);
+    let one = embed_as(&mut client, "k", &small(json!(["a"])));
+    let ten = embed_as(&mut client, "k", &small(json!(vec!["a"; 10])));
+    assert_eq!((one.status, ten.status), (200, 200));
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    let took = |entry: &Value| entry["endedMs"].as_u64().unwrap() - entry["startedMs"].as_u64().unwrap();
+    assert!(took(&log[0]) >= 20, "{log}");
+    assert!(took(&log[1]) >= 200, "{log}");
+    assert!(header_u64(&ten, "openai-processing-ms") >= 200);
+}
+
+/// Latency waits do not hold up other connections: N requests in flight at once, each waiting
+/// 300 ms, all overlap in time.
+#[test]
+fn concurrent_requests_wait_in_parallel() {
+    const N: usize = 16;
+    let addr = start(Config { latency: Duration::from_millis(300), ..Config::default() });
+    let started = std::time::Instant::now();
+    let threads: Vec<_> = (0..N)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                embed_as(&mut client, "k", &small(json!(format!("input {i}")))).status
+            })
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().unwrap(), 200);
+    }
+    let elapsed = started.elapsed();
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    let entries = log.as_array().unwrap();
+    assert_eq!(entries.len(), N);
+    let latest_start = entries.iter().map(|e| e["startedMs"].as_u64().unwrap()).max().unwrap();
+    let earliest_end = entries.iter().map(|e| e["endedMs"].as_u64().unwrap()).min().unwrap();
+    assert!(latest_start < earliest_end, "every request started before any ended: {log}");
+    // Served one after another they would take N * 300 ms.
+    assert!(elapsed * 2 < Duration::from_millis(300) * N as u32, "{N} requests of 300 ms took {elapsed:?}");
+}
+
+#[test]
+fn malformed_request_heads_get_400_and_close() {
+    let addr = start(Config::default());
+    for raw in ["GET /\r\n\r\n", "GET / HTTP/1.1\r\nNoColon\r\n\r\n"] {
+        let mut client = Client::connect(addr);
+        client.send_raw(raw.as_bytes());
+        let mut text = String::new();
+        let _ = client.reader.read_to_string(&mut text);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{raw:?}: {text:?}");
+    }
+    // The server still serves.
+    assert_eq!(admin(addr, "GET", "/health", "").status, 200);
+}
+
+#[test]
+fn drop_closes_the_connection_without_an_answer() {
+    let addr = start(Config::default());
+    admin(addr, "POST", "/_admin/faults", r#"{"latencyMs": 50, "rules":[{"body":"drop","times":1}]}"#);
+    let mut client = Client::connect(addr);
+    let body = small(json!("dropped")).to_string();
+    client.send_raw(
+        format!("POST /v1/embeddings HTTP/1.1\r\nAuthorization: Bearer k\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+    );
+    let mut rest = Vec::new();
+    let read = client.reader.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "no answer expected, got {:?}", String::from_utf8_lossy(&rest));
+    // EOF or a reset: either way, nothing came.
+    drop(read);
+    let log = admin(addr, "GET", "/_admin/requests", "").json();
+    assert_eq!(log[0]["fault"], "rules[0]: body drop");
+    assert_eq!(log[0]["status"], 0);
+    assert!(log[0]["endedMs"].as_u64().unwrap() >= log[0]["startedMs"].as_u64().unwrap() + 50);
+    // The rule fired once: a new connection is answered.
+    let mut again = Client::connect(addr);
+    assert_eq!(embed_as(&mut again, "k", &small(json!("dropped"))).status, 200);
 }

@@ -71,10 +71,7 @@ pub fn count_tokens(text: &str) -> usize {
             CharClass::Letter => run_len.div_ceil(LETTERS_PER_TOKEN),
             CharClass::Digit => run_len.div_ceil(DIGITS_PER_TOKEN),
             CharClass::Whitespace => {
-                let before_word = last == ' '
-                    && chars
-                        .peek()
-                        .is_some_and(|&c| CharClass::of(c) == CharClass::Letter);
+                let before_word = last == ' ' && chars.peek().is_some_and(|&c| CharClass::of(c) == CharClass::Letter);
                 if before_word && run_len == 1 {
                     0
                 } else {
@@ -132,19 +129,13 @@ mod tests {
                      Worker. Values are hashed, cached and reused across sources.";
         let tokens = count_tokens(prose);
         let bytes_per_token = prose.len() as f64 / tokens as f64;
-        assert!(
-            (3.0..=6.0).contains(&bytes_per_token),
-            "{bytes_per_token} bytes per token ({tokens} tokens)"
-        );
+        assert!((3.0..=6.0).contains(&bytes_per_token), "{bytes_per_token} bytes per token ({tokens} tokens)");
     }
 
     #[test]
     fn deterministic_and_additive_over_separated_parts() {
         let text = "Größe: 42 Einträge (ok)";
         assert_eq!(count_tokens(text), count_tokens(text));
-        assert_eq!(
-            count_tokens("ab.cd"),
-            count_tokens("ab") + 1 + count_tokens("cd")
-        );
+        assert_eq!(count_tokens("ab.cd"), count_tokens("ab") + 1 + count_tokens("cd"));
     }
 }

@@ -45,11 +45,7 @@ impl SplitMix64 {
 
 /// The generator seed for a `(model, input)` pair.
 fn seed(model: &str, input: &str) -> u64 {
-    let digest = Sha256::new()
-        .chain_update(model.as_bytes())
-        .chain_update(b"\n")
-        .chain_update(input.as_bytes())
-        .finalize();
+    let digest = Sha256::new().chain_update(model.as_bytes()).chain_update(b"\n").chain_update(input.as_bytes()).finalize();
     digest.chunks_exact(8).fold(0u64, |acc, chunk| {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
@@ -74,11 +70,7 @@ pub fn normalize(values: &[f64]) -> Vec<f32> {
 
 /// The L2 length of a vector (used by tests and sanity checks).
 pub fn l2_norm(values: &[f32]) -> f64 {
-    values
-        .iter()
-        .map(|&v| f64::from(v) * f64::from(v))
-        .sum::<f64>()
-        .sqrt()
+    values.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
 }
 
 /// Encodes a vector as OpenAI does for `encoding_format: "base64"`: standard
@@ -95,12 +87,7 @@ pub fn decode_base64(text: &str) -> Option<Vec<f32>> {
     if bytes.len() % 4 != 0 {
         return None;
     }
-    Some(
-        bytes
-            .chunks_exact(4)
-            .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
-            .collect(),
-    )
+    Some(bytes.chunks_exact(4).map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]])).collect())
 }
 
 #[cfg(test)]
@@ -119,11 +106,7 @@ mod tests {
         // by earlier runs (for example in a demo database) must stay valid.
         // The expected values were computed independently (Python, hashlib).
         assert_eq!(seed(MODEL, "pin"), 0xd436_fff3_3f25_c9d0);
-        let expected = [
-            -0.757_032_096_385_955_8_f64,
-            0.647_204_995_155_334_5,
-            -0.089_599_899_947_643_28,
-        ];
+        let expected = [-0.757_032_096_385_955_8_f64, 0.647_204_995_155_334_5, -0.089_599_899_947_643_28];
         let expected: Vec<f32> = expected.iter().map(|&v| v as f32).collect();
         assert_eq!(embedding(MODEL, "pin", 3), expected);
     }
@@ -148,11 +131,7 @@ mod tests {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
         // Same direction: cosine similarity with the full vector's prefix is 1.
-        let dot: f64 = short
-            .iter()
-            .zip(&full)
-            .map(|(a, b)| f64::from(*a) * f64::from(*b))
-            .sum();
+        let dot: f64 = short.iter().zip(&full).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
         let prefix_norm = l2_norm(&full[..256]);
         assert!((dot / prefix_norm - 1.0).abs() < 1e-5);
     }
