@@ -13,8 +13,8 @@ use embsync_core::hash::ValueHash;
 use embsync_core::index::IndexState;
 use embsync_core::report::{IndexReport, RunReport, RunStatus, SourceReport, Trigger};
 use embsync_core::sync::{
-    Budget, EmbeddedValue, Lease, Outcome, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store, StoreError,
-    SyncError, ValueFailure,
+    Budget, EmbeddedValue, Lease, OrphansDeleted, Outcome, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store,
+    StoreError, SyncError, ValueFailure,
 };
 use embsync_core::vector::Vector;
 use embsync_store::PgStore;
@@ -35,6 +35,7 @@ async fn dump(db: &TestDb) -> String {
         "embedding_sync_runs",
         "embedding_sync_run_sources",
         "embedding_sync_pending",
+        "embedding_sync_orphans",
         "embedding_sync_lease",
     ] {
         let rows = db.texts(&format!("SELECT x::text FROM {table} x")).await;
@@ -138,6 +139,10 @@ async fn every_write_of_an_invocation_that_lost_the_lease_is_refused_and_writes_
     check("store", refused("store", r), dump(&db).await);
     let r = a.remove_stale(items, &run, false, None).await;
     check("remove_stale", refused("remove_stale", r), dump(&db).await);
+    let r = a.delete_orphans(&run).await;
+    check("delete_orphans", refused("delete_orphans", r), dump(&db).await);
+    let r = a.record_refused(&run, &["the model is gone".to_owned()]).await;
+    check("record_refused", refused("record_refused", r), dump(&db).await);
     let failure = ValueFailure { hash: ValueHash::from_hex(&hash_of(&pending_value)).unwrap(), model: "all".into(), message: "x".into() };
     let r = a.record_errors(items, &[failure], &run).await;
     check("record_errors", refused("record_errors", r), dump(&db).await);
@@ -280,8 +285,19 @@ async fn waiting_for_the_lease_row_ends_at_the_lock_timeout() {
 
 /// Which store calls write (and so must be fenced); `release_lease` is left out: releasing a
 /// lost lease is a no-op, not an error.
-const WRITES: &[&str] =
-    &["open_run", "link_reusable", "save_plan", "store", "remove_stale", "record_errors", "finish_run", "index_ddl", "record_indexes"];
+const WRITES: &[&str] = &[
+    "open_run",
+    "link_reusable",
+    "save_plan",
+    "store",
+    "remove_stale",
+    "delete_orphans",
+    "record_refused",
+    "record_errors",
+    "finish_run",
+    "index_ddl",
+    "record_indexes",
+];
 
 /// A store that lets another invocation take the lease over right before its `at`-th call
 /// (1-based) and records what the invocation did after that.
@@ -355,6 +371,16 @@ impl Store for Takeover<'_> {
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
         self.before("record_errors").await;
         let r = self.inner.record_errors(source, failures, run).await;
+        self.after(r)
+    }
+    async fn delete_orphans(&mut self, run: &RunId) -> Result<Vec<OrphansDeleted>, StoreError> {
+        self.before("delete_orphans").await;
+        let r = self.inner.delete_orphans(run).await;
+        self.after(r)
+    }
+    async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {
+        self.before("record_refused").await;
+        let r = self.inner.record_refused(run, reasons).await;
         self.after(r)
     }
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
@@ -463,7 +489,7 @@ async fn a_takeover_before_any_store_call_fences_the_rest_of_the_invocation() {
     let outcome = invoke_on(&config, &mut probe, &provider, "inv-a").await;
     assert!(matches!(outcome, Ok(Outcome::Finished(_))), "{outcome:?}");
     let calls = probe.calls.clone();
-    for kind in ["open_run", "link_reusable", "save_plan", "store", "remove_stale", "record_errors", "finish_run"] {
+    for kind in ["open_run", "link_reusable", "save_plan", "store", "remove_stale", "delete_orphans", "record_errors", "finish_run"] {
         assert!(calls.contains(&kind), "the scenario should call {kind}: {calls:?}");
     }
     assert_synced(&db, "undisturbed").await;

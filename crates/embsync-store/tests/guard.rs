@@ -8,8 +8,8 @@ use embsync_core::hash::ValueHash;
 use embsync_core::index::IndexState;
 use embsync_core::report::{IndexReport, RunReport, SourceReport, Trigger};
 use embsync_core::sync::{
-    Budget, DeleteGuard, EmbeddedValue, Lease, Outcome, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store,
-    StoreError, ValueFailure,
+    Budget, DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, Outcome, PendingValue, Progress, RunId, RunState, SourceCounts,
+    StaleOutcome, Store, StoreError, ValueFailure,
 };
 use embsync_store::PgStore;
 use std::time::Duration;
@@ -57,6 +57,12 @@ impl Store for EmptiedBeforeRemoval<'_> {
     }
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
         self.inner.record_errors(source, failures, run).await
+    }
+    async fn delete_orphans(&mut self, run: &RunId) -> Result<Vec<OrphansDeleted>, StoreError> {
+        self.inner.delete_orphans(run).await
+    }
+    async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {
+        self.inner.record_refused(run, reasons).await
     }
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
         self.inner.acquire_lease(holder, ttl).await
