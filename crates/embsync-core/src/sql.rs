@@ -704,7 +704,7 @@ UPDATE embedding_sync_run_sources SET errors = errors + $4
 WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
 
 /// Marks a source done with its stale count `$4` (int8). Its `deleted` count grows when the
-/// run's orphans are deleted ([`DELETE_ORPHANS`]).
+/// run's orphans are deleted ([`delete_orphans`]).
 pub const SOURCE_DONE: &str = "\
 UPDATE embedding_sync_run_sources SET stale = $4, done = true
 WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
@@ -780,7 +780,7 @@ pub const MASS_DELETE_HELD: &str = "($3 AND c.stale >= $4 AND c.had > 0 AND (c.t
 /// `unlinked` (int8 the others).
 ///
 /// It deletes no cache row: a value that left this source may be in a source planned later in
-/// the run, which links it then (and pays nothing). [`DELETE_ORPHANS`] deletes the candidates
+/// the run, which links it then (and pays nothing). [`delete_orphans`] deletes the candidates
 /// still unlinked once every source of the run has been planned.
 ///
 /// After the unlink, every step looks only at the unlinked hashes, one index probe each
@@ -836,47 +836,83 @@ pub fn remove_stale(source: &Source) -> String {
     )
 }
 
-/// Deletes embsync's rows of the orphan candidates ([`remove_stale`]) that no source links any
-/// more, and forgets every candidate (a linked one is in use again), adding the rows deleted to
-/// the counters of run `$1`'s source that unlinked each (`deleted`). Run once every source of
-/// the run has been planned (linked what it has) and had its stale values removed, so a value
-/// that moved from one source to another is linked by then and kept. One row per source that
-/// unlinked a deleted row: `source_table`, `source_column`, `deleted` (int8).
+/// Deletes embsync's rows of the orphan candidates ([`remove_stale`]) that no source links and
+/// no enabled source (`sources`) has now, and forgets the candidates that are linked again or
+/// were deleted, adding the rows deleted to the counters of run `$1`'s source that unlinked each
+/// (`deleted`). Run once every source of the run has been planned (linked what it has) and had
+/// its stale values removed, so a value that moved from one source to another is linked by then
+/// and kept. A candidate that a source has but has not linked yet (it came in after that source
+/// was planned) is kept, as a candidate: the next run links it, or deletes it if it left again.
+/// One row per source that unlinked a deleted row: `source_table`, `source_column`, `deleted`
+/// (int8).
 ///
-/// Costs the candidates: the candidate table is read whole (it holds only them), and each
-/// candidate is one index probe of `embedding_cache_sources`, `embedding_cache_owned` and
-/// `embedding_cache`, whatever the planner knows (see `tests/stale.rs` of the store). A row is
-/// deleted only while its ownership record names its `id`.
+/// The candidates cost index probes: the candidate table is read whole (it holds only them),
+/// and each candidate is one probe of `embedding_cache_sources`, `embedding_cache_owned` and
+/// `embedding_cache`, whatever the planner knows (see `tests/stale.rs` of the store). Whether a
+/// source has a candidate's value is one scan of each enabled source (the trimmed text compared
+/// with the candidates' values, nothing hashed); [`ORPHANS_WAITING`] spares it when there are no
+/// candidates. A row is deleted only while its ownership record names its `id`.
 ///
 /// Locks: ROW EXCLUSIVE on `embedding_cache` (rows it deletes are embsync's own) and on
-/// embsync's tables.
-pub const DELETE_ORPHANS: &str = "\
-WITH cand AS MATERIALIZED (
-    DELETE FROM embedding_sync_orphans RETURNING value_hash, source_table, source_column
-),
-orphan AS MATERIALIZED (
-    SELECT coalesce(array_agg(k.value_hash), '{}') AS hs FROM cand k
-    WHERE (SELECT x.value_hash FROM embedding_cache_sources x WHERE x.value_hash = k.value_hash LIMIT 1) IS NULL
-),
-deleted AS (
-    DELETE FROM embedding_cache d USING embedding_cache_owned o
-    WHERE d.value_hash = ANY ((SELECT hs FROM orphan)::text[]) AND o.value_hash = ANY ((SELECT hs FROM orphan)::text[])
-      AND o.value_hash = d.value_hash AND o.cache_id = d.id
-    RETURNING d.value_hash
-),
-disowned AS (
-    DELETE FROM embedding_cache_owned o WHERE o.value_hash = ANY ((SELECT hs FROM orphan)::text[])
-),
-counted AS MATERIALIZED (
-    SELECT k.source_table, k.source_column, count(*)::int8 AS n FROM deleted d JOIN cand k ON k.value_hash = d.value_hash
-    GROUP BY k.source_table, k.source_column
-),
-added AS (
-    UPDATE embedding_sync_run_sources r SET deleted = r.deleted + n.n
-    FROM counted n
-    WHERE r.run_id = $1 AND r.source_table = n.source_table AND r.source_column = n.source_column
-)
-SELECT source_table, source_column, n FROM counted ORDER BY source_table, source_column";
+/// embsync's tables; ACCESS SHARE on the sources.
+pub fn delete_orphans(sources: &[&Source]) -> String {
+    let mut present: Vec<String> = sources
+        .iter()
+        .map(|s| {
+            let col = s.column.quoted();
+            format!(
+                "SELECT btrim(s.{col}::text, ' ') AS v FROM {table} s WHERE btrim(s.{col}::text, ' ') IN (SELECT v FROM cand WHERE NOT linked)",
+                table = s.table.quoted()
+            )
+        })
+        .collect();
+    if present.is_empty() {
+        present.push("SELECT NULL::text AS v WHERE false".to_owned());
+    }
+    format!(
+        "WITH cand AS MATERIALIZED (\n    \
+         SELECT k.value_hash AS h, k.source_table, k.source_column,\n           \
+         (SELECT x.value_hash FROM embedding_cache_sources x WHERE x.value_hash = k.value_hash LIMIT 1) IS NOT NULL AS linked,\n           \
+         (SELECT c.value FROM embedding_cache c WHERE c.value_hash = k.value_hash) AS v\n    \
+         FROM embedding_sync_orphans k\n\
+         ),\n\
+         present AS MATERIALIZED (\n    {present}\n),\n\
+         orphan AS MATERIALIZED (\n    \
+         SELECT coalesce(array_agg(k.h), '{{}}') AS hs FROM cand k\n    \
+         WHERE NOT k.linked AND NOT EXISTS (SELECT 1 FROM present p WHERE p.v = k.v)\n\
+         ),\n\
+         settled AS MATERIALIZED (\n    \
+         SELECT coalesce(array_agg(k.h), '{{}}') AS hs FROM cand k\n    \
+         WHERE k.linked OR k.h = ANY ((SELECT hs FROM orphan)::text[])\n\
+         ),\n\
+         forgotten AS (\n    \
+         DELETE FROM embedding_sync_orphans k WHERE k.value_hash = ANY ((SELECT hs FROM settled)::text[])\n\
+         ),\n\
+         deleted AS (\n    \
+         DELETE FROM embedding_cache d USING embedding_cache_owned o\n    \
+         WHERE d.value_hash = ANY ((SELECT hs FROM orphan)::text[]) AND o.value_hash = ANY ((SELECT hs FROM orphan)::text[])\n      \
+         AND o.value_hash = d.value_hash AND o.cache_id = d.id\n    \
+         RETURNING d.value_hash\n\
+         ),\n\
+         disowned AS (\n    \
+         DELETE FROM embedding_cache_owned o WHERE o.value_hash = ANY ((SELECT hs FROM orphan)::text[])\n\
+         ),\n\
+         counted AS MATERIALIZED (\n    \
+         SELECT k.source_table, k.source_column, count(*)::int8 AS n FROM deleted d JOIN cand k ON k.h = d.value_hash\n    \
+         GROUP BY k.source_table, k.source_column\n\
+         ),\n\
+         added AS (\n    \
+         UPDATE embedding_sync_run_sources r SET deleted = r.deleted + n.n\n    \
+         FROM counted n\n    \
+         WHERE r.run_id = $1 AND r.source_table = n.source_table AND r.source_column = n.source_column\n\
+         )\n\
+         SELECT source_table, source_column, n FROM counted ORDER BY source_table, source_column",
+        present = present.join("\n    UNION\n    "),
+    )
+}
+
+/// Whether any orphan candidate waits ([`delete_orphans`]).
+pub const ORPHANS_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM embedding_sync_orphans)";
 
 /// Adds the reasons `$2` (text[]) the provider refused a model's requests to run `$1`, each
 /// once.
@@ -1313,6 +1349,46 @@ mod tests {
             )
             SELECT c.total, c.had, c.stale, NOT go.ok AS held, (SELECT count(*) FROM gone) AS unlinked
             FROM c, go"#]].assert_eq(&remove_stale(&source()));
+        expect![[r#"
+            WITH cand AS MATERIALIZED (
+                SELECT k.value_hash AS h, k.source_table, k.source_column,
+                       (SELECT x.value_hash FROM embedding_cache_sources x WHERE x.value_hash = k.value_hash LIMIT 1) IS NOT NULL AS linked,
+                       (SELECT c.value FROM embedding_cache c WHERE c.value_hash = k.value_hash) AS v
+                FROM embedding_sync_orphans k
+            ),
+            present AS MATERIALIZED (
+                SELECT btrim(s."title"::text, ' ') AS v FROM "app"."Items" s WHERE btrim(s."title"::text, ' ') IN (SELECT v FROM cand WHERE NOT linked)
+            ),
+            orphan AS MATERIALIZED (
+                SELECT coalesce(array_agg(k.h), '{}') AS hs FROM cand k
+                WHERE NOT k.linked AND NOT EXISTS (SELECT 1 FROM present p WHERE p.v = k.v)
+            ),
+            settled AS MATERIALIZED (
+                SELECT coalesce(array_agg(k.h), '{}') AS hs FROM cand k
+                WHERE k.linked OR k.h = ANY ((SELECT hs FROM orphan)::text[])
+            ),
+            forgotten AS (
+                DELETE FROM embedding_sync_orphans k WHERE k.value_hash = ANY ((SELECT hs FROM settled)::text[])
+            ),
+            deleted AS (
+                DELETE FROM embedding_cache d USING embedding_cache_owned o
+                WHERE d.value_hash = ANY ((SELECT hs FROM orphan)::text[]) AND o.value_hash = ANY ((SELECT hs FROM orphan)::text[])
+                  AND o.value_hash = d.value_hash AND o.cache_id = d.id
+                RETURNING d.value_hash
+            ),
+            disowned AS (
+                DELETE FROM embedding_cache_owned o WHERE o.value_hash = ANY ((SELECT hs FROM orphan)::text[])
+            ),
+            counted AS MATERIALIZED (
+                SELECT k.source_table, k.source_column, count(*)::int8 AS n FROM deleted d JOIN cand k ON k.h = d.value_hash
+                GROUP BY k.source_table, k.source_column
+            ),
+            added AS (
+                UPDATE embedding_sync_run_sources r SET deleted = r.deleted + n.n
+                FROM counted n
+                WHERE r.run_id = $1 AND r.source_table = n.source_table AND r.source_column = n.source_column
+            )
+            SELECT source_table, source_column, n FROM counted ORDER BY source_table, source_column"#]].assert_eq(&delete_orphans(&[&source()]));
         expect![[r#"
             WITH t AS (
                 SELECT * FROM unnest($5::text[], $6::text[], $7::int4[], $8::vector[], $9::vector[]) AS t(h, v, n, l, s)

@@ -225,11 +225,12 @@ pub trait Store {
         known_clean: bool,
         guard: Option<DeleteGuard>,
     ) -> Result<StaleOutcome, StoreError>;
-    /// Deletes embsync's rows of the orphan candidates that no source links any more and forgets
-    /// every candidate, adding the rows deleted to the `deleted` counters of the run's sources
+    /// Deletes embsync's rows of the orphan candidates that no source links and none of
+    /// `sources` (the enabled ones) has any more, and forgets the candidates that are linked
+    /// again or deleted, adding the rows deleted to the `deleted` counters of the run's sources
     /// that unlinked them, atomically. Called once every source of the run is done without
     /// error. Returns the rows deleted per source that unlinked them.
-    async fn delete_orphans(&mut self, run: &RunId) -> Result<Vec<OrphansDeleted>, StoreError>;
+    async fn delete_orphans(&mut self, run: &RunId, sources: &[&Source]) -> Result<Vec<OrphansDeleted>, StoreError>;
     /// Adds to the run why the provider refused a model's requests themselves, so the
     /// invocation that finishes the run reports it `stopped` (its values wait for the first run
     /// after the fix), whichever invocation that is.
@@ -744,7 +745,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     // removed, without error: embsync's rows that no source links now are deleted. Otherwise the
     // candidates wait for the next run in which every source gets this far.
     if paused.is_none() && run.sources.iter().all(|s| s.done && s.report.error.is_none()) {
-        match store.delete_orphans(&run.id).await {
+        match store.delete_orphans(&run.id, &sources).await {
             Ok(deleted) => {
                 for d in deleted {
                     let at = sources.iter().position(|s| s.table_key() == d.table && s.column_key() == d.column);

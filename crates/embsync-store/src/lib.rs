@@ -534,9 +534,16 @@ impl Store for PgStore {
         Ok(outcome)
     }
 
-    async fn delete_orphans(&mut self, run: &RunId) -> Result<Vec<OrphansDeleted>, StoreError> {
+    async fn delete_orphans(&mut self, run: &RunId, sources: &[&Source]) -> Result<Vec<OrphansDeleted>, StoreError> {
         let tx = fenced(&mut self.client, self.lease.as_ref(), "deleting orphaned cache rows").await?;
-        let rows = tx.query_typed(sql::DELETE_ORPHANS, &typed(&[&run.0])).await.map_err(|e| err("deleting orphaned cache rows", e))?;
+        // Most runs have no candidate: then no source is scanned and nothing is deleted.
+        let waiting: bool = tx.query_typed_one(sql::ORPHANS_WAITING, &[]).await.map_err(|e| err("looking for orphans", e))?.get(0);
+        if !waiting {
+            tx.commit().await.map_err(|e| err("committing", e))?;
+            return Ok(Vec::new());
+        }
+        let rows =
+            tx.query_typed(&sql::delete_orphans(sources), &typed(&[&run.0])).await.map_err(|e| err("deleting orphaned cache rows", e))?;
         tx.commit().await.map_err(|e| err("committing the orphans' deletion", e))?;
         Ok(rows.iter().map(|r| OrphansDeleted { table: r.get(0), column: r.get(1), rows: r.get::<_, i64>(2).max(0) as u64 }).collect())
     }

@@ -73,8 +73,8 @@ impl Store for Hooked {
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
         self.inner.record_errors(source, failures, run).await
     }
-    async fn delete_orphans(&mut self, run: &RunId) -> Result<Vec<OrphansDeleted>, StoreError> {
-        self.inner.delete_orphans(run).await
+    async fn delete_orphans(&mut self, run: &RunId, sources: &[&Source]) -> Result<Vec<OrphansDeleted>, StoreError> {
+        self.inner.delete_orphans(run, sources).await
     }
     async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {
         self.inner.record_refused(run, reasons).await
@@ -952,4 +952,33 @@ async fn orphans_wait_for_a_run_in_which_every_source_gets_through() {
     assert!(!w.cached("two").await);
     let stored = w.db.count(&format!("SELECT deleted FROM embedding_sync_run_sources WHERE run_id = '{}' AND source_table = 'ta'", r.run_id)).await;
     assert_eq!(stored, 1, "the stored counter equals the report");
+}
+
+/// A value that comes into a source after that source was planned (between two invocations of
+/// the run), while a later source unlinks it, is kept: the run's end finds it in the source and
+/// leaves it for the next run, which links it at no provider cost. (Before, the later source's
+/// stale removal deleted it as an orphan and the next run paid for it again.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_value_that_comes_into_a_source_already_planned_is_kept() {
+    let mut w = World::new(1).await;
+    w.set("ta", "ca", &["a1"]).await;
+    w.set("tb", "cb", &["b1", "v"]).await;
+    w.run().await.unwrap();
+    assert_eq!(w.provider.requests_for("v"), 2, "once per model");
+    // B loses v and gains two values: the invocation's one batch leaves B unfinished.
+    w.set("tb", "cb", &["b1", "b2", "b3"]).await;
+    let outcome = w.invoke(small_budget(1), "worker", None).await.unwrap();
+    assert!(matches!(outcome, Outcome::Paused(..)), "{outcome:?}");
+    // v comes into A, which this run planned already; the next invocation finishes B and the run.
+    w.set("ta", "ca", &["a1", "v"]).await;
+    let outcome = w.invoke(Budget::default(), "worker", None).await.unwrap();
+    let Outcome::Finished(r) = outcome else { panic!("{outcome:?}") };
+    assert_eq!((r.sources[1].stale, r.sources[1].deleted), (1, 0));
+    assert!(w.cached("v").await, "A has v: its row is kept");
+    assert_eq!(w.summary().await, "A: total=2 new=1 stale=0 unchanged=1 reused=1 embedded=0 deleted=0 errors=0 batches=0\nB: total=3 new=0 stale=0 unchanged=3 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+    assert_eq!(w.provider.requests_for("v"), 2, "v is not paid for again");
+    // It leaves A too: the run that unlinks it deletes it.
+    w.set("ta", "ca", &["a1"]).await;
+    assert_eq!(w.summary().await, "A: total=1 new=0 stale=1 unchanged=1 reused=0 embedded=0 deleted=1 errors=0 batches=0\nB: total=3 new=0 stale=0 unchanged=3 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+    assert!(!w.cached("v").await);
 }

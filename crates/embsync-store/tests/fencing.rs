@@ -139,7 +139,7 @@ async fn every_write_of_an_invocation_that_lost_the_lease_is_refused_and_writes_
     check("store", refused("store", r), dump(&db).await);
     let r = a.remove_stale(items, &run, false, None).await;
     check("remove_stale", refused("remove_stale", r), dump(&db).await);
-    let r = a.delete_orphans(&run).await;
+    let r = a.delete_orphans(&run, &sources).await;
     check("delete_orphans", refused("delete_orphans", r), dump(&db).await);
     let r = a.record_refused(&run, &["the model is gone".to_owned()]).await;
     check("record_refused", refused("record_refused", r), dump(&db).await);
@@ -373,9 +373,9 @@ impl Store for Takeover<'_> {
         let r = self.inner.record_errors(source, failures, run).await;
         self.after(r)
     }
-    async fn delete_orphans(&mut self, run: &RunId) -> Result<Vec<OrphansDeleted>, StoreError> {
+    async fn delete_orphans(&mut self, run: &RunId, sources: &[&Source]) -> Result<Vec<OrphansDeleted>, StoreError> {
         self.before("delete_orphans").await;
-        let r = self.inner.delete_orphans(run).await;
+        let r = self.inner.delete_orphans(run, sources).await;
         self.after(r)
     }
     async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {

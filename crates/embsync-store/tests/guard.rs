@@ -58,8 +58,8 @@ impl Store for EmptiedBeforeRemoval<'_> {
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
         self.inner.record_errors(source, failures, run).await
     }
-    async fn delete_orphans(&mut self, run: &RunId) -> Result<Vec<OrphansDeleted>, StoreError> {
-        self.inner.delete_orphans(run).await
+    async fn delete_orphans(&mut self, run: &RunId, sources: &[&Source]) -> Result<Vec<OrphansDeleted>, StoreError> {
+        self.inner.delete_orphans(run, sources).await
     }
     async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {
         self.inner.record_refused(run, reasons).await

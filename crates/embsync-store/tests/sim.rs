@@ -539,10 +539,10 @@ impl Store for SimStore<'_> {
         self.before().await;
         self.inner.remove_stale(source, run, known_clean, guard).await
     }
-    async fn delete_orphans(&mut self, run: &RunId) -> Result<Vec<OrphansDeleted>, StoreError> {
+    async fn delete_orphans(&mut self, run: &RunId, sources: &[&Source]) -> Result<Vec<OrphansDeleted>, StoreError> {
         self.before().await;
         let before = owned_values(self.admin).await;
-        let out = self.inner.delete_orphans(run).await?;
+        let out = self.inner.delete_orphans(run, sources).await?;
         if out.iter().any(|d| d.rows > 0) {
             let after = owned_values(self.admin).await;
             for v in before.difference(&after) {

@@ -88,11 +88,12 @@ async fn stale_removal_probes_indexes_for_the_stale_values_on_tables_never_analy
         // The run's end deletes the 10 orphan candidates the removal recorded: its plan probes
         // indexes too, on the same tables never analyzed.
         let run: Vec<(Box<dyn ToSql + Sync + Send>, Type)> = vec![(Box::new("run-1".to_owned()), Type::TEXT)];
-        let plan = explain(&db, "COSTS false", sql::DELETE_ORPHANS, &run).await;
+        let delete = sql::delete_orphans(&config.enabled_sources().collect::<Vec<_>>());
+        let plan = explain(&db, "COSTS false", &delete, &run).await;
         for t in ["embedding_cache", "embedding_cache_sources", "embedding_cache_owned"] {
-            assert!(!plan.lines().any(|l| l.contains(&format!("Seq Scan on {t} "))), "a scan of {t}:\n{}\n{plan}", sql::DELETE_ORPHANS);
+            assert!(!plan.lines().any(|l| l.contains(&format!("Seq Scan on {t} "))), "a scan of {t}:\n{delete}\n{plan}");
         }
-        let analyzed = explain(&db, "ANALYZE, BUFFERS, COSTS false, TIMING false", sql::DELETE_ORPHANS, &run).await;
+        let analyzed = explain(&db, "ANALYZE, BUFFERS, COSTS false, TIMING false", &delete, &run).await;
         db.exec("ROLLBACK").await;
         let deleted = analyzed.lines().find(|l| l.contains("Delete on embedding_cache d")).unwrap_or_default();
         assert!(deleted.contains("actual rows=10"), "not 10 orphans deleted:\n{analyzed}");
