@@ -464,6 +464,10 @@ async fn assert_synced(db: &TestDb, label: &str) {
         assert_eq!(have, want, "{label}: done values of {table}");
     }
     assert_eq!(db.count("SELECT count(*) FROM embedding_cache WHERE value IN ('a01', 'a02')").await, 0, "{label}: stale rows deleted");
+    // Counted once, in the stored counters and in the stored reports alike.
+    assert_eq!(db.count("SELECT coalesce(sum(deleted), 0)::int8 FROM embedding_sync_run_sources").await, 2, "{label}: deleted counters");
+    let reported = "SELECT coalesce(sum((report->'totals'->>'deleted')::int8), 0)::int8 FROM embedding_sync_runs";
+    assert_eq!(db.count(reported).await, 2, "{label}: deleted in the reports");
     assert_eq!(db.count("SELECT count(*) FROM embedding_sync_pending").await, 0, "{label}: snapshots left");
     assert_eq!(db.count("SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NULL").await, 0, "{label}: open runs");
 }

@@ -104,6 +104,8 @@ const CI_FAULTS: &[&str] = &[
 //   embedding, and the one that finished the run did not know).
 // - `converged`: after a run during which nothing changed, every enabled source's values are
 //   done but those that failed, and it has no stale links.
+// - `orphaned`: after a run during which nothing changed, no row of embsync's is linked by no
+//   source (the orphans' deletion left none behind).
 // - `finish`: a settle phase finishes a clean run within 60 invocations.
 
 /// Invariants the current code is known to break even without faults (see ARCHITECTURE.md):
@@ -1664,6 +1666,21 @@ impl Sim {
                 ));
             }
         }
+        // Every source got through and nothing changed: embsync's rows that no source links are
+        // deleted (none is left behind as a candidate).
+        let orphaned = self
+            .db
+            .texts(
+                "SELECT c.value FROM embedding_cache c JOIN embedding_cache_owned o ON o.cache_id = c.id
+                 WHERE NOT EXISTS (SELECT 1 FROM embedding_cache_sources l WHERE l.value_hash = c.value_hash) ORDER BY 1",
+            )
+            .await;
+        if !orphaned.is_empty() {
+            return Err(violation(
+                "orphaned",
+                format!("run {} finished, but embsync's rows of {orphaned:?} are linked by no source and were not deleted", report.run_id),
+            ));
+        }
         Ok(())
     }
 
@@ -1952,6 +1969,7 @@ fn allowed() -> BTreeSet<&'static str> {
                 "errors",
                 "fence",
                 "converged",
+                "orphaned",
                 "pending-left",
                 "stopped",
                 "counters",
