@@ -213,8 +213,8 @@ pub trait Store {
     /// source links as orphan candidates (deleted by [`Store::delete_orphans`] once every source
     /// of the run is done, so a value that moved to a source planned later is linked by then
     /// and kept), drops the source's errors of values it no longer has, and marks the source
-    /// done in the run, atomically. With a `guard`, it counts and decides in the same transaction (the same
-    /// snapshot of the source) and removes nothing when the guard holds
+    /// done in the run, atomically. With a `guard`, it counts and decides in the same
+    /// transaction (the same snapshot of the source) and removes nothing when the guard holds
     /// ([`StaleOutcome::held_back`]). With `known_clean` (this invocation counted no stale
     /// values) and no errors recorded for the source it only marks the source done, sparing a
     /// scan of the source.
@@ -417,8 +417,7 @@ impl Budget {
         };
         let batches = whole("SYNC_MAX_BATCHES", d.max_batches)?;
         let subrequests = whole("SYNC_MAX_SUBREQUESTS", d.max_subrequests)?;
-        let budget =
-            Budget::new(batches, read("SYNC_MAX_SECONDS", d.max_ms / 1000.0)?, read("SYNC_LEASE_SECONDS", d.lease_ttl.as_secs_f64())?)?;
+        let budget = Budget::new(batches, read("SYNC_MAX_SECONDS", d.max_ms / 1000.0)?, read("SYNC_LEASE_SECONDS", d.lease_ttl.as_secs_f64())?)?;
         Ok(Budget { max_subrequests: subrequests, ..budget })
     }
 }
@@ -1524,21 +1523,15 @@ mod tests {
         );
         check(
             &[("SYNC_MAX_BATCHES", "2.5")],
-            expect![[
-                r#"error: SYNC_MAX_BATCHES is "2.5", which is not a positive whole number: set it to one or remove it for the default"#
-            ]],
+            expect![[r#"error: SYNC_MAX_BATCHES is "2.5", which is not a positive whole number: set it to one or remove it for the default"#]],
         );
         check(
             &[("SYNC_MAX_BATCHES", "0")],
-            expect![[
-                r#"error: SYNC_MAX_BATCHES is "0", which is not a positive whole number: set it to one or remove it for the default"#
-            ]],
+            expect![[r#"error: SYNC_MAX_BATCHES is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
         );
         check(
             &[("SYNC_MAX_SUBREQUESTS", "0")],
-            expect![[
-                r#"error: SYNC_MAX_SUBREQUESTS is "0", which is not a positive whole number: set it to one or remove it for the default"#
-            ]],
+            expect![[r#"error: SYNC_MAX_SUBREQUESTS is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
         );
         check(
             &[("SYNC_LEASE_SECONDS", "-5")],
