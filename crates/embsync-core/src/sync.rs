@@ -417,7 +417,8 @@ impl Budget {
         };
         let batches = whole("SYNC_MAX_BATCHES", d.max_batches)?;
         let subrequests = whole("SYNC_MAX_SUBREQUESTS", d.max_subrequests)?;
-        let budget = Budget::new(batches, read("SYNC_MAX_SECONDS", d.max_ms / 1000.0)?, read("SYNC_LEASE_SECONDS", d.lease_ttl.as_secs_f64())?)?;
+        let budget =
+            Budget::new(batches, read("SYNC_MAX_SECONDS", d.max_ms / 1000.0)?, read("SYNC_LEASE_SECONDS", d.lease_ttl.as_secs_f64())?)?;
         Ok(Budget { max_subrequests: subrequests, ..budget })
     }
 }
@@ -681,6 +682,14 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     let mut spent = InvocationSpend::new(began, budget);
     let mut token_budget_ended = false;
     let mut paused: Option<Cursor> = None;
+    // Sources this invocation finished: their events wait until the run's orphans are deleted
+    // (when it finishes), which adds to their `deleted` counts.
+    let mut ended: Vec<usize> = Vec::new();
+    let log_ended = |run: &RunState, ended: &[usize]| {
+        for &i in ended {
+            rt.log(source_event(&run.id, &run.sources[i].report));
+        }
+    };
     for (i, source) in sources.iter().enumerate() {
         if run.sources[i].done {
             continue;
@@ -694,7 +703,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
         let state = &mut run.sources[i];
         state.report.duration_ms += (rt.now_ms() - began_source).max(0.0) as u64;
         match outcome {
-            Ok(SourceEnd::Done) => rt.log(source_event(&run.id, &state.report)),
+            Ok(SourceEnd::Done) => ended.push(i),
             Ok(SourceEnd::TokenBudget) => {
                 // The run ends here; the next run goes on with what is still pending.
                 rt.log(source_event(&run.id, &state.report));
@@ -722,8 +731,12 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 state.done = true;
                 rt.log(source_event(&run.id, &state.report));
             }
-            Err(Stop::LeaseLost(e)) => return Err(lease_lost(rt, &run.id, e)),
+            Err(Stop::LeaseLost(e)) => {
+                log_ended(&run, &ended);
+                return Err(lease_lost(rt, &run.id, e));
+            }
             Err(Stop::Fatal(e)) => {
+                log_ended(&run, &ended);
                 // Nothing later can succeed: the run ends here as failed, and the next trigger
                 // starts a new run once the cause is fixed.
                 rt.log(LogEvent::error("stopped", format!("Sync stopped: {e}")).run(&run.id.0));
@@ -753,7 +766,10 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                     }
                 }
             }
-            Err(e) if e.is_lease_lost() => return Err(lease_lost(rt, &run.id, e)),
+            Err(e) if e.is_lease_lost() => {
+                log_ended(&run, &ended);
+                return Err(lease_lost(rt, &run.id, e));
+            }
             Err(e) => rt.log(
                 LogEvent::warn(
                     "orphans",
@@ -763,6 +779,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
             ),
         }
     }
+    log_ended(&run, &ended);
     let mut report = report_of(config, &run, rt);
     // Stopped early: the token budget ended the run while values were left, or the provider
     // refused a model's requests, in this invocation or an earlier one of the run (that model's
@@ -1523,15 +1540,21 @@ mod tests {
         );
         check(
             &[("SYNC_MAX_BATCHES", "2.5")],
-            expect![[r#"error: SYNC_MAX_BATCHES is "2.5", which is not a positive whole number: set it to one or remove it for the default"#]],
+            expect![[
+                r#"error: SYNC_MAX_BATCHES is "2.5", which is not a positive whole number: set it to one or remove it for the default"#
+            ]],
         );
         check(
             &[("SYNC_MAX_BATCHES", "0")],
-            expect![[r#"error: SYNC_MAX_BATCHES is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
+            expect![[
+                r#"error: SYNC_MAX_BATCHES is "0", which is not a positive whole number: set it to one or remove it for the default"#
+            ]],
         );
         check(
             &[("SYNC_MAX_SUBREQUESTS", "0")],
-            expect![[r#"error: SYNC_MAX_SUBREQUESTS is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
+            expect![[
+                r#"error: SYNC_MAX_SUBREQUESTS is "0", which is not a positive whole number: set it to one or remove it for the default"#
+            ]],
         );
         check(
             &[("SYNC_LEASE_SECONDS", "-5")],

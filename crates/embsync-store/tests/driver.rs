@@ -928,6 +928,10 @@ async fn a_value_that_moves_to_a_later_source_is_kept_and_not_paid_again() {
     w.set("tb", "cb", &["stays b"]).await;
     assert_eq!(w.summary().await, "A: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=1 new=0 stale=1 unchanged=1 reused=0 embedded=0 deleted=1 errors=0 batches=0");
     assert!(!w.cached("moving").await);
+    // The source's log event, written once the run's orphans are deleted, counts it too.
+    let logs = w.logs();
+    let b = logs.iter().rev().find(|l| l.starts_with("Source B: ")).expect("B's event");
+    assert!(b.contains(" stale=1 ") && b.contains(" deleted=1 "), "{b}");
 }
 
 /// A run in which a source fails deletes no orphan (the failed source may have the value and
