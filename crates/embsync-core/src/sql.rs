@@ -23,8 +23,10 @@ use crate::index::IndexTarget;
 /// The version of embsync's schema this code needs, recorded in `embedding_sync_schema`.
 ///
 /// 1 is every schema from before the version was recorded; 2 ties ownership to the cache row
-/// (`embedding_cache_owned.cache_id`) and adds `embedding_sync_schema`.
-pub const SCHEMA_VERSION: i32 = 2;
+/// (`embedding_cache_owned.cache_id`) and adds `embedding_sync_schema`; 3 adds
+/// `embedding_sync_orphans` (rows to delete once every source has been planned) and
+/// `embedding_sync_runs.refused` (a model the provider refused during the run).
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// How long a migration waits for any one lock before it gives up (`SET LOCAL lock_timeout`).
 pub const MIGRATION_LOCK_TIMEOUT_SECS: u32 = 5;
@@ -146,7 +148,10 @@ ALTER TABLE embedding_cache_owned ADD COLUMN IF NOT EXISTS cache_id bigint",
 CREATE UNIQUE INDEX IF NOT EXISTS embedding_sync_runs_one_open ON embedding_sync_runs ((true)) WHERE finished_at IS NULL;
 -- The model tags a run embeds with (large and small, a line each): a run is resumed only under
 -- the same ones.
-ALTER TABLE embedding_sync_runs ADD COLUMN IF NOT EXISTS models text",
+ALTER TABLE embedding_sync_runs ADD COLUMN IF NOT EXISTS models text;
+-- Why the provider refused a model's requests themselves during the run (one reason each), so
+-- that whichever invocation finishes the run reports it stopped.
+ALTER TABLE embedding_sync_runs ADD COLUMN IF NOT EXISTS refused text[] NOT NULL DEFAULT '{}'",
     ));
     steps.push(step(
         "embedding_sync_run_sources",
@@ -186,6 +191,15 @@ ALTER TABLE embedding_sync_runs ADD COLUMN IF NOT EXISTS models text",
     value text NOT NULL,
     occurrences bigint NOT NULL,
     PRIMARY KEY (run_id, source_table, source_column, value_hash)
+)",
+    ));
+    steps.push(step(
+        "embedding_sync_orphans",
+        "CREATE TABLE IF NOT EXISTS embedding_sync_orphans (
+    value_hash text PRIMARY KEY,
+    source_table text NOT NULL,
+    source_column text NOT NULL,
+    unlinked_at timestamptz NOT NULL DEFAULT now()
 )",
     ));
     steps.push(step(
@@ -639,17 +653,18 @@ SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2,
 
 /// The unfinished run, counting this invocation: `run_id`, `trigger`, `started_ms` (float8),
 /// `invocations`, `models` (the model tags it was started with, large and small a line each;
-/// empty for a run started before they were recorded).
+/// empty for a run started before they were recorded), `refused` (text[], see
+/// [`RECORD_REFUSED`]).
 pub const RESUME_RUN: &str = "\
 UPDATE embedding_sync_runs SET invocations = invocations + 1, updated_at = now(), status = 'running'
 WHERE finished_at IS NULL
-RETURNING run_id, trigger, (extract(epoch FROM started_at) * 1000)::float8, invocations, coalesce(models, '')";
+RETURNING run_id, trigger, (extract(epoch FROM started_at) * 1000)::float8, invocations, coalesce(models, ''), refused";
 
 /// Starts run `$1` with trigger `$2` and the model tags `$3` (see [`RESUME_RUN`]): same columns
 /// as [`RESUME_RUN`].
 pub const START_RUN: &str = "\
 INSERT INTO embedding_sync_runs (run_id, trigger, invocations, models) VALUES ($1, $2, 1, $3)
-RETURNING run_id, trigger, (extract(epoch FROM started_at) * 1000)::float8, invocations, models";
+RETURNING run_id, trigger, (extract(epoch FROM started_at) * 1000)::float8, invocations, models, refused";
 
 /// Adds the run's sources: `$1` run, `$2` tables, `$3` columns, `$4` names (text[]).
 pub const START_RUN_SOURCES: &str = "\
@@ -688,9 +703,10 @@ pub const ADD_ERRORS: &str = "\
 UPDATE embedding_sync_run_sources SET errors = errors + $4
 WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
 
-/// Marks a source done with its stale counts: `$4` stale, `$5` deleted (int8).
+/// Marks a source done with its stale count `$4` (int8). Its `deleted` count grows when the
+/// run's orphans are deleted ([`delete_orphans`]).
 pub const SOURCE_DONE: &str = "\
-UPDATE embedding_sync_run_sources SET stale = $4, deleted = $5, done = true
+UPDATE embedding_sync_run_sources SET stale = $4, done = true
 WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
 
 /// Ends run `$1` with its report `$2` (JSON text) and status `$3` (`finished` or `failed`).
@@ -757,18 +773,23 @@ pub const MASS_DELETE_HELD: &str = "($3 AND c.stale >= $4 AND c.had > 0 AND (c.t
 
 /// Removes what a source no longer has, in one statement (one snapshot of the source), unless
 /// the mass-delete guard ([`MASS_DELETE_HELD`]) holds it back, in which case nothing is
-/// removed: unlinks the values it no longer has, deletes embsync's own rows of them that no
-/// source has any more, gives embsync's own rows that named this source another source that has
-/// the value, and drops the source's errors of values it no longer has. One row: `total`,
-/// `had`, `stale`, `held` (bool), `unlinked`, `deleted` (int8 the others).
+/// removed: unlinks the values it no longer has, records those of embsync's rows that no other
+/// source links as orphan candidates (`embedding_sync_orphans`, with this source), gives
+/// embsync's own rows that named this source another source that has the value, and drops the
+/// source's errors of values it no longer has. One row: `total`, `had`, `stale`, `held` (bool),
+/// `unlinked` (int8 the others).
+///
+/// It deletes no cache row: a value that left this source may be in a source planned later in
+/// the run, which links it then (and pays nothing). [`delete_orphans`] deletes the candidates
+/// still unlinked once every source of the run has been planned.
 ///
 /// After the unlink, every step looks only at the unlinked hashes, one index probe each
 /// (`= ANY` of the hashes, and subqueries per hash that the planner cannot turn into joins), so
 /// it costs the stale values, not the size of the cache, whatever the planner knows of the
 /// tables' sizes (measured on tables never analyzed, see `tests/stale.rs` of the store).
 ///
-/// Locks: ROW EXCLUSIVE on `embedding_cache` (rows it deletes or updates are embsync's own) and
-/// on embsync's tables.
+/// Locks: ROW EXCLUSIVE on `embedding_cache` (rows it updates are embsync's own) and on
+/// embsync's tables.
 pub fn remove_stale(source: &Source) -> String {
     format!(
         "WITH src AS MATERIALIZED (\n    {src}\n),\n\
@@ -785,19 +806,14 @@ pub fn remove_stale(source: &Source) -> String {
          RETURNING l.value_hash AS h\n\
          ),\n\
          gone_hashes AS MATERIALIZED (SELECT coalesce(array_agg(h), '{{}}') AS hs FROM gone),\n\
-         orphan AS MATERIALIZED (\n    \
-         SELECT coalesce(array_agg(g.h), '{{}}') AS hs FROM gone g\n    \
+         orphan AS (\n    \
+         INSERT INTO embedding_sync_orphans AS k (value_hash, source_table, source_column)\n    \
+         SELECT g.h, $1, $2 FROM gone g\n    \
          WHERE (SELECT x.value_hash FROM embedding_cache_sources x\n           \
-         WHERE x.value_hash = g.h AND (x.source_table <> $1 OR x.source_column <> $2) LIMIT 1) IS NULL\n\
-         ),\n\
-         deleted AS (\n    \
-         DELETE FROM embedding_cache d USING embedding_cache_owned o\n    \
-         WHERE d.value_hash = ANY ((SELECT hs FROM orphan)::text[]) AND o.value_hash = ANY ((SELECT hs FROM orphan)::text[])\n      \
-         AND o.value_hash = d.value_hash AND o.cache_id = d.id\n    \
-         RETURNING d.value_hash\n\
-         ),\n\
-         disowned AS (\n    \
-         DELETE FROM embedding_cache_owned o WHERE o.value_hash = ANY ((SELECT hs FROM orphan)::text[])\n\
+         WHERE x.value_hash = g.h AND (x.source_table <> $1 OR x.source_column <> $2) LIMIT 1) IS NULL\n      \
+         AND (SELECT o.value_hash FROM embedding_cache_owned o WHERE o.value_hash = g.h) IS NOT NULL\n    \
+         ON CONFLICT (value_hash) DO UPDATE\n    \
+         SET source_table = EXCLUDED.source_table, source_column = EXCLUDED.source_column, unlinked_at = now()\n\
          ),\n\
          reassigned AS (\n    \
          UPDATE embedding_cache r\n    \
@@ -814,12 +830,97 @@ pub fn remove_stale(source: &Source) -> String {
          WHERE e.source_table = $1 AND e.source_column = $2 AND (SELECT ok FROM go)\n      \
          AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = e.value_hash)\n\
          )\n\
-         SELECT c.total, c.had, c.stale, NOT go.ok AS held,\n       \
-         (SELECT count(*) FROM gone) AS unlinked, (SELECT count(*) FROM deleted) AS deleted\n\
+         SELECT c.total, c.had, c.stale, NOT go.ok AS held, (SELECT count(*) FROM gone) AS unlinked\n\
          FROM c, go",
         src = source_values(source),
     )
 }
+
+/// Deletes embsync's rows of the orphan candidates ([`remove_stale`]) that no source links and
+/// no enabled source (`sources`) has now, and forgets the candidates that are linked again or
+/// were deleted, adding the rows deleted to the counters of run `$1`'s source that unlinked each
+/// (`deleted`). Run once every source of the run has been planned (linked what it has) and had
+/// its stale values removed, so a value that moved from one source to another is linked by then
+/// and kept. A candidate that a source has but has not linked yet (it came in after that source
+/// was planned) is kept, as a candidate: the next run links it, or deletes it if it left again.
+/// One row per source that unlinked a deleted row: `source_table`, `source_column`, `deleted`
+/// (int8).
+///
+/// The candidates cost index probes: the candidate table is read whole (it holds only them),
+/// and each candidate is one probe of `embedding_cache_sources`, `embedding_cache_owned` and
+/// `embedding_cache`, whatever the planner knows (see `tests/stale.rs` of the store). Whether a
+/// source has a candidate's value is one scan of each enabled source (the trimmed text compared
+/// with the candidates' values, nothing hashed); [`ORPHANS_WAITING`] spares it when there are no
+/// candidates. A row is deleted only while its ownership record names its `id`.
+///
+/// Locks: ROW EXCLUSIVE on `embedding_cache` (rows it deletes are embsync's own) and on
+/// embsync's tables; ACCESS SHARE on the sources.
+pub fn delete_orphans(sources: &[&Source]) -> String {
+    let mut present: Vec<String> = sources
+        .iter()
+        .map(|s| {
+            let col = s.column.quoted();
+            format!(
+                "SELECT btrim(s.{col}::text, ' ') AS v FROM {table} s WHERE btrim(s.{col}::text, ' ') IN (SELECT v FROM cand WHERE NOT linked)",
+                table = s.table.quoted()
+            )
+        })
+        .collect();
+    if present.is_empty() {
+        present.push("SELECT NULL::text AS v WHERE false".to_owned());
+    }
+    format!(
+        "WITH cand AS MATERIALIZED (\n    \
+         SELECT k.value_hash AS h, k.source_table, k.source_column,\n           \
+         (SELECT x.value_hash FROM embedding_cache_sources x WHERE x.value_hash = k.value_hash LIMIT 1) IS NOT NULL AS linked,\n           \
+         (SELECT c.value FROM embedding_cache c WHERE c.value_hash = k.value_hash) AS v\n    \
+         FROM embedding_sync_orphans k\n\
+         ),\n\
+         present AS MATERIALIZED (\n    {present}\n),\n\
+         orphan AS MATERIALIZED (\n    \
+         SELECT coalesce(array_agg(k.h), '{{}}') AS hs FROM cand k\n    \
+         WHERE NOT k.linked AND NOT EXISTS (SELECT 1 FROM present p WHERE p.v = k.v)\n\
+         ),\n\
+         settled AS MATERIALIZED (\n    \
+         SELECT coalesce(array_agg(k.h), '{{}}') AS hs FROM cand k\n    \
+         WHERE k.linked OR k.h = ANY ((SELECT hs FROM orphan)::text[])\n\
+         ),\n\
+         forgotten AS (\n    \
+         DELETE FROM embedding_sync_orphans k WHERE k.value_hash = ANY ((SELECT hs FROM settled)::text[])\n\
+         ),\n\
+         deleted AS (\n    \
+         DELETE FROM embedding_cache d USING embedding_cache_owned o\n    \
+         WHERE d.value_hash = ANY ((SELECT hs FROM orphan)::text[]) AND o.value_hash = ANY ((SELECT hs FROM orphan)::text[])\n      \
+         AND o.value_hash = d.value_hash AND o.cache_id = d.id\n    \
+         RETURNING d.value_hash\n\
+         ),\n\
+         disowned AS (\n    \
+         DELETE FROM embedding_cache_owned o WHERE o.value_hash = ANY ((SELECT hs FROM orphan)::text[])\n\
+         ),\n\
+         counted AS MATERIALIZED (\n    \
+         SELECT k.source_table, k.source_column, count(*)::int8 AS n FROM deleted d JOIN cand k ON k.h = d.value_hash\n    \
+         GROUP BY k.source_table, k.source_column\n\
+         ),\n\
+         added AS (\n    \
+         UPDATE embedding_sync_run_sources r SET deleted = r.deleted + n.n\n    \
+         FROM counted n\n    \
+         WHERE r.run_id = $1 AND r.source_table = n.source_table AND r.source_column = n.source_column\n\
+         )\n\
+         SELECT source_table, source_column, n FROM counted ORDER BY source_table, source_column",
+        present = present.join("\n    UNION\n    "),
+    )
+}
+
+/// Whether any orphan candidate waits ([`delete_orphans`]).
+pub const ORPHANS_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM embedding_sync_orphans)";
+
+/// Adds the reasons `$2` (text[]) the provider refused a model's requests to run `$1`, each
+/// once.
+pub const RECORD_REFUSED: &str = "\
+UPDATE embedding_sync_runs
+SET refused = refused || ARRAY(SELECT DISTINCT r FROM unnest($2::text[]) AS r WHERE r <> ALL (refused) ORDER BY r),
+    updated_at = now()
+WHERE run_id = $1 AND finished_at IS NULL";
 
 /// Whether the source (`$1`, `$2`) has any recorded errors (a probe of the errors' key).
 pub const HAS_ERRORS: &str = "\
@@ -1062,8 +1163,8 @@ mod tests {
         .unwrap();
         let locks = |existed| migration(&config.models, existed).iter().map(|s| s.locks).collect::<Vec<_>>().join(", ");
         // On a cache that exists (maybe another pipeline's) no step names it: it is only read.
-        expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
-        expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
+        expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
+        expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
         assert!(migration(&config.models, false)[1].sql.contains("embedding_large vector(3072),\n    embedding_small vector(1536)"));
         assert!(!migration(&config.models, true).iter().any(|s| s.sql.contains("INDEX") && s.sql.contains("ON embedding_cache ")));
         expect![[r#"
@@ -1222,19 +1323,14 @@ mod tests {
                 RETURNING l.value_hash AS h
             ),
             gone_hashes AS MATERIALIZED (SELECT coalesce(array_agg(h), '{}') AS hs FROM gone),
-            orphan AS MATERIALIZED (
-                SELECT coalesce(array_agg(g.h), '{}') AS hs FROM gone g
+            orphan AS (
+                INSERT INTO embedding_sync_orphans AS k (value_hash, source_table, source_column)
+                SELECT g.h, $1, $2 FROM gone g
                 WHERE (SELECT x.value_hash FROM embedding_cache_sources x
                        WHERE x.value_hash = g.h AND (x.source_table <> $1 OR x.source_column <> $2) LIMIT 1) IS NULL
-            ),
-            deleted AS (
-                DELETE FROM embedding_cache d USING embedding_cache_owned o
-                WHERE d.value_hash = ANY ((SELECT hs FROM orphan)::text[]) AND o.value_hash = ANY ((SELECT hs FROM orphan)::text[])
-                  AND o.value_hash = d.value_hash AND o.cache_id = d.id
-                RETURNING d.value_hash
-            ),
-            disowned AS (
-                DELETE FROM embedding_cache_owned o WHERE o.value_hash = ANY ((SELECT hs FROM orphan)::text[])
+                  AND (SELECT o.value_hash FROM embedding_cache_owned o WHERE o.value_hash = g.h) IS NOT NULL
+                ON CONFLICT (value_hash) DO UPDATE
+                SET source_table = EXCLUDED.source_table, source_column = EXCLUDED.source_column, unlinked_at = now()
             ),
             reassigned AS (
                 UPDATE embedding_cache r
@@ -1251,9 +1347,48 @@ mod tests {
                 WHERE e.source_table = $1 AND e.source_column = $2 AND (SELECT ok FROM go)
                   AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = e.value_hash)
             )
-            SELECT c.total, c.had, c.stale, NOT go.ok AS held,
-                   (SELECT count(*) FROM gone) AS unlinked, (SELECT count(*) FROM deleted) AS deleted
+            SELECT c.total, c.had, c.stale, NOT go.ok AS held, (SELECT count(*) FROM gone) AS unlinked
             FROM c, go"#]].assert_eq(&remove_stale(&source()));
+        expect![[r#"
+            WITH cand AS MATERIALIZED (
+                SELECT k.value_hash AS h, k.source_table, k.source_column,
+                       (SELECT x.value_hash FROM embedding_cache_sources x WHERE x.value_hash = k.value_hash LIMIT 1) IS NOT NULL AS linked,
+                       (SELECT c.value FROM embedding_cache c WHERE c.value_hash = k.value_hash) AS v
+                FROM embedding_sync_orphans k
+            ),
+            present AS MATERIALIZED (
+                SELECT btrim(s."title"::text, ' ') AS v FROM "app"."Items" s WHERE btrim(s."title"::text, ' ') IN (SELECT v FROM cand WHERE NOT linked)
+            ),
+            orphan AS MATERIALIZED (
+                SELECT coalesce(array_agg(k.h), '{}') AS hs FROM cand k
+                WHERE NOT k.linked AND NOT EXISTS (SELECT 1 FROM present p WHERE p.v = k.v)
+            ),
+            settled AS MATERIALIZED (
+                SELECT coalesce(array_agg(k.h), '{}') AS hs FROM cand k
+                WHERE k.linked OR k.h = ANY ((SELECT hs FROM orphan)::text[])
+            ),
+            forgotten AS (
+                DELETE FROM embedding_sync_orphans k WHERE k.value_hash = ANY ((SELECT hs FROM settled)::text[])
+            ),
+            deleted AS (
+                DELETE FROM embedding_cache d USING embedding_cache_owned o
+                WHERE d.value_hash = ANY ((SELECT hs FROM orphan)::text[]) AND o.value_hash = ANY ((SELECT hs FROM orphan)::text[])
+                  AND o.value_hash = d.value_hash AND o.cache_id = d.id
+                RETURNING d.value_hash
+            ),
+            disowned AS (
+                DELETE FROM embedding_cache_owned o WHERE o.value_hash = ANY ((SELECT hs FROM orphan)::text[])
+            ),
+            counted AS MATERIALIZED (
+                SELECT k.source_table, k.source_column, count(*)::int8 AS n FROM deleted d JOIN cand k ON k.h = d.value_hash
+                GROUP BY k.source_table, k.source_column
+            ),
+            added AS (
+                UPDATE embedding_sync_run_sources r SET deleted = r.deleted + n.n
+                FROM counted n
+                WHERE r.run_id = $1 AND r.source_table = n.source_table AND r.source_column = n.source_column
+            )
+            SELECT source_table, source_column, n FROM counted ORDER BY source_table, source_column"#]].assert_eq(&delete_orphans(&[&source()]));
         expect![[r#"
             WITH t AS (
                 SELECT * FROM unnest($5::text[], $6::text[], $7::int4[], $8::vector[], $9::vector[]) AS t(h, v, n, l, s)

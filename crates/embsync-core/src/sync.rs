@@ -124,10 +124,9 @@ pub struct ValueFailure {
 /// What removing stale values did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StaleOutcome {
-    /// Links removed: values the source no longer has.
+    /// Links removed: values the source no longer has. Cache rows no source links any more are
+    /// deleted at the run's end ([`Store::delete_orphans`]).
     pub unlinked: u64,
-    /// Cache rows deleted because no source has them any more.
-    pub deleted: u64,
     /// Why the mass-delete guard held the removal back (then nothing was removed).
     pub held_back: Option<String>,
 }
@@ -210,10 +209,12 @@ pub trait Store {
     /// linked and its row holds both embeddings, so a value with one embedding is kept (it is
     /// paid for) and completed by a later run.
     async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError>;
-    /// Unlinks values the source no longer has, deletes embsync's rows no source has, drops the
-    /// source's errors of values it no longer has, and marks the source done in the run,
-    /// atomically. With a `guard`, it counts and decides in the same transaction (the same
-    /// snapshot of the source) and removes nothing when the guard holds
+    /// Unlinks values the source no longer has, records embsync's rows of them that no other
+    /// source links as orphan candidates (deleted by [`Store::delete_orphans`] once every source
+    /// of the run is done, so a value that moved to a source planned later is linked by then
+    /// and kept), drops the source's errors of values it no longer has, and marks the source
+    /// done in the run, atomically. With a `guard`, it counts and decides in the same
+    /// transaction (the same snapshot of the source) and removes nothing when the guard holds
     /// ([`StaleOutcome::held_back`]). With `known_clean` (this invocation counted no stale
     /// values) and no errors recorded for the source it only marks the source done, sparing a
     /// scan of the source.
@@ -224,6 +225,16 @@ pub trait Store {
         known_clean: bool,
         guard: Option<DeleteGuard>,
     ) -> Result<StaleOutcome, StoreError>;
+    /// Deletes embsync's rows of the orphan candidates that no source links and none of
+    /// `sources` (the enabled ones) has any more, and forgets the candidates that are linked
+    /// again or deleted, adding the rows deleted to the `deleted` counters of the run's sources
+    /// that unlinked them, atomically. Called once every source of the run is done without
+    /// error. Returns the rows deleted per source that unlinked them.
+    async fn delete_orphans(&mut self, run: &RunId, sources: &[&Source]) -> Result<Vec<OrphansDeleted>, StoreError>;
+    /// Adds to the run why the provider refused a model's requests themselves, so the
+    /// invocation that finishes the run reports it `stopped` (its values wait for the first run
+    /// after the fix), whichever invocation that is.
+    async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError>;
     /// Records failures so the values are retried by a later run, with backoff, and counts them
     /// in the run. A successful [`Store::store`] of a value clears its record.
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError>;
@@ -248,6 +259,17 @@ pub trait Store {
     async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError>;
     /// Adds the index step's outcome to the stored report of a finished run.
     async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError>;
+}
+
+/// Cache rows [`Store::delete_orphans`] deleted, for the source that unlinked them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphansDeleted {
+    /// The source's table key ([`Source::table_key`]).
+    pub table: String,
+    /// The source's column key.
+    pub column: String,
+    /// Rows deleted.
+    pub rows: u64,
 }
 
 /// A run's id: one run may span many invocations.
@@ -311,6 +333,9 @@ pub struct RunState {
     pub invocations: u64,
     /// Per enabled source, in config order.
     pub sources: Vec<SourceState>,
+    /// Why the provider refused a model's requests themselves in an invocation of the run
+    /// ([`Store::record_refused`]).
+    pub refused: Vec<String>,
 }
 
 /// What one invocation may spend before it stops cleanly and leaves the rest to the next one.
@@ -392,7 +417,8 @@ impl Budget {
         };
         let batches = whole("SYNC_MAX_BATCHES", d.max_batches)?;
         let subrequests = whole("SYNC_MAX_SUBREQUESTS", d.max_subrequests)?;
-        let budget = Budget::new(batches, read("SYNC_MAX_SECONDS", d.max_ms / 1000.0)?, read("SYNC_LEASE_SECONDS", d.lease_ttl.as_secs_f64())?)?;
+        let budget =
+            Budget::new(batches, read("SYNC_MAX_SECONDS", d.max_ms / 1000.0)?, read("SYNC_LEASE_SECONDS", d.lease_ttl.as_secs_f64())?)?;
         Ok(Budget { max_subrequests: subrequests, ..budget })
     }
 }
@@ -656,6 +682,14 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     let mut spent = InvocationSpend::new(began, budget);
     let mut token_budget_ended = false;
     let mut paused: Option<Cursor> = None;
+    // Sources this invocation finished: their events wait until the run's orphans are deleted
+    // (when it finishes), which adds to their `deleted` counts.
+    let mut ended: Vec<usize> = Vec::new();
+    let log_ended = |run: &RunState, ended: &[usize]| {
+        for &i in ended {
+            rt.log(source_event(&run.id, &run.sources[i].report));
+        }
+    };
     for (i, source) in sources.iter().enumerate() {
         if run.sources[i].done {
             continue;
@@ -669,7 +703,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
         let state = &mut run.sources[i];
         state.report.duration_ms += (rt.now_ms() - began_source).max(0.0) as u64;
         match outcome {
-            Ok(SourceEnd::Done) => rt.log(source_event(&run.id, &state.report)),
+            Ok(SourceEnd::Done) => ended.push(i),
             Ok(SourceEnd::TokenBudget) => {
                 // The run ends here; the next run goes on with what is still pending.
                 rt.log(source_event(&run.id, &state.report));
@@ -697,8 +731,12 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 state.done = true;
                 rt.log(source_event(&run.id, &state.report));
             }
-            Err(Stop::LeaseLost(e)) => return Err(lease_lost(rt, &run.id, e)),
+            Err(Stop::LeaseLost(e)) => {
+                log_ended(&run, &ended);
+                return Err(lease_lost(rt, &run.id, e));
+            }
             Err(Stop::Fatal(e)) => {
+                log_ended(&run, &ended);
                 // Nothing later can succeed: the run ends here as failed, and the next trigger
                 // starts a new run once the cause is fixed.
                 rt.log(LogEvent::error("stopped", format!("Sync stopped: {e}")).run(&run.id.0));
@@ -715,10 +753,43 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
             }
         }
     }
+    // Every source has been planned (so it linked the values it has) and had its stale values
+    // removed, without error: embsync's rows that no source links now are deleted. Otherwise the
+    // candidates wait for the next run in which every source gets this far.
+    if paused.is_none() && run.sources.iter().all(|s| s.done && s.report.error.is_none()) {
+        match store.delete_orphans(&run.id, &sources).await {
+            Ok(deleted) => {
+                for d in deleted {
+                    let at = sources.iter().position(|s| s.table_key() == d.table && s.column_key() == d.column);
+                    if let Some(state) = at.and_then(|i| run.sources.get_mut(i)) {
+                        state.report.deleted += d.rows;
+                    }
+                }
+            }
+            Err(e) if e.is_lease_lost() => {
+                log_ended(&run, &ended);
+                return Err(lease_lost(rt, &run.id, e));
+            }
+            Err(e) => rt.log(
+                LogEvent::warn(
+                    "orphans",
+                    format!("Could not delete the cache rows no source has any more (the next run tries again): {e}"),
+                )
+                .run(&run.id.0),
+            ),
+        }
+    }
+    log_ended(&run, &ended);
     let mut report = report_of(config, &run, rt);
     // Stopped early: the token budget ended the run while values were left, or the provider
-    // refused a model's requests (that model's values wait for the run after the fix).
-    let mut stopped: Vec<String> = spent.refused.iter().filter_map(|r| r.borrow().clone()).collect();
+    // refused a model's requests, in this invocation or an earlier one of the run (that model's
+    // values wait for the run after the fix).
+    let mut stopped: Vec<String> = run.refused.clone();
+    for why in spent.refused.iter().filter_map(|r| r.borrow().clone()) {
+        if !stopped.contains(&why) {
+            stopped.push(why);
+        }
+    }
     if let (true, Some(max)) = (token_budget_ended, config.max_tokens_per_run) {
         stopped.push(format!("token budget of {max} reached; the next run goes on where this one stopped"));
     }
@@ -886,13 +957,23 @@ struct InvocationSpend {
     /// Per model (large, small): why the provider refused its requests themselves, if it did.
     /// That model sends nothing more in this invocation.
     refused: [RefCell<Option<String>>; 2],
+    /// The refusals stored with the run ([`Store::record_refused`]).
+    refusals_recorded: Vec<String>,
     /// Why no further batch may start (a wait that would outlast the budget), if so.
     pause: RefCell<Option<Pause>>,
 }
 
 impl InvocationSpend {
     fn new(began: f64, budget: Budget) -> Self {
-        InvocationSpend { batches: 0, began, budget, requests: Cell::new(0), refused: Default::default(), pause: RefCell::new(None) }
+        InvocationSpend {
+            batches: 0,
+            began,
+            budget,
+            requests: Cell::new(0),
+            refused: Default::default(),
+            refusals_recorded: Vec::new(),
+            pause: RefCell::new(None),
+        }
     }
 
     fn refused(&self, slot: ModelSlot) -> bool {
@@ -1076,6 +1157,19 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 if !batch.is_empty() || counts_as_batch {
                     self.store.store(source, &batch, &progress).await.map_err(|e| ctx("storing a batch", e))?;
                 }
+                // A refusal is stored with the run before anything else is written (a source
+                // finished, say), so the invocation that finishes the run knows of it.
+                let refused: Vec<String> = self
+                    .spent
+                    .refused
+                    .iter()
+                    .filter_map(|r| r.borrow().clone())
+                    .filter(|why| !self.spent.refusals_recorded.contains(why))
+                    .collect();
+                if !refused.is_empty() {
+                    self.store.record_refused(self.run, &refused).await.map_err(|e| ctx("recording a refused model", e))?;
+                    self.spent.refusals_recorded.extend(refused);
+                }
                 // Counters follow the committed write, so they equal what Postgres holds.
                 let r = &mut self.state.report;
                 r.embedded += embedded;
@@ -1113,7 +1207,6 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             self.state.report.warning = Some(why.clone());
         }
         self.state.report.stale = stale.unlinked;
-        self.state.report.deleted = stale.deleted;
         self.state.done = true;
         Ok(SourceEnd::Done)
     }
@@ -1447,15 +1540,21 @@ mod tests {
         );
         check(
             &[("SYNC_MAX_BATCHES", "2.5")],
-            expect![[r#"error: SYNC_MAX_BATCHES is "2.5", which is not a positive whole number: set it to one or remove it for the default"#]],
+            expect![[
+                r#"error: SYNC_MAX_BATCHES is "2.5", which is not a positive whole number: set it to one or remove it for the default"#
+            ]],
         );
         check(
             &[("SYNC_MAX_BATCHES", "0")],
-            expect![[r#"error: SYNC_MAX_BATCHES is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
+            expect![[
+                r#"error: SYNC_MAX_BATCHES is "0", which is not a positive whole number: set it to one or remove it for the default"#
+            ]],
         );
         check(
             &[("SYNC_MAX_SUBREQUESTS", "0")],
-            expect![[r#"error: SYNC_MAX_SUBREQUESTS is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
+            expect![[
+                r#"error: SYNC_MAX_SUBREQUESTS is "0", which is not a positive whole number: set it to one or remove it for the default"#
+            ]],
         );
         check(
             &[("SYNC_LEASE_SECONDS", "-5")],

@@ -13,8 +13,8 @@ use embsync_core::report::{iso8601, IndexReport, ModelUsage, RunReport, RunStatu
 use embsync_core::sql::{self, SchemaState};
 use embsync_core::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource};
 use embsync_core::sync::{
-    DeleteGuard, EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome, Store, StoreError,
-    ValueFailure,
+    DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome,
+    Store, StoreError, ValueFailure,
 };
 use embsync_core::vector::Vector;
 use std::time::Duration;
@@ -523,15 +523,36 @@ impl Store for PgStore {
                         .unwrap_or_else(|| format!("{stale} of its {had} embedded values look stale; nothing was deleted")),
                 );
             } else {
-                (outcome.unlinked, outcome.deleted) = (n(4), n(5));
+                outcome.unlinked = n(4);
             }
         }
-        tx.execute_typed(sql::SOURCE_DONE, &typed(&[&run.0, &t, &c, &(outcome.unlinked as i64), &(outcome.deleted as i64)]))
+        tx.execute_typed(sql::SOURCE_DONE, &typed(&[&run.0, &t, &c, &(outcome.unlinked as i64)]))
             .await
             .map_err(|e| err("marking the source done", e))?;
         tx.execute_typed(sql::DROP_SNAPSHOT, &typed(&[&run.0, &t, &c])).await.map_err(|e| err("dropping the snapshot", e))?;
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
         Ok(outcome)
+    }
+
+    async fn delete_orphans(&mut self, run: &RunId, sources: &[&Source]) -> Result<Vec<OrphansDeleted>, StoreError> {
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "deleting orphaned cache rows").await?;
+        // Most runs have no candidate: then no source is scanned and nothing is deleted.
+        let waiting: bool = tx.query_typed_one(sql::ORPHANS_WAITING, &[]).await.map_err(|e| err("looking for orphans", e))?.get(0);
+        if !waiting {
+            tx.commit().await.map_err(|e| err("committing", e))?;
+            return Ok(Vec::new());
+        }
+        let rows =
+            tx.query_typed(&sql::delete_orphans(sources), &typed(&[&run.0])).await.map_err(|e| err("deleting orphaned cache rows", e))?;
+        tx.commit().await.map_err(|e| err("committing the orphans' deletion", e))?;
+        Ok(rows.iter().map(|r| OrphansDeleted { table: r.get(0), column: r.get(1), rows: r.get::<_, i64>(2).max(0) as u64 }).collect())
+    }
+
+    async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {
+        let reasons = reasons.to_vec();
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "recording a refused model").await?;
+        tx.execute_typed(sql::RECORD_REFUSED, &typed(&[&run.0, &reasons])).await.map_err(|e| err("recording a refused model", e))?;
+        tx.commit().await.map_err(|e| err("committing the refusal", e))
     }
 
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
@@ -623,7 +644,14 @@ impl Store for PgStore {
         let rows = tx.query_typed(sql::RUN_SOURCES, &typed(&[&id])).await.map_err(|e| err("reading the run", e))?;
         tx.commit().await.map_err(|e| err("committing the run", e))?;
         let states = rows.iter().map(source_state).collect();
-        Ok(RunState { id: RunId(id), trigger, started_at_ms: row.get(2), invocations: row.get::<_, i32>(3).max(0) as u64, sources: states })
+        Ok(RunState {
+            id: RunId(id),
+            trigger,
+            started_at_ms: row.get(2),
+            invocations: row.get::<_, i32>(3).max(0) as u64,
+            sources: states,
+            refused: row.get(5),
+        })
     }
 
     async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {

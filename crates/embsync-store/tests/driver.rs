@@ -1159,3 +1159,82 @@ async fn a_preexisting_cache_with_foreign_rows_is_left_intact() {
     assert_eq!(w.cache_len().await, 3, "only the foreign rows are left");
     assert_eq!(w.calls(), calls);
 }
+
+/// A value that leaves source A (planned first) for source B (planned later) is linked by B when
+/// B is planned and kept: A's stale removal only records it as an orphan candidate, and the
+/// candidates are deleted once every source is done. (Before, A's stale removal deleted it as an
+/// orphan and B paid for it again: the simulation's `in-use`, seed 5.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_value_that_moves_to_a_later_source_is_kept_and_not_paid_again() {
+    let mut w = World::new(100).await;
+    w.set("ta", "ca", &["moving", "stays a"]).await;
+    w.set("tb", "cb", &["stays b"]).await;
+    w.run().await.unwrap();
+    assert_eq!(w.provider.requests_for("moving"), 2, "once per model");
+    w.set("ta", "ca", &["stays a"]).await;
+    w.set("tb", "cb", &["stays b", "moving"]).await;
+    assert_eq!(w.summary().await, "A: total=1 new=0 stale=1 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=2 new=1 stale=0 unchanged=1 reused=1 embedded=0 deleted=0 errors=0 batches=0");
+    assert_eq!(w.provider.requests_for("moving"), 2, "the value that moved is not paid for again");
+    assert!(w.cached("moving").await);
+    // It leaves B too: then it is deleted, in the run that unlinked it, and counted for B.
+    w.set("tb", "cb", &["stays b"]).await;
+    assert_eq!(w.summary().await, "A: total=1 new=0 stale=0 unchanged=1 reused=0 embedded=0 deleted=0 errors=0 batches=0\nB: total=1 new=0 stale=1 unchanged=1 reused=0 embedded=0 deleted=1 errors=0 batches=0");
+    assert!(!w.cached("moving").await);
+    // The source's log event, written once the run's orphans are deleted, counts it too.
+    let logs = w.logs();
+    let b = logs.iter().rev().find(|l| l.starts_with("Source B: ")).expect("B's event");
+    assert!(b.contains(" stale=1 ") && b.contains(" deleted=1 "), "{b}");
+}
+
+/// A run in which a source fails deletes no orphan (the failed source may have the value and
+/// not have linked it yet): the candidates wait for the next run in which every source gets
+/// through, which deletes them and counts them for the source that unlinked them, in its stored
+/// counters as in its report.
+#[tokio::test(flavor = "current_thread")]
+async fn orphans_wait_for_a_run_in_which_every_source_gets_through() {
+    let mut w = World::new(100).await;
+    w.set("ta", "ca", &["one", "two"]).await;
+    w.set("tb", "cb", &["x"]).await;
+    w.run().await.unwrap();
+    w.set("ta", "ca", &["one"]).await;
+    w.db.exec("ALTER TABLE tb RENAME TO tb_away").await;
+    let r = w.run().await.unwrap();
+    assert_eq!((r.sources[0].stale, r.sources[0].deleted), (1, 0));
+    assert!(r.sources[1].error.is_some(), "B fails: {:?}", r.sources[1]);
+    assert!(w.cached("two").await, "no orphan is deleted in a run with a failed source");
+    w.db.exec("ALTER TABLE tb_away RENAME TO tb").await;
+    let r = w.run().await.unwrap();
+    assert_eq!((r.sources[0].stale, r.sources[0].deleted, r.sources[1].deleted), (0, 1, 0));
+    assert!(!w.cached("two").await);
+    let stored = w.db.count(&format!("SELECT deleted FROM embedding_sync_run_sources WHERE run_id = '{}' AND source_table = 'ta'", r.run_id)).await;
+    assert_eq!(stored, 1, "the stored counter equals the report");
+}
+
+/// A value that comes into a source after that source was planned (between two invocations of
+/// the run), while a later source unlinks it, is kept: the run's end finds it in the source and
+/// leaves it for the next run, which links it at no provider cost. (Before, the later source's
+/// stale removal deleted it as an orphan and the next run paid for it again.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_value_that_comes_into_a_source_already_planned_is_kept() {
+    let mut w = World::new(1).await;
+    w.set("ta", "ca", &["a1"]).await;
+    w.set("tb", "cb", &["b1", "v"]).await;
+    w.run().await.unwrap();
+    assert_eq!(w.provider.requests_for("v"), 2, "once per model");
+    // B loses v and gains two values: the invocation's one batch leaves B unfinished.
+    w.set("tb", "cb", &["b1", "b2", "b3"]).await;
+    let outcome = w.invoke(small_budget(1), "worker", None).await.unwrap();
+    assert!(matches!(outcome, Outcome::Paused(..)), "{outcome:?}");
+    // v comes into A, which this run planned already; the next invocation finishes B and the run.
+    w.set("ta", "ca", &["a1", "v"]).await;
+    let outcome = w.invoke(Budget::default(), "worker", None).await.unwrap();
+    let Outcome::Finished(r) = outcome else { panic!("{outcome:?}") };
+    assert_eq!((r.sources[1].stale, r.sources[1].deleted), (1, 0));
+    assert!(w.cached("v").await, "A has v: its row is kept");
+    assert_eq!(w.summary().await, "A: total=2 new=1 stale=0 unchanged=1 reused=1 embedded=0 deleted=0 errors=0 batches=0\nB: total=3 new=0 stale=0 unchanged=3 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+    assert_eq!(w.provider.requests_for("v"), 2, "v is not paid for again");
+    // It leaves A too: the run that unlinks it deletes it.
+    w.set("ta", "ca", &["a1"]).await;
+    assert_eq!(w.summary().await, "A: total=1 new=0 stale=1 unchanged=1 reused=0 embedded=0 deleted=1 errors=0 batches=0\nB: total=3 new=0 stale=0 unchanged=3 reused=0 embedded=0 deleted=0 errors=0 batches=0");
+    assert!(!w.cached("v").await);
+}

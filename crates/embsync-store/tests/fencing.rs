@@ -32,6 +32,7 @@ async fn dump(db: &TestDb) -> String {
         "embedding_sync_runs",
         "embedding_sync_run_sources",
         "embedding_sync_pending",
+        "embedding_sync_orphans",
         "embedding_sync_lease",
     ] {
         let rows = db.texts(&format!("SELECT x::text FROM {table} x")).await;
@@ -135,6 +136,10 @@ async fn every_write_of_an_invocation_that_lost_the_lease_is_refused_and_writes_
     check("store", refused("store", r), dump(&db).await);
     let r = a.remove_stale(items, &run, false, None).await;
     check("remove_stale", refused("remove_stale", r), dump(&db).await);
+    let r = a.delete_orphans(&run, &sources).await;
+    check("delete_orphans", refused("delete_orphans", r), dump(&db).await);
+    let r = a.record_refused(&run, &["the model is gone".to_owned()]).await;
+    check("record_refused", refused("record_refused", r), dump(&db).await);
     let failure = ValueFailure { hash: ValueHash::from_hex(&hash_of(&pending_value)).unwrap(), model: "all".into(), message: "x".into() };
     let r = a.record_errors(items, &[failure], &run).await;
     check("record_errors", refused("record_errors", r), dump(&db).await);
@@ -277,8 +282,19 @@ async fn waiting_for_the_lease_row_ends_at_the_lock_timeout() {
 
 /// Which store calls write (and so must be fenced); `release_lease` is left out: releasing a
 /// lost lease is a no-op, not an error.
-const WRITES: &[&str] =
-    &["open_run", "link_reusable", "save_plan", "store", "remove_stale", "record_errors", "finish_run", "index_ddl", "record_indexes"];
+const WRITES: &[&str] = &[
+    "open_run",
+    "link_reusable",
+    "save_plan",
+    "store",
+    "remove_stale",
+    "delete_orphans",
+    "record_refused",
+    "record_errors",
+    "finish_run",
+    "index_ddl",
+    "record_indexes",
+];
 
 /// Lets another invocation take the lease over right before the store's `at`-th call
 /// (1-based) and records what the invocation did after that.
@@ -349,6 +365,10 @@ async fn assert_synced(db: &TestDb, label: &str) {
         assert_eq!(have, want, "{label}: done values of {table}");
     }
     assert_eq!(db.count("SELECT count(*) FROM embedding_cache WHERE value IN ('a01', 'a02')").await, 0, "{label}: stale rows deleted");
+    // Counted once, in the stored counters and in the stored reports alike.
+    assert_eq!(db.count("SELECT coalesce(sum(deleted), 0)::int8 FROM embedding_sync_run_sources").await, 2, "{label}: deleted counters");
+    let reported = "SELECT coalesce(sum((report->'totals'->>'deleted')::int8), 0)::int8 FROM embedding_sync_runs";
+    assert_eq!(db.count(reported).await, 2, "{label}: deleted in the reports");
     assert_eq!(db.count("SELECT count(*) FROM embedding_sync_pending").await, 0, "{label}: snapshots left");
     assert_eq!(db.count("SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NULL").await, 0, "{label}: open runs");
 }
@@ -367,7 +387,7 @@ async fn a_takeover_before_any_store_call_fences_the_rest_of_the_invocation() {
     let outcome = invoke_on(&config, &mut probe, &provider, "inv-a").await;
     assert!(matches!(outcome, Ok(Outcome::Finished(_))), "{outcome:?}");
     let calls = probe.hook.calls.clone();
-    for kind in ["open_run", "link_reusable", "save_plan", "store", "remove_stale", "record_errors", "finish_run"] {
+    for kind in ["open_run", "link_reusable", "save_plan", "store", "remove_stale", "delete_orphans", "record_errors", "finish_run"] {
         assert!(calls.contains(&kind), "the scenario should call {kind}: {calls:?}");
     }
     assert_synced(&db, "undisturbed").await;

@@ -308,3 +308,53 @@ async fn when_both_models_are_refused_the_run_ends_at_once() {
     assert!(stopped.contains(LARGE) && stopped.contains(SMALL), "{stopped}");
     assert_eq!(report.totals.batches, 1, "the one batch sent");
 }
+
+/// An invocation in which the provider refuses every request of a model finishes a source and
+/// pauses; the next invocation, with the model working again, finishes the run. The run reports
+/// `stopped` with the refusal, whichever invocation finishes it: the values the first one left
+/// without that model's embedding wait for the next run. (Before, the refusal was known only to
+/// the invocation that saw it, and the run reported a clean finish: the simulation's
+/// `pending-left-refused`, seeds 11 and 29.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_refusal_in_an_earlier_invocation_stops_the_run_a_later_one_finishes() {
+    let db = TestDb::create().await;
+    db.source_table("items", "title", &["i1", "i2"]).await;
+    db.source_table("notes", "body", &["n1", "n2"]).await;
+    let config = config(2, &[("Items", "items", "title"), ("Notes", "notes", "body")]);
+    let (provider, rt) = (FakeProvider::default(), TestRuntime::default());
+    provider.refusals.borrow_mut().push(Refusal {
+        model: Some(SMALL.into()),
+        input_contains: None,
+        status: 404,
+        body: model_not_found(SMALL),
+    });
+    let mut store = db.store(&config).await;
+    // Items' one batch uses the budget up: Items finishes (its stale values removed), and the
+    // invocation pauses before Notes' first batch.
+    let outcome = invoke(&config, &mut store, &provider, &rt, Budget { max_batches: 1, ..Budget::default() }, "inv-1", None).await.unwrap();
+    let Outcome::Paused(report, cursor) = outcome else { panic!("the first invocation should pause: {outcome:?}") };
+    assert!(report.stopped.as_deref().unwrap_or_default().contains("refused the request itself"), "{:?}", report.stopped);
+    assert_eq!(db.count("SELECT count(*) FROM embedding_sync_run_sources WHERE done").await, 1, "Items is done");
+
+    provider.refusals.borrow_mut().clear();
+    let outcome = invoke(&config, &mut store, &provider, &rt, Budget::default(), "inv-2", Some(&cursor)).await.unwrap();
+    let Outcome::Finished(report) = outcome else { panic!("the second invocation should finish the run: {outcome:?}") };
+    let stopped = report.stopped.clone().unwrap_or_default();
+    assert!(
+        stopped.contains("refused the request itself") && stopped.contains(SMALL),
+        "the run must report the refusal: {:?}",
+        report.stopped
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM embedding_cache WHERE embedding_small IS NULL").await,
+        2,
+        "Items' values wait for the next run"
+    );
+    let stored: String = db
+        .client
+        .query_one("SELECT report->>'stopped' FROM embedding_sync_runs WHERE run_id = $1", &[&report.run_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, stopped, "the stored report says so too");
+}

@@ -28,7 +28,7 @@ use embsync_core::log::LogEvent;
 use embsync_core::provider::{Embeddings, ProviderError};
 use embsync_core::report::{RunReport, Trigger};
 use embsync_core::sync::{
-    self, Budget, Cursor, Embedder, Invocation, Lease, Outcome, RetryPolicy, RunId, Runtime, StaleOutcome, Store, StoreError, SyncError,
+    self, Budget, Cursor, Embedder, Invocation, Lease, Outcome, RetryPolicy, RunId, Runtime, OrphansDeleted, Store, StoreError, SyncError,
 };
 use embsync_core::vector::Vector;
 use embsync_store::PgStore;
@@ -102,11 +102,14 @@ const CI_FAULTS: &[&str] = &[
 //   embedding, and the one that finished the run did not know).
 // - `converged`: after a run during which nothing changed, every enabled source's values are
 //   done but those that failed, and it has no stale links.
+// - `orphaned`: after a run during which nothing changed, no row of embsync's is linked by no
+//   source (the orphans' deletion left none behind).
 // - `finish`: a settle phase finishes a clean run within 60 invocations.
 
 /// Invariants the current code is known to break even without faults (see ARCHITECTURE.md):
-/// their violations are counted and printed, not failed on, unless `SIM_ALLOW=none`.
-const KNOWN_FAILING: &[&str] = &["in-use", "pending-left-refused"];
+/// their violations are counted and printed, not failed on, unless `SIM_ALLOW=none`. None at
+/// present (`in-use` and `pending-left-refused` were the last).
+const KNOWN_FAILING: &[&str] = &[];
 /// Seeds `.ci/run` runs.
 const CI_SEEDS: std::ops::RangeInclusive<u64> = 1..=16;
 /// Steps per seed by default.
@@ -392,7 +395,7 @@ struct SimHook<'a> {
     config: &'a Config,
     /// Values whose vectors were committed by [`Store::store`]: (tag, value).
     committed: Vec<(String, String)>,
-    /// Rows of embsync's that [`Store::remove_stale`] deleted although an enabled source still
+    /// Rows of embsync's that [`Store::delete_orphans`] deleted although an enabled source still
     /// had their value: (value, source).
     in_use: Vec<(String, String)>,
     foreign: Option<(usize, String, Option<String>, Option<String>)>,
@@ -475,6 +478,7 @@ async fn fingerprint(admin: &Client) -> String {
         "embedding_sync_runs",
         "embedding_sync_run_sources",
         "embedding_sync_pending",
+        "embedding_sync_orphans",
     ];
     // The other pipeline's rows are its own to change at any time (also in the step that takes
     // the lease away): only embsync's rows of the cache count.
@@ -494,7 +498,7 @@ async fn fingerprint(admin: &Client) -> String {
 impl Hook for SimHook<'_> {
     async fn before(&mut self, call: &Call<'_>, _: &mut PgStore) -> Go {
         self.gate().await;
-        if let Call::RemoveStale { .. } = call {
+        if let Call::DeleteOrphans { .. } = call {
             self.owned_before = Some(owned_values(self.admin).await);
         }
         Go::Run
@@ -513,10 +517,12 @@ impl Hook for SimHook<'_> {
                     }
                 }
             }
-            (Call::RemoveStale { .. }, Ok(out)) => {
-                let before = self.owned_before.take().expect("read before the removal");
-                let out = out.downcast_ref::<StaleOutcome>().expect("remove_stale answers a StaleOutcome");
-                if out.deleted > 0 {
+            // Rows are deleted only here (stale removal only unlinks): none of a value an
+            // enabled source has.
+            (Call::DeleteOrphans { .. }, Ok(out)) => {
+                let before = self.owned_before.take().expect("read before the deletion");
+                let out = out.downcast_ref::<Vec<OrphansDeleted>>().expect("delete_orphans answers a Vec<OrphansDeleted>");
+                if out.iter().any(|d| d.rows > 0) {
                     let after = owned_values(self.admin).await;
                     for v in before.difference(&after) {
                         for s in self.config.enabled_sources() {
@@ -533,6 +539,7 @@ impl Hook for SimHook<'_> {
                     }
                 }
             }
+            (Call::DeleteOrphans { .. }, Err(_)) => self.owned_before = None,
             _ => {}
         }
     }
@@ -1603,6 +1610,21 @@ impl Sim {
                 ));
             }
         }
+        // Every source got through and nothing changed: embsync's rows that no source links are
+        // deleted (none is left behind as a candidate).
+        let orphaned = self
+            .db
+            .texts(
+                "SELECT c.value FROM embedding_cache c JOIN embedding_cache_owned o ON o.cache_id = c.id
+                 WHERE NOT EXISTS (SELECT 1 FROM embedding_cache_sources l WHERE l.value_hash = c.value_hash) ORDER BY 1",
+            )
+            .await;
+        if !orphaned.is_empty() {
+            return Err(violation(
+                "orphaned",
+                format!("run {} finished, but embsync's rows of {orphaned:?} are linked by no source and were not deleted", report.run_id),
+            ));
+        }
         Ok(())
     }
 
@@ -1891,6 +1913,7 @@ fn allowed() -> BTreeSet<&'static str> {
                 "errors",
                 "fence",
                 "converged",
+                "orphaned",
                 "pending-left",
                 "stopped",
                 "counters",

@@ -51,7 +51,7 @@ async fn stale_removal_probes_indexes_for_the_stale_values_on_tables_never_analy
     let config = config(10, &[("A", "a", "title"), ("B", "b", "name")]);
     let mut store = db.store(&config).await;
     store.ensure_schema(&config).await.unwrap();
-    let tables = ["embedding_cache", "embedding_cache_sources", "embedding_cache_owned", "embedding_sync_errors"];
+    let tables = ["embedding_cache", "embedding_cache_sources", "embedding_cache_owned", "embedding_sync_errors", "embedding_sync_orphans"];
     for t in tables {
         db.exec(&format!("ALTER TABLE {t} SET (autovacuum_enabled = off)")).await;
     }
@@ -73,7 +73,7 @@ async fn stale_removal_probes_indexes_for_the_stale_values_on_tables_never_analy
         assert_eq!(db.count(&format!("SELECT count(*) FROM pg_stat_user_tables WHERE relname = '{t}' AND (last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL)")).await, 0, "{t} was analyzed");
     }
     let source = &config.sources[0];
-    let mut buffers = 0;
+    let (mut buffers, mut orphan_buffers) = (0, 0);
     for (statement, params) in removal(source) {
         let plan = explain(&db, "COSTS false", &statement, &params).await;
         for t in ["embedding_cache", "embedding_cache_sources", "embedding_cache_owned"] {
@@ -82,13 +82,26 @@ async fn stale_removal_probes_indexes_for_the_stale_values_on_tables_never_analy
         // What it touches, executed and rolled back.
         db.exec("BEGIN").await;
         let analyzed = explain(&db, "ANALYZE, BUFFERS, COSTS false, TIMING false", &statement, &params).await;
-        db.exec("ROLLBACK").await;
         buffers += top_buffers(&analyzed);
         let unlinked = analyzed.lines().find(|l| l.contains("Delete on embedding_cache_sources")).unwrap_or_default();
         assert!(unlinked.contains("actual rows=10"), "not 10 stale values:\n{analyzed}");
+        // The run's end deletes the 10 orphan candidates the removal recorded: its plan probes
+        // indexes too, on the same tables never analyzed.
+        let run: Vec<(Box<dyn ToSql + Sync + Send>, Type)> = vec![(Box::new("run-1".to_owned()), Type::TEXT)];
+        let delete = sql::delete_orphans(&config.enabled_sources().collect::<Vec<_>>());
+        let plan = explain(&db, "COSTS false", &delete, &run).await;
+        for t in ["embedding_cache", "embedding_cache_sources", "embedding_cache_owned"] {
+            assert!(!plan.lines().any(|l| l.contains(&format!("Seq Scan on {t} "))), "a scan of {t}:\n{delete}\n{plan}");
+        }
+        let analyzed = explain(&db, "ANALYZE, BUFFERS, COSTS false, TIMING false", &delete, &run).await;
+        db.exec("ROLLBACK").await;
+        let deleted = analyzed.lines().find(|l| l.contains("Delete on embedding_cache d")).unwrap_or_default();
+        assert!(deleted.contains("actual rows=10"), "not 10 orphans deleted:\n{analyzed}");
+        orphan_buffers += top_buffers(&analyzed);
     }
-    eprintln!("stale removal of 10 values touched {buffers} buffers");
+    eprintln!("stale removal of 10 values touched {buffers} buffers, the orphans' deletion {orphan_buffers}");
     assert!(buffers < 400, "stale removal of 10 values touched {buffers} buffers");
+    assert!(orphan_buffers < 400, "deleting 10 orphans touched {orphan_buffers} buffers");
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -9,7 +9,7 @@ use embsync_core::hash::ValueHash;
 use embsync_core::index::IndexState;
 use embsync_core::report::{IndexReport, RunReport, SourceReport, Trigger};
 use embsync_core::sync::{
-    DeleteGuard, EmbeddedValue, Lease, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store, StoreError, ValueFailure,
+    DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store, StoreError, ValueFailure,
 };
 use embsync_store::PgStore;
 use std::any::Any;
@@ -25,6 +25,8 @@ pub enum Call<'a> {
     Store { source: &'a Source, batch: &'a [EmbeddedValue], progress: &'a Progress<'a> },
     RemoveStale { source: &'a Source, run: &'a RunId, known_clean: bool, guard: Option<DeleteGuard> },
     RecordErrors { source: &'a Source, failures: &'a [ValueFailure], run: &'a RunId },
+    DeleteOrphans { run: &'a RunId, sources: &'a [&'a Source] },
+    RecordRefused { run: &'a RunId, reasons: &'a [String] },
     AcquireLease { holder: &'a str, ttl: Duration },
     ReleaseLease,
     OpenRun { new_id: &'a RunId, trigger: Trigger, sources: &'a [&'a Source] },
@@ -46,6 +48,8 @@ impl Call<'_> {
             Call::Store { .. } => "store",
             Call::RemoveStale { .. } => "remove_stale",
             Call::RecordErrors { .. } => "record_errors",
+            Call::DeleteOrphans { .. } => "delete_orphans",
+            Call::RecordRefused { .. } => "record_refused",
             Call::AcquireLease { .. } => "acquire_lease",
             Call::ReleaseLease => "release_lease",
             Call::OpenRun { .. } => "open_run",
@@ -148,6 +152,12 @@ impl<H: Hook> Store for Hooked<H> {
     }
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
         self.call(Call::RecordErrors { source, failures, run }, async |s| s.record_errors(source, failures, run).await).await
+    }
+    async fn delete_orphans(&mut self, run: &RunId, sources: &[&Source]) -> Result<Vec<OrphansDeleted>, StoreError> {
+        self.call(Call::DeleteOrphans { run, sources }, async |s| s.delete_orphans(run, sources).await).await
+    }
+    async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {
+        self.call(Call::RecordRefused { run, reasons }, async |s| s.record_refused(run, reasons).await).await
     }
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
         self.call(Call::AcquireLease { holder, ttl }, async |s| s.acquire_lease(holder, ttl).await).await
