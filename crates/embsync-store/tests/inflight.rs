@@ -1,0 +1,147 @@
+//! Provider requests in flight within an invocation, on the real store against real Postgres:
+//! the window is used and never exceeded, and a pause while batches are in flight writes what
+//! they got and resumes exactly where it stopped. Behaviour, not timing: the provider's delay
+//! only makes requests overlap; the assertions count, they do not time.
+
+mod support;
+
+use embsync_core::config::{Config, ModelSpec};
+use embsync_core::provider::{Embeddings, ProviderError};
+use embsync_core::report::Trigger;
+use embsync_core::sync::{self, Budget, Cursor, Embedder, Invocation, Outcome, RetryPolicy, RunId};
+use embsync_store::PgStore;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+use support::*;
+
+const LARGE: &str = "text-embedding-3-large";
+
+/// The fake provider behind a real delay, counting the requests in flight at once.
+struct Slow {
+    inner: FakeProvider,
+    delay: Duration,
+    in_flight: Cell<usize>,
+    /// The most requests in flight at once.
+    most: Cell<usize>,
+    /// Large-model requests with an input in this set fail with a 503 (an outage for them).
+    down_for: RefCell<BTreeSet<String>>,
+}
+
+impl Slow {
+    fn new(delay_ms: u64) -> Slow {
+        Slow {
+            inner: FakeProvider::default(),
+            delay: Duration::from_millis(delay_ms),
+            in_flight: Cell::new(0),
+            most: Cell::new(0),
+            down_for: RefCell::default(),
+        }
+    }
+}
+
+impl Embedder for Slow {
+    async fn embed(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
+        self.in_flight.set(self.in_flight.get() + 1);
+        self.most.set(self.most.get().max(self.in_flight.get()));
+        tokio::time::sleep(self.delay).await;
+        self.in_flight.set(self.in_flight.get() - 1);
+        if model.name() == LARGE && inputs.iter().any(|i| self.down_for.borrow().contains(*i)) {
+            return Err(ProviderError::Server { status: 503, message: "overloaded".into() });
+        }
+        self.inner.embed(model, inputs).await
+    }
+}
+
+async fn invoke_slow(
+    config: &Config,
+    store: &mut PgStore,
+    provider: &Slow,
+    rt: &TestRuntime,
+    holder: &str,
+    hint: Option<&Cursor>,
+) -> Outcome {
+    let id = RunId(format!("run-{holder}"));
+    let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget: Budget::default(), new_run: &id, holder, hint };
+    sync::invoke(config, store, provider, rt, &inv).await.expect("an invocation")
+}
+
+/// Values that are done for the source: linked, with both embeddings.
+async fn done_values(db: &TestDb) -> BTreeSet<String> {
+    db.texts(
+        "SELECT c.value FROM embedding_cache c JOIN embedding_cache_sources s USING (value_hash) \
+         WHERE c.embedding_large IS NOT NULL AND c.embedding_small IS NOT NULL",
+    )
+    .await
+}
+
+/// How many answered requests carried each (model, value) (failed ones never reach the fake).
+fn paid(provider: &Slow) -> HashMap<(String, String), usize> {
+    let mut out = HashMap::new();
+    for (model, inputs) in provider.inner.calls.borrow().iter() {
+        for i in inputs {
+            *out.entry((model.clone(), i.clone())).or_default() += 1;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn batches_overlap_up_to_the_window_and_never_past_it() {
+    let db = TestDb::create().await;
+    let values: Vec<String> = (0..16).map(|i| format!("value {i}")).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    db.source_table("items", "title", &refs).await;
+    // Eight batches of two values, each a request per model.
+    let config = config(2, &[("Items", "items", "title")]);
+    let (provider, rt) = (Slow::new(20), TestRuntime::default());
+    let mut store = db.store(&config).await;
+    let outcome = invoke_slow(&config, &mut store, &provider, &rt, "inv-1", None).await;
+    let Outcome::Finished(report) = outcome else { panic!("one invocation does it all: {outcome:?}") };
+
+    // Two batches of two requests fly at once: five connections (six less the database's)
+    // leave no room for a third.
+    assert_eq!(provider.most.get(), 4, "requests in flight at once");
+    assert_eq!(done_values(&db).await, values.iter().cloned().collect::<BTreeSet<_>>());
+    let paid = paid(&provider);
+    assert_eq!(paid.len(), 32, "every value with each model");
+    assert!(paid.values().all(|&n| n == 1), "each paid once: {paid:?}");
+    assert_eq!((report.totals.embedded, report.totals.batches), (16, 8), "{report:?}");
+    // Counters written with each batch, in order: the stored run agrees.
+    assert_eq!(db.count("SELECT sum(batches)::bigint FROM embedding_sync_run_sources").await, 8);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_outage_while_batches_are_in_flight_writes_what_they_got_and_resumes_where_it_stopped() {
+    let db = TestDb::create().await;
+    let mut values: Vec<String> = (0..6).map(|i| format!("item {i}")).collect();
+    db.source_table("items", "title", &values.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    // In hash order, batches of two: the first batch's large requests fail through every retry
+    // while the second batch is in flight.
+    values.sort_by_key(|v| hash_of(v));
+    let config = config(2, &[("Items", "items", "title")]);
+    let (provider, rt) = (Slow::new(20), TestRuntime::default());
+    let first: BTreeSet<String> = values[..2].iter().cloned().collect();
+    *provider.down_for.borrow_mut() = first.clone();
+    let mut store = db.store(&config).await;
+    let outcome = invoke_slow(&config, &mut store, &provider, &rt, "inv-1", None).await;
+    let Outcome::Paused(report, cursor) = outcome else { panic!("an outage pauses: {outcome:?}") };
+    assert!(report.stopped.as_deref().is_some_and(|s| s.contains("503")), "{report:?}");
+
+    // The second batch was in flight: it is written (it is paid for), the third never went out.
+    assert_eq!(done_values(&db).await, values[2..4].iter().cloned().collect::<BTreeSet<_>>());
+    assert_eq!(provider.inner.requests_for(&values[4]), 0, "no batch starts after the outage is known");
+    // The first batch keeps its small embeddings; the cursor stays before it.
+    assert_eq!(db.count("SELECT count(*) FROM embedding_cache WHERE embedding_large IS NULL AND embedding_small IS NOT NULL").await, 2);
+    assert_eq!(cursor.after, None, "the cursor stays before the batch cut short: {cursor:?}");
+
+    // Healed, the next invocation goes on from the first batch and pays nothing twice.
+    provider.down_for.borrow_mut().clear();
+    let outcome = invoke_slow(&config, &mut store, &provider, &rt, "inv-2", Some(&cursor)).await;
+    let Outcome::Finished(report) = outcome else { panic!("the run finishes: {outcome:?}") };
+    assert_eq!(done_values(&db).await, values.iter().cloned().collect::<BTreeSet<_>>());
+    let paid = paid(&provider);
+    assert_eq!(paid.len(), 12, "every value with each model: {paid:?}");
+    assert!(paid.values().all(|&n| n == 1), "each paid once: {paid:?}");
+    assert_eq!(report.totals.embedded, 6, "{report:?}");
+}
