@@ -24,6 +24,8 @@ struct Slow {
     in_flight: Cell<usize>,
     /// The most requests in flight at once.
     most: Cell<usize>,
+    /// The requests in flight as each request started (itself included), in order.
+    starts: RefCell<Vec<usize>>,
     /// Large-model requests with an input in this set fail with a 503 (an outage for them).
     down_for: RefCell<BTreeSet<String>>,
 }
@@ -35,6 +37,7 @@ impl Slow {
             delay: Duration::from_millis(delay_ms),
             in_flight: Cell::new(0),
             most: Cell::new(0),
+            starts: RefCell::default(),
             down_for: RefCell::default(),
         }
     }
@@ -44,6 +47,7 @@ impl Embedder for Slow {
     async fn embed(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Embeddings, ProviderError> {
         self.in_flight.set(self.in_flight.get() + 1);
         self.most.set(self.most.get().max(self.in_flight.get()));
+        self.starts.borrow_mut().push(self.in_flight.get());
         tokio::time::sleep(self.delay).await;
         self.in_flight.set(self.in_flight.get() - 1);
         if model.name() == LARGE && inputs.iter().any(|i| self.down_for.borrow().contains(*i)) {
@@ -144,4 +148,44 @@ async fn an_outage_while_batches_are_in_flight_writes_what_they_got_and_resumes_
     assert_eq!(paid.len(), 12, "every value with each model: {paid:?}");
     assert!(paid.values().all(|&n| n == 1), "each paid once: {paid:?}");
     assert_eq!(report.totals.embedded, 6, "{report:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_configured_concurrency_and_a_429_narrow_the_window() {
+    let values: Vec<String> = (0..12).map(|i| format!("value {i}")).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+
+    // `rate.maxConcurrency: 3`: one batch of two requests and no second (it would make four).
+    let db = TestDb::create().await;
+    db.source_table("items", "title", &refs).await;
+    let mut narrow = config(2, &[("Items", "items", "title")]);
+    narrow.rate.max_concurrency = std::num::NonZeroU8::new(3);
+    let (provider, rt) = (Slow::new(10), TestRuntime::default());
+    let mut store = db.store(&narrow).await;
+    assert!(matches!(invoke_slow(&narrow, &mut store, &provider, &rt, "inv-1", None).await, Outcome::Finished(_)));
+    assert_eq!(provider.most.get(), 2, "requests in flight at once with maxConcurrency 3");
+    assert_eq!(done_values(&db).await, values.iter().cloned().collect::<BTreeSet<_>>());
+
+    // A 429 on the first request halves the default five to two: one batch at a time from then
+    // on, and the next batch waits for the Retry-After (the runtime's virtual clock sleeps it).
+    let db = TestDb::create().await;
+    db.source_table("items", "title", &refs).await;
+    let config = config(2, &[("Items", "items", "title")]);
+    let (provider, rt) = (Slow::new(10), TestRuntime::default());
+    provider
+        .inner
+        .faults
+        .borrow_mut()
+        .insert(1, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(7)), message: "slow down".into() });
+    let mut store = db.store(&config).await;
+    assert!(matches!(invoke_slow(&config, &mut store, &provider, &rt, "inv-1", None).await, Outcome::Finished(_)));
+    assert_eq!(done_values(&db).await, values.iter().cloned().collect::<BTreeSet<_>>());
+    // The first two batches went out together (four requests); the refused request's retry goes
+    // in its own slot; then one batch at a time for a while, until the concurrency has grown
+    // back (by about one request per window of answers) and two batches fly again.
+    let starts = provider.starts.borrow().clone();
+    assert_eq!(&starts[..4], [1, 2, 3, 4], "before the 429 the window was full: {starts:?}");
+    assert!(starts[5..9].iter().all(|&n| n <= 2), "after the 429, two requests in flight at most: {starts:?}");
+    assert!(starts[9..].contains(&4), "the window grows back: {starts:?}");
+    assert!(rt.slept.borrow().iter().any(|d| *d == Duration::from_secs(7)), "Retry-After waited: {:?}", rt.slept.borrow());
 }
