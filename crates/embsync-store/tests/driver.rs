@@ -4,13 +4,13 @@
 
 mod support;
 
-use embsync_core::config::Source;
 use embsync_core::config::{Config, VectorIndexes};
 use embsync_core::index::{ExistingIndex, IndexState};
 use embsync_core::log::Level;
 use embsync_core::provider::{ProviderError, RateLimit};
 use embsync_core::report::{IndexReport, RunReport, RunStatus, SourceReport, Trigger};
 use embsync_core::sync::*;
+use embsync_core::config::Source;
 use embsync_store::PgStore;
 use std::cell::Cell;
 use std::time::Duration;
@@ -50,13 +50,7 @@ impl Store for Hooked {
     async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
         self.inner.link_reusable(source).await
     }
-    async fn pending(
-        &mut self,
-        source: &Source,
-        run: &RunId,
-        after: Option<&embsync_core::hash::ValueHash>,
-        limit: usize,
-    ) -> Result<Vec<PendingValue>, StoreError> {
+    async fn pending(&mut self, source: &Source, run: &RunId, after: Option<&embsync_core::hash::ValueHash>, limit: usize) -> Result<Vec<PendingValue>, StoreError> {
         self.inner.pending(source, run, after, limit).await
     }
     async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
@@ -72,13 +66,7 @@ impl Store for Hooked {
         }
         self.inner.store(source, batch, progress).await
     }
-    async fn remove_stale(
-        &mut self,
-        source: &Source,
-        run: &RunId,
-        known_clean: bool,
-        guard: Option<DeleteGuard>,
-    ) -> Result<StaleOutcome, StoreError> {
+    async fn remove_stale(&mut self, source: &Source, run: &RunId, known_clean: bool, guard: Option<DeleteGuard>) -> Result<StaleOutcome, StoreError> {
         self.scans_spared += u64::from(known_clean);
         self.inner.remove_stale(source, run, known_clean, guard).await
     }
@@ -109,17 +97,14 @@ impl Store for Hooked {
     async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError> {
         if self.steal_lease_at_ddl {
             self.other
-                .batch_execute(
-                    "UPDATE embedding_sync_lease SET holder = 'thief', generation = generation + 1, expires_at = now() + interval '1 hour'",
-                )
+                .batch_execute("UPDATE embedding_sync_lease SET holder = 'thief', generation = generation + 1, expires_at = now() + interval '1 hour'")
                 .await
                 .expect("stealing the lease");
         }
         // The real store's fence check, with a statement this Postgres can run (its pgvector
         // cannot build HNSW indexes here); the statement itself is applied to the faked catalog.
         self.inner.index_ddl("SELECT 1").await?;
-        let open: i64 =
-            self.other.query_one("SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NULL", &[]).await.unwrap().get(0);
+        let open: i64 = self.other.query_one("SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NULL", &[]).await.unwrap().get(0);
         self.ddl_during_run.set(self.ddl_during_run.get() || open > 0);
         if let Some(e) = &self.fail_ddl {
             return Err(StoreError::new(e.clone()));
@@ -232,13 +217,7 @@ impl World {
 
     /// Whether the cache has a row for `value`.
     async fn cached(&self, value: &str) -> bool {
-        self.db
-            .client
-            .query_one("SELECT count(*) FROM embedding_cache WHERE value_hash = $1", &[&hash_of(value)])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            > 0
+        self.db.client.query_one("SELECT count(*) FROM embedding_cache WHERE value_hash = $1", &[&hash_of(value)]).await.unwrap().get::<_, i64>(0) > 0
     }
 
     /// Rows in the cache.
@@ -250,10 +229,7 @@ impl World {
     async fn attempts(&self, value: &str) -> Option<i32> {
         self.db
             .client
-            .query_opt(
-                "SELECT attempts FROM embedding_sync_errors WHERE source_table = 'ta' AND source_column = 'ca' AND value_hash = $1",
-                &[&hash_of(value)],
-            )
+            .query_opt("SELECT attempts FROM embedding_sync_errors WHERE source_table = 'ta' AND source_column = 'ca' AND value_hash = $1", &[&hash_of(value)])
             .await
             .unwrap()
             .map(|r| r.get(0))
@@ -365,29 +341,16 @@ async fn foreign_rows_are_reused_and_never_deleted() {
     }
     let before = w.db.texts("SELECT c::text FROM embedding_cache c ORDER BY 1").await;
     w.set("ta", "ca", &["reuse me", "half", "fresh"]).await;
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=3 new=3 stale=0 unchanged=0 reused=1 embedded=2 deleted=0 errors=0 batches=1"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=3 new=3 stale=0 unchanged=0 reused=1 embedded=2 deleted=0 errors=0 batches=1");
     assert_eq!(w.provider.requests_for("reuse me"), 0);
     // Only the missing small embedding was asked for, and the existing large one was kept.
     let calls = w.provider.calls.borrow().clone();
-    assert_eq!(
-        calls.iter().filter(|(_, i)| i.contains(&"half".to_owned())).map(|(m, _)| m.as_str()).collect::<Vec<_>>(),
-        ["text-embedding-3-small"]
-    );
+    assert_eq!(calls.iter().filter(|(_, i)| i.contains(&"half".to_owned())).map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["text-embedding-3-small"]);
     let large: String =
-        w.db.client
-            .query_one("SELECT embedding_large::text FROM embedding_cache WHERE value_hash = $1", &[&hash_of("half")])
-            .await
-            .unwrap()
-            .get(0);
+        w.db.client.query_one("SELECT embedding_large::text FROM embedding_cache WHERE value_hash = $1", &[&hash_of("half")]).await.unwrap().get(0);
     assert_eq!(large, "[9,9,9,9]");
     w.set("ta", "ca", &[]).await;
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=0 new=0 stale=3 unchanged=0 reused=0 embedded=0 deleted=1 errors=0 batches=0"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=0 new=0 stale=3 unchanged=0 reused=0 embedded=0 deleted=1 errors=0 batches=0");
     for v in ["reuse me", "half", "unrelated"] {
         assert!(w.cached(v).await, "foreign row {v} was deleted");
     }
@@ -402,15 +365,9 @@ async fn rate_limit_on_batch_two_is_retried_after_the_wait_asked_for() {
     let a = values("v", 6);
     w.set("ta", "ca", &refs(&a)).await;
     w.set("tb", "cb", &[]).await;
-    w.provider
-        .faults
-        .borrow_mut()
-        .insert(3, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(3)), message: "slow down".into() });
+    w.provider.faults.borrow_mut().insert(3, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(3)), message: "slow down".into() });
     w.provider.faults.borrow_mut().insert(4, ProviderError::Server { status: 503, message: "busy".into() });
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=6 new=6 stale=0 unchanged=0 reused=0 embedded=6 deleted=0 errors=0 batches=3"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=6 new=6 stale=0 unchanged=0 reused=0 embedded=6 deleted=0 errors=0 batches=3");
     // The large model's request 3 gets the 429 and waits what it was told; its retry (request 4)
     // gets the 503 and backs off 2 x 500 ms with jitter 0.75.
     assert_eq!(*w.rt.slept.borrow(), [Duration::from_secs(3), Duration::from_millis(750)]);
@@ -435,10 +392,7 @@ async fn batch_source_and_retry_events_carry_the_run_and_their_fields() {
         assert_eq!(b["message"], format!("Batch {} of 2: A ({} values)", i + 1, [2, 1][i]));
     }
     let retry = &of_kind("retry")[0];
-    assert_eq!(
-        (retry["level"].as_str(), retry["model"].as_str(), retry["attempt"].as_u64()),
-        (Some("warn"), Some("text-embedding-3-large"), Some(2))
-    );
+    assert_eq!((retry["level"].as_str(), retry["model"].as_str(), retry["attempt"].as_u64()), (Some("warn"), Some("text-embedding-3-large"), Some(2)));
     let sources = of_kind("source");
     assert_eq!(sources.len(), 2);
     assert_eq!((sources[0]["report"]["embedded"].as_u64(), sources[0]["runId"].as_str()), (Some(3), Some(report.run_id.as_str())));
@@ -452,10 +406,7 @@ async fn a_retry_that_would_outlast_the_invocation_pauses_the_source_before_its_
     w.set("ta", "ca", &refs(&a)).await;
     w.set("tb", "cb", &[]).await;
     // Batch 2's large request is told to come back in 15 s, in an invocation of 10 s.
-    w.provider
-        .faults
-        .borrow_mut()
-        .insert(3, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(15)), message: "slow down".into() });
+    w.provider.faults.borrow_mut().insert(3, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(15)), message: "slow down".into() });
     let budget = Budget { max_ms: 10_000.0, ..Budget::default() };
     let hint = match w.invoke(budget, "inv-1", None).await.unwrap() {
         Outcome::Paused(report, cursor) => {
@@ -498,25 +449,16 @@ async fn a_value_that_always_fails_is_isolated_recorded_and_retried_later() {
     assert!(!w.cached("bad apple").await);
     // The next run does not try it again before its retry time.
     let calls = w.calls();
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=0 deferred=1 batches=0"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=0 deferred=1 batches=0");
     assert_eq!(w.calls(), calls);
     // Once its time has come it is tried again; still bad, it is recorded with one more attempt.
     w.retry_errors_now().await;
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=1 batches=1"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=0 deleted=0 errors=1 batches=1");
     assert_eq!(w.attempts("bad apple").await, Some(2));
     // Fixed at the provider, it goes through and its error record is cleared.
     *w.provider.poison.borrow_mut() = None;
     w.retry_errors_now().await;
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=1 deleted=0 errors=0 batches=1"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=5 new=1 stale=0 unchanged=4 reused=0 embedded=1 deleted=0 errors=0 batches=1");
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_errors").await, 0);
 }
 
@@ -526,10 +468,7 @@ async fn a_value_over_the_input_limit_is_an_error_of_its_own() {
     let long = "word ".repeat(7000);
     w.set("ta", "ca", &["short", &long]).await;
     w.set("tb", "cb", &[]).await;
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=1 batches=1"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=1 batches=1");
     assert_eq!(w.provider.requests_for(long.trim_matches(' ')), 0, "never sent");
 }
 
@@ -544,10 +483,7 @@ async fn the_token_budget_stops_the_run_cleanly_and_the_next_run_goes_on() {
     let report = w.run().await.unwrap();
     assert_eq!((report.totals.embedded, report.totals.batches), (4, 2));
     assert_eq!(report.stopped.as_deref(), Some("token budget of 6 reached; the next run goes on where this one stopped"));
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=7 new=3 stale=0 unchanged=4 reused=0 embedded=3 deleted=0 errors=0 batches=2"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=7 new=3 stale=0 unchanged=4 reused=0 embedded=3 deleted=0 errors=0 batches=2");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -562,21 +498,11 @@ async fn a_model_change_re_embeds_that_model_only() {
         "batchSize":10,"sources":[{"name":"A","table":"ta","column":"ca"},{"name":"B","table":"tb","column":"cb"}]}"#).unwrap();
     w.store.inner = w.db.store(&w.config).await;
     let before = w.calls();
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=2 deleted=0 errors=0 batches=1");
     let calls = w.provider.calls.borrow().clone();
     assert_eq!(calls[before..].iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>(), ["text-embedding-3-small"]);
-    assert_eq!(
-        w.db.count("SELECT count(*) FROM embedding_cache WHERE vector_dims(embedding_small) = 3 AND vector_dims(embedding_large) = 4")
-            .await,
-        2
-    );
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=2 new=0 stale=0 unchanged=2 reused=0 embedded=0 deleted=0 errors=0 batches=0"
-    );
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache WHERE vector_dims(embedding_small) = 3 AND vector_dims(embedding_large) = 4").await, 2);
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=0 stale=0 unchanged=2 reused=0 embedded=0 deleted=0 errors=0 batches=0");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -639,10 +565,7 @@ async fn a_failing_store_fails_its_source_and_the_run_goes_on() {
     w.set("tb", "cb", &["q"]).await;
     w.store.fail_store_call = Some(1);
     assert_eq!(w.summary().await, "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=0 deleted=0 errors=0 batches=0 error=storing a batch of source A: connection reset\nB: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=1 new=1 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=0 batches=1");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -725,11 +648,9 @@ async fn a_missing_or_garbage_hint_costs_a_rescan_not_a_value() {
     w.set("tb", "cb", &[]).await;
     assert!(matches!(w.invoke(small_budget(1), "i1", None).await.unwrap(), Outcome::Paused(..)));
     // A cursor from another run, and one pointing past everything, are both ignored or harmless.
-    let foreign =
-        Cursor { run_id: "other".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
+    let foreign = Cursor { run_id: "other".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
     assert!(matches!(w.invoke(small_budget(1), "i2", Some(&foreign)).await.unwrap(), Outcome::Paused(..)));
-    let past_end =
-        Cursor { run_id: "run-1".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
+    let past_end = Cursor { run_id: "run-1".into(), source: 0, phase: "embed".into(), after: Some("f".repeat(64)), totals: Default::default() };
     let report = match w.invoke(small_budget(5), "i3", Some(&past_end)).await.unwrap() {
         Outcome::Finished(r) => r,
         other => panic!("{other:?}"),
@@ -737,10 +658,7 @@ async fn a_missing_or_garbage_hint_costs_a_rescan_not_a_value() {
     // The hint skipped to the end of A; the pass from the start that follows finds the rest, so
     // the run finishes with nothing left, because Postgres, not the hint, decides what is pending.
     assert_eq!((report.sources[0].new, report.sources[0].embedded), (6, 6));
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=6 new=0 stale=0 unchanged=6 reused=0 embedded=0 deleted=0 errors=0 batches=0"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=6 new=0 stale=0 unchanged=6 reused=0 embedded=0 deleted=0 errors=0 batches=0");
     for v in values("v", 6) {
         assert_eq!(w.provider.requests_for(&v), 2, "{v} paid once per model");
     }
@@ -772,10 +690,7 @@ async fn a_second_invocation_is_turned_away_while_the_lease_is_held() {
     w.set("tb", "cb", &[]).await;
     w.run().await.unwrap();
     // Someone else holds it (the row is there since the first run; a release expires it).
-    w.db.exec(
-        "UPDATE embedding_sync_lease SET holder = 'someone', generation = generation + 1, expires_at = now() + interval '1000 seconds'",
-    )
-    .await;
+    w.db.exec("UPDATE embedding_sync_lease SET holder = 'someone', generation = generation + 1, expires_at = now() + interval '1000 seconds'").await;
     assert!(matches!(w.invoke(Budget::default(), "me", None).await.unwrap(), Outcome::Busy { ref holder, .. } if holder == "someone"));
     assert_eq!(w.calls(), 2);
     // An expired lease is taken over.
@@ -802,11 +717,7 @@ async fn a_source_that_suddenly_looks_empty_keeps_its_embeddings_unless_allowed(
     w.set("ta", "ca", &refs(&a[..4])).await;
     let r = w.run().await.unwrap();
     assert_eq!(r.sources[0].deleted, 0);
-    assert!(r.sources[0]
-        .warning
-        .as_deref()
-        .unwrap()
-        .starts_with("6 of its 10 embedded values (60%) look stale, more than maxDeleteShare (50%)"));
+    assert!(r.sources[0].warning.as_deref().unwrap().starts_with("6 of its 10 embedded values (60%) look stale, more than maxDeleteShare (50%)"));
     // Losing 2 of 10 is ordinary.
     w.set("ta", "ca", &refs(&a[..8])).await;
     let r = w.run().await.unwrap();
@@ -829,16 +740,17 @@ async fn an_invocation_that_lost_its_lease_stops_without_finishing_or_reporting_
     assert!(matches!(result, Err(SyncError::LeaseLost(_))), "{result:?}");
     // The run is still open for the new holder, with only the first batch counted, and source B
     // was not touched.
-    let row =
-        w.db.client
-            .query_one(
-                "SELECT (SELECT embedded FROM embedding_sync_run_sources WHERE source_table = 'ta'),
+    let row = w
+        .db
+        .client
+        .query_one(
+            "SELECT (SELECT embedded FROM embedding_sync_run_sources WHERE source_table = 'ta'),
                     (SELECT done FROM embedding_sync_run_sources WHERE source_table = 'ta'),
                     (SELECT embedded FROM embedding_sync_run_sources WHERE source_table = 'tb')",
-                &[],
-            )
-            .await
-            .unwrap();
+            &[],
+        )
+        .await
+        .unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, bool>(1), row.get::<_, i64>(2)), (2, false, 0));
     assert_eq!((w.open_runs().await, w.finished().await.len()), (1, 0));
     assert_eq!(w.provider.requests_for("b"), 0);
@@ -936,11 +848,7 @@ async fn an_invocation_that_lost_its_lease_before_an_index_build_stops_there() {
     assert!(matches!(result, Err(SyncError::LeaseLost(_))), "{result:?}");
     assert_eq!(w.store.ddl.len(), 0, "no index statement after the lease was lost");
     assert_eq!(w.finished().await, ["finished"], "the run had been finished before");
-    assert_eq!(
-        w.db.count("SELECT count(*) FROM embedding_sync_runs WHERE report ? 'indexes' AND report->'indexes' <> 'null'").await,
-        0,
-        "no index step is recorded"
-    );
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_runs WHERE report ? 'indexes' AND report->'indexes' <> 'null'").await, 0, "no index step is recorded");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -961,10 +869,7 @@ async fn a_failed_value_another_pipeline_completes_is_reused_and_does_not_hold_t
     w.db.insert("ta", "ca", &["good 2"]).await;
     // The failed value is reused (not also counted as waiting for a retry), so the new value is
     // embedded in this run, and the error record goes with the link.
-    assert_eq!(
-        w.summary().await.lines().next().unwrap(),
-        "A: total=3 new=2 stale=0 unchanged=1 reused=1 embedded=1 deleted=0 errors=0 batches=1"
-    );
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=3 new=2 stale=0 unchanged=1 reused=1 embedded=1 deleted=0 errors=0 batches=1");
     assert_eq!(w.attempts("bad apple").await, None);
     assert!(w.cached("good 2").await);
 }
