@@ -393,8 +393,7 @@ impl Budget {
         };
         let batches = whole("SYNC_MAX_BATCHES", d.max_batches)?;
         let subrequests = whole("SYNC_MAX_SUBREQUESTS", d.max_subrequests)?;
-        let budget =
-            Budget::new(batches, read("SYNC_MAX_SECONDS", d.max_ms / 1000.0)?, read("SYNC_LEASE_SECONDS", d.lease_ttl.as_secs_f64())?)?;
+        let budget = Budget::new(batches, read("SYNC_MAX_SECONDS", d.max_ms / 1000.0)?, read("SYNC_LEASE_SECONDS", d.lease_ttl.as_secs_f64())?)?;
         Ok(Budget { max_subrequests: subrequests, ..budget })
     }
 }
@@ -1701,21 +1700,15 @@ mod tests {
         );
         check(
             &[("SYNC_MAX_BATCHES", "2.5")],
-            expect![[
-                r#"error: SYNC_MAX_BATCHES is "2.5", which is not a positive whole number: set it to one or remove it for the default"#
-            ]],
+            expect![[r#"error: SYNC_MAX_BATCHES is "2.5", which is not a positive whole number: set it to one or remove it for the default"#]],
         );
         check(
             &[("SYNC_MAX_BATCHES", "0")],
-            expect![[
-                r#"error: SYNC_MAX_BATCHES is "0", which is not a positive whole number: set it to one or remove it for the default"#
-            ]],
+            expect![[r#"error: SYNC_MAX_BATCHES is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
         );
         check(
             &[("SYNC_MAX_SUBREQUESTS", "0")],
-            expect![[
-                r#"error: SYNC_MAX_SUBREQUESTS is "0", which is not a positive whole number: set it to one or remove it for the default"#
-            ]],
+            expect![[r#"error: SYNC_MAX_SUBREQUESTS is "0", which is not a positive whole number: set it to one or remove it for the default"#]],
         );
         check(
             &[("SYNC_LEASE_SECONDS", "-5")],
