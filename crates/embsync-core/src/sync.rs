@@ -459,6 +459,61 @@ pub enum Outcome {
     },
 }
 
+/// Subrequests one Workers invocation may make on the Workers Paid plan
+/// (<https://developers.cloudflare.com/workers/platform/limits/#subrequests>): the invocations
+/// of the driver chained in one trigger share them.
+pub const WORKER_SUBREQUESTS: u64 = 10_000;
+
+/// How long one trigger (a cron event, a `POST /sync`) goes on with a paused run: invocation of
+/// [`invoke`] after invocation, each with its own budget, lease and cursor, so a run that needs
+/// several does not wait for the next cron tick between them. No queue is needed: the worker
+/// loops while the trigger's wall time lasts (a cron event may run 15 minutes; what binds is
+/// the CPU time, `limits.cpu_ms`, which the invocations' time budgets keep well under).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Chain {
+    /// Wall time the trigger may take, in milliseconds (`SYNC_CHAIN_SECONDS`); 0: one
+    /// invocation per trigger.
+    pub max_ms: f64,
+}
+
+impl Default for Chain {
+    /// Ten minutes: inside a cron event's 15 minutes of wall time with room for the last
+    /// invocation's stale removal and index step.
+    fn default() -> Self {
+        Chain { max_ms: 600_000.0 }
+    }
+}
+
+impl Chain {
+    /// The chain from `SYNC_CHAIN_SECONDS` as `setting` reads it (`None` or blank: the default;
+    /// `0`: off).
+    ///
+    /// # Errors
+    /// [`BudgetError::NotPositive`] when it is not a number of seconds (0 or more).
+    pub fn from_settings(setting: impl Fn(&str) -> Option<String>) -> Result<Chain, BudgetError> {
+        const NAME: &str = "SYNC_CHAIN_SECONDS";
+        match setting(NAME).as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+            None => Ok(Chain::default()),
+            Some(v) => match v.parse::<f64>() {
+                Ok(secs) if secs.is_finite() && secs >= 0.0 => Ok(Chain { max_ms: secs * 1000.0 }),
+                _ => Err(BudgetError::NotPositive { name: NAME, value: v.to_owned() }),
+            },
+        }
+    }
+
+    /// Whether the trigger starts the next invocation at once after `outcome`, `elapsed_ms`
+    /// after it began and `invocations` invocations in: only for a run paused by its budget
+    /// (an outage or a refused model waits for the next trigger: `stopped` says why), when a
+    /// whole invocation of `budget` still fits in the wall time, and when the invocations
+    /// together stay within [`WORKER_SUBREQUESTS`] (less one invocation's worth for KV and the
+    /// database).
+    pub fn goes_on(&self, outcome: &Outcome, elapsed_ms: f64, invocations: u64, budget: &Budget) -> bool {
+        let Outcome::Paused(report, _) = outcome else { return false };
+        let most = (WORKER_SUBREQUESTS / budget.max_subrequests.max(1)).saturating_sub(1).max(1);
+        report.stopped.is_none() && elapsed_ms + budget.max_ms <= self.max_ms && invocations < most
+    }
+}
+
 /// The embeddings provider: one request, no retries (the driver retries).
 #[allow(async_fn_in_trait)]
 pub trait Embedder {
@@ -1676,6 +1731,47 @@ mod tests {
             Ok(b) => format!("{} batches, {} ms, lease {:?}, {} subrequests", b.max_batches, b.max_ms, b.lease_ttl, b.max_subrequests),
             Err(e) => format!("error: {e}"),
         });
+    }
+
+    #[test]
+    fn a_trigger_goes_on_with_a_run_paused_by_its_budget_while_a_whole_invocation_fits() {
+        let chain = |v: Option<&str>| Chain::from_settings(|_| v.map(str::to_owned));
+        assert_eq!(chain(None), Ok(Chain { max_ms: 600_000.0 }));
+        assert_eq!(chain(Some(" 0 ")), Ok(Chain { max_ms: 0.0 }));
+        assert_eq!(
+            chain(Some("-1")).unwrap_err().to_string(),
+            r#"SYNC_CHAIN_SECONDS is "-1", which is not a positive number: set it to one or remove it for the default"#
+        );
+        let report = |stopped: Option<&str>| RunReport {
+            run_id: "r".into(),
+            status: RunStatus::Paused,
+            invocations: 1,
+            trigger: Trigger::Cron,
+            started_at: String::new(),
+            duration_ms: 0,
+            totals: Totals::default(),
+            sources: Vec::new(),
+            usage: Usage::default(),
+            stopped: stopped.map(str::to_owned),
+            indexes: None,
+        };
+        let cursor = Cursor { run_id: "r".into(), source: 0, phase: "embed".into(), after: None, totals: Totals::default() };
+        let paused = Outcome::Paused(report(None), cursor.clone());
+        let budget = Budget::default();
+        let on = Chain::default();
+        assert!(on.goes_on(&paused, 0.0, 1, &budget));
+        // The next invocation (120 s) must fit in the ten minutes.
+        assert!(on.goes_on(&paused, 480_000.0, 4, &budget));
+        assert!(!on.goes_on(&paused, 480_001.0, 4, &budget));
+        // 1,000 subrequests an invocation: nine in one trigger, the tenth thousand kept for KV.
+        assert!(on.goes_on(&paused, 0.0, 8, &budget));
+        assert!(!on.goes_on(&paused, 0.0, 9, &budget));
+        let greedy = Budget { max_subrequests: 9_000, ..budget };
+        assert!(on.goes_on(&paused, 0.0, 0, &greedy) && !on.goes_on(&paused, 0.0, 1, &greedy));
+        // An outage (or a refused model) waits for the next trigger; a finished run is done.
+        assert!(!on.goes_on(&Outcome::Paused(report(Some("outage")), cursor), 0.0, 1, &budget));
+        assert!(!on.goes_on(&Outcome::Finished(report(None)), 0.0, 1, &budget));
+        assert!(!Chain { max_ms: 0.0 }.goes_on(&paused, 0.0, 1, &budget));
     }
 
     #[test]

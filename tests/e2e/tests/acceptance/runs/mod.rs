@@ -9,6 +9,7 @@
 //! match): what these tests exercise (budgets, leases, cursors, counters) does not depend on the
 //! vector size, and full-size vectors would only make the suite slower.
 
+mod chain;
 mod cursor;
 mod large;
 mod overlap;
