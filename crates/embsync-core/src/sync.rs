@@ -948,6 +948,8 @@ struct InvocationSpend {
     pause: RefCell<Option<Pause>>,
     /// The adaptive rate of provider requests.
     rate: RefCell<rate::Control>,
+    /// The provider has answered a request with embeddings in this invocation.
+    answered: Cell<bool>,
 }
 
 impl InvocationSpend {
@@ -960,6 +962,7 @@ impl InvocationSpend {
             refused: Default::default(),
             pause: RefCell::new(None),
             rate: RefCell::new(rate::Control::new(rate, began)),
+            answered: Cell::new(false),
         }
     }
 
@@ -1187,6 +1190,12 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                     if window.is_empty() {
                         halt = Some(h);
                     }
+                    break;
+                }
+                // The first batch of an invocation goes alone: until the provider has answered
+                // once, a wrong key, a refused model or a server without base64 costs one
+                // batch's requests, not a window's.
+                if !window.is_empty() && !self.spent.answered.get() {
                     break;
                 }
                 let group = groups.front().expect("a group");
@@ -1600,7 +1609,10 @@ impl<E: Embedder, R: Runtime> Calls<'_, E, R> {
             }
             let answer = self.embedder.embed(model, inputs).await;
             match &answer {
-                Ok(e) => self.spent.rate.borrow_mut().answered(self.rt.now_ms(), e.rate.as_ref()),
+                Ok(e) => {
+                    self.spent.answered.set(true);
+                    self.spent.rate.borrow_mut().answered(self.rt.now_ms(), e.rate.as_ref());
+                }
                 Err(ProviderError::RateLimited { retry_after, .. }) => {
                     self.spent.rate.borrow_mut().throttled(self.rt.now_ms(), *retry_after)
                 }

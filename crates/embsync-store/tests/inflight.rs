@@ -103,8 +103,8 @@ async fn batches_overlap_up_to_the_window_and_never_past_it() {
     let outcome = invoke_slow(&config, &mut store, &provider, &rt, "inv-1", None).await;
     let Outcome::Finished(report) = outcome else { panic!("one invocation does it all: {outcome:?}") };
 
-    // Two batches of two requests fly at once: five connections (six less the database's)
-    // leave no room for a third.
+    // Once the first batch (alone) is answered, two batches of two requests fly at once: five
+    // connections (six less the database's) leave no room for a third.
     assert_eq!(provider.most.get(), 4, "requests in flight at once");
     assert_eq!(done_values(&db).await, values.iter().cloned().collect::<BTreeSet<_>>());
     let paid = paid(&provider);
@@ -118,36 +118,38 @@ async fn batches_overlap_up_to_the_window_and_never_past_it() {
 #[tokio::test(flavor = "current_thread")]
 async fn an_outage_while_batches_are_in_flight_writes_what_they_got_and_resumes_where_it_stopped() {
     let db = TestDb::create().await;
-    let mut values: Vec<String> = (0..6).map(|i| format!("item {i}")).collect();
+    let mut values: Vec<String> = (0..8).map(|i| format!("item {i}")).collect();
     db.source_table("items", "title", &values.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    // In hash order, batches of two: the first batch's large requests fail through every retry
-    // while the second batch is in flight.
+    // In hash order, batches of two. The first goes alone (the window opens once the provider
+    // has answered); then the second and third go together, and the second's large requests
+    // fail through every retry while the third is in flight.
     values.sort_by_key(|v| hash_of(v));
     let config = config(2, &[("Items", "items", "title")]);
     let (provider, rt) = (Slow::new(20), TestRuntime::default());
-    let first: BTreeSet<String> = values[..2].iter().cloned().collect();
-    *provider.down_for.borrow_mut() = first.clone();
+    let second: BTreeSet<String> = values[2..4].iter().cloned().collect();
+    *provider.down_for.borrow_mut() = second.clone();
     let mut store = db.store(&config).await;
     let outcome = invoke_slow(&config, &mut store, &provider, &rt, "inv-1", None).await;
     let Outcome::Paused(report, cursor) = outcome else { panic!("an outage pauses: {outcome:?}") };
     assert!(report.stopped.as_deref().is_some_and(|s| s.contains("503")), "{report:?}");
 
-    // The second batch was in flight: it is written (it is paid for), the third never went out.
-    assert_eq!(done_values(&db).await, values[2..4].iter().cloned().collect::<BTreeSet<_>>());
-    assert_eq!(provider.inner.requests_for(&values[4]), 0, "no batch starts after the outage is known");
-    // The first batch keeps its small embeddings; the cursor stays before it.
+    // The third batch was in flight: it is written (it is paid for); the second keeps its small
+    // embeddings; the cursor stays after the first, before the batch cut short.
+    let written: BTreeSet<String> = values[..2].iter().chain(&values[4..6]).cloned().collect();
+    assert_eq!(done_values(&db).await, written);
     assert_eq!(db.count("SELECT count(*) FROM embedding_cache WHERE embedding_large IS NULL AND embedding_small IS NOT NULL").await, 2);
-    assert_eq!(cursor.after, None, "the cursor stays before the batch cut short: {cursor:?}");
+    assert_eq!(cursor.after.as_deref(), Some(hash_of(&values[1]).as_str()), "the cursor stays before the batch cut short: {cursor:?}");
 
-    // Healed, the next invocation goes on from the first batch and pays nothing twice.
+    // Healed, the next invocation goes on from the second batch and pays nothing twice.
     provider.down_for.borrow_mut().clear();
     let outcome = invoke_slow(&config, &mut store, &provider, &rt, "inv-2", Some(&cursor)).await;
     let Outcome::Finished(report) = outcome else { panic!("the run finishes: {outcome:?}") };
     assert_eq!(done_values(&db).await, values.iter().cloned().collect::<BTreeSet<_>>());
     let paid = paid(&provider);
-    assert_eq!(paid.len(), 12, "every value with each model: {paid:?}");
+    assert_eq!(paid.len(), 16, "every value with each model: {paid:?}");
     assert!(paid.values().all(|&n| n == 1), "each paid once: {paid:?}");
-    assert_eq!(report.totals.embedded, 6, "{report:?}");
+    assert_eq!(report.totals.embedded, 8, "{report:?}");
+    assert_eq!(provider.inner.requests_for(&values[6]), 2, "the fourth batch went out only in the second invocation");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -166,7 +168,7 @@ async fn the_configured_concurrency_and_a_429_narrow_the_window() {
     assert_eq!(provider.most.get(), 2, "requests in flight at once with maxConcurrency 3");
     assert_eq!(done_values(&db).await, values.iter().cloned().collect::<BTreeSet<_>>());
 
-    // A 429 on the first request halves the default five to two: one batch at a time from then
+    // A 429 on the second batch's first request halves the default five to two: one batch at a time from then
     // on, and the next batch waits for the Retry-After (the runtime's virtual clock sleeps it).
     let db = TestDb::create().await;
     db.source_table("items", "title", &refs).await;
@@ -176,16 +178,17 @@ async fn the_configured_concurrency_and_a_429_narrow_the_window() {
         .inner
         .faults
         .borrow_mut()
-        .insert(1, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(7)), message: "slow down".into() });
+        .insert(3, ProviderError::RateLimited { retry_after: Some(Duration::from_secs(7)), message: "slow down".into() });
     let mut store = db.store(&config).await;
     assert!(matches!(invoke_slow(&config, &mut store, &provider, &rt, "inv-1", None).await, Outcome::Finished(_)));
     assert_eq!(done_values(&db).await, values.iter().cloned().collect::<BTreeSet<_>>());
-    // The first two batches went out together (four requests); the refused request's retry goes
-    // in its own slot; then one batch at a time for a while, until the concurrency has grown
-    // back (by about one request per window of answers) and two batches fly again.
+    // The first batch went alone, then two together (four requests), the third request (the
+    // second batch's large) answered 429; its retry goes in its own slot; then one batch at a
+    // time for a while, until the concurrency has grown back (by about one request per window
+    // of answers) and two batches fly again.
     let starts = provider.starts.borrow().clone();
-    assert_eq!(&starts[..4], [1, 2, 3, 4], "before the 429 the window was full: {starts:?}");
-    assert!(starts[5..9].iter().all(|&n| n <= 2), "after the 429, two requests in flight at most: {starts:?}");
-    assert!(starts[9..].contains(&4), "the window grows back: {starts:?}");
+    assert_eq!(&starts[..6], [1, 2, 1, 2, 3, 4], "the first batch alone, then the window full: {starts:?}");
+    assert!(starts[7..11].iter().all(|&n| n <= 2), "after the 429, two requests in flight at most: {starts:?}");
+    assert!(starts[11..].contains(&4), "the window grows back: {starts:?}");
     assert!(rt.slept.borrow().iter().any(|d| *d == Duration::from_secs(7)), "Retry-After waited: {:?}", rt.slept.borrow());
 }
