@@ -27,7 +27,8 @@ fn a_run_killed_with_sigkill_is_finished_by_the_next_invocation() {
     let mut first = Worker::start(opts(&db, &provider, BATCH, &vars).persist_to(&kv.path));
 
     let _trigger = first.scheduled_in_background();
-    // `Batch 5` is logged just before its provider calls; four batches are committed by then.
+    // `Batch 5` is logged just before its provider calls go out, with at most two earlier
+    // batches launched and not yet written (the window): two are committed by then.
     first.wait_for_log("Batch 5 of", Duration::from_secs(60));
     first.kill_hard();
     let killed_at = Instant::now();
@@ -44,7 +45,7 @@ fn a_run_killed_with_sigkill_is_finished_by_the_next_invocation() {
     let counted = db.count(&format!("SELECT coalesce(sum(embedded), 0)::int8 FROM embedding_sync_run_sources WHERE run_id = '{run_id}'"));
     let counted_batches =
         db.count(&format!("SELECT coalesce(sum(batches), 0)::int8 FROM embedding_sync_run_sources WHERE run_id = '{run_id}'"));
-    assert!(rows >= 4 * BATCH as i64 && rows < DISTINCT as i64, "the kill should land mid-run: {rows} rows");
+    assert!(rows >= 2 * BATCH as i64 && rows < DISTINCT as i64, "the kill should land mid-run: {rows} rows");
     assert_eq!(
         (complete, links, counted, counted_batches * BATCH as i64),
         (rows, rows, rows, rows),
