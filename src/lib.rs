@@ -2,8 +2,9 @@
 //!
 //! - `fetch`: `GET /health`, `GET /dry-run`, `POST /sync`, `GET /status` (JSON, or the HTML page
 //!   for `Accept: text/html`), `GET /status.html`, `POST /prune` (see README).
-//! - `scheduled`: the cron trigger runs the same sync as `POST /sync`: one invocation of the
-//!   current run, within the invocation budget.
+//! - `scheduled`: the cron trigger runs the same sync as `POST /sync`: invocations of the
+//!   current run, each within the invocation budget, one after another while the run pauses at
+//!   its budget and `SYNC_CHAIN_SECONDS` of wall time last (see [`Chain`]).
 //!
 //! The rules live in `embsync-core`; this crate turns the Workers platform (env, sockets,
 //! `fetch`, KV, timers, console) into the core's [`Store`](embsync_core::sync::Store),
@@ -18,7 +19,9 @@ use embsync_core::log::{Level, LogEvent};
 use embsync_core::prune::{PruneOutcome, PruneRequest};
 use embsync_core::report::{RunReport, Trigger};
 use embsync_core::status::{CursorState, Status};
-use embsync_core::sync::{self, Budget, BudgetError, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError};
+use embsync_core::sync::{
+    self, Budget, BudgetError, Chain, Cursor, Invocation, Outcome, RetryPolicy, RunId, Runtime, StoreError, SyncError,
+};
 use pg::Db;
 use settings::SettingsError;
 use std::time::Duration;
@@ -242,6 +245,12 @@ fn budget(env: &Env) -> Result<Budget, BudgetError> {
     Budget::from_settings(|name| settings::string(env, name))
 }
 
+/// How long one trigger goes on with a paused run: `SYNC_CHAIN_SECONDS`, checked by
+/// [`Chain::from_settings`].
+fn chain(env: &Env) -> Result<Chain, BudgetError> {
+    Chain::from_settings(|name| settings::string(env, name))
+}
+
 /// Removes the KV cursor: the run it pointed into is over.
 async fn clear_cursor(kv: Option<&worker::KvStore>, rt: &WorkerRuntime) {
     if let Some(kv) = kv {
@@ -289,11 +298,40 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
             None
         }
     };
-    let hint = read_cursor(kv.as_ref(), &rt).await;
+    let chain = chain(env)?;
+    let began = rt.now_ms();
+    let mut hint = read_cursor(kv.as_ref(), &rt).await;
     let mut conn = connect(&db, &config).await?;
-    let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
-    let inv = Invocation { trigger, retry: RetryPolicy::default(), budget, new_run: &run_id, holder: &holder, hint: hint.as_ref() };
-    let result = sync::invoke(&config, &mut conn.store, &embedder, &rt, &inv).await;
+    // Invocations one after another while the run pauses at its budget and the trigger's wall
+    // time lasts: each with its own lease, budget and run state read from Postgres, and the
+    // previous one's cursor as its hint. KV is written once, at the end.
+    let mut invocations = 0;
+    let result = loop {
+        let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
+        let inv = Invocation { trigger, retry: RetryPolicy::default(), budget, new_run: &run_id, holder: &holder, hint: hint.as_ref() };
+        let result = sync::invoke(&config, &mut conn.store, &embedder, &rt, &inv).await;
+        invocations += 1;
+        match result {
+            Ok(outcome) if chain.goes_on(&outcome, rt.now_ms() - began, invocations, &budget) => {
+                if let Outcome::Paused(_, cursor) = outcome {
+                    rt.log(
+                        LogEvent::info(
+                            "chain",
+                            format!(
+                                "Run {} paused at its invocation budget; invocation {} of this trigger goes on at once (SYNC_CHAIN_SECONDS)",
+                                cursor.run_id,
+                                invocations + 1
+                            ),
+                        )
+                        .run(&cursor.run_id)
+                        .field("invocation", invocations + 1),
+                    );
+                    hint = Some(cursor);
+                }
+            }
+            other => break other,
+        }
+    };
     conn.close().await;
     // A run that failed is over: its cursor goes, as a finished run's does (below).
     if let Err(SyncError::Provider(_)) = &result {

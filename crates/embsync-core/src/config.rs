@@ -53,6 +53,22 @@ pub struct Config {
     pub vector_indexes: Option<VectorIndexes>,
     /// How many finished runs `embedding_sync_runs` keeps (`retention.runs`, default 1000).
     pub retention_runs: u64,
+    /// Ceilings of the provider requests' rate (`rate`; see [`crate::rate`]).
+    pub rate: Rate,
+}
+
+/// Ceilings of the provider requests' rate (`rate` in the config), for a key shared with other
+/// services. Each is optional; within them the sync adapts to the provider's answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rate {
+    /// Provider requests in flight at most (`maxConcurrency`, 1..=5; default 5: a Worker has six
+    /// connections, one of which is the database's).
+    pub max_concurrency: Option<std::num::NonZeroU8>,
+    /// Provider requests per minute at most (`requestsPerMinute`).
+    pub requests_per_minute: Option<std::num::NonZeroU64>,
+    /// Tokens per minute at most, both models together (`tokensPerMinute`), estimated
+    /// conservatively (3 bytes a token) before each request.
+    pub tokens_per_minute: Option<std::num::NonZeroU64>,
 }
 
 /// The default of `retention.runs`: about three days of a five-minute cron.
@@ -278,7 +294,16 @@ struct RawConfig {
     mass_delete_minimum: Option<u64>,
     vector_indexes: Option<Object<RawVectorIndexes>>,
     retention: Option<Object<RawRetention>>,
+    rate: Option<Object<RawRate>>,
     sources: Vec<Object<RawSource>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRate {
+    max_concurrency: Option<u64>,
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -450,7 +475,12 @@ impl Config {
             Some(0) => return Err(ConfigError::at("retention.runs", "must be at least 1: the runs table keeps this many finished runs")),
             Some(n) => n,
         };
+        let rate = match raw.rate {
+            None => Rate::default(),
+            Some(Object(r)) => rate(r)?,
+        };
         Ok(Config {
+            rate,
             models,
             batch_size,
             sources,
@@ -477,6 +507,33 @@ impl Config {
     pub fn token_budget_spent(&self, tokens: u64) -> bool {
         self.max_tokens_per_run.is_some_and(|max| tokens >= max)
     }
+}
+
+/// Checks `rate`.
+fn rate(raw: RawRate) -> Result<Rate, ConfigError> {
+    let max = crate::rate::MAX_REQUESTS_IN_FLIGHT as u64;
+    let max_concurrency = match raw.max_concurrency {
+        None => None,
+        Some(n @ 1..) if n <= max => std::num::NonZeroU8::new(n as u8),
+        Some(n) => {
+            return Err(ConfigError::at(
+                "rate.maxConcurrency",
+                format!(
+                    "{n} is out of range: use 1..={max} (a Worker invocation has six connections, one of which is the database's), or leave it out for {max}"
+                ),
+            ))
+        }
+    };
+    let per_minute = |field: &str, n: Option<u64>| match n {
+        None => Ok(None),
+        Some(0) => Err(ConfigError::at(format!("rate.{field}"), "must be at least 1 (leave it out for no ceiling)")),
+        Some(n) => Ok(std::num::NonZeroU64::new(n)),
+    };
+    Ok(Rate {
+        max_concurrency,
+        requests_per_minute: per_minute("requestsPerMinute", raw.requests_per_minute)?,
+        tokens_per_minute: per_minute("tokensPerMinute", raw.tokens_per_minute)?,
+    })
 }
 
 /// Checks `vectorIndexes` (also when disabled, so a mistake shows before it is switched on).
@@ -612,7 +669,7 @@ mod tests {
 
     #[test]
     fn rejections() {
-        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `sources` at line 3 column 31"]);
+        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `rate`, `sources` at line 3 column 31"]);
         check(
             &with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#),
             expect![

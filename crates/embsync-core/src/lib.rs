@@ -10,6 +10,7 @@
 //! - [`index`]: which HNSW indexes the sync keeps on the embedding columns (`vectorIndexes`).
 //! - [`sql`]: every statement, as text with bound parameters.
 //! - [`provider`]: OpenAI embeddings request encoding and response decoding.
+//! - [`rate`]: how much provider work an invocation keeps in flight.
 //! - [`prune`]: sources that left the config, and pruning them on request.
 //! - [`endpoint`]: where requests go and how they carry the key (OpenAI or Azure OpenAI).
 //! - [`vector`]: base64 float32 and pgvector binary encodings.
@@ -42,6 +43,7 @@ pub mod ident;
 pub mod index;
 pub mod log;
 pub mod provider;
+pub mod rate;
 pub mod prune;
 pub mod report;
 pub mod sql;

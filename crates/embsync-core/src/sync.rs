@@ -10,6 +10,7 @@ use crate::hash::ValueHash;
 use crate::index::{self, DropReason, IndexAction, IndexState};
 use crate::log::LogEvent;
 use crate::provider::{Embeddings, ProviderError};
+use crate::rate;
 use crate::report::{
     iso8601, CostEstimate, DryRunReport, IndexReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport, RunStatus,
     SourcePlanReport, SourceReport, TokenEstimate, Totals, Trigger, Usage,
@@ -484,6 +485,61 @@ pub enum Outcome {
     },
 }
 
+/// Subrequests one Workers invocation may make on the Workers Paid plan
+/// (<https://developers.cloudflare.com/workers/platform/limits/#subrequests>): the invocations
+/// of the driver chained in one trigger share them.
+pub const WORKER_SUBREQUESTS: u64 = 10_000;
+
+/// How long one trigger (a cron event, a `POST /sync`) goes on with a paused run: invocation of
+/// [`invoke`] after invocation, each with its own budget, lease and cursor, so a run that needs
+/// several does not wait for the next cron tick between them. No queue is needed: the worker
+/// loops while the trigger's wall time lasts (a cron event may run 15 minutes; what binds is
+/// the CPU time, `limits.cpu_ms`, which the invocations' time budgets keep well under).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Chain {
+    /// Wall time the trigger may take, in milliseconds (`SYNC_CHAIN_SECONDS`); 0: one
+    /// invocation per trigger.
+    pub max_ms: f64,
+}
+
+impl Default for Chain {
+    /// Ten minutes: inside a cron event's 15 minutes of wall time with room for the last
+    /// invocation's stale removal and index step.
+    fn default() -> Self {
+        Chain { max_ms: 600_000.0 }
+    }
+}
+
+impl Chain {
+    /// The chain from `SYNC_CHAIN_SECONDS` as `setting` reads it (`None` or blank: the default;
+    /// `0`: off).
+    ///
+    /// # Errors
+    /// [`BudgetError::NotPositive`] when it is not a number of seconds (0 or more).
+    pub fn from_settings(setting: impl Fn(&str) -> Option<String>) -> Result<Chain, BudgetError> {
+        const NAME: &str = "SYNC_CHAIN_SECONDS";
+        match setting(NAME).as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+            None => Ok(Chain::default()),
+            Some(v) => match v.parse::<f64>() {
+                Ok(secs) if secs.is_finite() && secs >= 0.0 => Ok(Chain { max_ms: secs * 1000.0 }),
+                _ => Err(BudgetError::NotPositive { name: NAME, value: v.to_owned() }),
+            },
+        }
+    }
+
+    /// Whether the trigger starts the next invocation at once after `outcome`, `elapsed_ms`
+    /// after it began and `invocations` invocations in: only for a run paused by its budget
+    /// (an outage or a refused model waits for the next trigger: `stopped` says why), when a
+    /// whole invocation of `budget` still fits in the wall time, and when the invocations
+    /// together stay within [`WORKER_SUBREQUESTS`] (less one invocation's worth for KV and the
+    /// database).
+    pub fn goes_on(&self, outcome: &Outcome, elapsed_ms: f64, invocations: u64, budget: &Budget) -> bool {
+        let Outcome::Paused(report, _) = outcome else { return false };
+        let most = (WORKER_SUBREQUESTS / budget.max_subrequests.max(1)).saturating_sub(1).max(1);
+        report.stopped.is_none() && elapsed_ms + budget.max_ms <= self.max_ms && invocations < most
+    }
+}
+
 /// The embeddings provider: one request, no retries (the driver retries).
 #[allow(async_fn_in_trait)]
 pub trait Embedder {
@@ -679,7 +735,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     }
     // The hint is used only when it agrees with Postgres about the run.
     let hint = hint.filter(|c| c.run_id == run.id.0);
-    let mut spent = InvocationSpend::new(began, budget);
+    let spent = InvocationSpend::new(began, budget, &config.rate);
     let mut token_budget_ended = false;
     let mut paused: Option<Cursor> = None;
     // Sources this invocation finished: their events wait until the run's orphans are deleted
@@ -698,7 +754,8 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
         let began_source = rt.now_ms();
         let run_tokens: u64 = run.sources.iter().map(|s| s.usage.0.prompt_tokens + s.usage.1.prompt_tokens).sum();
         let state = &mut run.sources[i];
-        let mut ctx = SourceRun { config, store: &mut *store, embedder, rt, retry, state, run: &run.id, spent: &mut spent, run_tokens };
+        let calls = Calls { config, embedder, rt, retry, run: &run.id, spent: &spent };
+        let mut ctx = SourceRun { config, store: &mut *store, calls, rt, state, run: &run.id, spent: &spent, run_tokens };
         let outcome = ctx.sync(source, after).await;
         let state = &mut run.sources[i];
         state.report.duration_ms += (rt.now_ms() - began_source).max(0.0) as u64;
@@ -800,7 +857,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
             stopped.push(why.clone());
         }
         report.stopped = (!stopped.is_empty()).then(|| stopped.join("; "));
-        let (n, id) = (spent.batches, &run.id.0);
+        let (n, id) = (spent.batches.get(), &run.id.0);
         let event = match spent.pause.borrow().as_ref() {
             Some(Pause::Outage(why)) => {
                 LogEvent::warn("budget", format!("Invocation paused after {n} batches: {why}; run {id} goes on in the next invocation"))
@@ -949,7 +1006,8 @@ fn source_event(run: &RunId, report: &SourceReport) -> LogEvent {
 
 /// What this invocation has spent, and what it learnt about the provider.
 struct InvocationSpend {
-    batches: u64,
+    /// Batches written that counted against the budget.
+    batches: Cell<u64>,
     began: f64,
     budget: Budget,
     /// Provider requests sent, retries and split halves included.
@@ -958,21 +1016,27 @@ struct InvocationSpend {
     /// That model sends nothing more in this invocation.
     refused: [RefCell<Option<String>>; 2],
     /// The refusals stored with the run ([`Store::record_refused`]).
-    refusals_recorded: Vec<String>,
+    refusals_recorded: RefCell<Vec<String>>,
     /// Why no further batch may start (a wait that would outlast the budget), if so.
     pause: RefCell<Option<Pause>>,
+    /// The adaptive rate of provider requests.
+    rate: RefCell<rate::Control>,
+    /// The provider has answered a request with embeddings in this invocation.
+    answered: Cell<bool>,
 }
 
 impl InvocationSpend {
-    fn new(began: f64, budget: Budget) -> Self {
+    fn new(began: f64, budget: Budget, rate: &crate::config::Rate) -> Self {
         InvocationSpend {
-            batches: 0,
+            batches: Cell::new(0),
             began,
             budget,
             requests: Cell::new(0),
             refused: Default::default(),
-            refusals_recorded: Vec::new(),
+            refusals_recorded: RefCell::new(Vec::new()),
             pause: RefCell::new(None),
+            rate: RefCell::new(rate::Control::new(rate, began)),
+            answered: Cell::new(false),
         }
     }
 
@@ -1038,17 +1102,58 @@ impl Stop {
 struct SourceRun<'a, S, E, R> {
     config: &'a Config,
     store: &'a mut S,
-    embedder: &'a E,
+    /// The provider side: what the batches in flight borrow (shared state only).
+    calls: Calls<'a, E, R>,
     rt: &'a R,
-    retry: RetryPolicy,
     state: &'a mut SourceState,
     run: &'a RunId,
-    spent: &'a mut InvocationSpend,
+    spent: &'a InvocationSpend,
     run_tokens: u64,
 }
 
+/// What the driver does in order, one step at a time: write a group's answer, or move the cursor
+/// to the end of a page once everything before it is stored or recorded.
+enum Step {
+    /// A group in flight: its last hash and what it takes of the window.
+    Group { last: Option<ValueHash>, load: rate::Load, needs_provider: bool },
+    /// The cursor may move here (a page's end, past its over-long values; or back to the start
+    /// for the pass from the start).
+    Cursor(Option<ValueHash>),
+}
+
+/// Why a source stops launching batches once what is in flight is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Halt {
+    TokenBudget,
+    Refused,
+    Paused,
+}
+
+/// Runs `work` (a store call) to its end while the batches in flight go on: answers that arrive
+/// meanwhile are kept, in order, in `answered`. Only the provider side is concurrent; the store
+/// sees one call at a time.
+async fn drive<F: std::future::Future, W: futures::Stream + Unpin>(
+    flying: &mut W,
+    answered: &mut std::collections::VecDeque<W::Item>,
+    work: F,
+) -> F::Output {
+    use futures::StreamExt;
+    let mut work = std::pin::pin!(work);
+    futures::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
+            return std::task::Poll::Ready(out);
+        }
+        while let std::task::Poll::Ready(Some(answer)) = flying.poll_next_unpin(cx) {
+            answered.push_back(answer);
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
-    async fn sync(&mut self, source: &Source, mut after: Option<ValueHash>) -> Result<SourceEnd, Stop> {
+    async fn sync(&mut self, source: &Source, after: Option<ValueHash>) -> Result<SourceEnd, Stop> {
+        use futures::StreamExt;
         let name = &source.name;
         let ctx = |what: &str, e: StoreError| Stop::of(e.context(format_args!("{what} of source {name}")));
         let batch_size = self.config.values_per_batch();
@@ -1081,55 +1186,131 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         // source and run, it costs a scan of the snapshot's done values, never a value left
         // pending by a finished source.
         let mut wrap = after.is_some() || fresh.is_none();
+        // The batches in flight borrow only `calls`; the store is written one batch at a time,
+        // in order, while later batches' requests are out (see `rate`).
+        let calls = self.calls;
+        let mut window = rate::Window::default();
+        let mut flying = futures::stream::FuturesOrdered::new();
+        let mut answered = std::collections::VecDeque::new();
+        let mut steps: std::collections::VecDeque<Step> = std::collections::VecDeque::new();
+        // The current page's groups not yet launched, and where the cursor goes after them.
+        let mut groups: std::collections::VecDeque<Vec<PendingValue>> = std::collections::VecDeque::new();
+        let mut page_end: Option<Option<ValueHash>> = None;
+        // Where the next page starts; whether the last page has been read.
+        let mut read_after = after.clone();
+        let mut at_end = nothing_to_embed;
+        // `cursor` moves only past values that are stored or recorded, in order: once a group
+        // was cut short (`frozen`), not even past later groups that were written.
+        let mut cursor = after;
+        let mut frozen = false;
+        let mut halt: Option<Halt> = None;
+        // An answered group, to be written once the window has been refilled.
+        let mut to_write: Option<(rate::Load, Option<ValueHash>, bool, Result<Answer, ProviderError>)> = None;
         loop {
-            if nothing_to_embed {
-                break;
-            }
-            // The budget is checked before each batch, not here: a source whose last batch used
-            // the budget up still finds its page empty and finishes in this invocation.
-            let page = self.store.pending(source, self.run, after.as_ref(), page_size).await.map_err(|e| ctx("listing new values", e))?;
-            if page.is_empty() {
-                if std::mem::take(&mut wrap) {
-                    after = None;
+            // Launch what the budget, the provider and the window allow.
+            while halt.is_none() {
+                if groups.is_empty() {
+                    if let Some(end) = page_end.take() {
+                        steps.push_back(Step::Cursor(end));
+                        continue;
+                    }
+                    if at_end {
+                        // The pass from the start begins once everything in flight is written:
+                        // values in flight are not done yet and would be read again.
+                        if window.is_empty() && !nothing_to_embed && std::mem::take(&mut wrap) {
+                            read_after = None;
+                            at_end = false;
+                            steps.push_back(Step::Cursor(None));
+                            continue;
+                        }
+                        break;
+                    }
+                    // The budget is checked before each batch, not here: a source whose last
+                    // batch used the budget up still finds its page empty and finishes.
+                    let page = drive(&mut flying, &mut answered, self.store.pending(source, self.run, read_after.as_ref(), page_size))
+                        .await
+                        .map_err(|e| ctx("listing new values", e))?;
+                    // A short page is the last one: no need to ask again.
+                    at_end = page.len() < page_size;
+                    if page.is_empty() {
+                        continue;
+                    }
+                    read_after = page.last().map(|p| p.hash.clone());
+                    // Once every value of the page is stored or recorded, the cursor moves past it.
+                    page_end = Some(read_after.clone());
+                    let (page, long): (Vec<PendingValue>, Vec<PendingValue>) = page.into_iter().partition(|p| !batch::too_long(&p.value));
+                    let failures: Vec<ValueFailure> = long
+                        .iter()
+                        .map(|p| ValueFailure {
+                            hash: p.hash.clone(),
+                            model: "all".into(),
+                            message: format!(
+                                "value is about {} tokens ({} bytes), over the {}-token input limit: it is not sent",
+                                batch::estimate_tokens(&p.value),
+                                p.value.len(),
+                                batch::MAX_TOKENS_PER_INPUT
+                            ),
+                        })
+                        .collect();
+                    drive(&mut flying, &mut answered, self.record(source, &failures)).await?;
+                    let ranges = batch::pack(page.iter().map(|p| p.value.as_str()), batch_size, batch::MAX_TOKENS_PER_REQUEST);
+                    let mut page = page.into_iter();
+                    groups = ranges.into_iter().map(|r| page.by_ref().take(r.len()).collect()).collect();
                     continue;
                 }
-                break;
-            }
-            // A short page is the last one: no need to ask again.
-            let last_page = page.len() < page_size;
-            // Once every value of the page is stored or recorded, the next page starts after it.
-            let page_end = page.last().map(|p| p.hash.clone());
-            let (page, long): (Vec<PendingValue>, Vec<PendingValue>) = page.into_iter().partition(|p| !batch::too_long(&p.value));
-            let failures: Vec<ValueFailure> = long
-                .iter()
-                .map(|p| ValueFailure {
-                    hash: p.hash.clone(),
-                    model: "all".into(),
-                    message: format!(
-                        "value is about {} tokens ({} bytes), over the {}-token input limit: it is not sent",
-                        batch::estimate_tokens(&p.value),
-                        p.value.len(),
-                        batch::MAX_TOKENS_PER_INPUT
-                    ),
-                })
-                .collect();
-            self.record(source, &failures).await?;
-            // `after` moves only past values that are stored or recorded: a pause within the page
-            // resumes at its first group not yet stored, whatever its over-long values are.
-            for range in batch::pack(page.iter().map(|p| p.value.as_str()), batch_size, batch::MAX_TOKENS_PER_REQUEST) {
-                if let Some(end) = self.budget_end(&after) {
-                    return Ok(end);
+                if let Some(h) = self.halt(&window) {
+                    // With batches in flight this may only be a wait (their batches and tokens
+                    // count until written); once they are written it is checked again.
+                    if window.is_empty() {
+                        halt = Some(h);
+                    }
+                    break;
                 }
-                if self.spent.refused(ModelSlot::Large) && self.spent.refused(ModelSlot::Small) {
-                    return Ok(SourceEnd::Refused);
+                // The first batch of an invocation goes alone: until the provider has answered
+                // once, a wrong key, a refused model or a server without base64 costs one
+                // batch's requests, not a window's.
+                if !window.is_empty() && !self.spent.answered.get() {
+                    break;
                 }
-                let group = &page[range];
+                let group = groups.front().expect("a group");
+                let load = self.load(group);
+                if !window.admits(&load, self.spent.rate.borrow().concurrency()) {
+                    break;
+                }
+                let now = self.rt.now_ms();
+                let wait = self.spent.rate.borrow().delay(now, load.requests, load.tokens);
+                if let Some(wait) = wait.filter(|_| load.requests > 0) {
+                    if !window.is_empty() {
+                        // Write what is in flight meanwhile; then look again.
+                        break;
+                    }
+                    let ms = wait.as_millis() as u64;
+                    if now + wait.as_secs_f64() * 1e3 > self.spent.deadline() {
+                        self.rt.log(
+                            LogEvent::info(
+                                "pacing",
+                                format!("The provider's rate limit holds new batches for {ms} ms, past this invocation's time budget; the next invocation goes on from here"),
+                            )
+                            .run(&self.run.0)
+                            .field("waitMs", ms),
+                        );
+                        self.spent.pause.borrow_mut().get_or_insert(Pause::OutOfTime);
+                    } else {
+                        self.rt.log(
+                            LogEvent::info("pacing", format!("Pacing: the provider's rate limit holds new batches for {ms} ms"))
+                                .run(&self.run.0)
+                                .field("waitMs", ms),
+                        );
+                        self.rt.sleep(wait).await;
+                    }
+                    continue;
+                }
+                self.spent.rate.borrow_mut().sent(now, load.requests, load.tokens);
+                let group = groups.pop_front().expect("a group");
                 // What a refused model lacks waits for the next run.
-                let needs_provider = group.iter().any(|p| {
-                    (!p.has_large && !self.spent.refused(ModelSlot::Large)) || (!p.has_small && !self.spent.refused(ModelSlot::Small))
-                });
+                let needs_provider = load.requests > 0;
                 if needs_provider {
-                    let i = self.state.report.batches + 1;
+                    let i = self.state.report.batches + window.batches() + 1;
                     let of = self.state.planned_batches.max(i);
                     self.rt.log(
                         LogEvent::info("batch", format!("Batch {i} of {of}: {name} ({} values)", group.len()))
@@ -1140,11 +1321,26 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                             .field("values", group.len()),
                     );
                 }
-                let (mut batch, failed, usage, paused) = self.embed_group(group).await?;
+                window.launch(&load);
+                steps.push_back(Step::Group { last: group.last().map(|p| p.hash.clone()), load, needs_provider });
+                flying.push_back(calls.embed_group(group));
+            }
+            // Write the answered group, in order, while later ones are in flight.
+            if let Some((load, last, needs_provider, answer)) = to_write.take() {
+                let answer = answer.map_err(Stop::Fatal)?;
+                if !answer.started {
+                    // A pause or both models' refusal came before it sent anything.
+                    window.written(&load);
+                    drive(&mut flying, &mut answered, self.record_refusals()).await.map_err(|e| ctx("recording a refused model", e))?;
+                    frozen = true;
+                    halt = halt.or(Some(if answer.pause.is_some() { Halt::Paused } else { Halt::Refused }));
+                    continue;
+                }
+                let Answer { mut batch, failures, usage, pause, .. } = answer;
                 batch.retain(|v| v.complete || v.large.is_some() || v.small.is_some());
                 // A group cut short by a pause is done again by the next invocation: it counts
                 // as a batch then.
-                let counts_as_batch = needs_provider && paused.is_none();
+                let counts_as_batch = needs_provider && pause.is_none();
                 let embedded = batch.iter().filter(|v| v.complete && (v.large.is_some() || v.small.is_some())).count() as u64;
                 let complete = batch.iter().filter(|v| v.complete).count() as u64;
                 let progress = Progress {
@@ -1155,49 +1351,59 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                     usage: usage.clone(),
                 };
                 if !batch.is_empty() || counts_as_batch {
-                    self.store.store(source, &batch, &progress).await.map_err(|e| ctx("storing a batch", e))?;
+                    drive(&mut flying, &mut answered, self.store.store(source, &batch, &progress))
+                        .await
+                        .map_err(|e| ctx("storing a batch", e))?;
                 }
-                // A refusal is stored with the run before anything else is written (a source
-                // finished, say), so the invocation that finishes the run knows of it.
-                let refused: Vec<String> = self
-                    .spent
-                    .refused
-                    .iter()
-                    .filter_map(|r| r.borrow().clone())
-                    .filter(|why| !self.spent.refusals_recorded.contains(why))
-                    .collect();
-                if !refused.is_empty() {
-                    self.store.record_refused(self.run, &refused).await.map_err(|e| ctx("recording a refused model", e))?;
-                    self.spent.refusals_recorded.extend(refused);
-                }
+                drop(batch);
+                window.written(&load);
+                drive(&mut flying, &mut answered, self.record_refusals()).await.map_err(|e| ctx("recording a refused model", e))?;
                 // Counters follow the committed write, so they equal what Postgres holds.
                 let r = &mut self.state.report;
                 r.embedded += embedded;
                 r.reused += complete - embedded;
                 if counts_as_batch {
                     r.batches += 1;
-                    self.spent.batches += 1;
+                    self.spent.batches.set(self.spent.batches.get() + 1);
                 }
                 self.state.usage.0.prompt_tokens += usage.0.prompt_tokens;
                 self.state.usage.0.requests += usage.0.requests;
                 self.state.usage.1.prompt_tokens += usage.1.prompt_tokens;
                 self.state.usage.1.requests += usage.1.requests;
                 self.run_tokens += usage.0.prompt_tokens + usage.1.prompt_tokens;
-                self.record(source, &failed).await?;
-                if let Some(pause) = paused {
-                    *self.spent.pause.borrow_mut() = Some(pause);
-                    return Ok(SourceEnd::Paused(after));
+                drive(&mut flying, &mut answered, self.record(source, &failures)).await?;
+                if pause.is_some() {
+                    // The rest of the group, and everything after it, is for the next
+                    // invocation; groups already in flight are still written (they are paid for).
+                    frozen = true;
+                    halt = Some(Halt::Paused);
+                } else if !frozen {
+                    cursor = last;
                 }
-                after = group.last().map(|p| p.hash.clone());
+                continue;
             }
-            after = page_end;
-            if last_page {
-                if std::mem::take(&mut wrap) {
-                    after = None;
-                    continue;
+            match steps.pop_front() {
+                None => break,
+                Some(Step::Cursor(to)) => {
+                    if !frozen {
+                        cursor = to;
+                    }
                 }
-                break;
+                Some(Step::Group { last, load, needs_provider }) => {
+                    let answer = match answered.pop_front() {
+                        Some(a) => a,
+                        None => flying.next().await.expect("an answer for every group in flight"),
+                    };
+                    window.answered(&load);
+                    to_write = Some((load, last, needs_provider, answer));
+                }
             }
+        }
+        match halt {
+            Some(Halt::TokenBudget) => return Ok(SourceEnd::TokenBudget),
+            Some(Halt::Refused) => return Ok(SourceEnd::Refused),
+            Some(Halt::Paused) => return Ok(SourceEnd::Paused(cursor)),
+            None => {}
         }
         let known_clean = fresh.is_some_and(|c| c.stale == 0);
         let guard = DeleteGuard::of(self.config, source);
@@ -1212,17 +1418,61 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
     }
 
     /// Why no further batch may start, if so: the run's token budget, or this invocation's
-    /// batch, time and subrequest budget, or a wait that would outlast it.
-    fn budget_end(&self, after: &Option<ValueHash>) -> Option<SourceEnd> {
-        if self.config.token_budget_spent(self.run_tokens) {
-            return Some(SourceEnd::TokenBudget);
+    /// batch, time and subrequest budget, or a wait that would outlast it, or both models
+    /// refused. The batches and estimated tokens of `window` count as spent.
+    fn halt(&self, window: &rate::Window) -> Option<Halt> {
+        if self.config.token_budget_spent(self.run_tokens + window.tokens()) {
+            return Some(Halt::TokenBudget);
         }
         let b = &self.spent.budget;
-        let spent = self.spent.batches >= b.max_batches
+        let spent = self.spent.batches.get() + window.batches() >= b.max_batches
             || self.rt.now_ms() - self.spent.began >= b.max_ms
             || self.spent.requests.get() >= b.max_subrequests
             || self.spent.pause.borrow().is_some();
-        spent.then(|| SourceEnd::Paused(after.clone()))
+        if spent {
+            return Some(Halt::Paused);
+        }
+        (self.spent.refused(ModelSlot::Large) && self.spent.refused(ModelSlot::Small)).then_some(Halt::Refused)
+    }
+
+    /// What `group` takes of the window: a request per model that some value lacks (unless that
+    /// model is refused), the vectors asked for, and a conservative estimate of the tokens paid.
+    fn load(&self, group: &[PendingValue]) -> rate::Load {
+        let models = &self.config.models;
+        let mut load = rate::Load::default();
+        for slot in [ModelSlot::Large, ModelSlot::Small] {
+            if self.spent.refused(slot) {
+                continue;
+            }
+            let lacks = |p: &&PendingValue| if slot == ModelSlot::Large { !p.has_large } else { !p.has_small };
+            let values = group.iter().filter(lacks).count();
+            if values == 0 {
+                continue;
+            }
+            load.requests += 1;
+            load.vector_bytes += values * models.get(slot).dimensions() as usize * 4;
+            load.tokens += group.iter().filter(lacks).map(|p| batch::limit_tokens(&p.value)).sum::<u64>();
+        }
+        load.batches = u64::from(load.requests > 0);
+        load
+    }
+
+    /// Stores with the run the refusals of this invocation not stored yet, before anything
+    /// else is written (a source finished, say), so the invocation that finishes the run knows
+    /// of them.
+    async fn record_refusals(&mut self) -> Result<(), StoreError> {
+        let refused: Vec<String> = self
+            .spent
+            .refused
+            .iter()
+            .filter_map(|r| r.borrow().clone())
+            .filter(|why| !self.spent.refusals_recorded.borrow().contains(why))
+            .collect();
+        if !refused.is_empty() {
+            self.store.record_refused(self.run, &refused).await?;
+            self.spent.refusals_recorded.borrow_mut().extend(refused);
+        }
+        Ok(())
     }
 
     async fn record(&mut self, source: &Source, failures: &[ValueFailure]) -> Result<(), Stop> {
@@ -1236,16 +1486,58 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         self.state.report.errors += failures.len() as u64;
         Ok(())
     }
+}
 
+/// The provider side of a source's sync: shared state only, so that several batches can be in
+/// flight while the store writes earlier ones.
+struct Calls<'a, E, R> {
+    config: &'a Config,
+    embedder: &'a E,
+    rt: &'a R,
+    retry: RetryPolicy,
+    run: &'a RunId,
+    spent: &'a InvocationSpend,
+}
+
+impl<E, R> Clone for Calls<'_, E, R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E, R> Copy for Calls<'_, E, R> {}
+
+/// What one group got from the provider.
+struct Answer {
+    /// The values with what they got.
+    batch: Vec<EmbeddedValue>,
+    /// Values that failed for themselves.
+    failures: Vec<ValueFailure>,
+    /// Tokens and requests paid, large and small.
+    usage: (ModelUsage, ModelUsage),
+    /// Why it stopped before every value had an answer, if it did.
+    pause: Option<Pause>,
+    /// It sent something: false when a pause or a refusal of both models came first.
+    started: bool,
+}
+
+impl<E: Embedder, R: Runtime> Calls<'_, E, R> {
     /// Calls both models concurrently for the values that lack each. A value one model fails
     /// for keeps the other model's embedding (it is paid for) and is retried later for the
     /// missing one only. With a pause, the values keep what they got and the rest is left to the
     /// next invocation; a model whose requests the provider refuses sends nothing and blames no
-    /// value.
-    async fn embed_group(
-        &mut self,
-        group: &[PendingValue],
-    ) -> Result<(Vec<EmbeddedValue>, Vec<ValueFailure>, (ModelUsage, ModelUsage), Option<Pause>), Stop> {
+    /// value. A group launched before a pause (or both models' refusal) was known sends nothing.
+    ///
+    /// # Errors
+    /// The provider refused the API key: the run stops.
+    async fn embed_group(self, group: Vec<PendingValue>) -> Result<Answer, ProviderError> {
+        let not_started = |pause| Answer { batch: Vec::new(), failures: Vec::new(), usage: Default::default(), pause, started: false };
+        if let Some(p) = self.spent.pause.borrow().clone() {
+            return Ok(not_started(Some(p)));
+        }
+        if self.spent.refused(ModelSlot::Large) && self.spent.refused(ModelSlot::Small) {
+            return Ok(not_started(None));
+        }
         let models = &self.config.models;
         let large_idx: Vec<usize> = (0..group.len()).filter(|&i| !group[i].has_large).collect();
         let small_idx: Vec<usize> = (0..group.len()).filter(|&i| !group[i].has_small).collect();
@@ -1270,7 +1562,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         let mut pause = None;
         for (slot, outcome, idx) in [(ModelSlot::Large, large, &large_idx), (ModelSlot::Small, small, &small_idx)] {
             if let Some(e) = outcome.fatal {
-                return Err(Stop::Fatal(e));
+                return Err(e);
             }
             pause = pause.or(outcome.pause);
             let u = if slot == ModelSlot::Large { &mut usage.0 } else { &mut usage.1 };
@@ -1286,7 +1578,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             }
         }
         let mut failures = Vec::new();
-        for ((v, p), errs) in out.iter_mut().zip(group).zip(errors) {
+        for ((v, p), errs) in out.iter_mut().zip(&group).zip(errors) {
             v.complete = (p.has_large || v.large.is_some()) && (p.has_small || v.small.is_some());
             if !errs.is_empty() {
                 let model = errs.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", ");
@@ -1294,7 +1586,14 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 failures.push(ValueFailure { hash: v.hash.clone(), model, message });
             }
         }
-        Ok((out, failures, usage, pause))
+        if let Some(p) = &pause {
+            // No further group starts; an outage's reason is kept for the report.
+            let mut declared = self.spent.pause.borrow_mut();
+            if !matches!(*declared, Some(Pause::Outage(_))) {
+                *declared = Some(p.clone());
+            }
+        }
+        Ok(Answer { batch: out, failures, usage, pause, started: true })
     }
 
     /// Embeds `inputs` with the model in `slot`, with retries. When the provider refuses a
@@ -1313,7 +1612,9 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             if range.is_empty() || self.spent.refused(slot) {
                 continue;
             }
-            let answer = match self.embed_with_retry(model, &inputs[range.clone()]).await {
+            // The first request of the group was counted by the rate control when it launched.
+            let reserved = range == (0..inputs.len());
+            let answer = match self.embed_with_retry(model, &inputs[range.clone()], reserved).await {
                 Ok(answer) => answer,
                 Err(pause) => {
                     out.pause = Some(pause);
@@ -1373,7 +1674,12 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
     /// end past this invocation's time budget, or the provider stayed unavailable through every
     /// retry (an outage, for the next invocation). A pacing wait that would end past the budget
     /// is not waited: the answer is returned and no further batch starts.
-    async fn embed_with_retry(&self, model: &ModelSpec, inputs: &[&str]) -> Result<Result<Embeddings, ProviderError>, Pause> {
+    async fn embed_with_retry(
+        &self,
+        model: &ModelSpec,
+        inputs: &[&str],
+        reserved: bool,
+    ) -> Result<Result<Embeddings, ProviderError>, Pause> {
         let mut retry = 0;
         loop {
             if self.spent.requests.get() >= self.spent.budget.max_subrequests {
@@ -1391,7 +1697,21 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 return Err(Pause::Subrequests);
             }
             self.spent.requests.set(self.spent.requests.get() + 1);
-            return Ok(match self.embedder.embed(model, inputs).await {
+            if !(reserved && retry == 0) {
+                self.spent.rate.borrow_mut().sent(self.rt.now_ms(), 1, batch::limit_tokens_all(inputs));
+            }
+            let answer = self.embedder.embed(model, inputs).await;
+            match &answer {
+                Ok(e) => {
+                    self.spent.answered.set(true);
+                    self.spent.rate.borrow_mut().answered(self.rt.now_ms(), e.rate.as_ref());
+                }
+                Err(ProviderError::RateLimited { retry_after, .. }) => {
+                    self.spent.rate.borrow_mut().throttled(self.rt.now_ms(), *retry_after)
+                }
+                Err(_) => {}
+            }
+            return Ok(match answer {
                 Ok(e) => {
                     if let Some(wait) = e.rate.and_then(|r| r.pause(batch::limit_tokens_all(inputs))) {
                         if self.rt.now_ms() + wait.as_secs_f64() * 1e3 > self.spent.deadline() {
@@ -1516,6 +1836,47 @@ mod tests {
             Ok(b) => format!("{} batches, {} ms, lease {:?}, {} subrequests", b.max_batches, b.max_ms, b.lease_ttl, b.max_subrequests),
             Err(e) => format!("error: {e}"),
         });
+    }
+
+    #[test]
+    fn a_trigger_goes_on_with_a_run_paused_by_its_budget_while_a_whole_invocation_fits() {
+        let chain = |v: Option<&str>| Chain::from_settings(|_| v.map(str::to_owned));
+        assert_eq!(chain(None), Ok(Chain { max_ms: 600_000.0 }));
+        assert_eq!(chain(Some(" 0 ")), Ok(Chain { max_ms: 0.0 }));
+        assert_eq!(
+            chain(Some("-1")).unwrap_err().to_string(),
+            r#"SYNC_CHAIN_SECONDS is "-1", which is not a positive number: set it to one or remove it for the default"#
+        );
+        let report = |stopped: Option<&str>| RunReport {
+            run_id: "r".into(),
+            status: RunStatus::Paused,
+            invocations: 1,
+            trigger: Trigger::Cron,
+            started_at: String::new(),
+            duration_ms: 0,
+            totals: Totals::default(),
+            sources: Vec::new(),
+            usage: Usage::default(),
+            stopped: stopped.map(str::to_owned),
+            indexes: None,
+        };
+        let cursor = Cursor { run_id: "r".into(), source: 0, phase: "embed".into(), after: None, totals: Totals::default() };
+        let paused = Outcome::Paused(report(None), cursor.clone());
+        let budget = Budget::default();
+        let on = Chain::default();
+        assert!(on.goes_on(&paused, 0.0, 1, &budget));
+        // The next invocation (120 s) must fit in the ten minutes.
+        assert!(on.goes_on(&paused, 480_000.0, 4, &budget));
+        assert!(!on.goes_on(&paused, 480_001.0, 4, &budget));
+        // 1,000 subrequests an invocation: nine in one trigger, the tenth thousand kept for KV.
+        assert!(on.goes_on(&paused, 0.0, 8, &budget));
+        assert!(!on.goes_on(&paused, 0.0, 9, &budget));
+        let greedy = Budget { max_subrequests: 9_000, ..budget };
+        assert!(on.goes_on(&paused, 0.0, 0, &greedy) && !on.goes_on(&paused, 0.0, 1, &greedy));
+        // An outage (or a refused model) waits for the next trigger; a finished run is done.
+        assert!(!on.goes_on(&Outcome::Paused(report(Some("outage")), cursor), 0.0, 1, &budget));
+        assert!(!on.goes_on(&Outcome::Finished(report(None)), 0.0, 1, &budget));
+        assert!(!Chain { max_ms: 0.0 }.goes_on(&paused, 0.0, 1, &budget));
     }
 
     #[test]

@@ -237,6 +237,12 @@ fn bad_examples_fail_the_parser_and_the_schema_at_the_same_field() {
             models-missing-small.json: models: missing field `small` at line 5 column 3
             models-unknown-slot.json: models.medium: unknown field `medium`, expected `large` or `small` at line 6 column 12
             not-an-object.json: .: invalid type: sequence, expected a JSON object at line 1 column 0
+            rate-maxConcurrency-0.json: rate.maxConcurrency: 0 is out of range: use 1..=5 (a Worker invocation has six connections, one of which is the database's), or leave it out for 5
+            rate-maxConcurrency-6.json: rate.maxConcurrency: 6 is out of range: use 1..=5 (a Worker invocation has six connections, one of which is the database's), or leave it out for 5
+            rate-requestsPerMinute-0.json: rate.requestsPerMinute: must be at least 1 (leave it out for no ceiling)
+            rate-tokensPerMinute-0.json: rate.tokensPerMinute: must be at least 1 (leave it out for no ceiling)
+            rate-tokensPerMinute-string.json: rate.tokensPerMinute: invalid type: string "1M", expected u64 at line 15 column 27
+            rate-unknown-key.json: rate.burst: unknown field `burst`, expected one of `maxConcurrency`, `requestsPerMinute`, `tokensPerMinute` at line 16 column 11
             retention-runs-0.json: retention.runs: must be at least 1: the runs table keeps this many finished runs
             retention-runs-string.json: retention.runs: invalid type: string "100", expected u64 at line 15 column 17
             retention-unknown-key.json: retention.days: unknown field `days`, expected `runs` at line 16 column 10
@@ -269,7 +275,7 @@ fn bad_examples_fail_the_parser_and_the_schema_at_the_same_field() {
             table-with-hyphen.json: sources[0].table: "config-option" is not a valid identifier: '-' is not allowed (use letters, digits, _ and $, starting with a letter or _)
             table-with-space.json: sources[0].table: "config option" is not a valid identifier: ' ' is not allowed (use letters, digits, _ and $, starting with a letter or _)
             top-level-as-array.json: .: invalid type: sequence, expected a JSON object at line 1 column 0
-            unknown-top-level-key.json: extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `sources` at line 14 column 9
+            unknown-top-level-key.json: extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `rate`, `sources` at line 14 column 9
             vectorIndexes-as-array.json: vectorIndexes: invalid type: sequence, expected a JSON object at line 14 column 19
             vectorIndexes-as-boolean.json: vectorIndexes: invalid type: boolean `true`, expected a JSON object at line 14 column 23
             vectorIndexes-efConstruction-1001.json: vectorIndexes.efConstruction: 1001 is out of range: use 4..=1000 (pgvector's limits; 64 is a good default)

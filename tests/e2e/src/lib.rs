@@ -1049,7 +1049,9 @@ impl WorkerOpts {
                 .unwrap_or_else(|| API_KEY.to_string()),
             sync_token: Some(TOKEN.to_string()),
             sources: None,
-            vars: Vec::new(),
+            // One invocation per trigger, as most tests count them; a test of chained
+            // invocations sets it (`var` replaces it).
+            vars: vec![("SYNC_CHAIN_SECONDS".to_string(), "0".to_string())],
             persist_to: None,
             env: Vec::new(),
             hyperdrive: None,
@@ -1089,8 +1091,9 @@ impl WorkerOpts {
         self
     }
 
-    /// With one more `--var NAME:VALUE`.
+    /// With one more `--var NAME:VALUE` (replacing an earlier one of the same name).
     pub fn var(mut self, name: &str, value: impl ToString) -> WorkerOpts {
+        self.vars.retain(|(k, _)| k != name);
         self.vars.push((name.to_string(), value.to_string()));
         self
     }

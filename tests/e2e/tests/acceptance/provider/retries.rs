@@ -207,8 +207,9 @@ fn a_rejected_api_key_stops_at_once_and_writes_nothing() {
 fn a_401_in_the_middle_of_a_run_stops_it_before_writing_that_batch() {
     let mut db = db_with_options(&VALUES[..6]);
     let (provider, worker) = start_stack(&db, Some(sources_json(2, &[OPTION])));
-    // Batch 2's first request (3) is refused; its other request may succeed, but the batch is
-    // not written and no batch follows.
+    // Batch 1 goes alone; then batches 2 and 3 go together (the window). Batch 2's first
+    // request (3) is refused; the other requests in flight may succeed, but neither batch is
+    // written and no batch follows.
     provider.set_faults(&json!({"rules": [{"status": 401, "nth": [3]}]}));
 
     let (status, body) = worker.post("/sync", Some(TOKEN));
@@ -229,7 +230,7 @@ fn a_401_in_the_middle_of_a_run_stops_it_before_writing_that_batch() {
     let first: Vec<&str> = by_hash[..2].iter().map(|(_, v)| *v).collect();
     assert_cache_complete(&mut db, &set_of(&first));
     let log = provider.requests();
-    assert!(log.len() <= 4, "no request after batch 2: {log:#?}");
+    assert!(log.len() <= 6, "no request after the batches in flight (2 and 3): {log:#?}");
     assert_eq!(
         log.iter().filter(|r| r["status"] == 401).count(),
         1,
@@ -308,7 +309,8 @@ fn nearly_used_up_rate_limits_make_the_run_pace_itself() {
 fn a_retry_wait_past_the_invocation_budget_pauses_instead_of_overrunning() {
     let mut db = db_with_options(&VALUES[..6]);
     let provider = Provider::start(Some(API_KEY));
-    // An invocation may spend 5 s; batch 2's large request is told to come back in 15 s.
+    // An invocation may spend 5 s; batch 2's large request is told to come back in 15 s. Batch 1
+    // goes alone, then batches 2 and 3 together (the window).
     let worker = Worker::start(
         WorkerOpts::new(&db, &provider)
             .sources(sources_json(2, &[OPTION]))
@@ -321,10 +323,12 @@ fn a_retry_wait_past_the_invocation_budget_pauses_instead_of_overrunning() {
     let took = started.elapsed();
     assert!(took < std::time::Duration::from_secs(12), "the invocation waited for the retry: {took:?}");
     assert_eq!(first["status"], "paused", "{first:#}");
+    // Batch 3 was in flight when batch 2 paused: it is paid for, so it is written; batch 2 keeps
+    // its small embeddings, and the run goes on from it.
     assert_counts(
-        "invocation 1 (paused before batch 2)",
+        "invocation 1 (paused at batch 2, batch 3 written)",
         source_entry(&first, OPTION.table),
-        &[("embedded", 2), ("errors", 0), ("batches", 1)],
+        &[("embedded", 4), ("errors", 0), ("batches", 2)],
     );
     assert_eq!(db.count("SELECT count(*) FROM embedding_sync_errors"), 0, "an out-of-time batch is not an error");
     // wrangler writes warnings through another stream: the line may land a moment later.

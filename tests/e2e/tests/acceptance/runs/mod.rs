@@ -9,6 +9,7 @@
 //! match): what these tests exercise (budgets, leases, cursors, counters) does not depend on the
 //! vector size, and full-size vectors would only make the suite slower.
 
+mod chain;
 mod cursor;
 mod large;
 mod overlap;
@@ -22,6 +23,11 @@ use serde_json::{json, Value};
 
 /// The one source of these tests.
 pub const PARTS: Src = Src { name: "Parts", table: "runs_part", column: "label" };
+
+/// Batches an invocation holds launched and not yet written, at most, with both models: the one
+/// being written and two whose requests are out (five provider connections, two requests a
+/// batch). A killed invocation pays at most these twice.
+pub const IN_FLIGHT_BATCHES: u64 = 3;
 
 /// Dimensions of the two models in these tests (the worker creates the columns to match).
 pub const LARGE_D: u64 = 48;
