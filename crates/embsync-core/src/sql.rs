@@ -404,7 +404,8 @@ const NOT_DEFERRED: &str = "NOT EXISTS (SELECT 1 FROM embedding_sync_errors e\n 
 /// new = values this source has that are not done for it: not linked, or linked but its cache
 /// row lacks a current embedding (a model failed, the model changed) or was removed by someone
 /// else; reusable = new values whose cache row already has both; embed_tokens = estimated
-/// tokens of the rest (ceil(bytes / 4) each, see [`crate::batch::estimate_tokens`]); stale =
+/// tokens of the rest (see [`crate::batch::sql_estimate_tokens`]: SQL sees bytes and characters,
+/// not scripts); stale =
 /// links of this source whose value is gone; deferred = new values waiting for a retry after
 /// an error (not those another pipeline has since made reusable: those count as reusable).
 pub fn plan(source: &Source, state: SchemaState) -> String {
@@ -446,7 +447,7 @@ pub fn plan(source: &Source, state: SchemaState) -> String {
          (SELECT count(*) FROM src) AS total,\n    \
          (SELECT count(*) FROM fresh) AS new,\n    \
          (SELECT count(*) FROM fresh WHERE complete) AS reusable,\n    \
-         (SELECT coalesce(sum((octet_length(v) + 3) / 4), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,\n    \
+         (SELECT coalesce(sum((19 * octet_length(v)::int8 - 9 * char_length(v) + 39) / 40), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,\n    \
          ({stale}) AS stale,\n    \
          ({deferred}) AS deferred",
         src = source_values(source),
@@ -1203,7 +1204,7 @@ mod tests {
                 (SELECT count(*) FROM src) AS total,
                 (SELECT count(*) FROM fresh) AS new,
                 (SELECT count(*) FROM fresh WHERE complete) AS reusable,
-                (SELECT coalesce(sum((octet_length(v) + 3) / 4), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,
+                (SELECT coalesce(sum((19 * octet_length(v)::int8 - 9 * char_length(v) + 39) / 40), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,
                 (SELECT count(*) FROM embedding_cache_sources l
                  WHERE l.source_table = $1 AND l.source_column = $2
                    AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)) AS stale,
@@ -1225,7 +1226,7 @@ mod tests {
                 (SELECT count(*) FROM src) AS total,
                 (SELECT count(*) FROM fresh) AS new,
                 (SELECT count(*) FROM fresh WHERE complete) AS reusable,
-                (SELECT coalesce(sum((octet_length(v) + 3) / 4), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,
+                (SELECT coalesce(sum((19 * octet_length(v)::int8 - 9 * char_length(v) + 39) / 40), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,
                 (SELECT 0::int8) AS stale,
                 (SELECT 0::int8) AS deferred"#]]
         .assert_eq(&plan(&source(), fresh));

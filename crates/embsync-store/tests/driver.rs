@@ -497,11 +497,17 @@ async fn a_value_that_always_fails_is_isolated_recorded_and_retried_later() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_value_over_the_input_limit_is_an_error_of_its_own() {
     let mut w = World::new(10).await;
-    let long = "word ".repeat(7000);
-    w.set("ta", "ca", &["short", &long]).await;
+    // 9,000 cl100k_base tokens (" word" is one).
+    let long = "word ".repeat(9000);
+    // About 8,700 cl100k_base tokens of Chinese in 25,000 bytes: ceil(bytes / 4), the estimate
+    // before the one by script, made it 6,200 and sent it, for the provider to refuse.
+    let chinese = include_str!("../../embsync-core/tests/tokens/chinese.txt").trim().repeat(57);
+    assert!((chinese.len() as u64).div_ceil(4) < 8192, "the old estimate let it through");
+    w.set("ta", "ca", &["short", &long, &chinese]).await;
     w.set("tb", "cb", &[]).await;
-    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=2 new=2 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=1 batches=1");
+    assert_eq!(w.summary().await.lines().next().unwrap(), "A: total=3 new=3 stale=0 unchanged=0 reused=0 embedded=1 deleted=0 errors=2 batches=1");
     assert_eq!(w.provider.requests_for(long.trim_matches(' ')), 0, "never sent");
+    assert_eq!(w.provider.requests_for(&chinese), 0, "never sent");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -619,7 +625,7 @@ async fn dry_run_plans_without_writing_or_calling() {
     w.set("ta", "ca", &["one", "two", "three", "  one"]).await;
     let plan = dry_run(&w.config, &mut w.store).await;
     let a = &plan.sources[0];
-    assert_eq!((a.total, a.new, a.to_embed, a.batches, a.estimated_tokens.large), (3, 3, 3, 2, 4), "ceil(bytes / 4) per value");
+    assert_eq!((a.total, a.new, a.to_embed, a.batches, a.estimated_tokens.large), (3, 3, 3, 2, 4), "ceil((19 bytes - 9 chars) / 40) per value: 1 + 1 + 2");
     assert_eq!(plan.sources[1].error.as_deref(), Some("planning source B: counting: db error: ERROR: relation \"tb\" does not exist"));
     assert_eq!(w.db.count("SELECT count(*) FROM pg_class WHERE relname LIKE 'embedding%'").await, 0, "nothing created");
     assert_eq!(w.calls(), 0);

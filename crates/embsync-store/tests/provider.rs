@@ -82,7 +82,7 @@ async fn a_run_paused_on_a_page_that_ends_with_an_over_long_value_resumes_where_
     // first page is three over-long values and `s1`; the second is `s2`, `s3`, `s4` and a fourth
     // over-long value. `s1` spends the first invocation's budget, so the second page is read with
     // the budget spent: the pause must come before `s2`, not after the page's last value.
-    let long = |i: usize| format!("{} {i}", "word ".repeat(7000));
+    let long = |i: usize| format!("{} {i}", "word ".repeat(9000));
     let mut longs = with_hash_in('0'..='3', 3, long);
     longs.extend(with_hash_in('c'..='f', 1, long));
     let s1 = with_hash_in('4'..='7', 1, |i| format!("short {i}"));

@@ -694,7 +694,7 @@ impl Sim {
         }
         if faults.on("long") {
             for k in 0..4 {
-                pool.push(Some(format!("{k}{}", "L".repeat(40_000))));
+                pool.push(Some(format!("{k}{}", " word".repeat(9000))));
             }
         }
         let mut sim = Sim {

@@ -48,15 +48,19 @@ fn dry_run_token_estimate_is_within_10_percent_of_the_provider_usage() {
     );
     let est_large = num(&entry["estimatedTokens"], "large");
     let est_small = num(&entry["estimatedTokens"], "small");
-    // The documented estimate: ceil(octet_length / 4) per value.
-    let by_bytes: i64 = values.iter().map(|v| (v.len() as i64 + 3) / 4).sum();
+    // The documented estimate: ceil((19 bytes - 9 characters) / 40) per value
+    // (embsync_core::batch::sql_estimate_tokens).
+    let by_bytes: i64 = values
+        .iter()
+        .map(|v| (19 * v.len() as i64 - 9 * v.chars().count() as i64 + 39) / 40)
+        .sum();
     assert_eq!(
         est_large, by_bytes,
-        "estimatedTokens.large = sum of ceil(bytes / 4)"
+        "estimatedTokens.large = sum of ceil((19 bytes - 9 chars) / 40)"
     );
     assert_eq!(
         est_small, by_bytes,
-        "estimatedTokens.small = sum of ceil(bytes / 4)"
+        "estimatedTokens.small = sum of ceil((19 bytes - 9 chars) / 40)"
     );
     assert_eq!(plan["totals"]["estimatedTokens"]["large"], json!(est_large));
     // Cost at the default prices (per million tokens): 0.13 for 3-large, 0.02 for 3-small.
@@ -124,10 +128,10 @@ fn dry_run_token_estimate_is_within_10_percent_of_the_provider_usage() {
     );
 }
 
-/// Single words of at most 6 letters: the local provider counts exactly 1 token for each.
+/// Single words that are one `cl100k_base` token each (the local provider counts as OpenAI does).
 const WORDS: [&str; 15] = [
-    "Cutter", "Platen", "Ribbon", "Sensor", "Label", "Tag", "Spool", "Roller", "Bezel", "Hinge",
-    "Latch", "Gear", "Cable", "Dock", "Mount",
+    "Sensor", "Label", "Tag", "Latch", "Gear", "Dock", "Mount", "Paper", "Print", "Head", "Motor",
+    "Panel", "Screen", "Power", "Cover",
 ];
 
 #[test]

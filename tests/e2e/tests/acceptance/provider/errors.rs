@@ -247,10 +247,11 @@ fn a_value_that_always_fails_is_recorded_deferred_retried_and_cleared() {
     assert!(provider.requests().is_empty());
 }
 
-/// A value of exactly `len` ASCII bytes: words of product text. The local provider counts about
-/// one token per 5 bytes of it, under the 8,192-token limit even at 32 KiB.
+/// A value of exactly `len` ASCII bytes: words of product text, each one `cl100k_base` token
+/// (which the local provider counts exactly, and the worker's estimate counts alike): one token
+/// per 6.6 bytes, 4,965 at 32 KiB, 9,697 at 64,000 bytes.
 fn long_text(len: usize) -> String {
-    let words = "label printer ribbon spindle thermal ";
+    let words = "label printer paper sensor cover ";
     let mut s = String::with_capacity(len + words.len());
     while s.len() < len {
         s.push_str(words);
@@ -267,7 +268,7 @@ fn long_text(len: usize) -> String {
 #[test]
 fn a_value_over_8192_tokens_is_recorded_and_never_sent() {
     let at_limit = long_text(32_768);
-    let over = long_text(40_000);
+    let over = long_text(64_000);
     let mut values: Vec<&str> = GOOD[..3].to_vec();
     values.push(&at_limit);
     values.push(&over);
@@ -296,7 +297,7 @@ fn a_value_over_8192_tokens_is_recorded_and_never_sent() {
         .map(|i| i.as_str().map_or(0, str::len))
         .max()
         .unwrap_or(0);
-    assert_eq!(longest, 32_768, "the 40,000-byte value must never be sent");
+    assert_eq!(longest, 32_768, "the 64,000-byte value must never be sent");
     assert!(!db.cache_hashes().contains(&expected_hash(&over).unwrap()));
     assert_eq!(db.cache_count(), 4);
 

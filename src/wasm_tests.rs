@@ -1,0 +1,219 @@
+//! The worker's own code as WebAssembly (wasm-bindgen-test, run under Node by
+//! `scripts/test.sh`): settings and secrets read from a real `Env` object, `handle` (routing,
+//! methods, query, authentication, request bodies) on real `Request`s, the KV cursor over a KV
+//! binding kept in a JS object, and the provider request `OpenAi` builds and sends through the
+//! global `fetch` (replaced by a recorder). What needs Postgres or workerd is left to the
+//! end-to-end tests.
+
+use crate::openai::OpenAi;
+use crate::settings::{self, Database, SettingsError};
+use crate::{handle, read_cursor, WorkerRuntime, CURSOR_KEY};
+use embsync_core::config::Config;
+use embsync_core::sync::{Cursor, Embedder};
+use embsync_core::vector::encode_base64_f32;
+use wasm_bindgen_test::wasm_bindgen_test;
+use worker::wasm_bindgen::{JsCast, JsValue};
+use worker::{js_sys, Env, Headers, Method, Request, RequestInit, Response};
+
+/// An `Env` whose string bindings are `vars`.
+fn env(vars: &[(&str, &str)]) -> Env {
+    let object = js_sys::Object::new();
+    for (k, v) in vars {
+        js_sys::Reflect::set(&object, &(*k).into(), &(*v).into()).unwrap();
+    }
+    object.unchecked_into()
+}
+
+fn set(target: &JsValue, key: &str, value: &JsValue) {
+    js_sys::Reflect::set(target, &key.into(), value).unwrap();
+}
+
+/// Runs JS `body` as a function of `args` and returns what it returns.
+fn js(args: &str, body: &str, values: &[&JsValue]) -> JsValue {
+    let f = js_sys::Function::new_with_args(args, body);
+    let array = js_sys::Array::new();
+    for v in values {
+        array.push(v);
+    }
+    f.apply(&JsValue::NULL, &array).unwrap()
+}
+
+#[wasm_bindgen_test]
+fn blank_settings_are_unset_and_secrets_never_show() {
+    let env = env(&[("A", "x"), ("B", "  "), ("OPENAI_API_KEY", "sk-secret")]);
+    assert_eq!(settings::string(&env, "A").as_deref(), Some("x"));
+    assert_eq!(settings::string(&env, "B"), None);
+    assert_eq!(settings::string(&env, "C"), None);
+    let key = settings::api_key(&env).unwrap();
+    assert_eq!(key.expose(), "sk-secret");
+    assert_eq!(format!("{key:?}"), "Redacted(***)");
+    let missing = settings::api_key(&self::env(&[])).unwrap_err().to_string();
+    assert_eq!(missing, "OPENAI_API_KEY is not set: set it with `wrangler secret put OPENAI_API_KEY`");
+}
+
+#[wasm_bindgen_test]
+fn the_config_comes_from_embedding_sources_or_the_built_in_file() {
+    let built_in = settings::config(&env(&[])).unwrap();
+    assert_eq!(built_in, Config::parse(settings::BUILT_IN_CONFIG).unwrap());
+    let err = settings::config(&env(&[("EMBEDDING_SOURCES", r#"{"version": "1.0", "sources": 3}"#)])).unwrap_err();
+    assert!(matches!(err, SettingsError::Config { origin: "EMBEDDING_SOURCES", .. }), "{err}");
+    assert!(err.to_string().contains("sources"), "names the field: {err}");
+}
+
+#[wasm_bindgen_test]
+fn the_database_is_database_url_unless_a_hyperdrive_binding_is_there() {
+    let url = "postgres://u:pw@db.example:5432/app";
+    match settings::database(&env(&[("DATABASE_URL", url)])).unwrap() {
+        Database::Url(u) => assert_eq!(u.expose(), url),
+        Database::Hyperdrive { .. } => panic!("no binding was given"),
+    }
+    let none = settings::database(&env(&[])).err().expect("neither is set").to_string();
+    assert!(none.contains("DATABASE_URL"), "{none}");
+    assert!(!none.contains("pw"));
+    // A binding named by HYPERDRIVE_BINDING that is a plain string is not a Hyperdrive binding.
+    let wrong = settings::database(&env(&[("HYPERDRIVE_BINDING", "DB"), ("DB", "x"), ("DATABASE_URL", url)])).err();
+    assert!(wrong.is_some(), "a named binding that is not Hyperdrive is an error, not a fallback");
+}
+
+/// A request to `path` with `method`, and the headers given.
+fn request(method: Method, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Request {
+    let h = Headers::new();
+    for (k, v) in headers {
+        h.set(k, v).unwrap();
+    }
+    let mut init = RequestInit::new();
+    init.with_method(method).with_headers(h);
+    if let Some(body) = body {
+        init.with_body(Some(JsValue::from_str(body)));
+    }
+    Request::new_with_init(&format!("https://embsync.example{path}"), &init).unwrap()
+}
+
+async fn answer(req: Request, env: Env) -> (u16, String, Response) {
+    let mut response = handle(req, env).await.unwrap();
+    let body = response.text().await.unwrap();
+    (response.status_code(), body, response)
+}
+
+#[wasm_bindgen_test]
+async fn routing_methods_and_query_are_checked_before_anything_else() {
+    let (status, body, _) = answer(request(Method::Get, "/nope", &[], None), env(&[])).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("GET /health"), "{body}");
+    let (status, body, _) = answer(request(Method::Get, "/sync", &[], None), env(&[])).await;
+    assert_eq!((status, body.as_str()), (405, r#"{"error":"method not allowed: use POST /sync"}"#));
+    let (status, body, _) = answer(request(Method::Get, "/status?x=1", &[], None), env(&[])).await;
+    assert_eq!((status, body.as_str()), (400, r#"{"error":"/status takes no query parameters"}"#));
+    let (status, body, _) = answer(request(Method::Get, "/health", &[], None), env(&[])).await;
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""status":"ok""#), "{body}");
+}
+
+#[wasm_bindgen_test]
+async fn endpoints_need_the_token() {
+    // No token configured: closed, and says how to open them.
+    let (status, body, _) = answer(request(Method::Get, "/dry-run", &[], None), env(&[])).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("wrangler secret put SYNC_API_TOKEN"), "{body}");
+    let token = [("SYNC_API_TOKEN", "t0ken")];
+    let (status, body, r) = answer(request(Method::Get, "/dry-run", &[], None), env(&token)).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("missing bearer token"), "{body}");
+    assert_eq!(r.headers().get("www-authenticate").unwrap(), None, "JSON endpoints do not ask a browser");
+    let (status, body, _) = answer(request(Method::Get, "/dry-run", &[("authorization", "Bearer wrong")], None), env(&token)).await;
+    assert_eq!((status, body.as_str()), (401, r#"{"error":"invalid token"}"#));
+    // The HTML page asks for Basic credentials.
+    let (status, _, r) = answer(request(Method::Get, "/status.html", &[], None), env(&token)).await;
+    assert_eq!(status, 401);
+    assert!(r.headers().get("www-authenticate").unwrap().is_some_and(|v| v.starts_with("Basic")));
+    // With the token, a body on /sync is refused, and /prune's body is parsed.
+    let auth = [("authorization", "Bearer t0ken")];
+    let (status, body, _) = answer(request(Method::Post, "/sync", &auth, Some("run please")), env(&token)).await;
+    assert_eq!((status, body.as_str()), (400, r#"{"error":"/sync takes no request body (or an empty JSON object)"}"#));
+    let (status, _, _) = answer(request(Method::Post, "/prune", &auth, Some("not json")), env(&token)).await;
+    assert_eq!(status, 400);
+    // Authorized, the dry run reads its settings: no database is a 500 that says what to set.
+    let (status, body, _) = answer(request(Method::Get, "/dry-run", &auth, None), env(&token)).await;
+    assert_eq!(status, 500);
+    assert!(body.contains("DATABASE_URL"), "{body}");
+}
+
+/// An `Env` with a KV binding `SYNC_STATE` over the JS object `store`.
+fn env_with_kv(store: &js_sys::Object) -> Env {
+    let kv = js(
+        "store",
+        "return {
+            get: (k, o) => Promise.resolve(k in store ? store[k] : null),
+            getWithMetadata: (k, o) => Promise.resolve({ value: k in store ? store[k] : null, metadata: null }),
+            put: (k, v, o) => { store[k] = v; return Promise.resolve(); },
+            list: () => Promise.resolve({ keys: [], list_complete: true }),
+            delete: (k) => { delete store[k]; return Promise.resolve(); },
+        };",
+        &[store],
+    );
+    let env = env(&[]);
+    set(&env, "SYNC_STATE", &kv);
+    env
+}
+
+#[wasm_bindgen_test]
+async fn the_kv_cursor_is_read_back_and_a_garbage_one_is_ignored() {
+    let store = js_sys::Object::new();
+    let env = env_with_kv(&store);
+    let kv = env.kv("SYNC_STATE").unwrap();
+    let rt = WorkerRuntime;
+    assert_eq!(read_cursor(Some(&kv), &rt).await, None, "no cursor yet");
+    let cursor =
+        Cursor { run_id: "run-1".into(), source: 2, phase: "embed".into(), after: Some("ab".repeat(32)), totals: Default::default() };
+    crate::kv_put(Some(&kv), CURSOR_KEY, serde_json::to_string(&cursor).unwrap(), &rt).await;
+    let stored = js_sys::Reflect::get(&store, &CURSOR_KEY.into()).unwrap().as_string().unwrap();
+    assert!(stored.contains(r#""runId":"run-1""#), "{stored}");
+    assert_eq!(read_cursor(Some(&kv), &rt).await, Some(cursor));
+    set(&store, CURSOR_KEY, &"{not a cursor".into());
+    assert_eq!(read_cursor(Some(&kv), &rt).await, None, "garbage is no cursor");
+    crate::clear_cursor(Some(&kv), &rt).await;
+    assert!(!js_sys::Reflect::has(&store, &CURSOR_KEY.into()).unwrap(), "cleared");
+    assert_eq!(read_cursor(None, &rt).await, None, "no KV binding, no cursor");
+}
+
+#[wasm_bindgen_test]
+async fn the_provider_request_carries_the_key_model_and_inputs_and_its_answer_is_decoded() {
+    let models = settings::config(&env(&[])).unwrap().models;
+    let endpoint = settings::endpoint(&env(&[("OPENAI_BASE_URL", "https://provider.example/v1")]), &models).unwrap();
+    let provider = OpenAi::new(endpoint, settings::api_key(&env(&[("OPENAI_API_KEY", "sk-test")])).unwrap());
+    let model = &models.small;
+    let dims = model.dimensions() as usize;
+    let second: Vec<f32> = (0..dims).map(|i| -(i as f32) / 4096.0).collect();
+    let vectors = [encode_base64_f32(&vec![0.5; dims]), encode_base64_f32(&second)];
+    let body = format!(
+        r#"{{"object":"list","data":[{{"object":"embedding","index":0,"embedding":"{}"}},{{"object":"embedding","index":1,"embedding":"{}"}}],"model":"m","usage":{{"prompt_tokens":3,"total_tokens":3}}}}"#,
+        vectors[0], vectors[1]
+    );
+    // The global fetch records what it is sent and answers `body`.
+    let seen = js(
+        "body",
+        "const seen = [];
+        globalThis.fetch = async (req) => {
+            seen.push({ url: req.url, method: req.method, auth: req.headers.get('authorization'),
+                        type: req.headers.get('content-type'), body: await req.text() });
+            return new Response(body, { status: 200, headers: { 'content-type': 'application/json' } });
+        };
+        return seen;",
+        &[&JsValue::from_str(&body)],
+    );
+    let embeddings = provider.embed(model, &["hello", "world"]).await.unwrap();
+    let sent: js_sys::Array = seen.unchecked_into();
+    assert_eq!(sent.length(), 1);
+    let req = sent.get(0);
+    let field = |k: &str| js_sys::Reflect::get(&req, &k.into()).unwrap().as_string();
+    assert_eq!(field("url").as_deref(), Some("https://provider.example/v1/embeddings"));
+    assert_eq!(field("method").as_deref(), Some("POST"));
+    assert_eq!(field("auth").as_deref(), Some("Bearer sk-test"));
+    assert_eq!(field("type").as_deref(), Some("application/json"));
+    let sent_body: serde_json::Value = serde_json::from_str(&field("body").unwrap()).unwrap();
+    assert_eq!(sent_body["input"], serde_json::json!(["hello", "world"]));
+    assert_eq!(sent_body["model"], model.name());
+    assert_eq!(sent_body["encoding_format"], "base64");
+    assert_eq!(embeddings.vectors.len(), 2);
+    assert_eq!(embeddings.vectors[1].to_f32(), second);
+}
