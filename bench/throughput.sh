@@ -1,0 +1,347 @@
+#!/usr/bin/env bash
+# Throughput benchmark (issue 10): the initial sync at a real provider's latency and rate limit.
+#
+# Usage:
+#   bench/throughput.sh [N]     N distinct values in the source (default 100000)
+#
+# Set up like bench/sync.sh (a throwaway Postgres 18 + pgvector, the local provider, the prebuilt
+# worker under `wrangler dev` from a copy of build/ and of wrangler.toml without [build], all
+# stopped on exit), then, in one run so that the figures compare as ratios on a shared machine,
+# the initial sync of the same N values in each configuration, each on a fresh database (empty
+# cache) and a fresh `wrangler dev`:
+#   a. one batch at a time: `rate.maxConcurrency` 2 (one batch = one request per model), against
+#      the provider at 300 ms + 1 ms per input in its rate-limit mode (3,000 requests and
+#      1,000,000 tokens per minute per key and model);
+#   b. requests in flight: the default window (`rate` absent), same provider;
+#   z. zero latency and no rate limit (a second provider), the default window: to compare with
+#      bench/sync.sh's figures.
+# Each run is driven by `POST /sync` (which chains invocations while SYNC_CHAIN_SECONDS last),
+# again until embedding_sync_runs has the run finished. Per configuration it prints values/s,
+# and, from the provider's request log (bench/throughput_log.py): the share of the binding rate
+# limit used over the sync's duration, the share of 429s among requests, requests in flight
+# (max / time-weighted mean), and checks each value was sent once per model (answered requests)
+# and the run embedded exactly N values with no errors. workerd's CPU time (utime + stime of the
+# wrangler's workerd processes, /proc/<pid>/stat, before and after) per 1,000 values.
+#
+# Environment:
+#   BENCH_SKIP_BUILD=1     skip setup.sh and both builds (they are already done)
+#   BENCH_DIMS=48,24       request shorter vectors (when generating 3072-d vectors in the local
+#                          provider would be the bottleneck)
+#   BENCH_CONFIGS="a b z"  which configurations to run, in this order
+#   BENCH_KEEP=1           keep the temporary directory (Postgres data and logs) on success
+#   BENCH_RESULTS=FILE     also write the figures as JSON lines to FILE
+set -euo pipefail
+
+# shellcheck source=scripts/env.sh disable=SC1091
+. "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
+# shellcheck source=scripts/lib.sh disable=SC1091
+. "$REPO/scripts/lib.sh"
+cd "$REPO"
+
+N="${1:-100000}"
+case "$N" in
+    '' | *[!0-9]*) echo "usage: bench/throughput.sh [N]   (N: number of distinct values, default 100000)" >&2; exit 2 ;;
+esac
+[ "$N" -ge 1000 ] || { echo "bench/throughput.sh: N must be at least 1000" >&2; exit 2; }
+CONFIGS="${BENCH_CONFIGS:-a b z}"
+BATCH_SIZE=2048
+LATENCY_MS=300
+LATENCY_PER_INPUT_MS=1
+RPM=3000
+TPM=1000000
+TABLE=bench_items
+COLUMN=title
+LARGE=text-embedding-3-large
+SMALL=text-embedding-3-small
+LARGE_JSON="\"$LARGE\""
+SMALL_JSON="\"$SMALL\""
+if [ -n "${BENCH_DIMS:-}" ]; then
+    LARGE_JSON="{\"name\":\"$LARGE\",\"dimensions\":${BENCH_DIMS%,*}}"
+    SMALL_JSON="{\"name\":\"$SMALL\",\"dimensions\":${BENCH_DIMS#*,}}"
+fi
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/embsync-throughput.XXXXXX")"
+chmod 755 "$WORK"
+LOGS="$WORK/logs"
+mkdir -p "$LOGS"
+PG_DIR="$WORK/pg"
+PG_LOG="$PG_DIR/postgres.log"
+
+WRANGLER_PID=""
+PROVIDER_PID=""
+ZERO_PROVIDER_PID=""
+LOAD_PID=""
+PG_STARTED=""
+
+say() {
+    printf '==> [throughput] %s\n' "$*" >&2
+}
+
+die() {
+    printf 'bench/throughput.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+# shellcheck disable=SC2317 # Only called from the EXIT trap.
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    stop_wrangler "$WRANGLER_PID"
+    stop_process "$PROVIDER_PID"
+    stop_process "$ZERO_PROVIDER_PID"
+    stop_process "$LOAD_PID"
+    if [ -n "$PG_STARTED" ]; then
+        "$REPO/scripts/pg.sh" stop "$PG_DIR" >&2 || true
+    fi
+    if [ "$status" -eq 0 ] && [ -z "${BENCH_KEEP:-}" ]; then
+        rm -rf "$WORK"
+    else
+        [ -f "$PG_LOG" ] && cp "$PG_LOG" "$LOGS/postgres.log" 2>/dev/null
+        rm -rf "$PG_DIR"
+        echo "bench/throughput.sh: logs kept in $LOGS" >&2
+        [ "$status" -eq 0 ] || echo "bench/throughput.sh failed (exit status $status)" >&2
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Prefixes each line of stdin with the epoch time it was read at.
+stamp() {
+    python3 -u -c 'import sys, time
+for line in sys.stdin:
+    sys.stdout.write("%.3f %s" % (time.time(), line))
+    sys.stdout.flush()'
+}
+
+# psql on database $1.
+psql_db() {
+    local db="$1"
+    shift
+    "$PG_BIN/psql" "${DATABASE_URL%/*}/$db" -X -q -A -t -v ON_ERROR_STOP=1 "$@"
+}
+
+# Reads a JSON document from stdin and prints the value at a Python expression over `d`.
+json() {
+    python3 -c 'import json, sys
+d = json.load(sys.stdin)
+print(eval(sys.argv[1]))' "$1"
+}
+
+# Starts the local provider with the arguments given; sets STARTED_PID and STARTED_ORIGIN.
+start_provider() {
+    local name="$1"
+    shift
+    "$PROVIDER_BIN" --port 0 "$@" </dev/null >"$LOGS/$name.out" 2> >(stamp >"$LOGS/$name.err") &
+    STARTED_PID=$!
+    STARTED_ORIGIN="$(listening_address "$LOGS/$name.out" "$STARTED_PID")" \
+        || die "the provider did not start ($LOGS/$name.out)"
+}
+
+# Starts `wrangler dev` with the prebuilt worker on port $1, Postgres URL $2, log $3, state
+# directory $4, EMBEDDING_SOURCES $5, provider base URL $6; prints the pid.
+start_wrangler() {
+    local port="$1" url="$2" log="$3" state="$4" sources="$5" base="$6"
+    : >"$WORK/empty.env"
+    SKIP_WORKER_BUILD=1 NO_COLOR=1 "$NODE22" "$WRANGLER_JS" dev \
+        --config "$WORK/wrangler.toml" --env-file "$WORK/empty.env" \
+        --ip 127.0.0.1 --port "$port" --inspector-port "$(free_port)" \
+        --persist-to "$state" \
+        --show-interactive-dev-session=false --log-level log \
+        --var "DATABASE_URL:$url" \
+        --var "OPENAI_API_KEY:local-bench-key" \
+        --var "OPENAI_BASE_URL:$base" \
+        --var "SYNC_API_TOKEN:$TOKEN" \
+        --var "EMBEDDING_SOURCES:$sources" \
+        </dev/null > >(stamp >"$log") 2>&1 &
+    echo $!
+}
+
+# The workerd processes under a wrangler pid (wrangler runs two: its entry worker and ours).
+workerds_of() {
+    local pid="$1" child
+    for child in $(pgrep -P "$pid" || true); do
+        if [ "$(cat "/proc/$child/comm" 2>/dev/null)" = workerd ]; then
+            printf '%s\n' "$child"
+        fi
+        workerds_of "$child"
+    done
+}
+
+# utime + stime of the given processes, in clock ticks.
+cpu_ticks() {
+    local pid total=0 fields
+    for pid in "$@"; do
+        # Fields after the command (which may hold spaces): utime and stime are 14 and 15.
+        fields="$(sed 's/^.*) //' "/proc/$pid/stat")"
+        total=$((total + $(awk '{ print $12 + $13 }' <<<"$fields")))
+    done
+    echo "$total"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Build and start everything.
+
+if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
+    say "setup and builds (log $LOGS/build.log)"
+    {
+        "$REPO/scripts/setup.sh"
+        worker-build --release
+        cargo build -p local-provider
+    } >"$LOGS/build.log" 2>&1 || { tail -n 40 "$LOGS/build.log" >&2; die "setup or build failed"; }
+fi
+[ -f "$REPO/build/worker/shim.mjs" ] || die "no build/worker/shim.mjs: run worker-build --release (or drop BENCH_SKIP_BUILD)"
+PROVIDER_BIN="$(provider_bin)"
+[ -x "$PROVIDER_BIN" ] || die "the provider binary is not at $PROVIDER_BIN"
+
+cp -a "$REPO/build" "$WORK/build"
+python3 - "$REPO/wrangler.toml" "$WORK/wrangler.toml" "$WORK/build/worker/shim.mjs" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+text = re.sub(r"(?ms)^\[build\]\n.*?(?=^\[)", "", text)
+text = re.sub(r'(?m)^main = .*$', 'main = "%s"' % sys.argv[3], text)
+open(sys.argv[2], "w").write("# bench/throughput.sh: wrangler.toml without [build], running a copy of the build.\n" + text)
+PY
+
+say "starting Postgres (data $PG_DIR)"
+PG_PORT="$(free_port)"
+PG_STARTED=1
+"$REPO/scripts/pg.sh" start "$PG_DIR" "$PG_PORT" >&2
+DATABASE_URL="$("$REPO/scripts/pg.sh" url "$PG_PORT")"
+
+say "creating $TABLE with $N distinct values (template database bench_source)"
+"$PG_BIN/psql" "$DATABASE_URL" -X -q -v ON_ERROR_STOP=1 -c "CREATE DATABASE bench_source"
+psql_db bench_source -v n="$N" <<SQL
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE $TABLE (id bigint PRIMARY KEY, $COLUMN text);
+INSERT INTO $TABLE
+SELECT i, format('Product %s %s, %s steel bracket with %s finish and %s mm bolts',
+                 i, upper(substr(md5(i::text), 1, 8)),
+                 (ARRAY['stainless', 'galvanised', 'carbon', 'tool'])[1 + i % 4],
+                 (ARRAY['matte', 'polished', 'powder-coated', 'brushed', 'anodised'])[1 + i % 5],
+                 4 + i % 17)
+FROM generate_series(1, :n) AS i;
+ANALYZE $TABLE;
+SQL
+
+say "starting the providers: $LATENCY_MS ms + $LATENCY_PER_INPUT_MS ms/input, $RPM RPM, $TPM TPM per model; and one at zero latency"
+start_provider provider --latency-ms "$LATENCY_MS" --latency-per-input-ms "$LATENCY_PER_INPUT_MS" \
+    --rpm "$RPM" --tpm "$TPM"
+PROVIDER_PID="$STARTED_PID"
+PROVIDER_ORIGIN="$STARTED_ORIGIN"
+start_provider provider-zero
+ZERO_PROVIDER_PID="$STARTED_PID"
+ZERO_ORIGIN="$STARTED_ORIGIN"
+
+TOKEN="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
+
+# The load average, sampled every 5 s for the whole bench.
+(while :; do printf '%s %s\n' "$(now)" "$(cut -d' ' -f1 /proc/loadavg)"; sleep 5; done) >"$LOGS/load.txt" &
+LOAD_PID=$!
+# The mean and max of the 1-minute load average sampled between epoch times $1 and $2.
+load_between() {
+    awk -v a="$1" -v b="$2" '$1 >= a && $1 <= b { s += $2; n++; if ($2 > m) m = $2 }
+        END { if (n) printf "%.1f / %.1f", s / n, m; else printf "-" }' "$LOGS/load.txt"
+}
+
+TICKS="$(getconf CLK_TCK)"
+RESULTS="$LOGS/results.jsonl"
+: >"$RESULTS"
+
+# Runs configuration $1 (a, b, z): fresh database, fresh wrangler dev, POST /sync until the run
+# is finished; appends its figures to $RESULTS.
+run_config() {
+    local cfg="$1" rate="" origin_provider="$PROVIDER_ORIGIN" limits=("$RPM" "$TPM")
+    case "$cfg" in
+        a) rate=',"rate":{"maxConcurrency":2}' ;;
+        b) ;;
+        z) origin_provider="$ZERO_ORIGIN"; limits=() ;;
+        *) die "unknown configuration $cfg" ;;
+    esac
+    local db="bench_$cfg"
+    "$PG_BIN/psql" "$DATABASE_URL" -X -q -v ON_ERROR_STOP=1 -c "CREATE DATABASE $db TEMPLATE bench_source"
+    local sources="{\"version\":\"1.0\",\"models\":{\"large\":$LARGE_JSON,\"small\":$SMALL_JSON},\"batchSize\":$BATCH_SIZE$rate,\"sources\":[{\"name\":\"bench\",\"table\":\"$TABLE\",\"column\":\"$COLUMN\",\"enabled\":true}]}"
+    local port log
+    port="$(free_port)"
+    log="$LOGS/wrangler-$cfg.log"
+    WRANGLER_PID="$(start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" "$sources" "$origin_provider/v1")"
+    wait_healthy "http://127.0.0.1:$port" "$WRANGLER_PID" "$log" || die "wrangler dev did not answer (log $log)"
+    local workerds
+    mapfile -t workerds < <(workerds_of "$WRANGLER_PID")
+    [ "${#workerds[@]}" -ge 1 ] || die "no workerd process under wrangler $WRANGLER_PID"
+    curl -fsS -m 60 -X DELETE "$origin_provider/_admin/requests" >/dev/null
+    curl -fsS -m 60 -X DELETE "$origin_provider/_admin/ratelimit" >/dev/null || true
+
+    say "config $cfg: initial sync of $N values (rate: ${rate:-default})"
+    local cpu0 cpu1 t_start t_end finished=0 i code
+    cpu0="$(cpu_ticks "${workerds[@]}")"
+    t_start="$(now)"
+    for i in $(seq 1 20); do
+        code="$(curl -sS -m 900 -o "$LOGS/sync-$cfg-$i.json" -w '%{http_code}' \
+            -X POST -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$port/sync")"
+        say "   POST /sync $i: $code after $(elapsed "$t_start") s"
+        finished="$(psql_db "$db" -c "SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NOT NULL" 2>/dev/null || echo 0)"
+        [ "$finished" -ge 1 ] && break
+        [ "$code" = 200 ] || [ "$code" = 409 ] || die "POST /sync answered $code: $(cat "$LOGS/sync-$cfg-$i.json")"
+    done
+    t_end="$(now)"
+    cpu1="$(cpu_ticks "${workerds[@]}")"
+    [ "$finished" -ge 1 ] || die "config $cfg: the run did not finish"
+    local run_status run_invocations run_embedded run_errors complete
+    IFS='|' read -r run_status run_invocations run_embedded run_errors < <(psql_db "$db" -c \
+        "SELECT status, invocations, report->'totals'->>'embedded', report->'totals'->>'errors' FROM embedding_sync_runs WHERE finished_at IS NOT NULL")
+    complete="$(psql_db "$db" -c "SELECT count(*) FROM embedding_cache WHERE embedding_large IS NOT NULL AND embedding_small IS NOT NULL")"
+    if [ "$run_status" != finished ] || [ "$run_embedded" != "$N" ] || [ "$complete" != "$N" ] || [ "$run_errors" != 0 ]; then
+        die "config $cfg: status $run_status, embedded $run_embedded, complete rows $complete, errors $run_errors (expected $N)"
+    fi
+    curl -fsS -m 300 "$origin_provider/_admin/requests" >"$LOGS/requests-$cfg.json"
+    local figures
+    figures="$(python3 "$REPO/bench/throughput_log.py" "$LOGS/requests-$cfg.json" "$t_start" "$t_end" "$N" "${limits[@]}")"
+    [ "$(json 'd["sent_once"]' <<<"$figures")" = True ] || die "config $cfg: a value was not sent exactly once per model: $figures"
+    stop_wrangler "$WRANGLER_PID"
+    WRANGLER_PID=""
+    local cpu_ms
+    cpu_ms="$(awk -v d="$((cpu1 - cpu0))" -v t="$TICKS" -v n="$N" 'BEGIN { printf "%.0f", d * 1000 / t / (n / 1000) }')"
+    python3 -c 'import json, sys
+d = json.loads(sys.argv[1])
+d.update(config=sys.argv[2], invocations=int(sys.argv[3]), workerd_cpu_ms_per_1000=int(sys.argv[4]), load=sys.argv[5], n=int(sys.argv[6]))
+print(json.dumps(d))' "$figures" "$cfg" "$run_invocations" "$cpu_ms" "$(load_between "$t_start" "$t_end")" "$N" >>"$RESULTS"
+    say "   $(tail -n 1 "$RESULTS")"
+}
+
+for cfg in $CONFIGS; do
+    run_config "$cfg"
+done
+[ -z "${BENCH_RESULTS:-}" ] || cp "$RESULTS" "$BENCH_RESULTS"
+
+# ---------------------------------------------------------------------------------------------
+# The table.
+python3 - "$RESULTS" "$N" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+n = int(sys.argv[2])
+names = {"a": "a. one batch at a time (maxConcurrency 2)", "b": "b. requests in flight (default window)",
+         "z": "z. zero latency, no rate limit"}
+print()
+print("Initial sync of %d values (provider: 300 ms + 1 ms/input, 3,000 RPM / 1,000,000 TPM per model, except z)" % n)
+print()
+print("| configuration | wall s | values/s | invocations | requests | 429s (share) | binding limit used: of limit x time / of buckets | in flight max / mean | workerd CPU ms per 1,000 | load avg mean / max |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for r in rows:
+    used = "-"
+    if "share_of_limit" in r:
+        binding = "/".join(sorted({m["binding"] for m in r["models"].values()}))
+        used = "%.0f%% / %.0f%% (%s)" % (100 * r["share_of_limit"], 100 * r["share_of_buckets"], binding)
+    print("| %s | %.1f | %.0f | %d | %d | %d (%.1f%%) | %s | %d / %.2f | %d | %s |" % (
+        names[r["config"]], r["duration_s"], r["values_per_s"], r["invocations"], r["requests"],
+        r["429"], 100 * r["share_429"], used, r["in_flight_max"], r["in_flight_mean"],
+        r["workerd_cpu_ms_per_1000"], r["load"]))
+print("| fan-out over Queues | not built | | | | | | | | |")
+by = {r["config"]: r for r in rows}
+if "a" in by and "b" in by:
+    print()
+    print("b / a: %.2fx values/s" % (by["b"]["values_per_s"] / by["a"]["values_per_s"]))
+for r in rows:
+    print("%s: %s" % (r["config"], json.dumps(r["models"])))
+PY
