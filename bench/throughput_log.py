@@ -17,6 +17,8 @@ Figures:
   limit x (duration + 1 min));
 - requests in flight (both models) over the sync's span, from each request's start and end
   times: max and time-weighted mean;
+- the lowest share of the token bucket left after a request, per model (how close the run came
+  to the limit);
 - each value sent once per model: inputs of answered requests per model, total and distinct.
 """
 import json
@@ -32,8 +34,12 @@ def main():
     minutes = duration / 60.0
     models = {}
     for r in log:
-        m = models.setdefault(r["model"], {"requests": 0, "429": 0, "tokens": 0, "inputs": []})
+        m = models.setdefault(r["model"], {"requests": 0, "429": 0, "tokens": 0, "inputs": [], "low": None})
         m["requests"] += 1
+        snap = r.get("rateLimit")
+        if snap:
+            left = snap["remainingTokens"] / snap["limitTokens"]
+            m["low"] = left if m["low"] is None else min(m["low"], left)
         if r["status"] == 429:
             m["429"] += 1
         elif r["status"] == 200:
@@ -52,6 +58,8 @@ def main():
             "inputs": len(m["inputs"]),
             "distinct_inputs": len(set(m["inputs"])),
         }
+        if m["low"] is not None:
+            fig["lowest_tokens_left"] = round(m["low"], 3)
         if rpm and tpm:
             tok_share = m["tokens"] / (tpm * minutes)
             req_share = m["requests"] / (rpm * minutes)
