@@ -15,6 +15,8 @@
 #    code over TCP, driven by the real sync driver.
 # 6. The end-to-end tests (package embsync-e2e) run against it; they start `wrangler dev` and the
 #    provider themselves, using the variables exported below.
+# 7. Without a filter: a smoke run of bench/throughput.sh (2,000 values, its own Postgres and
+#    wrangler dev; about 30 s) that checks the run's counts, not its speed.
 # Postgres is stopped, and any wrangler, workerd or provider process the tests left behind is
 # killed, on every exit: success, failure or Ctrl-C. The exit status is non-zero when anything
 # failed.
@@ -235,3 +237,10 @@ say "EMBSYNC_CHROMIUM=$EMBSYNC_CHROMIUM"
 say "EMBSYNC_PG_HNSW_BIN=$EMBSYNC_PG_HNSW_BIN"
 say "EMBSYNC_PGBOUNCER=$EMBSYNC_PGBOUNCER"
 step "end-to-end tests (embsync-e2e)" cargo test -p embsync-e2e -- --test-threads=3 "$@"
+# A smoke run of the throughput bench (not its figures): 2,000 values at the provider's latency
+# and rate limit with requests in flight; it fails unless the run finished with exactly 2,000
+# values embedded, no errors, and each value sent once per model. Skipped for a filtered run.
+if [ "$#" -eq 0 ]; then
+    step "throughput bench smoke (bench/throughput.sh 2000, requests in flight)" \
+        env BENCH_SKIP_BUILD=1 BENCH_CONFIGS=b "$REPO/bench/throughput.sh" 2000
+fi
