@@ -1,5 +1,8 @@
 //! Writing one batch: the cache rows, the source's links, and the source's errors.
 
+use super::*;
+use crate::sync::{EmbeddedValue, ValueFailure};
+
 /// Writes one batch: inserts new cache rows (recording them as embsync's own by their `id`, with
 /// the model tags) and, in rows that exist, writes an embedding where the column is NULL or, in
 /// embsync's own rows, was made by another model. Never overwrites a vector in a row it did not
@@ -78,3 +81,79 @@ SET model = EXCLUDED.model,
     attempts = e.attempts + 1,
     last_failed_at = now(),
     next_retry_at = now() + least(interval '5 minutes' * power(4, least(e.attempts, 8)), interval '1 day')";
+
+/// [`UPSERT_BATCH`]: one batch's cache rows.
+#[derive(Debug)]
+pub struct UpsertBatch<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The configured model tags.
+    pub tags: &'a ModelTags,
+    /// The batch.
+    pub batch: &'a [EmbeddedValue],
+}
+
+impl Statement for UpsertBatch<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        UPSERT_BATCH.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let b = self.batch;
+        let mut p = param::source_tags(self.source, self.tags);
+        p.extend([
+            Param::TextArray(b.iter().map(|v| v.hash.as_str()).collect()),
+            Param::TextArray(b.iter().map(|v| v.value.as_str()).collect()),
+            Param::Int4Array(b.iter().map(|v| v.occurrences).collect()),
+            Param::VectorArray(b.iter().map(|v| v.large.as_ref()).collect()),
+            Param::VectorArray(b.iter().map(|v| v.small.as_ref()).collect()),
+        ]);
+        p
+    }
+}
+
+/// [`LINK_VALUES`] (every hash of the batch) or [`CLEAR_ERRORS`] (the hashes now done).
+#[derive(Debug)]
+pub struct SourceHashes<'a> {
+    /// [`LINK_VALUES`] or [`CLEAR_ERRORS`].
+    pub statement: &'static str,
+    /// The source.
+    pub source: &'a Source,
+    /// The hashes.
+    pub hashes: Vec<&'a str>,
+}
+
+impl Statement for SourceHashes<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        self.statement.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let [t, c] = param::keys(self.source);
+        vec![t, c, Param::TextArray(self.hashes.clone())]
+    }
+}
+
+/// [`RECORD_ERRORS`].
+#[derive(Debug)]
+pub struct RecordErrors<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The failures.
+    pub failures: &'a [ValueFailure],
+}
+
+impl Statement for RecordErrors<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        RECORD_ERRORS.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let f = self.failures;
+        let [t, c] = param::keys(self.source);
+        vec![
+            t,
+            c,
+            Param::TextArray(f.iter().map(|f| f.hash.as_str()).collect()),
+            Param::TextArray(f.iter().map(|f| f.model.as_str()).collect()),
+            Param::TextArray(f.iter().map(|f| f.message.as_str()).collect()),
+        ]
+    }
+}

@@ -24,9 +24,14 @@
 use crate::config::{ModelSlot, Models, Source, VectorIndexes};
 use crate::ident::Ident;
 use crate::index::IndexTarget;
+#[allow(unused_imports)] // for the statement modules (`use super::*`)
+use crate::{hash::ValueHash, sync::RunId};
+use param::Param;
+use std::borrow::Cow;
 
 mod batch;
 mod indexes;
+pub mod param;
 mod plan;
 mod prune;
 mod runs;
@@ -36,6 +41,7 @@ mod status;
 
 pub use batch::*;
 pub use indexes::*;
+pub use param::{ModelTags, PgType, Statement};
 pub use plan::*;
 pub use prune::*;
 pub use runs::*;

@@ -161,3 +161,151 @@ pub const DROP_SNAPSHOT: &str = "DELETE FROM embedding_sync_pending WHERE run_id
 /// Drops snapshots of runs that are over (finished, failed or abandoned).
 pub const DROP_OLD_SNAPSHOTS: &str = "\
 DELETE FROM embedding_sync_pending p USING embedding_sync_runs r WHERE r.run_id = p.run_id AND r.finished_at IS NOT NULL";
+
+/// [`plan`]: a source's counts.
+#[derive(Debug)]
+pub struct Plan<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// What exists.
+    pub state: SchemaState,
+    /// The configured model tags.
+    pub tags: &'a ModelTags,
+}
+
+impl Statement for Plan<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        plan(self.source, self.state).into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        param::source_tags(self.source, self.tags)
+    }
+}
+
+/// [`link_reusable`].
+#[derive(Debug)]
+pub struct LinkReusable<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The configured model tags.
+    pub tags: &'a ModelTags,
+}
+
+impl Statement for LinkReusable<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        link_reusable(self.source).into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        param::source_tags(self.source, self.tags)
+    }
+}
+
+/// [`pending_page`]: a page read from the source.
+#[derive(Debug)]
+pub struct PendingPage<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The configured model tags.
+    pub tags: &'a ModelTags,
+    /// The last hash of the previous page (`None` for the first page).
+    pub after: Option<&'a ValueHash>,
+    /// At most this many rows.
+    pub limit: i64,
+}
+
+impl Statement for PendingPage<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        pending_page(self.source).into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let mut p = param::source_tags(self.source, self.tags);
+        p.extend([param::hash(self.after), Param::Int8(self.limit)]);
+        p
+    }
+}
+
+/// [`snapshot_pending`]: the run's snapshot of a source's pending values.
+#[derive(Debug)]
+pub struct SnapshotPending<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The configured model tags.
+    pub tags: &'a ModelTags,
+    /// The run.
+    pub run: &'a RunId,
+}
+
+impl Statement for SnapshotPending<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        snapshot_pending(self.source).into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let mut p = param::source_tags(self.source, self.tags);
+        p.push(param::run(self.run));
+        p
+    }
+}
+
+/// [`pending_snapshot_page`]: a page read from the run's snapshot.
+#[derive(Debug)]
+pub struct PendingSnapshotPage<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The configured model tags.
+    pub tags: &'a ModelTags,
+    /// The run whose snapshot it reads.
+    pub run: &'a RunId,
+    /// The last hash of the previous page (`None` for the first page).
+    pub after: Option<&'a ValueHash>,
+    /// At most this many rows.
+    pub limit: i64,
+}
+
+impl Statement for PendingSnapshotPage<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        pending_snapshot_page().into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let mut p = param::source_tags(self.source, self.tags);
+        p.extend([param::run(self.run), param::hash(self.after), Param::Int8(self.limit)]);
+        p
+    }
+}
+
+/// [`HAS_SNAPSHOT`].
+#[derive(Debug)]
+pub struct HasSnapshot<'a> {
+    /// The run.
+    pub run: &'a RunId,
+    /// The source.
+    pub source: &'a Source,
+}
+
+impl Statement for HasSnapshot<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        HAS_SNAPSHOT.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let [t, c] = param::keys(self.source);
+        vec![param::run(self.run), t, c]
+    }
+}
+
+/// [`DROP_SNAPSHOT`].
+#[derive(Debug)]
+pub struct DropSnapshot<'a> {
+    /// The run.
+    pub run: &'a RunId,
+    /// The source.
+    pub source: &'a Source,
+}
+
+impl Statement for DropSnapshot<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        DROP_SNAPSHOT.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let [t, c] = param::keys(self.source);
+        vec![param::run(self.run), t, c]
+    }
+}

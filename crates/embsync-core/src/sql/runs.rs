@@ -1,5 +1,10 @@
 //! Runs and the lease: the fence of every write, a run's bookkeeping, and its history's retention.
 
+use super::*;
+use crate::report::SourceReport;
+use crate::sync::Progress;
+use param::int8;
+
 /// Takes the sync lease for `$1` (holder) for `$2` (float8 seconds) unless someone else holds
 /// it unexpired. One row when taken: the lease's new `generation` (int8), which with the holder
 /// is this invocation's fencing token ([`FENCE`]); none when not. Every acquisition starts a new
@@ -132,3 +137,81 @@ pending AS (
     DELETE FROM embedding_sync_pending p USING old WHERE p.run_id = old.run_id
 )
 DELETE FROM embedding_sync_runs r USING old WHERE r.run_id = old.run_id";
+
+/// [`SAVE_PLAN`]: a source's plan.
+#[derive(Debug)]
+pub struct SavePlan<'a> {
+    /// The run.
+    pub run: &'a RunId,
+    /// The source.
+    pub source: &'a Source,
+    /// Its plan's counts.
+    pub plan: &'a SourceReport,
+}
+
+impl Statement for SavePlan<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        SAVE_PLAN.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let p = self.plan;
+        let [t, c] = param::keys(self.source);
+        vec![param::run(self.run), t, c, int8(p.total), int8(p.new), int8(p.unchanged), int8(p.reused), int8(p.deferred), int8(p.batches)]
+    }
+}
+
+/// [`ADD_PROGRESS`]: one batch's counters.
+#[derive(Debug)]
+pub struct AddProgress<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The batch's progress (with its run).
+    pub progress: &'a Progress<'a>,
+}
+
+impl Statement for AddProgress<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        ADD_PROGRESS.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let p = self.progress;
+        let (l, s) = &p.usage;
+        let [t, c] = param::keys(self.source);
+        vec![
+            param::run(p.run),
+            t,
+            c,
+            int8(p.embedded),
+            int8(p.reused),
+            int8(p.batches),
+            int8(l.prompt_tokens),
+            int8(l.requests),
+            int8(s.prompt_tokens),
+            int8(s.requests),
+        ]
+    }
+}
+
+/// [`ADD_ERRORS`] (`count` errors) or [`SOURCE_DONE`] (`count` stale values): a count for one
+/// source of a run.
+#[derive(Debug)]
+pub struct SourceCount<'a> {
+    /// [`ADD_ERRORS`] or [`SOURCE_DONE`].
+    pub statement: &'static str,
+    /// The run.
+    pub run: &'a RunId,
+    /// The source.
+    pub source: &'a Source,
+    /// The count.
+    pub count: u64,
+}
+
+impl Statement for SourceCount<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        self.statement.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let [t, c] = param::keys(self.source);
+        vec![param::run(self.run), t, c, int8(self.count)]
+    }
+}

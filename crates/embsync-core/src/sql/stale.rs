@@ -1,6 +1,7 @@
 //! What a source no longer has: stale removal under the mass-delete guard, and the run's orphans.
 
 use super::*;
+use crate::sync::DeleteGuard;
 
 /// Whether the mass-delete guard holds a removal back, as a condition on the counts `c.total`
 /// (values the source has), `c.had` (its links) and `c.stale` (links to values it no longer
@@ -154,3 +155,60 @@ pub const ORPHANS_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM embedding_sync_o
 /// Whether the source (`$1`, `$2`) has any recorded errors (a probe of the errors' key).
 pub const HAS_ERRORS: &str = "\
 SELECT EXISTS (SELECT 1 FROM embedding_sync_errors WHERE source_table = $1 AND source_column = $2)";
+
+/// [`remove_stale`], with the mass-delete guard's parameters.
+#[derive(Debug)]
+pub struct RemoveStale<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The guard (`None`: off).
+    pub guard: Option<DeleteGuard>,
+}
+
+impl Statement for RemoveStale<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        remove_stale(self.source).into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let (on, minimum, share) = match self.guard {
+            Some(g) => (true, g.minimum.min(i64::MAX as u64) as i64, g.max_share),
+            None => (false, 0, 1.0),
+        };
+        let [t, c] = param::keys(self.source);
+        vec![t, c, Param::Bool(on), Param::Int8(minimum), Param::Float8(share)]
+    }
+}
+
+/// [`delete_orphans`] at the end of run `run`, over the run's sources.
+#[derive(Debug)]
+pub struct DeleteOrphans<'a> {
+    /// The run whose sources' counters count the deletions.
+    pub run: &'a RunId,
+    /// The run's sources.
+    pub sources: &'a [&'a Source],
+}
+
+impl Statement for DeleteOrphans<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        delete_orphans(self.sources).into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        vec![param::run(self.run)]
+    }
+}
+
+/// [`HAS_ERRORS`].
+#[derive(Debug)]
+pub struct HasErrors<'a> {
+    /// The source.
+    pub source: &'a Source,
+}
+
+impl Statement for HasErrors<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        HAS_ERRORS.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        param::keys(self.source).into()
+    }
+}

@@ -320,3 +320,61 @@ fn prune_sql() {
     let models = Config::parse(include_str!("../../../../embedding-sources.json")).unwrap().models;
     assert!(migration(&models, false).iter().any(|s| s.sql == RUNS_FINISHED_INDEX), "the runs index is part of the migration");
 }
+
+/// The highest `$n` a statement's text numbers, and whether it uses every one below it.
+fn numbered(text: &str) -> (usize, bool) {
+    let mut seen = std::collections::BTreeSet::new();
+    let b = text.as_bytes();
+    for (i, _) in text.match_indices('$') {
+        let digits: String = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).map(|&c| c as char).collect();
+        if let Ok(n) = digits.parse::<usize>() {
+            seen.insert(n);
+        }
+    }
+    let max = seen.last().copied().unwrap_or(0);
+    (max, seen.len() == max)
+}
+
+#[test]
+fn typed_statements_bind_every_parameter_their_text_numbers() {
+    use crate::sync::{DeleteGuard, EmbeddedValue, Progress, RunId, ValueFailure};
+    let source = source();
+    let tags = ModelTags { large: "l".into(), small: "s".into() };
+    let run = RunId("r".into());
+    let hash = crate::hash::Value::normalize("x").unwrap().hash();
+    let batch = [EmbeddedValue { hash: hash.clone(), value: "x".into(), occurrences: 1, large: None, small: None, complete: false }];
+    let failures = [ValueFailure { hash: hash.clone(), model: "m".into(), message: "e".into() }];
+    let report = crate::report::SourceReport::default();
+    let progress = Progress { run: &run, embedded: 1, reused: 0, batches: 1, usage: Default::default() };
+    let sources = [&source];
+    let statements: Vec<(&str, Box<dyn Statement + '_>)> = vec![
+        ("Plan", Box::new(Plan { source: &source, state: FULL, tags: &tags })),
+        ("LinkReusable", Box::new(LinkReusable { source: &source, tags: &tags })),
+        ("PendingPage", Box::new(PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 })),
+        ("SnapshotPending", Box::new(SnapshotPending { source: &source, tags: &tags, run: &run })),
+        ("PendingSnapshotPage", Box::new(PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: None, limit: 10 })),
+        ("HasSnapshot", Box::new(HasSnapshot { run: &run, source: &source })),
+        ("DropSnapshot", Box::new(DropSnapshot { run: &run, source: &source })),
+        ("UpsertBatch", Box::new(UpsertBatch { source: &source, tags: &tags, batch: &batch })),
+        ("LinkValues", Box::new(SourceHashes { statement: LINK_VALUES, source: &source, hashes: vec![] })),
+        ("ClearErrors", Box::new(SourceHashes { statement: CLEAR_ERRORS, source: &source, hashes: vec![] })),
+        ("RecordErrors", Box::new(RecordErrors { source: &source, failures: &failures })),
+        ("RemoveStale", Box::new(RemoveStale { source: &source, guard: Some(DeleteGuard { minimum: 1, max_share: 0.5 }) })),
+        ("DeleteOrphans", Box::new(DeleteOrphans { run: &run, sources: &sources })),
+        ("HasErrors", Box::new(HasErrors { source: &source })),
+        ("SavePlan", Box::new(SavePlan { run: &run, source: &source, plan: &report })),
+        ("AddProgress", Box::new(AddProgress { source: &source, progress: &progress })),
+        ("AddErrors", Box::new(SourceCount { statement: ADD_ERRORS, run: &run, source: &source, count: 1 })),
+        ("SourceDone", Box::new(SourceCount { statement: SOURCE_DONE, run: &run, source: &source, count: 1 })),
+    ];
+    for (name, s) in &statements {
+        let (max, dense) = numbered(&s.text());
+        assert!(dense, "{name}: its text skips a parameter number");
+        assert_eq!(max, s.params().len(), "{name}: its text numbers {max} parameters");
+    }
+    // The pages put `after` and the limit at different numbers; each binds them where its text reads them.
+    let page = PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 };
+    assert_eq!(page.params()[4], param::Param::Text(hash.as_str().into()));
+    let snap = PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: Some(&hash), limit: 10 };
+    assert_eq!((&snap.params()[4], &snap.params()[5]), (&param::Param::Text("r".into()), &param::Param::Text(hash.as_str().into())));
+}
