@@ -10,7 +10,8 @@ use embsync_core::hash::ValueHash;
 use embsync_core::index::{ExistingIndex, IndexState};
 use embsync_core::prune::{self, LeftSource, PruneOutcome, PruneReport, PruneRequest};
 use embsync_core::report::{iso8601, IndexReport, ModelUsage, RunReport, RunStatus, SourceReport, Trigger};
-use embsync_core::sql::{self, SchemaState};
+use embsync_core::sql::param::Param as SqlParam;
+use embsync_core::sql::{self, ModelTags, PgType, SchemaState, Statement};
 use embsync_core::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource};
 use embsync_core::sync::{
     DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome,
@@ -26,8 +27,8 @@ use tokio_postgres::{Client, Transaction};
 pub struct PgStore {
     client: Client,
     schema: Option<SchemaState>,
-    /// The configured model tags (large, small), bound as `$3` and `$4`.
-    tags: (String, String),
+    /// The configured model tags, bound as `$3` and `$4`.
+    tags: ModelTags,
     /// pgvector's `vector[]` type, looked up once per connection (its OID depends on the
     /// database).
     vector_array: Option<Type>,
@@ -146,7 +147,7 @@ pub fn pg_message(what: &str, e: tokio_postgres::Error) -> String {
 impl PgStore {
     /// The store over `client`, for the models `config` names.
     pub fn new(client: Client, config: &Config) -> PgStore {
-        let tags = (config.models.large.tag(), config.models.small.tag());
+        let tags = ModelTags::of(&config.models);
         let retention_runs = i64::try_from(config.retention_runs).unwrap_or(i64::MAX);
         PgStore { client, schema: None, tags, vector_array: None, retention_runs, cache_created: false, written: 0, lease: None }
     }
@@ -302,6 +303,88 @@ param! {
     Vec<i32> => Type::INT4_ARRAY,
 }
 
+/// A core [`SqlParam`] bound with tokio-postgres.
+#[derive(Debug)]
+struct Bind<'a>(&'a SqlParam<'a>);
+
+impl ToSql for Bind<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.0 {
+            SqlParam::Text(v) => v.as_ref().to_sql(ty, out),
+            SqlParam::Int8(v) => v.to_sql(ty, out),
+            SqlParam::Bool(v) => v.to_sql(ty, out),
+            SqlParam::Float8(v) => v.to_sql(ty, out),
+            SqlParam::TextArray(v) => v.to_sql(ty, out),
+            SqlParam::Int4Array(v) => v.to_sql(ty, out),
+            SqlParam::VectorArray(v) => v.iter().map(|v| v.map(PgVector)).collect::<Vec<_>>().to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        // The type is the one the parameter declares (`bound`).
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// A typed statement's text and its parameters bound with their declared types; `vector_array`
+/// is pgvector's `vector[]` ([`PgStore::vector_array_type`]), needed only by statements that bind
+/// vectors.
+struct Bound<'a> {
+    text: std::borrow::Cow<'static, str>,
+    params: Vec<SqlParam<'a>>,
+    vector_array: Option<Type>,
+}
+
+impl<'a> Bound<'a> {
+    fn new(statement: &'a impl Statement) -> Bound<'a> {
+        Bound { text: statement.text(), params: statement.params(), vector_array: None }
+    }
+
+    fn with_vectors(statement: &'a impl Statement, vector_array: Type) -> Bound<'a> {
+        Bound { vector_array: Some(vector_array), ..Bound::new(statement) }
+    }
+
+    fn binds(&self) -> (Vec<Bind<'_>>, Vec<Type>) {
+        let types = self
+            .params
+            .iter()
+            .map(|p| match p.pg_type() {
+                PgType::Text => Type::TEXT,
+                PgType::Int8 => Type::INT8,
+                PgType::Bool => Type::BOOL,
+                PgType::Float8 => Type::FLOAT8,
+                PgType::TextArray => Type::TEXT_ARRAY,
+                PgType::Int4Array => Type::INT4_ARRAY,
+                PgType::VectorArray => self.vector_array.clone().expect("a statement that binds vectors is bound with_vectors"),
+            })
+            .collect();
+        (self.params.iter().map(Bind).collect(), types)
+    }
+}
+
+/// Runs a typed statement: rows.
+async fn query<'a>(client: &impl tokio_postgres::GenericClient, b: &Bound<'a>) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let (binds, types) = b.binds();
+    let params: Vec<(&(dyn ToSql + Sync), Type)> = binds.iter().zip(types).map(|(b, t)| (b as &(dyn ToSql + Sync), t)).collect();
+    client.query_typed(&b.text, &params).await
+}
+
+/// Runs a typed statement: one row.
+async fn query_one<'a>(client: &impl tokio_postgres::GenericClient, b: &Bound<'a>) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    let (binds, types) = b.binds();
+    let params: Vec<(&(dyn ToSql + Sync), Type)> = binds.iter().zip(types).map(|(b, t)| (b as &(dyn ToSql + Sync), t)).collect();
+    client.query_typed_one(&b.text, &params).await
+}
+
+/// Runs a typed statement: rows affected.
+async fn execute<'a>(client: &impl tokio_postgres::GenericClient, b: &Bound<'a>) -> Result<u64, tokio_postgres::Error> {
+    let (binds, types) = b.binds();
+    let params: Vec<(&(dyn ToSql + Sync), Type)> = binds.iter().zip(types).map(|(b, t)| (b as &(dyn ToSql + Sync), t)).collect();
+    client.execute_typed(&b.text, &params).await
+}
+
 /// The parameters of a statement with their declared types.
 fn typed<'a>(params: &[&'a dyn Param]) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
     params.iter().map(|p| (p.as_sql(), p.pg_type())).collect()
@@ -309,10 +392,6 @@ fn typed<'a>(params: &[&'a dyn Param]) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
 
 fn keys(source: &Source) -> (String, String) {
     (source.table_key(), source.column_key().to_owned())
-}
-
-fn hashes(failures: &[ValueFailure]) -> Vec<&str> {
-    failures.iter().map(|f| f.hash.as_str()).collect()
 }
 
 /// A row of [`sql::RUN_SOURCES`].
@@ -383,21 +462,19 @@ impl Store for PgStore {
 
     async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError> {
         let state = self.schema_state().await?;
-        let (t, c) = keys(source);
-        let (lt, st) = (&self.tags.0, &self.tags.1);
+        let plan = sql::Plan { source, state, tags: &self.tags };
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
         tx.batch_execute(sql::PLAN_WORK_MEM).await.map_err(|e| err("setting work_mem", e))?;
-        let row = tx.query_typed_one(&sql::plan(source, state), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("counting", e))?;
+        let row = query_one(&tx, &Bound::new(&plan)).await.map_err(|e| err("counting", e))?;
         tx.commit().await.map_err(|e| err("committing the count", e))?;
         let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
         Ok(SourceCounts { total: n(0), new: n(1), reusable: n(2), embed_tokens: n(3), stale: n(4), deferred: n(5) })
     }
 
     async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
-        let (t, c) = keys(source);
-        let (lt, st) = (&self.tags.0, &self.tags.1);
+        let link = sql::LinkReusable { source, tags: &self.tags };
         let tx = fenced(&mut self.client, self.lease.as_ref(), "linking reusable values").await?;
-        let row = tx.query_typed_one(&sql::link_reusable(source), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("linking", e))?;
+        let row = query_one(&tx, &Bound::new(&link)).await.map_err(|e| err("linking", e))?;
         tx.commit().await.map_err(|e| err("committing the links", e))?;
         let linked = row.get::<_, i64>(0).max(0) as u64;
         self.written += linked;
@@ -411,26 +488,18 @@ impl Store for PgStore {
         after: Option<&ValueHash>,
         limit: usize,
     ) -> Result<Vec<PendingValue>, StoreError> {
-        let (t, c) = keys(source);
-        let after = after.map_or("", |h| h.as_str()).to_owned();
-        let limit = limit as i64;
-        let snapshot: bool = self
-            .client
-            .query_typed_one(sql::HAS_SNAPSHOT, &typed(&[&run.0, &t, &c]))
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let tags = &self.tags;
+        let snapshot: bool = query_one(&self.client, &Bound::new(&sql::HasSnapshot { run, source }))
             .await
             .map_err(|e| err("looking for the snapshot", e))?
             .get(0);
         let rows = if snapshot {
-            self.client
-                .query_typed(&sql::pending_snapshot_page(), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &run.0, &after, &limit]))
-                .await
-                .map_err(|e| err("listing", e))?
+            query(&self.client, &Bound::new(&sql::PendingSnapshotPage { source, tags, run, after, limit })).await
         } else {
-            self.client
-                .query_typed(&sql::pending_page(source), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &after, &limit]))
-                .await
-                .map_err(|e| err("listing", e))?
-        };
+            query(&self.client, &Bound::new(&sql::PendingPage { source, tags, after, limit })).await
+        }
+        .map_err(|e| err("listing", e))?;
         rows.into_iter()
             .map(|row| {
                 let h: String = row.get(0);
@@ -446,40 +515,17 @@ impl Store for PgStore {
     }
 
     async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
-        let (t, c) = keys(source);
-        let hashes: Vec<&str> = batch.iter().map(|v| v.hash.as_str()).collect();
-        let values: Vec<&str> = batch.iter().map(|v| v.value.as_str()).collect();
-        let counts: Vec<i32> = batch.iter().map(|v| v.occurrences).collect();
-        let large: Vec<Option<PgVector>> = batch.iter().map(|v| v.large.as_ref().map(PgVector)).collect();
-        let small: Vec<Option<PgVector>> = batch.iter().map(|v| v.small.as_ref().map(PgVector)).collect();
         let vector_array = self.vector_array_type().await?;
+        let upsert = sql::UpsertBatch { source, tags: &self.tags, batch };
+        let hashes = batch.iter().map(|v| v.hash.as_str()).collect();
+        let link = sql::SourceHashes { statement: sql::LINK_VALUES, source, hashes };
+        let done = batch.iter().filter(|v| v.complete).map(|v| v.hash.as_str()).collect();
+        let clear = sql::SourceHashes { statement: sql::CLEAR_ERRORS, source, hashes: done };
         let tx = fenced(&mut self.client, self.lease.as_ref(), "writing a batch").await?;
-        let mut params = typed(&[&t, &c, &self.tags.0, &self.tags.1, &hashes, &values, &counts]);
-        params.push((&large, vector_array.clone()));
-        params.push((&small, vector_array));
-        tx.execute_typed(sql::UPSERT_BATCH, &params).await.map_err(|e| err("writing embeddings", e))?;
-        tx.execute_typed(sql::LINK_VALUES, &typed(&[&t, &c, &hashes])).await.map_err(|e| err("linking values", e))?;
-        let done: Vec<&str> = batch.iter().filter(|v| v.complete).map(|v| v.hash.as_str()).collect();
-        tx.execute_typed(sql::CLEAR_ERRORS, &typed(&[&t, &c, &done])).await.map_err(|e| err("clearing errors", e))?;
-        let (l, sm) = &progress.usage;
-        let n = |v: u64| v as i64;
-        tx.execute_typed(
-            sql::ADD_PROGRESS,
-            &typed(&[
-                &progress.run.0,
-                &t,
-                &c,
-                &n(progress.embedded),
-                &n(progress.reused),
-                &n(progress.batches),
-                &n(l.prompt_tokens),
-                &n(l.requests),
-                &n(sm.prompt_tokens),
-                &n(sm.requests),
-            ]),
-        )
-        .await
-        .map_err(|e| err("counting the batch", e))?;
+        execute(&tx, &Bound::with_vectors(&upsert, vector_array)).await.map_err(|e| err("writing embeddings", e))?;
+        execute(&tx, &Bound::new(&link)).await.map_err(|e| err("linking values", e))?;
+        execute(&tx, &Bound::new(&clear)).await.map_err(|e| err("clearing errors", e))?;
+        execute(&tx, &Bound::new(&sql::AddProgress { source, progress })).await.map_err(|e| err("counting the batch", e))?;
         tx.commit().await.map_err(|e| err("committing a batch", e))?;
         self.written += batch.len() as u64;
         Ok(())
@@ -492,7 +538,6 @@ impl Store for PgStore {
         known_clean: bool,
         guard: Option<DeleteGuard>,
     ) -> Result<StaleOutcome, StoreError> {
-        let (t, c) = keys(source);
         if self.written >= ANALYZE_AFTER_ROWS {
             self.analyze(sql::ANALYZE_OWN).await;
             if self.cache_created {
@@ -502,18 +547,12 @@ impl Store for PgStore {
         }
         let tx = fenced(&mut self.client, self.lease.as_ref(), "removing stale values").await?;
         let clean = known_clean
-            && !tx.query_typed_one(sql::HAS_ERRORS, &typed(&[&t, &c])).await.map_err(|e| err("looking for errors", e))?.get::<_, bool>(0);
+            && !query_one(&tx, &Bound::new(&sql::HasErrors { source })).await.map_err(|e| err("looking for errors", e))?.get::<_, bool>(0);
         let mut outcome = StaleOutcome::default();
         if !clean {
             // The guard's counts and the removal are one statement: one snapshot of the source.
-            let (on, minimum, share) = match guard {
-                Some(g) => (true, g.minimum.min(i64::MAX as u64) as i64, g.max_share),
-                None => (false, 0, 1.0),
-            };
-            let row = tx
-                .query_typed_one(&sql::remove_stale(source), &typed(&[&t, &c, &on, &minimum, &share]))
-                .await
-                .map_err(|e| err("removing stale values", e))?;
+            let row =
+                query_one(&tx, &Bound::new(&sql::RemoveStale { source, guard })).await.map_err(|e| err("removing stale values", e))?;
             let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
             let (total, had, stale, held) = (n(0), n(1), n(2), row.get::<_, bool>(3));
             if held {
@@ -526,10 +565,9 @@ impl Store for PgStore {
                 outcome.unlinked = n(4);
             }
         }
-        tx.execute_typed(sql::SOURCE_DONE, &typed(&[&run.0, &t, &c, &(outcome.unlinked as i64)]))
-            .await
-            .map_err(|e| err("marking the source done", e))?;
-        tx.execute_typed(sql::DROP_SNAPSHOT, &typed(&[&run.0, &t, &c])).await.map_err(|e| err("dropping the snapshot", e))?;
+        let done = sql::SourceCount { statement: sql::SOURCE_DONE, run, source, count: outcome.unlinked };
+        execute(&tx, &Bound::new(&done)).await.map_err(|e| err("marking the source done", e))?;
+        execute(&tx, &Bound::new(&sql::DropSnapshot { run, source })).await.map_err(|e| err("dropping the snapshot", e))?;
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
         Ok(outcome)
     }
@@ -543,7 +581,7 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let rows =
-            tx.query_typed(&sql::delete_orphans(sources), &typed(&[&run.0])).await.map_err(|e| err("deleting orphaned cache rows", e))?;
+            query(&tx, &Bound::new(&sql::DeleteOrphans { run, sources })).await.map_err(|e| err("deleting orphaned cache rows", e))?;
         tx.commit().await.map_err(|e| err("committing the orphans' deletion", e))?;
         Ok(rows.iter().map(|r| OrphansDeleted { table: r.get(0), column: r.get(1), rows: r.get::<_, i64>(2).max(0) as u64 }).collect())
     }
@@ -556,16 +594,10 @@ impl Store for PgStore {
     }
 
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
-        let (t, c) = keys(source);
-        let models: Vec<&str> = failures.iter().map(|f| f.model.as_str()).collect();
-        let messages: Vec<&str> = failures.iter().map(|f| f.message.as_str()).collect();
+        let count = sql::SourceCount { statement: sql::ADD_ERRORS, run, source, count: failures.len() as u64 };
         let tx = fenced(&mut self.client, self.lease.as_ref(), "recording errors").await?;
-        tx.execute_typed(sql::RECORD_ERRORS, &typed(&[&t, &c, &hashes(failures), &models, &messages]))
-            .await
-            .map_err(|e| err("recording errors", e))?;
-        tx.execute_typed(sql::ADD_ERRORS, &typed(&[&run.0, &t, &c, &(failures.len() as i64)]))
-            .await
-            .map_err(|e| err("counting errors", e))?;
+        execute(&tx, &Bound::new(&sql::RecordErrors { source, failures })).await.map_err(|e| err("recording errors", e))?;
+        execute(&tx, &Bound::new(&count)).await.map_err(|e| err("counting errors", e))?;
         tx.commit().await.map_err(|e| err("committing errors", e))
     }
 
@@ -603,7 +635,7 @@ impl Store for PgStore {
     }
 
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
-        let models = format!("{}\n{}", self.tags.0, self.tags.1);
+        let models = format!("{}\n{}", self.tags.large, self.tags.small);
         let tx = fenced(&mut self.client, self.lease.as_ref(), "opening the run").await?;
         let mut resumed = tx.query_typed_opt(sql::RESUME_RUN, &[]).await.map_err(|e| err("resuming the run", e))?;
         if let Some(row) = &resumed {
@@ -655,29 +687,11 @@ impl Store for PgStore {
     }
 
     async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {
-        let (t, c) = keys(source);
-        let n = |v: u64| v as i64;
         let tx = fenced(&mut self.client, self.lease.as_ref(), "saving the plan").await?;
-        tx.execute_typed(
-            sql::SAVE_PLAN,
-            &typed(&[
-                &run.0,
-                &t,
-                &c,
-                &n(plan.total),
-                &n(plan.new),
-                &n(plan.unchanged),
-                &n(plan.reused),
-                &n(plan.deferred),
-                &n(plan.batches),
-            ]),
-        )
-        .await
-        .map_err(|e| err("saving the plan", e))?;
+        execute(&tx, &Bound::new(&sql::SavePlan { run, source, plan })).await.map_err(|e| err("saving the plan", e))?;
         let mut snapshotted = 0;
         if snapshot {
-            snapshotted = tx
-                .execute_typed(&sql::snapshot_pending(source), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &run.0]))
+            snapshotted = execute(&tx, &Bound::new(&sql::SnapshotPending { source, tags: &self.tags, run }))
                 .await
                 .map_err(|e| err("snapshotting pending values", e))?;
         }

@@ -7,9 +7,16 @@
 //! A [`Param`] carries its Postgres type ([`Param::pg_type`]) with its value, so the store
 //! declares every parameter's type (unnamed statements, `query_typed`) without a second list.
 //!
+//! ```
+//! use embsync_core::{config::Source, sql::{DropSnapshot, Statement}, sync::RunId};
+//! fn f(source: &Source, run: &RunId) -> usize {
+//!     DropSnapshot { run, source }.params().len()
+//! }
+//! ```
+//!
 //! ```compile_fail
 //! // Fields are named and typed: a hash is not a run id.
-//! use embsync_core::{hash::ValueHash, sql::DropSnapshot, sync::RunId};
+//! use embsync_core::{hash::ValueHash, sql::DropSnapshot};
 //! fn f(source: &embsync_core::config::Source, hash: &ValueHash) {
 //!     let _ = DropSnapshot { run: hash, source };
 //! }
