@@ -10,7 +10,8 @@ use embsync_core::hash::ValueHash;
 use embsync_core::index::{ExistingIndex, IndexState};
 use embsync_core::prune::{self, LeftSource, PruneOutcome, PruneReport, PruneRequest};
 use embsync_core::report::{iso8601, IndexReport, ModelUsage, RunReport, RunStatus, SourceReport, Trigger};
-use embsync_core::sql::{self, SchemaState};
+use embsync_core::sql::param::Param as SqlParam;
+use embsync_core::sql::{self, ModelTags, PgType, SchemaState, Statement};
 use embsync_core::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource};
 use embsync_core::sync::{
     DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome,
@@ -22,12 +23,19 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
+mod bind;
+mod lease;
+mod status;
+
+use bind::*;
+use lease::*;
+
 /// embsync's tables in one Postgres database, over one connection.
 pub struct PgStore {
     client: Client,
     schema: Option<SchemaState>,
-    /// The configured model tags (large, small), bound as `$3` and `$4`.
-    tags: (String, String),
+    /// The configured model tags, bound as `$3` and `$4`.
+    tags: ModelTags,
     /// pgvector's `vector[]` type, looked up once per connection (its OID depends on the
     /// database).
     vector_array: Option<Type>,
@@ -50,67 +58,6 @@ pub const ANALYZE_AFTER_ROWS: u64 = 10_000;
 /// A lock wait that ran out (`lock_timeout`, SQLSTATE 55P03).
 fn lock_timed_out(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-}
-
-/// A lease this store took: who, which generation, for how long. Every write checks that the
-/// lease row still holds exactly this holder and generation, unexpired ([`sql::FENCE`]).
-#[derive(Debug, Clone)]
-struct LeaseToken {
-    holder: String,
-    generation: i64,
-    ttl: Duration,
-}
-
-impl LeaseToken {
-    /// The limits of each fenced transaction, in milliseconds as text (see [`sql::WRITE_LIMITS`]).
-    ///
-    /// - `statement_timeout`, a third of the lease: a statement still running when its
-    ///   invocation was killed holds the lease row (locked by the fence) no longer than that, and
-    ///   one that stalls is cut off long before the lease it renewed expires.
-    /// - `idle_in_transaction_session_timeout`, the same: a client that stalls or dies inside a
-    ///   transaction is disconnected by the server, so the lease row is free again before the
-    ///   lease expires, and a killed invocation blocks the next one no longer than the lease.
-    /// - `lock_timeout`, 5 s (at most half the statement timeout): in steady state embsync waits
-    ///   for no lock (the lease serialises its writers); a wait means another pipeline holds rows of
-    ///   `embedding_cache`, or a DDL statement (queued behind a long reader such as pg_dump)
-    ///   holds a table: the statement fails and the next run retries, rather than queueing
-    ///   behind it and making every later reader queue behind embsync.
-    fn limits(&self) -> (String, String, String) {
-        let statement = (self.ttl / 3).max(Duration::from_millis(1));
-        let lock = (statement / 2).min(Duration::from_secs(5));
-        let ms = |d: Duration| d.as_millis().to_string();
-        (ms(statement), ms(lock), ms(statement))
-    }
-}
-
-/// Begins a transaction with `lease`'s limits ([`LeaseToken::limits`]), `SET LOCAL`.
-async fn limited<'a>(client: &'a mut Client, lease: &LeaseToken) -> Result<Transaction<'a>, StoreError> {
-    let tx = client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-    let (statement, lock, idle) = lease.limits();
-    tx.execute_typed(sql::WRITE_LIMITS, &typed(&[&statement, &lock, &idle])).await.map_err(|e| err("setting the timeouts", e))?;
-    Ok(tx)
-}
-
-/// Begins a transaction that writes for the invocation holding `lease`: its limits, then the
-/// fence. When the lease is not this invocation's any more (taken over, expired or released),
-/// the transaction is rolled back and the error is [`StoreError::lease_lost`]: nothing is written.
-async fn fenced<'a>(client: &'a mut Client, lease: Option<&LeaseToken>, what: &str) -> Result<Transaction<'a>, StoreError> {
-    let Some(lease) = lease else {
-        return Err(StoreError::lease_lost(format!("{what}: this invocation holds no sync lease; nothing was written")));
-    };
-    let tx = limited(client, lease).await?;
-    let ttl = lease.ttl.as_secs_f64();
-    let held = tx
-        .execute_typed(sql::FENCE, &typed(&[&lease.holder.as_str(), &lease.generation, &ttl]))
-        .await
-        .map_err(|e| err("checking the sync lease", e))?;
-    if held == 0 {
-        tx.rollback().await.map_err(|e| err("rolling back", e))?;
-        return Err(StoreError::lease_lost(format!(
-            "{what}: the sync lease expired or was taken over by another invocation; nothing was written"
-        )));
-    }
-    Ok(tx)
 }
 
 /// See [`PgStore::schema_version`]; also read inside the migration's transaction.
@@ -146,7 +93,7 @@ pub fn pg_message(what: &str, e: tokio_postgres::Error) -> String {
 impl PgStore {
     /// The store over `client`, for the models `config` names.
     pub fn new(client: Client, config: &Config) -> PgStore {
-        let tags = (config.models.large.tag(), config.models.small.tag());
+        let tags = ModelTags::of(&config.models);
         let retention_runs = i64::try_from(config.retention_runs).unwrap_or(i64::MAX);
         PgStore { client, schema: None, tags, vector_array: None, retention_runs, cache_created: false, written: 0, lease: None }
     }
@@ -245,74 +192,8 @@ impl PgStore {
     }
 }
 
-/// A vector bound as pgvector's binary format.
-#[derive(Debug)]
-struct PgVector<'a>(&'a Vector);
-
-impl ToSql for PgVector<'_> {
-    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        out.extend_from_slice(self.0.as_pgvector_binary());
-        Ok(IsNull::No)
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        ty.name() == "vector"
-    }
-
-    to_sql_checked!();
-}
-
-/// A value bound as a parameter, with the Postgres type it is declared as.
-///
-/// Every statement goes out unnamed with its parameter types declared (tokio-postgres's
-/// `query_typed`/`execute_typed`: Parse, Bind, Describe, Execute and Sync in one message, one
-/// round trip). A named prepared statement (what `query(&str)` does: `s0`, `s1`, ... prepared in
-/// one round trip and executed in the next) would tie two messages to one server connection,
-/// which a transaction-mode pooler (Hyperdrive, PgBouncer) does not promise outside a
-/// transaction; the unnamed statement lives and dies within one Sync, so it works through any
-/// pooler, and it saves a round trip per statement everywhere.
-trait Param: ToSql + Sync {
-    /// The declared type: the one Postgres would infer, which the Rust type must match anyway.
-    fn pg_type(&self) -> Type;
-    /// Itself as a bindable value.
-    fn as_sql(&self) -> &(dyn ToSql + Sync);
-}
-
-macro_rules! param {
-    ($($rust:ty => $pg:expr),* $(,)?) => {$(
-        impl Param for $rust {
-            fn pg_type(&self) -> Type {
-                $pg
-            }
-            fn as_sql(&self) -> &(dyn ToSql + Sync) {
-                self
-            }
-        }
-    )*};
-}
-
-param! {
-    String => Type::TEXT,
-    &str => Type::TEXT,
-    i64 => Type::INT8,
-    bool => Type::BOOL,
-    f64 => Type::FLOAT8,
-    Vec<String> => Type::TEXT_ARRAY,
-    Vec<&str> => Type::TEXT_ARRAY,
-    Vec<i32> => Type::INT4_ARRAY,
-}
-
-/// The parameters of a statement with their declared types.
-fn typed<'a>(params: &[&'a dyn Param]) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
-    params.iter().map(|p| (p.as_sql(), p.pg_type())).collect()
-}
-
 fn keys(source: &Source) -> (String, String) {
     (source.table_key(), source.column_key().to_owned())
-}
-
-fn hashes(failures: &[ValueFailure]) -> Vec<&str> {
-    failures.iter().map(|f| f.hash.as_str()).collect()
 }
 
 /// A row of [`sql::RUN_SOURCES`].
@@ -383,21 +264,19 @@ impl Store for PgStore {
 
     async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError> {
         let state = self.schema_state().await?;
-        let (t, c) = keys(source);
-        let (lt, st) = (&self.tags.0, &self.tags.1);
+        let plan = sql::Plan { source, state, tags: &self.tags };
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
         tx.batch_execute(sql::PLAN_WORK_MEM).await.map_err(|e| err("setting work_mem", e))?;
-        let row = tx.query_typed_one(&sql::plan(source, state), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("counting", e))?;
+        let row = query_one(&tx, &Bound::new(&plan)).await.map_err(|e| err("counting", e))?;
         tx.commit().await.map_err(|e| err("committing the count", e))?;
         let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
         Ok(SourceCounts { total: n(0), new: n(1), reusable: n(2), embed_tokens: n(3), stale: n(4), deferred: n(5) })
     }
 
     async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
-        let (t, c) = keys(source);
-        let (lt, st) = (&self.tags.0, &self.tags.1);
+        let link = sql::LinkReusable { source, tags: &self.tags };
         let tx = fenced(&mut self.client, self.lease.as_ref(), "linking reusable values").await?;
-        let row = tx.query_typed_one(&sql::link_reusable(source), &typed(&[&t, &c, lt, st])).await.map_err(|e| err("linking", e))?;
+        let row = query_one(&tx, &Bound::new(&link)).await.map_err(|e| err("linking", e))?;
         tx.commit().await.map_err(|e| err("committing the links", e))?;
         let linked = row.get::<_, i64>(0).max(0) as u64;
         self.written += linked;
@@ -411,26 +290,18 @@ impl Store for PgStore {
         after: Option<&ValueHash>,
         limit: usize,
     ) -> Result<Vec<PendingValue>, StoreError> {
-        let (t, c) = keys(source);
-        let after = after.map_or("", |h| h.as_str()).to_owned();
-        let limit = limit as i64;
-        let snapshot: bool = self
-            .client
-            .query_typed_one(sql::HAS_SNAPSHOT, &typed(&[&run.0, &t, &c]))
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let tags = &self.tags;
+        let snapshot: bool = query_one(&self.client, &Bound::new(&sql::HasSnapshot { run, source }))
             .await
             .map_err(|e| err("looking for the snapshot", e))?
             .get(0);
         let rows = if snapshot {
-            self.client
-                .query_typed(&sql::pending_snapshot_page(), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &run.0, &after, &limit]))
-                .await
-                .map_err(|e| err("listing", e))?
+            query(&self.client, &Bound::new(&sql::PendingSnapshotPage { source, tags, run, after, limit })).await
         } else {
-            self.client
-                .query_typed(&sql::pending_page(source), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &after, &limit]))
-                .await
-                .map_err(|e| err("listing", e))?
-        };
+            query(&self.client, &Bound::new(&sql::PendingPage { source, tags, after, limit })).await
+        }
+        .map_err(|e| err("listing", e))?;
         rows.into_iter()
             .map(|row| {
                 let h: String = row.get(0);
@@ -446,40 +317,17 @@ impl Store for PgStore {
     }
 
     async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
-        let (t, c) = keys(source);
-        let hashes: Vec<&str> = batch.iter().map(|v| v.hash.as_str()).collect();
-        let values: Vec<&str> = batch.iter().map(|v| v.value.as_str()).collect();
-        let counts: Vec<i32> = batch.iter().map(|v| v.occurrences).collect();
-        let large: Vec<Option<PgVector>> = batch.iter().map(|v| v.large.as_ref().map(PgVector)).collect();
-        let small: Vec<Option<PgVector>> = batch.iter().map(|v| v.small.as_ref().map(PgVector)).collect();
         let vector_array = self.vector_array_type().await?;
+        let upsert = sql::UpsertBatch { source, tags: &self.tags, batch };
+        let hashes = batch.iter().map(|v| v.hash.as_str()).collect();
+        let link = sql::SourceHashes { statement: sql::LINK_VALUES, source, hashes };
+        let done = batch.iter().filter(|v| v.complete).map(|v| v.hash.as_str()).collect();
+        let clear = sql::SourceHashes { statement: sql::CLEAR_ERRORS, source, hashes: done };
         let tx = fenced(&mut self.client, self.lease.as_ref(), "writing a batch").await?;
-        let mut params = typed(&[&t, &c, &self.tags.0, &self.tags.1, &hashes, &values, &counts]);
-        params.push((&large, vector_array.clone()));
-        params.push((&small, vector_array));
-        tx.execute_typed(sql::UPSERT_BATCH, &params).await.map_err(|e| err("writing embeddings", e))?;
-        tx.execute_typed(sql::LINK_VALUES, &typed(&[&t, &c, &hashes])).await.map_err(|e| err("linking values", e))?;
-        let done: Vec<&str> = batch.iter().filter(|v| v.complete).map(|v| v.hash.as_str()).collect();
-        tx.execute_typed(sql::CLEAR_ERRORS, &typed(&[&t, &c, &done])).await.map_err(|e| err("clearing errors", e))?;
-        let (l, sm) = &progress.usage;
-        let n = |v: u64| v as i64;
-        tx.execute_typed(
-            sql::ADD_PROGRESS,
-            &typed(&[
-                &progress.run.0,
-                &t,
-                &c,
-                &n(progress.embedded),
-                &n(progress.reused),
-                &n(progress.batches),
-                &n(l.prompt_tokens),
-                &n(l.requests),
-                &n(sm.prompt_tokens),
-                &n(sm.requests),
-            ]),
-        )
-        .await
-        .map_err(|e| err("counting the batch", e))?;
+        execute(&tx, &Bound::with_vectors(&upsert, vector_array)).await.map_err(|e| err("writing embeddings", e))?;
+        execute(&tx, &Bound::new(&link)).await.map_err(|e| err("linking values", e))?;
+        execute(&tx, &Bound::new(&clear)).await.map_err(|e| err("clearing errors", e))?;
+        execute(&tx, &Bound::new(&sql::AddProgress { source, progress })).await.map_err(|e| err("counting the batch", e))?;
         tx.commit().await.map_err(|e| err("committing a batch", e))?;
         self.written += batch.len() as u64;
         Ok(())
@@ -492,7 +340,6 @@ impl Store for PgStore {
         known_clean: bool,
         guard: Option<DeleteGuard>,
     ) -> Result<StaleOutcome, StoreError> {
-        let (t, c) = keys(source);
         if self.written >= ANALYZE_AFTER_ROWS {
             self.analyze(sql::ANALYZE_OWN).await;
             if self.cache_created {
@@ -502,18 +349,12 @@ impl Store for PgStore {
         }
         let tx = fenced(&mut self.client, self.lease.as_ref(), "removing stale values").await?;
         let clean = known_clean
-            && !tx.query_typed_one(sql::HAS_ERRORS, &typed(&[&t, &c])).await.map_err(|e| err("looking for errors", e))?.get::<_, bool>(0);
+            && !query_one(&tx, &Bound::new(&sql::HasErrors { source })).await.map_err(|e| err("looking for errors", e))?.get::<_, bool>(0);
         let mut outcome = StaleOutcome::default();
         if !clean {
             // The guard's counts and the removal are one statement: one snapshot of the source.
-            let (on, minimum, share) = match guard {
-                Some(g) => (true, g.minimum.min(i64::MAX as u64) as i64, g.max_share),
-                None => (false, 0, 1.0),
-            };
-            let row = tx
-                .query_typed_one(&sql::remove_stale(source), &typed(&[&t, &c, &on, &minimum, &share]))
-                .await
-                .map_err(|e| err("removing stale values", e))?;
+            let row =
+                query_one(&tx, &Bound::new(&sql::RemoveStale { source, guard })).await.map_err(|e| err("removing stale values", e))?;
             let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
             let (total, had, stale, held) = (n(0), n(1), n(2), row.get::<_, bool>(3));
             if held {
@@ -526,10 +367,9 @@ impl Store for PgStore {
                 outcome.unlinked = n(4);
             }
         }
-        tx.execute_typed(sql::SOURCE_DONE, &typed(&[&run.0, &t, &c, &(outcome.unlinked as i64)]))
-            .await
-            .map_err(|e| err("marking the source done", e))?;
-        tx.execute_typed(sql::DROP_SNAPSHOT, &typed(&[&run.0, &t, &c])).await.map_err(|e| err("dropping the snapshot", e))?;
+        let done = sql::SourceCount { statement: sql::SOURCE_DONE, run, source, count: outcome.unlinked };
+        execute(&tx, &Bound::new(&done)).await.map_err(|e| err("marking the source done", e))?;
+        execute(&tx, &Bound::new(&sql::DropSnapshot { run, source })).await.map_err(|e| err("dropping the snapshot", e))?;
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
         Ok(outcome)
     }
@@ -543,7 +383,7 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let rows =
-            tx.query_typed(&sql::delete_orphans(sources), &typed(&[&run.0])).await.map_err(|e| err("deleting orphaned cache rows", e))?;
+            query(&tx, &Bound::new(&sql::DeleteOrphans { run, sources })).await.map_err(|e| err("deleting orphaned cache rows", e))?;
         tx.commit().await.map_err(|e| err("committing the orphans' deletion", e))?;
         Ok(rows.iter().map(|r| OrphansDeleted { table: r.get(0), column: r.get(1), rows: r.get::<_, i64>(2).max(0) as u64 }).collect())
     }
@@ -556,16 +396,10 @@ impl Store for PgStore {
     }
 
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
-        let (t, c) = keys(source);
-        let models: Vec<&str> = failures.iter().map(|f| f.model.as_str()).collect();
-        let messages: Vec<&str> = failures.iter().map(|f| f.message.as_str()).collect();
+        let count = sql::SourceCount { statement: sql::ADD_ERRORS, run, source, count: failures.len() as u64 };
         let tx = fenced(&mut self.client, self.lease.as_ref(), "recording errors").await?;
-        tx.execute_typed(sql::RECORD_ERRORS, &typed(&[&t, &c, &hashes(failures), &models, &messages]))
-            .await
-            .map_err(|e| err("recording errors", e))?;
-        tx.execute_typed(sql::ADD_ERRORS, &typed(&[&run.0, &t, &c, &(failures.len() as i64)]))
-            .await
-            .map_err(|e| err("counting errors", e))?;
+        execute(&tx, &Bound::new(&sql::RecordErrors { source, failures })).await.map_err(|e| err("recording errors", e))?;
+        execute(&tx, &Bound::new(&count)).await.map_err(|e| err("counting errors", e))?;
         tx.commit().await.map_err(|e| err("committing errors", e))
     }
 
@@ -603,7 +437,7 @@ impl Store for PgStore {
     }
 
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
-        let models = format!("{}\n{}", self.tags.0, self.tags.1);
+        let models = format!("{}\n{}", self.tags.large, self.tags.small);
         let tx = fenced(&mut self.client, self.lease.as_ref(), "opening the run").await?;
         let mut resumed = tx.query_typed_opt(sql::RESUME_RUN, &[]).await.map_err(|e| err("resuming the run", e))?;
         if let Some(row) = &resumed {
@@ -655,29 +489,11 @@ impl Store for PgStore {
     }
 
     async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {
-        let (t, c) = keys(source);
-        let n = |v: u64| v as i64;
         let tx = fenced(&mut self.client, self.lease.as_ref(), "saving the plan").await?;
-        tx.execute_typed(
-            sql::SAVE_PLAN,
-            &typed(&[
-                &run.0,
-                &t,
-                &c,
-                &n(plan.total),
-                &n(plan.new),
-                &n(plan.unchanged),
-                &n(plan.reused),
-                &n(plan.deferred),
-                &n(plan.batches),
-            ]),
-        )
-        .await
-        .map_err(|e| err("saving the plan", e))?;
+        execute(&tx, &Bound::new(&sql::SavePlan { run, source, plan })).await.map_err(|e| err("saving the plan", e))?;
         let mut snapshotted = 0;
         if snapshot {
-            snapshotted = tx
-                .execute_typed(&sql::snapshot_pending(source), &typed(&[&t, &c, &self.tags.0, &self.tags.1, &run.0]))
+            snapshotted = execute(&tx, &Bound::new(&sql::SnapshotPending { source, tags: &self.tags, run }))
                 .await
                 .map_err(|e| err("snapshotting pending values", e))?;
         }
@@ -732,219 +548,4 @@ impl Store for PgStore {
             .map_err(|e| err("deleting runs beyond the retention", e))?;
         tx.commit().await.map_err(|e| err("committing the finished run", e))
     }
-}
-
-impl PgStore {
-    /// Coverage of one source (read-only).
-    pub async fn coverage(&mut self, source: &Source) -> Coverage {
-        let mut out = Coverage {
-            name: source.name.clone(),
-            table: source.table_key(),
-            column: source.column_key().to_owned(),
-            distinct_values: 0,
-            embedded_large: 0,
-            embedded_small: 0,
-            pending: 0,
-            errors: 0,
-            error: None,
-        };
-        let (t, c) = keys(source);
-        match self.client.query_typed_one(&sql::coverage(source), &typed(&[&t, &c])).await {
-            Ok(row) => {
-                let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
-                (out.distinct_values, out.embedded_large, out.embedded_small, out.errors) = (n(0), n(1), n(2), n(3));
-            }
-            Err(e) => out.error = Some(pg_message("reading coverage", e)),
-        }
-        match self.counts(source).await {
-            Ok(counts) => out.pending = counts.new,
-            Err(e) => out.error = out.error.or(Some(e.to_string())),
-        }
-        out
-    }
-
-    /// The last `n` finished runs, newest first, with their stored reports.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the runs table cannot be read.
-    pub async fn last_runs(&mut self, n: i64) -> Result<Vec<FinishedRun>, StoreError> {
-        let rows = self.client.query_typed(sql::LAST_RUNS, &typed(&[&n])).await.map_err(|e| err("reading the runs", e))?;
-        rows.iter()
-            .map(|r| {
-                Ok(FinishedRun {
-                    run_id: r.get(0),
-                    status: run_status(r.get(1))?,
-                    report: serde_json::from_str(r.get::<_, &str>(2)).unwrap_or(serde_json::Value::Null),
-                    finished_at: iso8601(r.get(3)),
-                })
-            })
-            .collect()
-    }
-
-    /// The unfinished run with its per-source counters so far, if there is one.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the runs tables cannot be read.
-    pub async fn current_run(&mut self) -> Result<Option<CurrentRun>, StoreError> {
-        let Some(r) = self.client.query_typed_opt(sql::CURRENT_RUN, &[]).await.map_err(|e| err("reading the current run", e))? else {
-            return Ok(None);
-        };
-        let run_id: String = r.get(0);
-        let sources = self.client.query_typed(sql::RUN_SOURCES, &typed(&[&run_id])).await.map_err(|e| err("reading the current run", e))?;
-        let lease = self.client.query_typed_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
-        let lease_held = lease.is_some_and(|l| l.get::<_, f64>(1) > 0.0);
-        Ok(Some(CurrentRun {
-            status: CurrentRun::status_now(run_status(r.get(1))?, lease_held),
-            trigger: trigger_of(r.get(2)),
-            invocations: r.get::<_, i32>(3).max(0) as u64,
-            started_at: iso8601(r.get(4)),
-            sources: sources
-                .iter()
-                .map(|row| {
-                    let state = source_state(row);
-                    OpenRunSource { report: state.report, planned: state.planned, done: state.done }
-                })
-                .collect(),
-            run_id,
-        }))
-    }
-
-    /// Whether embsync's tables exist (so `/status` can say "never run" instead of failing).
-    ///
-    /// # Errors
-    /// [`StoreError`] when the catalog cannot be read.
-    pub async fn has_run_tables(&mut self) -> Result<bool, StoreError> {
-        Ok(self.schema_state().await?.links)
-    }
-
-    /// The sources recorded in embsync's tables that no enabled source of `config` has, with
-    /// what they still hold (read-only; none before the first run).
-    ///
-    /// # Errors
-    /// [`StoreError`] when the tables cannot be read.
-    pub async fn left_sources(&mut self, config: &Config) -> Result<Vec<LeftSource>, StoreError> {
-        let state = self.schema_state().await?;
-        if !state.links {
-            return Ok(Vec::new());
-        }
-        read_left_sources(&self.client, config, state).await
-    }
-
-    /// Prunes the sources that left the config that `request` names: deletes the cache rows
-    /// embsync wrote that only they link, gives rows that other sources still link another
-    /// source, removes their links and their errors, in one transaction that holds the sync
-    /// lease (taken for `holder` for `ttl`, renewed in the transaction, released at the end),
-    /// so it never runs alongside a sync. The counts it is confirmed against are read in that
-    /// transaction. A dry run only counts, without the lease.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the database fails (nothing is deleted then) or the lease was lost.
-    pub async fn prune(
-        &mut self,
-        config: &Config,
-        request: &PruneRequest,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<PruneOutcome, StoreError> {
-        let state = self.schema_state().await?;
-        if state.links && !state.owned_by_row {
-            return Err(StoreError::new(
-                "embsync's tables are from an earlier version: run a sync first (POST /sync or the cron trigger), which migrates them, then prune",
-            ));
-        }
-        if !state.links {
-            // Never synced: nothing is recorded.
-            return Ok(match request.targets(config, &[]) {
-                Ok(_) => PruneOutcome::Done(PruneReport::planned(request.dry_run, Vec::new(), 0)),
-                Err(refusal) => PruneOutcome::Refused(refusal),
-            });
-        }
-        if !request.dry_run {
-            match self.acquire_lease(holder, ttl).await? {
-                Lease::Acquired => {}
-                Lease::Held { holder, expires_in_secs } => return Ok(PruneOutcome::Busy { holder, expires_in_secs }),
-            }
-        }
-        let lease = if request.dry_run { None } else { self.lease.clone() };
-        let result = prune_leased(&mut self.client, config, request, lease.as_ref()).await;
-        if !request.dry_run {
-            // A failed release leaves the lease to expire by itself.
-            let _ = self.release_lease().await;
-        }
-        result
-    }
-}
-
-async fn read_left_sources(
-    client: &impl tokio_postgres::GenericClient,
-    config: &Config,
-    state: SchemaState,
-) -> Result<Vec<LeftSource>, StoreError> {
-    let (tables, columns) = prune::enabled_keys(config);
-    let rows = client
-        .query_typed(&sql::left_sources(state), &typed(&[&tables, &columns]))
-        .await
-        .map_err(|e| err("reading the sources that left the config", e))?;
-    let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i64>(i).max(0) as u64;
-    let mut left: Vec<LeftSource> = rows.iter().map(|r| LeftSource::new(config, r.get(0), r.get(1), n(r, 2), n(r, 3), n(r, 4))).collect();
-    // A rename: the same table, spelled another way, with the same column, is enabled.
-    let named: Vec<(usize, String)> = left.iter().enumerate().filter_map(|(i, l)| l.quoted_table().map(|q| (i, q))).collect();
-    let enabled: Vec<_> = config.enabled_sources().collect();
-    if named.is_empty() || enabled.is_empty() {
-        return Ok(left);
-    }
-    let quoted: Vec<String> = named.iter().map(|(_, q)| q.clone()).collect();
-    let enabled_quoted: Vec<String> = enabled.iter().map(|s| s.table.quoted()).collect();
-    let same = client.query_typed(sql::SAME_TABLES, &typed(&[&quoted, &enabled_quoted])).await.map_err(|e| err("comparing tables", e))?;
-    for row in same {
-        let (i, j): (i64, Option<i64>) = (row.get(0), row.get(1));
-        let Some(&(at, _)) = named.get((i - 1) as usize) else { continue };
-        let source = j.and_then(|j| enabled.get((j - 1) as usize)).filter(|s| s.column_key() == left[at].column);
-        left[at].same_as = source.map(|s| s.name.clone());
-    }
-    Ok(left)
-}
-
-/// The transaction of [`PgStore::prune`]: fenced by `lease` (a dry run has none and writes
-/// nothing).
-async fn prune_leased(
-    client: &mut Client,
-    config: &Config,
-    request: &PruneRequest,
-    lease: Option<&LeaseToken>,
-) -> Result<PruneOutcome, StoreError> {
-    let tx = match lease {
-        Some(_) => fenced(client, lease, "pruning").await?,
-        None => client.transaction().await.map_err(|e| err("starting a transaction", e))?,
-    };
-    let left = read_left_sources(&tx, config, SchemaState { cache: true, links: true, owned_by_row: true }).await?;
-    let targets = match request.targets(config, &left) {
-        Ok(targets) => targets,
-        Err(refusal) => return Ok(PruneOutcome::Refused(refusal)),
-    };
-    let tables: Vec<String> = targets.iter().map(|t| t.table.clone()).collect();
-    let columns: Vec<String> = targets.iter().map(|t| t.column.clone()).collect();
-    let keys = typed(&[&tables, &columns]);
-    let rows: i64 = tx.query_typed_one(&sql::prune_rows(), &keys).await.map_err(|e| err("counting what the prune deletes", e))?.get(0);
-    let mut report = PruneReport::planned(request.dry_run, targets, rows.max(0) as u64);
-    if request.dry_run {
-        return Ok(PruneOutcome::Done(report));
-    }
-    if let Err(refusal) = request.check_confirmed(&report) {
-        return Ok(PruneOutcome::Refused(refusal));
-    }
-    let deleted: i64 = tx.query_typed_one(&sql::prune_delete_rows(), &keys).await.map_err(|e| err("deleting cache rows", e))?.get(0);
-    if deleted != rows {
-        // Nothing else deletes embsync's rows while it holds the lease; if something did, the
-        // confirmed count no longer holds and the transaction is rolled back.
-        return Err(StoreError::new(format!(
-            "the prune would have deleted {deleted} cache rows, not the {rows} it counted; nothing was deleted: try again"
-        )));
-    }
-    tx.execute_typed(sql::PRUNE_REASSIGN, &keys).await.map_err(|e| err("reassigning cache rows", e))?;
-    report.links = tx.execute_typed(sql::PRUNE_UNLINK, &keys).await.map_err(|e| err("unlinking", e))?;
-    report.errors = tx.execute_typed(sql::PRUNE_ERRORS, &keys).await.map_err(|e| err("removing errors", e))?;
-    tx.commit().await.map_err(|e| err("committing the prune", e))?;
-    report.pruned = true;
-    Ok(PruneOutcome::Done(report))
 }

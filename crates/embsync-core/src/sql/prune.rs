@@ -1,0 +1,121 @@
+//! Sources that left the config: what `/status` lists of them and what `POST /prune` removes.
+
+use super::*;
+
+/// The recorded sources (in `embedding_cache_sources` or `embedding_sync_errors`) that are not
+/// among the enabled ones (`$1` tables, `$2` columns, text[]), with `links`, `errors` and `rows`
+/// (cache rows embsync wrote that no other source links), in name order. The recorded keys are
+/// found by a loose index scan of each primary key (one probe per source, not a scan of the
+/// links); the counts cost what the left sources hold.
+pub fn left_sources(state: SchemaState) -> String {
+    // Before the schema is migrated (a `/status` read after an upgrade), ownership is by hash.
+    let owned_row = if state.owned_by_row { " AND o.cache_id = c.id" } else { "" };
+    format!(
+        "\
+WITH RECURSIVE linked AS (
+    (SELECT source_table, source_column FROM embedding_cache_sources ORDER BY source_table, source_column LIMIT 1)
+    UNION ALL
+    SELECT n.source_table, n.source_column FROM linked k,
+        LATERAL (SELECT l.source_table, l.source_column FROM embedding_cache_sources l
+                 WHERE (l.source_table, l.source_column) > (k.source_table, k.source_column)
+                 ORDER BY l.source_table, l.source_column LIMIT 1) n
+),
+failed AS (
+    (SELECT source_table, source_column FROM embedding_sync_errors ORDER BY source_table, source_column LIMIT 1)
+    UNION ALL
+    SELECT n.source_table, n.source_column FROM failed k,
+        LATERAL (SELECT e.source_table, e.source_column FROM embedding_sync_errors e
+                 WHERE (e.source_table, e.source_column) > (k.source_table, k.source_column)
+                 ORDER BY e.source_table, e.source_column LIMIT 1) n
+),
+gone AS (
+    SELECT source_table, source_column FROM linked UNION SELECT source_table, source_column FROM failed
+    EXCEPT SELECT t, c FROM unnest($1::text[], $2::text[]) AS enabled(t, c)
+)
+SELECT g.source_table, g.source_column,
+       (SELECT count(*) FROM embedding_cache_sources l
+        WHERE l.source_table = g.source_table AND l.source_column = g.source_column) AS links,
+       (SELECT count(*) FROM embedding_sync_errors e
+        WHERE e.source_table = g.source_table AND e.source_column = g.source_column) AS errors,
+       (SELECT count(*) FROM embedding_cache_sources l
+        JOIN embedding_cache c ON c.value_hash = l.value_hash
+        JOIN embedding_cache_owned o ON o.value_hash = l.value_hash{owned_row}
+        WHERE l.source_table = g.source_table AND l.source_column = g.source_column
+          AND NOT EXISTS (SELECT 1 FROM embedding_cache_sources x WHERE x.value_hash = l.value_hash
+                            AND (x.source_table <> g.source_table OR x.source_column <> g.source_column))) AS rows
+FROM gone g
+ORDER BY g.source_table, g.source_column"
+    )
+}
+
+/// For each table of `$1` (quoted names, text[]), the 1-based position in `$2` (quoted names of
+/// the enabled sources' tables, text[]) of the first that is the same relation in the catalog,
+/// or NULL (also for a table that does not exist): `i`, `j` (int8).
+pub const SAME_TABLES: &str = "\
+SELECT l.i, (SELECT min(e.j) FROM unnest($2::text[]) WITH ORDINALITY AS e(name, j)
+             WHERE to_regclass(e.name) = to_regclass(l.name))
+FROM unnest($1::text[]) WITH ORDINALITY AS l(name, i)";
+
+/// The sources a prune removes (`$1` tables, `$2` columns, text[]) as `t`, and as `doomed` the
+/// values whose cache rows it deletes: linked by one of them, written by embsync, and linked by
+/// no other source.
+pub(super) const PRUNED: &str = "\
+t AS (
+    SELECT * FROM unnest($1::text[], $2::text[]) AS t(source_table, source_column)
+),
+doomed AS (
+    SELECT DISTINCT c.id, l.value_hash
+    FROM embedding_cache_sources l
+    JOIN t ON t.source_table = l.source_table AND t.source_column = l.source_column
+    JOIN embedding_cache c ON c.value_hash = l.value_hash
+    JOIN embedding_cache_owned o ON o.value_hash = l.value_hash AND o.cache_id = c.id
+    WHERE NOT EXISTS (SELECT 1 FROM embedding_cache_sources x
+                      WHERE x.value_hash = l.value_hash
+                        AND NOT EXISTS (SELECT 1 FROM t WHERE t.source_table = x.source_table AND t.source_column = x.source_column))
+)";
+
+/// The cache rows a prune of `$1`/`$2` deletes (one row, int8).
+pub fn prune_rows() -> String {
+    format!("WITH {PRUNED}\nSELECT count(*)::int8 FROM doomed")
+}
+
+/// Deletes the cache rows a prune of `$1`/`$2` deletes (see [`prune_rows`]) and their ownership
+/// rows; one row: the number of cache rows deleted (int8). Takes ROW EXCLUSIVE on the cache and
+/// row locks on embsync's own rows only.
+pub fn prune_delete_rows() -> String {
+    format!(
+        "WITH {PRUNED},\n\
+         gone AS (\n    DELETE FROM embedding_cache c USING doomed d WHERE c.id = d.id RETURNING c.id\n),\n\
+         disowned AS (\n    DELETE FROM embedding_cache_owned o USING doomed d WHERE o.cache_id = d.id\n)\n\
+         SELECT count(*)::int8 FROM gone"
+    )
+}
+
+/// Rows embsync wrote that name a pruned source (`$1`/`$2`) as theirs and that another source
+/// still links get that source, so `source_table`/`source_column` stay true (as
+/// [`REASSIGN_SOURCE`] does for stale values). Reached through the pruned links, not a scan of
+/// the cache. Run before [`PRUNE_UNLINK`].
+pub const PRUNE_REASSIGN: &str = "\
+WITH t AS (
+    SELECT * FROM unnest($1::text[], $2::text[]) AS t(source_table, source_column)
+)
+UPDATE embedding_cache c
+SET source_table = other.source_table, source_column = other.source_column
+FROM embedding_cache_sources l
+JOIN t ON t.source_table = l.source_table AND t.source_column = l.source_column
+JOIN embedding_cache_owned o ON o.value_hash = l.value_hash,
+LATERAL (SELECT x.source_table, x.source_column FROM embedding_cache_sources x
+         WHERE x.value_hash = l.value_hash
+           AND NOT EXISTS (SELECT 1 FROM t WHERE t.source_table = x.source_table AND t.source_column = x.source_column)
+         ORDER BY x.linked_at, x.source_table, x.source_column LIMIT 1) other
+WHERE c.value_hash = l.value_hash AND o.cache_id = c.id AND c.source_table = l.source_table AND c.source_column = l.source_column";
+
+/// Removes the links of the pruned sources (`$1`/`$2`). Rows affected = links removed.
+pub const PRUNE_UNLINK: &str = "\
+DELETE FROM embedding_cache_sources l USING unnest($1::text[], $2::text[]) AS t(source_table, source_column)
+WHERE l.source_table = t.source_table AND l.source_column = t.source_column";
+
+/// Removes the errors of the pruned sources (`$1`/`$2`). Rows affected = errors removed.
+pub const PRUNE_ERRORS: &str = "\
+DELETE FROM embedding_sync_errors e USING unnest($1::text[], $2::text[]) AS t(source_table, source_column)
+WHERE e.source_table = t.source_table AND e.source_column = t.source_column";

@@ -1,0 +1,29 @@
+//! What `GET /status` reads: the open run, the last runs, a source's coverage.
+
+use super::*;
+
+/// The unfinished run, if any: `run_id`, `status`, `trigger`, `invocations` (int4),
+/// `started_at` (epoch milliseconds, float8).
+pub const CURRENT_RUN: &str = "\
+SELECT run_id, status, trigger, invocations, (extract(epoch FROM started_at) * 1000)::float8
+FROM embedding_sync_runs WHERE finished_at IS NULL";
+
+/// The last `$1` (int8) finished runs, newest first: `run_id`, `status`, `report` (JSON text),
+/// `finished_at` (epoch milliseconds, float8).
+pub const LAST_RUNS: &str = "\
+SELECT run_id, status, coalesce(report::text, 'null'), (extract(epoch FROM finished_at) * 1000)::float8 FROM embedding_sync_runs
+WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT $1";
+
+/// Coverage of one source: `total`, `embedded_large`, `embedded_small`, `errors` (int8 each;
+/// errors of values the source still has).
+pub fn coverage(source: &Source) -> String {
+    format!(
+        "WITH src AS MATERIALIZED (\n    {src}\n)\n\
+         SELECT (SELECT count(*) FROM src),\n       \
+         (SELECT count(*) FROM src s JOIN embedding_cache c ON c.value_hash = s.h WHERE c.embedding_large IS NOT NULL),\n       \
+         (SELECT count(*) FROM src s JOIN embedding_cache c ON c.value_hash = s.h WHERE c.embedding_small IS NOT NULL),\n       \
+         (SELECT count(*) FROM embedding_sync_errors e JOIN src s ON s.h = e.value_hash\n         \
+         WHERE e.source_table = $1 AND e.source_column = $2)",
+        src = source_values(source),
+    )
+}

@@ -1,0 +1,380 @@
+use super::*;
+use crate::config::Config;
+use expect_test::expect;
+
+fn source() -> Source {
+    let json = r#"{"version":"1.0","models":{"large":"text-embedding-3-large","small":"text-embedding-3-small"},
+        "sources":[{"name":"A","table":"app.Items","column":"title"}]}"#;
+    Config::parse(json).unwrap().sources.remove(0)
+}
+
+#[test]
+fn migration_sql() {
+    let config = Config::parse(
+        r#"{"version":"1.0","models":{"large":"text-embedding-3-large","small":"text-embedding-3-small"},
+        "sources":[{"name":"A","table":"a","column":"b"}]}"#,
+    )
+    .unwrap();
+    let locks = |existed| migration(&config.models, existed).iter().map(|s| s.locks).collect::<Vec<_>>().join(", ");
+    // On a cache that exists (maybe another pipeline's) no step names it: it is only read.
+    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
+    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
+    assert!(migration(&config.models, false)[1].sql.contains("embedding_large vector(3072),\n    embedding_small vector(1536)"));
+    assert!(!migration(&config.models, true).iter().any(|s| s.sql.contains("INDEX") && s.sql.contains("ON embedding_cache ")));
+    expect![[r#"
+        UPDATE embedding_cache_owned o SET cache_id = c.id
+        FROM embedding_cache c
+        WHERE o.cache_id IS NULL AND c.value_hash = o.value_hash AND c.created_at = o.created_at AND c.id IS NOT NULL;
+        DELETE FROM embedding_cache_owned WHERE cache_id IS NULL;
+        ALTER TABLE embedding_cache_owned ALTER COLUMN cache_id SET NOT NULL"#]]
+    .assert_eq(CLAIM_OWNED_ROWS);
+    expect!["SET LOCAL lock_timeout = '5s'"].assert_eq(&migration_lock_timeout());
+    let shape = |unique, id| check_cache_shape(unique, id).err().unwrap_or_default();
+    expect!["embedding_cache has no unique index on value_hash, which embsync needs to insert rows: create it (CREATE UNIQUE INDEX CONCURRENTLY embedding_cache_value_hash_key ON embedding_cache (value_hash)); embsync does not build indexes on a table it did not create"].assert_eq(&shape(false, Some("bigint")));
+    expect!["embedding_cache has no id column, which embsync records the rows it inserted by: add one (ALTER TABLE embedding_cache ADD COLUMN id bigserial)"].assert_eq(&shape(true, None));
+    expect![
+        "embedding_cache.id is uuid, but embsync records the rows it inserted by an integer id: use a bigint id (id bigserial PRIMARY KEY)"
+    ]
+    .assert_eq(&shape(true, Some("uuid")));
+    expect![""].assert_eq(&shape(true, Some("integer")));
+}
+
+#[test]
+fn plan_sql() {
+    let full = SchemaState { cache: true, links: true, owned_by_row: true };
+    expect![[r#"
+        WITH src AS MATERIALIZED (
+            SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n
+            FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
+            WHERE d.v <> ''
+        ),
+        fresh AS MATERIALIZED (
+            SELECT s.h, s.v, ((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))) AS complete
+            FROM src s
+            LEFT JOIN embedding_cache c ON c.value_hash = s.h
+            LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h AND o.cache_id = c.id
+            WHERE NOT (((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))) AND EXISTS (SELECT 1 FROM embedding_cache_sources l
+                         WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))
+        )
+        SELECT
+            (SELECT count(*) FROM src) AS total,
+            (SELECT count(*) FROM fresh) AS new,
+            (SELECT count(*) FROM fresh WHERE complete) AS reusable,
+            (SELECT coalesce(sum((19 * octet_length(v)::int8 - 9 * char_length(v) + 39) / 40), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,
+            (SELECT count(*) FROM embedding_cache_sources l
+             WHERE l.source_table = $1 AND l.source_column = $2
+               AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)) AS stale,
+            (SELECT count(*) FROM fresh f JOIN embedding_sync_errors e
+               ON e.source_table = $1 AND e.source_column = $2 AND e.value_hash = f.h
+             WHERE e.next_retry_at > now() AND NOT f.complete) AS deferred"#]].assert_eq(&plan(&source(), full));
+    let fresh = SchemaState { cache: false, links: false, owned_by_row: false };
+    expect![[r#"
+        WITH src AS MATERIALIZED (
+            SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n
+            FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
+            WHERE d.v <> ''
+        ),
+        fresh AS MATERIALIZED (
+            SELECT s.h, s.v, false AS complete FROM src s WHERE $1::text IS NOT NULL AND $2::text IS NOT NULL
+              AND $3::text IS NOT NULL AND $4::text IS NOT NULL
+        )
+        SELECT
+            (SELECT count(*) FROM src) AS total,
+            (SELECT count(*) FROM fresh) AS new,
+            (SELECT count(*) FROM fresh WHERE complete) AS reusable,
+            (SELECT coalesce(sum((19 * octet_length(v)::int8 - 9 * char_length(v) + 39) / 40), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,
+            (SELECT 0::int8) AS stale,
+            (SELECT 0::int8) AS deferred"#]]
+    .assert_eq(&plan(&source(), fresh));
+    // A deployment not yet migrated to ownership by row (a dry run before the first sync).
+    let legacy = SchemaState { cache: true, links: true, owned_by_row: false };
+    assert!(plan(&source(), legacy).contains("LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h\n"));
+}
+
+#[test]
+fn source_sql() {
+    expect![[r#"
+        WITH src AS (
+            SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n
+            FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
+            WHERE d.v <> ''
+        ),
+        linked AS (
+            INSERT INTO embedding_cache_sources (value_hash, source_table, source_column)
+            SELECT s.h, $1, $2 FROM src s
+            LEFT JOIN embedding_cache c ON c.value_hash = s.h
+            LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h AND o.cache_id = c.id
+            WHERE ((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)))
+            ON CONFLICT DO NOTHING
+            RETURNING value_hash
+        ),
+        cleared AS (
+            DELETE FROM embedding_sync_errors e USING linked
+            WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = linked.value_hash
+        )
+        SELECT count(*)::int8 FROM linked"#]].assert_eq(&link_reusable(&source()));
+    expect![[r#"
+        WITH src AS (
+            SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n
+            FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
+            WHERE d.v <> ''
+        )
+        SELECT s.h, s.v, s.n, coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) AS has_large, coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) AS has_small
+        FROM src s
+        LEFT JOIN embedding_cache c ON c.value_hash = s.h
+            LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h AND o.cache_id = c.id
+        WHERE s.h > $5
+          AND NOT (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false)
+                   AND EXISTS (SELECT 1 FROM embedding_cache_sources l
+                               WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))
+          AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e
+                          WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h
+                            AND e.next_retry_at > now())
+        ORDER BY s.h
+        LIMIT $6"#]].assert_eq(&pending_page(&source()));
+    expect![[r#"
+        WITH src AS (
+            SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n
+            FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
+            WHERE d.v <> ''
+        )
+        INSERT INTO embedding_sync_pending (run_id, source_table, source_column, value_hash, value, occurrences)
+        SELECT $5, $1, $2, s.h, s.v, s.n
+        FROM src s
+        LEFT JOIN embedding_cache c ON c.value_hash = s.h
+            LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h AND o.cache_id = c.id
+        WHERE NOT (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false)
+                   AND EXISTS (SELECT 1 FROM embedding_cache_sources l
+                               WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))
+        ON CONFLICT DO NOTHING"#]].assert_eq(&snapshot_pending(&source()));
+    expect![[r#"
+        SELECT s.h, s.v, s.n, coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) AS has_large, coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) AS has_small
+        FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending
+              WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6) s
+        LEFT JOIN embedding_cache c ON c.value_hash = s.h AND c.value_hash > $6
+            LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h AND o.value_hash > $6 AND o.cache_id = c.id
+        WHERE NOT (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false)
+                   AND EXISTS (SELECT 1 FROM embedding_cache_sources l
+                               WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))
+          AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e
+                          WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h
+                            AND e.next_retry_at > now())
+        ORDER BY s.h
+        LIMIT $7"#]].assert_eq(&pending_snapshot_page());
+    expect![[r#"
+        WITH src AS MATERIALIZED (
+            SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n
+            FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
+            WHERE d.v <> ''
+        ),
+        c AS MATERIALIZED (
+            SELECT (SELECT count(*) FROM src) AS total, count(*) AS had,
+                   count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)) AS stale
+            FROM embedding_cache_sources l WHERE l.source_table = $1 AND l.source_column = $2
+        ),
+        go AS MATERIALIZED (SELECT NOT ($3 AND c.stale >= $4 AND c.had > 0 AND (c.total = 0 OR c.stale::float8 > $5 * c.had::float8)) AS ok FROM c),
+        gone AS (
+            DELETE FROM embedding_cache_sources l
+            WHERE l.source_table = $1 AND l.source_column = $2 AND (SELECT ok FROM go)
+              AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)
+            RETURNING l.value_hash AS h
+        ),
+        gone_hashes AS MATERIALIZED (SELECT coalesce(array_agg(h), '{}') AS hs FROM gone),
+        orphan AS (
+            INSERT INTO embedding_sync_orphans AS k (value_hash, source_table, source_column)
+            SELECT g.h, $1, $2 FROM gone g
+            WHERE (SELECT x.value_hash FROM embedding_cache_sources x
+                   WHERE x.value_hash = g.h AND (x.source_table <> $1 OR x.source_column <> $2) LIMIT 1) IS NULL
+              AND (SELECT o.value_hash FROM embedding_cache_owned o WHERE o.value_hash = g.h) IS NOT NULL
+            ON CONFLICT (value_hash) DO UPDATE
+            SET source_table = EXCLUDED.source_table, source_column = EXCLUDED.source_column, unlinked_at = now()
+        ),
+        reassigned AS (
+            UPDATE embedding_cache r
+            SET source_table = other.source_table, source_column = other.source_column
+            FROM embedding_cache_owned o,
+                 LATERAL (SELECT x.source_table, x.source_column FROM embedding_cache_sources x
+                          WHERE x.value_hash = o.value_hash AND (x.source_table <> $1 OR x.source_column <> $2)
+                          ORDER BY x.linked_at, x.source_table, x.source_column LIMIT 1) other
+            WHERE r.value_hash = ANY ((SELECT hs FROM gone_hashes)::text[]) AND o.value_hash = ANY ((SELECT hs FROM gone_hashes)::text[])
+              AND o.value_hash = r.value_hash AND o.cache_id = r.id AND r.source_table = $1 AND r.source_column = $2
+        ),
+        errors AS (
+            DELETE FROM embedding_sync_errors e
+            WHERE e.source_table = $1 AND e.source_column = $2 AND (SELECT ok FROM go)
+              AND NOT EXISTS (SELECT 1 FROM src s WHERE s.h = e.value_hash)
+        )
+        SELECT c.total, c.had, c.stale, NOT go.ok AS held, (SELECT count(*) FROM gone) AS unlinked
+        FROM c, go"#]].assert_eq(&remove_stale(&source()));
+    expect![[r#"
+        WITH cand AS MATERIALIZED (
+            SELECT k.value_hash AS h, k.source_table, k.source_column,
+                   (SELECT x.value_hash FROM embedding_cache_sources x WHERE x.value_hash = k.value_hash LIMIT 1) IS NOT NULL AS linked,
+                   (SELECT c.value FROM embedding_cache c WHERE c.value_hash = k.value_hash) AS v
+            FROM embedding_sync_orphans k
+        ),
+        present AS MATERIALIZED (
+            SELECT btrim(s."title"::text, ' ') AS v FROM "app"."Items" s WHERE btrim(s."title"::text, ' ') IN (SELECT v FROM cand WHERE NOT linked)
+        ),
+        orphan AS MATERIALIZED (
+            SELECT coalesce(array_agg(k.h), '{}') AS hs FROM cand k
+            WHERE NOT k.linked AND NOT EXISTS (SELECT 1 FROM present p WHERE p.v = k.v)
+        ),
+        settled AS MATERIALIZED (
+            SELECT coalesce(array_agg(k.h), '{}') AS hs FROM cand k
+            WHERE k.linked OR k.h = ANY ((SELECT hs FROM orphan)::text[])
+        ),
+        forgotten AS (
+            DELETE FROM embedding_sync_orphans k WHERE k.value_hash = ANY ((SELECT hs FROM settled)::text[])
+        ),
+        deleted AS (
+            DELETE FROM embedding_cache d USING embedding_cache_owned o
+            WHERE d.value_hash = ANY ((SELECT hs FROM orphan)::text[]) AND o.value_hash = ANY ((SELECT hs FROM orphan)::text[])
+              AND o.value_hash = d.value_hash AND o.cache_id = d.id
+            RETURNING d.value_hash
+        ),
+        disowned AS (
+            DELETE FROM embedding_cache_owned o WHERE o.value_hash = ANY ((SELECT hs FROM orphan)::text[])
+        ),
+        counted AS MATERIALIZED (
+            SELECT k.source_table, k.source_column, count(*)::int8 AS n FROM deleted d JOIN cand k ON k.h = d.value_hash
+            GROUP BY k.source_table, k.source_column
+        ),
+        added AS (
+            UPDATE embedding_sync_run_sources r SET deleted = r.deleted + n.n
+            FROM counted n
+            WHERE r.run_id = $1 AND r.source_table = n.source_table AND r.source_column = n.source_column
+        )
+        SELECT source_table, source_column, n FROM counted ORDER BY source_table, source_column"#]].assert_eq(&delete_orphans(&[&source()]));
+    expect![[r#"
+        WITH t AS (
+            SELECT * FROM unnest($5::text[], $6::text[], $7::int4[], $8::vector[], $9::vector[]) AS t(h, v, n, l, s)
+        ),
+        ins AS (
+            INSERT INTO embedding_cache
+                (value, value_hash, embedding_large, embedding_small, source_table, source_column, usage_count, created_at)
+            SELECT t.v, t.h, t.l, t.s, $1, $2, t.n, now() FROM t
+            ON CONFLICT (value_hash) DO NOTHING
+            RETURNING id, value_hash
+        ),
+        own AS (
+            INSERT INTO embedding_cache_owned AS o (value_hash, cache_id, large_model, small_model, created_at)
+            SELECT ins.value_hash, ins.id, CASE WHEN t.l IS NULL THEN NULL ELSE $3 END, CASE WHEN t.s IS NULL THEN NULL ELSE $4 END, now()
+            FROM ins JOIN t ON t.h = ins.value_hash
+            WHERE ins.id IS NOT NULL
+            ON CONFLICT (value_hash) DO UPDATE
+            SET cache_id = EXCLUDED.cache_id, large_model = EXCLUDED.large_model, small_model = EXCLUDED.small_model,
+                created_at = EXCLUDED.created_at
+        ),
+        w AS (
+            SELECT t.h, t.l, t.s, o.value_hash IS NOT NULL AS owned,
+                   t.l IS NOT NULL AND (c.embedding_large IS NULL
+                       OR (o.value_hash IS NOT NULL AND coalesce(o.large_model, $3) <> $3)) AS put_l,
+                   t.s IS NOT NULL AND (c.embedding_small IS NULL
+                       OR (o.value_hash IS NOT NULL AND coalesce(o.small_model, $4) <> $4)) AS put_s
+            FROM t
+            JOIN embedding_cache c ON c.value_hash = t.h
+            LEFT JOIN embedding_cache_owned o ON o.value_hash = t.h AND o.cache_id = c.id
+        ),
+        tags AS (
+            UPDATE embedding_cache_owned o
+            SET large_model = CASE WHEN w.put_l THEN $3 ELSE o.large_model END,
+                small_model = CASE WHEN w.put_s THEN $4 ELSE o.small_model END
+            FROM w
+            WHERE o.value_hash = w.h AND w.owned AND (w.put_l OR w.put_s)
+        )
+        UPDATE embedding_cache c
+        SET embedding_large = CASE WHEN w.put_l THEN w.l ELSE c.embedding_large END,
+            embedding_small = CASE WHEN w.put_s THEN w.s ELSE c.embedding_small END
+        FROM w
+        WHERE c.value_hash = w.h AND (w.put_l OR w.put_s)"#]]
+    .assert_eq(UPSERT_BATCH);
+}
+
+#[test]
+fn prune_sql() {
+    // The statement that counts and the one that deletes read the same set of rows.
+    let (count, delete) = (prune_rows(), prune_delete_rows());
+    assert!(count.starts_with(&format!("WITH {PRUNED}")) && delete.starts_with(&format!("WITH {PRUNED}")));
+    expect![[r#"
+        WITH t AS (
+            SELECT * FROM unnest($1::text[], $2::text[]) AS t(source_table, source_column)
+        ),
+        doomed AS (
+            SELECT DISTINCT c.id, l.value_hash
+            FROM embedding_cache_sources l
+            JOIN t ON t.source_table = l.source_table AND t.source_column = l.source_column
+            JOIN embedding_cache c ON c.value_hash = l.value_hash
+            JOIN embedding_cache_owned o ON o.value_hash = l.value_hash AND o.cache_id = c.id
+            WHERE NOT EXISTS (SELECT 1 FROM embedding_cache_sources x
+                              WHERE x.value_hash = l.value_hash
+                                AND NOT EXISTS (SELECT 1 FROM t WHERE t.source_table = x.source_table AND t.source_column = x.source_column))
+        ),
+        gone AS (
+            DELETE FROM embedding_cache c USING doomed d WHERE c.id = d.id RETURNING c.id
+        ),
+        disowned AS (
+            DELETE FROM embedding_cache_owned o USING doomed d WHERE o.cache_id = d.id
+        )
+        SELECT count(*)::int8 FROM gone"#]].assert_eq(&delete);
+    let models = Config::parse(include_str!("../../../../embedding-sources.json")).unwrap().models;
+    assert!(migration(&models, false).iter().any(|s| s.sql == RUNS_FINISHED_INDEX), "the runs index is part of the migration");
+}
+
+/// The highest `$n` a statement's text numbers, and whether it uses every one below it.
+fn numbered(text: &str) -> (usize, bool) {
+    let mut seen = std::collections::BTreeSet::new();
+    let b = text.as_bytes();
+    for (i, _) in text.match_indices('$') {
+        let digits: String = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).map(|&c| c as char).collect();
+        if let Ok(n) = digits.parse::<usize>() {
+            seen.insert(n);
+        }
+    }
+    let max = seen.last().copied().unwrap_or(0);
+    (max, seen.len() == max)
+}
+
+#[test]
+fn typed_statements_bind_every_parameter_their_text_numbers() {
+    use crate::sync::{DeleteGuard, EmbeddedValue, Progress, RunId, ValueFailure};
+    let source = source();
+    let tags = ModelTags { large: "l".into(), small: "s".into() };
+    let run = RunId("r".into());
+    let hash = crate::hash::Value::normalize("x").unwrap().hash();
+    let batch = [EmbeddedValue { hash: hash.clone(), value: "x".into(), occurrences: 1, large: None, small: None, complete: false }];
+    let failures = [ValueFailure { hash: hash.clone(), model: "m".into(), message: "e".into() }];
+    let report = crate::report::SourceReport::default();
+    let progress = Progress { run: &run, embedded: 1, reused: 0, batches: 1, usage: Default::default() };
+    let sources = [&source];
+    let statements: Vec<(&str, Box<dyn Statement + '_>)> = vec![
+        ("Plan", Box::new(Plan { source: &source, state: FULL, tags: &tags })),
+        ("LinkReusable", Box::new(LinkReusable { source: &source, tags: &tags })),
+        ("PendingPage", Box::new(PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 })),
+        ("SnapshotPending", Box::new(SnapshotPending { source: &source, tags: &tags, run: &run })),
+        ("PendingSnapshotPage", Box::new(PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: None, limit: 10 })),
+        ("HasSnapshot", Box::new(HasSnapshot { run: &run, source: &source })),
+        ("DropSnapshot", Box::new(DropSnapshot { run: &run, source: &source })),
+        ("UpsertBatch", Box::new(UpsertBatch { source: &source, tags: &tags, batch: &batch })),
+        ("LinkValues", Box::new(SourceHashes { statement: LINK_VALUES, source: &source, hashes: vec![] })),
+        ("ClearErrors", Box::new(SourceHashes { statement: CLEAR_ERRORS, source: &source, hashes: vec![] })),
+        ("RecordErrors", Box::new(RecordErrors { source: &source, failures: &failures })),
+        ("RemoveStale", Box::new(RemoveStale { source: &source, guard: Some(DeleteGuard { minimum: 1, max_share: 0.5 }) })),
+        ("DeleteOrphans", Box::new(DeleteOrphans { run: &run, sources: &sources })),
+        ("HasErrors", Box::new(HasErrors { source: &source })),
+        ("SavePlan", Box::new(SavePlan { run: &run, source: &source, plan: &report })),
+        ("AddProgress", Box::new(AddProgress { source: &source, progress: &progress })),
+        ("AddErrors", Box::new(SourceCount { statement: ADD_ERRORS, run: &run, source: &source, count: 1 })),
+        ("SourceDone", Box::new(SourceCount { statement: SOURCE_DONE, run: &run, source: &source, count: 1 })),
+    ];
+    for (name, s) in &statements {
+        let (max, dense) = numbered(&s.text());
+        assert!(dense, "{name}: its text skips a parameter number");
+        assert_eq!(max, s.params().len(), "{name}: its text numbers {max} parameters");
+    }
+    // The pages put `after` and the limit at different numbers; each binds them where its text reads them.
+    let page = PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 };
+    assert_eq!(page.params()[4], param::Param::Text(hash.as_str().into()));
+    let snap = PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: Some(&hash), limit: 10 };
+    assert_eq!((&snap.params()[4], &snap.params()[5]), (&param::Param::Text("r".into()), &param::Param::Text(hash.as_str().into())));
+}
