@@ -10,7 +10,7 @@ use std::thread;
 use serde_json::{json, Value};
 
 use crate::http::{send, to_json};
-use crate::util::{env_var, keep_logs, tail_of, temp_dir};
+use crate::util::{env_var, keep_logs, port_of, tail_of, temp_dir};
 use crate::values::decode_base64;
 
 /// The local OpenAI-compatible provider (`embsync-local-provider`), killed on drop.
@@ -62,11 +62,7 @@ impl Provider {
                 );
             }
         };
-        let port = origin
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port in provider origin");
+        let port = port_of(&origin);
         // Keep draining stdout so the provider never blocks on a full pipe.
         let mut out = File::create(dir.join("stdout.log")).expect("provider stdout file");
         thread::spawn(move || {
@@ -169,11 +165,7 @@ impl Provider {
     /// The exact `f32` embedding of `input`, asked for in base64 (no decimal rounding on the
     /// way). The request shows in the request log.
     pub fn embed_exact(&self, model: &str, input: &str, dimensions: Option<u64>) -> Vec<f32> {
-        let mut body = json!({"model": model, "input": [input], "encoding_format": "base64"});
-        if let Some(d) = dimensions {
-            body["dimensions"] = json!(d);
-        }
-        let v = self.post_embeddings(&body);
+        let v = self.post_embeddings(&embeddings_body(model, input, dimensions, "base64"));
         let b64 = v["data"][0]["embedding"]
             .as_str()
             .unwrap_or_else(|| panic!("no base64 data[0].embedding in {v:.500}"));
@@ -203,11 +195,7 @@ impl Provider {
 
     /// Asks the provider directly for the embedding of `input` (float encoding).
     pub fn embed(&self, model: &str, input: &str, dimensions: Option<u64>) -> Vec<f32> {
-        let mut body = json!({"model": model, "input": [input], "encoding_format": "float"});
-        if let Some(d) = dimensions {
-            body["dimensions"] = json!(d);
-        }
-        let v = self.post_embeddings(&body);
+        let v = self.post_embeddings(&embeddings_body(model, input, dimensions, "float"));
         v["data"][0]["embedding"]
             .as_array()
             .unwrap_or_else(|| panic!("no data[0].embedding in {v:.500}"))
@@ -215,6 +203,15 @@ impl Provider {
             .map(|x| x.as_f64().expect("float component") as f32)
             .collect()
     }
+}
+
+/// An embeddings request for the one `input`, with `dimensions` when given.
+fn embeddings_body(model: &str, input: &str, dimensions: Option<u64>, encoding_format: &str) -> Value {
+    let mut body = json!({"model": model, "input": [input], "encoding_format": encoding_format});
+    if let Some(d) = dimensions {
+        body["dimensions"] = json!(d);
+    }
+    body
 }
 
 impl Drop for Provider {

@@ -49,6 +49,15 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// The port of an origin `http://127.0.0.1:PORT`.
+pub(crate) fn port_of(origin: &str) -> u16 {
+    origin
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in the origin {origin:?}"))
+}
+
 /// The last `n` lines of a file (or a note that it cannot be read).
 pub fn tail_of(path: &Path, n: usize) -> String {
     match fs::read(path) {

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::http::{send, send_get_full, to_json, HttpResponse};
 use crate::pg::TestDb;
 use crate::provider::Provider;
-use crate::util::{env_var, free_port, keep_logs, temp_dir};
+use crate::util::{env_var, free_port, keep_logs, port_of, temp_dir};
 use crate::{API_KEY, TOKEN};
 
 /// How long `wrangler dev` may take to answer `/health`.
@@ -296,25 +296,23 @@ impl Worker {
             }
             if let Some(status) = worker.child.as_mut().unwrap().try_wait().ok().flatten() {
                 let tail = worker.log_tail(60);
-                let retry = tail.contains("EADDRINUSE") || tail.contains("ddress already in use");
                 worker.child = None;
                 return Err((
                     format!(
                         "wrangler dev exited early ({status}); log {}:\n{tail}",
                         worker.log_path.display()
                     ),
-                    retry,
+                    port_taken(&tail),
                 ));
             }
             if Instant::now() > deadline {
                 let tail = worker.log_tail(60);
-                let retry = tail.contains("EADDRINUSE") || tail.contains("ddress already in use");
                 return Err((
                     format!(
                         "wrangler dev: /health not 200 within {START_TIMEOUT:?}; log {}:\n{tail}",
                         worker.log_path.display()
                     ),
-                    retry,
+                    port_taken(&tail),
                 ));
             }
             thread::sleep(Duration::from_millis(200));
@@ -348,6 +346,16 @@ impl Worker {
         (status, to_json(&text))
     }
 
+    /// A request with a bearer token and a raw body (sent as JSON content); returns status and
+    /// JSON body.
+    pub fn request_body(&self, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
+        let url = format!("{}{path}", self.origin);
+        let auth = format!("Bearer {token}");
+        let (status, text) = send(method, &url, &[("Authorization", auth.as_str())], Some(body))
+            .unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)));
+        (status, to_json(&text))
+    }
+
     /// `GET path` with an optional bearer token.
     pub fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
         self.request("GET", path, token)
@@ -367,32 +375,27 @@ impl Worker {
 
     /// The port `wrangler dev` listens on.
     pub fn port(&self) -> u16 {
-        self.origin
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port in the worker's origin")
+        port_of(&self.origin)
     }
 
     /// `GET /dry-run` with [`TOKEN`]; asserts 200 and returns the plan.
     pub fn dry_run(&self) -> Value {
-        let (status, body) = self.get("/dry-run", Some(TOKEN));
-        assert_eq!(
-            status,
-            200,
-            "GET /dry-run -> {status}: {body}\nlog tail:\n{}",
-            self.log_tail(40)
-        );
-        body
+        self.ok_with_token("GET", "/dry-run")
     }
 
     /// `POST /sync` with [`TOKEN`]; asserts 200 and returns the report.
     pub fn sync(&self) -> Value {
-        let (status, body) = self.post("/sync", Some(TOKEN));
+        self.ok_with_token("POST", "/sync")
+    }
+
+    /// `method path` with [`TOKEN`]; asserts 200 (showing the log's tail when not) and returns
+    /// the body.
+    fn ok_with_token(&self, method: &str, path: &str) -> Value {
+        let (status, body) = self.request(method, path, Some(TOKEN));
         assert_eq!(
             status,
             200,
-            "POST /sync -> {status}: {body}\nlog tail:\n{}",
+            "{method} {path} -> {status}: {body}\nlog tail:\n{}",
             self.log_tail(40)
         );
         body
@@ -400,10 +403,10 @@ impl Worker {
 
     /// Triggers the cron handler: `GET /__scheduled?cron=*/5+*+*+*+*`; returns status and body.
     pub fn scheduled(&self) -> (u16, String) {
-        let url = format!("{}/__scheduled?cron=*/5+*+*+*+*", self.origin);
-        send("GET", &url, &[], None)
+        send("GET", &self.scheduled_url(), &[], None)
             .unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)))
     }
+
     /// The `--persist-to` directory (local KV) of this worker.
     pub fn persist_dir(&self) -> &Path {
         &self.persist_dir
@@ -412,20 +415,18 @@ impl Worker {
     /// Triggers the cron handler from a background thread and returns at once; the thread
     /// yields the answer, or the transport error (e.g. when the worker is killed meanwhile).
     pub fn scheduled_in_background(&self) -> thread::JoinHandle<Result<(u16, String), String>> {
-        let url = format!("{}/__scheduled?cron=*/5+*+*+*+*", self.origin);
+        let url = self.scheduled_url();
         thread::spawn(move || send("GET", &url, &[], None))
+    }
+
+    /// The URL that triggers the cron handler (`wrangler dev --test-scheduled`).
+    fn scheduled_url(&self) -> String {
+        format!("{}/__scheduled?cron=*/5+*+*+*+*", self.origin)
     }
 
     /// `GET /status` with [`TOKEN`]; asserts 200 and returns the body.
     pub fn status(&self) -> Value {
-        let (status, body) = self.get("/status", Some(TOKEN));
-        assert_eq!(
-            status,
-            200,
-            "GET /status -> {status}: {body}\nlog tail:\n{}",
-            self.log_tail(40)
-        );
-        body
+        self.ok_with_token("GET", "/status")
     }
 
     /// Kills wrangler and workerd at once with SIGKILL (the whole process group), as a crash
@@ -511,6 +512,11 @@ impl Worker {
     }
 }
 
+/// Whether a failed start's log `tail` says a port was taken (worth another try on new ports).
+fn port_taken(tail: &str) -> bool {
+    tail.contains("EADDRINUSE") || tail.contains("ddress already in use")
+}
+
 /// Waits up to `tries` times 100 ms for process group `pid` to have no process left; true when
 /// it has none.
 fn group_gone(pid: libc::pid_t, tries: u32) -> bool {
@@ -551,17 +557,15 @@ pub fn kv_command(persist_dir: &Path, args: &[&str]) -> std::process::Output {
     let wrangler_js = env_var("EMBSYNC_WRANGLER_JS");
     let mut attempt = 1;
     loop {
-        let out = Command::new(&node)
-            .arg(&wrangler_js)
+        let mut cmd = Command::new(&node);
+        cmd.arg(&wrangler_js)
             .args(["kv", "key"])
             .args(args)
             .args(["--binding", "SYNC_STATE", "--local", "--persist-to"])
             .arg(persist_dir)
             .arg("--config")
-            .arg(repo.join("wrangler.toml"))
-            .envs(WRANGLER_ENV)
-            .current_dir(&repo)
-            .stdin(Stdio::null())
+            .arg(repo.join("wrangler.toml"));
+        let out = wrangler_env(&mut cmd, &repo)
             .output()
             .unwrap_or_else(|e| panic!("spawn {node} {wrangler_js} kv key: {e}"));
         let busy = !out.status.success()
@@ -584,16 +588,4 @@ pub fn start_stack(db: &TestDb, sources: Option<String>) -> (Provider, Worker) {
     opts.sources = sources;
     let worker = Worker::start(opts);
     (provider, worker)
-}
-
-impl Worker {
-    /// A request with a bearer token and a raw body (sent as JSON content); returns status and
-    /// JSON body.
-    pub fn request_body(&self, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
-        let url = format!("{}{path}", self.origin);
-        let auth = format!("Bearer {token}");
-        let (status, text) = send(method, &url, &[("Authorization", auth.as_str())], Some(body))
-            .unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)));
-        (status, to_json(&text))
-    }
 }
