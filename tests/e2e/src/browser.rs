@@ -28,11 +28,7 @@ impl Browser {
     /// The browser `scripts/test.sh` found.
     pub fn find() -> Browser {
         let bin = PathBuf::from(env_var("EMBSYNC_CHROMIUM"));
-        assert!(
-            bin.exists(),
-            "EMBSYNC_CHROMIUM={} does not exist: scripts/setup.sh installs chromium-headless-shell",
-            bin.display()
-        );
+        assert!(bin.exists(), "EMBSYNC_CHROMIUM={} does not exist: scripts/setup.sh installs chromium-headless-shell", bin.display());
         Browser { bin }
     }
 
@@ -40,20 +36,13 @@ impl Browser {
     /// `dark` makes the page see `prefers-color-scheme: dark`.
     pub fn screenshot(&self, url: &str, path: &Path, (width, height): (u32, u32), dark: bool) {
         let _ = fs::remove_file(path);
-        let mut args = vec![
-            format!("--screenshot={}", path.display()),
-            format!("--window-size={width},{height}"),
-        ];
+        let mut args = vec![format!("--screenshot={}", path.display()), format!("--window-size={width},{height}")];
         if dark {
             args.push("--force-dark-mode".into());
             args.push("--blink-settings=preferredColorScheme=0".into());
         }
         let out = self.run(&args, url);
-        assert!(
-            path.exists(),
-            "no screenshot at {} after loading {url}:\n{out}",
-            path.display()
-        );
+        assert!(path.exists(), "no screenshot at {} after loading {url}:\n{out}", path.display());
     }
 
     /// Loads `url` and returns the DOM as the browser built it (`--dump-dom`).

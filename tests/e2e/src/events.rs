@@ -49,11 +49,7 @@ impl Worker {
                 return line.to_string();
             }
             if Instant::now() > deadline {
-                panic!(
-                    "no log line containing {needle:?} within {timeout:?}; log {}:\n{}",
-                    self.log_path().display(),
-                    self.log_tail(60)
-                );
+                panic!("no log line containing {needle:?} within {timeout:?}; log {}:\n{}", self.log_path().display(), self.log_tail(60));
             }
             thread::sleep(Duration::from_millis(200));
         }
@@ -63,7 +59,6 @@ impl Worker {
     pub fn count_log(&self, needle: &str) -> usize {
         self.logs().lines().filter(|l| l.contains(needle)).count()
     }
-
 
     /// The worker's structured log events so far, oldest first: every log line the worker
     /// writes is one JSON object with `level`, `event` and `message` (wrangler may put a prefix

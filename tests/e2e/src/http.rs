@@ -8,10 +8,7 @@ use serde_json::Value;
 const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(5))
-        .timeout(HTTP_TIMEOUT)
-        .build()
+    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(HTTP_TIMEOUT).build()
 }
 
 /// An HTTP answer with its headers.
@@ -26,10 +23,7 @@ pub struct HttpResponse {
 impl HttpResponse {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -53,20 +47,11 @@ pub(crate) fn send_get_full(url: &str, headers: &[(&str, &str)]) -> Result<HttpR
         })
         .collect();
     let body = resp.into_string().map_err(|e| format!("read body: {e}"))?;
-    Ok(HttpResponse {
-        status,
-        headers,
-        body,
-    })
+    Ok(HttpResponse { status, headers, body })
 }
 
 /// Sends a request; returns status and body text, or a transport error message.
-pub(crate) fn send(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> Result<(u16, String), String> {
+pub(crate) fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> Result<(u16, String), String> {
     let mut req = agent().request(method, url);
     for (k, v) in headers {
         req = req.set(k, v);
@@ -81,9 +66,7 @@ pub(crate) fn send(
             let text = resp.into_string().map_err(|e| format!("read body: {e}"))?;
             Ok((status, text))
         }
-        Err(ureq::Error::Status(status, resp)) => {
-            Ok((status, resp.into_string().unwrap_or_default()))
-        }
+        Err(ureq::Error::Status(status, resp)) => Ok((status, resp.into_string().unwrap_or_default())),
         Err(e) => Err(format!("{method} {url}: {e}")),
     }
 }

@@ -44,8 +44,7 @@ impl TestDb {
     pub fn create_at(admin_url: &str) -> TestDb {
         let admin_url = admin_url.to_string();
         let name = unique_name("embsync_e2e");
-        let mut admin = Client::connect(&admin_url, NoTls)
-            .unwrap_or_else(|e| panic!("cannot connect to {admin_url}: {e}"));
+        let mut admin = Client::connect(&admin_url, NoTls).unwrap_or_else(|e| panic!("cannot connect to {admin_url}: {e}"));
         // CREATE DATABASE copies template1 and can fail while another session touches it.
         let mut last_err = None;
         for _ in 0..10 {
@@ -64,14 +63,8 @@ impl TestDb {
             panic!("CREATE DATABASE {name}: {e}");
         }
         let url = embsync_core::dburl::with_database(&admin_url, &name);
-        let client =
-            Client::connect(&url, NoTls).unwrap_or_else(|e| panic!("connect to {url}: {e}"));
-        TestDb {
-            url,
-            name,
-            admin_url,
-            client: Some(client),
-        }
+        let client = Client::connect(&url, NoTls).unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+        TestDb { url, name, admin_url, client: Some(client) }
     }
 
     /// The connection to the test database.
@@ -81,36 +74,23 @@ impl TestDb {
 
     /// Runs SQL statements (no parameters).
     pub fn exec(&mut self, sql: &str) {
-        self.client()
-            .batch_execute(sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.client().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     /// A single `bigint`-compatible value (e.g. `SELECT count(*) ...`).
     pub fn count(&mut self, sql: &str) -> i64 {
-        let row = self
-            .client()
-            .query_one(sql, &[])
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let row = self.client().query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
         row.get::<_, i64>(0)
     }
 
     /// A set of single text values returned by a query.
     pub fn text_set(&mut self, sql: &str) -> BTreeSet<String> {
-        self.client()
-            .query(sql, &[])
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect()
+        self.client().query(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).iter().map(|r| r.get::<_, String>(0)).collect()
     }
 
     /// Whether a table (or other relation) exists, by (possibly schema-qualified) name.
     pub fn relation_exists(&mut self, name: &str) -> bool {
-        let row = self
-            .client()
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-            .expect("to_regclass");
+        let row = self.client().query_one("SELECT to_regclass($1) IS NOT NULL", &[&name]).expect("to_regclass");
         row.get(0)
     }
 
@@ -123,18 +103,14 @@ impl TestDb {
 
     /// Creates one source table with an id and a text column.
     pub fn create_source_table(&mut self, table: &str, column: &str) {
-        self.exec(&format!(
-            "CREATE TABLE {table} (id bigserial PRIMARY KEY, {column} text)"
-        ));
+        self.exec(&format!("CREATE TABLE {table} (id bigserial PRIMARY KEY, {column} text)"));
     }
 
     /// Inserts raw values (NULL for `None`) into `table.column`, one row each.
     pub fn insert(&mut self, table: &str, column: &str, values: &[Option<&str>]) {
         let owned: Vec<Option<String>> = values.iter().map(|v| v.map(str::to_string)).collect();
         let sql = format!("INSERT INTO {table} ({column}) SELECT unnest($1::text[])");
-        self.client()
-            .execute(&sql, &[&owned])
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.client().execute(&sql, &[&owned]).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     /// Inserts non-NULL values.
@@ -146,13 +122,8 @@ impl TestDb {
     /// Deletes every row whose column equals one of `values` exactly; returns the row count.
     pub fn delete_exact(&mut self, src: Src, values: &[&str]) -> u64 {
         let owned: Vec<String> = values.iter().map(|s| s.to_string()).collect();
-        let sql = format!(
-            "DELETE FROM {} WHERE {} = ANY($1::text[])",
-            src.table, src.column
-        );
-        self.client()
-            .execute(&sql, &[&owned])
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        let sql = format!("DELETE FROM {} WHERE {} = ANY($1::text[])", src.table, src.column);
+        self.client().execute(&sql, &[&owned]).unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     /// The `value_hash`es in `embedding_cache`.
@@ -163,10 +134,7 @@ impl TestDb {
     /// `(value_hash, value)` of every row in `embedding_cache`.
     pub fn cache_values(&mut self) -> Vec<(String, String)> {
         self.client()
-            .query(
-                "SELECT value_hash, value FROM embedding_cache ORDER BY value_hash",
-                &[],
-            )
+            .query("SELECT value_hash, value FROM embedding_cache ORDER BY value_hash", &[])
             .expect("select embedding_cache")
             .iter()
             .map(|r| (r.get(0), r.get(1)))
@@ -185,10 +153,7 @@ impl TestDb {
     /// A single JSON value from a query returning one text column (e.g. `SELECT report::text`);
     /// `None` when there is no row or the value is NULL.
     pub fn json(&mut self, sql: &str) -> Option<Value> {
-        let rows = self
-            .client()
-            .query(sql, &[])
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let rows = self.client().query(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
         let text: Option<String> = rows.first().and_then(|r| r.get(0));
         text.map(|t| serde_json::from_str(&t).unwrap_or_else(|e| panic!("{sql}: not JSON ({e}): {t}")))
     }
@@ -197,10 +162,7 @@ impl TestDb {
     pub fn embeddings_of(&mut self, hash: &str) -> (Option<String>, Option<String>) {
         let row = self
             .client()
-            .query_one(
-                "SELECT embedding_large::text, embedding_small::text FROM embedding_cache WHERE value_hash = $1",
-                &[&hash],
-            )
+            .query_one("SELECT embedding_large::text, embedding_small::text FROM embedding_cache WHERE value_hash = $1", &[&hash])
             .unwrap_or_else(|e| panic!("select embeddings of {hash}: {e}"));
         (row.get(0), row.get(1))
     }
@@ -261,10 +223,7 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         drop(self.client.take());
         if let Ok(mut admin) = Client::connect(&self.admin_url, NoTls) {
-            let _ = admin.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
+            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
         }
     }
 }

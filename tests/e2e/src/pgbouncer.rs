@@ -61,11 +61,8 @@ impl PgBouncer {
         }
         let log = File::create(dir.join("pgbouncer.log")).expect("PgBouncer log file");
         let mut cmd = if unsafe { libc::geteuid() } == 0 {
-            let user = if Command::new("id").args(["-u", "postgres"]).output().is_ok_and(|o| o.status.success()) {
-                "postgres"
-            } else {
-                "nobody"
-            };
+            let user =
+                if Command::new("id").args(["-u", "postgres"]).output().is_ok_and(|o| o.status.success()) { "postgres" } else { "nobody" };
             let mut c = Command::new("runuser");
             c.args(["-u", user, "--"]).arg(&bin);
             c

@@ -34,18 +34,13 @@ impl Provider {
         let bin = env_var("EMBSYNC_PROVIDER_BIN");
         let dir = temp_dir("embsync-e2e-provider");
         let mut cmd = Command::new(&bin);
-        cmd.arg("--port")
-            .arg("0")
-            .arg("--log")
-            .arg(dir.join("requests.log"));
+        cmd.arg("--port").arg("0").arg("--log").arg(dir.join("requests.log"));
         if let Some(k) = api_key {
             cmd.arg("--api-key").arg(k);
         }
         cmd.args(extra_args);
         let stderr = File::create(dir.join("stderr.log")).expect("provider stderr file");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let stdout = child.stdout.take().unwrap();
         let mut reader = BufReader::new(stdout);
@@ -74,13 +69,7 @@ impl Provider {
                 let _ = out.write_all(&buf[..n]);
             }
         });
-        Provider {
-            child,
-            origin,
-            port,
-            api_key: api_key.map(str::to_string),
-            dir,
-        }
+        Provider { child, origin, port, api_key: api_key.map(str::to_string), dir }
     }
 
     /// The base URL the worker gets as `OPENAI_BASE_URL`.
@@ -90,12 +79,8 @@ impl Provider {
 
     fn admin(&self, method: &str, path: &str, body: Option<&str>) -> Value {
         let url = format!("{}{path}", self.origin);
-        let (status, text) =
-            send(method, &url, &[], body).unwrap_or_else(|e| panic!("provider admin: {e}"));
-        assert!(
-            (200..300).contains(&status),
-            "provider {method} {path} -> {status}: {text}"
-        );
+        let (status, text) = send(method, &url, &[], body).unwrap_or_else(|e| panic!("provider admin: {e}"));
+        assert!((200..300).contains(&status), "provider {method} {path} -> {status}: {text}");
         to_json(&text)
     }
 
@@ -113,11 +98,7 @@ impl Provider {
     pub fn embedding_requests(&self) -> Vec<(String, Vec<String>)> {
         self.requests()
             .iter()
-            .filter(|r| {
-                r["path"]
-                    .as_str()
-                    .is_some_and(|p| p.ends_with("/embeddings"))
-            })
+            .filter(|r| r["path"].as_str().is_some_and(|p| p.ends_with("/embeddings")))
             .map(|r| {
                 let model = r["model"].as_str().unwrap_or_default().to_string();
                 let inputs = r["inputs"]
@@ -133,11 +114,7 @@ impl Provider {
 
     /// Every input sent for `model`, with repetitions.
     pub fn inputs_for(&self, model: &str) -> Vec<String> {
-        self.embedding_requests()
-            .into_iter()
-            .filter(|(m, _)| m == model)
-            .flat_map(|(_, i)| i)
-            .collect()
+        self.embedding_requests().into_iter().filter(|(m, _)| m == model).flat_map(|(_, i)| i).collect()
     }
 
     /// Empties the request log.
@@ -153,11 +130,9 @@ impl Provider {
     /// Sends an embeddings request directly (it shows in the request log); returns the answer.
     fn post_embeddings(&self, body: &Value) -> Value {
         let auth = self.api_key.as_ref().map(|k| format!("Bearer {k}"));
-        let headers: Vec<(&str, &str)> =
-            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
         let url = format!("{}/embeddings", self.base_url());
-        let (status, text) =
-            send("POST", &url, &headers, Some(&body.to_string())).expect("provider embed");
+        let (status, text) = send("POST", &url, &headers, Some(&body.to_string())).expect("provider embed");
         assert_eq!(status, 200, "provider embed: {text:.500}");
         to_json(&text)
     }
@@ -166,31 +141,17 @@ impl Provider {
     /// way). The request shows in the request log.
     pub fn embed_exact(&self, model: &str, input: &str, dimensions: Option<u64>) -> Vec<f32> {
         let v = self.post_embeddings(&embeddings_body(model, input, dimensions, "base64"));
-        let b64 = v["data"][0]["embedding"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no base64 data[0].embedding in {v:.500}"));
+        let b64 = v["data"][0]["embedding"].as_str().unwrap_or_else(|| panic!("no base64 data[0].embedding in {v:.500}"));
         let bytes = decode_base64(b64);
-        assert_eq!(
-            bytes.len() % 4,
-            0,
-            "base64 embedding of {} bytes",
-            bytes.len()
-        );
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        assert_eq!(bytes.len() % 4, 0, "base64 embedding of {} bytes", bytes.len());
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     }
 
     /// The provider's own `usage.prompt_tokens` for `inputs` (one request; it shows in the
     /// request log).
     pub fn prompt_tokens(&self, model: &str, inputs: &[String]) -> i64 {
-        let v = self.post_embeddings(
-            &json!({"model": model, "input": inputs, "encoding_format": "base64"}),
-        );
-        v["usage"]["prompt_tokens"]
-            .as_i64()
-            .unwrap_or_else(|| panic!("no usage.prompt_tokens in {v:.500}"))
+        let v = self.post_embeddings(&json!({"model": model, "input": inputs, "encoding_format": "base64"}));
+        v["usage"]["prompt_tokens"].as_i64().unwrap_or_else(|| panic!("no usage.prompt_tokens in {v:.500}"))
     }
 
     /// Asks the provider directly for the embedding of `input` (float encoding).

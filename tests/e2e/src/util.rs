@@ -24,10 +24,7 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// A name that is unique across tests, processes and runs (lowercase, digits and `_`).
 pub fn unique_name(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{prefix}_{}_{n}_{nanos}", std::process::id())
 }
 
@@ -51,11 +48,7 @@ pub fn free_port() -> u16 {
 
 /// The port of an origin `http://127.0.0.1:PORT`.
 pub(crate) fn port_of(origin: &str) -> u16 {
-    origin
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in the origin {origin:?}"))
+    origin.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in the origin {origin:?}"))
 }
 
 /// The last `n` lines of a file (or a note that it cannot be read).
@@ -94,9 +87,7 @@ pub struct SharedDir {
 impl SharedDir {
     /// A fresh, empty directory.
     pub fn new(prefix: &str) -> SharedDir {
-        SharedDir {
-            path: temp_dir(prefix),
-        }
+        SharedDir { path: temp_dir(prefix) }
     }
 }
 

@@ -17,23 +17,13 @@ pub fn expected_hash(v: &str) -> Option<String> {
 }
 
 /// The distinct trimmed non-empty values of a list of raw column values.
-pub fn distinct_trimmed<'a>(
-    values: impl IntoIterator<Item = &'a Option<&'a str>>,
-) -> BTreeSet<String> {
-    values
-        .into_iter()
-        .flatten()
-        .map(|v| v.trim_matches(' ').to_string())
-        .filter(|v| !v.is_empty())
-        .collect()
+pub fn distinct_trimmed<'a>(values: impl IntoIterator<Item = &'a Option<&'a str>>) -> BTreeSet<String> {
+    values.into_iter().flatten().map(|v| v.trim_matches(' ').to_string()).filter(|v| !v.is_empty()).collect()
 }
 
 /// Hashes of a set of values (which must be non-empty after trimming).
 pub fn hashes_of<'a>(values: impl IntoIterator<Item = &'a String>) -> BTreeSet<String> {
-    values
-        .into_iter()
-        .map(|v| expected_hash(v).expect("non-empty value"))
-        .collect()
+    values.into_iter().map(|v| expected_hash(v).expect("non-empty value")).collect()
 }
 
 /// Parses pgvector's text form `[1,2.5,-3e-05]`.
@@ -42,14 +32,7 @@ pub fn parse_vector(text: &str) -> Vec<f32> {
     if inner.trim().is_empty() {
         return Vec::new();
     }
-    inner
-        .split(',')
-        .map(|x| {
-            x.trim()
-                .parse::<f32>()
-                .unwrap_or_else(|e| panic!("bad component {x:?}: {e}"))
-        })
-        .collect()
+    inner.split(',').map(|x| x.trim().parse::<f32>().unwrap_or_else(|e| panic!("bad component {x:?}: {e}"))).collect()
 }
 
 /// Decodes standard, padded base64.
@@ -83,10 +66,7 @@ pub fn basic_auth(user: &str, password: &str) -> String {
     let bytes = format!("{user}:{password}").into_bytes();
     let mut out = String::from("Basic ");
     for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
         for i in 0..4 {
             if i <= chunk.len() {
                 out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -100,10 +80,7 @@ pub fn basic_auth(user: &str, password: &str) -> String {
 
 /// Euclidean norm.
 pub fn norm(v: &[f32]) -> f64 {
-    v.iter()
-        .map(|x| (*x as f64) * (*x as f64))
-        .sum::<f64>()
-        .sqrt()
+    v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt()
 }
 
 #[cfg(test)]
@@ -120,10 +97,7 @@ mod tests {
         assert_eq!(expected_hash("   "), None);
         assert_eq!(expected_hash(""), None);
         // U+00E9 is two UTF-8 bytes.
-        assert_eq!(
-            expected_hash("\u{e9}"),
-            Some(hex::encode(Sha256::digest([0xc3, 0xa9])))
-        );
+        assert_eq!(expected_hash("\u{e9}"), Some(hex::encode(Sha256::digest([0xc3, 0xa9]))));
     }
 
     #[test]

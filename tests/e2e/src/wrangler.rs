@@ -49,10 +49,7 @@ impl WorkerOpts {
         WorkerOpts {
             database_url: db.url.clone(),
             openai_base_url: provider.base_url(),
-            openai_api_key: provider
-                .api_key
-                .clone()
-                .unwrap_or_else(|| API_KEY.to_string()),
+            openai_api_key: provider.api_key.clone().unwrap_or_else(|| API_KEY.to_string()),
             sync_token: Some(TOKEN.to_string()),
             sources: None,
             // One invocation per trigger, as most tests count them; a test of chained
@@ -196,11 +193,7 @@ impl Worker {
         let node = env_var("EMBSYNC_NODE");
         let wrangler_js = env_var("EMBSYNC_WRANGLER_JS");
         let shim = repo.join("build/worker/shim.mjs");
-        assert!(
-            shim.exists(),
-            "{} is missing: build the worker first (scripts/test.sh does)",
-            shim.display()
-        );
+        assert!(shim.exists(), "{} is missing: build the worker first (scripts/test.sh does)", shim.display());
 
         let dir = temp_dir("embsync-e2e-worker");
         let log_path = dir.join("wrangler.log");
@@ -212,10 +205,7 @@ impl Worker {
         // with --var).
         let env_file = dir.join("empty.env");
         File::create(&env_file).expect("empty env file");
-        let persist_dir = opts
-            .persist_to
-            .clone()
-            .unwrap_or_else(|| dir.join("state"));
+        let persist_dir = opts.persist_to.clone().unwrap_or_else(|| dir.join("state"));
 
         let config = match &opts.hyperdrive {
             Some((binding, _)) => hyperdrive_config(&repo, &dir, binding),
@@ -234,12 +224,7 @@ impl Worker {
             .arg(&env_file)
             // `log`, not `info`: at `info` wrangler drops the worker's console.log lines, which
             // the tests read (`Batch i of N`, `Sync report:`).
-            .args([
-                "--test-scheduled",
-                "--show-interactive-dev-session=false",
-                "--log-level",
-                "log",
-            ]);
+            .args(["--test-scheduled", "--show-interactive-dev-session=false", "--log-level", "log"]);
         let mut vars = vec![("OPENAI_API_KEY", opts.openai_api_key.clone())];
         if !opts.openai_base_url.is_empty() {
             vars.push(("OPENAI_BASE_URL", opts.openai_base_url.clone()));
@@ -269,24 +254,14 @@ impl Worker {
         if let Some((binding, url)) = &opts.hyperdrive {
             cmd.env(format!("CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_{binding}"), url);
         }
-        wrangler_env(&mut cmd, &repo)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        wrangler_env(&mut cmd, &repo).stdout(log.try_clone().unwrap()).stderr(log);
         {
             use std::os::unix::process::CommandExt;
             cmd.process_group(0);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {node} {wrangler_js}: {e}"));
-        let mut worker = Worker {
-            child: Some(child),
-            origin: format!("http://127.0.0.1:{port}"),
-            dir,
-            log_path,
-            keep_dir: true,
-            persist_dir,
-        };
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {node} {wrangler_js}: {e}"));
+        let mut worker =
+            Worker { child: Some(child), origin: format!("http://127.0.0.1:{port}"), dir, log_path, keep_dir: true, persist_dir };
 
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -298,20 +273,14 @@ impl Worker {
                 let tail = worker.log_tail(60);
                 worker.child = None;
                 return Err((
-                    format!(
-                        "wrangler dev exited early ({status}); log {}:\n{tail}",
-                        worker.log_path.display()
-                    ),
+                    format!("wrangler dev exited early ({status}); log {}:\n{tail}", worker.log_path.display()),
                     port_taken(&tail),
                 ));
             }
             if Instant::now() > deadline {
                 let tail = worker.log_tail(60);
                 return Err((
-                    format!(
-                        "wrangler dev: /health not 200 within {START_TIMEOUT:?}; log {}:\n{tail}",
-                        worker.log_path.display()
-                    ),
+                    format!("wrangler dev: /health not 200 within {START_TIMEOUT:?}; log {}:\n{tail}", worker.log_path.display()),
                     port_taken(&tail),
                 ));
             }
@@ -326,8 +295,7 @@ impl Worker {
 
     fn request(&self, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
         let auth = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> =
-            auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
         self.request_with(method, path, &headers)
     }
 
@@ -336,13 +304,8 @@ impl Worker {
     pub fn request_with(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
         let url = format!("{}{path}", self.origin);
         let body = if method == "POST" { Some("") } else { None };
-        let (status, text) = send(method, &url, headers, body).unwrap_or_else(|e| {
-            panic!(
-                "{e}\nlog {}:\n{}",
-                self.log_path.display(),
-                self.log_tail(60)
-            )
-        });
+        let (status, text) =
+            send(method, &url, headers, body).unwrap_or_else(|e| panic!("{e}\nlog {}:\n{}", self.log_path.display(), self.log_tail(60)));
         (status, to_json(&text))
     }
 
@@ -369,8 +332,7 @@ impl Worker {
     /// `GET path` with arbitrary headers; returns status, headers and the body as text.
     pub fn get_full(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
         let url = format!("{}{path}", self.origin);
-        send_get_full(&url, headers)
-            .unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)))
+        send_get_full(&url, headers).unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)))
     }
 
     /// The port `wrangler dev` listens on.
@@ -392,19 +354,13 @@ impl Worker {
     /// the body.
     fn ok_with_token(&self, method: &str, path: &str) -> Value {
         let (status, body) = self.request(method, path, Some(TOKEN));
-        assert_eq!(
-            status,
-            200,
-            "{method} {path} -> {status}: {body}\nlog tail:\n{}",
-            self.log_tail(40)
-        );
+        assert_eq!(status, 200, "{method} {path} -> {status}: {body}\nlog tail:\n{}", self.log_tail(40));
         body
     }
 
     /// Triggers the cron handler: `GET /__scheduled?cron=*/5+*+*+*+*`; returns status and body.
     pub fn scheduled(&self) -> (u16, String) {
-        send("GET", &self.scheduled_url(), &[], None)
-            .unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)))
+        send("GET", &self.scheduled_url(), &[], None).unwrap_or_else(|e| panic!("{e}\nlog tail:\n{}", self.log_tail(60)))
     }
 
     /// The `--persist-to` directory (local KV) of this worker.
@@ -565,13 +521,8 @@ pub fn kv_command(persist_dir: &Path, args: &[&str]) -> std::process::Output {
             .arg(persist_dir)
             .arg("--config")
             .arg(repo.join("wrangler.toml"));
-        let out = wrangler_env(&mut cmd, &repo)
-            .output()
-            .unwrap_or_else(|e| panic!("spawn {node} {wrangler_js} kv key: {e}"));
-        let busy = !out.status.success()
-            && [&out.stdout, &out.stderr]
-                .iter()
-                .any(|b| String::from_utf8_lossy(b).contains("SQLITE_BUSY"));
+        let out = wrangler_env(&mut cmd, &repo).output().unwrap_or_else(|e| panic!("spawn {node} {wrangler_js} kv key: {e}"));
+        let busy = !out.status.success() && [&out.stdout, &out.stderr].iter().any(|b| String::from_utf8_lossy(b).contains("SQLITE_BUSY"));
         if !busy || attempt == 5 {
             return out;
         }
