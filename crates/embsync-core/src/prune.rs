@@ -98,11 +98,6 @@ impl LeftSource {
     }
 }
 
-/// The enabled sources as recorded: (tables, columns), bound as two `text[]`.
-pub fn enabled_keys(config: &Config) -> (Vec<String>, Vec<String>) {
-    config.enabled_sources().map(|s| (s.table_key(), s.column_key().to_owned())).unzip()
-}
-
 /// What `POST /prune` is asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PruneRequest {
@@ -408,7 +403,6 @@ mod tests {
         assert_eq!((disabled.reason, disabled.name.as_deref()), (LeftReason::Disabled, Some("Old")));
         expect![[r#"{"table":"notes","column":"body","reason":"disabled","name":"Old","links":2,"errors":0,"rows":2,"sameAs":null}"#]]
             .assert_eq(&serde_json::to_string(&disabled).unwrap());
-        assert_eq!(enabled_keys(&c), (vec!["public.items".to_owned()], vec!["title".to_owned()]));
     }
 
     #[test]

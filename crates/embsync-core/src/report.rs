@@ -122,6 +122,16 @@ pub enum Trigger {
     Http,
 }
 
+impl Trigger {
+    /// As stored in `embedding_sync_runs.trigger`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Cron => "cron",
+            Trigger::Http => "http",
+        }
+    }
+}
+
 /// Where a run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,4 +1,16 @@
-//! Binding parameters with their declared types: the core's typed statements (`Bind`, `Bound`), the positional `typed` lists, pgvector's binary vectors.
+//! Binding the core's typed statements ([`sql::Statement`]) with their declared types (`Bind`,
+//! `Bound`, and `query`, `query_one`, `query_opt`, `execute` to run them), and pgvector's binary
+//! vectors. Public for the store's tests, which also run statements of their own (an `EXPLAIN`
+//! of one).
+//!
+//! Every statement goes out unnamed with its parameter types declared (tokio-postgres's
+//! `query_typed`/`execute_typed`: Parse, Bind, Describe, Execute and Sync in one message, one
+//! round trip). A named prepared statement (what `query(&str)` does: `s0`, `s1`, ... prepared in
+//! one round trip and executed in the next) would tie two messages to one server connection,
+//! which a transaction-mode pooler (Hyperdrive, PgBouncer) does not promise outside a
+//! transaction; the unnamed statement lives and dies within one Sync, so it works through any
+//! pooler, and it saves a round trip per statement everywhere. The declared types are the ones
+//! Postgres would infer, which the values' Rust types must match anyway.
 
 use super::*;
 
@@ -17,46 +29,6 @@ impl ToSql for PgVector<'_> {
     }
 
     to_sql_checked!();
-}
-
-/// A value bound as a parameter, with the Postgres type it is declared as.
-///
-/// Every statement goes out unnamed with its parameter types declared (tokio-postgres's
-/// `query_typed`/`execute_typed`: Parse, Bind, Describe, Execute and Sync in one message, one
-/// round trip). A named prepared statement (what `query(&str)` does: `s0`, `s1`, ... prepared in
-/// one round trip and executed in the next) would tie two messages to one server connection,
-/// which a transaction-mode pooler (Hyperdrive, PgBouncer) does not promise outside a
-/// transaction; the unnamed statement lives and dies within one Sync, so it works through any
-/// pooler, and it saves a round trip per statement everywhere.
-pub(crate) trait Param: ToSql + Sync {
-    /// The declared type: the one Postgres would infer, which the Rust type must match anyway.
-    fn pg_type(&self) -> Type;
-    /// Itself as a bindable value.
-    fn as_sql(&self) -> &(dyn ToSql + Sync);
-}
-
-macro_rules! param {
-    ($($rust:ty => $pg:expr),* $(,)?) => {$(
-        impl Param for $rust {
-            fn pg_type(&self) -> Type {
-                $pg
-            }
-            fn as_sql(&self) -> &(dyn ToSql + Sync) {
-                self
-            }
-        }
-    )*};
-}
-
-param! {
-    String => Type::TEXT,
-    &str => Type::TEXT,
-    i64 => Type::INT8,
-    bool => Type::BOOL,
-    f64 => Type::FLOAT8,
-    Vec<String> => Type::TEXT_ARRAY,
-    Vec<&str> => Type::TEXT_ARRAY,
-    Vec<i32> => Type::INT4_ARRAY,
 }
 
 /// A core [`SqlParam`] bound with tokio-postgres.
@@ -84,29 +56,29 @@ impl ToSql for Bind<'_> {
     to_sql_checked!();
 }
 
-/// A typed statement's text and its parameters bound with their declared types; `vector_array`
-/// is pgvector's `vector[]` ([`PgStore::vector_array_type`]), needed only by statements that bind
-/// vectors.
-pub(crate) struct Bound<'a> {
-    text: std::borrow::Cow<'static, str>,
-    params: Vec<SqlParam<'a>>,
+/// A typed statement's text and its `N` parameters bound with their declared types;
+/// `vector_array` is pgvector's `vector[]` ([`PgStore::vector_array_type`]), needed only by
+/// statements that bind vectors.
+pub struct Bound<'a, const N: usize> {
+    text: sql::Text<N>,
+    params: [SqlParam<'a>; N],
     vector_array: Option<Type>,
 }
 
-impl<'a> Bound<'a> {
-    pub(crate) fn new(statement: &'a impl Statement) -> Bound<'a> {
+impl<'a, const N: usize> Bound<'a, N> {
+    /// `statement`, bound.
+    pub fn new(statement: &'a impl Statement<N>) -> Bound<'a, N> {
         Bound { text: statement.text(), params: statement.params(), vector_array: None }
     }
 
-    pub(crate) fn with_vectors(statement: &'a impl Statement, vector_array: Type) -> Bound<'a> {
+    /// `statement`, which binds vectors, bound with pgvector's `vector[]` type.
+    pub fn with_vectors(statement: &'a impl Statement<N>, vector_array: Type) -> Bound<'a, N> {
         Bound { vector_array: Some(vector_array), ..Bound::new(statement) }
     }
 
-    fn binds(&self) -> (Vec<Bind<'_>>, Vec<Type>) {
-        let types = self
-            .params
-            .iter()
-            .map(|p| match p.pg_type() {
+    fn binds(&self) -> [(Bind<'_>, Type); N] {
+        self.params.each_ref().map(|p| {
+            let ty = match p.pg_type() {
                 PgType::Text => Type::TEXT,
                 PgType::Int8 => Type::INT8,
                 PgType::Bool => Type::BOOL,
@@ -114,40 +86,42 @@ impl<'a> Bound<'a> {
                 PgType::TextArray => Type::TEXT_ARRAY,
                 PgType::Int4Array => Type::INT4_ARRAY,
                 PgType::VectorArray => self.vector_array.clone().expect("a statement that binds vectors is bound with_vectors"),
-            })
-            .collect();
-        (self.params.iter().map(Bind).collect(), types)
+            };
+            (Bind(p), ty)
+        })
     }
 }
 
+/// The parameters as tokio-postgres takes them.
+fn as_params<'b, const N: usize>(binds: &'b [(Bind<'_>, Type); N]) -> [(&'b (dyn ToSql + Sync), Type); N] {
+    binds.each_ref().map(|(b, t)| (b as &(dyn ToSql + Sync), t.clone()))
+}
+
 /// Runs a typed statement: rows.
-pub(crate) async fn query<'a>(
+pub async fn query<const N: usize>(
     client: &impl tokio_postgres::GenericClient,
-    b: &Bound<'a>,
+    b: &Bound<'_, N>,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    let (binds, types) = b.binds();
-    let params: Vec<(&(dyn ToSql + Sync), Type)> = binds.iter().zip(types).map(|(b, t)| (b as &(dyn ToSql + Sync), t)).collect();
-    client.query_typed(&b.text, &params).await
+    client.query_typed(&b.text, &as_params(&b.binds())).await
 }
 
 /// Runs a typed statement: one row.
-pub(crate) async fn query_one<'a>(
+pub async fn query_one<const N: usize>(
     client: &impl tokio_postgres::GenericClient,
-    b: &Bound<'a>,
+    b: &Bound<'_, N>,
 ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
-    let (binds, types) = b.binds();
-    let params: Vec<(&(dyn ToSql + Sync), Type)> = binds.iter().zip(types).map(|(b, t)| (b as &(dyn ToSql + Sync), t)).collect();
-    client.query_typed_one(&b.text, &params).await
+    client.query_typed_one(&b.text, &as_params(&b.binds())).await
+}
+
+/// Runs a typed statement: at most one row.
+pub async fn query_opt<const N: usize>(
+    client: &impl tokio_postgres::GenericClient,
+    b: &Bound<'_, N>,
+) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+    client.query_typed_opt(&b.text, &as_params(&b.binds())).await
 }
 
 /// Runs a typed statement: rows affected.
-pub(crate) async fn execute<'a>(client: &impl tokio_postgres::GenericClient, b: &Bound<'a>) -> Result<u64, tokio_postgres::Error> {
-    let (binds, types) = b.binds();
-    let params: Vec<(&(dyn ToSql + Sync), Type)> = binds.iter().zip(types).map(|(b, t)| (b as &(dyn ToSql + Sync), t)).collect();
-    client.execute_typed(&b.text, &params).await
-}
-
-/// The parameters of a statement with their declared types.
-pub(crate) fn typed<'a>(params: &[&'a dyn Param]) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
-    params.iter().map(|p| (p.as_sql(), p.pg_type())).collect()
+pub async fn execute<const N: usize>(client: &impl tokio_postgres::GenericClient, b: &Bound<'_, N>) -> Result<u64, tokio_postgres::Error> {
+    client.execute_typed(&b.text, &as_params(&b.binds())).await
 }

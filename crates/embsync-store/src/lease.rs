@@ -12,7 +12,7 @@ pub(crate) struct LeaseToken {
 }
 
 impl LeaseToken {
-    /// The limits of each fenced transaction, in milliseconds as text (see [`sql::WRITE_LIMITS`]).
+    /// The limits of each fenced transaction (see [`sql::WRITE_LIMITS`]).
     ///
     /// - `statement_timeout`, a third of the lease: a statement still running when its
     ///   invocation was killed holds the lease row (locked by the fence) no longer than that, and
@@ -25,19 +25,17 @@ impl LeaseToken {
     ///   `embedding_cache`, or a DDL statement (queued behind a long reader such as pg_dump)
     ///   holds a table: the statement fails and the next run retries, rather than queueing
     ///   behind it and making every later reader queue behind embsync.
-    pub(crate) fn limits(&self) -> (String, String, String) {
+    pub(crate) fn limits(&self) -> sql::WriteLimits {
         let statement = (self.ttl / 3).max(Duration::from_millis(1));
         let lock = (statement / 2).min(Duration::from_secs(5));
-        let ms = |d: Duration| d.as_millis().to_string();
-        (ms(statement), ms(lock), ms(statement))
+        sql::WriteLimits { statement, lock, idle: statement }
     }
 }
 
 /// Begins a transaction with `lease`'s limits ([`LeaseToken::limits`]), `SET LOCAL`.
 pub(crate) async fn limited<'a>(client: &'a mut Client, lease: &LeaseToken) -> Result<Transaction<'a>, StoreError> {
     let tx = client.transaction().await.map_err(|e| err("starting a transaction", e))?;
-    let (statement, lock, idle) = lease.limits();
-    tx.execute_typed(sql::WRITE_LIMITS, &typed(&[&statement, &lock, &idle])).await.map_err(|e| err("setting the timeouts", e))?;
+    execute(&tx, &Bound::new(&lease.limits())).await.map_err(|e| err("setting the timeouts", e))?;
     Ok(tx)
 }
 
@@ -49,11 +47,8 @@ pub(crate) async fn fenced<'a>(client: &'a mut Client, lease: Option<&LeaseToken
         return Err(StoreError::lease_lost(format!("{what}: this invocation holds no sync lease; nothing was written")));
     };
     let tx = limited(client, lease).await?;
-    let ttl = lease.ttl.as_secs_f64();
-    let held = tx
-        .execute_typed(sql::FENCE, &typed(&[&lease.holder.as_str(), &lease.generation, &ttl]))
-        .await
-        .map_err(|e| err("checking the sync lease", e))?;
+    let fence = sql::Fence { holder: &lease.holder, generation: lease.generation, ttl: lease.ttl };
+    let held = execute(&tx, &Bound::new(&fence)).await.map_err(|e| err("checking the sync lease", e))?;
     if held == 0 {
         tx.rollback().await.map_err(|e| err("rolling back", e))?;
         return Err(StoreError::lease_lost(format!(

@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use embsync_core::config::{Config, Source};
 use embsync_core::hash::ValueHash;
 use embsync_core::index::{ExistingIndex, IndexState};
-use embsync_core::prune::{self, LeftSource, PruneOutcome, PruneReport, PruneRequest};
+use embsync_core::prune::{LeftSource, PruneOutcome, PruneReport, PruneRequest};
 use embsync_core::report::{iso8601, IndexReport, ModelUsage, RunReport, RunStatus, SourceReport, Trigger};
 use embsync_core::sql::param::Param as SqlParam;
 use embsync_core::sql::{self, ModelTags, PgType, SchemaState, Statement};
@@ -23,7 +23,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
-mod bind;
+pub mod bind;
 mod lease;
 mod status;
 
@@ -40,7 +40,7 @@ pub struct PgStore {
     /// database).
     vector_array: Option<Type>,
     /// Finished runs kept (`retention.runs`).
-    retention_runs: i64,
+    retention_runs: u64,
     /// Whether embsync created `embedding_cache` (from `embedding_sync_schema`), so that it may
     /// analyze it too.
     cache_created: bool,
@@ -94,8 +94,16 @@ impl PgStore {
     /// The store over `client`, for the models `config` names.
     pub fn new(client: Client, config: &Config) -> PgStore {
         let tags = ModelTags::of(&config.models);
-        let retention_runs = i64::try_from(config.retention_runs).unwrap_or(i64::MAX);
-        PgStore { client, schema: None, tags, vector_array: None, retention_runs, cache_created: false, written: 0, lease: None }
+        PgStore {
+            client,
+            schema: None,
+            tags,
+            vector_array: None,
+            retention_runs: config.retention_runs,
+            cache_created: false,
+            written: 0,
+            lease: None,
+        }
     }
 
     /// The connection, given back (e.g. to close it).
@@ -190,10 +198,6 @@ impl PgStore {
         self.schema = Some(state);
         Ok(state)
     }
-}
-
-fn keys(source: &Source) -> (String, String) {
-    (source.table_key(), source.column_key().to_owned())
 }
 
 /// A row of [`sql::RUN_SOURCES`].
@@ -319,14 +323,10 @@ impl Store for PgStore {
     async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
         let vector_array = self.vector_array_type().await?;
         let upsert = sql::UpsertBatch { source, tags: &self.tags, batch };
-        let hashes = batch.iter().map(|v| v.hash.as_str()).collect();
-        let link = sql::SourceHashes { statement: sql::LINK_VALUES, source, hashes };
-        let done = batch.iter().filter(|v| v.complete).map(|v| v.hash.as_str()).collect();
-        let clear = sql::SourceHashes { statement: sql::CLEAR_ERRORS, source, hashes: done };
         let tx = fenced(&mut self.client, self.lease.as_ref(), "writing a batch").await?;
         execute(&tx, &Bound::with_vectors(&upsert, vector_array)).await.map_err(|e| err("writing embeddings", e))?;
-        execute(&tx, &Bound::new(&link)).await.map_err(|e| err("linking values", e))?;
-        execute(&tx, &Bound::new(&clear)).await.map_err(|e| err("clearing errors", e))?;
+        execute(&tx, &Bound::new(&sql::LinkValues { source, batch })).await.map_err(|e| err("linking values", e))?;
+        execute(&tx, &Bound::new(&sql::ClearErrors { source, batch })).await.map_err(|e| err("clearing errors", e))?;
         execute(&tx, &Bound::new(&sql::AddProgress { source, progress })).await.map_err(|e| err("counting the batch", e))?;
         tx.commit().await.map_err(|e| err("committing a batch", e))?;
         self.written += batch.len() as u64;
@@ -367,8 +367,9 @@ impl Store for PgStore {
                 outcome.unlinked = n(4);
             }
         }
-        let done = sql::SourceCount { statement: sql::SOURCE_DONE, run, source, count: outcome.unlinked };
-        execute(&tx, &Bound::new(&done)).await.map_err(|e| err("marking the source done", e))?;
+        execute(&tx, &Bound::new(&sql::SourceDone { run, source, stale: outcome.unlinked }))
+            .await
+            .map_err(|e| err("marking the source done", e))?;
         execute(&tx, &Bound::new(&sql::DropSnapshot { run, source })).await.map_err(|e| err("dropping the snapshot", e))?;
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
         Ok(outcome)
@@ -389,14 +390,13 @@ impl Store for PgStore {
     }
 
     async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {
-        let reasons = reasons.to_vec();
         let tx = fenced(&mut self.client, self.lease.as_ref(), "recording a refused model").await?;
-        tx.execute_typed(sql::RECORD_REFUSED, &typed(&[&run.0, &reasons])).await.map_err(|e| err("recording a refused model", e))?;
+        execute(&tx, &Bound::new(&sql::RecordRefused { run, reasons })).await.map_err(|e| err("recording a refused model", e))?;
         tx.commit().await.map_err(|e| err("committing the refusal", e))
     }
 
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
-        let count = sql::SourceCount { statement: sql::ADD_ERRORS, run, source, count: failures.len() as u64 };
+        let count = sql::AddErrors { run, source, errors: failures.len() as u64 };
         let tx = fenced(&mut self.client, self.lease.as_ref(), "recording errors").await?;
         execute(&tx, &Bound::new(&sql::RecordErrors { source, failures })).await.map_err(|e| err("recording errors", e))?;
         execute(&tx, &Bound::new(&count)).await.map_err(|e| err("counting errors", e))?;
@@ -405,12 +405,11 @@ impl Store for PgStore {
 
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
         self.lease = None;
-        let secs = ttl.as_secs_f64();
         let token = LeaseToken { holder: holder.to_owned(), generation: 0, ttl };
         let tx = limited(&mut self.client, &token).await?;
         // A fenced transaction of the holder in flight locks the row: waiting past the lock
         // timeout means the lease is in use.
-        match tx.query_typed_opt(sql::ACQUIRE_LEASE, &typed(&[&holder, &secs])).await {
+        match query_opt(&tx, &Bound::new(&sql::AcquireLease { holder, ttl })).await {
             Ok(Some(row)) => {
                 tx.commit().await.map_err(|e| err("committing the sync lease", e))?;
                 self.lease = Some(LeaseToken { generation: row.get(0), ..token });
@@ -430,56 +429,45 @@ impl Store for PgStore {
     async fn release_lease(&mut self) -> Result<(), StoreError> {
         let Some(lease) = self.lease.take() else { return Ok(()) };
         let tx = limited(&mut self.client, &lease).await?;
-        tx.execute_typed(sql::RELEASE_LEASE, &typed(&[&lease.holder.as_str(), &lease.generation]))
+        execute(&tx, &Bound::new(&sql::ReleaseLease { holder: &lease.holder, generation: lease.generation }))
             .await
             .map_err(|e| err("releasing the sync lease", e))?;
         tx.commit().await.map_err(|e| err("committing the release", e))
     }
 
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
-        let models = format!("{}\n{}", self.tags.large, self.tags.small);
+        let models = self.tags.recorded();
         let tx = fenced(&mut self.client, self.lease.as_ref(), "opening the run").await?;
         let mut resumed = tx.query_typed_opt(sql::RESUME_RUN, &[]).await.map_err(|e| err("resuming the run", e))?;
         if let Some(row) = &resumed {
-            let id: String = row.get(0);
-            let rows = tx.query_typed(sql::RUN_SOURCES, &typed(&[&id])).await.map_err(|e| err("reading the run", e))?;
+            let run = RunId(row.get(0));
+            let rows = query(&tx, &Bound::new(&sql::RunSources { run: &run })).await.map_err(|e| err("reading the run", e))?;
             let same = rows.len() == sources.len()
                 && rows.iter().zip(sources).all(|(r, s)| r.get::<_, String>(0) == s.table_key() && r.get::<_, String>(1) == s.column_key())
                 && row.get::<_, String>(4) == models;
             if !same {
                 // The config changed mid-run (its sources or a model): that run ends here and a
                 // new one starts, planned under the new config.
-                tx.execute_typed(sql::ABANDON_RUN, &typed(&[&id])).await.map_err(|e| err("abandoning the run", e))?;
+                execute(&tx, &Bound::new(&sql::AbandonRun { run: &run })).await.map_err(|e| err("abandoning the run", e))?;
                 resumed = None;
             }
         }
         let row = match resumed {
             Some(row) => row,
             None => {
-                let trigger_text = match trigger {
-                    Trigger::Cron => "cron",
-                    Trigger::Http => "http",
-                };
-                let row = tx
-                    .query_typed_one(sql::START_RUN, &typed(&[&new_id.0, &trigger_text, &models]))
-                    .await
-                    .map_err(|e| err("starting a run", e))?;
-                let tables: Vec<String> = sources.iter().map(|s| s.table_key()).collect();
-                let columns: Vec<&str> = sources.iter().map(|s| s.column_key()).collect();
-                let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
-                tx.execute_typed(sql::START_RUN_SOURCES, &typed(&[&new_id.0, &tables, &columns, &names]))
-                    .await
-                    .map_err(|e| err("starting a run", e))?;
+                let start = sql::StartRun { run: new_id, trigger, tags: &self.tags };
+                let row = query_one(&tx, &Bound::new(&start)).await.map_err(|e| err("starting a run", e))?;
+                execute(&tx, &Bound::new(&sql::StartRunSources { run: new_id, sources })).await.map_err(|e| err("starting a run", e))?;
                 row
             }
         };
-        let id: String = row.get(0);
+        let id = RunId(row.get(0));
         let trigger = trigger_of(&row.get::<_, String>(1));
-        let rows = tx.query_typed(sql::RUN_SOURCES, &typed(&[&id])).await.map_err(|e| err("reading the run", e))?;
+        let rows = query(&tx, &Bound::new(&sql::RunSources { run: &id })).await.map_err(|e| err("reading the run", e))?;
         tx.commit().await.map_err(|e| err("committing the run", e))?;
         let states = rows.iter().map(source_state).collect();
         Ok(RunState {
-            id: RunId(id),
+            id,
             trigger,
             started_at_ms: row.get(2),
             invocations: row.get::<_, i32>(3).max(0) as u64,
@@ -530,20 +518,16 @@ impl Store for PgStore {
     }
 
     async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
-        let json = serde_json::to_string(indexes).unwrap_or_else(|_| "null".into());
         let tx = fenced(&mut self.client, self.lease.as_ref(), "recording the index step").await?;
-        tx.execute_typed(sql::RECORD_INDEXES, &typed(&[&run.0, &json])).await.map_err(|e| err("recording the index step", e))?;
+        execute(&tx, &Bound::new(&sql::RecordIndexes { run, indexes })).await.map_err(|e| err("recording the index step", e))?;
         tx.commit().await.map_err(|e| err("committing the index step", e))
     }
 
     async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
-        let json = serde_json::to_string(report).unwrap_or_else(|_| "null".into());
         let tx = fenced(&mut self.client, self.lease.as_ref(), "finishing the run").await?;
-        tx.execute_typed(sql::FINISH_RUN, &typed(&[&run.0, &json, &report.status.as_str()]))
-            .await
-            .map_err(|e| err("finishing the run", e))?;
+        execute(&tx, &Bound::new(&sql::FinishRun { run, report })).await.map_err(|e| err("finishing the run", e))?;
         tx.execute_typed(sql::DROP_OLD_SNAPSHOTS, &[]).await.map_err(|e| err("dropping old snapshots", e))?;
-        tx.execute_typed(sql::DELETE_OLD_RUNS, &typed(&[&self.retention_runs]))
+        execute(&tx, &Bound::new(&sql::DeleteOldRuns { keep: self.retention_runs }))
             .await
             .map_err(|e| err("deleting runs beyond the retention", e))?;
         tx.commit().await.map_err(|e| err("committing the finished run", e))

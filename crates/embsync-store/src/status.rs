@@ -16,8 +16,7 @@ impl PgStore {
             errors: 0,
             error: None,
         };
-        let (t, c) = keys(source);
-        match self.client.query_typed_one(&sql::coverage(source), &typed(&[&t, &c])).await {
+        match query_one(&self.client, &Bound::new(&sql::SourceCoverage { source })).await {
             Ok(row) => {
                 let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
                 (out.distinct_values, out.embedded_large, out.embedded_small, out.errors) = (n(0), n(1), n(2), n(3));
@@ -35,8 +34,8 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError`] when the runs table cannot be read.
-    pub async fn last_runs(&mut self, n: i64) -> Result<Vec<FinishedRun>, StoreError> {
-        let rows = self.client.query_typed(sql::LAST_RUNS, &typed(&[&n])).await.map_err(|e| err("reading the runs", e))?;
+    pub async fn last_runs(&mut self, n: u64) -> Result<Vec<FinishedRun>, StoreError> {
+        let rows = query(&self.client, &Bound::new(&sql::LastRuns { n })).await.map_err(|e| err("reading the runs", e))?;
         rows.iter()
             .map(|r| {
                 Ok(FinishedRun {
@@ -57,8 +56,9 @@ impl PgStore {
         let Some(r) = self.client.query_typed_opt(sql::CURRENT_RUN, &[]).await.map_err(|e| err("reading the current run", e))? else {
             return Ok(None);
         };
-        let run_id: String = r.get(0);
-        let sources = self.client.query_typed(sql::RUN_SOURCES, &typed(&[&run_id])).await.map_err(|e| err("reading the current run", e))?;
+        let run = RunId(r.get(0));
+        let sources =
+            query(&self.client, &Bound::new(&sql::RunSources { run: &run })).await.map_err(|e| err("reading the current run", e))?;
         let lease = self.client.query_typed_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
         let lease_held = lease.is_some_and(|l| l.get::<_, f64>(1) > 0.0);
         Ok(Some(CurrentRun {
@@ -73,7 +73,7 @@ impl PgStore {
                     OpenRunSource { report: state.report, planned: state.planned, done: state.done }
                 })
                 .collect(),
-            run_id,
+            run_id: run.0,
         }))
     }
 
@@ -148,22 +148,20 @@ async fn read_left_sources(
     config: &Config,
     state: SchemaState,
 ) -> Result<Vec<LeftSource>, StoreError> {
-    let (tables, columns) = prune::enabled_keys(config);
-    let rows = client
-        .query_typed(&sql::left_sources(state), &typed(&[&tables, &columns]))
+    let enabled: Vec<&Source> = config.enabled_sources().collect();
+    let rows = query(client, &Bound::new(&sql::LeftSources { state, enabled: &enabled }))
         .await
         .map_err(|e| err("reading the sources that left the config", e))?;
     let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i64>(i).max(0) as u64;
     let mut left: Vec<LeftSource> = rows.iter().map(|r| LeftSource::new(config, r.get(0), r.get(1), n(r, 2), n(r, 3), n(r, 4))).collect();
     // A rename: the same table, spelled another way, with the same column, is enabled.
     let named: Vec<(usize, String)> = left.iter().enumerate().filter_map(|(i, l)| l.quoted_table().map(|q| (i, q))).collect();
-    let enabled: Vec<_> = config.enabled_sources().collect();
     if named.is_empty() || enabled.is_empty() {
         return Ok(left);
     }
     let quoted: Vec<String> = named.iter().map(|(_, q)| q.clone()).collect();
-    let enabled_quoted: Vec<String> = enabled.iter().map(|s| s.table.quoted()).collect();
-    let same = client.query_typed(sql::SAME_TABLES, &typed(&[&quoted, &enabled_quoted])).await.map_err(|e| err("comparing tables", e))?;
+    let same =
+        query(client, &Bound::new(&sql::SameTables { left: &quoted, enabled: &enabled })).await.map_err(|e| err("comparing tables", e))?;
     for row in same {
         let (i, j): (i64, Option<i64>) = (row.get(0), row.get(1));
         let Some(&(at, _)) = named.get((i - 1) as usize) else { continue };
@@ -190,18 +188,19 @@ async fn prune_leased(
         Ok(targets) => targets,
         Err(refusal) => return Ok(PruneOutcome::Refused(refusal)),
     };
-    let tables: Vec<String> = targets.iter().map(|t| t.table.clone()).collect();
-    let columns: Vec<String> = targets.iter().map(|t| t.column.clone()).collect();
-    let keys = typed(&[&tables, &columns]);
-    let rows: i64 = tx.query_typed_one(&sql::prune_rows(), &keys).await.map_err(|e| err("counting what the prune deletes", e))?.get(0);
-    let mut report = PruneReport::planned(request.dry_run, targets, rows.max(0) as u64);
+    let rows: i64 = query_one(&tx, &Bound::new(&sql::PruneRows { targets: &targets }))
+        .await
+        .map_err(|e| err("counting what the prune deletes", e))?
+        .get(0);
+    let mut report = PruneReport::planned(request.dry_run, targets.clone(), rows.max(0) as u64);
     if request.dry_run {
         return Ok(PruneOutcome::Done(report));
     }
     if let Err(refusal) = request.check_confirmed(&report) {
         return Ok(PruneOutcome::Refused(refusal));
     }
-    let deleted: i64 = tx.query_typed_one(&sql::prune_delete_rows(), &keys).await.map_err(|e| err("deleting cache rows", e))?.get(0);
+    let deleted: i64 =
+        query_one(&tx, &Bound::new(&sql::PruneDeleteRows { targets: &targets })).await.map_err(|e| err("deleting cache rows", e))?.get(0);
     if deleted != rows {
         // Nothing else deletes embsync's rows while it holds the lease; if something did, the
         // confirmed count no longer holds and the transaction is rolled back.
@@ -209,9 +208,9 @@ async fn prune_leased(
             "the prune would have deleted {deleted} cache rows, not the {rows} it counted; nothing was deleted: try again"
         )));
     }
-    tx.execute_typed(sql::PRUNE_REASSIGN, &keys).await.map_err(|e| err("reassigning cache rows", e))?;
-    report.links = tx.execute_typed(sql::PRUNE_UNLINK, &keys).await.map_err(|e| err("unlinking", e))?;
-    report.errors = tx.execute_typed(sql::PRUNE_ERRORS, &keys).await.map_err(|e| err("removing errors", e))?;
+    execute(&tx, &Bound::new(&sql::PruneReassign { targets: &targets })).await.map_err(|e| err("reassigning cache rows", e))?;
+    report.links = execute(&tx, &Bound::new(&sql::PruneUnlink { targets: &targets })).await.map_err(|e| err("unlinking", e))?;
+    report.errors = execute(&tx, &Bound::new(&sql::PruneErrors { targets: &targets })).await.map_err(|e| err("removing errors", e))?;
     tx.commit().await.map_err(|e| err("committing the prune", e))?;
     report.pruned = true;
     Ok(PruneOutcome::Done(report))

@@ -4,33 +4,31 @@
 
 mod support;
 
-use embsync_core::sql;
-use embsync_core::sync::Store;
+use embsync_core::sql::param::{Param, Text};
+use embsync_core::sql::{self, Statement};
+use embsync_core::sync::{DeleteGuard, RunId, Store};
+use embsync_store::bind::{query, Bound};
 use support::*;
-use tokio_postgres::types::{ToSql, Type};
 
-/// Before, the three statements touched about 4,050 buffers here (52 + 968 + 3,030); now the
-/// one statement touches about 225.
-///
-/// The statements stale removal runs for a source, with their parameters (the guard on, as by
-/// default). Before, they were `unlink_stale`, `DELETE_ORPHANS` and `REASSIGN_SOURCE`: the
-/// orphan deletion's plan was hash joins over sequential scans of `embedding_cache`,
-/// `embedding_cache_sources` and `embedding_cache_owned`.
-fn removal(source: &embsync_core::config::Source) -> Vec<(String, Vec<(Box<dyn ToSql + Sync + Send>, Type)>)> {
-    let params: Vec<(Box<dyn ToSql + Sync + Send>, Type)> = vec![
-        (Box::new(source.table_key()), Type::TEXT),
-        (Box::new(source.column_key().to_owned()), Type::TEXT),
-        (Box::new(true), Type::BOOL),
-        (Box::new(100i64), Type::INT8),
-        (Box::new(0.5f64), Type::FLOAT8),
-    ];
-    vec![(sql::remove_stale(source), params)]
+/// `EXPLAIN (options)` of a typed statement, with its parameters.
+struct Explain<'a, S> {
+    options: &'a str,
+    statement: &'a S,
 }
 
-async fn explain(db: &TestDb, options: &str, statement: &str, params: &[(Box<dyn ToSql + Sync + Send>, Type)]) -> String {
-    let params: Vec<(&(dyn ToSql + Sync), Type)> = params.iter().map(|(v, t)| (&**v as &(dyn ToSql + Sync), t.clone())).collect();
-    let rows =
-        db.client.query_typed(&format!("EXPLAIN ({options}) {statement}"), &params).await.unwrap_or_else(|e| panic!("{statement}: {e}"));
+impl<const N: usize, S: Statement<N>> Statement<N> for Explain<'_, S> {
+    fn text(&self) -> Text<N> {
+        Text::built(format!("EXPLAIN ({}) {}", self.options, self.statement.text().as_str()))
+    }
+    fn params(&self) -> [Param<'_>; N] {
+        self.statement.params()
+    }
+}
+
+async fn explain<const N: usize>(db: &TestDb, options: &str, statement: &impl Statement<N>) -> String {
+    let rows = query(&db.client, &Bound::new(&Explain { options, statement }))
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", statement.text().as_str()));
     rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n")
 }
 
@@ -73,32 +71,37 @@ async fn stale_removal_probes_indexes_for_the_stale_values_on_tables_never_analy
         assert_eq!(db.count(&format!("SELECT count(*) FROM pg_stat_user_tables WHERE relname = '{t}' AND (last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL)")).await, 0, "{t} was analyzed");
     }
     let source = &config.sources[0];
-    let (mut buffers, mut orphan_buffers) = (0, 0);
-    for (statement, params) in removal(source) {
-        let plan = explain(&db, "COSTS false", &statement, &params).await;
-        for t in ["embedding_cache", "embedding_cache_sources", "embedding_cache_owned"] {
-            assert!(!plan.lines().any(|l| l.contains(&format!("Seq Scan on {t} "))), "a scan of {t}:\n{statement}\n{plan}");
-        }
-        // What it touches, executed and rolled back.
-        db.exec("BEGIN").await;
-        let analyzed = explain(&db, "ANALYZE, BUFFERS, COSTS false, TIMING false", &statement, &params).await;
-        buffers += top_buffers(&analyzed);
-        let unlinked = analyzed.lines().find(|l| l.contains("Delete on embedding_cache_sources")).unwrap_or_default();
-        assert!(unlinked.contains("actual rows=10"), "not 10 stale values:\n{analyzed}");
-        // The run's end deletes the 10 orphan candidates the removal recorded: its plan probes
-        // indexes too, on the same tables never analyzed.
-        let run: Vec<(Box<dyn ToSql + Sync + Send>, Type)> = vec![(Box::new("run-1".to_owned()), Type::TEXT)];
-        let delete = sql::delete_orphans(&config.enabled_sources().collect::<Vec<_>>());
-        let plan = explain(&db, "COSTS false", &delete, &run).await;
-        for t in ["embedding_cache", "embedding_cache_sources", "embedding_cache_owned"] {
-            assert!(!plan.lines().any(|l| l.contains(&format!("Seq Scan on {t} "))), "a scan of {t}:\n{delete}\n{plan}");
-        }
-        let analyzed = explain(&db, "ANALYZE, BUFFERS, COSTS false, TIMING false", &delete, &run).await;
-        db.exec("ROLLBACK").await;
-        let deleted = analyzed.lines().find(|l| l.contains("Delete on embedding_cache d")).unwrap_or_default();
-        assert!(deleted.contains("actual rows=10"), "not 10 orphans deleted:\n{analyzed}");
-        orphan_buffers += top_buffers(&analyzed);
+    // Stale removal as the store runs it, with the guard on as by default. Before, it was three
+    // statements (`unlink_stale`, `DELETE_ORPHANS` and `REASSIGN_SOURCE`) that touched about
+    // 4,050 buffers here (52 + 968 + 3,030): the orphan deletion's plan was hash joins over
+    // sequential scans of `embedding_cache`, `embedding_cache_sources` and
+    // `embedding_cache_owned`. Now the one statement touches about 225.
+    let removal = sql::RemoveStale { source, guard: Some(DeleteGuard { minimum: 100, max_share: 0.5 }) };
+    let statement = removal.text();
+    let plan = explain(&db, "COSTS false", &removal).await;
+    for t in ["embedding_cache", "embedding_cache_sources", "embedding_cache_owned"] {
+        assert!(!plan.lines().any(|l| l.contains(&format!("Seq Scan on {t} "))), "a scan of {t}:\n{}\n{plan}", statement.as_str());
     }
+    // What it touches, executed and rolled back.
+    db.exec("BEGIN").await;
+    let analyzed = explain(&db, "ANALYZE, BUFFERS, COSTS false, TIMING false", &removal).await;
+    let buffers = top_buffers(&analyzed);
+    let unlinked = analyzed.lines().find(|l| l.contains("Delete on embedding_cache_sources")).unwrap_or_default();
+    assert!(unlinked.contains("actual rows=10"), "not 10 stale values:\n{analyzed}");
+    // The run's end deletes the 10 orphan candidates the removal recorded: its plan probes
+    // indexes too, on the same tables never analyzed.
+    let (run, sources) = (RunId("run-1".into()), config.enabled_sources().collect::<Vec<_>>());
+    let orphans = sql::DeleteOrphans { run: &run, sources: &sources };
+    let delete = orphans.text();
+    let plan = explain(&db, "COSTS false", &orphans).await;
+    for t in ["embedding_cache", "embedding_cache_sources", "embedding_cache_owned"] {
+        assert!(!plan.lines().any(|l| l.contains(&format!("Seq Scan on {t} "))), "a scan of {t}:\n{}\n{plan}", delete.as_str());
+    }
+    let analyzed = explain(&db, "ANALYZE, BUFFERS, COSTS false, TIMING false", &orphans).await;
+    db.exec("ROLLBACK").await;
+    let deleted = analyzed.lines().find(|l| l.contains("Delete on embedding_cache d")).unwrap_or_default();
+    assert!(deleted.contains("actual rows=10"), "not 10 orphans deleted:\n{analyzed}");
+    let orphan_buffers = top_buffers(&analyzed);
     eprintln!("stale removal of 10 values touched {buffers} buffers, the orphans' deletion {orphan_buffers}");
     assert!(buffers < 400, "stale removal of 10 values touched {buffers} buffers");
     assert!(orphan_buffers < 400, "deleting 10 orphans touched {orphan_buffers} buffers");

@@ -13,7 +13,8 @@ use crate::sync::{EmbeddedValue, ValueFailure};
 /// `$1` source table key, `$2` source column key, `$3` large tag, `$4` small tag, `$5` hashes
 /// (text[]), `$6` values (text[]), `$7` source row counts (int4[]), `$8` large vectors
 /// (vector[], NULL where not embedded), `$9` small vectors (vector[]).
-pub const UPSERT_BATCH: &str = "\
+pub const UPSERT_BATCH: Text<9> = Text::fixed(
+    "\
 WITH t AS (
     SELECT * FROM unnest($5::text[], $6::text[], $7::int4[], $8::vector[], $9::vector[]) AS t(h, v, n, l, s)
 ),
@@ -54,23 +55,29 @@ UPDATE embedding_cache c
 SET embedding_large = CASE WHEN w.put_l THEN w.l ELSE c.embedding_large END,
     embedding_small = CASE WHEN w.put_s THEN w.s ELSE c.embedding_small END
 FROM w
-WHERE c.value_hash = w.h AND (w.put_l OR w.put_s)";
+WHERE c.value_hash = w.h AND (w.put_l OR w.put_s)",
+);
 
 /// Links this source to the given hashes (`$3`, text[]): every value the batch wrote.
-pub const LINK_VALUES: &str = "\
+pub const LINK_VALUES: Text<3> = Text::fixed(
+    "\
 INSERT INTO embedding_cache_sources (value_hash, source_table, source_column)
 SELECT h, $1, $2 FROM unnest($3::text[]) AS h
-ON CONFLICT DO NOTHING";
+ON CONFLICT DO NOTHING",
+);
 
 /// Forgets earlier failures of the given hashes (`$3`, text[]) for this source: they are done.
-pub const CLEAR_ERRORS: &str = "\
+pub const CLEAR_ERRORS: Text<3> = Text::fixed(
+    "\
 DELETE FROM embedding_sync_errors
-WHERE source_table = $1 AND source_column = $2 AND value_hash = ANY($3::text[])";
+WHERE source_table = $1 AND source_column = $2 AND value_hash = ANY($3::text[])",
+);
 
 /// Records failures for this source: `$3` hashes, `$4` models, `$5` messages (text[] each). A
 /// value that fails again waits longer: 5 minutes after the first failure, then 4 times longer
 /// each time, at most a day.
-pub const RECORD_ERRORS: &str = "\
+pub const RECORD_ERRORS: Text<5> = Text::fixed(
+    "\
 INSERT INTO embedding_sync_errors AS e
     (source_table, source_column, value_hash, model, message, attempts, next_retry_at)
 SELECT $1, $2, t.h, t.m, t.msg, 1, now() + interval '5 minutes'
@@ -80,7 +87,8 @@ SET model = EXCLUDED.model,
     message = EXCLUDED.message,
     attempts = e.attempts + 1,
     last_failed_at = now(),
-    next_retry_at = now() + least(interval '5 minutes' * power(4, least(e.attempts, 8)), interval '1 day')";
+    next_retry_at = now() + least(interval '5 minutes' * power(4, least(e.attempts, 8)), interval '1 day')",
+);
 
 /// [`UPSERT_BATCH`]: one batch's cache rows.
 #[derive(Debug)]
@@ -93,42 +101,63 @@ pub struct UpsertBatch<'a> {
     pub batch: &'a [EmbeddedValue],
 }
 
-impl Statement for UpsertBatch<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        UPSERT_BATCH.into()
+impl Statement<9> for UpsertBatch<'_> {
+    fn text(&self) -> Text<9> {
+        UPSERT_BATCH
     }
-    fn params(&self) -> Vec<Param<'_>> {
+    fn params(&self) -> [Param<'_>; 9] {
         let b = self.batch;
-        let mut p = param::source_tags(self.source, self.tags);
-        p.extend([
-            Param::TextArray(b.iter().map(|v| v.hash.as_str()).collect()),
-            Param::TextArray(b.iter().map(|v| v.value.as_str()).collect()),
+        let [t, c, l, s] = param::source_tags(self.source, self.tags);
+        [
+            t,
+            c,
+            l,
+            s,
+            param::texts(b.iter().map(|v| v.hash.as_str())),
+            param::texts(b.iter().map(|v| v.value.as_str())),
             Param::Int4Array(b.iter().map(|v| v.occurrences).collect()),
             Param::VectorArray(b.iter().map(|v| v.large.as_ref()).collect()),
             Param::VectorArray(b.iter().map(|v| v.small.as_ref()).collect()),
-        ]);
-        p
+        ]
     }
 }
 
-/// [`LINK_VALUES`] (every hash of the batch) or [`CLEAR_ERRORS`] (the hashes now done).
+/// [`LINK_VALUES`]: links the source to every value of a batch.
 #[derive(Debug)]
-pub struct SourceHashes<'a> {
-    /// [`LINK_VALUES`] or [`CLEAR_ERRORS`].
-    pub statement: &'static str,
+pub struct LinkValues<'a> {
     /// The source.
     pub source: &'a Source,
-    /// The hashes.
-    pub hashes: Vec<&'a str>,
+    /// The batch.
+    pub batch: &'a [EmbeddedValue],
 }
 
-impl Statement for SourceHashes<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        self.statement.into()
+impl Statement<3> for LinkValues<'_> {
+    fn text(&self) -> Text<3> {
+        LINK_VALUES
     }
-    fn params(&self) -> Vec<Param<'_>> {
+    fn params(&self) -> [Param<'_>; 3] {
         let [t, c] = param::keys(self.source);
-        vec![t, c, Param::TextArray(self.hashes.clone())]
+        [t, c, param::texts(self.batch.iter().map(|v| v.hash.as_str()))]
+    }
+}
+
+/// [`CLEAR_ERRORS`]: forgets the source's errors of the values of a batch that are done now
+/// (both embeddings, [`EmbeddedValue::complete`]).
+#[derive(Debug)]
+pub struct ClearErrors<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The batch.
+    pub batch: &'a [EmbeddedValue],
+}
+
+impl Statement<3> for ClearErrors<'_> {
+    fn text(&self) -> Text<3> {
+        CLEAR_ERRORS
+    }
+    fn params(&self) -> [Param<'_>; 3] {
+        let [t, c] = param::keys(self.source);
+        [t, c, param::texts(self.batch.iter().filter(|v| v.complete).map(|v| v.hash.as_str()))]
     }
 }
 
@@ -141,19 +170,19 @@ pub struct RecordErrors<'a> {
     pub failures: &'a [ValueFailure],
 }
 
-impl Statement for RecordErrors<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        RECORD_ERRORS.into()
+impl Statement<5> for RecordErrors<'_> {
+    fn text(&self) -> Text<5> {
+        RECORD_ERRORS
     }
-    fn params(&self) -> Vec<Param<'_>> {
+    fn params(&self) -> [Param<'_>; 5] {
         let f = self.failures;
         let [t, c] = param::keys(self.source);
-        vec![
+        [
             t,
             c,
-            Param::TextArray(f.iter().map(|f| f.hash.as_str()).collect()),
-            Param::TextArray(f.iter().map(|f| f.model.as_str()).collect()),
-            Param::TextArray(f.iter().map(|f| f.message.as_str()).collect()),
+            param::texts(f.iter().map(|f| f.hash.as_str())),
+            param::texts(f.iter().map(|f| f.model.as_str())),
+            param::texts(f.iter().map(|f| f.message.as_str())),
         ]
     }
 }

@@ -41,7 +41,7 @@ mod status;
 
 pub use batch::*;
 pub use indexes::*;
-pub use param::{ModelTags, PgType, Statement};
+pub use param::{ModelTags, PgType, Statement, Text};
 pub use plan::*;
 pub use prune::*;
 pub use runs::*;

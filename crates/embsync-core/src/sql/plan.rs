@@ -16,7 +16,7 @@ pub const PLAN_WORK_MEM: &str = "SET LOCAL work_mem = '64MB'";
 /// not scripts); stale =
 /// links of this source whose value is gone; deferred = new values waiting for a retry after
 /// an error (not those another pipeline has since made reusable: those count as reusable).
-pub fn plan(source: &Source, state: SchemaState) -> String {
+pub fn plan(source: &Source, state: SchemaState) -> Text<4> {
     let fresh = if !state.cache {
         "SELECT s.h, s.v, false AS complete FROM src s WHERE $1::text IS NOT NULL AND $2::text IS NOT NULL\n      \
          AND $3::text IS NOT NULL AND $4::text IS NOT NULL"
@@ -48,7 +48,7 @@ pub fn plan(source: &Source, state: SchemaState) -> String {
     } else {
         ("SELECT 0::int8", "SELECT 0::int8")
     };
-    format!(
+    Text::built(format!(
         "WITH src AS MATERIALIZED (\n    {src}\n),\n\
          fresh AS MATERIALIZED (\n    {fresh}\n)\n\
          SELECT\n    \
@@ -59,14 +59,14 @@ pub fn plan(source: &Source, state: SchemaState) -> String {
          ({stale}) AS stale,\n    \
          ({deferred}) AS deferred",
         src = source_values(source),
-    )
+    ))
 }
 
 /// Links this source to every value it has whose cache row already holds both embeddings
 /// (ours or another pipeline's): no provider call. A linked value is done, so its error record
 /// for the source goes. One row: the values reused (int8).
-pub fn link_reusable(source: &Source) -> String {
-    format!(
+pub fn link_reusable(source: &Source) -> Text<4> {
+    Text::built(format!(
         "WITH src AS (\n    {src}\n),\n\
          linked AS (\n    \
          INSERT INTO embedding_cache_sources (value_hash, source_table, source_column)\n    \
@@ -84,14 +84,14 @@ pub fn link_reusable(source: &Source) -> String {
         src = source_values(source),
         join = join_cache(FULL),
         complete = complete(FULL),
-    )
+    ))
 }
 
 /// One page of values that still need an embedding, in hash order after `$5` (use `''` for the
 /// first page), at most `$6` (int8) rows: `h`, `v`, `n`, `has_large`, `has_small`. Values whose
 /// last failure asked for a later retry are left out until then.
-pub fn pending_page(source: &Source) -> String {
-    format!(
+pub fn pending_page(source: &Source) -> Text<6> {
+    Text::built(format!(
         "WITH src AS (\n    {src}\n)\n\
          SELECT s.h, s.v, s.n, coalesce({has_large}, false) AS has_large, coalesce({has_small}, false) AS has_small\n\
          FROM src s\n\
@@ -106,13 +106,13 @@ pub fn pending_page(source: &Source) -> String {
         has_small = has("small", FULL),
         not_done = not_done(),
         join = join_cache(FULL),
-    )
+    ))
 }
 
 /// Snapshots a source's pending values for run `$5` (same condition as [`pending_page`]): one
 /// scan of the source per run instead of one per page.
-pub fn snapshot_pending(source: &Source) -> String {
-    format!(
+pub fn snapshot_pending(source: &Source) -> Text<5> {
+    Text::built(format!(
         "WITH src AS (\n    {src}\n)\n\
          INSERT INTO embedding_sync_pending (run_id, source_table, source_column, value_hash, value, occurrences)\n\
          SELECT $5, $1, $2, s.h, s.v, s.n\n\
@@ -123,15 +123,15 @@ pub fn snapshot_pending(source: &Source) -> String {
         src = source_values(source),
         not_done = not_done(),
         join = join_cache(FULL),
-    )
+    ))
 }
 
 /// One page of the snapshot of run `$5` (see [`snapshot_pending`]) after `$6`, at most `$7`
 /// (int8) rows, leaving out values done since the snapshot and values waiting for a retry (before
 /// the limit, so a short page is the last one); same columns as [`pending_page`]. An ordered
 /// range scan of the snapshot's primary key.
-pub fn pending_snapshot_page() -> String {
-    format!(
+pub fn pending_snapshot_page() -> Text<7> {
+    Text::built(format!(
         "SELECT s.h, s.v, s.n, coalesce({has_large}, false) AS has_large, coalesce({has_small}, false) AS has_small\n\
          FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending\n      \
          WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6) s\n\
@@ -148,15 +148,18 @@ pub fn pending_snapshot_page() -> String {
         // 300,000 rows done).
         join = "LEFT JOIN embedding_cache c ON c.value_hash = s.h AND c.value_hash > $6\n    \
                 LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h AND o.value_hash > $6 AND o.cache_id = c.id",
-    )
+    ))
 }
 
 /// Whether run `$1` has a snapshot for the source (`$2`, `$3`).
-pub const HAS_SNAPSHOT: &str = "\
-SELECT EXISTS (SELECT 1 FROM embedding_sync_pending WHERE run_id = $1 AND source_table = $2 AND source_column = $3)";
+pub const HAS_SNAPSHOT: Text<3> = Text::fixed(
+    "\
+SELECT EXISTS (SELECT 1 FROM embedding_sync_pending WHERE run_id = $1 AND source_table = $2 AND source_column = $3)",
+);
 
 /// Drops run `$1`'s snapshot of the source (`$2`, `$3`): it is done.
-pub const DROP_SNAPSHOT: &str = "DELETE FROM embedding_sync_pending WHERE run_id = $1 AND source_table = $2 AND source_column = $3";
+pub const DROP_SNAPSHOT: Text<3> =
+    Text::fixed("DELETE FROM embedding_sync_pending WHERE run_id = $1 AND source_table = $2 AND source_column = $3");
 
 /// Drops snapshots of runs that are over (finished, failed or abandoned).
 pub const DROP_OLD_SNAPSHOTS: &str = "\
@@ -173,11 +176,11 @@ pub struct Plan<'a> {
     pub tags: &'a ModelTags,
 }
 
-impl Statement for Plan<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        plan(self.source, self.state).into()
+impl Statement<4> for Plan<'_> {
+    fn text(&self) -> Text<4> {
+        plan(self.source, self.state)
     }
-    fn params(&self) -> Vec<Param<'_>> {
+    fn params(&self) -> [Param<'_>; 4] {
         param::source_tags(self.source, self.tags)
     }
 }
@@ -191,11 +194,11 @@ pub struct LinkReusable<'a> {
     pub tags: &'a ModelTags,
 }
 
-impl Statement for LinkReusable<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        link_reusable(self.source).into()
+impl Statement<4> for LinkReusable<'_> {
+    fn text(&self) -> Text<4> {
+        link_reusable(self.source)
     }
-    fn params(&self) -> Vec<Param<'_>> {
+    fn params(&self) -> [Param<'_>; 4] {
         param::source_tags(self.source, self.tags)
     }
 }
@@ -213,14 +216,13 @@ pub struct PendingPage<'a> {
     pub limit: i64,
 }
 
-impl Statement for PendingPage<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        pending_page(self.source).into()
+impl Statement<6> for PendingPage<'_> {
+    fn text(&self) -> Text<6> {
+        pending_page(self.source)
     }
-    fn params(&self) -> Vec<Param<'_>> {
-        let mut p = param::source_tags(self.source, self.tags);
-        p.extend([param::hash(self.after), Param::Int8(self.limit)]);
-        p
+    fn params(&self) -> [Param<'_>; 6] {
+        let [t, c, l, s] = param::source_tags(self.source, self.tags);
+        [t, c, l, s, param::hash(self.after), Param::Int8(self.limit)]
     }
 }
 
@@ -235,14 +237,13 @@ pub struct SnapshotPending<'a> {
     pub run: &'a RunId,
 }
 
-impl Statement for SnapshotPending<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        snapshot_pending(self.source).into()
+impl Statement<5> for SnapshotPending<'_> {
+    fn text(&self) -> Text<5> {
+        snapshot_pending(self.source)
     }
-    fn params(&self) -> Vec<Param<'_>> {
-        let mut p = param::source_tags(self.source, self.tags);
-        p.push(param::run(self.run));
-        p
+    fn params(&self) -> [Param<'_>; 5] {
+        let [t, c, l, s] = param::source_tags(self.source, self.tags);
+        [t, c, l, s, param::run(self.run)]
     }
 }
 
@@ -261,14 +262,13 @@ pub struct PendingSnapshotPage<'a> {
     pub limit: i64,
 }
 
-impl Statement for PendingSnapshotPage<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        pending_snapshot_page().into()
+impl Statement<7> for PendingSnapshotPage<'_> {
+    fn text(&self) -> Text<7> {
+        pending_snapshot_page()
     }
-    fn params(&self) -> Vec<Param<'_>> {
-        let mut p = param::source_tags(self.source, self.tags);
-        p.extend([param::run(self.run), param::hash(self.after), Param::Int8(self.limit)]);
-        p
+    fn params(&self) -> [Param<'_>; 7] {
+        let [t, c, l, s] = param::source_tags(self.source, self.tags);
+        [t, c, l, s, param::run(self.run), param::hash(self.after), Param::Int8(self.limit)]
     }
 }
 
@@ -281,13 +281,13 @@ pub struct HasSnapshot<'a> {
     pub source: &'a Source,
 }
 
-impl Statement for HasSnapshot<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        HAS_SNAPSHOT.into()
+impl Statement<3> for HasSnapshot<'_> {
+    fn text(&self) -> Text<3> {
+        HAS_SNAPSHOT
     }
-    fn params(&self) -> Vec<Param<'_>> {
+    fn params(&self) -> [Param<'_>; 3] {
         let [t, c] = param::keys(self.source);
-        vec![param::run(self.run), t, c]
+        [param::run(self.run), t, c]
     }
 }
 
@@ -300,12 +300,12 @@ pub struct DropSnapshot<'a> {
     pub source: &'a Source,
 }
 
-impl Statement for DropSnapshot<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        DROP_SNAPSHOT.into()
+impl Statement<3> for DropSnapshot<'_> {
+    fn text(&self) -> Text<3> {
+        DROP_SNAPSHOT
     }
-    fn params(&self) -> Vec<Param<'_>> {
+    fn params(&self) -> [Param<'_>; 3] {
         let [t, c] = param::keys(self.source);
-        vec![param::run(self.run), t, c]
+        [param::run(self.run), t, c]
     }
 }

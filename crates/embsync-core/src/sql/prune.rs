@@ -1,16 +1,17 @@
 //! Sources that left the config: what `/status` lists of them and what `POST /prune` removes.
 
 use super::*;
+use crate::prune::LeftSource;
 
 /// The recorded sources (in `embedding_cache_sources` or `embedding_sync_errors`) that are not
 /// among the enabled ones (`$1` tables, `$2` columns, text[]), with `links`, `errors` and `rows`
 /// (cache rows embsync wrote that no other source links), in name order. The recorded keys are
 /// found by a loose index scan of each primary key (one probe per source, not a scan of the
 /// links); the counts cost what the left sources hold.
-pub fn left_sources(state: SchemaState) -> String {
+pub fn left_sources(state: SchemaState) -> Text<2> {
     // Before the schema is migrated (a `/status` read after an upgrade), ownership is by hash.
     let owned_row = if state.owned_by_row { " AND o.cache_id = c.id" } else { "" };
-    format!(
+    Text::built(format!(
         "\
 WITH RECURSIVE linked AS (
     (SELECT source_table, source_column FROM embedding_cache_sources ORDER BY source_table, source_column LIMIT 1)
@@ -45,16 +46,18 @@ SELECT g.source_table, g.source_column,
                             AND (x.source_table <> g.source_table OR x.source_column <> g.source_column))) AS rows
 FROM gone g
 ORDER BY g.source_table, g.source_column"
-    )
+    ))
 }
 
 /// For each table of `$1` (quoted names, text[]), the 1-based position in `$2` (quoted names of
 /// the enabled sources' tables, text[]) of the first that is the same relation in the catalog,
 /// or NULL (also for a table that does not exist): `i`, `j` (int8).
-pub const SAME_TABLES: &str = "\
+pub const SAME_TABLES: Text<2> = Text::fixed(
+    "\
 SELECT l.i, (SELECT min(e.j) FROM unnest($2::text[]) WITH ORDINALITY AS e(name, j)
              WHERE to_regclass(e.name) = to_regclass(l.name))
-FROM unnest($1::text[]) WITH ORDINALITY AS l(name, i)";
+FROM unnest($1::text[]) WITH ORDINALITY AS l(name, i)",
+);
 
 /// The sources a prune removes (`$1` tables, `$2` columns, text[]) as `t`, and as `doomed` the
 /// values whose cache rows it deletes: linked by one of them, written by embsync, and linked by
@@ -75,27 +78,28 @@ doomed AS (
 )";
 
 /// The cache rows a prune of `$1`/`$2` deletes (one row, int8).
-pub fn prune_rows() -> String {
-    format!("WITH {PRUNED}\nSELECT count(*)::int8 FROM doomed")
+pub fn prune_rows() -> Text<2> {
+    Text::built(format!("WITH {PRUNED}\nSELECT count(*)::int8 FROM doomed"))
 }
 
 /// Deletes the cache rows a prune of `$1`/`$2` deletes (see [`prune_rows`]) and their ownership
 /// rows; one row: the number of cache rows deleted (int8). Takes ROW EXCLUSIVE on the cache and
 /// row locks on embsync's own rows only.
-pub fn prune_delete_rows() -> String {
-    format!(
+pub fn prune_delete_rows() -> Text<2> {
+    Text::built(format!(
         "WITH {PRUNED},\n\
          gone AS (\n    DELETE FROM embedding_cache c USING doomed d WHERE c.id = d.id RETURNING c.id\n),\n\
          disowned AS (\n    DELETE FROM embedding_cache_owned o USING doomed d WHERE o.cache_id = d.id\n)\n\
          SELECT count(*)::int8 FROM gone"
-    )
+    ))
 }
 
 /// Rows embsync wrote that name a pruned source (`$1`/`$2`) as theirs and that another source
 /// still links get that source, so `source_table`/`source_column` stay true (as
 /// [`REASSIGN_SOURCE`] does for stale values). Reached through the pruned links, not a scan of
 /// the cache. Run before [`PRUNE_UNLINK`].
-pub const PRUNE_REASSIGN: &str = "\
+pub const PRUNE_REASSIGN: Text<2> = Text::fixed(
+    "\
 WITH t AS (
     SELECT * FROM unnest($1::text[], $2::text[]) AS t(source_table, source_column)
 )
@@ -108,14 +112,141 @@ LATERAL (SELECT x.source_table, x.source_column FROM embedding_cache_sources x
          WHERE x.value_hash = l.value_hash
            AND NOT EXISTS (SELECT 1 FROM t WHERE t.source_table = x.source_table AND t.source_column = x.source_column)
          ORDER BY x.linked_at, x.source_table, x.source_column LIMIT 1) other
-WHERE c.value_hash = l.value_hash AND o.cache_id = c.id AND c.source_table = l.source_table AND c.source_column = l.source_column";
+WHERE c.value_hash = l.value_hash AND o.cache_id = c.id AND c.source_table = l.source_table AND c.source_column = l.source_column",
+);
 
 /// Removes the links of the pruned sources (`$1`/`$2`). Rows affected = links removed.
-pub const PRUNE_UNLINK: &str = "\
+pub const PRUNE_UNLINK: Text<2> = Text::fixed(
+    "\
 DELETE FROM embedding_cache_sources l USING unnest($1::text[], $2::text[]) AS t(source_table, source_column)
-WHERE l.source_table = t.source_table AND l.source_column = t.source_column";
+WHERE l.source_table = t.source_table AND l.source_column = t.source_column",
+);
 
 /// Removes the errors of the pruned sources (`$1`/`$2`). Rows affected = errors removed.
-pub const PRUNE_ERRORS: &str = "\
+pub const PRUNE_ERRORS: Text<2> = Text::fixed(
+    "\
 DELETE FROM embedding_sync_errors e USING unnest($1::text[], $2::text[]) AS t(source_table, source_column)
-WHERE e.source_table = t.source_table AND e.source_column = t.source_column";
+WHERE e.source_table = t.source_table AND e.source_column = t.source_column",
+);
+
+/// [`left_sources`]: the recorded sources that are not among `enabled`.
+#[derive(Debug)]
+pub struct LeftSources<'a> {
+    /// What exists.
+    pub state: SchemaState,
+    /// The config's enabled sources.
+    pub enabled: &'a [&'a Source],
+}
+
+impl Statement<2> for LeftSources<'_> {
+    fn text(&self) -> Text<2> {
+        left_sources(self.state)
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        param::key_arrays(self.enabled.iter().map(|s| (Cow::Owned(s.table_key()), Cow::Borrowed(s.column_key()))))
+    }
+}
+
+/// [`SAME_TABLES`]: which of the left sources' tables is an enabled source's table.
+#[derive(Debug)]
+pub struct SameTables<'a> {
+    /// The left sources' tables, quoted ([`LeftSource::quoted_table`]).
+    pub left: &'a [String],
+    /// The config's enabled sources.
+    pub enabled: &'a [&'a Source],
+}
+
+impl Statement<2> for SameTables<'_> {
+    fn text(&self) -> Text<2> {
+        SAME_TABLES
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        let enabled = self.enabled.iter().map(|s| Cow::Owned(s.table.quoted())).collect();
+        [param::texts(self.left.iter().map(String::as_str)), Param::TextArray(enabled)]
+    }
+}
+
+/// The pruned sources' keys as `$1` (tables) and `$2` (columns).
+fn pruned(targets: &[LeftSource]) -> [Param<'_>; 2] {
+    param::key_arrays(targets.iter().map(|t| (Cow::Borrowed(t.table.as_str()), Cow::Borrowed(t.column.as_str()))))
+}
+
+/// [`prune_rows`] of the pruned sources.
+#[derive(Debug)]
+pub struct PruneRows<'a> {
+    /// The sources pruned.
+    pub targets: &'a [LeftSource],
+}
+
+impl Statement<2> for PruneRows<'_> {
+    fn text(&self) -> Text<2> {
+        prune_rows()
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        pruned(self.targets)
+    }
+}
+
+/// [`prune_delete_rows`] of the pruned sources.
+#[derive(Debug)]
+pub struct PruneDeleteRows<'a> {
+    /// The sources pruned.
+    pub targets: &'a [LeftSource],
+}
+
+impl Statement<2> for PruneDeleteRows<'_> {
+    fn text(&self) -> Text<2> {
+        prune_delete_rows()
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        pruned(self.targets)
+    }
+}
+
+/// [`PRUNE_REASSIGN`] of the pruned sources.
+#[derive(Debug)]
+pub struct PruneReassign<'a> {
+    /// The sources pruned.
+    pub targets: &'a [LeftSource],
+}
+
+impl Statement<2> for PruneReassign<'_> {
+    fn text(&self) -> Text<2> {
+        PRUNE_REASSIGN
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        pruned(self.targets)
+    }
+}
+
+/// [`PRUNE_UNLINK`] of the pruned sources.
+#[derive(Debug)]
+pub struct PruneUnlink<'a> {
+    /// The sources pruned.
+    pub targets: &'a [LeftSource],
+}
+
+impl Statement<2> for PruneUnlink<'_> {
+    fn text(&self) -> Text<2> {
+        PRUNE_UNLINK
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        pruned(self.targets)
+    }
+}
+
+/// [`PRUNE_ERRORS`] of the pruned sources.
+#[derive(Debug)]
+pub struct PruneErrors<'a> {
+    /// The sources pruned.
+    pub targets: &'a [LeftSource],
+}
+
+impl Statement<2> for PruneErrors<'_> {
+    fn text(&self) -> Text<2> {
+        PRUNE_ERRORS
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        pruned(self.targets)
+    }
+}

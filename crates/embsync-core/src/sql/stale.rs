@@ -28,8 +28,8 @@ pub const MASS_DELETE_HELD: &str = "($3 AND c.stale >= $4 AND c.had > 0 AND (c.t
 ///
 /// Locks: ROW EXCLUSIVE on `embedding_cache` (rows it updates are embsync's own) and on
 /// embsync's tables.
-pub fn remove_stale(source: &Source) -> String {
-    format!(
+pub fn remove_stale(source: &Source) -> Text<5> {
+    Text::built(format!(
         "WITH src AS MATERIALIZED (\n    {src}\n),\n\
          c AS MATERIALIZED (\n    \
          SELECT (SELECT count(*) FROM src) AS total, count(*) AS had,\n           \
@@ -71,7 +71,7 @@ pub fn remove_stale(source: &Source) -> String {
          SELECT c.total, c.had, c.stale, NOT go.ok AS held, (SELECT count(*) FROM gone) AS unlinked\n\
          FROM c, go",
         src = source_values(source),
-    )
+    ))
 }
 
 /// Deletes embsync's rows of the orphan candidates ([`remove_stale`]) that no source links and
@@ -93,7 +93,7 @@ pub fn remove_stale(source: &Source) -> String {
 ///
 /// Locks: ROW EXCLUSIVE on `embedding_cache` (rows it deletes are embsync's own) and on
 /// embsync's tables; ACCESS SHARE on the sources.
-pub fn delete_orphans(sources: &[&Source]) -> String {
+pub fn delete_orphans(sources: &[&Source]) -> Text<1> {
     let mut present: Vec<String> = sources
         .iter()
         .map(|s| {
@@ -107,7 +107,7 @@ pub fn delete_orphans(sources: &[&Source]) -> String {
     if present.is_empty() {
         present.push("SELECT NULL::text AS v WHERE false".to_owned());
     }
-    format!(
+    Text::built(format!(
         "WITH cand AS MATERIALIZED (\n    \
          SELECT k.value_hash AS h, k.source_table, k.source_column,\n           \
          (SELECT x.value_hash FROM embedding_cache_sources x WHERE x.value_hash = k.value_hash LIMIT 1) IS NOT NULL AS linked,\n           \
@@ -146,15 +146,17 @@ pub fn delete_orphans(sources: &[&Source]) -> String {
          )\n\
          SELECT source_table, source_column, n FROM counted ORDER BY source_table, source_column",
         present = present.join("\n    UNION\n    "),
-    )
+    ))
 }
 
 /// Whether any orphan candidate waits ([`delete_orphans`]).
 pub const ORPHANS_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM embedding_sync_orphans)";
 
 /// Whether the source (`$1`, `$2`) has any recorded errors (a probe of the errors' key).
-pub const HAS_ERRORS: &str = "\
-SELECT EXISTS (SELECT 1 FROM embedding_sync_errors WHERE source_table = $1 AND source_column = $2)";
+pub const HAS_ERRORS: Text<2> = Text::fixed(
+    "\
+SELECT EXISTS (SELECT 1 FROM embedding_sync_errors WHERE source_table = $1 AND source_column = $2)",
+);
 
 /// [`remove_stale`], with the mass-delete guard's parameters.
 #[derive(Debug)]
@@ -165,17 +167,17 @@ pub struct RemoveStale<'a> {
     pub guard: Option<DeleteGuard>,
 }
 
-impl Statement for RemoveStale<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        remove_stale(self.source).into()
+impl Statement<5> for RemoveStale<'_> {
+    fn text(&self) -> Text<5> {
+        remove_stale(self.source)
     }
-    fn params(&self) -> Vec<Param<'_>> {
+    fn params(&self) -> [Param<'_>; 5] {
         let (on, minimum, share) = match self.guard {
             Some(g) => (true, g.minimum.min(i64::MAX as u64) as i64, g.max_share),
             None => (false, 0, 1.0),
         };
         let [t, c] = param::keys(self.source);
-        vec![t, c, Param::Bool(on), Param::Int8(minimum), Param::Float8(share)]
+        [t, c, Param::Bool(on), Param::Int8(minimum), Param::Float8(share)]
     }
 }
 
@@ -188,12 +190,12 @@ pub struct DeleteOrphans<'a> {
     pub sources: &'a [&'a Source],
 }
 
-impl Statement for DeleteOrphans<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        delete_orphans(self.sources).into()
+impl Statement<1> for DeleteOrphans<'_> {
+    fn text(&self) -> Text<1> {
+        delete_orphans(self.sources)
     }
-    fn params(&self) -> Vec<Param<'_>> {
-        vec![param::run(self.run)]
+    fn params(&self) -> [Param<'_>; 1] {
+        [param::run(self.run)]
     }
 }
 
@@ -204,11 +206,11 @@ pub struct HasErrors<'a> {
     pub source: &'a Source,
 }
 
-impl Statement for HasErrors<'_> {
-    fn text(&self) -> Cow<'static, str> {
-        HAS_ERRORS.into()
+impl Statement<2> for HasErrors<'_> {
+    fn text(&self) -> Text<2> {
+        HAS_ERRORS
     }
-    fn params(&self) -> Vec<Param<'_>> {
-        param::keys(self.source).into()
+    fn params(&self) -> [Param<'_>; 2] {
+        param::keys(self.source)
     }
 }

@@ -10,14 +10,16 @@ FROM embedding_sync_runs WHERE finished_at IS NULL";
 
 /// The last `$1` (int8) finished runs, newest first: `run_id`, `status`, `report` (JSON text),
 /// `finished_at` (epoch milliseconds, float8).
-pub const LAST_RUNS: &str = "\
+pub const LAST_RUNS: Text<1> = Text::fixed(
+    "\
 SELECT run_id, status, coalesce(report::text, 'null'), (extract(epoch FROM finished_at) * 1000)::float8 FROM embedding_sync_runs
-WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT $1";
+WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT $1",
+);
 
 /// Coverage of one source: `total`, `embedded_large`, `embedded_small`, `errors` (int8 each;
-/// errors of values the source still has).
-pub fn coverage(source: &Source) -> String {
-    format!(
+/// errors of values the source still has); `$1`, `$2` the source's keys.
+pub fn coverage(source: &Source) -> Text<2> {
+    Text::built(format!(
         "WITH src AS MATERIALIZED (\n    {src}\n)\n\
          SELECT (SELECT count(*) FROM src),\n       \
          (SELECT count(*) FROM src s JOIN embedding_cache c ON c.value_hash = s.h WHERE c.embedding_large IS NOT NULL),\n       \
@@ -25,5 +27,37 @@ pub fn coverage(source: &Source) -> String {
          (SELECT count(*) FROM embedding_sync_errors e JOIN src s ON s.h = e.value_hash\n         \
          WHERE e.source_table = $1 AND e.source_column = $2)",
         src = source_values(source),
-    )
+    ))
+}
+
+/// [`LAST_RUNS`].
+#[derive(Debug)]
+pub struct LastRuns {
+    /// How many.
+    pub n: u64,
+}
+
+impl Statement<1> for LastRuns {
+    fn text(&self) -> Text<1> {
+        LAST_RUNS
+    }
+    fn params(&self) -> [Param<'_>; 1] {
+        [param::int8(self.n)]
+    }
+}
+
+/// [`coverage`] of one source.
+#[derive(Debug)]
+pub struct SourceCoverage<'a> {
+    /// The source.
+    pub source: &'a Source,
+}
+
+impl Statement<2> for SourceCoverage<'_> {
+    fn text(&self) -> Text<2> {
+        coverage(self.source)
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        param::keys(self.source)
+    }
 }

@@ -288,7 +288,7 @@ fn source_sql() {
             embedding_small = CASE WHEN w.put_s THEN w.s ELSE c.embedding_small END
         FROM w
         WHERE c.value_hash = w.h AND (w.put_l OR w.put_s)"#]]
-    .assert_eq(UPSERT_BATCH);
+    .assert_eq(&UPSERT_BATCH);
 }
 
 #[test]
@@ -321,23 +321,23 @@ fn prune_sql() {
     assert!(migration(&models, false).iter().any(|s| s.sql == RUNS_FINISHED_INDEX), "the runs index is part of the migration");
 }
 
-/// The highest `$n` a statement's text numbers, and whether it uses every one below it.
-fn numbered(text: &str) -> (usize, bool) {
-    let mut seen = std::collections::BTreeSet::new();
-    let b = text.as_bytes();
-    for (i, _) in text.match_indices('$') {
-        let digits: String = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).map(|&c| c as char).collect();
-        if let Ok(n) = digits.parse::<usize>() {
-            seen.insert(n);
-        }
-    }
-    let max = seen.last().copied().unwrap_or(0);
-    (max, seen.len() == max)
+/// What a test knows of a statement: its text and how many parameters it binds.
+struct Checked {
+    name: &'static str,
+    text: String,
+    params: usize,
+}
+
+fn checked<const N: usize>(name: &'static str, s: &impl Statement<N>) -> Checked {
+    Checked { name, text: s.text().as_str().to_owned(), params: s.params().len() }
 }
 
 #[test]
 fn typed_statements_bind_every_parameter_their_text_numbers() {
+    use crate::prune::{LeftReason, LeftSource};
+    use crate::report::{IndexReport, RunReport, Trigger};
     use crate::sync::{DeleteGuard, EmbeddedValue, Progress, RunId, ValueFailure};
+    use std::time::Duration;
     let source = source();
     let tags = ModelTags { large: "l".into(), small: "s".into() };
     let run = RunId("r".into());
@@ -347,34 +347,97 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
     let report = crate::report::SourceReport::default();
     let progress = Progress { run: &run, embedded: 1, reused: 0, batches: 1, usage: Default::default() };
     let sources = [&source];
-    let statements: Vec<(&str, Box<dyn Statement + '_>)> = vec![
-        ("Plan", Box::new(Plan { source: &source, state: FULL, tags: &tags })),
-        ("LinkReusable", Box::new(LinkReusable { source: &source, tags: &tags })),
-        ("PendingPage", Box::new(PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 })),
-        ("SnapshotPending", Box::new(SnapshotPending { source: &source, tags: &tags, run: &run })),
-        ("PendingSnapshotPage", Box::new(PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: None, limit: 10 })),
-        ("HasSnapshot", Box::new(HasSnapshot { run: &run, source: &source })),
-        ("DropSnapshot", Box::new(DropSnapshot { run: &run, source: &source })),
-        ("UpsertBatch", Box::new(UpsertBatch { source: &source, tags: &tags, batch: &batch })),
-        ("LinkValues", Box::new(SourceHashes { statement: LINK_VALUES, source: &source, hashes: vec![] })),
-        ("ClearErrors", Box::new(SourceHashes { statement: CLEAR_ERRORS, source: &source, hashes: vec![] })),
-        ("RecordErrors", Box::new(RecordErrors { source: &source, failures: &failures })),
-        ("RemoveStale", Box::new(RemoveStale { source: &source, guard: Some(DeleteGuard { minimum: 1, max_share: 0.5 }) })),
-        ("DeleteOrphans", Box::new(DeleteOrphans { run: &run, sources: &sources })),
-        ("HasErrors", Box::new(HasErrors { source: &source })),
-        ("SavePlan", Box::new(SavePlan { run: &run, source: &source, plan: &report })),
-        ("AddProgress", Box::new(AddProgress { source: &source, progress: &progress })),
-        ("AddErrors", Box::new(SourceCount { statement: ADD_ERRORS, run: &run, source: &source, count: 1 })),
-        ("SourceDone", Box::new(SourceCount { statement: SOURCE_DONE, run: &run, source: &source, count: 1 })),
+    let run_report = RunReport {
+        run_id: "r".into(),
+        status: crate::report::RunStatus::Finished,
+        invocations: 1,
+        trigger: Trigger::Cron,
+        started_at: String::new(),
+        duration_ms: 0,
+        sources: Vec::new(),
+        totals: Default::default(),
+        usage: Default::default(),
+        stopped: None,
+        indexes: None,
+    };
+    let indexes = IndexReport::default();
+    let left = [LeftSource {
+        table: "t".into(),
+        column: "c".into(),
+        reason: LeftReason::Removed,
+        name: None,
+        links: 0,
+        errors: 0,
+        rows: 0,
+        same_as: None,
+    }];
+    let (holder, ttl) = ("h", Duration::from_secs(1));
+    let statements = [
+        checked("Plan", &Plan { source: &source, state: FULL, tags: &tags }),
+        checked(
+            "Plan (fresh database)",
+            &Plan { source: &source, state: SchemaState { cache: false, links: false, owned_by_row: false }, tags: &tags },
+        ),
+        checked("LinkReusable", &LinkReusable { source: &source, tags: &tags }),
+        checked("PendingPage", &PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 }),
+        checked("SnapshotPending", &SnapshotPending { source: &source, tags: &tags, run: &run }),
+        checked("PendingSnapshotPage", &PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: None, limit: 10 }),
+        checked("HasSnapshot", &HasSnapshot { run: &run, source: &source }),
+        checked("DropSnapshot", &DropSnapshot { run: &run, source: &source }),
+        checked("UpsertBatch", &UpsertBatch { source: &source, tags: &tags, batch: &batch }),
+        checked("LinkValues", &LinkValues { source: &source, batch: &batch }),
+        checked("ClearErrors", &ClearErrors { source: &source, batch: &batch }),
+        checked("RecordErrors", &RecordErrors { source: &source, failures: &failures }),
+        checked("RemoveStale", &RemoveStale { source: &source, guard: Some(DeleteGuard { minimum: 1, max_share: 0.5 }) }),
+        checked("DeleteOrphans", &DeleteOrphans { run: &run, sources: &sources }),
+        checked("HasErrors", &HasErrors { source: &source }),
+        checked("SavePlan", &SavePlan { run: &run, source: &source, plan: &report }),
+        checked("AddProgress", &AddProgress { source: &source, progress: &progress }),
+        checked("AddErrors", &AddErrors { run: &run, source: &source, errors: 1 }),
+        checked("SourceDone", &SourceDone { run: &run, source: &source, stale: 1 }),
+        checked("AcquireLease", &AcquireLease { holder, ttl }),
+        checked("Fence", &Fence { holder, generation: 1, ttl }),
+        checked("ReleaseLease", &ReleaseLease { holder, generation: 1 }),
+        checked("WriteLimits", &WriteLimits { statement: ttl, lock: ttl, idle: ttl }),
+        checked("StartRun", &StartRun { run: &run, trigger: Trigger::Cron, tags: &tags }),
+        checked("StartRunSources", &StartRunSources { run: &run, sources: &sources }),
+        checked("RunSources", &RunSources { run: &run }),
+        checked("AbandonRun", &AbandonRun { run: &run }),
+        checked("FinishRun", &FinishRun { run: &run, report: &run_report }),
+        checked("RecordIndexes", &RecordIndexes { run: &run, indexes: &indexes }),
+        checked("RecordRefused", &RecordRefused { run: &run, reasons: &[] }),
+        checked("DeleteOldRuns", &DeleteOldRuns { keep: 1 }),
+        checked("LastRuns", &LastRuns { n: 1 }),
+        checked("SourceCoverage", &SourceCoverage { source: &source }),
+        checked("LeftSources", &LeftSources { state: FULL, enabled: &sources }),
+        checked("LeftSources (by hash)", &LeftSources { state: SchemaState { owned_by_row: false, ..FULL }, enabled: &sources }),
+        checked("SameTables", &SameTables { left: &[], enabled: &sources }),
+        checked("PruneRows", &PruneRows { targets: &left }),
+        checked("PruneDeleteRows", &PruneDeleteRows { targets: &left }),
+        checked("PruneReassign", &PruneReassign { targets: &left }),
+        checked("PruneUnlink", &PruneUnlink { targets: &left }),
+        checked("PruneErrors", &PruneErrors { targets: &left }),
     ];
-    for (name, s) in &statements {
-        let (max, dense) = numbered(&s.text());
-        assert!(dense, "{name}: its text skips a parameter number");
-        assert_eq!(max, s.params().len(), "{name}: its text numbers {max} parameters");
+    for s in &statements {
+        assert_eq!(param::numbered(&s.text), Some(s.params), "{}: its text does not number exactly $1 to ${}", s.name, s.params);
     }
     // The pages put `after` and the limit at different numbers; each binds them where its text reads them.
     let page = PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 };
     assert_eq!(page.params()[4], param::Param::Text(hash.as_str().into()));
     let snap = PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: Some(&hash), limit: 10 };
     assert_eq!((&snap.params()[4], &snap.params()[5]), (&param::Param::Text("r".into()), &param::Param::Text(hash.as_str().into())));
+    // The timeouts go as milliseconds, the lease's length as seconds.
+    let limits = WriteLimits { statement: Duration::from_millis(1500), lock: Duration::from_secs(5), idle: Duration::from_millis(1500) };
+    assert_eq!(limits.params()[..2], [param::Param::Text("1500".into()), param::Param::Text("5000".into())]);
+    assert_eq!(
+        Fence { holder, generation: 7, ttl: Duration::from_millis(2500) }.params()[1..],
+        [param::Param::Int8(7), param::Param::Float8(2.5)]
+    );
+    // The enabled sources go as recorded: two `text[]`, tables and columns.
+    let left_sources = LeftSources { state: FULL, enabled: &sources };
+    assert_eq!(left_sources.params(), [param::texts([source.table_key().as_str()]), param::texts(["title"])]);
+    // A batch's errors are cleared only for the values that are done.
+    let two = [batch[0].clone(), EmbeddedValue { complete: true, ..batch[0].clone() }];
+    assert_eq!(ClearErrors { source: &source, batch: &two }.params()[2], param::texts([hash.as_str()]));
+    assert_eq!(LinkValues { source: &source, batch: &two }.params()[2], param::texts([hash.as_str(), hash.as_str()]));
 }
