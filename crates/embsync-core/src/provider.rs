@@ -54,15 +54,24 @@ pub struct Embeddings {
 }
 
 /// The `x-ratelimit-*` headers of an answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// OpenAI's limits are buckets that refill continuously: `limit` per minute, so a request or a
+/// token comes back every `60 s / limit`. `reset` is the time until the bucket is *full* again,
+/// not until the next request fits: a wait for room takes only as long as the missing amount
+/// takes to refill ([`refill_wait`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RateLimit {
-    /// Requests left in the current window.
+    /// Requests per minute (`x-ratelimit-limit-requests`).
+    pub limit_requests: Option<u64>,
+    /// Tokens per minute (`x-ratelimit-limit-tokens`).
+    pub limit_tokens: Option<u64>,
+    /// Requests left in the bucket.
     pub remaining_requests: Option<u64>,
-    /// Tokens left in the current window.
+    /// Tokens left in the bucket.
     pub remaining_tokens: Option<u64>,
-    /// When the request window resets.
+    /// Until the request bucket is full again.
     pub reset_requests: Option<Duration>,
-    /// When the token window resets.
+    /// Until the token bucket is full again.
     pub reset_tokens: Option<Duration>,
 }
 
@@ -72,6 +81,8 @@ impl RateLimit {
         let num = |name: &str| header(name).and_then(|v| v.trim().parse::<u64>().ok());
         let dur = |name: &str| header(name).and_then(|v| parse_reset(&v));
         let r = RateLimit {
+            limit_requests: num("x-ratelimit-limit-requests"),
+            limit_tokens: num("x-ratelimit-limit-tokens"),
             remaining_requests: num("x-ratelimit-remaining-requests"),
             remaining_tokens: num("x-ratelimit-remaining-tokens"),
             reset_requests: dur("x-ratelimit-reset-requests"),
@@ -81,19 +92,27 @@ impl RateLimit {
     }
 
     /// How long to wait before a next request of about `next_tokens` tokens, so that it is not
-    /// throttled: until the window resets when fewer than two requests or fewer tokens than it
-    /// needs are left; `None` when there is room.
+    /// throttled: until two requests and `next_tokens` tokens have refilled ([`refill_wait`]);
+    /// `None` when there is room.
     pub fn pause(&self, next_tokens: u64) -> Option<Duration> {
-        let requests_out = self.remaining_requests.is_some_and(|r| r < 2);
-        let tokens_out = self.remaining_tokens.is_some_and(|t| t < next_tokens);
-        let wait = match (requests_out, tokens_out) {
-            (false, false) => return None,
-            (true, false) => self.reset_requests,
-            (false, true) => self.reset_tokens,
-            (true, true) => self.reset_requests.max(self.reset_tokens),
-        };
-        Some(wait.unwrap_or(Duration::from_secs(1)))
+        let requests = self.remaining_requests.and_then(|r| refill_wait(r as f64, 2.0, self.limit_requests, self.reset_requests));
+        let tokens = self.remaining_tokens.and_then(|t| refill_wait(t as f64, next_tokens as f64, self.limit_tokens, self.reset_tokens));
+        requests.max(tokens)
     }
+}
+
+/// How long until `need` fits in a bucket that holds `remaining` now, refills at `limit` per
+/// minute, and is full again after `reset`: `(need - remaining) × 60 s / limit`, and never
+/// longer than `reset` (a full bucket is the most there will be). Without `limit` (a provider
+/// that does not send it) the refill rate is unknown and it is `reset`; without `reset`, a
+/// second. `None` when `need` fits now.
+pub fn refill_wait(remaining: f64, need: f64, limit: Option<u64>, reset: Option<Duration>) -> Option<Duration> {
+    if remaining >= need {
+        return None;
+    }
+    let full = reset.unwrap_or(Duration::from_secs(1));
+    let refill = limit.filter(|&l| l > 0).map(|l| Duration::from_secs_f64((need - remaining) * 60.0 / l as f64));
+    Some(refill.map_or(full, |r| r.min(full)))
 }
 
 /// Parses OpenAI's reset durations: `1s`, `6m0s`, `20ms`, `1.5s`, `1h2m3s`.
@@ -704,6 +723,7 @@ mod tests {
 
     #[test]
     fn rate_limits() {
+        // Without the limits, the refill rate is unknown: a wait lasts until the bucket is full.
         let headers = [
             ("x-ratelimit-remaining-requests", "1"),
             ("x-ratelimit-remaining-tokens", "5000"),
@@ -712,6 +732,7 @@ mod tests {
         ];
         let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
         let r = RateLimit::from_headers(lookup).unwrap();
+        assert_eq!((r.limit_requests, r.limit_tokens), (None, None));
         assert_eq!(r.pause(10), Some(Duration::from_millis(120)));
         assert_eq!(r.pause(6000), Some(Duration::from_secs(360)));
         let roomy = RateLimit { remaining_requests: Some(100), remaining_tokens: Some(100_000), ..r };
@@ -720,6 +741,34 @@ mod tests {
         assert_eq!(parse_reset("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_reset("1h2m3s"), Some(Duration::from_secs(3723)));
         assert_eq!(parse_reset("soon"), None);
+    }
+
+    #[test]
+    fn pacing_waits_for_the_missing_amount_to_refill_not_for_the_whole_reset() {
+        // OpenAI at 3,000 requests and 1,000,000 tokens a minute, both buckets empty: full again
+        // in 60 s, but a request comes back every 20 ms and 1,000 tokens every 60 ms.
+        let headers = [
+            ("x-ratelimit-limit-requests", "3000"),
+            ("x-ratelimit-limit-tokens", "1000000"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-remaining-tokens", "5000"),
+            ("x-ratelimit-reset-requests", "1m0s"),
+            ("x-ratelimit-reset-tokens", "59.7s"),
+        ];
+        let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+        let r = RateLimit::from_headers(lookup).unwrap();
+        assert_eq!((r.limit_requests, r.limit_tokens), (Some(3000), Some(1_000_000)));
+        // Two requests missing: 40 ms (the whole reset would be 60 s).
+        assert_eq!(r.pause(10), Some(Duration::from_millis(40)));
+        // 1,000 tokens missing (and the two requests): 60 ms.
+        assert_eq!(r.pause(6000), Some(Duration::from_millis(60)));
+        let requests_left = RateLimit { remaining_requests: Some(2), ..r };
+        assert_eq!(requests_left.pause(5000), None);
+        // Never longer than the reset: after it the bucket is full, the most there will be.
+        let big = RateLimit { remaining_tokens: Some(0), reset_tokens: Some(Duration::from_millis(500)), ..requests_left };
+        assert_eq!(big.pause(2_000_000), Some(Duration::from_millis(500)));
+        assert_eq!(refill_wait(0.0, 1.0, Some(60), None), Some(Duration::from_secs(1)), "no reset: at most a second");
+        assert_eq!(refill_wait(0.5, 1.0, Some(60), Some(Duration::from_secs(30))), Some(Duration::from_millis(500)));
     }
 
     #[test]

@@ -27,7 +27,9 @@
 //! default and at most [`MAX_REQUESTS_IN_FLIGHT`]), halves it on a 429 and starts nothing
 //! before the `Retry-After` has passed (additive increase, multiplicative decrease: it grows
 //! back by one request per window of successful answers), paces new batches from the
-//! `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` headers of the answers, and keeps to the
+//! `x-ratelimit-*` headers of the answers (OpenAI's buckets refill continuously at their
+//! per-minute limit, so a batch waits only until what it lacks has refilled; the reset, when
+//! the bucket is full again, is the longest wait), and keeps to the
 //! configured `requestsPerMinute` and `tokensPerMinute`, for a key shared with other services.
 
 use crate::config::Rate;
@@ -169,11 +171,49 @@ impl Bucket {
     }
 }
 
-/// What the provider's last answer said was left, and until when.
+/// One of the provider's buckets as its last answer described it: `left` at `at_ms` (less what
+/// went out since), refilling at `per_ms` (its per-minute limit; `None` when the provider did
+/// not send it), full again at `full_ms`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Level {
+    left: f64,
+    at_ms: f64,
+    per_ms: Option<f64>,
+    full_ms: f64,
+}
+
+impl Level {
+    fn new(left: u64, limit: Option<u64>, reset: Option<Duration>, now_ms: f64) -> Level {
+        // Without a reset time, the state is taken to hold for a second.
+        let reset_ms = reset.unwrap_or(Duration::from_secs(1)).as_secs_f64() * 1000.0;
+        let per_ms = limit.filter(|&l| l > 0).map(|l| l as f64 / 60_000.0);
+        Level { left: left as f64, at_ms: now_ms, per_ms, full_ms: now_ms + reset_ms }
+    }
+
+    /// When `need` fits: as soon as the missing amount has refilled, at the latest when the
+    /// bucket is full again (the whole reset only when the refill rate is unknown); `now_ms`
+    /// when it fits now.
+    fn fits_at(&self, now_ms: f64, need: f64) -> f64 {
+        if now_ms >= self.full_ms {
+            return now_ms;
+        }
+        let elapsed = (now_ms - self.at_ms).max(0.0);
+        let level = self.left + self.per_ms.map_or(0.0, |r| elapsed * r);
+        if level >= need {
+            return now_ms;
+        }
+        match self.per_ms {
+            Some(r) => (now_ms + (need - level) / r).min(self.full_ms),
+            None => self.full_ms,
+        }
+    }
+}
+
+/// What the provider's last answer said was left.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Remaining {
-    requests: Option<(f64, f64)>,
-    tokens: Option<(f64, f64)>,
+    requests: Option<Level>,
+    tokens: Option<Level>,
 }
 
 /// The adaptive rate of an invocation's provider requests (see the module's documentation).
@@ -211,21 +251,18 @@ impl Control {
 
     /// How long to wait before a batch of `requests` requests and about `tokens` tokens goes
     /// out: until a `Retry-After` has passed, the per-minute ceilings have room, and the
-    /// provider's window (as its headers said) has room or has reset. `None`: at once.
+    /// provider's buckets (as its headers said, refilling at their per-minute limits) have room.
+    /// `None`: at once.
     pub fn delay(&self, now_ms: f64, requests: usize, tokens: u64) -> Option<Duration> {
         let mut until = self.not_before_ms;
         for bucket in [&self.requests, &self.tokens].into_iter().flatten() {
             until = until.max(now_ms + bucket.wait_ms(now_ms));
         }
-        if let Some((left, reset_ms)) = self.remaining.requests {
-            if now_ms < reset_ms && left < requests as f64 {
-                until = until.max(reset_ms);
-            }
+        if let Some(level) = &self.remaining.requests {
+            until = until.max(level.fits_at(now_ms, requests as f64));
         }
-        if let Some((left, reset_ms)) = self.remaining.tokens {
-            if now_ms < reset_ms && left < tokens as f64 {
-                until = until.max(reset_ms);
-            }
+        if let Some(level) = &self.remaining.tokens {
+            until = until.max(level.fits_at(now_ms, tokens as f64));
         }
         (until > now_ms).then(|| Duration::from_secs_f64((until - now_ms) / 1000.0))
     }
@@ -238,11 +275,11 @@ impl Control {
         if let Some(b) = &mut self.tokens {
             b.take(now_ms, tokens);
         }
-        if let Some((left, _)) = &mut self.remaining.requests {
-            *left -= requests as f64;
+        if let Some(level) = &mut self.remaining.requests {
+            level.left -= requests as f64;
         }
-        if let Some((left, _)) = &mut self.remaining.tokens {
-            *left -= tokens as f64;
+        if let Some(level) = &mut self.remaining.tokens {
+            level.left -= tokens as f64;
         }
     }
 
@@ -251,13 +288,11 @@ impl Control {
     pub fn answered(&mut self, now_ms: f64, headers: Option<&RateLimit>) {
         self.limit = (self.limit + 1.0 / self.limit).min(self.ceiling);
         if let Some(h) = headers {
-            // Without a reset time, the state is taken to hold for a second.
-            let until = |reset: Option<Duration>| now_ms + reset.unwrap_or(Duration::from_secs(1)).as_secs_f64() * 1000.0;
             if let Some(n) = h.remaining_requests {
-                self.remaining.requests = Some((n as f64, until(h.reset_requests)));
+                self.remaining.requests = Some(Level::new(n, h.limit_requests, h.reset_requests, now_ms));
             }
             if let Some(n) = h.remaining_tokens {
-                self.remaining.tokens = Some((n as f64, until(h.reset_tokens)));
+                self.remaining.tokens = Some(Level::new(n, h.limit_tokens, h.reset_tokens, now_ms));
             }
         }
     }
@@ -385,9 +420,11 @@ mod tests {
     }
 
     #[test]
-    fn the_providers_headers_pace_new_batches_until_the_window_resets() {
+    fn without_the_limits_the_providers_headers_pace_new_batches_until_the_buckets_are_full() {
         let mut c = Control::new(&rate(None, None, None), 0.0);
         let headers = RateLimit {
+            limit_requests: None,
+            limit_tokens: None,
             remaining_requests: Some(3),
             remaining_tokens: Some(10_000),
             reset_requests: Some(Duration::from_millis(800)),
@@ -406,6 +443,38 @@ mod tests {
         // A new answer says what is left now.
         c.answered(7000.0, Some(&RateLimit { remaining_requests: Some(0), reset_requests: None, ..headers }));
         assert_eq!(ms(c.delay(7000.0, 1, 1)), Some(1000), "no reset given: a second");
+    }
+
+    #[test]
+    fn the_providers_buckets_pace_new_batches_by_their_refill_rate() {
+        // OpenAI at 3,000 requests and 1,000,000 tokens a minute: a request comes back every
+        // 20 ms, 1,000 tokens every 60 ms; the resets say when the buckets are full again.
+        let mut c = Control::new(&rate(None, None, None), 0.0);
+        let headers = RateLimit {
+            limit_requests: Some(3000),
+            limit_tokens: Some(1_000_000),
+            remaining_requests: Some(1),
+            remaining_tokens: Some(10_000),
+            reset_requests: Some(Duration::from_millis(59_980)),
+            reset_tokens: Some(Duration::from_millis(59_400)),
+        };
+        c.answered(1000.0, Some(&headers));
+        assert_eq!(c.delay(1000.0, 1, 10_000), None, "room for one request and its tokens");
+        // A batch of two requests waits for one to refill: 20 ms, not the 60 s until full.
+        assert_eq!(ms(c.delay(1000.0, 2, 100)), Some(20));
+        assert_eq!(c.delay(1020.0, 2, 100), None);
+        // 16,000 tokens: 6,000 missing refill in 360 ms.
+        assert_eq!(ms(c.delay(1000.0, 1, 16_000)), Some(360));
+        // What went out since the answer is missing too, and what refilled since is there.
+        c.sent(1100.0, 1, 10_000);
+        // At 1,100 ms: 1 + 5 refilled - 1 sent = 5 requests, 10,000 + 1,667 - 10,000 tokens.
+        assert_eq!(c.delay(1100.0, 5, 1000), None);
+        assert_eq!(ms(c.delay(1100.0, 6, 1000)), Some(20));
+        assert_eq!(ms(c.delay(1100.0, 1, 3000)), Some(80));
+        // Never past the time the bucket is full: a batch larger than the bucket waits that long.
+        assert_eq!(ms(c.delay(1100.0, 1, 2_000_000)), Some(59_300));
+        // Once full, what the headers said no longer holds.
+        assert_eq!(c.delay(61_000.0, 2, 2_000_000), None);
     }
 
     #[test]

@@ -549,6 +549,8 @@ async fn pacing_waits_when_the_rate_limit_is_nearly_used_up() {
     w.set("ta", "ca", &["p"]).await;
     w.set("tb", "cb", &[]).await;
     *w.provider.rate.borrow_mut() = Some(RateLimit {
+        limit_requests: None,
+        limit_tokens: None,
         remaining_requests: Some(1),
         remaining_tokens: Some(1_000_000),
         reset_requests: Some(Duration::from_millis(800)),
@@ -556,6 +558,26 @@ async fn pacing_waits_when_the_rate_limit_is_nearly_used_up() {
     });
     w.run().await.unwrap();
     assert_eq!(*w.rt.slept.borrow(), [Duration::from_millis(800), Duration::from_millis(800)]);
+}
+
+/// OpenAI's buckets refill continuously and `x-ratelimit-reset-*` is the time until they are
+/// full: with the limit known, a pacing wait lasts until the missing request has refilled (at
+/// 3,000 a minute, 20 ms), not the whole reset (60 s here).
+#[tokio::test(flavor = "current_thread")]
+async fn pacing_waits_only_for_the_missing_requests_to_refill() {
+    let mut w = World::new(10).await;
+    w.set("ta", "ca", &["p"]).await;
+    w.set("tb", "cb", &[]).await;
+    *w.provider.rate.borrow_mut() = Some(RateLimit {
+        limit_requests: Some(3000),
+        limit_tokens: Some(1_000_000),
+        remaining_requests: Some(1),
+        remaining_tokens: Some(1_000_000),
+        reset_requests: Some(Duration::from_secs(60)),
+        reset_tokens: None,
+    });
+    w.run().await.unwrap();
+    assert_eq!(*w.rt.slept.borrow(), [Duration::from_millis(20), Duration::from_millis(20)]);
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -222,6 +222,8 @@ async fn a_pacing_wait_past_the_budget_pauses_after_the_batch_instead() {
     let (provider, rt) = (FakeProvider::default(), TestRuntime::default());
     // Every answer says the window is used up for 300 s, in invocations of 60 s.
     *provider.rate.borrow_mut() = Some(RateLimit {
+        limit_requests: None,
+        limit_tokens: None,
         remaining_requests: Some(0),
         remaining_tokens: Some(0),
         reset_requests: Some(Duration::from_secs(300)),
