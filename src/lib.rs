@@ -403,11 +403,13 @@ async fn status(env: &Env) -> Result<Status, AppError> {
             sources: Vec::new(),
             disabled: config.sources.iter().filter(|s| !s.enabled).map(|s| s.name.clone()).collect(),
             left_config: Vec::new(),
+            orphans: Default::default(),
         };
         if store.has_run_tables().await? {
             out.current_run = store.current_run().await?;
             out.last_runs = store.last_runs(10).await?;
             out.left_config = store.left_sources(&config).await?;
+            out.orphans = store.waiting_orphans().await?;
         }
         for source in config.enabled_sources() {
             out.sources.push(store.coverage(source).await);

@@ -17,6 +17,7 @@
 //!     sources: vec![],
 //!     disabled: vec![],
 //!     left_config: vec![],
+//!     orphans: Default::default(),
 //! };
 //! let page = html::render(&status);
 //! assert!(page.starts_with("<!DOCTYPE html>"));
@@ -25,7 +26,7 @@
 
 use crate::prune::{LeftReason, LeftSource};
 use crate::report::{RunReport, RunStatus, SourceReport, Trigger};
-use crate::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource, Status};
+use crate::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource, Status, WaitingOrphans};
 use base64::Engine;
 use sha2::{Digest, Sha256};
 use std::fmt::{self, Write};
@@ -256,6 +257,7 @@ fn write_page(out: &mut String, status: &Status) -> fmt::Result {
     }
     out.push_str("</section>\n");
     write_left_config(out, &status.left_config)?;
+    write_orphans(out, &status.orphans)?;
     out.push_str("</main>\n<footer>The same as JSON: <code>GET /status</code> with <code>Accept: application/json</code>.</footer>\n</body>\n</html>\n");
     Ok(())
 }
@@ -432,6 +434,29 @@ fn write_left_config(out: &mut String, left: &[LeftSource]) -> fmt::Result {
         out.push_str("</dl>\n</article>\n");
     }
     out.push_str("</section>\n");
+    Ok(())
+}
+
+/// The orphan candidates waiting for the end of a run, when there are any.
+fn write_orphans(out: &mut String, orphans: &WaitingOrphans) -> fmt::Result {
+    if orphans.rows == 0 {
+        return Ok(());
+    }
+    out.push_str("<section class=\"orphans\">\n<h2>Waiting to be deleted</h2>\n");
+    write!(
+        out,
+        "<p class=\"muted\">{} cache {} embsync wrote {} no longer linked by any source",
+        Num(orphans.rows),
+        if orphans.rows == 1 { "row" } else { "rows" },
+        if orphans.rows == 1 { "is" } else { "are" }
+    )?;
+    if let Some(oldest) = &orphans.oldest {
+        write!(out, " (the first since {})", Esc(&when(oldest)))?;
+    }
+    out.push_str(
+        ". The end of the next run that gets through every source deletes those that no source links or has by then; \
+         a value a source has again is kept and linked.</p>\n</section>\n",
+    );
     Ok(())
 }
 

@@ -64,7 +64,15 @@ fn finished(report: &RunReport) -> FinishedRun {
 }
 
 fn status(current_run: Option<CurrentRun>, last_runs: Vec<FinishedRun>, sources: Vec<Coverage>) -> Status {
-    Status { cursor: CursorState::Absent, current_run, last_runs, sources, disabled: vec![], left_config: vec![] }
+    Status {
+        cursor: CursorState::Absent,
+        current_run,
+        last_runs,
+        sources,
+        disabled: vec![],
+        left_config: vec![],
+        orphans: Default::default(),
+    }
 }
 
 /// Checks the page's `<body>`; the head is the same for every state (see `head_is_self_contained`).
@@ -392,6 +400,22 @@ fn sources_that_left_the_config_show_what_they_hold() {
         "#]],
     );
     assert!(!render(&status(None, vec![], vec![])).contains("Left the config"), "the section shows only when a source left");
+}
+
+#[test]
+fn orphans_waiting_for_the_end_of_a_run_are_counted() {
+    let mut st = status(None, vec![], vec![]);
+    assert!(!render(&st).contains("Waiting to be deleted"), "the section shows only when orphans wait");
+    st.orphans = WaitingOrphans { rows: 1234, oldest: Some("2026-11-23T23:59:00.123Z".into()) };
+    let page = render(&st);
+    let section = &page[page.find("<section class=\"orphans\">").expect("the section")..page.find("</main>").unwrap()];
+    expect![[r#"
+        <section class="orphans">
+        <h2>Waiting to be deleted</h2>
+        <p class="muted">1,234 cache rows embsync wrote are no longer linked by any source (the first since 2026-11-23 23:59:00 UTC). The end of the next run that gets through every source deletes those that no source links or has by then; a value a source has again is kept and linked.</p>
+        </section>
+    "#]]
+    .assert_eq(section);
 }
 
 #[test]

@@ -24,6 +24,21 @@ pub struct Status {
     /// Sources recorded in embsync's tables that no enabled source has (removed, renamed or
     /// disabled), with what they still hold; `POST /prune` removes them.
     pub left_config: Vec<LeftSource>,
+    /// Cache rows embsync wrote that a source stopped linking, waiting for the end of a run.
+    pub orphans: WaitingOrphans,
+}
+
+/// Orphan candidates (`embedding_sync_orphans`): cache rows embsync wrote whose value a source
+/// no longer has and no other source links. Stale removal records them; the end of a run that got
+/// through every source deletes those that no source links or has by then, and keeps the rest
+/// (a value a source has again is linked by the next run).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitingOrphans {
+    /// How many wait.
+    pub rows: u64,
+    /// ISO 8601 UTC time the longest-waiting one was unlinked, when any waits.
+    pub oldest: Option<String>,
 }
 
 /// The KV cursor as `GET /status` shows it: JSON `null`, the cursor, or
@@ -202,6 +217,7 @@ mod tests {
                 LeftSource::new(&config, "drafts".into(), "body".into(), 2, 1, 2),
                 LeftSource::new(&config, "items".into(), "title".into(), 3, 0, 0),
             ],
+            orphans: WaitingOrphans { rows: 2, oldest: Some("2026-11-23T23:59:00.123Z".into()) },
         };
         expect![[r#"
             {
@@ -233,7 +249,11 @@ mod tests {
                   "rows": 0,
                   "sameAs": null
                 }
-              ]
+              ],
+              "orphans": {
+                "rows": 2,
+                "oldest": "2026-11-23T23:59:00.123Z"
+              }
             }"#]]
         .assert_eq(&serde_json::to_string_pretty(&status).unwrap());
     }

@@ -12,7 +12,7 @@ use embsync_core::prune::{LeftSource, PruneOutcome, PruneReport, PruneRequest};
 use embsync_core::report::{iso8601, IndexReport, ModelUsage, RunReport, RunStatus, SourceReport, Trigger};
 use embsync_core::sql::param::Param as SqlParam;
 use embsync_core::sql::{self, ModelTags, PgType, SchemaState, Statement};
-use embsync_core::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource};
+use embsync_core::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource, WaitingOrphans};
 use embsync_core::sync::{
     DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome,
     Store, StoreError, ValueFailure,

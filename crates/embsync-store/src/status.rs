@@ -77,6 +77,21 @@ impl PgStore {
         }))
     }
 
+    /// The orphan candidates waiting for the end of a run (read-only; none before the table
+    /// exists).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the table cannot be read.
+    pub async fn waiting_orphans(&mut self) -> Result<WaitingOrphans, StoreError> {
+        let exists: bool =
+            self.client.query_typed_one(sql::HAS_ORPHANS_TABLE, &[]).await.map_err(|e| err("checking the schema", e))?.get(0);
+        if !exists {
+            return Ok(WaitingOrphans::default());
+        }
+        let row = self.client.query_typed_one(sql::ORPHANS_WAITING_COUNT, &[]).await.map_err(|e| err("counting orphans", e))?;
+        Ok(WaitingOrphans { rows: row.get::<_, i64>(0).max(0) as u64, oldest: row.get::<_, Option<f64>>(1).map(iso8601) })
+    }
+
     /// Whether embsync's tables exist (so `/status` can say "never run" instead of failing).
     ///
     /// # Errors

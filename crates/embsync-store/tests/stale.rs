@@ -4,10 +4,14 @@
 
 mod support;
 
+use embsync_core::report::Trigger;
 use embsync_core::sql::param::{Param, Text};
 use embsync_core::sql::{self, Statement};
-use embsync_core::sync::{DeleteGuard, RunId, Store};
+use embsync_core::status::WaitingOrphans;
+use embsync_core::sync::{Budget, DeleteGuard, Outcome, RunId, Store, StoreError};
 use embsync_store::bind::{query, Bound};
+use embsync_store::PgStore;
+use support::hooked::{Call, Go, Hook, Hooked};
 use support::*;
 
 /// `EXPLAIN (options)` of a typed statement, with its parameters.
@@ -122,4 +126,59 @@ async fn a_large_sync_analyzes_embsyncs_own_tables() {
         analyzed,
         ["embedding_cache", "embedding_cache_owned", "embedding_cache_sources", "embedding_sync_pending"].map(String::from).into()
     );
+}
+
+/// The run's end fails to delete the orphan candidates.
+struct CutBeforeOrphans;
+
+impl Hook for CutBeforeOrphans {
+    async fn before(&mut self, call: &Call<'_>, _: &mut PgStore) -> Go {
+        match call {
+            Call::DeleteOrphans { .. } => Go::Fail(StoreError::new("cut before the orphans' deletion")),
+            _ => Go::Run,
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn status_counts_the_orphan_candidates_waiting_for_the_end_of_a_run() {
+    let db = TestDb::create().await;
+    let config = config(10, &[("Items", "items", "title")]);
+    let (provider, rt) = (FakeProvider::default(), TestRuntime::default());
+    let mut store = db.store(&config).await;
+    // Before embsync's tables exist there is nothing to count, and no error.
+    assert_eq!(store.waiting_orphans().await.unwrap(), WaitingOrphans::default());
+    db.source_table("items", "title", &["a", "b", "c", "d"]).await;
+    invoke(&config, &mut store, &provider, &rt, Budget::default(), "inv-1", None).await.unwrap();
+    assert_eq!(store.waiting_orphans().await.unwrap(), WaitingOrphans::default());
+
+    // Two values leave the source; the run that unlinks them fails to delete their rows at its
+    // end: they wait.
+    db.exec("DELETE FROM items WHERE title IN ('a', 'b')").await;
+    let mut hooked = Hooked::new(db.store(&config).await, CutBeforeOrphans);
+    let id = RunId("run-cut".into());
+    let inv = embsync_core::sync::Invocation {
+        trigger: Trigger::Cron,
+        retry: Default::default(),
+        budget: Budget::default(),
+        new_run: &id,
+        holder: "inv-2",
+        hint: None,
+    };
+    // The driver goes on without the deletion (the next run's end deletes them).
+    let cut = embsync_core::sync::invoke(&config, &mut hooked, &provider, &rt, &inv).await;
+    let Ok(Outcome::Finished(report)) = cut else { panic!("{cut:?}") };
+    assert_eq!((report.totals.stale, report.totals.deleted), (2, 0));
+    let waiting = store.waiting_orphans().await.unwrap();
+    assert_eq!(waiting.rows, 2);
+    let oldest = waiting.oldest.expect("the time the first was unlinked");
+    let recorded =
+        db.texts("SELECT to_char(min(unlinked_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') FROM embedding_sync_orphans").await;
+    assert!(recorded.iter().all(|t| oldest.starts_with(t.as_str())), "{oldest} is not {recorded:?}");
+
+    // The next run that gets through every source deletes them: nothing waits.
+    let outcome = invoke(&config, &mut store, &provider, &rt, Budget::default(), "inv-3", None).await.unwrap();
+    assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
+    assert_eq!(store.waiting_orphans().await.unwrap(), WaitingOrphans::default());
+    assert_eq!(db.count("SELECT count(*) FROM embedding_cache").await, 2);
 }

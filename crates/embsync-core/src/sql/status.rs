@@ -8,6 +8,15 @@ pub const CURRENT_RUN: &str = "\
 SELECT run_id, status, trigger, invocations, (extract(epoch FROM started_at) * 1000)::float8
 FROM embedding_sync_runs WHERE finished_at IS NULL";
 
+/// Whether `embedding_sync_orphans` exists (schema version 3; a `/status` read before a sync has
+/// migrated an older schema finds none).
+pub const HAS_ORPHANS_TABLE: &str = "SELECT to_regclass('embedding_sync_orphans') IS NOT NULL";
+
+/// The orphan candidates waiting: `rows` (int8) and, when any, the oldest `unlinked_at` (epoch
+/// milliseconds, float8).
+pub const ORPHANS_WAITING_COUNT: &str =
+    "SELECT count(*)::int8, (extract(epoch FROM min(unlinked_at)) * 1000)::float8 FROM embedding_sync_orphans";
+
 /// The last `$1` (int8) finished runs, newest first: `run_id`, `status`, `report` (JSON text),
 /// `finished_at` (epoch milliseconds, float8).
 pub const LAST_RUNS: Text<1> = Text::fixed(
