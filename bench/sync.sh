@@ -44,13 +44,13 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
 # shellcheck source=scripts/lib.sh disable=SC1091
 . "$REPO/scripts/lib.sh"
+BENCH_NAME=bench/sync.sh
+BENCH_TAG=bench
+# shellcheck source=bench/lib.sh disable=SC1091
+. "$REPO/bench/lib.sh"
 cd "$REPO"
 
-N="${1:-100000}"
-case "$N" in
-    '' | *[!0-9]*) echo "usage: bench/sync.sh [N]   (N: number of distinct values, default 100000)" >&2; exit 2 ;;
-esac
-[ "$N" -ge 1000 ] || { echo "bench/sync.sh: N must be at least 1000" >&2; exit 2; }
+N="$(bench_n "${1:-}")"
 BATCH_SIZE=2048
 MAX_BATCHES="${BENCH_MAX_BATCHES:-20}"
 CRON='*/5+*+*+*+*'
@@ -73,71 +73,18 @@ if [ -n "${BENCH_DIMS:-}" ]; then
     SMALL_JSON="{\"name\":\"$SMALL\",\"dimensions\":$SMALL_DIMS}"
 fi
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/embsync-bench.XXXXXX")"
-# Postgres may run as another user (as root it must), who has to reach the data directory.
-chmod 755 "$WORK"
-LOGS="$WORK/logs"
-mkdir -p "$LOGS"
-PG_DIR="$WORK/pg"
-PG_LOG="$PG_DIR/postgres.log"
-
+bench_init
 WRANGLER_PID=""
 COUNT_WRANGLER_PID=""
 PROVIDER_PID=""
 PROXY_PID=""
-PG_STARTED=""
-
-say() {
-    printf '==> [bench] %s\n' "$*" >&2
-}
-
-die() {
-    printf 'bench/sync.sh: %s\n' "$*" >&2
-    exit 1
-}
-
-# shellcheck disable=SC2317 # Only called from the EXIT trap.
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    stop_wrangler "$WRANGLER_PID"
-    stop_wrangler "$COUNT_WRANGLER_PID"
-    stop_process "$PROVIDER_PID"
-    stop_process "$PROXY_PID"
-    if [ -n "$PG_STARTED" ]; then
-        "$REPO/scripts/pg.sh" stop "$PG_DIR" >&2 || true
-    fi
-    if [ "$status" -eq 0 ] && [ -z "${BENCH_KEEP:-}" ]; then
-        rm -rf "$WORK"
-    else
-        [ -f "$PG_LOG" ] && cp "$PG_LOG" "$LOGS/postgres.log" 2>/dev/null
-        rm -rf "$PG_DIR"
-        echo "bench/sync.sh: logs kept in $LOGS" >&2
-        [ "$status" -eq 0 ] || echo "bench/sync.sh failed (exit status $status)" >&2
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Prefixes each line of stdin with the epoch time it was read at.
-stamp() {
-    python3 -u -c 'import sys, time
-for line in sys.stdin:
-    sys.stdout.write("%.3f %s" % (time.time(), line))
-    sys.stdout.flush()'
-}
+bench_stop_on_exit wrangler WRANGLER_PID
+bench_stop_on_exit wrangler COUNT_WRANGLER_PID
+bench_stop_on_exit process PROVIDER_PID
+bench_stop_on_exit process PROXY_PID
 
 psql_q() {
     "$PG_BIN/psql" "$DATABASE_URL" -X -q -A -t -v ON_ERROR_STOP=1 "$@"
-}
-
-# Reads a JSON document from stdin and prints the value at a Python expression over `d`.
-json() {
-    python3 -c 'import json, sys
-d = json.load(sys.stdin)
-print(eval(sys.argv[1]))' "$1"
 }
 
 provider_requests() {
@@ -148,26 +95,13 @@ provider_reset() {
     curl -fsS -m 60 -X DELETE "$PROVIDER_ORIGIN/_admin/requests" >/dev/null
 }
 
-# Starts `wrangler dev` with the prebuilt worker on port $1, Postgres URL $2, log file $3, state
-# directory $4; prints the pid.
-start_wrangler() {
-    local port="$1" url="$2" log="$3" state="$4"
-    # An empty env file keeps .dev.vars/.env out; each instance needs its own inspector port;
-    # `--log-level log` keeps the worker's console.log lines (`Batch i of N`, `Sync report:`).
-    : >"$WORK/empty.env"
-    SKIP_WORKER_BUILD=1 NO_COLOR=1 "$NODE22" "$WRANGLER_JS" dev \
-        --config "$WORK/wrangler.toml" --env-file "$WORK/empty.env" \
-        --ip 127.0.0.1 --port "$port" --inspector-port "$(free_port)" \
-        --persist-to "$state" \
-        --test-scheduled --show-interactive-dev-session=false --log-level log \
-        --var "DATABASE_URL:$url" \
-        --var "OPENAI_API_KEY:local-bench-key" \
+# Starts `wrangler dev` (see bench/lib.sh) on port $1, Postgres URL $2, log file $3, state
+# directory $4, with the bench's source, provider and batch budget; prints the pid.
+start_sync_wrangler() {
+    start_wrangler "$@" --test-scheduled \
         --var "OPENAI_BASE_URL:$OPENAI_BASE_URL" \
-        --var "SYNC_API_TOKEN:$TOKEN" \
         --var "EMBEDDING_SOURCES:$SOURCES_JSON" \
-        --var "SYNC_MAX_BATCHES:$MAX_BATCHES" \
-        </dev/null > >(stamp >"$log") 2>&1 &
-    echo $!
+        --var "SYNC_MAX_BATCHES:$MAX_BATCHES"
 }
 
 # Waits for `wrangler dev` pid $2 with log $3 to answer $1/health; dies when it does not.
@@ -178,35 +112,9 @@ wait_worker() {
 # ---------------------------------------------------------------------------------------------
 # Build and start everything.
 
-if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
-    say "setup and builds (log $LOGS/build.log)"
-    {
-        "$REPO/scripts/setup.sh"
-        worker-build --release
-        cargo build -p local-provider
-    } >"$LOGS/build.log" 2>&1 || { tail -n 40 "$LOGS/build.log" >&2; die "setup or build failed"; }
-fi
-[ -f "$REPO/build/worker/shim.mjs" ] || die "no build/worker/shim.mjs: run worker-build --release (or drop BENCH_SKIP_BUILD)"
-PROVIDER_BIN="$(provider_bin)"
-[ -x "$PROVIDER_BIN" ] || die "the provider binary is not at $PROVIDER_BIN"
-
-# wrangler dev rebuilds and reloads the worker when src/ or the bundle changes, which would kill
-# an invocation mid-run if anyone edits or rebuilds the repository during the bench. So it runs a
-# copy of the built worker, with a copy of wrangler.toml that has no [build] section.
-cp -a "$REPO/build" "$WORK/build"
-python3 - "$REPO/wrangler.toml" "$WORK/wrangler.toml" "$WORK/build/worker/shim.mjs" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-text = re.sub(r"(?ms)^\[build\]\n.*?(?=^\[)", "", text)
-text = re.sub(r'(?m)^main = .*$', 'main = "%s"' % sys.argv[3], text)
-open(sys.argv[2], "w").write("# bench/sync.sh: wrangler.toml without [build], running a copy of the build.\n" + text)
-PY
-
-say "starting Postgres (data $PG_DIR)"
-PG_PORT="$(free_port)"
-PG_STARTED=1
-"$REPO/scripts/pg.sh" start "$PG_DIR" "$PG_PORT" >&2
-DATABASE_URL="$("$REPO/scripts/pg.sh" url "$PG_PORT")"
+bench_build
+bench_copy_worker
+bench_start_pg
 # Every statement is logged with its duration (not its parameters: they hold the vectors), for
 # the breakdown at the end. psql's statements carry application_name psql and are left out.
 psql_q >/dev/null <<'SQL'
@@ -218,23 +126,12 @@ SELECT pg_reload_conf();
 SQL
 
 say "creating $TABLE with $N distinct values"
-psql_q -v n="$N" <<SQL
-CREATE TABLE $TABLE (id bigint PRIMARY KEY, $COLUMN text);
-INSERT INTO $TABLE
-SELECT i, format('Product %s %s, %s steel bracket with %s finish and %s mm bolts',
-                 i, upper(substr(md5(i::text), 1, 8)),
-                 (ARRAY['stainless', 'galvanised', 'carbon', 'tool'])[1 + i % 4],
-                 (ARRAY['matte', 'polished', 'powder-coated', 'brushed', 'anodised'])[1 + i % 5],
-                 4 + i % 17)
-FROM generate_series(1, :n) AS i;
-ANALYZE $TABLE;
-SQL
+source_table_sql "$TABLE" "$COLUMN" | psql_q -v n="$N"
 
 say "starting the local provider (zero latency)"
-"$PROVIDER_BIN" --port 0 </dev/null >"$LOGS/provider.out" 2> >(stamp >"$LOGS/provider.err") &
-PROVIDER_PID=$!
-PROVIDER_ORIGIN="$(listening_address "$LOGS/provider.out" "$PROVIDER_PID")" \
-    || die "the provider did not start ($LOGS/provider.out)"
+start_provider provider
+PROVIDER_PID="$STARTED_PID"
+PROVIDER_ORIGIN="$STARTED_ORIGIN"
 OPENAI_BASE_URL="$PROVIDER_ORIGIN/v1"
 
 say "starting the counting proxy in front of Postgres (for the rows sent to the worker)"
@@ -243,32 +140,21 @@ PROXY_PID=$!
 PROXY_PORT="$(listening_address "$LOGS/proxy.out" "$PROXY_PID")" \
     || die "the counting proxy did not start ($LOGS/proxy.out)"
 
-TOKEN="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
+TOKEN="$(bench_token)"
 SOURCES_JSON="{\"version\":\"1.0\",\"models\":{\"large\":$LARGE_JSON,\"small\":$SMALL_JSON},\"batchSize\":$BATCH_SIZE,\"sources\":[{\"name\":\"bench\",\"table\":\"$TABLE\",\"column\":\"$COLUMN\",\"enabled\":true}]}"
 
 say "starting wrangler dev twice: the measured worker, and one through the counting proxy"
 WORKER_PORT="$(free_port)"
 ORIGIN="http://127.0.0.1:$WORKER_PORT"
 WRANGLER_LOG="$LOGS/wrangler.log"
-WRANGLER_PID="$(start_wrangler "$WORKER_PORT" "$DATABASE_URL" "$WRANGLER_LOG" "$WORK/wrangler-state")"
+WRANGLER_PID="$(start_sync_wrangler "$WORKER_PORT" "$DATABASE_URL" "$WRANGLER_LOG" "$WORK/wrangler-state")"
 COUNT_PORT="$(free_port)"
 COUNT_ORIGIN="http://127.0.0.1:$COUNT_PORT"
 COUNT_LOG="$LOGS/wrangler-counted.log"
-COUNT_WRANGLER_PID="$(start_wrangler "$COUNT_PORT" "postgres://postgres@127.0.0.1:$PROXY_PORT/postgres" "$COUNT_LOG" "$WORK/wrangler-state-counted")"
+COUNT_WRANGLER_PID="$(start_sync_wrangler "$COUNT_PORT" "postgres://postgres@127.0.0.1:$PROXY_PORT/postgres" "$COUNT_LOG" "$WORK/wrangler-state-counted")"
 wait_worker "$ORIGIN" "$WRANGLER_PID" "$WRANGLER_LOG"
 wait_worker "$COUNT_ORIGIN" "$COUNT_WRANGLER_PID" "$COUNT_LOG"
 
-# The workerd processes under a wrangler pid (descendants whose command is workerd; wrangler
-# runs two: its own entry worker and the user worker).
-workerds_of() {
-    local pid="$1" child
-    for child in $(pgrep -P "$pid" || true); do
-        if [ "$(cat "/proc/$child/comm" 2>/dev/null)" = workerd ]; then
-            printf '%s\n' "$child"
-        fi
-        workerds_of "$child"
-    done
-}
 # The largest peak resident memory (VmHWM) among the given processes, in MiB.
 peak_rss() {
     local pid

@@ -36,13 +36,13 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
 # shellcheck source=scripts/lib.sh disable=SC1091
 . "$REPO/scripts/lib.sh"
+BENCH_NAME=bench/throughput.sh
+BENCH_TAG=throughput
+# shellcheck source=bench/lib.sh disable=SC1091
+. "$REPO/bench/lib.sh"
 cd "$REPO"
 
-N="${1:-100000}"
-case "$N" in
-    '' | *[!0-9]*) echo "usage: bench/throughput.sh [N]   (N: number of distinct values, default 100000)" >&2; exit 2 ;;
-esac
-[ "$N" -ge 1000 ] || { echo "bench/throughput.sh: N must be at least 1000" >&2; exit 2; }
+N="$(bench_n "${1:-}")"
 CONFIGS="${BENCH_CONFIGS:-a b z}"
 BATCH_SIZE=2048
 LATENCY_MS=300
@@ -60,113 +60,21 @@ if [ -n "${BENCH_DIMS:-}" ]; then
     SMALL_JSON="{\"name\":\"$SMALL\",\"dimensions\":${BENCH_DIMS#*,}}"
 fi
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/embsync-throughput.XXXXXX")"
-chmod 755 "$WORK"
-LOGS="$WORK/logs"
-mkdir -p "$LOGS"
-PG_DIR="$WORK/pg"
-PG_LOG="$PG_DIR/postgres.log"
-
+bench_init
 WRANGLER_PID=""
 PROVIDER_PID=""
 ZERO_PROVIDER_PID=""
 LOAD_PID=""
-PG_STARTED=""
-
-say() {
-    printf '==> [throughput] %s\n' "$*" >&2
-}
-
-die() {
-    printf 'bench/throughput.sh: %s\n' "$*" >&2
-    exit 1
-}
-
-# shellcheck disable=SC2317 # Only called from the EXIT trap.
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    stop_wrangler "$WRANGLER_PID"
-    stop_process "$PROVIDER_PID"
-    stop_process "$ZERO_PROVIDER_PID"
-    stop_process "$LOAD_PID"
-    if [ -n "$PG_STARTED" ]; then
-        "$REPO/scripts/pg.sh" stop "$PG_DIR" >&2 || true
-    fi
-    if [ "$status" -eq 0 ] && [ -z "${BENCH_KEEP:-}" ]; then
-        rm -rf "$WORK"
-    else
-        [ -f "$PG_LOG" ] && cp "$PG_LOG" "$LOGS/postgres.log" 2>/dev/null
-        rm -rf "$PG_DIR"
-        echo "bench/throughput.sh: logs kept in $LOGS" >&2
-        [ "$status" -eq 0 ] || echo "bench/throughput.sh failed (exit status $status)" >&2
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Prefixes each line of stdin with the epoch time it was read at.
-stamp() {
-    python3 -u -c 'import sys, time
-for line in sys.stdin:
-    sys.stdout.write("%.3f %s" % (time.time(), line))
-    sys.stdout.flush()'
-}
+bench_stop_on_exit wrangler WRANGLER_PID
+bench_stop_on_exit process PROVIDER_PID
+bench_stop_on_exit process ZERO_PROVIDER_PID
+bench_stop_on_exit process LOAD_PID
 
 # psql on database $1.
 psql_db() {
     local db="$1"
     shift
     "$PG_BIN/psql" "${DATABASE_URL%/*}/$db" -X -q -A -t -v ON_ERROR_STOP=1 "$@"
-}
-
-# Reads a JSON document from stdin and prints the value at a Python expression over `d`.
-json() {
-    python3 -c 'import json, sys
-d = json.load(sys.stdin)
-print(eval(sys.argv[1]))' "$1"
-}
-
-# Starts the local provider with the arguments given; sets STARTED_PID and STARTED_ORIGIN.
-start_provider() {
-    local name="$1"
-    shift
-    "$PROVIDER_BIN" --port 0 "$@" </dev/null >"$LOGS/$name.out" 2> >(stamp >"$LOGS/$name.err") &
-    STARTED_PID=$!
-    STARTED_ORIGIN="$(listening_address "$LOGS/$name.out" "$STARTED_PID")" \
-        || die "the provider did not start ($LOGS/$name.out)"
-}
-
-# Starts `wrangler dev` with the prebuilt worker on port $1, Postgres URL $2, log $3, state
-# directory $4, EMBEDDING_SOURCES $5, provider base URL $6; prints the pid.
-start_wrangler() {
-    local port="$1" url="$2" log="$3" state="$4" sources="$5" base="$6"
-    : >"$WORK/empty.env"
-    SKIP_WORKER_BUILD=1 NO_COLOR=1 "$NODE22" "$WRANGLER_JS" dev \
-        --config "$WORK/wrangler.toml" --env-file "$WORK/empty.env" \
-        --ip 127.0.0.1 --port "$port" --inspector-port "$(free_port)" \
-        --persist-to "$state" \
-        --show-interactive-dev-session=false --log-level log \
-        --var "DATABASE_URL:$url" \
-        --var "OPENAI_API_KEY:local-bench-key" \
-        --var "OPENAI_BASE_URL:$base" \
-        --var "SYNC_API_TOKEN:$TOKEN" \
-        --var "EMBEDDING_SOURCES:$sources" \
-        </dev/null > >(stamp >"$log") 2>&1 &
-    echo $!
-}
-
-# The workerd processes under a wrangler pid (wrangler runs two: its entry worker and ours).
-workerds_of() {
-    local pid="$1" child
-    for child in $(pgrep -P "$pid" || true); do
-        if [ "$(cat "/proc/$child/comm" 2>/dev/null)" = workerd ]; then
-            printf '%s\n' "$child"
-        fi
-        workerds_of "$child"
-    done
 }
 
 # utime + stime of the given processes, in clock ticks.
@@ -183,47 +91,16 @@ cpu_ticks() {
 # ---------------------------------------------------------------------------------------------
 # Build and start everything.
 
-if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
-    say "setup and builds (log $LOGS/build.log)"
-    {
-        "$REPO/scripts/setup.sh"
-        worker-build --release
-        cargo build -p local-provider
-    } >"$LOGS/build.log" 2>&1 || { tail -n 40 "$LOGS/build.log" >&2; die "setup or build failed"; }
-fi
-[ -f "$REPO/build/worker/shim.mjs" ] || die "no build/worker/shim.mjs: run worker-build --release (or drop BENCH_SKIP_BUILD)"
-PROVIDER_BIN="$(provider_bin)"
-[ -x "$PROVIDER_BIN" ] || die "the provider binary is not at $PROVIDER_BIN"
-
-cp -a "$REPO/build" "$WORK/build"
-python3 - "$REPO/wrangler.toml" "$WORK/wrangler.toml" "$WORK/build/worker/shim.mjs" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-text = re.sub(r"(?ms)^\[build\]\n.*?(?=^\[)", "", text)
-text = re.sub(r'(?m)^main = .*$', 'main = "%s"' % sys.argv[3], text)
-open(sys.argv[2], "w").write("# bench/throughput.sh: wrangler.toml without [build], running a copy of the build.\n" + text)
-PY
-
-say "starting Postgres (data $PG_DIR)"
-PG_PORT="$(free_port)"
-PG_STARTED=1
-"$REPO/scripts/pg.sh" start "$PG_DIR" "$PG_PORT" >&2
-DATABASE_URL="$("$REPO/scripts/pg.sh" url "$PG_PORT")"
+bench_build
+bench_copy_worker
+bench_start_pg
 
 say "creating $TABLE with $N distinct values (template database bench_source)"
 "$PG_BIN/psql" "$DATABASE_URL" -X -q -v ON_ERROR_STOP=1 -c "CREATE DATABASE bench_source"
-psql_db bench_source -v n="$N" <<SQL
-CREATE EXTENSION IF NOT EXISTS vector;
-CREATE TABLE $TABLE (id bigint PRIMARY KEY, $COLUMN text);
-INSERT INTO $TABLE
-SELECT i, format('Product %s %s, %s steel bracket with %s finish and %s mm bolts',
-                 i, upper(substr(md5(i::text), 1, 8)),
-                 (ARRAY['stainless', 'galvanised', 'carbon', 'tool'])[1 + i % 4],
-                 (ARRAY['matte', 'polished', 'powder-coated', 'brushed', 'anodised'])[1 + i % 5],
-                 4 + i % 17)
-FROM generate_series(1, :n) AS i;
-ANALYZE $TABLE;
-SQL
+{
+    echo "CREATE EXTENSION IF NOT EXISTS vector;"
+    source_table_sql "$TABLE" "$COLUMN"
+} | psql_db bench_source -v n="$N"
 
 say "starting the providers: $LATENCY_MS ms + $LATENCY_PER_INPUT_MS ms/input, $RPM RPM, $TPM TPM per model; and one at zero latency"
 start_provider provider --latency-ms "$LATENCY_MS" --latency-per-input-ms "$LATENCY_PER_INPUT_MS" \
@@ -234,7 +111,7 @@ start_provider provider-zero
 ZERO_PROVIDER_PID="$STARTED_PID"
 ZERO_ORIGIN="$STARTED_ORIGIN"
 
-TOKEN="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
+TOKEN="$(bench_token)"
 
 # The load average, sampled every 5 s for the whole bench.
 (while :; do printf '%s %s\n' "$(now)" "$(cut -d' ' -f1 /proc/loadavg)"; sleep 5; done) >"$LOGS/load.txt" &
@@ -265,7 +142,8 @@ run_config() {
     local port log
     port="$(free_port)"
     log="$LOGS/wrangler-$cfg.log"
-    WRANGLER_PID="$(start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" "$sources" "$origin_provider/v1")"
+    WRANGLER_PID="$(start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" \
+        --var "EMBEDDING_SOURCES:$sources" --var "OPENAI_BASE_URL:$origin_provider/v1")"
     wait_healthy "http://127.0.0.1:$port" "$WRANGLER_PID" "$log" || die "wrangler dev did not answer (log $log)"
     local workerds
     mapfile -t workerds < <(workerds_of "$WRANGLER_PID")

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Functions shared by scripts/setup.sh, scripts/test.sh, scripts/demo.sh and bench/sync.sh.
+# Functions shared by scripts/setup.sh, scripts/test.sh, scripts/demo.sh and the bench scripts
+# (whose own shared scaffolding is bench/lib.sh).
 #
 # Source it after scripts/env.sh (it uses $REPO). It only defines functions: no variables, no
 # shell options, no traps. Each script keeps its own say/die, whose prefixes differ.
