@@ -83,8 +83,8 @@ fn paused_run_shows_progress_so_far() {
         invocations: 1,
         started_at: "2026-11-24T00:00:00.120Z".into(),
         sources: vec![
-            OpenRunSource { report: source_report("Parts", "parts", 1000, 400), planned: true, done: false },
-            OpenRunSource { report: source_report("Later", "later", 0, 0), planned: false, done: false },
+            OpenRunSource { report: source_report("Parts", "parts", 1000, 400), planned: true, done: false, ranges: None },
+            OpenRunSource { report: source_report("Later", "later", 0, 0), planned: false, done: false, ranges: None },
         ],
     };
     let previous = finished(&report(RunStatus::Finished, vec![]));

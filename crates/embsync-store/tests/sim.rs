@@ -1159,6 +1159,7 @@ impl Sim {
                         new_run: run,
                         holder,
                         hint: hint.as_ref(),
+                        fanout: None,
                     };
                     let r = sync::invoke(config, store, provider, rt, &inv).await;
                     if two {
@@ -1355,6 +1356,9 @@ impl Sim {
                 }
                 Ok(Outcome::Paused(_, cursor)) => {
                     self.kv_old = self.kv.replace(cursor);
+                }
+                Ok(Outcome::FannedOut { .. }) => {
+                    first_error.get_or_insert(violation("outcome", "fanned out without fan-out".to_owned()));
                 }
                 Ok(Outcome::Busy { holder, .. }) => {
                     if !r.excused && !r.overlapped {
@@ -1886,6 +1890,7 @@ fn outcome_text(r: &Result<Outcome, SyncError>) -> String {
             format!("paused {} at source {} after {}", rep.run_id, c.source, c.after.as_deref().map_or("-", |a| &a[..8]))
         }
         Ok(Outcome::Busy { holder, .. }) => format!("busy ({holder})"),
+        Ok(Outcome::FannedOut { report, messages }) => format!("fanned out {} ({} messages)", report.run_id, messages.len()),
         Err(e) => format!("error: {e}"),
     }
 }

@@ -30,6 +30,7 @@ use param::Param;
 use std::borrow::Cow;
 
 mod batch;
+mod fanout;
 mod indexes;
 pub mod param;
 mod plan;
@@ -40,6 +41,7 @@ mod stale;
 mod status;
 
 pub use batch::*;
+pub use fanout::*;
 pub use indexes::*;
 pub use param::{ModelTags, PgType, Statement};
 pub use plan::*;

@@ -130,11 +130,13 @@ pub fn snapshot_pending(source: &Source) -> String {
 /// (int8) rows, leaving out values done since the snapshot and values waiting for a retry (before
 /// the limit, so a short page is the last one); same columns as [`pending_page`]. An ordered
 /// range scan of the snapshot's primary key.
-pub fn pending_snapshot_page() -> String {
+///
+/// With `upto`, only values up to `$8` (a fan-out range's inclusive upper bound).
+pub fn pending_snapshot_page(upto: bool) -> String {
     format!(
         "SELECT s.h, s.v, s.n, coalesce({has_large}, false) AS has_large, coalesce({has_small}, false) AS has_small\n\
          FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending\n      \
-         WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6) s\n\
+         WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6{upto}) s\n\
          {join}\n\
          WHERE {not_done}\n  \
          AND {NOT_DEFERRED}\n\
@@ -143,6 +145,7 @@ pub fn pending_snapshot_page() -> String {
         has_large = has("large", FULL),
         has_small = has("small", FULL),
         not_done = not_done(),
+        upto = if upto { " AND value_hash <= $8" } else { "" },
         // The range bound on the joined tables lets their merge joins start at the page
         // instead of reading every row before it (measured: 313 ms -> 8.5 ms a page with
         // 300,000 rows done).
@@ -259,15 +262,20 @@ pub struct PendingSnapshotPage<'a> {
     pub after: Option<&'a ValueHash>,
     /// At most this many rows.
     pub limit: i64,
+    /// Only values up to this hash (inclusive): a fan-out range's upper bound.
+    pub upto: Option<&'a ValueHash>,
 }
 
 impl Statement for PendingSnapshotPage<'_> {
     fn text(&self) -> Cow<'static, str> {
-        pending_snapshot_page().into()
+        pending_snapshot_page(self.upto.is_some()).into()
     }
     fn params(&self) -> Vec<Param<'_>> {
         let mut p = param::source_tags(self.source, self.tags);
         p.extend([param::run(self.run), param::hash(self.after), Param::Int8(self.limit)]);
+        if let Some(upto) = self.upto {
+            p.push(param::hash(Some(upto)));
+        }
         p
     }
 }

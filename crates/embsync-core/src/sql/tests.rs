@@ -17,8 +17,8 @@ fn migration_sql() {
     .unwrap();
     let locks = |existed| migration(&config.models, existed).iter().map(|s| s.locks).collect::<Vec<_>>().join(", ");
     // On a cache that exists (maybe another pipeline's) no step names it: it is only read.
-    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
-    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
+    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
+    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
     assert!(migration(&config.models, false)[1].sql.contains("embedding_large vector(3072),\n    embedding_small vector(1536)"));
     assert!(!migration(&config.models, true).iter().any(|s| s.sql.contains("INDEX") && s.sql.contains("ON embedding_cache ")));
     expect![[r#"
@@ -160,7 +160,7 @@ fn source_sql() {
                           WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h
                             AND e.next_retry_at > now())
         ORDER BY s.h
-        LIMIT $7"#]].assert_eq(&pending_snapshot_page());
+        LIMIT $7"#]].assert_eq(&pending_snapshot_page(false));
     expect![[r#"
         WITH src AS MATERIALIZED (
             SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n
@@ -352,7 +352,8 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         ("LinkReusable", Box::new(LinkReusable { source: &source, tags: &tags })),
         ("PendingPage", Box::new(PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 })),
         ("SnapshotPending", Box::new(SnapshotPending { source: &source, tags: &tags, run: &run })),
-        ("PendingSnapshotPage", Box::new(PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: None, limit: 10 })),
+        ("PendingSnapshotPage", Box::new(PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: None, limit: 10, upto: None })),
+        ("PendingSnapshotPage upto", Box::new(PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: None, limit: 10, upto: Some(&hash) })),
         ("HasSnapshot", Box::new(HasSnapshot { run: &run, source: &source })),
         ("DropSnapshot", Box::new(DropSnapshot { run: &run, source: &source })),
         ("UpsertBatch", Box::new(UpsertBatch { source: &source, tags: &tags, batch: &batch })),
@@ -375,6 +376,6 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
     // The pages put `after` and the limit at different numbers; each binds them where its text reads them.
     let page = PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 };
     assert_eq!(page.params()[4], param::Param::Text(hash.as_str().into()));
-    let snap = PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: Some(&hash), limit: 10 };
+    let snap = PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: Some(&hash), limit: 10, upto: None };
     assert_eq!((&snap.params()[4], &snap.params()[5]), (&param::Param::Text("r".into()), &param::Param::Text(hash.as_str().into())));
 }
