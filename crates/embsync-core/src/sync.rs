@@ -183,9 +183,11 @@ impl DeleteGuard {
 /// done, the lease); anything kept elsewhere (the KV cursor) is a hint that may be stale.
 ///
 /// Architecture Invariant: every method that writes (all but `ensure_schema`, `counts`,
-/// `pending` and `index_state`) is fenced by the lease [`Store::acquire_lease`] took: it writes
-/// only while that lease is still this invocation's, unexpired, and renews it; otherwise it
-/// writes nothing and fails with [`StoreError::is_lease_lost`], and the driver stops.
+/// `pending`, `index_state` and `range_tally`, which only read, and `claim_range` and
+/// `dead_letter`, which stand alone) is fenced by the lease [`Store::acquire_lease`] took, or by
+/// the range claim [`Store::claim_range`] took (a queue consumer): it writes only while that
+/// lease or claim is still this invocation's, unexpired, and renews it; otherwise it writes
+/// nothing and fails with [`StoreError::is_lease_lost`], and the driver stops.
 #[allow(async_fn_in_trait)]
 pub trait Store {
     /// Brings embsync's schema up to date when its recorded version is behind (DDL only then,
@@ -787,8 +789,10 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
         }
     };
     // Fan-out: the ranges earlier invocations planned. A source with queued ranges waits for
-    // its consumers; one whose ranges are all settled goes on in-line with one pass from the
-    // start (which also retries the values of dead ranges).
+    // its consumers, and the sources after it with it (sources are taken one after another, as
+    // without fan-out, so a value two sources share is embedded once); one whose ranges are all
+    // settled goes on in-line with one pass from the start (which also retries the values of
+    // dead ranges).
     let tallies = match fanout {
         Some(_) => store.range_tally(&run.id).await.map_err(fatal)?,
         None => Vec::new(),
@@ -801,8 +805,10 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
         let mut mode = Mode::Source;
         if let Some(t) = tallies.iter().find(|t| t.table == source.table_key() && t.column == source.column_key()) {
             if t.queued > 0 {
+                // Later sources wait too: one may share values with this one, and planned now
+                // it would embed them again while the consumers do.
                 waiting.push(i);
-                continue;
+                break;
             }
             mode = Mode::Settled;
             if !t.dead.is_empty() {
@@ -837,6 +843,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                         .field("source", &source.name),
                 );
                 waiting.push(i);
+                break;
             }
             Ok(SourceEnd::TokenBudget) => {
                 // The run ends here; the next run goes on with what is still pending.

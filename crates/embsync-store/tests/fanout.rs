@@ -99,7 +99,8 @@ async fn three_consumers_embed_a_fanned_out_run_once_per_model_with_exact_counte
     let (db, config, items) = setup(57).await;
     let provider = FakeProvider::default();
     let mut lead = db.store(&config).await;
-    // Items (57 values) fans out into 6 ranges of 10 (the last one 7); tags (3) is synced in-line.
+    // Items (57 values) fans out into 6 ranges of 10 (the last one 7); tags (3), under the
+    // threshold, is synced in-line once items is done.
     let messages = fanned_out(invoke(&config, &mut lead, &provider, "lead-1").await.unwrap());
     assert_eq!(messages.len(), 6, "{messages:?}");
     let bounds = db
@@ -115,7 +116,7 @@ async fn three_consumers_embed_a_fanned_out_run_once_per_model_with_exact_counte
         assert_eq!(w[1].0, w[0].1, "ranges are contiguous: each starts where the one before ends");
     }
     assert!(bounds.iter().all(|(lo, _, next)| lo == next), "no progress yet");
-    assert_eq!(provider.requests_for("red"), 2, "the small source was synced in-line");
+    assert_eq!(provider.requests_for("red"), 0, "the next source waits for the fanned-out one");
     assert!(items.iter().all(|v| paid(&provider, v) == (0, 0)), "the fanned-out source waits for the consumers");
     // The run waits: a second lease holder sends nothing (every message was sent just now).
     assert!(fanned_out(invoke(&config, &mut lead, &provider, "lead-2").await.unwrap()).is_empty());
@@ -154,9 +155,9 @@ async fn three_consumers_embed_a_fanned_out_run_once_per_model_with_exact_counte
     assert_eq!(embedded, 57);
 
     // The next lease holder finishes the run: nothing left to embed, every counter exact.
-    let before = provider.calls.borrow().len();
     let report = finished(invoke(&config, &mut lead, &provider, "lead-3").await.unwrap());
-    assert_eq!(provider.calls.borrow().len(), before, "the pass from the start found nothing left");
+    assert_eq!(provider.requests_for("red"), 2, "tags was synced in-line");
+    assert!(items.iter().all(|v| paid(&provider, v) == (1, 1)), "the pass from the start found nothing left");
     let items_report = &report.sources[0];
     assert_eq!((items_report.new, items_report.embedded, items_report.errors), (57, 57, 0));
     assert_eq!(items_report.batches, 17, "57 values: 5 ranges of 10 in 3 batches of at most 4, and one of 7 in 2");
@@ -360,4 +361,28 @@ async fn without_fanout_a_large_source_is_synced_in_line() {
     let report = finished(report);
     assert_eq!(report.totals.embedded, 60);
     assert_eq!(db.count("SELECT count(*) FROM embedding_sync_ranges").await, 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_source_after_a_fanned_out_one_waits_so_shared_values_are_paid_once() {
+    let (db, _, items) = setup(25).await;
+    let refs: Vec<&str> = items.iter().map(String::as_str).collect();
+    db.source_table("copies", "name", &refs).await;
+    let config = support::config(4, &[("Items", "items", "name"), ("Copies", "copies", "name")]);
+    let provider = FakeProvider::default();
+    let mut lead = db.store(&config).await;
+    let messages = fanned_out(invoke(&config, &mut lead, &provider, "lead").await.unwrap());
+    assert_eq!(messages.len(), 3);
+    let planned = db.count("SELECT count(*) FROM embedding_sync_run_sources WHERE planned").await;
+    assert_eq!(planned, 1, "copies is not planned while items' ranges are queued");
+    let mut a = db.store(&config).await;
+    let (holder, budget) = consume_with("consumer-a", 100);
+    for m in &messages {
+        consume(&config, &mut a, &provider, &holder, budget, m).await.unwrap();
+    }
+    let report = finished(invoke(&config, &mut lead, &provider, "lead").await.unwrap());
+    assert_eq!((report.sources[0].embedded, report.sources[1].embedded, report.sources[1].reused), (25, 0, 25));
+    for v in &items {
+        assert_eq!(paid(&provider, v), (1, 1), "{v} is paid once per model");
+    }
 }
