@@ -63,7 +63,7 @@ pub(crate) async fn handle(batch: MessageBatch<serde_json::Value>, env: &Env) {
                 WorkerRuntime.log(
                     LogEvent::error("queue", format!("Dropping a message of queue {queue} that is not a range message: {e}"))
                         .field("queue", &queue)
-                        .field("message", message.id()),
+                        .field("messageId", message.id()),
                 );
                 message.ack();
                 return;
@@ -81,7 +81,8 @@ pub(crate) async fn handle(batch: MessageBatch<serde_json::Value>, env: &Env) {
 /// A message of the dead-letter queue: its range is marked dead (`/status` shows it), then acked.
 async fn dead_letter(env: &Env, queue: &str, message: &RawMessage, msg: &RangeMessage) {
     let rt = WorkerRuntime;
-    let reason = format!("the queue gave up on it after max_retries failed attempts (message {} in the dead-letter queue {queue})", message.id());
+    let reason =
+        format!("the queue gave up on it after max_retries failed attempts (message {} in the dead-letter queue {queue})", message.id());
     let result = async {
         let config = settings::config(env)?;
         let mut conn = connect(&settings::database(env)?, &config).await?;
