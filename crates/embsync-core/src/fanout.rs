@@ -246,54 +246,60 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
         .run(&run.0)
         .field("range", msg.range)
     };
-    let end = |e: StoreError| if e.is_lease_lost() { SyncError::LeaseLost(e) } else { SyncError::Schema(e) };
-    match outcome {
-        Ok(SourceEnd::Done) => {
-            let run_ready = store.end_claim(RangeEnd::Done).await.map_err(end)?;
-            rt.log(event("done"));
-            Ok(Consumed::Done { run_ready })
-        }
-        Ok(SourceEnd::TokenBudget) => {
-            let why = "the run's token budget is spent (maxTokensPerRun); the next run goes on with its values".to_owned();
-            let run_ready = store.end_claim(RangeEnd::Dead(why)).await.map_err(end)?;
-            rt.log(event("given up: the run's token budget is spent"));
-            Ok(Consumed::Done { run_ready })
-        }
-        Ok(SourceEnd::Refused) => {
-            let why = "the provider refused both models' requests; the run ends stopped".to_owned();
-            let run_ready = store.end_claim(RangeEnd::Dead(why)).await.map_err(end)?;
-            rt.log(event("given up: both models refused"));
-            Ok(Consumed::Done { run_ready })
-        }
-        Ok(SourceEnd::Paused(_)) | Ok(SourceEnd::FannedOut) => {
-            let outage = match spent.pause.borrow().as_ref() {
-                Some(Pause::Outage(why)) => Some(why.clone()),
-                _ => None,
-            };
-            store.end_claim(RangeEnd::HandOn(outage.clone())).await.map_err(end)?;
-            match outage {
-                Some(why) => {
-                    rt.log(event(&format!("the provider is unavailable ({why}); the message is retried")));
-                    Err(SyncError::Unavailable(why))
-                }
-                None => {
-                    rt.log(event("budget spent; the message is sent again"));
-                    Ok(Consumed::Continue(msg.clone()))
-                }
-            }
-        }
-        Err(Stop::LeaseLost(e)) => {
-            let why = format!("the claim on range {} was lost (another consumer took it over, or it expired): {e}", msg.range);
-            rt.log(LogEvent::warn("range", why.clone()).run(&run.0).field("range", msg.range));
-            Ok(Consumed::Skipped(why))
-        }
+    let lost = |e: StoreError| {
+        let why = format!("the claim on range {} was lost (another consumer took it over, or it expired): {e}", msg.range);
+        rt.log(LogEvent::warn("range", why.clone()).run(&run.0).field("range", msg.range));
+        Consumed::Skipped(why)
+    };
+    // How the claim ends, and what the consumer answers then.
+    enum Then {
+        Settled(&'static str),
+        Continue,
+        Unavailable(String),
+    }
+    let (end, then) = match outcome {
+        Ok(SourceEnd::Done) => (RangeEnd::Done, Then::Settled("done")),
+        Ok(SourceEnd::TokenBudget) => (
+            RangeEnd::Dead("the run's token budget is spent (maxTokensPerRun); the next run goes on with its values".into()),
+            Then::Settled("given up: the run's token budget is spent"),
+        ),
+        Ok(SourceEnd::Refused) => (
+            RangeEnd::Dead("the provider refused both models' requests; the run ends stopped".into()),
+            Then::Settled("given up: both models refused"),
+        ),
+        Ok(SourceEnd::Paused(_)) | Ok(SourceEnd::FannedOut) => match spent.pause.borrow().as_ref() {
+            Some(Pause::Outage(why)) => (RangeEnd::HandOn(Some(why.clone())), Then::Unavailable(why.clone())),
+            _ => (RangeEnd::HandOn(None), Then::Continue),
+        },
+        Err(Stop::LeaseLost(e)) => return Ok(lost(e)),
         Err(Stop::Store(e)) => {
             let _ = store.end_claim(RangeEnd::HandOn(Some(e.to_string()))).await;
-            Err(SyncError::Schema(e))
+            return Err(SyncError::Schema(e));
         }
         Err(Stop::Fatal(e)) => {
             let _ = store.end_claim(RangeEnd::HandOn(Some(e.to_string()))).await;
-            Err(SyncError::Provider(e))
+            return Err(SyncError::Provider(e));
+        }
+    };
+    // The claim may have been lost since the last write: then whoever holds the range now (or
+    // the sweeper's next message) ends it.
+    let run_ready = match store.end_claim(end).await {
+        Ok(ready) => ready,
+        Err(e) if e.is_lease_lost() => return Ok(lost(e)),
+        Err(e) => return Err(SyncError::Schema(e)),
+    };
+    match then {
+        Then::Settled(what) => {
+            rt.log(event(what));
+            Ok(Consumed::Done { run_ready })
+        }
+        Then::Continue => {
+            rt.log(event("budget spent; the message is sent again"));
+            Ok(Consumed::Continue(msg.clone()))
+        }
+        Then::Unavailable(why) => {
+            rt.log(event(&format!("the provider is unavailable ({why}); the message is retried")));
+            Err(SyncError::Unavailable(why))
         }
     }
 }
