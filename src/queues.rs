@@ -132,11 +132,26 @@ async fn consume(env: &Env, queue: &str, message: &RawMessage, msg: &RangeMessag
         let inv = Consume { holder: &holder, budget: inv_budget, retry: RetryPolicy::default(), fanout };
         let mut conn = connect(&db, &config).await?;
         let result = fanout::consume(&config, &mut conn.store, &embedder, &rt, &inv, msg).await;
+        // Two consumers that settle the last ranges at once may both be told the run is ready.
+        // Only one that still finds the run open starts the chain: the other's would find it
+        // finished and start a new run. (Both may still start it: the second then finds the
+        // lease held, `Busy`.)
+        let open = match &result {
+            Ok(Consumed::Done { run_ready: true }) => match conn.store.current_run().await {
+                Ok(current) => current.is_some_and(|r| r.run_id == msg.run),
+                Err(_) => true,
+            },
+            _ => false,
+        };
         conn.close().await;
-        Ok::<_, AppError>(result?)
+        Ok::<_, AppError>((result?, open))
     }
     .await;
     let what = format!("range {} of run {}", msg.range, msg.run);
+    let (result, open) = match result {
+        Ok((consumed, open)) => (Ok(consumed), open),
+        Err(e) => (Err(e), false),
+    };
     let outcome = match &result {
         Ok(Consumed::Done { .. }) => "done",
         Ok(Consumed::Continue(_)) => "continue",
@@ -162,7 +177,9 @@ async fn consume(env: &Env, queue: &str, message: &RawMessage, msg: &RangeMessag
         },
         Ok(Consumed::Done { run_ready }) => {
             message.ack();
-            if run_ready {
+            if run_ready && !open {
+                rt.log(LogEvent::info("queue", format!("Run {} is over already: another consumer finished it", msg.run)).run(&msg.run));
+            } else if run_ready {
                 // The last range: the ordinary chain removes stale values and finishes the run.
                 rt.log(LogEvent::info("queue", format!("The last range of run {} is done; finishing the run", msg.run)).run(&msg.run));
                 if let Err(e) = run_sync(env, Trigger::Cron).await {

@@ -261,9 +261,10 @@ fn a_range_that_keeps_failing_reaches_the_dead_letter_queue_and_status_shows_it(
     provider.set_faults(&json!({"rules": [{"status": 500, "inputContains": bad}]}));
     let worker = Worker::start(fanout_opts(&db, &provider, &[]));
     worker.sync();
-    poll(Duration::from_secs(180), "a range to be dead and the others done", || {
+    poll(Duration::from_secs(180), "a range to be dead (and logged so) and the others done", || {
         let r = ranges(&mut db);
-        (r.iter().any(|(_, s)| s == "dead") && r.iter().all(|(_, s)| s != "queued")).then_some(r)
+        let logged = !worker.events_of("dead").is_empty();
+        (logged && r.iter().any(|(_, s)| s == "dead") && r.iter().all(|(_, s)| s != "queued")).then_some(r)
     });
     let dead: Vec<i64> = ranges(&mut db).into_iter().filter(|(_, s)| s == "dead").map(|(id, _)| id).collect();
     assert_eq!(dead.len(), 1, "only the failing value's range dies: {:?}", ranges(&mut db));
