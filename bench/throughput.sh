@@ -14,9 +14,14 @@
 #      1,000,000 tokens per minute per key and model);
 #   b. requests in flight: the default window (`rate` absent), same provider;
 #   z. zero latency and no rate limit (a second provider), the default window: to compare with
-#      bench/sync.sh's figures.
+#      bench/sync.sh's figures;
+#   q. fan-out over (local) Cloudflare Queues: wrangler.toml's queue blocks uncommented, ranges of
+#      BENCH_RANGE_VALUES (default N/16, at least 500) values, consumed four at a time (local
+#      queues deliver one batch at a time, so the ranges consumer gets max_batch_size 4 and
+#      max_concurrency 1, and SYNC_QUEUE_CONSUMERS is 4), default window, same provider as a, b.
 # Each run is driven by `POST /sync` (which chains invocations while SYNC_CHAIN_SECONDS last),
-# again until embedding_sync_runs has the run finished. Per configuration it prints values/s,
+# again until embedding_sync_runs has the run finished; in q one `POST /sync` fans out and the
+# consumers finish the run (the script waits for it). Per configuration it prints values/s,
 # and, from the provider's request log (bench/throughput_log.py): the share of the binding rate
 # limit used over the sync's duration, the share of 429s among requests, requests in flight
 # (max / time-weighted mean), and checks each value was sent once per model (answered requests)
@@ -27,7 +32,8 @@
 #   BENCH_SKIP_BUILD=1     skip setup.sh and both builds (they are already done)
 #   BENCH_DIMS=48,24       request shorter vectors (when generating 3072-d vectors in the local
 #                          provider would be the bottleneck)
-#   BENCH_CONFIGS="a b z"  which configurations to run, in this order
+#   BENCH_CONFIGS="a b z"  which configurations to run, in this order (q: fan-out, not by default)
+#   BENCH_RANGE_VALUES=n   values per range in q (default N/16, at least 500)
 #   BENCH_KEEP=1           keep the temporary directory (Postgres data and logs) on success
 #   BENCH_RESULTS=FILE     also write the figures as JSON lines to FILE
 set -euo pipefail
@@ -44,6 +50,7 @@ case "$N" in
 esac
 [ "$N" -ge 1000 ] || { echo "bench/throughput.sh: N must be at least 1000" >&2; exit 2; }
 CONFIGS="${BENCH_CONFIGS:-a b z}"
+RANGE_VALUES="${BENCH_RANGE_VALUES:-$(( N / 16 > 500 ? N / 16 : 500 ))}"
 BATCH_SIZE=2048
 LATENCY_MS=300
 LATENCY_PER_INPUT_MS=1
@@ -140,12 +147,18 @@ start_provider() {
 }
 
 # Starts `wrangler dev` with the prebuilt worker on port $1, Postgres URL $2, log $3, state
-# directory $4, EMBEDDING_SOURCES $5, provider base URL $6; prints the pid.
+# directory $4, EMBEDDING_SOURCES $5, provider base URL $6, config $7, and further
+# `--var NAME:VALUE`s; prints the pid.
 start_wrangler() {
-    local port="$1" url="$2" log="$3" state="$4" sources="$5" base="$6"
+    local port="$1" url="$2" log="$3" state="$4" sources="$5" base="$6" config="$7"
+    shift 7
+    local extra=() v
+    for v in "$@"; do
+        extra+=(--var "$v")
+    done
     : >"$WORK/empty.env"
     SKIP_WORKER_BUILD=1 NO_COLOR=1 "$NODE22" "$WRANGLER_JS" dev \
-        --config "$WORK/wrangler.toml" --env-file "$WORK/empty.env" \
+        --config "$config" --env-file "$WORK/empty.env" \
         --ip 127.0.0.1 --port "$port" --inspector-port "$(free_port)" \
         --persist-to "$state" \
         --show-interactive-dev-session=false --log-level log \
@@ -154,6 +167,7 @@ start_wrangler() {
         --var "OPENAI_BASE_URL:$base" \
         --var "SYNC_API_TOKEN:$TOKEN" \
         --var "EMBEDDING_SOURCES:$sources" \
+        "${extra[@]}" \
         </dev/null > >(stamp >"$log") 2>&1 &
     echo $!
 }
@@ -196,12 +210,22 @@ PROVIDER_BIN="$(provider_bin)"
 [ -x "$PROVIDER_BIN" ] || die "the provider binary is not at $PROVIDER_BIN"
 
 cp -a "$REPO/build" "$WORK/build"
-python3 - "$REPO/wrangler.toml" "$WORK/wrangler.toml" "$WORK/build/worker/shim.mjs" <<'PY'
+python3 - "$REPO/wrangler.toml" "$WORK/wrangler.toml" "$WORK/build/worker/shim.mjs" "$WORK/wrangler-queues.toml" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 text = re.sub(r"(?ms)^\[build\]\n.*?(?=^\[)", "", text)
 text = re.sub(r'(?m)^main = .*$', 'main = "%s"' % sys.argv[3], text)
 open(sys.argv[2], "w").write("# bench/throughput.sh: wrangler.toml without [build], running a copy of the build.\n" + text)
+# Configuration q: the queue blocks uncommented; the ranges consumer takes batches of 4 (consumed
+# side by side) one at a time, as local queues deliver them anyway.
+begin, end = text.index("# --- queues begin\n"), text.index("# --- queues end\n")
+block = re.sub(r"(?m)^# ?", "", text[begin + len("# --- queues begin\n"):end])
+head, dlq = block.split("[[queues.consumers]]\nqueue = \"embsync-ranges-dlq\"")
+for key, value in (("max_batch_size", "4"), ("max_concurrency", "1"), ("max_batch_timeout", "0")):
+    head, n = re.subn(r"(?m)^%s = .*$" % key, "%s = %s" % (key, value), head)
+    assert n == 1, key
+block = head + "[[queues.consumers]]\nqueue = \"embsync-ranges-dlq\"" + dlq
+open(sys.argv[4], "w").write("# bench/throughput.sh: with fan-out over local queues.\n" + text[:begin] + block + text[end:])
 PY
 
 say "starting Postgres (data $PG_DIR)"
@@ -253,9 +277,14 @@ RESULTS="$LOGS/results.jsonl"
 # is finished; appends its figures to $RESULTS.
 run_config() {
     local cfg="$1" rate="" origin_provider="$PROVIDER_ORIGIN" limits=("$RPM" "$TPM")
+    local config="$WORK/wrangler.toml" vars=()
     case "$cfg" in
         a) rate=',"rate":{"maxConcurrency":2}' ;;
         b) ;;
+        q)
+            config="$WORK/wrangler-queues.toml"
+            vars=("SYNC_FANOUT_MIN_VALUES:$RANGE_VALUES" "SYNC_FANOUT_RANGE_VALUES:$RANGE_VALUES" "SYNC_QUEUE_CONSUMERS:4")
+            ;;
         z) origin_provider="$ZERO_ORIGIN"; limits=() ;;
         *) die "unknown configuration $cfg" ;;
     esac
@@ -265,7 +294,7 @@ run_config() {
     local port log
     port="$(free_port)"
     log="$LOGS/wrangler-$cfg.log"
-    WRANGLER_PID="$(start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" "$sources" "$origin_provider/v1")"
+    WRANGLER_PID="$(start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" "$sources" "$origin_provider/v1" "$config" "${vars[@]}")"
     wait_healthy "http://127.0.0.1:$port" "$WRANGLER_PID" "$log" || die "wrangler dev did not answer (log $log)"
     local workerds
     mapfile -t workerds < <(workerds_of "$WRANGLER_PID")
@@ -284,6 +313,18 @@ run_config() {
         finished="$(psql_db "$db" -c "SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NOT NULL" 2>/dev/null || echo 0)"
         [ "$finished" -ge 1 ] && break
         [ "$code" = 200 ] || [ "$code" = 409 ] || die "POST /sync answered $code: $(cat "$LOGS/sync-$cfg-$i.json")"
+        if [ "$cfg" = q ]; then
+            # The consumers work and the last one finishes the run: wait for it (an hour at most).
+            local waited=0
+            while [ "$waited" -lt 7200 ]; do
+                finished="$(psql_db "$db" -c "SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NOT NULL" 2>/dev/null || echo 0)"
+                [ "$finished" -ge 1 ] && break
+                sleep 0.5
+                waited=$((waited + 1))
+            done
+            say "   the consumers finished the run after $(elapsed "$t_start") s"
+            break
+        fi
     done
     t_end="$(now)"
     cpu1="$(cpu_ticks "${workerds[@]}")"
@@ -322,7 +363,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 n = int(sys.argv[2])
 names = {"a": "a. one batch at a time (maxConcurrency 2)", "b": "b. requests in flight (default window)",
-         "z": "z. zero latency, no rate limit"}
+         "z": "z. zero latency, no rate limit", "q": "q. fan-out over local queues (4 consumers)"}
 print()
 print("Initial sync of %d values (provider: 300 ms + 1 ms/input, 3,000 RPM / 1,000,000 TPM per model, except z)" % n)
 print()
@@ -337,11 +378,12 @@ for r in rows:
         names[r["config"]], r["duration_s"], r["values_per_s"], r["invocations"], r["requests"],
         r["429"], 100 * r["share_429"], used, r["in_flight_max"], r["in_flight_mean"],
         r["workerd_cpu_ms_per_1000"], r["load"]))
-print("| fan-out over Queues | not built | | | | | | | | |")
 by = {r["config"]: r for r in rows}
+print()
 if "a" in by and "b" in by:
-    print()
     print("b / a: %.2fx values/s" % (by["b"]["values_per_s"] / by["a"]["values_per_s"]))
+if "b" in by and "q" in by:
+    print("q / b: %.2fx values/s" % (by["q"]["values_per_s"] / by["b"]["values_per_s"]))
 for r in rows:
     print("%s: %s" % (r["config"], json.dumps(r["models"])))
 PY
