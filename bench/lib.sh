@@ -182,7 +182,8 @@ start_provider() {
 # start_wrangler PORT DATABASE_URL LOG STATE [ARGS...]: starts `wrangler dev` with the copy of
 # the prebuilt worker (bench_copy_worker) on PORT, with DATABASE_URL, a bench API key, the token
 # $TOKEN and the further wrangler ARGS (`--var NAME:VALUE`: EMBEDDING_SOURCES, OPENAI_BASE_URL,
-# ...); its output, time-stamped, goes to LOG. Prints the pid.
+# ...); its output, time-stamped, goes to LOG. Prints the pid. BENCH_WRANGLER_CONFIG names
+# another wrangler.toml (default: bench_copy_worker's).
 start_wrangler() {
     local port="$1" url="$2" log="$3" state="$4"
     shift 4
@@ -190,7 +191,7 @@ start_wrangler() {
     # `--log-level log` keeps the worker's console.log lines (`Batch i of N`, `Sync report:`).
     : >"$WORK/empty.env"
     SKIP_WORKER_BUILD=1 NO_COLOR=1 "$NODE22" "$WRANGLER_JS" dev \
-        --config "$WORK/wrangler.toml" --env-file "$WORK/empty.env" \
+        --config "${BENCH_WRANGLER_CONFIG:-$WORK/wrangler.toml}" --env-file "$WORK/empty.env" \
         --ip 127.0.0.1 --port "$port" --inspector-port "$(free_port)" \
         --persist-to "$state" \
         --show-interactive-dev-session=false --log-level log \

@@ -14,9 +14,14 @@
 #      1,000,000 tokens per minute per key and model);
 #   b. requests in flight: the default window (`rate` absent), same provider;
 #   z. zero latency and no rate limit (a second provider), the default window: to compare with
-#      bench/sync.sh's figures.
+#      bench/sync.sh's figures;
+#   q. fan-out over (local) Cloudflare Queues: wrangler.toml's queue blocks uncommented, ranges of
+#      BENCH_RANGE_VALUES (default N/16, at least 500) values, consumed four at a time (local
+#      queues deliver one batch at a time, so the ranges consumer gets max_batch_size 4 and
+#      max_concurrency 1, and SYNC_QUEUE_CONSUMERS is 4), default window, same provider as a, b.
 # Each run is driven by `POST /sync` (which chains invocations while SYNC_CHAIN_SECONDS last),
-# again until embedding_sync_runs has the run finished. Per configuration it prints values/s,
+# again until embedding_sync_runs has the run finished; in q one `POST /sync` fans out and the
+# consumers finish the run (the script waits for it). Per configuration it prints values/s,
 # and, from the provider's request log (bench/throughput_log.py): the share of the binding rate
 # limit used over the sync's duration, the share of 429s among requests, requests in flight
 # (max / time-weighted mean), and checks each value was sent once per model (answered requests)
@@ -27,7 +32,8 @@
 #   BENCH_SKIP_BUILD=1     skip setup.sh and both builds (they are already done)
 #   BENCH_DIMS=48,24       request shorter vectors (when generating 3072-d vectors in the local
 #                          provider would be the bottleneck)
-#   BENCH_CONFIGS="a b z"  which configurations to run, in this order
+#   BENCH_CONFIGS="a b z"  which configurations to run, in this order (q: fan-out, not by default)
+#   BENCH_RANGE_VALUES=n   values per range in q (default N/16, at least 500)
 #   BENCH_KEEP=1           keep the temporary directory (Postgres data and logs) on success
 #   BENCH_RESULTS=FILE     also write the figures as JSON lines to FILE
 set -euo pipefail
@@ -44,6 +50,7 @@ cd "$REPO"
 
 N="$(bench_n "${1:-}")"
 CONFIGS="${BENCH_CONFIGS:-a b z}"
+RANGE_VALUES="${BENCH_RANGE_VALUES:-$(( N / 16 > 500 ? N / 16 : 500 ))}"
 BATCH_SIZE=2048
 LATENCY_MS=300
 LATENCY_PER_INPUT_MS=1
@@ -93,6 +100,20 @@ cpu_ticks() {
 
 bench_build
 bench_copy_worker
+# Configuration q: the queue blocks of wrangler.toml uncommented; the ranges consumer takes
+# batches of 4 (consumed side by side) one at a time, as local queues deliver them anyway.
+python3 - "$WORK/wrangler.toml" "$WORK/wrangler-queues.toml" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+begin, end = text.index("# --- queues begin\n"), text.index("# --- queues end\n")
+block = re.sub(r"(?m)^# ?", "", text[begin + len("# --- queues begin\n"):end])
+head, dlq = block.split("[[queues.consumers]]\nqueue = \"embsync-ranges-dlq\"")
+for key, value in (("max_batch_size", "4"), ("max_concurrency", "1"), ("max_batch_timeout", "0")):
+    head, n = re.subn(r"(?m)^%s = .*$" % key, "%s = %s" % (key, value), head)
+    assert n == 1, key
+block = head + "[[queues.consumers]]\nqueue = \"embsync-ranges-dlq\"" + dlq
+open(sys.argv[2], "w").write("# bench/throughput.sh: with fan-out over local queues.\n" + text[:begin] + block + text[end:])
+PY
 bench_start_pg
 
 say "creating $TABLE with $N distinct values (template database bench_source)"
@@ -130,9 +151,14 @@ RESULTS="$LOGS/results.jsonl"
 # is finished; appends its figures to $RESULTS.
 run_config() {
     local cfg="$1" rate="" origin_provider="$PROVIDER_ORIGIN" limits=("$RPM" "$TPM")
+    local config="$WORK/wrangler.toml" vars=()
     case "$cfg" in
         a) rate=',"rate":{"maxConcurrency":2}' ;;
         b) ;;
+        q)
+            config="$WORK/wrangler-queues.toml"
+            vars=("SYNC_FANOUT_MIN_VALUES:$RANGE_VALUES" "SYNC_FANOUT_RANGE_VALUES:$RANGE_VALUES" "SYNC_QUEUE_CONSUMERS:4")
+            ;;
         z) origin_provider="$ZERO_ORIGIN"; limits=() ;;
         *) die "unknown configuration $cfg" ;;
     esac
@@ -142,8 +168,12 @@ run_config() {
     local port log
     port="$(free_port)"
     log="$LOGS/wrangler-$cfg.log"
-    WRANGLER_PID="$(start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" \
-        --var "EMBEDDING_SOURCES:$sources" --var "OPENAI_BASE_URL:$origin_provider/v1")"
+    local var_args=() v
+    for v in "${vars[@]}"; do
+        var_args+=(--var "$v")
+    done
+    WRANGLER_PID="$(BENCH_WRANGLER_CONFIG="$config" start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" \
+        --var "EMBEDDING_SOURCES:$sources" --var "OPENAI_BASE_URL:$origin_provider/v1" "${var_args[@]}")"
     wait_healthy "http://127.0.0.1:$port" "$WRANGLER_PID" "$log" || die "wrangler dev did not answer (log $log)"
     local workerds
     mapfile -t workerds < <(workerds_of "$WRANGLER_PID")
@@ -162,6 +192,18 @@ run_config() {
         finished="$(psql_db "$db" -c "SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NOT NULL" 2>/dev/null || echo 0)"
         [ "$finished" -ge 1 ] && break
         [ "$code" = 200 ] || [ "$code" = 409 ] || die "POST /sync answered $code: $(cat "$LOGS/sync-$cfg-$i.json")"
+        if [ "$cfg" = q ]; then
+            # The consumers work and the last one finishes the run: wait for it (an hour at most).
+            local waited=0
+            while [ "$waited" -lt 7200 ]; do
+                finished="$(psql_db "$db" -c "SELECT count(*) FROM embedding_sync_runs WHERE finished_at IS NOT NULL" 2>/dev/null || echo 0)"
+                [ "$finished" -ge 1 ] && break
+                sleep 0.5
+                waited=$((waited + 1))
+            done
+            say "   the consumers finished the run after $(elapsed "$t_start") s"
+            break
+        fi
     done
     t_end="$(now)"
     cpu1="$(cpu_ticks "${workerds[@]}")"
@@ -200,7 +242,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 n = int(sys.argv[2])
 names = {"a": "a. one batch at a time (maxConcurrency 2)", "b": "b. requests in flight (default window)",
-         "z": "z. zero latency, no rate limit"}
+         "z": "z. zero latency, no rate limit", "q": "q. fan-out over local queues (4 consumers)"}
 print()
 print("Initial sync of %d values (provider: 300 ms + 1 ms/input, 3,000 RPM / 1,000,000 TPM per model, except z)" % n)
 print()
@@ -215,11 +257,12 @@ for r in rows:
         names[r["config"]], r["duration_s"], r["values_per_s"], r["invocations"], r["requests"],
         r["429"], 100 * r["share_429"], used, r["in_flight_max"], r["in_flight_mean"],
         r["workerd_cpu_ms_per_1000"], r["load"]))
-print("| fan-out over Queues | not built | | | | | | | | |")
 by = {r["config"]: r for r in rows}
+print()
 if "a" in by and "b" in by:
-    print()
     print("b / a: %.2fx values/s" % (by["b"]["values_per_s"] / by["a"]["values_per_s"]))
+if "b" in by and "q" in by:
+    print("q / b: %.2fx values/s" % (by["q"]["values_per_s"] / by["b"]["values_per_s"]))
 for r in rows:
     print("%s: %s" % (r["config"], json.dumps(r["models"])))
 PY

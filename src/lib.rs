@@ -2,6 +2,8 @@
 //!
 //! - `fetch`: `GET /health`, `GET /dry-run`, `POST /sync`, `GET /status` (JSON, or the HTML page
 //!   for `Accept: text/html`), `GET /status.html`, `POST /prune` (see README).
+//! - `queue`: the consumer of the fan-out's ranges queue and its dead-letter queue (see
+//!   [`queues`]).
 //! - `scheduled`: the cron trigger runs the same sync as `POST /sync`: invocations of the
 //!   current run, each within the invocation budget, one after another while the run pauses at
 //!   its budget and `SYNC_CHAIN_SECONDS` of wall time last (see [`Chain`]).
@@ -12,6 +14,7 @@
 
 mod openai;
 mod pg;
+mod queues;
 mod settings;
 #[cfg(all(test, target_arch = "wasm32"))]
 mod wasm_tests;
@@ -83,6 +86,8 @@ enum AppError {
     Database(#[from] StoreError),
     #[error(transparent)]
     Sync(#[from] SyncError),
+    #[error("could not send the run's ranges to the queue ({0}); they are saved, and the next cron trigger sends them again")]
+    Queue(String),
 }
 
 impl AppError {
@@ -92,7 +97,7 @@ impl AppError {
             AppError::Busy { .. } => 409,
             AppError::Sync(SyncError::LeaseLost(_)) => 409,
             AppError::Database(e) if e.is_lease_lost() => 409,
-            AppError::Database(_) | AppError::Sync(_) => 502,
+            AppError::Database(_) | AppError::Sync(_) | AppError::Queue(_) => 502,
         }
     }
 }
@@ -116,11 +121,11 @@ async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
         "/dry-run" => (true, Method::Get),
         "/sync" => (true, Method::Post),
         "/status" | "/status.html" => (true, Method::Get),
-        "/prune" => (true, Method::Post),
+        "/prune" | "/enqueue" => (true, Method::Post),
         _ => {
             return json_error(
                 404,
-                "not found: the endpoints are GET /health, GET /dry-run, POST /sync, GET /status, GET /status.html and POST /prune",
+                "not found: the endpoints are GET /health, GET /dry-run, POST /sync, GET /status, GET /status.html, POST /prune and POST /enqueue",
             )
         }
     };
@@ -169,6 +174,9 @@ async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
     if method == Method::Post {
         let body = req.text().await.unwrap_or_default();
         let trimmed = body.trim();
+        if path == "/enqueue" {
+            return enqueue(&env, trimmed).await;
+        }
         if path == "/prune" {
             match PruneRequest::parse(trimmed) {
                 Ok(request) => prune_request = Some(request),
@@ -203,6 +211,23 @@ async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
     }
 }
 
+/// `POST /enqueue`: sends one range message (`{"run": "...", "range": n}`) to the ranges queue,
+/// e.g. again after it went to the dead-letter queue. Harmless: a range that is done, claimed by
+/// a live consumer or of a finished run is skipped by its consumer.
+async fn enqueue(env: &Env, body: &str) -> worker::Result<Response> {
+    let msg: embsync_core::fanout::RangeMessage = match serde_json::from_str(body) {
+        Ok(msg) => msg,
+        Err(e) => return json_error(400, &format!("POST /enqueue takes a range message, {{\"run\": \"<run id>\", \"range\": <n>}}: {e}")),
+    };
+    let Some(queue) = queues::producer(env) else {
+        return json_error(409, &format!("there is no fan-out: the worker has no {} queue binding (see wrangler.toml)", queues::BINDING));
+    };
+    match queues::send(&queue, std::slice::from_ref(&msg)).await {
+        Ok(()) => Response::from_json(&serde_json::json!({ "enqueued": msg })),
+        Err(e) => json_error(e.status(), &e.to_string()),
+    }
+}
+
 /// The status page, with headers that keep it from being cached, sniffed, framed or extended.
 fn html_response(status: &Status) -> worker::Result<Response> {
     let response = Response::from_html(embsync_core::html::render(status))?;
@@ -217,6 +242,12 @@ fn html_response(status: &Status) -> worker::Result<Response> {
 fn vary_accept(response: Response) -> worker::Result<Response> {
     response.headers().set("vary", "Accept")?;
     Ok(response)
+}
+
+#[event(queue)]
+async fn queue(batch: worker::MessageBatch<serde_json::Value>, env: Env, _ctx: Context) -> worker::Result<()> {
+    queues::handle(batch, &env).await;
+    Ok(())
 }
 
 #[event(scheduled)]
@@ -307,6 +338,12 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
         }
     };
     let chain = chain(env)?;
+    // Fan-out only with the queue's producer binding: without it, runs go exactly as before.
+    let queue = queues::producer(env);
+    let fanout = match queue {
+        Some(_) => Some(queues::settings(env)?),
+        None => None,
+    };
     let began = rt.now_ms();
     let mut hint = read_cursor(kv.as_ref(), &rt).await;
     let mut conn = connect(&db, &config).await?;
@@ -316,7 +353,15 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     let mut invocations = 0;
     let result = loop {
         let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
-        let inv = Invocation { trigger, retry: RetryPolicy::default(), budget, new_run: &run_id, holder: &holder, hint: hint.as_ref() };
+        let inv = Invocation {
+            trigger,
+            retry: RetryPolicy::default(),
+            budget,
+            new_run: &run_id,
+            holder: &holder,
+            hint: hint.as_ref(),
+            fanout,
+        };
         let result = sync::invoke(&config, &mut conn.store, &embedder, &rt, &inv).await;
         invocations += 1;
         match result {
@@ -373,6 +418,17 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
                     .field("cursor", &cursor),
             );
             kv_put(kv.as_ref(), CURSOR_KEY, serde_json::to_string(&cursor).unwrap_or_default(), &rt).await;
+            Ok(report)
+        }
+        Outcome::FannedOut { report, messages } => {
+            // The consumers do the work from here; the last one finishes the run.
+            let Some(queue) = queue else { return Ok(report) };
+            queues::send(&queue, &messages).await?;
+            rt.log(
+                LogEvent::info("enqueued", format!("Run {} fanned out: {} ranges sent to the queue", report.run_id, messages.len()))
+                    .run(&report.run_id)
+                    .field("ranges", messages.len()),
+            );
             Ok(report)
         }
         Outcome::Busy { holder, expires_in_secs } => {

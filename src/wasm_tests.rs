@@ -1,9 +1,10 @@
 //! The worker's own code as WebAssembly (wasm-bindgen-test, run under Node by
 //! `scripts/test.sh`): settings and secrets read from a real `Env` object, `handle` (routing,
 //! methods, query, authentication, request bodies) on real `Request`s, the KV cursor over a KV
-//! binding kept in a JS object, and the provider request `OpenAi` builds and sends through the
-//! global `fetch` (replaced by a recorder). What needs Postgres or workerd is left to the
-//! end-to-end tests.
+//! binding kept in a JS object, the provider request `OpenAi` builds and sends through the
+//! global `fetch` (replaced by a recorder), and the fan-out's `POST /enqueue` and queue handler
+//! over a queue binding and message batches kept in JS objects. What needs Postgres or workerd
+//! is left to the end-to-end tests.
 
 use crate::openai::OpenAi;
 use crate::settings::{self, Database, SettingsError};
@@ -216,4 +217,79 @@ async fn the_provider_request_carries_the_key_model_and_inputs_and_its_answer_is
     assert_eq!(sent_body["encoding_format"], "base64");
     assert_eq!(embeddings.vectors.len(), 2);
     assert_eq!(embeddings.vectors[1].to_f32(), second);
+}
+
+/// An `Env` with the token and a queue binding `SYNC_QUEUE` (a `WorkerQueue` whose `send` and
+/// `sendBatch` record their messages in `sent`).
+fn env_with_queue(sent: &js_sys::Array) -> Env {
+    let queue = js(
+        "sent",
+        "class WorkerQueue { \
+           async send(body, options) { sent.push(body); } \
+           async sendBatch(messages, options) { for (const m of messages) sent.push(m.body); } \
+         } \
+         return new WorkerQueue();",
+        &[sent],
+    );
+    let env = env(&[("SYNC_API_TOKEN", "t0ken")]);
+    set(&env, "SYNC_QUEUE", &queue);
+    env
+}
+
+#[wasm_bindgen_test]
+async fn enqueue_sends_one_range_message_and_refuses_anything_else() {
+    let auth = [("authorization", "Bearer t0ken")];
+    let sent = js_sys::Array::new();
+    let body = r#"{"run": "run-1", "range": 7}"#;
+    let (status, answer_body, _) = answer(request(Method::Post, "/enqueue", &auth, Some(body)), env_with_queue(&sent)).await;
+    assert_eq!((status, answer_body.as_str()), (200, r#"{"enqueued":{"range":7,"run":"run-1"}}"#));
+    assert_eq!(sent.length(), 1);
+    let message = js_sys::JSON::stringify(&sent.get(0)).unwrap().as_string().unwrap();
+    assert_eq!(message, r#"{"run":"run-1","range":7}"#, "the body the queue carries is the range message as JSON");
+    // Not a range message: 400, nothing sent.
+    for bad in ["", "{}", r#"{"run": "run-1"}"#, r#"{"run": "run-1", "range": "7"}"#, "[1]"] {
+        let (status, answer_body, _) = answer(request(Method::Post, "/enqueue", &auth, Some(bad)), env_with_queue(&sent)).await;
+        assert_eq!(status, 400, "{bad:?}: {answer_body}");
+        assert!(answer_body.contains("range message"), "{answer_body}");
+    }
+    assert_eq!(sent.length(), 1);
+    // Without the binding there is no fan-out: 409, saying so. Without the token: 401.
+    let (status, answer_body, _) = answer(request(Method::Post, "/enqueue", &auth, Some(body)), env(&[("SYNC_API_TOKEN", "t0ken")])).await;
+    assert_eq!(status, 409);
+    assert!(answer_body.contains("SYNC_QUEUE"), "{answer_body}");
+    let (status, _, _) = answer(request(Method::Post, "/enqueue", &[], Some(body)), env_with_queue(&sent)).await;
+    assert_eq!(status, 401);
+    assert_eq!(sent.length(), 1);
+}
+
+/// A `MessageBatch` of `queue` with one message per body of `bodies` (JS values); each message
+/// records `ack` or `retry` in `settled` as `[index, what]`.
+fn batch(queue: &str, bodies: &js_sys::Array, settled: &js_sys::Array) -> worker::MessageBatch<serde_json::Value> {
+    let sys = js(
+        "queue, bodies, settled",
+        "return { queue, messages: bodies.map((body, i) => ({ \
+           id: 'm' + i, timestamp: new Date(0), body, attempts: 1, \
+           ack() { settled.push([i, 'ack']); }, retry() { settled.push([i, 'retry']); } })), \
+           ackAll() { settled.push(['all', 'ack']); }, retryAll() { settled.push(['all', 'retry']); } };",
+        &[&queue.into(), bodies, settled],
+    );
+    worker::MessageBatch::from(sys.unchecked_into::<worker::worker_sys::MessageBatch>())
+}
+
+#[wasm_bindgen_test]
+async fn the_queue_handler_acks_what_is_not_a_range_message_and_retries_what_fails() {
+    let bodies = js_sys::Array::new();
+    for body in [r#""not json""#, r#"{"range": 1}"#, "42", r#"{"run": "run-1", "range": 3}"#] {
+        bodies.push(&js_sys::JSON::parse(body).unwrap());
+    }
+    // No database: every real message fails, and is retried; the others are acked, never retried.
+    for queue in ["embsync-ranges", "embsync-ranges-dlq"] {
+        let settled = js_sys::Array::new();
+        crate::queues::handle(batch(queue, &bodies, &settled), &env(&[])).await;
+        let got = js_sys::JSON::stringify(&settled).unwrap().as_string().unwrap();
+        let mut got: Vec<(u32, String)> = serde_json::from_str(&got).unwrap();
+        got.sort();
+        let want = [(0, "ack"), (1, "ack"), (2, "ack"), (3, "retry")].map(|(i, w)| (i, w.to_string()));
+        assert_eq!(got, want, "{queue}: each message settled once, on its own");
+    }
 }

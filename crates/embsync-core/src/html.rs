@@ -280,7 +280,9 @@ fn write_current_run(out: &mut String, run: &CurrentRun, last: Option<&FinishedR
     fact(out, "Started", &when(&run.started_at))?;
     fact(out, "Invocations", &run.invocations.to_string())?;
     out.push_str("</dl>\n");
+    let waiting = run.sources.iter().any(|s| s.ranges.as_ref().is_some_and(|g| g.queued > 0));
     let note = match run.status {
+        _ if waiting => "Fanned out: the queue's consumers embed its ranges; the run goes on once they are done.",
         RunStatus::Paused => "Paused when an invocation spent its budget: the next cron tick or POST /sync goes on where it stopped.",
         _ => "An invocation is working on it now.",
     };
@@ -391,6 +393,20 @@ fn write_source(out: &mut String, c: &Coverage, counts: &Counts<'_>) -> fmt::Res
         }
         if let Some(e) = &r.error {
             writeln!(out, "<p class=\"note err\">{}</p>", Esc(e))?;
+        }
+    }
+    if let Counts::Current(sources) = counts {
+        if let Some(g) = sources.iter().find(|s| same(&s.report)).and_then(|s| s.ranges.as_ref()) {
+            writeln!(
+                out,
+                "<p class=\"coverage\">Fan-out: <strong>{}</strong> ranges queued · {} done · {} given up</p>",
+                Num(g.queued),
+                Num(g.done),
+                Num(g.dead)
+            )?;
+            for d in &g.dead_ranges {
+                writeln!(out, "<p class=\"note err\">Range {} was given up: {}</p>", d.range, Esc(&d.error))?;
+            }
         }
     }
     if c.errors > 0 {

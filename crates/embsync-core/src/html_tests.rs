@@ -91,8 +91,8 @@ fn paused_run_shows_progress_so_far() {
         invocations: 1,
         started_at: "2026-11-24T00:00:00.120Z".into(),
         sources: vec![
-            OpenRunSource { report: source_report("Parts", "parts", 1000, 400), planned: true, done: false },
-            OpenRunSource { report: source_report("Later", "later", 0, 0), planned: false, done: false },
+            OpenRunSource { report: source_report("Parts", "parts", 1000, 400), planned: true, done: false, ranges: None },
+            OpenRunSource { report: source_report("Later", "later", 0, 0), planned: false, done: false, ranges: None },
         ],
     };
     let previous = finished(&report(RunStatus::Finished, vec![]));
@@ -596,4 +596,43 @@ fn times_and_durations_read_well() {
     assert_eq!(Num(999).to_string(), "999");
     assert_eq!(Num(1_000).to_string(), "1,000");
     assert_eq!(Num(1_234_567).to_string(), "1,234,567");
+}
+
+#[test]
+fn a_fanned_out_source_shows_its_ranges_and_the_dead_ones_why() {
+    use crate::status::{DeadRange, SourceRanges};
+    let ranges = SourceRanges {
+        queued: 3,
+        done: 1_200,
+        dead: 1,
+        dead_ranges: vec![DeadRange { range: 42, error: "max retries: provider <503>".into() }],
+    };
+    let run = CurrentRun {
+        run_id: "run-fan".into(),
+        status: RunStatus::Paused,
+        trigger: Trigger::Cron,
+        invocations: 2,
+        started_at: "2026-11-24T00:00:00.120Z".into(),
+        sources: vec![OpenRunSource {
+            report: source_report("Parts", "parts", 1000, 400),
+            planned: true,
+            done: false,
+            ranges: Some(ranges),
+        }],
+    };
+    let json = serde_json::to_value(&run.sources[0]).unwrap();
+    assert_eq!(
+        json["ranges"],
+        serde_json::json!({"queued": 3, "done": 1200, "dead": 1, "deadRanges": [{"range": 42, "error": "max retries: provider <503>"}]})
+    );
+    let page = render(&status(Some(run), vec![], vec![coverage("Parts", "parts", 1000, 600)]));
+    let lines: Vec<&str> = page.lines().filter(|l| l.contains("Fan") || l.contains("given up")).collect();
+    expect![[r#"
+        [
+            "<p class=\"muted\">Fanned out: the queue&#39;s consumers embed its ranges; the run goes on once they are done.</p>",
+            "<p class=\"coverage\">Fan-out: <strong>3</strong> ranges queued · 1,200 done · 1 given up</p>",
+            "<p class=\"note err\">Range 42 was given up: max retries: provider &lt;503&gt;</p>",
+        ]
+    "#]]
+    .assert_debug_eq(&lines);
 }

@@ -12,6 +12,7 @@
 //! - [`provider`]: OpenAI embeddings request encoding and response decoding.
 //! - [`rate`]: how much provider work an invocation keeps in flight.
 //! - [`prune`]: sources that left the config, and pruning them on request.
+//! - [`fanout`]: a large source's pending values split into ranges for queue consumers.
 //! - [`endpoint`]: where requests go and how they carry the key (OpenAI or Azure OpenAI).
 //! - [`vector`]: base64 float32 and pgvector binary encodings.
 //! - [`sync`]: the driver, over the [`sync::Store`], [`sync::Embedder`] and [`sync::Runtime`] traits.
@@ -37,6 +38,7 @@ pub mod config;
 pub mod database;
 pub mod dburl;
 pub mod endpoint;
+pub mod fanout;
 pub mod hash;
 pub mod html;
 pub mod ident;
@@ -52,4 +54,5 @@ pub mod sync;
 pub mod vector;
 
 pub use config::Config;
+pub use fanout::{consume, dead_letter, Consume, Consumed, FanOut, RangeMessage};
 

@@ -99,6 +99,33 @@ pub struct OpenRunSource {
     pub planned: bool,
     /// Whether the run is done with the source.
     pub done: bool,
+    /// Fan-out: the source's ranges by state, when it was split for the queue's consumers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<SourceRanges>,
+}
+
+/// A fanned-out source's ranges in the open run ([`crate::fanout`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceRanges {
+    /// Not settled yet (a consumer may be at work on one).
+    pub queued: u64,
+    /// Finished by a consumer.
+    pub done: u64,
+    /// Given up (the dead-letter queue, a refused model, the token budget).
+    pub dead: u64,
+    /// The dead ones, with why.
+    pub dead_ranges: Vec<DeadRange>,
+}
+
+/// A range that was given up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadRange {
+    /// Its id (`embedding_sync_ranges.id`).
+    pub range: i64,
+    /// Why.
+    pub error: String,
 }
 
 impl CurrentRun {

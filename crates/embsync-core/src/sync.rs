@@ -6,6 +6,7 @@
 
 use crate::batch;
 use crate::config::{Config, ModelSlot, ModelSpec, Source};
+use crate::fanout::{FanOut, RangeClaim, RangeEnd, RangeMessage, RangeTally};
 use crate::hash::ValueHash;
 use crate::index::{self, DropReason, IndexAction, IndexState};
 use crate::log::LogEvent;
@@ -182,9 +183,11 @@ impl DeleteGuard {
 /// done, the lease); anything kept elsewhere (the KV cursor) is a hint that may be stale.
 ///
 /// Architecture Invariant: every method that writes (all but `ensure_schema`, `counts`,
-/// `pending` and `index_state`) is fenced by the lease [`Store::acquire_lease`] took: it writes
-/// only while that lease is still this invocation's, unexpired, and renews it; otherwise it
-/// writes nothing and fails with [`StoreError::is_lease_lost`], and the driver stops.
+/// `pending`, `index_state` and `range_tally`, which only read, and `claim_range` and
+/// `dead_letter`, which stand alone) is fenced by the lease [`Store::acquire_lease`] took, or by
+/// the range claim [`Store::claim_range`] took (a queue consumer): it writes only while that
+/// lease or claim is still this invocation's, unexpired, and renews it; otherwise it writes
+/// nothing and fails with [`StoreError::is_lease_lost`], and the driver stops.
 #[allow(async_fn_in_trait)]
 pub trait Store {
     /// Brings embsync's schema up to date when its recorded version is behind (DDL only then,
@@ -260,6 +263,28 @@ pub trait Store {
     async fn index_ddl(&mut self, statement: &str) -> Result<(), StoreError>;
     /// Adds the index step's outcome to the stored report of a finished run.
     async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError>;
+    /// Fan-out ([`crate::fanout`]): splits the run's snapshot of the source into ranges of
+    /// `range_values` values in hash order, in one statement fenced by the lease; returns how
+    /// many (none when the snapshot is empty or the source has ranges already).
+    async fn plan_ranges(&mut self, run: &RunId, source: &Source, range_values: u64) -> Result<u64, StoreError>;
+    /// The run's ranges per source and state. Reads only.
+    async fn range_tally(&mut self, run: &RunId) -> Result<Vec<RangeTally>, StoreError>;
+    /// The sweeper, fenced by the lease: the run's queued ranges that no consumer holds and
+    /// whose message was not sent within `resend_after` (or never) are marked sent now; returns
+    /// their ids, for the worker to send.
+    async fn sweep_ranges(&mut self, run: &RunId, resend_after: Duration) -> Result<Vec<i64>, StoreError>;
+    /// Claims range `range` of `run` for `holder` for `ttl` when the run is open (under this
+    /// config's models), the range queued and nobody holds it unexpired. From then on every
+    /// write of this store is fenced by the claim instead of the lease (and renews it), a batch
+    /// also moves the range's progress, and [`Store::pending`] pages stop at the range's upper
+    /// bound. Needs no lease.
+    async fn claim_range(&mut self, run: &RunId, range: i64, holder: &str, ttl: Duration) -> Result<RangeClaim, StoreError>;
+    /// Ends the claim (fenced by it, like any write): the range is done, handed on or dead.
+    /// Returns whether no range of the run is queued any more (read after the end committed).
+    async fn end_claim(&mut self, end: RangeEnd) -> Result<bool, StoreError>;
+    /// Marks the range dead with `reason` (the dead-letter queue) unless it is settled or a
+    /// consumer holds it unexpired; whether it was marked. Needs no lease or claim.
+    async fn dead_letter(&mut self, run: &RunId, range: i64, reason: &str) -> Result<bool, StoreError>;
 }
 
 /// Cache rows [`Store::delete_orphans`] deleted, for the source that unlinked them.
@@ -431,7 +456,7 @@ pub enum BudgetError {
     /// integer).
     #[error(
         "{name} is {value:?}, which is not a positive {}number: set it to one or remove it for the default",
-        if matches!(*name, "SYNC_MAX_BATCHES" | "SYNC_MAX_SUBREQUESTS") { "whole " } else { "" }
+        if matches!(*name, "SYNC_MAX_BATCHES" | "SYNC_MAX_SUBREQUESTS" | "SYNC_FANOUT_MIN_VALUES" | "SYNC_FANOUT_RANGE_VALUES" | "SYNC_QUEUE_CONSUMERS") { "whole " } else { "" }
     )]
     NotPositive {
         /// The setting.
@@ -476,6 +501,16 @@ pub enum Outcome {
     Finished(RunReport),
     /// The budget ran out; the report so far and where to go on.
     Paused(RunReport, Cursor),
+    /// Fan-out ([`crate::fanout`]): a source's ranges are queued (planned by this invocation,
+    /// or waiting for consumers); the worker sends `messages` (after this returns) and stops
+    /// chaining: the consumers do the work, and the one that settles the last range starts the
+    /// chain again. A message never sent is not lost: a later lease holder sends it again.
+    FannedOut {
+        /// The run so far (status `paused`).
+        report: RunReport,
+        /// The ranges to send a message for (new, or whose message looks lost).
+        messages: Vec<RangeMessage>,
+    },
     /// Another invocation holds the lease; nothing was done.
     Busy {
         /// The other holder.
@@ -606,6 +641,10 @@ pub enum SyncError {
     /// and this one stopped without writing anything more.
     #[error("this invocation lost the sync lease to another one, which goes on with the run: {0}")]
     LeaseLost(#[source] StoreError),
+    /// A queue consumer found the provider unavailable through every retry (429, 5xx, no
+    /// answer): its range keeps its progress and the message is retried.
+    #[error("the provider is unavailable: {0}; the range keeps its progress and is retried")]
+    Unavailable(String),
 }
 
 /// Plans every enabled source without calling the provider or writing anything.
@@ -705,6 +744,9 @@ pub struct Invocation<'a> {
     pub holder: &'a str,
     /// Where the previous invocation stopped, from KV: a hint only.
     pub hint: Option<&'a Cursor>,
+    /// Fan-out over a queue (`None`: no queue binding; every source is synced in-line and
+    /// ranges left by an earlier invocation are ignored).
+    pub fanout: Option<FanOut>,
 }
 
 async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
@@ -715,7 +757,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     inv: &Invocation<'_>,
     began: f64,
 ) -> Result<Outcome, SyncError> {
-    let Invocation { trigger, retry, budget, new_run, hint, .. } = inv.clone();
+    let Invocation { trigger, retry, budget, new_run, hint, fanout, .. } = inv.clone();
     let sources: Vec<&Source> = config.enabled_sources().collect();
     let mut run = store.open_run(new_run, trigger, &sources).await.map_err(fatal)?;
     if run.sources.len() != sources.len() {
@@ -746,21 +788,63 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
             rt.log(source_event(&run.id, &run.sources[i].report));
         }
     };
+    // Fan-out: the ranges earlier invocations planned. A source with queued ranges waits for
+    // its consumers, and the sources after it with it (sources are taken one after another, as
+    // without fan-out, so a value two sources share is embedded once); one whose ranges are all
+    // settled goes on in-line with one pass from the start (which also retries the values of
+    // dead ranges).
+    let tallies = match fanout {
+        Some(_) => store.range_tally(&run.id).await.map_err(fatal)?,
+        None => Vec::new(),
+    };
+    let mut waiting: Vec<usize> = Vec::new();
     for (i, source) in sources.iter().enumerate() {
         if run.sources[i].done {
             continue;
         }
-        let after = hint.filter(|c| c.source == i).and_then(|c| c.after.as_deref()).and_then(ValueHash::from_hex);
+        let mut mode = Mode::Source;
+        if let Some(t) = tallies.iter().find(|t| t.table == source.table_key() && t.column == source.column_key()) {
+            if t.queued > 0 {
+                // Later sources wait too: one may share values with this one, and planned now
+                // it would embed them again while the consumers do.
+                waiting.push(i);
+                break;
+            }
+            mode = Mode::Settled;
+            if !t.dead.is_empty() {
+                let why = format!(
+                    "{} of its {} fan-out ranges were given up ({}); their values were tried again in-line",
+                    t.dead.len(),
+                    t.dead.len() as u64 + t.done,
+                    t.dead.join("; ")
+                );
+                rt.log(LogEvent::warn("range", format!("Source {}: {why}", source.name)).run(&run.id.0).field("source", &source.name));
+                run.sources[i].report.warning = Some(why);
+            }
+        }
+        let after = match mode {
+            Mode::Source => hint.filter(|c| c.source == i).and_then(|c| c.after.as_deref()).and_then(ValueHash::from_hex),
+            _ => None,
+        };
         let began_source = rt.now_ms();
         let run_tokens: u64 = run.sources.iter().map(|s| s.usage.0.prompt_tokens + s.usage.1.prompt_tokens).sum();
         let state = &mut run.sources[i];
         let calls = Calls { config, embedder, rt, retry, run: &run.id, spent: &spent };
-        let mut ctx = SourceRun { config, store: &mut *store, calls, rt, state, run: &run.id, spent: &spent, run_tokens };
+        let mut ctx = SourceRun { config, store: &mut *store, calls, rt, state, run: &run.id, spent: &spent, run_tokens, mode, fanout };
         let outcome = ctx.sync(source, after).await;
         let state = &mut run.sources[i];
         state.report.duration_ms += (rt.now_ms() - began_source).max(0.0) as u64;
         match outcome {
             Ok(SourceEnd::Done) => ended.push(i),
+            Ok(SourceEnd::FannedOut) => {
+                rt.log(
+                    LogEvent::info("fanout", format!("Source {}: fanned out to the queue", source.name))
+                        .run(&run.id.0)
+                        .field("source", &source.name),
+                );
+                waiting.push(i);
+                break;
+            }
             Ok(SourceEnd::TokenBudget) => {
                 // The run ends here; the next run goes on with what is still pending.
                 rt.log(source_event(&run.id, &state.report));
@@ -809,6 +893,32 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 return Err(SyncError::Provider(e));
             }
         }
+    }
+    // Sources wait for their ranges: the run goes on once the consumers settled them all. The
+    // sweeper hands out the ranges whose message is new or looks lost.
+    if !waiting.is_empty() {
+        log_ended(&run, &ended);
+        let resend = Duration::from_secs(crate::fanout::RESEND_AFTER_SECS);
+        let ids =
+            store.sweep_ranges(&run.id, resend).await.map_err(|e| if e.is_lease_lost() { lease_lost(rt, &run.id, e) } else { fatal(e) })?;
+        let messages: Vec<RangeMessage> = ids.into_iter().map(|range| RangeMessage { run: run.id.0.clone(), range }).collect();
+        let mut report = report_of(config, &run, rt);
+        report.status = RunStatus::Paused;
+        let names: Vec<&str> = waiting.iter().map(|&i| sources[i].name.as_str()).collect();
+        rt.log(
+            LogEvent::info(
+                "fanout",
+                format!(
+                    "Run {} waits for the queue's consumers ({}); {} range messages to send",
+                    run.id.0,
+                    names.join(", "),
+                    messages.len()
+                ),
+            )
+            .run(&run.id.0)
+            .field("messages", messages.len()),
+        );
+        return Ok(Outcome::FannedOut { report, messages });
     }
     // Every source has been planned (so it linked the values it has) and had its stale values
     // removed, without error: embsync's rows that no source links now are deleted. Otherwise the
@@ -1005,7 +1115,7 @@ fn source_event(run: &RunId, report: &SourceReport) -> LogEvent {
 }
 
 /// What this invocation has spent, and what it learnt about the provider.
-struct InvocationSpend {
+pub(crate) struct InvocationSpend {
     /// Batches written that counted against the budget.
     batches: Cell<u64>,
     began: f64,
@@ -1018,7 +1128,7 @@ struct InvocationSpend {
     /// The refusals stored with the run ([`Store::record_refused`]).
     refusals_recorded: RefCell<Vec<String>>,
     /// Why no further batch may start (a wait that would outlast the budget), if so.
-    pause: RefCell<Option<Pause>>,
+    pub(crate) pause: RefCell<Option<Pause>>,
     /// The adaptive rate of provider requests.
     rate: RefCell<rate::Control>,
     /// The provider has answered a request with embeddings in this invocation.
@@ -1026,7 +1136,7 @@ struct InvocationSpend {
 }
 
 impl InvocationSpend {
-    fn new(began: f64, budget: Budget, rate: &crate::config::Rate) -> Self {
+    pub(crate) fn new(began: f64, budget: Budget, rate: &crate::config::Rate) -> Self {
         InvocationSpend {
             batches: Cell::new(0),
             began,
@@ -1057,8 +1167,10 @@ fn slot_index(slot: ModelSlot) -> usize {
     }
 }
 
-enum SourceEnd {
+pub(crate) enum SourceEnd {
     Done,
+    /// Fan-out: the source's snapshot was split into ranges for the queue's consumers.
+    FannedOut,
     /// The run's token budget is spent: the run ends here.
     TokenBudget,
     /// The provider refuses both models' requests themselves: the run ends here.
@@ -1067,7 +1179,7 @@ enum SourceEnd {
     Paused(Option<ValueHash>),
 }
 
-enum Stop {
+pub(crate) enum Stop {
     Store(StoreError),
     Fatal(ProviderError),
     LeaseLost(StoreError),
@@ -1077,7 +1189,7 @@ enum Stop {
 /// what it got (stored, so nothing paid for is lost) and the source pauses before it, for the
 /// next invocation.
 #[derive(Debug, Clone)]
-enum Pause {
+pub(crate) enum Pause {
     /// A wait (a retry, a `retry-after`, pacing) would end past the time budget.
     OutOfTime,
     /// The provider stayed unavailable (429, 5xx, no answer) through every retry: no value is
@@ -1099,16 +1211,32 @@ impl Stop {
     }
 }
 
-struct SourceRun<'a, S, E, R> {
-    config: &'a Config,
-    store: &'a mut S,
+pub(crate) struct SourceRun<'a, S, E, R> {
+    pub(crate) config: &'a Config,
+    pub(crate) store: &'a mut S,
     /// The provider side: what the batches in flight borrow (shared state only).
-    calls: Calls<'a, E, R>,
-    rt: &'a R,
-    state: &'a mut SourceState,
-    run: &'a RunId,
-    spent: &'a InvocationSpend,
-    run_tokens: u64,
+    pub(crate) calls: Calls<'a, E, R>,
+    pub(crate) rt: &'a R,
+    pub(crate) state: &'a mut SourceState,
+    pub(crate) run: &'a RunId,
+    pub(crate) spent: &'a InvocationSpend,
+    pub(crate) run_tokens: u64,
+    pub(crate) mode: Mode,
+    /// Fan-out: a source planned now whose snapshot is large enough is split into ranges.
+    pub(crate) fanout: Option<FanOut>,
+}
+
+/// What a [`SourceRun`] covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The whole source (planned if it is not yet), then its stale values.
+    Source,
+    /// A fanned-out source whose ranges are all settled: one pass from the start (no second
+    /// one), then its stale values.
+    Settled,
+    /// One fan-out range, claimed by a queue consumer: its values only (the store bounds the
+    /// pages), no planning, no pass from the start, no stale removal.
+    Range,
 }
 
 /// What the driver does in order, one step at a time: write a group's answer, or move the cursor
@@ -1152,7 +1280,7 @@ async fn drive<F: std::future::Future, W: futures::Stream + Unpin>(
 }
 
 impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
-    async fn sync(&mut self, source: &Source, after: Option<ValueHash>) -> Result<SourceEnd, Stop> {
+    pub(crate) async fn sync(&mut self, source: &Source, after: Option<ValueHash>) -> Result<SourceEnd, Stop> {
         use futures::StreamExt;
         let name = &source.name;
         let ctx = |what: &str, e: StoreError| Stop::of(e.context(format_args!("{what} of source {name}")));
@@ -1175,6 +1303,12 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             let snapshot = counts.to_embed() > counts.deferred;
             self.store.save_plan(self.run, source, &plan, snapshot).await.map_err(|e| ctx("saving the plan", e))?;
             self.state.planned = true;
+            if let Some(f) = self.fanout.filter(|f| snapshot && counts.to_embed().saturating_sub(counts.deferred) >= f.min_values) {
+                let ranges = self.store.plan_ranges(self.run, source, f.range_values).await.map_err(|e| ctx("splitting into ranges", e))?;
+                if ranges > 0 {
+                    return Ok(SourceEnd::FannedOut);
+                }
+            }
             fresh = Some(counts);
         }
         // Pages are a few batches long, so a large source is scanned fewer times.
@@ -1185,7 +1319,7 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         // refused). Once the end is reached, one more pass from the start finds them: once per
         // source and run, it costs a scan of the snapshot's done values, never a value left
         // pending by a finished source.
-        let mut wrap = after.is_some() || fresh.is_none();
+        let mut wrap = self.mode == Mode::Source && (after.is_some() || fresh.is_none());
         // The batches in flight borrow only `calls`; the store is written one batch at a time,
         // in order, while later batches' requests are out (see `rate`).
         let calls = self.calls;
@@ -1405,6 +1539,10 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
             Some(Halt::Paused) => return Ok(SourceEnd::Paused(cursor)),
             None => {}
         }
+        if self.mode == Mode::Range {
+            // The range is written; the source's stale values are the lease holder's.
+            return Ok(SourceEnd::Done);
+        }
         let known_clean = fresh.is_some_and(|c| c.stale == 0);
         let guard = DeleteGuard::of(self.config, source);
         let stale = self.store.remove_stale(source, self.run, known_clean, guard).await.map_err(|e| ctx("removing stale values", e))?;
@@ -1490,13 +1628,13 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
 
 /// The provider side of a source's sync: shared state only, so that several batches can be in
 /// flight while the store writes earlier ones.
-struct Calls<'a, E, R> {
-    config: &'a Config,
-    embedder: &'a E,
-    rt: &'a R,
-    retry: RetryPolicy,
-    run: &'a RunId,
-    spent: &'a InvocationSpend,
+pub(crate) struct Calls<'a, E, R> {
+    pub(crate) config: &'a Config,
+    pub(crate) embedder: &'a E,
+    pub(crate) rt: &'a R,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) run: &'a RunId,
+    pub(crate) spent: &'a InvocationSpend,
 }
 
 impl<E, R> Clone for Calls<'_, E, R> {

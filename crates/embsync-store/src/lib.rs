@@ -6,13 +6,14 @@
 
 use bytes::BytesMut;
 use embsync_core::config::{Config, Source};
+use embsync_core::fanout::{ClaimedRange, RangeClaim, RangeEnd, RangeTally};
 use embsync_core::hash::ValueHash;
 use embsync_core::index::{ExistingIndex, IndexState};
 use embsync_core::prune::{LeftSource, PruneOutcome, PruneReport, PruneRequest};
 use embsync_core::report::{iso8601, IndexReport, ModelUsage, RunReport, RunStatus, SourceReport, Trigger};
 use embsync_core::sql::param::Param as SqlParam;
 use embsync_core::sql::{self, ModelTags, PgType, SchemaState, Statement};
-use embsync_core::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource, WaitingOrphans};
+use embsync_core::status::{Coverage, CurrentRun, DeadRange, FinishedRun, OpenRunSource, SourceRanges, WaitingOrphans};
 use embsync_core::sync::{
     DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, SourceState, StaleOutcome,
     Store, StoreError, ValueFailure,
@@ -46,8 +47,9 @@ pub struct PgStore {
     cache_created: bool,
     /// Rows written to embsync's tables since this store last analyzed them.
     written: u64,
-    /// The lease [`Store::acquire_lease`] took: the fencing token of every write.
-    lease: Option<LeaseToken>,
+    /// The lease [`Store::acquire_lease`] took, or the range [`Store::claim_range`] claimed:
+    /// the fencing token of every write.
+    fence: Option<Fence>,
 }
 
 /// After this many rows written, the store analyzes embsync's tables before it relies on their
@@ -102,7 +104,7 @@ impl PgStore {
             retention_runs: config.retention_runs,
             cache_created: false,
             written: 0,
-            lease: None,
+            fence: None,
         }
     }
 
@@ -279,7 +281,7 @@ impl Store for PgStore {
 
     async fn link_reusable(&mut self, source: &Source) -> Result<u64, StoreError> {
         let link = sql::LinkReusable { source, tags: &self.tags };
-        let tx = fenced(&mut self.client, self.lease.as_ref(), "linking reusable values").await?;
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "linking reusable values").await?;
         let row = query_one(&tx, &Bound::new(&link)).await.map_err(|e| err("linking", e))?;
         tx.commit().await.map_err(|e| err("committing the links", e))?;
         let linked = row.get::<_, i64>(0).max(0) as u64;
@@ -296,12 +298,18 @@ impl Store for PgStore {
     ) -> Result<Vec<PendingValue>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let tags = &self.tags;
-        let snapshot: bool = query_one(&self.client, &Bound::new(&sql::HasSnapshot { run, source }))
-            .await
-            .map_err(|e| err("looking for the snapshot", e))?
-            .get(0);
+        // A claimed range reads its part of the snapshot only (none when the snapshot is gone).
+        let upto = match &self.fence {
+            Some(Fence::Range(claim)) => Some(&claim.hi),
+            _ => None,
+        };
+        let snapshot: bool = upto.is_some()
+            || query_one(&self.client, &Bound::new(&sql::HasSnapshot { run, source }))
+                .await
+                .map_err(|e| err("looking for the snapshot", e))?
+                .get(0);
         let rows = if snapshot {
-            query(&self.client, &Bound::new(&sql::PendingSnapshotPage { source, tags, run, after, limit })).await
+            query(&self.client, &Bound::new(&sql::PendingSnapshotPage { source, tags, run, after, limit, upto })).await
         } else {
             query(&self.client, &Bound::new(&sql::PendingPage { source, tags, after, limit })).await
         }
@@ -323,7 +331,9 @@ impl Store for PgStore {
     async fn store(&mut self, source: &Source, batch: &[EmbeddedValue], progress: &Progress<'_>) -> Result<(), StoreError> {
         let vector_array = self.vector_array_type().await?;
         let upsert = sql::UpsertBatch { source, tags: &self.tags, batch };
-        let tx = fenced(&mut self.client, self.lease.as_ref(), "writing a batch").await?;
+        // Under a range claim the batch also moves the range's progress past its values.
+        let last = batch.iter().map(|v| &v.hash).max_by(|a, b| a.as_str().cmp(b.as_str()));
+        let tx = fenced(&mut self.client, self.fence.as_ref(), last, "writing a batch").await?;
         execute(&tx, &Bound::with_vectors(&upsert, vector_array)).await.map_err(|e| err("writing embeddings", e))?;
         execute(&tx, &Bound::new(&sql::LinkValues { source, batch })).await.map_err(|e| err("linking values", e))?;
         execute(&tx, &Bound::new(&sql::ClearErrors { source, batch })).await.map_err(|e| err("clearing errors", e))?;
@@ -347,7 +357,7 @@ impl Store for PgStore {
             }
             self.written = 0;
         }
-        let tx = fenced(&mut self.client, self.lease.as_ref(), "removing stale values").await?;
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "removing stale values").await?;
         let clean = known_clean
             && !query_one(&tx, &Bound::new(&sql::HasErrors { source })).await.map_err(|e| err("looking for errors", e))?.get::<_, bool>(0);
         let mut outcome = StaleOutcome::default();
@@ -376,7 +386,7 @@ impl Store for PgStore {
     }
 
     async fn delete_orphans(&mut self, run: &RunId, sources: &[&Source]) -> Result<Vec<OrphansDeleted>, StoreError> {
-        let tx = fenced(&mut self.client, self.lease.as_ref(), "deleting orphaned cache rows").await?;
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "deleting orphaned cache rows").await?;
         // Most runs have no candidate: then no source is scanned and nothing is deleted.
         let waiting: bool = tx.query_typed_one(sql::ORPHANS_WAITING, &[]).await.map_err(|e| err("looking for orphans", e))?.get(0);
         if !waiting {
@@ -390,21 +400,21 @@ impl Store for PgStore {
     }
 
     async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {
-        let tx = fenced(&mut self.client, self.lease.as_ref(), "recording a refused model").await?;
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "recording a refused model").await?;
         execute(&tx, &Bound::new(&sql::RecordRefused { run, reasons })).await.map_err(|e| err("recording a refused model", e))?;
         tx.commit().await.map_err(|e| err("committing the refusal", e))
     }
 
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError> {
         let count = sql::AddErrors { run, source, errors: failures.len() as u64 };
-        let tx = fenced(&mut self.client, self.lease.as_ref(), "recording errors").await?;
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "recording errors").await?;
         execute(&tx, &Bound::new(&sql::RecordErrors { source, failures })).await.map_err(|e| err("recording errors", e))?;
         execute(&tx, &Bound::new(&count)).await.map_err(|e| err("counting errors", e))?;
         tx.commit().await.map_err(|e| err("committing errors", e))
     }
 
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
-        self.lease = None;
+        self.fence = None;
         let token = LeaseToken { holder: holder.to_owned(), generation: 0, ttl };
         let tx = limited(&mut self.client, &token).await?;
         // A fenced transaction of the holder in flight locks the row: waiting past the lock
@@ -412,7 +422,7 @@ impl Store for PgStore {
         match query_opt(&tx, &Bound::new(&sql::AcquireLease { holder, ttl })).await {
             Ok(Some(row)) => {
                 tx.commit().await.map_err(|e| err("committing the sync lease", e))?;
-                self.lease = Some(LeaseToken { generation: row.get(0), ..token });
+                self.fence = Some(Fence::Lease(LeaseToken { generation: row.get(0), ..token }));
                 return Ok(Lease::Acquired);
             }
             Ok(None) => tx.commit().await.map_err(|e| err("committing the sync lease", e))?,
@@ -427,7 +437,7 @@ impl Store for PgStore {
     }
 
     async fn release_lease(&mut self) -> Result<(), StoreError> {
-        let Some(lease) = self.lease.take() else { return Ok(()) };
+        let Some(Fence::Lease(lease)) = self.fence.take() else { return Ok(()) };
         let tx = limited(&mut self.client, &lease).await?;
         execute(&tx, &Bound::new(&sql::ReleaseLease { holder: &lease.holder, generation: lease.generation }))
             .await
@@ -437,7 +447,7 @@ impl Store for PgStore {
 
     async fn open_run(&mut self, new_id: &RunId, trigger: Trigger, sources: &[&Source]) -> Result<RunState, StoreError> {
         let models = self.tags.recorded();
-        let tx = fenced(&mut self.client, self.lease.as_ref(), "opening the run").await?;
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "opening the run").await?;
         let mut resumed = tx.query_typed_opt(sql::RESUME_RUN, &[]).await.map_err(|e| err("resuming the run", e))?;
         if let Some(row) = &resumed {
             let run = RunId(row.get(0));
@@ -477,7 +487,7 @@ impl Store for PgStore {
     }
 
     async fn save_plan(&mut self, run: &RunId, source: &Source, plan: &SourceReport, snapshot: bool) -> Result<(), StoreError> {
-        let tx = fenced(&mut self.client, self.lease.as_ref(), "saving the plan").await?;
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "saving the plan").await?;
         execute(&tx, &Bound::new(&sql::SavePlan { run, source, plan })).await.map_err(|e| err("saving the plan", e))?;
         let mut snapshotted = 0;
         if snapshot {
@@ -512,24 +522,133 @@ impl Store for PgStore {
         // it any, which a transaction-pooling proxy would leak to other clients. It takes SHARE
         // UPDATE EXCLUSIVE, which blocks no reads or writes, and runs only on a table embsync
         // created; the next invocation sees a build still running and leaves it alone.
-        fenced(&mut self.client, self.lease.as_ref(), "building an index").await?.commit().await.map_err(|e| err("committing", e))?;
+        fenced(&mut self.client, self.fence.as_ref(), None, "building an index").await?.commit().await.map_err(|e| err("committing", e))?;
         // The simple query protocol runs it on its own, outside a transaction, as CONCURRENTLY needs.
         self.client.batch_execute(statement).await.map_err(|e| err("running the index statement", e))
     }
 
     async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
-        let tx = fenced(&mut self.client, self.lease.as_ref(), "recording the index step").await?;
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "recording the index step").await?;
         execute(&tx, &Bound::new(&sql::RecordIndexes { run, indexes })).await.map_err(|e| err("recording the index step", e))?;
         tx.commit().await.map_err(|e| err("committing the index step", e))
     }
 
     async fn finish_run(&mut self, run: &RunId, report: &RunReport) -> Result<(), StoreError> {
-        let tx = fenced(&mut self.client, self.lease.as_ref(), "finishing the run").await?;
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "finishing the run").await?;
         execute(&tx, &Bound::new(&sql::FinishRun { run, report })).await.map_err(|e| err("finishing the run", e))?;
         tx.execute_typed(sql::DROP_OLD_SNAPSHOTS, &[]).await.map_err(|e| err("dropping old snapshots", e))?;
+        tx.execute_typed(sql::DROP_OLD_RANGES, &[]).await.map_err(|e| err("dropping old ranges", e))?;
         execute(&tx, &Bound::new(&sql::DeleteOldRuns { keep: self.retention_runs }))
             .await
             .map_err(|e| err("deleting runs beyond the retention", e))?;
         tx.commit().await.map_err(|e| err("committing the finished run", e))
+    }
+
+    async fn plan_ranges(&mut self, run: &RunId, source: &Source, range_values: u64) -> Result<u64, StoreError> {
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "splitting the snapshot into ranges").await?;
+        let n = execute(&tx, &Bound::new(&sql::PlanRanges { run, source, per_range: range_values }))
+            .await
+            .map_err(|e| err("splitting the snapshot into ranges", e))?;
+        tx.commit().await.map_err(|e| err("committing the ranges", e))?;
+        Ok(n)
+    }
+
+    async fn range_tally(&mut self, run: &RunId) -> Result<Vec<RangeTally>, StoreError> {
+        let rows = query(&self.client, &Bound::new(&sql::RangeTallies { run })).await.map_err(|e| err("reading the run's ranges", e))?;
+        let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i64>(i).max(0) as u64;
+        Ok(rows.iter().map(|r| RangeTally { table: r.get(0), column: r.get(1), queued: n(r, 2), done: n(r, 3), dead: r.get(5) }).collect())
+    }
+
+    async fn sweep_ranges(&mut self, run: &RunId, resend_after: Duration) -> Result<Vec<i64>, StoreError> {
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "sweeping the ranges").await?;
+        let rows = query(&tx, &Bound::new(&sql::SweepRanges { run, resend_after })).await.map_err(|e| err("sweeping the ranges", e))?;
+        tx.commit().await.map_err(|e| err("committing the sweep", e))?;
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    async fn claim_range(&mut self, run: &RunId, range: i64, holder: &str, ttl: Duration) -> Result<RangeClaim, StoreError> {
+        self.fence = None;
+        let limits = LeaseToken { holder: holder.to_owned(), generation: 0, ttl };
+        let tx = limited(&mut self.client, &limits).await?;
+        let claimed = match query_opt(&tx, &Bound::new(&sql::ClaimRange { range, run, holder, ttl, tags: &self.tags })).await {
+            Ok(row) => {
+                tx.commit().await.map_err(|e| err("committing the claim", e))?;
+                row
+            }
+            // A consumer's write in flight locks the range's row: it is in use.
+            Err(e) if lock_timed_out(&e) => {
+                tx.rollback().await.map_err(|e| err("rolling back", e))?;
+                return Ok(RangeClaim::Skipped(format!("range {range} is being written by another consumer")));
+            }
+            Err(e) => return Err(err("claiming the range", e)),
+        };
+        if let Some(row) = claimed {
+            let hash = |text: String| {
+                if text.is_empty() {
+                    Ok(None)
+                } else {
+                    ValueHash::from_hex(&text)
+                        .map(Some)
+                        .ok_or_else(|| StoreError::new(format!("bad hash {text:?} in embedding_sync_ranges")))
+                }
+            };
+            let hi = hash(row.get(4))?.ok_or_else(|| StoreError::new(format!("range {range} has no upper bound")))?;
+            self.fence =
+                Some(Fence::Range(ClaimToken { run: run.0.clone(), range, holder: holder.to_owned(), generation: row.get(0), ttl, hi }));
+            return Ok(RangeClaim::Claimed(ClaimedRange {
+                table: row.get(1),
+                column: row.get(2),
+                next: hash(row.get(3))?,
+                run_tokens: row.get::<_, i64>(5).max(0) as u64,
+            }));
+        }
+        let state =
+            query_opt(&self.client, &Bound::new(&sql::RangeState { range, run })).await.map_err(|e| err("reading the range", e))?;
+        let why = match state {
+            None => format!("range {range} of run {} is unknown (its run is over, or it never existed)", run.0),
+            Some(r) => {
+                let (state, live, open, error): (String, bool, bool, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+                match state.as_str() {
+                    "done" => format!("range {range} is done"),
+                    "dead" => format!("range {range} was given up: {error}"),
+                    _ if !open => format!("the run of range {range} is over"),
+                    _ if live => format!("range {range} is held by another consumer"),
+                    _ => format!("range {range}'s run was started under other models; the next sync abandons it"),
+                }
+            }
+        };
+        Ok(RangeClaim::Skipped(why))
+    }
+
+    async fn end_claim(&mut self, end: RangeEnd) -> Result<bool, StoreError> {
+        let Some(Fence::Range(claim)) = self.fence.clone() else {
+            return Err(StoreError::lease_lost("ending a range's claim: this store holds no claim; nothing was written"));
+        };
+        let (state, error) = match end {
+            RangeEnd::Done => ("done", String::new()),
+            RangeEnd::HandOn(error) => ("queued", error.unwrap_or_default()),
+            RangeEnd::Dead(error) => ("dead", error),
+        };
+        let tx = fenced(&mut self.client, self.fence.as_ref(), None, "ending the range's claim").await?;
+        execute(&tx, &Bound::new(&sql::EndClaim { range: claim.range, state, error: &error }))
+            .await
+            .map_err(|e| err("ending the range's claim", e))?;
+        tx.commit().await.map_err(|e| err("committing the range's end", e))?;
+        self.fence = None;
+        if state == "queued" {
+            return Ok(false);
+        }
+        let ready =
+            query_one(&self.client, &Bound::new(&sql::RunReady { run: &RunId(claim.run.clone()) })).await.map_err(|e| err("reading the run's ranges", e))?;
+        Ok(ready.get(0))
+    }
+
+    async fn dead_letter(&mut self, run: &RunId, range: i64, reason: &str) -> Result<bool, StoreError> {
+        let n = execute(&self.client, &Bound::new(&sql::DeadLetter { range, run, reason }))
+            .await
+            .map_err(|e| err("marking the range dead", e))?;
+        Ok(n == 1)
     }
 }

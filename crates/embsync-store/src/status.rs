@@ -61,6 +61,28 @@ impl PgStore {
             query(&self.client, &Bound::new(&sql::RunSources { run: &run })).await.map_err(|e| err("reading the current run", e))?;
         let lease = self.client.query_typed_opt(sql::LEASE_HOLDER, &[]).await.map_err(|e| err("reading the sync lease", e))?;
         let lease_held = lease.is_some_and(|l| l.get::<_, f64>(1) > 0.0);
+        let ranges = self.client.query_typed(sql::RANGES_STATUS, &[]).await.map_err(|e| err("reading the run's ranges", e))?;
+        let ranges_of = |table: &str, column: &str| -> Option<SourceRanges> {
+            let mine: Vec<_> = ranges.iter().filter(|g| g.get::<_, &str>(0) == table && g.get::<_, &str>(1) == column).collect();
+            if mine.is_empty() {
+                return None;
+            }
+            let mut out = SourceRanges::default();
+            for g in mine {
+                let n = g.get::<_, i64>(3).max(0) as u64;
+                match g.get::<_, &str>(2) {
+                    "queued" => out.queued += n,
+                    "done" => out.done += n,
+                    "dead" => out.dead += n,
+                    _ => out.dead_ranges.push(DeadRange {
+                        range: g.get::<_, Option<i64>>(4).unwrap_or_default(),
+                        error: g.get::<_, Option<String>>(5).unwrap_or_default(),
+                    }),
+                }
+            }
+            out.dead_ranges.sort_by_key(|d| d.range);
+            Some(out)
+        };
         Ok(Some(CurrentRun {
             status: CurrentRun::status_now(run_status(r.get(1))?, lease_held),
             trigger: trigger_of(r.get(2)),
@@ -70,7 +92,8 @@ impl PgStore {
                 .iter()
                 .map(|row| {
                     let state = source_state(row);
-                    OpenRunSource { report: state.report, planned: state.planned, done: state.done }
+                    let ranges = ranges_of(&state.report.table, &state.report.column);
+                    OpenRunSource { report: state.report, planned: state.planned, done: state.done, ranges }
                 })
                 .collect(),
             run_id: run.0,
@@ -148,7 +171,7 @@ impl PgStore {
                 Lease::Held { holder, expires_in_secs } => return Ok(PruneOutcome::Busy { holder, expires_in_secs }),
             }
         }
-        let lease = if request.dry_run { None } else { self.lease.clone() };
+        let lease = if request.dry_run { None } else { self.fence.clone() };
         let result = prune_leased(&mut self.client, config, request, lease.as_ref()).await;
         if !request.dry_run {
             // A failed release leaves the lease to expire by itself.
@@ -192,10 +215,10 @@ async fn prune_leased(
     client: &mut Client,
     config: &Config,
     request: &PruneRequest,
-    lease: Option<&LeaseToken>,
+    lease: Option<&Fence>,
 ) -> Result<PruneOutcome, StoreError> {
     let tx = match lease {
-        Some(_) => fenced(client, lease, "pruning").await?,
+        Some(_) => fenced(client, lease, None, "pruning").await?,
         None => client.transaction().await.map_err(|e| err("starting a transaction", e))?,
     };
     let left = read_left_sources(&tx, config, SchemaState { cache: true, links: true, owned_by_row: true }).await?;

@@ -145,7 +145,7 @@ impl World {
     async fn invoke(&mut self, budget: Budget, holder: &str, hint: Option<&Cursor>) -> Result<Outcome, SyncError> {
         self.runs += 1;
         let id = RunId(format!("run-{}", self.runs));
-        let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget, new_run: &id, holder, hint };
+        let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget, new_run: &id, holder, hint, fanout: None };
         embsync_core::sync::invoke(&self.config, &mut self.store, &self.provider, &self.rt, &inv).await
     }
 
@@ -684,6 +684,7 @@ async fn a_large_source_finishes_over_several_invocations_with_exact_counts() {
                 hint = Some(cursor);
             }
             Outcome::Busy { .. } => panic!("nobody else holds the lease"),
+            Outcome::FannedOut { .. } => panic!("fanned out without fan-out"),
         }
         assert!(invocations < 20);
     };

@@ -445,6 +445,7 @@ async fn invoke_on<S: Store>(config: &Config, store: &mut S, provider: &FakeProv
         new_run: &id,
         holder,
         hint: None,
+        fanout: None,
     };
     embsync_core::sync::invoke(config, store, provider, &TestRuntime::default(), &inv).await
 }

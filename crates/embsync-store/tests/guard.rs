@@ -50,6 +50,7 @@ async fn a_source_emptied_after_it_was_counted_is_still_held_back_by_the_guard()
         new_run: &id,
         holder: "inv-2",
         hint: None,
+        fanout: None,
     };
     let Outcome::Finished(report) = embsync_core::sync::invoke(&config, &mut store, &provider, &rt, &inv).await.unwrap() else {
         panic!("the run did not finish");

@@ -48,6 +48,7 @@ async fn run_to_end(
             Outcome::Finished(report) => return (report, requests),
             Outcome::Paused(_, cursor) => hint = Some(cursor),
             Outcome::Busy { holder, .. } => panic!("the lease is held by {holder}"),
+            Outcome::FannedOut { .. } => panic!("fanned out without fan-out"),
         }
     }
     panic!("the run did not finish in 100 invocations");

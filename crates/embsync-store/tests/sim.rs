@@ -24,11 +24,12 @@ mod proxy;
 mod support;
 
 use embsync_core::config::{Config, ModelSpec, Source};
+use embsync_core::fanout::{Consume, Consumed, FanOut, RangeMessage};
 use embsync_core::log::LogEvent;
 use embsync_core::provider::{Embeddings, ProviderError};
 use embsync_core::report::{RunReport, Trigger};
 use embsync_core::sync::{
-    self, Budget, Cursor, Embedder, Invocation, Lease, Outcome, RetryPolicy, RunId, Runtime, OrphansDeleted, Store, StoreError, SyncError,
+    self, Budget, Cursor, Embedder, Invocation, Lease, OrphansDeleted, Outcome, RetryPolicy, RunId, Runtime, Store, StoreError, SyncError,
 };
 use embsync_core::vector::Vector;
 use embsync_store::PgStore;
@@ -57,6 +58,10 @@ const CLASSES: &[(&str, &str)] = &[
     ("overlap", "two invocations interleaved, each with its own connection"),
     ("hint", "the KV cursor is lost, stale (an earlier one) or names another run"),
     ("garbage", "the KV cursor names the open run but another position (a random hash, another source)"),
+    (
+        "fanout",
+        "an invocation fans a source out into ranges, consumed there and then (with duplicate messages, outages and the dead-letter queue)",
+    ),
 ];
 
 /// The classes `.ci/run` runs: all of them.
@@ -75,6 +80,7 @@ const CI_FAULTS: &[&str] = &[
     "long",
     "garbage",
     "steal",
+    "fanout",
 ];
 // The invariants, by the name a failure reports:
 // - `foreign`: every row of the other pipeline is as it left it (embsync only fills a NULL
@@ -431,7 +437,10 @@ async fn insert_foreign(admin: &Client, value: &str, large: &Option<String>, sma
 /// The values of embsync's rows.
 async fn owned_values(admin: &Client) -> BTreeSet<String> {
     let rows = admin
-        .query("SELECT c.value FROM embedding_cache c JOIN embedding_cache_owned o ON o.value_hash = c.value_hash AND o.cache_id = c.id", &[])
+        .query(
+            "SELECT c.value FROM embedding_cache c JOIN embedding_cache_owned o ON o.value_hash = c.value_hash AND o.cache_id = c.id",
+            &[],
+        )
         .await
         .expect("embsync's rows");
     rows.iter().map(|r| r.get(0)).collect()
@@ -586,6 +595,10 @@ struct InvFaults {
     hint: &'static str,
     /// The other pipeline writes a row (value, large, small vectors as text) before this store call.
     foreign: Option<(usize, String, Option<String>, Option<String>)>,
+    /// Fan-out with these settings: the invocation's messages are consumed over its own store
+    /// (one consumer, some messages twice; a range failing 3 times goes to the dead-letter
+    /// queue), then a second lease holder goes on with the run.
+    fanout: Option<FanOut>,
 }
 
 /// How one invocation went.
@@ -983,6 +996,12 @@ impl Sim {
         if self.faults.on("garbage") && self.rng.chance(0.2) {
             f.hint = *self.rng.pick(&["garbage-after", "garbage-source"]);
         }
+        if self.faults.on("fanout") && self.rng.chance(0.3) {
+            // The consumers write under claims, not the lease: no cut or lease fault with them.
+            f.cut = None;
+            f.lease = None;
+            f.fanout = Some(FanOut { min_values: self.rng.range(1, 5), range_values: self.rng.range(1, 6), consumers: 2 });
+        }
         f
     }
 
@@ -1145,10 +1164,14 @@ impl Sim {
             };
             stores.push(Hooked::new(PgStore::new(client, &config), hook));
         }
+        let fan_log: RefCell<Vec<(usize, String)>> = RefCell::new(Vec::new());
         let results: Vec<Result<Outcome, SyncError>> = {
+            let fan_log = &fan_log;
             let mut futs = Vec::new();
             for (me, (store, p)) in stores.iter_mut().zip(prepared.iter()).enumerate() {
                 let (_, _, _, provider, hint, budget, rt, run, holder) = p;
+                let fan = fs[me].fanout;
+                let rng = fan.map(|_| self.rng.fork());
                 let baton = &baton;
                 let config = &config;
                 futs.push(async move {
@@ -1159,8 +1182,16 @@ impl Sim {
                         new_run: run,
                         holder,
                         hint: hint.as_ref(),
+                        fanout: fan,
                     };
-                    let r = sync::invoke(config, store, provider, rt, &inv).await;
+                    let mut r = sync::invoke(config, store, provider, rt, &inv).await;
+                    if let (Some(fan), Some(rng), Ok(Outcome::FannedOut { messages, .. })) = (fan, rng, &r) {
+                        let line = consume_all(config, store, provider, rt, holder, *budget, fan, messages.clone(), rng).await;
+                        fan_log.borrow_mut().push((me, line));
+                        // A second lease holder goes on with the run (or waits, or sends again).
+                        let again = RunId(format!("{}-again", run.0));
+                        r = sync::invoke(config, store, provider, rt, &Invocation { new_run: &again, hint: None, ..inv }).await;
+                    }
                     if two {
                         baton.done(me);
                     }
@@ -1202,6 +1233,12 @@ impl Sim {
             }
             if provider.fault_rate > 0.0 {
                 summary.push_str(&format!(", provider fault rate {}", provider.fault_rate));
+            }
+            if let Some(f) = fs.get(store.hook.me).and_then(|f| f.fanout) {
+                summary.push_str(&format!(", fan-out at {} values in ranges of {}", f.min_values, f.range_values));
+                for (_, line) in fan_log.borrow().iter().filter(|(me, _)| *me == store.hook.me) {
+                    summary.push_str(&format!(" ({line}, then again)"));
+                }
             }
             if let Some(m) = &provider.reject {
                 summary.push_str(&format!(", {m} refuses every request (404)"));
@@ -1285,7 +1322,9 @@ impl Sim {
         // invocations finished is checked with what both were answered.
         for r in &results {
             let run_of = match &r.result {
-                Ok(Outcome::Finished(rep)) | Ok(Outcome::Paused(rep, _)) => Some(rep.run_id.clone()),
+                Ok(Outcome::Finished(rep)) | Ok(Outcome::Paused(rep, _)) | Ok(Outcome::FannedOut { report: rep, .. }) => {
+                    Some(rep.run_id.clone())
+                }
                 _ => open_run.clone(),
             };
             if let Some(run) = &run_of {
@@ -1356,6 +1395,8 @@ impl Sim {
                 Ok(Outcome::Paused(_, cursor)) => {
                     self.kv_old = self.kv.replace(cursor);
                 }
+                // Its ranges are queued (consumed up to the cap, or waiting): no cursor.
+                Ok(Outcome::FannedOut { .. }) => {}
                 Ok(Outcome::Busy { holder, .. }) => {
                     if !r.excused && !r.overlapped {
                         first_error.get_or_insert(violation("outcome", format!("busy although nobody else runs (holder {holder})")));
@@ -1879,6 +1920,57 @@ fn hint_name(hint: &Option<Cursor>, kv: &Option<Cursor>) -> String {
     }
 }
 
+/// The queue, for one fan-out step: `messages` consumed one at a time over `store` (a message
+/// handed on goes to the back; one in five is delivered twice; a message whose consumer failed
+/// is retried, and after 3 failures goes to the dead-letter queue), at most 200 deliveries.
+#[allow(clippy::too_many_arguments)]
+async fn consume_all<S: Store>(
+    config: &Config,
+    store: &mut S,
+    provider: &SimProvider,
+    rt: &SimRuntime,
+    holder: &str,
+    budget: Budget,
+    fan: FanOut,
+    messages: Vec<RangeMessage>,
+    mut rng: Rng,
+) -> String {
+    let ranges = messages.len();
+    let (mut done, mut handed_on, mut skipped, mut failed, mut dead) = (0, 0, 0, 0, 0);
+    let mut queue: std::collections::VecDeque<RangeMessage> = messages.into();
+    let mut failures: HashMap<i64, u32> = HashMap::new();
+    let inv = Consume { holder, budget, retry: RetryPolicy::default(), fanout: fan };
+    for _ in 0..200 {
+        let Some(m) = queue.pop_front() else { break };
+        if rng.chance(0.2) {
+            queue.push_back(m.clone());
+        }
+        match embsync_core::fanout::consume(config, store, provider, rt, &inv, &m).await {
+            Ok(Consumed::Continue(next)) => {
+                handed_on += 1;
+                queue.push_back(next)
+            }
+            Ok(Consumed::Done { .. }) => done += 1,
+            Ok(Consumed::Skipped(_)) => skipped += 1,
+            Err(e) => {
+                failed += 1;
+                let n = failures.entry(m.range).or_default();
+                *n += 1;
+                if *n >= 3 {
+                    dead += 1;
+                    embsync_core::fanout::dead_letter(store, &m, &format!("failed 3 times: {e}")).await.expect("the dead-letter queue");
+                } else {
+                    queue.push_back(m);
+                }
+            }
+        }
+    }
+    format!(
+        "{ranges} ranges: {done} settled, {handed_on} handed on, {skipped} skipped, {failed} failed, {dead} dead-lettered, {} left",
+        queue.len()
+    )
+}
+
 fn outcome_text(r: &Result<Outcome, SyncError>) -> String {
     match r {
         Ok(Outcome::Finished(rep)) => format!("finished {} ({} invocations, totals {:?})", rep.run_id, rep.invocations, rep.totals),
@@ -1886,6 +1978,7 @@ fn outcome_text(r: &Result<Outcome, SyncError>) -> String {
             format!("paused {} at source {} after {}", rep.run_id, c.source, c.after.as_deref().map_or("-", |a| &a[..8]))
         }
         Ok(Outcome::Busy { holder, .. }) => format!("busy ({holder})"),
+        Ok(Outcome::FannedOut { report, messages }) => format!("waits for its ranges {} ({} messages)", report.run_id, messages.len()),
         Err(e) => format!("error: {e}"),
     }
 }

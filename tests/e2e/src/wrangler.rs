@@ -41,6 +41,9 @@ pub struct WorkerOpts {
     /// A Hyperdrive binding: its name and the connection string `wrangler dev` connects it to
     /// (see [`WorkerOpts::hyperdrive`]).
     pub hyperdrive: Option<(String, String)>,
+    /// The queue blocks of wrangler.toml uncommented (fan-out), with these settings of the ranges
+    /// queue's consumer replaced (see [`WorkerOpts::queues`]).
+    pub queues: Option<Vec<(String, String)>>,
 }
 
 impl WorkerOpts {
@@ -58,7 +61,18 @@ impl WorkerOpts {
             persist_to: None,
             env: Vec::new(),
             hyperdrive: None,
+            queues: None,
         }
+    }
+
+    /// With fan-out: the worker runs with a copy of wrangler.toml whose queue blocks (between
+    /// `# --- queues begin` and `# --- queues end`) are uncommented, so it has the `SYNC_QUEUE`
+    /// producer binding and consumes the ranges queue and its dead-letter queue (local queues,
+    /// in wrangler's memory). `consumer` replaces settings of the ranges queue's consumer, e.g.
+    /// `[("max_batch_size", "4"), ("max_retries", "1"), ("retry_delay", "0")]`.
+    pub fn queues(mut self, consumer: &[(&str, &str)]) -> WorkerOpts {
+        self.queues = Some(consumer.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        self
     }
 
     /// With a Hyperdrive binding named `binding` that `wrangler dev` connects to
@@ -137,12 +151,34 @@ fn wrangler_env<'a>(cmd: &'a mut Command, repo: &Path) -> &'a mut Command {
 }
 
 /// Writes `dir/wrangler.toml`: the repository's, with `main` made absolute (paths in a wrangler
-/// config are relative to it) and a `[[hyperdrive]]` block for `binding` appended. Its
-/// connection string is left to the environment (`Worker::try_start`).
-fn hyperdrive_config(repo: &Path, dir: &Path, binding: &str) -> PathBuf {
+/// config are relative to it); with `binding`, a `[[hyperdrive]]` block for it appended (its
+/// connection string is left to the environment, `Worker::try_start`); with `queues`, the queue
+/// blocks uncommented and the ranges consumer's settings replaced (see [`WorkerOpts::queues`]).
+fn worker_config(repo: &Path, dir: &Path, binding: Option<&str>, queues: Option<&[(String, String)]>) -> PathBuf {
     let text = fs::read_to_string(repo.join("wrangler.toml")).expect("read wrangler.toml");
     let mut out = String::new();
+    // Inside the queue blocks, and how many `[[queues.consumers]]` headers were seen there (the
+    // first consumer is the ranges queue's, the second the dead-letter queue's).
+    let (mut in_queues, mut consumers, mut found) = (false, 0, false);
     for line in text.lines() {
+        if line == "# --- queues begin" {
+            in_queues = true;
+            found = true;
+        } else if line == "# --- queues end" {
+            in_queues = false;
+        } else if let (true, Some(q)) = (in_queues, queues) {
+            let line = line.strip_prefix('#').unwrap_or(line).trim_start();
+            consumers += usize::from(line == "[[queues.consumers]]");
+            let key = line.split(" = ").next().unwrap_or("");
+            match q.iter().find(|(k, _)| k == key) {
+                Some((k, v)) if consumers == 1 => out.push_str(&format!("{k} = {v}\n")),
+                _ => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            continue;
+        }
         match line.strip_prefix("main = ") {
             Some(main) => {
                 let main = repo.join(main.trim_matches('"'));
@@ -154,7 +190,15 @@ fn hyperdrive_config(repo: &Path, dir: &Path, binding: &str) -> PathBuf {
             }
         }
     }
-    out.push_str(&format!("\n[[hyperdrive]]\nbinding = \"{binding}\"\nid = \"00000000000000000000000000000000\"\n"));
+    assert!(queues.is_none() || found, "wrangler.toml has no `# --- queues begin` block");
+    if let Some(q) = queues {
+        for (k, _) in q {
+            assert!(out.contains(&format!("\n{k} = ")), "wrangler.toml's ranges consumer has no setting {k}");
+        }
+    }
+    if let Some(binding) = binding {
+        out.push_str(&format!("\n[[hyperdrive]]\nbinding = \"{binding}\"\nid = \"00000000000000000000000000000000\"\n"));
+    }
     let path = dir.join("wrangler.toml");
     fs::write(&path, out).expect("write the worker's wrangler.toml");
     path
@@ -207,9 +251,9 @@ impl Worker {
         File::create(&env_file).expect("empty env file");
         let persist_dir = opts.persist_to.clone().unwrap_or_else(|| dir.join("state"));
 
-        let config = match &opts.hyperdrive {
-            Some((binding, _)) => hyperdrive_config(&repo, &dir, binding),
-            None => repo.join("wrangler.toml"),
+        let config = match (&opts.hyperdrive, &opts.queues) {
+            (None, None) => repo.join("wrangler.toml"),
+            (binding, queues) => worker_config(&repo, &dir, binding.as_ref().map(|(b, _)| b.as_str()), queues.as_deref()),
         };
         let mut cmd = Command::new(&node);
         cmd.arg(&wrangler_js)

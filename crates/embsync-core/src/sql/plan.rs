@@ -130,11 +130,14 @@ pub fn snapshot_pending(source: &Source) -> Text<5> {
 /// (int8) rows, leaving out values done since the snapshot and values waiting for a retry (before
 /// the limit, so a short page is the last one); same columns as [`pending_page`]. An ordered
 /// range scan of the snapshot's primary key.
-pub fn pending_snapshot_page() -> Text<7> {
+///
+/// Only values up to `$8` (a fan-out range's inclusive upper bound) unless it is empty: the
+/// statement is unnamed, so Postgres plans it with the values bound and folds the test away.
+pub fn pending_snapshot_page() -> Text<8> {
     Text::built(format!(
         "SELECT s.h, s.v, s.n, coalesce({has_large}, false) AS has_large, coalesce({has_small}, false) AS has_small\n\
          FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending\n      \
-         WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6) s\n\
+         WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6\n        AND ($8 = '' OR value_hash <= $8)) s\n\
          {join}\n\
          WHERE {not_done}\n  \
          AND {NOT_DEFERRED}\n\
@@ -260,15 +263,17 @@ pub struct PendingSnapshotPage<'a> {
     pub after: Option<&'a ValueHash>,
     /// At most this many rows.
     pub limit: i64,
+    /// Only values up to this hash (inclusive): a fan-out range's upper bound.
+    pub upto: Option<&'a ValueHash>,
 }
 
-impl Statement<7> for PendingSnapshotPage<'_> {
-    fn text(&self) -> Text<7> {
+impl Statement<8> for PendingSnapshotPage<'_> {
+    fn text(&self) -> Text<8> {
         pending_snapshot_page()
     }
-    fn params(&self) -> [Param<'_>; 7] {
+    fn params(&self) -> [Param<'_>; 8] {
         let [t, c, l, s] = param::source_tags(self.source, self.tags);
-        [t, c, l, s, param::run(self.run), param::hash(self.after), Param::Int8(self.limit)]
+        [t, c, l, s, param::run(self.run), param::hash(self.after), Param::Int8(self.limit), param::hash(self.upto)]
     }
 }
 

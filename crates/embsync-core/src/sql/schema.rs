@@ -8,7 +8,9 @@ use super::*;
 /// (`embedding_cache_owned.cache_id`) and adds `embedding_sync_schema`; 3 adds
 /// `embedding_sync_orphans` (rows to delete once every source has been planned) and
 /// `embedding_sync_runs.refused` (a model the provider refused during the run).
-pub const SCHEMA_VERSION: i32 = 3;
+/// 4 adds `embedding_sync_ranges` (fan-out: a run's pending snapshot split into ranges that
+/// queue consumers claim).
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// How long a migration waits for any one lock before it gives up (`SET LOCAL lock_timeout`).
 pub const MIGRATION_LOCK_TIMEOUT_SECS: u32 = 5;
@@ -194,6 +196,29 @@ ALTER TABLE embedding_sync_runs ADD COLUMN IF NOT EXISTS refused text[] NOT NULL
 );
 -- The lease's fencing generation, for deployments older than it.
 ALTER TABLE embedding_sync_lease ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0",
+    ));
+    // Fan-out (version 4): ranges of a run's pending snapshot, claimed by queue consumers.
+    steps.push(step(
+        "embedding_sync_ranges",
+        "CREATE TABLE IF NOT EXISTS embedding_sync_ranges (
+    id bigserial PRIMARY KEY,
+    run_id text NOT NULL,
+    source_table text NOT NULL,
+    source_column text NOT NULL,
+    lo text NOT NULL,
+    hi text NOT NULL,
+    next text NOT NULL,
+    state text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'done', 'dead')),
+    holder text,
+    generation bigint NOT NULL DEFAULT 0,
+    expires_at timestamptz,
+    attempts integer NOT NULL DEFAULT 0,
+    last_error text,
+    sent_at timestamptz,
+    done_at timestamptz,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS embedding_sync_ranges_run ON embedding_sync_ranges (run_id, source_table, source_column)",
     ));
     // Bounded run history: what `/status` reads, finished runs newest first.
     steps.push(step("embedding_sync_runs", RUNS_FINISHED_INDEX));

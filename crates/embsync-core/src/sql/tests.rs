@@ -17,8 +17,8 @@ fn migration_sql() {
     .unwrap();
     let locks = |existed| migration(&config.models, existed).iter().map(|s| s.locks).collect::<Vec<_>>().join(", ");
     // On a cache that exists (maybe another pipeline's) no step names it: it is only read.
-    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
-    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
+    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
+    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
     assert!(migration(&config.models, false)[1].sql.contains("embedding_large vector(3072),\n    embedding_small vector(1536)"));
     assert!(!migration(&config.models, true).iter().any(|s| s.sql.contains("INDEX") && s.sql.contains("ON embedding_cache ")));
     expect![[r#"
@@ -150,7 +150,8 @@ fn source_sql() {
     expect![[r#"
         SELECT s.h, s.v, s.n, coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) AS has_large, coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) AS has_small
         FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending
-              WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6) s
+              WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6
+                AND ($8 = '' OR value_hash <= $8)) s
         LEFT JOIN embedding_cache c ON c.value_hash = s.h AND c.value_hash > $6
             LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h AND o.value_hash > $6 AND o.cache_id = c.id
         WHERE NOT (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false)
@@ -381,7 +382,11 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         checked("LinkReusable", &LinkReusable { source: &source, tags: &tags }),
         checked("PendingPage", &PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 }),
         checked("SnapshotPending", &SnapshotPending { source: &source, tags: &tags, run: &run }),
-        checked("PendingSnapshotPage", &PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: None, limit: 10 }),
+        checked("PendingSnapshotPage", &PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: None, limit: 10, upto: None }),
+        checked(
+            "PendingSnapshotPage (a range)",
+            &PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: None, limit: 10, upto: Some(&hash) },
+        ),
         checked("HasSnapshot", &HasSnapshot { run: &run, source: &source }),
         checked("DropSnapshot", &DropSnapshot { run: &run, source: &source }),
         checked("UpsertBatch", &UpsertBatch { source: &source, tags: &tags, batch: &batch }),
@@ -424,7 +429,7 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
     // The pages put `after` and the limit at different numbers; each binds them where its text reads them.
     let page = PendingPage { source: &source, tags: &tags, after: Some(&hash), limit: 10 };
     assert_eq!(page.params()[4], param::Param::Text(hash.as_str().into()));
-    let snap = PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: Some(&hash), limit: 10 };
+    let snap = PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: Some(&hash), limit: 10, upto: None };
     assert_eq!((&snap.params()[4], &snap.params()[5]), (&param::Param::Text("r".into()), &param::Param::Text(hash.as_str().into())));
     // The timeouts go as milliseconds, the lease's length as seconds.
     let limits = WriteLimits { statement: Duration::from_millis(1500), lock: Duration::from_secs(5), idle: Duration::from_millis(1500) };

@@ -5,11 +5,13 @@
 //! [`Call::name`] and one delegating method in the `impl Store for Hooked` below.
 
 use embsync_core::config::{Config, Source};
+use embsync_core::fanout::{RangeClaim, RangeEnd, RangeTally};
 use embsync_core::hash::ValueHash;
 use embsync_core::index::IndexState;
 use embsync_core::report::{IndexReport, RunReport, SourceReport, Trigger};
 use embsync_core::sync::{
-    DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store, StoreError, ValueFailure,
+    DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store,
+    StoreError, ValueFailure,
 };
 use embsync_store::PgStore;
 use std::any::Any;
@@ -35,6 +37,12 @@ pub enum Call<'a> {
     IndexState,
     IndexDdl { statement: &'a str },
     RecordIndexes { run: &'a RunId, indexes: &'a IndexReport },
+    PlanRanges { run: &'a RunId, source: &'a Source, range_values: u64 },
+    RangeTally { run: &'a RunId },
+    SweepRanges { run: &'a RunId, resend_after: Duration },
+    ClaimRange { run: &'a RunId, range: i64, holder: &'a str, ttl: Duration },
+    EndClaim { end: &'a RangeEnd },
+    DeadLetter { run: &'a RunId, range: i64, reason: &'a str },
 }
 
 impl Call<'_> {
@@ -58,6 +66,12 @@ impl Call<'_> {
             Call::IndexState => "index_state",
             Call::IndexDdl { .. } => "index_ddl",
             Call::RecordIndexes { .. } => "record_indexes",
+            Call::PlanRanges { .. } => "plan_ranges",
+            Call::RangeTally { .. } => "range_tally",
+            Call::SweepRanges { .. } => "sweep_ranges",
+            Call::ClaimRange { .. } => "claim_range",
+            Call::EndClaim { .. } => "end_claim",
+            Call::DeadLetter { .. } => "dead_letter",
         }
     }
 }
@@ -182,5 +196,24 @@ impl<H: Hook> Store for Hooked<H> {
     }
     async fn record_indexes(&mut self, run: &RunId, indexes: &IndexReport) -> Result<(), StoreError> {
         self.call(Call::RecordIndexes { run, indexes }, async |s| s.record_indexes(run, indexes).await).await
+    }
+    async fn plan_ranges(&mut self, run: &RunId, source: &Source, range_values: u64) -> Result<u64, StoreError> {
+        self.call(Call::PlanRanges { run, source, range_values }, async |s| s.plan_ranges(run, source, range_values).await).await
+    }
+    async fn range_tally(&mut self, run: &RunId) -> Result<Vec<RangeTally>, StoreError> {
+        self.call(Call::RangeTally { run }, async |s| s.range_tally(run).await).await
+    }
+    async fn sweep_ranges(&mut self, run: &RunId, resend_after: Duration) -> Result<Vec<i64>, StoreError> {
+        self.call(Call::SweepRanges { run, resend_after }, async |s| s.sweep_ranges(run, resend_after).await).await
+    }
+    async fn claim_range(&mut self, run: &RunId, range: i64, holder: &str, ttl: Duration) -> Result<RangeClaim, StoreError> {
+        self.call(Call::ClaimRange { run, range, holder, ttl }, async |s| s.claim_range(run, range, holder, ttl).await).await
+    }
+    async fn end_claim(&mut self, end: RangeEnd) -> Result<bool, StoreError> {
+        let e = end.clone();
+        self.call(Call::EndClaim { end: &e }, async |s| s.end_claim(end).await).await
+    }
+    async fn dead_letter(&mut self, run: &RunId, range: i64, reason: &str) -> Result<bool, StoreError> {
+        self.call(Call::DeadLetter { run, range, reason }, async |s| s.dead_letter(run, range, reason).await).await
     }
 }

@@ -16,6 +16,7 @@ mod html;
 mod hyperdrive;
 mod provider;
 mod prune;
+mod queues;
 mod runs;
 mod sync;
 mod tls;
