@@ -24,6 +24,7 @@ use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
 mod bind;
+mod capture;
 mod lease;
 mod status;
 
@@ -370,6 +371,13 @@ impl Store for PgStore {
         let done = sql::SourceCount { statement: sql::SOURCE_DONE, run, source, count: outcome.unlinked };
         execute(&tx, &Bound::new(&done)).await.map_err(|e| err("marking the source done", e))?;
         execute(&tx, &Bound::new(&sql::DropSnapshot { run, source })).await.map_err(|e| err("dropping the snapshot", e))?;
+        if source.changes.is_capture() {
+            // Everything this run planned for the source is through: a later run whose log holds
+            // nothing for it may skip it (unless errors wait for a retry).
+            execute(&tx, &Bound::new(&sql::SettleCapture { source, tags: &self.tags }))
+                .await
+                .map_err(|e| err("recording the capture settled", e))?;
+        }
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
         Ok(outcome)
     }
@@ -386,6 +394,14 @@ impl Store for PgStore {
             query(&tx, &Bound::new(&sql::DeleteOrphans { run, sources })).await.map_err(|e| err("deleting orphaned cache rows", e))?;
         tx.commit().await.map_err(|e| err("committing the orphans' deletion", e))?;
         Ok(rows.iter().map(|r| OrphansDeleted { table: r.get(0), column: r.get(1), rows: r.get::<_, i64>(2).max(0) as u64 }).collect())
+    }
+
+    async fn capture(&mut self, source: &Source) -> Result<embsync_core::sync::CaptureStep, StoreError> {
+        self.capture_step(source).await
+    }
+
+    async fn release_captures(&mut self, captured: &[&Source]) -> Result<Vec<String>, StoreError> {
+        self.release(captured).await
     }
 
     async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {

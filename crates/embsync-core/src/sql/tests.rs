@@ -17,8 +17,8 @@ fn migration_sql() {
     .unwrap();
     let locks = |existed| migration(&config.models, existed).iter().map(|s| s.locks).collect::<Vec<_>>().join(", ");
     // On a cache that exists (maybe another pipeline's) no step names it: it is only read.
-    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
-    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
+    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embsync's change capture tables, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
+    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embsync's change capture tables, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
     assert!(migration(&config.models, false)[1].sql.contains("embedding_large vector(3072),\n    embedding_small vector(1536)"));
     assert!(!migration(&config.models, true).iter().any(|s| s.sql.contains("INDEX") && s.sql.contains("ON embedding_cache ")));
     expect![[r#"
@@ -347,6 +347,7 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
     let report = crate::report::SourceReport::default();
     let progress = Progress { run: &run, embedded: 1, reused: 0, batches: 1, usage: Default::default() };
     let sources = [&source];
+    let captured = Source { changes: crate::config::Changes::Capture { reconcile_every_secs: 60 }, ..source.clone() };
     let statements: Vec<(&str, Box<dyn Statement + '_>)> = vec![
         ("Plan", Box::new(Plan { source: &source, state: FULL, tags: &tags })),
         ("LinkReusable", Box::new(LinkReusable { source: &source, tags: &tags })),
@@ -366,6 +367,16 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         ("AddProgress", Box::new(AddProgress { source: &source, progress: &progress })),
         ("AddErrors", Box::new(SourceCount { statement: ADD_ERRORS, run: &run, source: &source, count: 1 })),
         ("SourceDone", Box::new(SourceCount { statement: SOURCE_DONE, run: &run, source: &source, count: 1 })),
+        ("CaptureState", Box::new(CaptureState { source: &source })),
+        ("RegisterCapture", Box::new(RegisterCapture { source: &source, why: "w" })),
+        ("FoldChanges", Box::new(FoldChanges { source: &source })),
+        ("DropGoneValues", Box::new(DropGoneValues { source: &source, hashes: vec![] })),
+        ("Reconcile", Box::new(Reconcile { source: &source })),
+        ("SettleCapture", Box::new(SettleCapture { source: &source, tags: &tags })),
+        ("Plan (captured)", Box::new(Plan { source: &captured, state: FULL, tags: &tags })),
+        ("LinkReusable (captured)", Box::new(LinkReusable { source: &captured, tags: &tags })),
+        ("SnapshotPending (captured)", Box::new(SnapshotPending { source: &captured, tags: &tags, run: &run })),
+        ("RemoveStale (captured)", Box::new(RemoveStale { source: &captured, guard: None })),
     ];
     for (name, s) in &statements {
         let (max, dense) = numbered(&s.text());
@@ -377,4 +388,39 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
     assert_eq!(page.params()[4], param::Param::Text(hash.as_str().into()));
     let snap = PendingSnapshotPage { source: &source, tags: &tags, run: &run, after: Some(&hash), limit: 10 };
     assert_eq!((&snap.params()[4], &snap.params()[5]), (&param::Param::Text("r".into()), &param::Param::Text(hash.as_str().into())));
+}
+
+#[test]
+fn capture_sql() {
+    let json = r#"{"version":"1.0","models":{"large":"text-embedding-3-large","small":"text-embedding-3-small"},
+        "sources":[{"name":"A","table":"app.Items","column":"t$embsync$","changes":"capture"}]}"#;
+    let source = Config::parse(json).unwrap().sources.remove(0);
+    let install = install_capture(&source, 7);
+    // The column's name holds the usual dollar-quote tag: the body is quoted with another.
+    assert!(install.contains("SECURITY DEFINER\nSET search_path FROM CURRENT AS $embsyncx$"), "{install}");
+    assert_eq!(install.matches("$embsyncx$").count(), 2, "{install}");
+    assert!(install.contains(r#"btrim(r."t$embsync$"::text, ' ')"#), "{install}");
+    for op in ["insert", "update", "delete", "truncate"] {
+        assert!(
+            install
+                .contains(&format!(r#"CREATE OR REPLACE TRIGGER "embsync_capture_7_{op}" AFTER {} ON "app"."Items""#, op.to_uppercase())),
+            "{install}"
+        );
+        assert!(install.contains(&format!(r#"ENABLE ALWAYS TRIGGER "embsync_capture_7_{op}""#)), "{install}");
+    }
+    expect![[r#"
+        DROP TRIGGER IF EXISTS "embsync_capture_7_insert" ON "app"."Items";
+        DROP TRIGGER IF EXISTS "embsync_capture_7_update" ON "app"."Items";
+        DROP TRIGGER IF EXISTS "embsync_capture_7_delete" ON "app"."Items";
+        DROP TRIGGER IF EXISTS "embsync_capture_7_truncate" ON "app"."Items";
+        DROP FUNCTION IF EXISTS "embsync_capture_7"()"#]]
+    .assert_eq(&drop_capture(Some(&source.table), 7));
+    expect![[r#"DROP FUNCTION IF EXISTS "embsync_capture_7"()"#]].assert_eq(&drop_capture(None, 7));
+    // A captured source's values come from embsync's copy once a reconcile filled it, else from a scan.
+    let plan = plan(&source, FULL);
+    assert!(plan.contains("FROM embedding_sync_capture_values m") && plan.contains(r#"FROM "app"."Items""#), "{plan}");
+    let scanned = Source { changes: crate::config::Changes::Scan, ..source.clone() };
+    assert!(!super::plan(&scanned, FULL).contains("embedding_sync_capture"));
+    let fresh = SchemaState { cache: false, links: false, owned_by_row: false };
+    assert!(!super::plan(&source, fresh).contains("embedding_sync_capture"), "a dry run on a database without embsync's tables");
 }
