@@ -356,6 +356,15 @@ async fn going_back_to_scan_or_leaving_the_config_drops_the_triggers_and_functio
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_capture").await, 0);
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_capture_values").await, 0);
 
+    // A captured table renamed, then removed from the config: its triggers go with the function.
+    w.reconfigure(&[("A", "a", "title", "scan"), ("B", "b", "name", "capture")]).await;
+    w.run().await;
+    w.db.exec("ALTER TABLE b RENAME TO b_old").await;
+    w.reconfigure(&[("A", "a", "title", "scan")]).await;
+    w.run().await;
+    assert!(w.triggers("b_old").await.is_empty());
+    assert!(w.functions().await.is_empty());
+
     // Captured again: installed afresh, and reconciled.
     w.reconfigure(&[("A", "a", "title", "capture")]).await;
     w.run().await;

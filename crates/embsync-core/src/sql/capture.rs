@@ -155,8 +155,9 @@ pub fn enable_capture(source: &Source, capture_id: i32) -> String {
 }
 
 /// Drops the triggers of capture `capture_id` on `table` (when the table still exists) and its
-/// function. `DROP TRIGGER` takes ACCESS EXCLUSIVE on the table: run after
-/// [`migration_lock_timeout`], only when a source stopped being captured.
+/// function, with whatever still depends on it (only embsync's triggers can: those of a table
+/// that was renamed since). `DROP TRIGGER` takes ACCESS EXCLUSIVE on the table: run in a
+/// transaction with a lock timeout, only when a source stopped being captured.
 pub fn drop_capture(table: Option<&TableName>, capture_id: i32) -> String {
     let mut sql = String::new();
     if let Some(table) = table {
@@ -164,7 +165,7 @@ pub fn drop_capture(table: Option<&TableName>, capture_id: i32) -> String {
             sql.push_str(&format!("DROP TRIGGER IF EXISTS {} ON {};\n", t.quoted(), table.quoted()));
         }
     }
-    sql.push_str(&format!("DROP FUNCTION IF EXISTS {}()", capture_function(capture_id).quoted()));
+    sql.push_str(&format!("DROP FUNCTION IF EXISTS {}() CASCADE", capture_function(capture_id).quoted()));
     sql
 }
 

@@ -413,9 +413,9 @@ fn capture_sql() {
         DROP TRIGGER IF EXISTS "embsync_capture_7_update" ON "app"."Items";
         DROP TRIGGER IF EXISTS "embsync_capture_7_delete" ON "app"."Items";
         DROP TRIGGER IF EXISTS "embsync_capture_7_truncate" ON "app"."Items";
-        DROP FUNCTION IF EXISTS "embsync_capture_7"()"#]]
+        DROP FUNCTION IF EXISTS "embsync_capture_7"() CASCADE"#]]
     .assert_eq(&drop_capture(Some(&source.table), 7));
-    expect![[r#"DROP FUNCTION IF EXISTS "embsync_capture_7"()"#]].assert_eq(&drop_capture(None, 7));
+    expect![[r#"DROP FUNCTION IF EXISTS "embsync_capture_7"() CASCADE"#]].assert_eq(&drop_capture(None, 7));
     // A captured source's values come from embsync's copy once a reconcile filled it, else from a scan.
     let plan = plan(&source, FULL);
     assert!(plan.contains("FROM embedding_sync_capture_values m") && plan.contains(r#"FROM "app"."Items""#), "{plan}");
