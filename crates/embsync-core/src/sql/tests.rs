@@ -168,9 +168,9 @@ fn source_sql() {
             WHERE d.v <> ''
         ),
         c AS MATERIALIZED (
-            SELECT (SELECT count(*) FROM src) AS total, count(*) AS had,
-                   count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)) AS stale
-            FROM embedding_cache_sources l WHERE l.source_table = $1 AND l.source_column = $2
+            SELECT (SELECT count(*) FROM src) AS total, count(*) AS had, count(*) FILTER (WHERE s.h IS NULL) AS stale
+            FROM embedding_cache_sources l LEFT JOIN src s ON s.h = l.value_hash
+            WHERE l.source_table = $1 AND l.source_column = $2
         ),
         go AS MATERIALIZED (SELECT NOT ($3 AND c.stale >= $4 AND c.had > 0 AND (c.total = 0 OR c.stale::float8 > $5 * c.had::float8)) AS ok FROM c),
         gone AS (
