@@ -17,6 +17,7 @@ struct Captured {
     triggers: i64,
     always: i64,
     disabled: i64,
+    body: Option<String>,
     logged: bool,
     truncated: bool,
 }
@@ -53,8 +54,9 @@ impl PgStore {
             triggers: r.get(6),
             always: r.get(7),
             disabled: r.get(8),
-            logged: r.get(9),
-            truncated: r.get(10),
+            body: r.get(9),
+            logged: r.get(10),
+            truncated: r.get(11),
         }))
     }
 
@@ -140,6 +142,14 @@ impl PgStore {
                 .map_err(|e| ddl_error("enable the capture triggers", &table, e))?;
             tx.commit().await.map_err(|e| err("committing the capture triggers", e))?;
             Some(("its triggers were disabled and enabled again (now enabled always)".to_owned(), true))
+        } else if state.body.as_deref() != Some(sql::capture_function_body(source, state.id).as_str()) {
+            // Installed by another version of embsync: its log rows may mean something else.
+            let tx = fenced(&mut self.client, self.lease.as_ref(), "replacing the capture function").await?;
+            tx.batch_execute(&sql::replace_capture_function(source, state.id))
+                .await
+                .map_err(|e| ddl_error("replace the capture function", &table, e))?;
+            tx.commit().await.map_err(|e| err("committing the capture function", e))?;
+            Some(("its trigger function was replaced by this version of embsync".to_owned(), false))
         } else if let Some(reason) = state.reason.clone() {
             Some((reason.clone(), !state.never_reconciled && reason.contains("without the triggers")))
         } else if state.never_reconciled {

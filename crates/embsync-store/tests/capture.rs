@@ -289,6 +289,20 @@ async fn a_change_the_triggers_did_not_see_is_caught_by_the_reconcile_and_report
     assert_eq!(World::source(&report, "A").warning, None, "the table is as the copy says once the log is counted");
     w.follows("a", "title").await;
 
+    // A trigger function from another version of embsync is replaced, and the source reconciled.
+    w.db.exec(
+        "CREATE OR REPLACE FUNCTION embsync_capture_1() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+         INSERT INTO a (title) VALUES ('under the old function')",
+    )
+    .await;
+    let report = w.run().await;
+    assert_eq!(w.events("reconcile"), ["Source A: reconciled by a scan: its trigger function was replaced by this version of embsync"]);
+    assert_eq!(World::source(&report, "A").embedded, 1);
+    w.db.insert("a", "title", &["under the new one"]).await;
+    assert_eq!(w.log_rows().await, 1, "the replaced function logs again");
+    w.run().await;
+    w.follows("a", "title").await;
+
     // The change log truncated: every capture is reconciled.
     w.db.insert("a", "title", &["lost"]).await;
     w.db.exec("TRUNCATE embedding_sync_change_log").await;

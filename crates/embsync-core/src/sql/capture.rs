@@ -5,8 +5,9 @@
 //! Tables ([`capture_migration`]): `embedding_sync_capture` (one row per captured source: its
 //! `capture_id`, when it was last reconciled, why a reconcile is forced, the model tags with
 //! which a run last left it with nothing pending, its number of distinct values),
-//! `embedding_sync_change_log` (what the triggers append: `capture_id`, `value_hash`, `delta`,
-//! the trimmed `value` when `delta > 0`; a row with a NULL hash marks a TRUNCATE) and
+//! `embedding_sync_change_log` (what the triggers append: `capture_id`, `delta`, and the
+//! trimmed `value` when `delta > 0` (hashed when the log is read, not by the writer) or its
+//! `value_hash` when `delta < 0`; a row with neither marks a TRUNCATE) and
 //! `embedding_sync_capture_values` (per captured source and value hash, the trimmed value and
 //! the number of source rows holding it: embsync's copy of what [`super::source_values`] would
 //! compute by scanning the table).
@@ -14,8 +15,8 @@
 //! The triggers are statement-level with transition tables: one `INSERT ... SELECT` per
 //! statement into the log, grouped by trimmed value, with +rows for new values and -rows for
 //! old ones; for an UPDATE the old and new multisets are netted per value, so an UPDATE that
-//! leaves the column as it was (another column changed) appends nothing. Only the values that
-//! changed are hashed. The log is append-only for writers (no row lock, no index), so
+//! leaves the column as it was (another column changed) appends nothing. The writer hashes only
+//! the values that left (their text is not kept); new values are hashed when the log is read. The log is append-only for writers (no row lock, no index), so
 //! concurrent writers never wait for each other or for embsync.
 
 use super::*;
@@ -96,13 +97,35 @@ fn changed_values(source: &Source, rows: &str, sign: &str) -> String {
 /// The function is `SECURITY DEFINER` (writers need no privilege on embsync's tables) with the
 /// installer's `search_path` (`SET search_path FROM CURRENT`).
 pub fn install_capture(source: &Source, capture_id: i32) -> String {
+    let function = capture_function(capture_id).quoted();
+    let table = source.table.quoted();
+    let [insert, update, delete, truncate] = capture_triggers(capture_id).map(|t| t.quoted());
+    format!(
+        "{replace};\n\
+         CREATE OR REPLACE TRIGGER {insert} AFTER INSERT ON {table} REFERENCING NEW TABLE AS embsync_new\n    \
+         FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+         CREATE OR REPLACE TRIGGER {update} AFTER UPDATE ON {table} REFERENCING OLD TABLE AS embsync_old NEW TABLE AS embsync_new\n    \
+         FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+         CREATE OR REPLACE TRIGGER {delete} AFTER DELETE ON {table} REFERENCING OLD TABLE AS embsync_old\n    \
+         FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+         CREATE OR REPLACE TRIGGER {truncate} AFTER TRUNCATE ON {table}\n    \
+         FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+         ALTER TABLE {table} ENABLE ALWAYS TRIGGER {insert}, ENABLE ALWAYS TRIGGER {update}, \
+         ENABLE ALWAYS TRIGGER {delete}, ENABLE ALWAYS TRIGGER {truncate}",
+        replace = replace_capture_function(source, capture_id),
+    )
+}
+
+/// The body of the source's trigger function, as `pg_proc.prosrc` holds it: a function whose
+/// body differs (installed by another version of embsync) is replaced ([`replace_capture_function`]).
+pub fn capture_function_body(source: &Source, capture_id: i32) -> String {
     let log = "INSERT INTO embedding_sync_change_log (capture_id, value_hash, delta, value)";
     let hash = "encode(sha256(convert_to(d.v, 'UTF8')), 'hex')";
-    let body = format!(
+    format!(
         "\nBEGIN\n    \
          IF TG_OP = 'INSERT' THEN\n        \
          {log}\n        \
-         SELECT {capture_id}, {hash}, d.n, d.v\n        \
+         SELECT {capture_id}, NULL, d.n, d.v\n        \
          FROM (SELECT x.v, count(*)::int AS n FROM ({new}) x GROUP BY x.v) d WHERE d.v <> '';\n    \
          ELSIF TG_OP = 'DELETE' THEN\n        \
          {log}\n        \
@@ -110,7 +133,7 @@ pub fn install_capture(source: &Source, capture_id: i32) -> String {
          FROM (SELECT x.v, count(*)::int AS n FROM ({old}) x GROUP BY x.v) d WHERE d.v <> '';\n    \
          ELSIF TG_OP = 'UPDATE' THEN\n        \
          {log}\n        \
-         SELECT {capture_id}, {hash}, d.n, CASE WHEN d.n > 0 THEN d.v END\n        \
+         SELECT {capture_id}, CASE WHEN d.n < 0 THEN {hash} END, d.n, CASE WHEN d.n > 0 THEN d.v END\n        \
          FROM (SELECT x.v, sum(x.n)::int AS n FROM ({new_signed} UNION ALL {old_signed}) x\n              \
          GROUP BY x.v HAVING sum(x.n) <> 0) d WHERE d.v <> '';\n    \
          ELSE\n        \
@@ -122,24 +145,18 @@ pub fn install_capture(source: &Source, capture_id: i32) -> String {
         old = changed_values(source, "embsync_old", "1"),
         new_signed = changed_values(source, "embsync_new", "1"),
         old_signed = changed_values(source, "embsync_old", "-1"),
-    );
+    )
+}
+
+/// Creates or replaces the source's trigger function (no lock on the table: a function whose
+/// body changed is replaced without touching the triggers).
+pub fn replace_capture_function(source: &Source, capture_id: i32) -> String {
+    let body = capture_function_body(source, capture_id);
     let tag = dollar_tag(&body);
-    let function = capture_function(capture_id).quoted();
-    let table = source.table.quoted();
-    let [insert, update, delete, truncate] = capture_triggers(capture_id).map(|t| t.quoted());
     format!(
         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER\n\
-         SET search_path FROM CURRENT AS {tag}{body}{tag};\n\
-         CREATE OR REPLACE TRIGGER {insert} AFTER INSERT ON {table} REFERENCING NEW TABLE AS embsync_new\n    \
-         FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
-         CREATE OR REPLACE TRIGGER {update} AFTER UPDATE ON {table} REFERENCING OLD TABLE AS embsync_old NEW TABLE AS embsync_new\n    \
-         FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
-         CREATE OR REPLACE TRIGGER {delete} AFTER DELETE ON {table} REFERENCING OLD TABLE AS embsync_old\n    \
-         FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
-         CREATE OR REPLACE TRIGGER {truncate} AFTER TRUNCATE ON {table}\n    \
-         FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
-         ALTER TABLE {table} ENABLE ALWAYS TRIGGER {insert}, ENABLE ALWAYS TRIGGER {update}, \
-         ENABLE ALWAYS TRIGGER {delete}, ENABLE ALWAYS TRIGGER {truncate}"
+         SET search_path FROM CURRENT AS {tag}{body}{tag}",
+        function = capture_function(capture_id).quoted()
     )
 }
 
@@ -186,15 +203,17 @@ DELETE FROM embedding_sync_capture WHERE capture_id = $1";
 /// The capture's state for the source (`$1`, `$2`; `$3` its quoted table name), at most one
 /// row: `capture_id` (int4), `never_reconciled`, `reconcile_reason`, `settled_tags`, `total`
 /// (int8), seconds since the last reconcile (float8, NULL when never), the source's
-/// triggers that exist (int8), those enabled `ALWAYS` (int8) and those disabled (int8), whether
+/// triggers that exist (int8), those enabled `ALWAYS` (int8) and those disabled (int8), the
+/// trigger function's body (see [`capture_function_body`]), whether
 /// the log holds rows of the source, and whether it holds a TRUNCATE mark. Reads the catalog
 /// and embsync's tables, never the source.
 pub const CAPTURE_STATE: &str = "\
 SELECT c.capture_id, c.reconciled_at IS NULL, c.reconcile_reason, c.settled_tags, c.total,
        extract(epoch FROM now() - c.reconciled_at)::float8,
        t.present, t.always, t.disabled,
+       (SELECT p.prosrc FROM pg_proc p WHERE p.oid = to_regprocedure('embsync_capture_' || c.capture_id || '()')),
        EXISTS (SELECT 1 FROM embedding_sync_change_log l WHERE l.capture_id = c.capture_id),
-       EXISTS (SELECT 1 FROM embedding_sync_change_log l WHERE l.capture_id = c.capture_id AND l.value_hash IS NULL)
+       EXISTS (SELECT 1 FROM embedding_sync_change_log l WHERE l.capture_id = c.capture_id AND l.value_hash IS NULL AND l.value IS NULL)
 FROM embedding_sync_capture c,
      LATERAL (SELECT count(*) AS present, count(*) FILTER (WHERE g.tgenabled = 'A') AS always,
                      count(*) FILTER (WHERE g.tgenabled = 'D') AS disabled
@@ -239,8 +258,8 @@ consumed AS MATERIALIZED (
 ),
 agg AS MATERIALIZED (
     SELECT a.h, a.d, a.v, coalesce(m.n, 0) AS old
-    FROM (SELECT value_hash AS h, sum(delta)::int8 AS d, max(value) AS v FROM consumed
-          WHERE value_hash IS NOT NULL GROUP BY value_hash) a
+    FROM (SELECT coalesce(value_hash, encode(sha256(convert_to(value, 'UTF8')), 'hex')) AS h, sum(delta)::int8 AS d, max(value) AS v
+          FROM consumed WHERE value_hash IS NOT NULL OR value IS NOT NULL GROUP BY 1) a
     LEFT JOIN embedding_sync_capture_values m ON m.capture_id = (SELECT id FROM k) AND m.value_hash = a.h
     WHERE a.d <> 0
 ),
@@ -257,7 +276,7 @@ st AS (
     FROM k WHERE c.capture_id = k.id
 )
 SELECT (SELECT count(*) FROM consumed)::int8,
-       (SELECT count(*) FROM consumed WHERE value_hash IS NULL)::int8,
+       (SELECT count(*) FROM consumed WHERE value_hash IS NULL AND value IS NULL)::int8,
        (SELECT count(*) FROM agg WHERE old + d < 0)::int8,
        (SELECT coalesce(array_agg(h), '{}') FROM agg WHERE old + d <= 0)::text[]";
 
@@ -278,7 +297,7 @@ pub fn reconcile(source: &Source) -> String {
     format!(
         "WITH k AS (SELECT capture_id AS id FROM embedding_sync_capture WHERE source_table = $1 AND source_column = $2),\n\
          consumed AS MATERIALIZED (\n    \
-         DELETE FROM embedding_sync_change_log l USING k WHERE l.capture_id = k.id RETURNING l.value_hash, l.delta\n\
+         DELETE FROM embedding_sync_change_log l USING k WHERE l.capture_id = k.id RETURNING l.value_hash, l.delta, l.value\n\
          ),\n\
          actual AS MATERIALIZED (\n    {scan}\n),\n\
          copy AS MATERIALIZED (\n    \
@@ -286,7 +305,8 @@ pub fn reconcile(source: &Source) -> String {
          ),\n\
          expected AS MATERIALIZED (\n    \
          SELECT x.h, sum(x.n) AS n FROM (SELECT h, n FROM copy UNION ALL\n        \
-         SELECT value_hash, delta FROM consumed WHERE value_hash IS NOT NULL) x GROUP BY x.h\n\
+         SELECT coalesce(value_hash, encode(sha256(convert_to(value, 'UTF8')), 'hex')), delta FROM consumed\n        \
+         WHERE value_hash IS NOT NULL OR value IS NOT NULL) x GROUP BY x.h\n\
          ),\n\
          drift AS MATERIALIZED (\n    \
          SELECT (SELECT count(*) FROM actual a WHERE NOT EXISTS (SELECT 1 FROM expected e WHERE e.h = a.h AND e.n > 0)) AS new,\n           \
