@@ -279,6 +279,16 @@ impl Changes {
     }
 }
 
+/// `reconcileEvery` as written back: `1d`, `6h`, `90s`.
+pub fn duration_text(secs: u64) -> String {
+    match secs {
+        s if s > 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// A duration such as `"24h"`, `"30m"`, `"7d"` or `"90s"`: whole seconds.
 fn duration_secs(text: &str) -> Option<u64> {
     let text = text.trim();
@@ -741,6 +751,7 @@ mod tests {
         assert_eq!(parse(r#", "changes": "capture", "reconcileEvery": "90s""#), Ok(Changes::Capture { reconcile_every_secs: 90 }));
         assert_eq!(parse(r#", "changes": "capture", "reconcileEvery": "30m""#), Ok(Changes::Capture { reconcile_every_secs: 1800 }));
         assert_eq!(parse(r#", "changes": "capture", "reconcileEvery": "7d""#), Ok(Changes::Capture { reconcile_every_secs: 604_800 }));
+        assert_eq!([86_400, 7200, 1800, 90].map(duration_text), ["1d", "2h", "30m", "90s"]);
         let err = |extra: &str| parse(extra).unwrap_err().to_string();
         assert_eq!(err(r#", "changes": "triggers""#), r#"sources[0].changes: "triggers" is not a mode: use "scan" or "capture""#);
         for bad in ["0h", "24", "h", "1.5h", "-1h", "24 hours", ""] {

@@ -12,8 +12,8 @@ use crate::log::LogEvent;
 use crate::provider::{Embeddings, ProviderError};
 use crate::rate;
 use crate::report::{
-    iso8601, CostEstimate, DryRunReport, IndexReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport, RunStatus,
-    SourcePlanReport, SourceReport, TokenEstimate, Totals, Trigger, Usage,
+    iso8601, CaptureInfo, ChangesMode, CostEstimate, DryRunReport, IndexReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport,
+    RunStatus, SourcePlanReport, SourceReport, TokenEstimate, Totals, Trigger, Usage,
 };
 use crate::vector::Vector;
 use std::cell::{Cell, RefCell};
@@ -149,7 +149,7 @@ pub enum CaptureStep {
 }
 
 /// Values a reconcile found that the capture had missed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Drift {
     /// Values the source has that the capture did not record.
     pub new: u64,
@@ -283,6 +283,9 @@ pub trait Store {
     /// change log and copy of values (DDL with a lock timeout, only when there is one to
     /// drop). Returns the `table.column` keys released. Fenced.
     async fn release_captures(&mut self, captured: &[&Source]) -> Result<Vec<String>, StoreError>;
+    /// What the dry run and `/status` show of a captured source's capture. Reads only (also on
+    /// a database embsync has not migrated yet: then not installed).
+    async fn capture_info(&mut self, source: &Source) -> Result<CaptureInfo, StoreError>;
     /// Records failures so the values are retried by a later run, with backoff, and counts them
     /// in the run. A successful [`Store::store`] of a value clears its record.
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError>;
@@ -667,8 +670,15 @@ pub async fn dry_run<S: Store>(config: &Config, store: &mut S) -> DryRunReport {
             name: source.name.clone(),
             table: source.table_key(),
             column: source.column_key().to_owned(),
+            changes: ChangesMode::of(source.changes),
             ..Default::default()
         };
+        if source.changes.is_capture() {
+            match store.capture_info(source).await {
+                Ok(info) => entry.capture = Some(info),
+                Err(e) => entry.error = Some(format!("reading the change capture of source {}: {e}", source.name)),
+            }
+        }
         match store.counts(source).await {
             Ok(c) => {
                 entry.total = c.total;

@@ -4,6 +4,7 @@
 use super::*;
 use embsync_core::config::Changes;
 use embsync_core::ident::TableName;
+use embsync_core::report::CaptureInfo;
 use embsync_core::sync::{CaptureStep, Drift};
 
 /// The state [`sql::CAPTURE_STATE`] reads.
@@ -82,7 +83,9 @@ impl PgStore {
     async fn reconcile(&mut self, source: &Source, why: String, drift_known: bool) -> Result<CaptureStep, StoreError> {
         let tx = fenced(&mut self.client, self.lease.as_ref(), "reconciling the change capture").await?;
         tx.batch_execute(sql::PLAN_WORK_MEM).await.map_err(|e| err("setting work_mem", e))?;
-        let row = query_one(&tx, &Bound::new(&sql::Reconcile { source })).await.map_err(|e| err("reconciling the change capture", e))?;
+        let row = query_one(&tx, &Bound::new(&sql::Reconcile { source, drift_known }))
+            .await
+            .map_err(|e| err("reconciling the change capture", e))?;
         tx.commit().await.map_err(|e| err("committing the reconcile", e))?;
         let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
         self.written += n(0);
@@ -157,7 +160,7 @@ impl PgStore {
         } else if state.truncated {
             Some(("the table was truncated".to_owned(), false))
         } else if state.age_secs.is_none_or(|age| age >= reconcile_every_secs as f64) {
-            Some((format!("the scheduled reconcile (every {})", every(reconcile_every_secs)), true))
+            Some((format!("the scheduled reconcile (every {})", embsync_core::config::duration_text(reconcile_every_secs)), true))
         } else {
             None
         };
@@ -174,6 +177,39 @@ impl PgStore {
                 self.reconcile(source, why, known).await
             }
         }
+    }
+
+    pub(crate) async fn info(&mut self, source: &Source) -> Result<CaptureInfo, StoreError> {
+        let reconcile_every = match source.changes {
+            Changes::Capture { reconcile_every_secs } => embsync_core::config::duration_text(reconcile_every_secs),
+            Changes::Scan => String::new(),
+        };
+        let mut info = CaptureInfo { reconcile_every, triggers: "not installed".to_owned(), ..CaptureInfo::default() };
+        let exists: bool =
+            self.client.query_typed_one(sql::HAS_CAPTURE_TABLES, &[]).await.map_err(|e| err("checking the capture tables", e))?.get(0);
+        if !exists {
+            return Ok(info);
+        }
+        let row = query(&self.client, &Bound::new(&sql::CaptureInfo { source }))
+            .await
+            .map_err(|e| err("reading the change capture", e))?
+            .into_iter()
+            .next();
+        if let Some(r) = row {
+            let (present, disabled): (i64, i64) = (r.get(0), r.get(2));
+            info.triggers = match (present, disabled) {
+                (4, d) if d > 0 => "disabled",
+                (4, _) => "enabled",
+                _ => "incomplete",
+            }
+            .to_owned();
+            info.last_reconcile = r.get::<_, Option<f64>>(3).map(iso8601);
+            info.backlog = r.get::<_, i64>(4).max(0) as u64;
+            if let (Some(new), Some(stale)) = (r.get::<_, Option<i64>>(5), r.get::<_, Option<i64>>(6)) {
+                info.last_drift = Some(Drift { new: new.max(0) as u64, stale: stale.max(0) as u64 });
+            }
+        }
+        Ok(info)
     }
 
     pub(crate) async fn release(&mut self, captured: &[&Source]) -> Result<Vec<String>, StoreError> {
@@ -202,15 +238,5 @@ impl PgStore {
             released.push(format!("{t}.{c}"));
         }
         Ok(released)
-    }
-}
-
-/// `reconcileEvery` as written back: `24h`, `90s`.
-fn every(secs: u64) -> String {
-    match secs {
-        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
-        s if s % 3600 == 0 => format!("{}h", s / 3600),
-        s if s % 60 == 0 => format!("{}m", s / 60),
-        s => format!("{s}s"),
     }
 }

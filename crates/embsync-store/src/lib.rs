@@ -404,6 +404,10 @@ impl Store for PgStore {
         self.release(captured).await
     }
 
+    async fn capture_info(&mut self, source: &Source) -> Result<embsync_core::report::CaptureInfo, StoreError> {
+        self.info(source).await
+    }
+
     async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {
         let reasons = reasons.to_vec();
         let tx = fenced(&mut self.client, self.lease.as_ref(), "recording a refused model").await?;

@@ -15,7 +15,15 @@ impl PgStore {
             pending: 0,
             errors: 0,
             error: None,
+            changes: embsync_core::report::ChangesMode::of(source.changes),
+            capture: None,
         };
+        if source.changes.is_capture() {
+            match self.info(source).await {
+                Ok(info) => out.capture = Some(info),
+                Err(e) => out.error = Some(e.to_string()),
+            }
+        }
         let (t, c) = keys(source);
         match self.client.query_typed_one(&sql::coverage(source), &typed(&[&t, &c])).await {
             Ok(row) => {

@@ -430,3 +430,39 @@ async fn names_that_need_quoting_are_captured_too() {
     w.run().await;
     assert_eq!(w.db.count(r#"SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app."Items"'::regclass AND NOT tgisinternal"#).await, 0);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_dry_run_and_status_show_the_mode_the_last_reconcile_and_the_backlog() {
+    use embsync_core::report::ChangesMode;
+    let mut w = World::new(&[("A", "a", "title", "capture"), ("B", "b", "name", "scan")]).await;
+    w.db.source_table("a", "title", &["x"]).await;
+    w.db.source_table("b", "name", &["y"]).await;
+
+    // Before the first run (not even migrated): not installed, and counted by a scan.
+    let plan = embsync_core::sync::dry_run(&w.config, &mut w.store).await;
+    let (a, b) = (&plan.sources[0], &plan.sources[1]);
+    assert_eq!((a.changes, b.changes), (ChangesMode::Capture, ChangesMode::Scan));
+    let capture = a.capture.clone().expect("a capture entry");
+    assert_eq!(
+        (capture.triggers.as_str(), capture.reconcile_every.as_str(), capture.last_reconcile.clone(), capture.backlog),
+        ("not installed", "1d", None, 0)
+    );
+    assert_eq!((a.total, a.error.clone(), b.capture.clone()), (1, None, None));
+
+    w.run().await;
+    w.db.insert("a", "title", &["p", "q", "q"]).await;
+    let plan = embsync_core::sync::dry_run(&w.config, &mut w.store).await;
+    let capture = plan.sources[0].capture.clone().expect("a capture entry");
+    assert_eq!((capture.triggers.as_str(), capture.backlog, capture.last_drift), ("enabled", 2, None));
+    assert!(capture.last_reconcile.is_some());
+
+    let coverage = w.store.coverage(&w.config.sources[0]).await;
+    assert_eq!((coverage.changes, coverage.capture.map(|c| c.backlog)), (ChangesMode::Capture, Some(2)));
+    assert_eq!(w.store.coverage(&w.config.sources[1]).await.capture, None);
+
+    // p and q were logged: only the value inserted with the triggers disabled is drift.
+    w.db.exec("ALTER TABLE a DISABLE TRIGGER USER; INSERT INTO a (title) VALUES ('missed')").await;
+    w.run().await;
+    let capture = w.store.coverage(&w.config.sources[0]).await.capture.expect("a capture entry");
+    assert_eq!((capture.triggers.as_str(), capture.last_drift), ("disabled", Some(embsync_core::sync::Drift { new: 1, stale: 0 })));
+}

@@ -224,6 +224,42 @@ FROM embedding_sync_capture c,
                                  'embsync_capture_' || c.capture_id || '_delete', 'embsync_capture_' || c.capture_id || '_truncate')) t
 WHERE c.source_table = $1 AND c.source_column = $2";
 
+/// Whether the capture's tables exist (a catalog read).
+pub const HAS_CAPTURE_TABLES: &str =
+    "SELECT to_regclass('embedding_sync_capture') IS NOT NULL AND to_regclass('embedding_sync_change_log') IS NOT NULL";
+
+/// What the dry run and `/status` show of the source's capture (`$1`, `$2`; `$3` its quoted
+/// table name), at most one row: its triggers that exist, those enabled `ALWAYS` and those
+/// disabled (int8), the last reconcile (epoch milliseconds, float8), the log's rows for it (the
+/// backlog, int8), and the last reconcile's drift (int8, NULL when unknown).
+pub const CAPTURE_INFO: &str = "\
+SELECT t.present, t.always, t.disabled, (extract(epoch FROM c.reconciled_at) * 1000)::float8,
+       (SELECT count(*) FROM embedding_sync_change_log l WHERE l.capture_id = c.capture_id),
+       c.drift_new, c.drift_stale
+FROM embedding_sync_capture c,
+     LATERAL (SELECT count(*) AS present, count(*) FILTER (WHERE g.tgenabled = 'A') AS always,
+                     count(*) FILTER (WHERE g.tgenabled = 'D') AS disabled
+              FROM pg_trigger g
+              WHERE g.tgrelid = to_regclass($3) AND g.tgname LIKE 'embsync\\_capture\\_' || c.capture_id || '\\_%') t
+WHERE c.source_table = $1 AND c.source_column = $2";
+
+/// [`CAPTURE_INFO`].
+#[derive(Debug)]
+pub struct CaptureInfo<'a> {
+    /// The source.
+    pub source: &'a Source,
+}
+
+impl Statement for CaptureInfo<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        CAPTURE_INFO.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        let [t, c] = param::keys(self.source);
+        vec![t, c, Param::Text(Cow::Owned(self.source.table.quoted()))]
+    }
+}
+
 /// Registers the source (`$1`, `$2`) for capture (or starts it afresh): its log and its copy
 /// of the values are emptied, and the next step is a reconcile (`$3`: why). One row: the
 /// `capture_id` (int4).
@@ -290,7 +326,8 @@ WHERE c.source_table = $1 AND c.source_column = $2 AND m.capture_id = c.capture_
 /// The full reconcile of a captured source (`$1`, `$2`): one statement, so one snapshot of the
 /// source and of the log. It consumes the log rows it sees (their changes are in the scan),
 /// compares the scan with what the capture recorded (the copy plus those log rows), rewrites
-/// the copy where they differ, and records the reconcile. One row: `total` (distinct values),
+/// the copy where they differ, and records the reconcile, with the drift when `$3` (the log's
+/// record was meant to be whole, see [`Reconcile::drift_known`]). One row: `total` (distinct values),
 /// `drift_new` (values the source has that the capture did not record), `drift_stale` (values
 /// the capture recorded that the source has no more) (int8 each).
 pub fn reconcile(source: &Source) -> String {
@@ -325,7 +362,7 @@ pub fn reconcile(source: &Source) -> String {
          st AS (\n    \
          UPDATE embedding_sync_capture c\n    \
          SET reconciled_at = now(), reconcile_reason = NULL, settled_tags = NULL, total = (SELECT count(*) FROM actual),\n        \
-         drift_new = (SELECT new FROM drift), drift_stale = (SELECT stale FROM drift)\n    \
+         drift_new = CASE WHEN $3 THEN (SELECT new FROM drift) END, drift_stale = CASE WHEN $3 THEN (SELECT stale FROM drift) END\n    \
          FROM k WHERE c.capture_id = k.id\n\
          )\n\
          SELECT (SELECT count(*) FROM actual)::int8, new::int8, stale::int8 FROM drift",
@@ -422,6 +459,9 @@ impl Statement for DropGoneValues<'_> {
 pub struct Reconcile<'a> {
     /// The source.
     pub source: &'a Source,
+    /// The log should hold every change since the last reconcile (not after an install, a
+    /// TRUNCATE or a truncated log): the difference is drift, and is recorded.
+    pub drift_known: bool,
 }
 
 impl Statement for Reconcile<'_> {
@@ -429,7 +469,8 @@ impl Statement for Reconcile<'_> {
         reconcile(self.source).into()
     }
     fn params(&self) -> Vec<Param<'_>> {
-        param::keys(self.source).into()
+        let [t, c] = param::keys(self.source);
+        vec![t, c, Param::Bool(self.drift_known)]
     }
 }
 

@@ -30,6 +30,7 @@ pub enum Call<'a> {
     RecordRefused { run: &'a RunId, reasons: &'a [String] },
     Capture { source: &'a Source },
     ReleaseCaptures { captured: &'a [&'a Source] },
+    CaptureInfo { source: &'a Source },
     AcquireLease { holder: &'a str, ttl: Duration },
     ReleaseLease,
     OpenRun { new_id: &'a RunId, trigger: Trigger, sources: &'a [&'a Source] },
@@ -55,6 +56,7 @@ impl Call<'_> {
             Call::RecordRefused { .. } => "record_refused",
             Call::Capture { .. } => "capture",
             Call::ReleaseCaptures { .. } => "release_captures",
+            Call::CaptureInfo { .. } => "capture_info",
             Call::AcquireLease { .. } => "acquire_lease",
             Call::ReleaseLease => "release_lease",
             Call::OpenRun { .. } => "open_run",
@@ -169,6 +171,9 @@ impl<H: Hook> Store for Hooked<H> {
     }
     async fn release_captures(&mut self, captured: &[&Source]) -> Result<Vec<String>, StoreError> {
         self.call(Call::ReleaseCaptures { captured }, async |s| s.release_captures(captured).await).await
+    }
+    async fn capture_info(&mut self, source: &Source) -> Result<embsync_core::report::CaptureInfo, StoreError> {
+        self.call(Call::CaptureInfo { source }, async |s| s.capture_info(source).await).await
     }
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
         self.call(Call::AcquireLease { holder, ttl }, async |s| s.acquire_lease(holder, ttl).await).await
