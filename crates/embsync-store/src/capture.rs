@@ -179,15 +179,17 @@ impl PgStore {
         }
     }
 
+    pub(crate) async fn has_capture_tables(&mut self) -> Result<bool, StoreError> {
+        Ok(self.client.query_typed_one(sql::HAS_CAPTURE_TABLES, &[]).await.map_err(|e| err("checking the capture tables", e))?.get(0))
+    }
+
     pub(crate) async fn info(&mut self, source: &Source) -> Result<CaptureInfo, StoreError> {
         let reconcile_every = match source.changes {
             Changes::Capture { reconcile_every_secs } => embsync_core::config::duration_text(reconcile_every_secs),
             Changes::Scan => String::new(),
         };
         let mut info = CaptureInfo { reconcile_every, triggers: "not installed".to_owned(), ..CaptureInfo::default() };
-        let exists: bool =
-            self.client.query_typed_one(sql::HAS_CAPTURE_TABLES, &[]).await.map_err(|e| err("checking the capture tables", e))?.get(0);
-        if !exists {
+        if !self.has_capture_tables().await? {
             return Ok(info);
         }
         let row = query(&self.client, &Bound::new(&sql::CaptureInfo { source }))

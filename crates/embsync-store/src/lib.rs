@@ -265,6 +265,15 @@ impl Store for PgStore {
 
     async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError> {
         let state = self.schema_state().await?;
+        // A captured source on a database without the capture's tables yet (a dry run before
+        // the migration) has no copy of its values: its table is the truth.
+        let scanned;
+        let source = if source.changes.is_capture() && !self.has_capture_tables().await? {
+            scanned = Source { changes: embsync_core::config::Changes::Scan, ..source.clone() };
+            &scanned
+        } else {
+            source
+        };
         let plan = sql::Plan { source, state, tags: &self.tags };
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
         tx.batch_execute(sql::PLAN_WORK_MEM).await.map_err(|e| err("setting work_mem", e))?;

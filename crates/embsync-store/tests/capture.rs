@@ -449,6 +449,14 @@ async fn the_dry_run_and_status_show_the_mode_the_last_reconcile_and_the_backlog
     );
     assert_eq!((a.total, a.error.clone(), b.capture.clone()), (1, None, None));
 
+    // A database migrated before this version (no capture tables yet): counted by a scan too.
+    w.db.exec("CREATE TABLE embedding_cache_sources (value_hash text, source_table text, source_column text); CREATE TABLE embedding_cache_owned (value_hash text, cache_id bigint, large_model text, small_model text); CREATE TABLE embedding_sync_errors (source_table text, source_column text, value_hash text, next_retry_at timestamptz); CREATE TABLE embedding_sync_runs (run_id text); CREATE TABLE embedding_cache (id bigserial, value text, value_hash text, embedding_large vector(4), embedding_small vector(2))").await;
+    let mut fresh = w.db.store(&w.config).await;
+    let plan = embsync_core::sync::dry_run(&w.config, &mut fresh).await;
+    assert_eq!((plan.sources[0].total, plan.sources[0].new, plan.sources[0].error.clone()), (1, 1, None));
+    w.db.exec("DROP TABLE embedding_cache_sources, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_cache")
+        .await;
+
     w.run().await;
     w.db.insert("a", "title", &["p", "q", "q"]).await;
     let plan = embsync_core::sync::dry_run(&w.config, &mut w.store).await;
