@@ -250,6 +250,61 @@ pub struct Source {
     /// of them) at once. Off by default: a source that suddenly looks empty is more often a
     /// broken table or a bad migration than a real mass deletion.
     pub allow_mass_delete: bool,
+    /// How a run finds the source's changes (`changes`, default [`Changes::Scan`]).
+    pub changes: Changes,
+}
+
+/// How a run finds what changed in a source (`changes` and `reconcileEvery` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Changes {
+    /// Every run hashes every value of the source (`"scan"`, the default).
+    Scan,
+    /// Statement-level triggers record the hashes of the column's changed values in embsync's
+    /// change log, which a run reads instead of the table (`"capture"`); a full reconcile by
+    /// scan runs every `reconcile_every_secs` seconds (`reconcileEvery`, default 24 h) and
+    /// whenever the capture may have missed something.
+    Capture {
+        /// Seconds between full reconciles.
+        reconcile_every_secs: u64,
+    },
+}
+
+/// `reconcileEvery`'s default: a day.
+pub const DEFAULT_RECONCILE_EVERY_SECS: u64 = 24 * 3600;
+
+impl Changes {
+    /// Whether the source is captured.
+    pub fn is_capture(self) -> bool {
+        matches!(self, Changes::Capture { .. })
+    }
+}
+
+/// `reconcileEvery` as written back: `1d`, `6h`, `90s`.
+pub fn duration_text(secs: u64) -> String {
+    match secs {
+        s if s > 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// A duration such as `"24h"`, `"30m"`, `"7d"` or `"90s"`: whole seconds.
+fn duration_secs(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let unit = text.chars().last()?;
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return None,
+    };
+    let digits = &text[..text.len() - 1];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(scale).filter(|&n| n > 0)
 }
 
 impl Source {
@@ -371,6 +426,8 @@ struct RawSource {
     column: String,
     enabled: Option<bool>,
     allow_mass_delete: Option<bool>,
+    changes: Option<String>,
+    reconcile_every: Option<String>,
 }
 
 /// A struct that must be written as a JSON object. Serde also fills a struct from an array of
@@ -450,12 +507,27 @@ impl Config {
                     format!("duplicate source {table}.{column}: each table/column pair may be listed once"),
                 ));
             }
+            let reconcile_every_secs = match s.reconcile_every.as_deref() {
+                None => DEFAULT_RECONCILE_EVERY_SECS,
+                Some(text) => duration_secs(text).ok_or_else(|| {
+                    ConfigError::at(
+                        at("reconcileEvery"),
+                        format!("{text:?} is not a duration: write a whole number and s, m, h or d, e.g. \"24h\""),
+                    )
+                })?,
+            };
+            let changes = match s.changes.as_deref() {
+                None | Some("scan") => Changes::Scan,
+                Some("capture") => Changes::Capture { reconcile_every_secs },
+                Some(other) => return Err(ConfigError::at(at("changes"), format!("{other:?} is not a mode: use \"scan\" or \"capture\""))),
+            };
             sources.push(Source {
                 name,
                 table,
                 column,
                 enabled: s.enabled.unwrap_or(true),
                 allow_mass_delete: s.allow_mass_delete.unwrap_or(false),
+                changes,
             });
         }
         if raw.max_tokens_per_run == Some(0) {
@@ -668,12 +740,35 @@ mod tests {
     }
 
     #[test]
+    fn changes_and_reconcile_every() {
+        let parse = |extra: &str| {
+            Config::parse(&with(r#""column": "description", "enabled": true"#, &format!(r#""column": "description"{extra}"#)))
+                .map(|c| c.sources[0].changes)
+        };
+        assert_eq!(parse(""), Ok(Changes::Scan));
+        assert_eq!(parse(r#", "changes": "scan""#), Ok(Changes::Scan));
+        assert_eq!(parse(r#", "changes": "capture""#), Ok(Changes::Capture { reconcile_every_secs: 86_400 }));
+        assert_eq!(parse(r#", "changes": "capture", "reconcileEvery": "90s""#), Ok(Changes::Capture { reconcile_every_secs: 90 }));
+        assert_eq!(parse(r#", "changes": "capture", "reconcileEvery": "30m""#), Ok(Changes::Capture { reconcile_every_secs: 1800 }));
+        assert_eq!(parse(r#", "changes": "capture", "reconcileEvery": "7d""#), Ok(Changes::Capture { reconcile_every_secs: 604_800 }));
+        assert_eq!([86_400, 7200, 1800, 90].map(duration_text), ["1d", "2h", "30m", "90s"]);
+        let err = |extra: &str| parse(extra).unwrap_err().to_string();
+        assert_eq!(err(r#", "changes": "triggers""#), r#"sources[0].changes: "triggers" is not a mode: use "scan" or "capture""#);
+        for bad in ["0h", "24", "h", "1.5h", "-1h", "24 hours", ""] {
+            assert_eq!(
+                err(&format!(r#", "changes": "capture", "reconcileEvery": "{bad}""#)),
+                format!(r#"sources[0].reconcileEvery: "{bad}" is not a duration: write a whole number and s, m, h or d, e.g. "24h""#),
+            );
+        }
+    }
+
+    #[test]
     fn rejections() {
         check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `rate`, `sources` at line 3 column 31"]);
         check(
             &with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#),
             expect![
-                "err sources[0].colour: unknown field `colour`, expected one of `name`, `table`, `column`, `enabled`, `allowMassDelete` at line 5 column 117"
+                "err sources[0].colour: unknown field `colour`, expected one of `name`, `table`, `column`, `enabled`, `allowMassDelete`, `changes`, `reconcileEvery` at line 5 column 117"
             ],
         );
         check(&with(r#""table": "config_position", "#, ""), expect!["err sources[1]: missing field `table` at line 6 column 84"]);

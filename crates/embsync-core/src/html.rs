@@ -363,6 +363,20 @@ fn write_source(out: &mut String, c: &Coverage, counts: &Counts<'_>) -> fmt::Res
             }
         }
     }
+    if let Some(capture) = &c.capture {
+        write!(
+            out,
+            "<p class=\"note\">Change capture: triggers {} · reconciled every {} · last reconcile {} · {} changes waiting",
+            Esc(&capture.triggers),
+            Esc(&capture.reconcile_every),
+            Esc(capture.last_reconcile.as_deref().unwrap_or("never")),
+            Num(capture.backlog)
+        )?;
+        if let Some(d) = capture.last_drift.filter(|d| d.new + d.stale > 0) {
+            write!(out, " · the last reconcile repaired {} new and {} stale values it had missed", Num(d.new), Num(d.stale))?;
+        }
+        out.push_str("</p>\n");
+    }
     let same = |r: &SourceReport| r.table == c.table && r.column == c.column;
     let (title, report) = match counts {
         Counts::Current(sources) => match sources.iter().find(|s| same(&s.report)) {

@@ -17,6 +17,8 @@ fn coverage(name: &str, table: &str, distinct: u64, pending: u64) -> Coverage {
         pending,
         errors: 0,
         error: None,
+        changes: Default::default(),
+        capture: None,
     }
 }
 
@@ -635,4 +637,29 @@ fn a_fanned_out_source_shows_its_ranges_and_the_dead_ones_why() {
         ]
     "#]]
     .assert_debug_eq(&lines);
+}
+
+#[test]
+fn a_captured_source_shows_its_capture() {
+    let mut captured = coverage("Parts", "parts", 250, 2);
+    captured.changes = crate::report::ChangesMode::Capture;
+    captured.capture = Some(crate::report::CaptureInfo {
+        reconcile_every: "1d".into(),
+        triggers: "enabled".into(),
+        last_reconcile: Some("2026-12-07T22:00:00.000Z".into()),
+        backlog: 1234,
+        last_drift: Some(crate::sync::Drift { new: 3, stale: 1 }),
+    });
+    let page = render(&status(None, vec![], vec![captured.clone(), coverage("Scanned", "s", 1, 0)]));
+    let notes: Vec<&str> = page.lines().filter(|l| l.contains("Change capture")).collect();
+    expect![[r#"
+        [
+            "<p class=\"note\">Change capture: triggers enabled · reconciled every 1d · last reconcile 2026-12-07T22:00:00.000Z · 1,234 changes waiting · the last reconcile repaired 3 new and 1 stale values it had missed</p>",
+        ]
+    "#]]
+    .assert_debug_eq(&notes);
+    let json = serde_json::to_value(&captured).unwrap();
+    assert_eq!(json["changes"], "capture");
+    assert_eq!(json["capture"]["backlog"], 1234);
+    assert_eq!(serde_json::to_value(coverage("Scanned", "s", 1, 0)).unwrap()["changes"], "scan");
 }

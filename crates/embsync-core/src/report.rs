@@ -281,6 +281,46 @@ impl CostEstimate {
     }
 }
 
+/// How a source's changes are found (`changes` in the config), as reports show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangesMode {
+    /// Every run scans the table.
+    #[default]
+    Scan,
+    /// Triggers record the changes; a reconcile scans on a schedule.
+    Capture,
+}
+
+impl ChangesMode {
+    /// The mode of `changes`.
+    pub fn of(changes: crate::config::Changes) -> ChangesMode {
+        if changes.is_capture() {
+            ChangesMode::Capture
+        } else {
+            ChangesMode::Scan
+        }
+    }
+}
+
+/// A captured source's change capture, as the dry run and `/status` show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaptureInfo {
+    /// `reconcileEvery` (`24h`).
+    pub reconcile_every: String,
+    /// The triggers: `enabled`, `disabled` (the source is scanned every run until they are
+    /// enabled again), `not installed` (the next run installs them) or `incomplete` (the next
+    /// run reinstalls them).
+    pub triggers: String,
+    /// When the last full reconcile ran (ISO 8601), if one has.
+    pub last_reconcile: Option<String>,
+    /// Change log rows waiting for the next run.
+    pub backlog: u64,
+    /// What the last reconcile found the capture had missed, when it could know.
+    pub last_drift: Option<crate::sync::Drift>,
+}
+
 /// One source in a dry run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -291,6 +331,12 @@ pub struct SourcePlanReport {
     pub table: String,
     /// The column.
     pub column: String,
+    /// How its changes are found.
+    pub changes: ChangesMode,
+    /// Its change capture, when `changes` is `capture`. The counts below are then read from
+    /// embsync's copy of its values, without the backlog.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureInfo>,
     /// Distinct non-empty values in the source.
     pub total: u64,
     /// Values not yet embedded for this source.

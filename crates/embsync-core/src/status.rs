@@ -183,6 +183,11 @@ pub struct Coverage {
     pub errors: u64,
     /// Why the source could not be read, if so.
     pub error: Option<String>,
+    /// How its changes are found.
+    pub changes: crate::report::ChangesMode,
+    /// Its change capture, when `changes` is `capture`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<crate::report::CaptureInfo>,
 }
 
 impl Coverage {
@@ -304,6 +309,8 @@ mod tests {
             pending: 3,
             errors: 0,
             error: None,
+            changes: Default::default(),
+            capture: None,
         };
         assert_eq!(c.done(), 7);
         assert_eq!(Coverage { pending: 12, ..c }.done(), 0);

@@ -13,8 +13,8 @@ use crate::log::LogEvent;
 use crate::provider::{Embeddings, ProviderError};
 use crate::rate;
 use crate::report::{
-    iso8601, CostEstimate, DryRunReport, IndexReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport, RunStatus,
-    SourcePlanReport, SourceReport, TokenEstimate, Totals, Trigger, Usage,
+    iso8601, CaptureInfo, ChangesMode, CostEstimate, DryRunReport, IndexReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport,
+    RunStatus, SourcePlanReport, SourceReport, TokenEstimate, Totals, Trigger, Usage,
 };
 use crate::vector::Vector;
 use std::cell::{Cell, RefCell};
@@ -121,6 +121,41 @@ pub struct ValueFailure {
     pub model: String,
     /// Why.
     pub message: String,
+}
+
+/// What [`Store::capture`] found for a captured source (`"changes": "capture"`) before it is
+/// planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptureStep {
+    /// Its change log holds nothing for it, its triggers are in place, no reconcile is due, and
+    /// the last run left it with nothing pending under the same models: it need not be planned.
+    Unchanged {
+        /// Its distinct values, as last counted.
+        total: u64,
+    },
+    /// Its change log was folded into embsync's copy of its values, which its plan reads
+    /// instead of the table.
+    Folded {
+        /// Log rows consumed.
+        changes: u64,
+    },
+    /// A full reconcile by scan rewrote embsync's copy of its values.
+    Reconciled {
+        /// Why it ran (schedule, capture installed, triggers disabled, TRUNCATE, ...).
+        why: String,
+        /// What the capture had missed, when it could know (not after an install or a
+        /// TRUNCATE, whose changes the log does not hold).
+        drift: Option<Drift>,
+    },
+}
+
+/// Values a reconcile found that the capture had missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Drift {
+    /// Values the source has that the capture did not record.
+    pub new: u64,
+    /// Values the capture recorded that the source has no more.
+    pub stale: u64,
 }
 
 /// What removing stale values did.
@@ -239,6 +274,21 @@ pub trait Store {
     /// invocation that finishes the run reports it `stopped` (its values wait for the first run
     /// after the fix), whichever invocation that is.
     async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError>;
+    /// For a captured source, before it is planned in a run: installs its triggers when they
+    /// are missing (DDL, with a lock timeout; only then), then either finds nothing to do,
+    /// folds its change log into embsync's copy of its values, or reconciles the copy with a
+    /// scan of the source when one is due or forced (never reconciled, `reconcileEvery` passed,
+    /// triggers disabled or re-enabled, a TRUNCATE of the source or of the log, a count that
+    /// went below zero). Fenced.
+    async fn capture(&mut self, source: &Source) -> Result<CaptureStep, StoreError>;
+    /// Drops embsync's triggers and functions on the tables of sources that are not in
+    /// `captured` (the enabled sources with `"changes": "capture"`) any more, with their
+    /// change log and copy of values (DDL with a lock timeout, only when there is one to
+    /// drop). Returns the `table.column` keys released. Fenced.
+    async fn release_captures(&mut self, captured: &[&Source]) -> Result<Vec<String>, StoreError>;
+    /// What the dry run and `/status` show of a captured source's capture. Reads only (also on
+    /// a database embsync has not migrated yet: then not installed).
+    async fn capture_info(&mut self, source: &Source) -> Result<CaptureInfo, StoreError>;
     /// Records failures so the values are retried by a later run, with backoff, and counts them
     /// in the run. A successful [`Store::store`] of a value clears its record.
     async fn record_errors(&mut self, source: &Source, failures: &[ValueFailure], run: &RunId) -> Result<(), StoreError>;
@@ -659,8 +709,15 @@ pub async fn dry_run<S: Store>(config: &Config, store: &mut S) -> DryRunReport {
             name: source.name.clone(),
             table: source.table_key(),
             column: source.column_key().to_owned(),
+            changes: ChangesMode::of(source.changes),
             ..Default::default()
         };
+        if source.changes.is_capture() {
+            match store.capture_info(source).await {
+                Ok(info) => entry.capture = Some(info),
+                Err(e) => entry.error = Some(format!("reading the change capture of source {}: {e}", source.name)),
+            }
+        }
         match store.counts(source).await {
             Ok(c) => {
                 entry.total = c.total;
@@ -774,6 +831,23 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 .run(&run.id.0)
                 .field("invocation", run.invocations),
         );
+    }
+    // Triggers of sources no longer captured (back to scan, disabled, removed) are dropped.
+    let captured: Vec<&Source> = sources.iter().copied().filter(|s| s.changes.is_capture()).collect();
+    match store.release_captures(&captured).await {
+        Ok(released) => {
+            for key in released {
+                rt.log(
+                    LogEvent::info("capture", format!("Dropped the change capture of {key}: its source is not captured any more"))
+                        .run(&run.id.0),
+                );
+            }
+        }
+        Err(e) if e.is_lease_lost() => return Err(lease_lost(rt, &run.id, e)),
+        Err(e) => rt.log(
+            LogEvent::warn("capture", format!("Could not drop a change capture that is not used any more (the next run tries again): {e}"))
+                .run(&run.id.0),
+        ),
     }
     // The hint is used only when it agrees with Postgres about the run.
     let hint = hint.filter(|c| c.run_id == run.id.0);
@@ -1287,6 +1361,48 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         let batch_size = self.config.values_per_batch();
         // Counts taken by this invocation let a no-op source skip its other scans.
         let mut fresh: Option<SourceCounts> = None;
+        if source.changes.is_capture() && !self.state.planned {
+            // A captured source is planned from embsync's copy of its values, which this brings
+            // up to date (or finds up to date and settled: then there is nothing to plan).
+            match self.store.capture(source).await.map_err(|e| ctx("reading the change capture", e))? {
+                CaptureStep::Unchanged { total } => {
+                    let r = &mut self.state.report;
+                    (r.total, r.unchanged, r.new, r.deferred) = (total, total, 0, 0);
+                    self.state.planned_batches = 0;
+                    let plan = self.state.report.clone();
+                    self.store.save_plan(self.run, source, &plan, false).await.map_err(|e| ctx("saving the plan", e))?;
+                    self.state.planned = true;
+                    fresh = Some(SourceCounts { total, ..SourceCounts::default() });
+                }
+                CaptureStep::Folded { changes } => self.rt.log(
+                    LogEvent::info("capture", format!("Source {name}: {changes} changes read from the change log"))
+                        .run(&self.run.0)
+                        .field("source", name)
+                        .field("changes", changes),
+                ),
+                CaptureStep::Reconciled { why, drift } => {
+                    let mut event = LogEvent::info("reconcile", format!("Source {name}: reconciled by a scan: {why}"))
+                        .run(&self.run.0)
+                        .field("source", name);
+                    if let Some(d) = drift {
+                        event = event.field("driftNew", d.new).field("driftStale", d.stale);
+                        if d.new + d.stale > 0 {
+                            let what = format!(
+                                "the change capture had missed {} new and {} stale values ({why}); the reconcile repaired them",
+                                d.new, d.stale
+                            );
+                            event = LogEvent::warn("reconcile", format!("Source {name}: {what}"))
+                                .run(&self.run.0)
+                                .field("source", name)
+                                .field("driftNew", d.new)
+                                .field("driftStale", d.stale);
+                            self.state.report.warning = Some(what);
+                        }
+                    }
+                    self.rt.log(event);
+                }
+            }
+        }
         if !self.state.planned {
             let counts = self.store.counts(source).await.map_err(|e| ctx("counting values", e))?;
             let r = &mut self.state.report;
@@ -1548,7 +1664,10 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
         let stale = self.store.remove_stale(source, self.run, known_clean, guard).await.map_err(|e| ctx("removing stale values", e))?;
         if let Some(why) = &stale.held_back {
             self.rt.log(LogEvent::warn("guard", format!("Source {name}: {why}")).run(&self.run.0).field("source", name));
-            self.state.report.warning = Some(why.clone());
+            self.state.report.warning = Some(match self.state.report.warning.take() {
+                Some(drift) => format!("{drift}; {why}"),
+                None => why.clone(),
+            });
         }
         self.state.report.stale = stale.unlinked;
         self.state.done = true;

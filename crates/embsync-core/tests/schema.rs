@@ -249,6 +249,7 @@ fn bad_examples_fail_the_parser_and_the_schema_at_the_same_field() {
             schema-not-a-string.json: $schema: invalid type: integer `5`, expected a string at line 14 column 14
             source-allowMassDelete-number.json: sources[0].allowMassDelete: invalid type: integer `1`, expected a boolean at line 12 column 26
             source-as-array.json: sources[0]: invalid type: sequence, expected a JSON object at line 8 column 4
+            source-changes-unknown.json: sources[0].changes: "triggers" is not a mode: use "scan" or "capture"
             source-enabled-string.json: sources[0].enabled: invalid type: string "true", expected a boolean at line 12 column 23
             source-missing-column.json: sources[0]: missing field `column` at line 11 column 5
             source-missing-name.json: sources[0]: missing field `name` at line 11 column 5
@@ -257,7 +258,10 @@ fn bad_examples_fail_the_parser_and_the_schema_at_the_same_field() {
             source-name-empty.json: sources[0].name: is empty: give the source a name
             source-name-number.json: sources[0].name: invalid type: integer `7`, expected a string at line 9 column 15
             source-name-unicode-blank.json: sources[0].name: is empty: give the source a name
-            source-unknown-key.json: sources[0].colour: unknown field `colour`, expected one of `name`, `table`, `column`, `enabled`, `allowMassDelete` at line 12 column 14
+            source-reconcileEvery-no-unit.json: sources[0].reconcileEvery: "24" is not a duration: write a whole number and s, m, h or d, e.g. "24h"
+            source-reconcileEvery-number.json: sources[0].reconcileEvery: invalid type: integer `24`, expected a string at line 13 column 26
+            source-reconcileEvery-zero.json: sources[0].reconcileEvery: "0h" is not a duration: write a whole number and s, m, h or d, e.g. "24h"
+            source-unknown-key.json: sources[0].colour: unknown field `colour`, expected one of `name`, `table`, `column`, `enabled`, `allowMassDelete`, `changes`, `reconcileEvery` at line 12 column 14
             sources-empty.json: sources: is empty: list at least one source
             sources-not-an-array.json: sources: invalid type: map, expected a sequence at line 7 column 13
             table-64-bytes.json: sources[0].table: "tttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttt" is longer than 63 bytes

@@ -25,6 +25,7 @@ use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
 pub mod bind;
+mod capture;
 mod lease;
 mod status;
 
@@ -270,6 +271,15 @@ impl Store for PgStore {
 
     async fn counts(&mut self, source: &Source) -> Result<SourceCounts, StoreError> {
         let state = self.schema_state().await?;
+        // A captured source on a database without the capture's tables yet (a dry run before
+        // the migration) has no copy of its values: its table is the truth.
+        let scanned;
+        let source = if source.changes.is_capture() && !self.has_capture_tables().await? {
+            scanned = Source { changes: embsync_core::config::Changes::Scan, ..source.clone() };
+            &scanned
+        } else {
+            source
+        };
         let plan = sql::Plan { source, state, tags: &self.tags };
         let tx = self.client.transaction().await.map_err(|e| err("starting a transaction", e))?;
         tx.batch_execute(sql::PLAN_WORK_MEM).await.map_err(|e| err("setting work_mem", e))?;
@@ -381,6 +391,13 @@ impl Store for PgStore {
             .await
             .map_err(|e| err("marking the source done", e))?;
         execute(&tx, &Bound::new(&sql::DropSnapshot { run, source })).await.map_err(|e| err("dropping the snapshot", e))?;
+        if source.changes.is_capture() {
+            // Everything this run planned for the source is through: a later run whose log holds
+            // nothing for it may skip it (unless errors wait for a retry).
+            execute(&tx, &Bound::new(&sql::SettleCapture { source, tags: &self.tags }))
+                .await
+                .map_err(|e| err("recording the capture settled", e))?;
+        }
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
         Ok(outcome)
     }
@@ -397,6 +414,18 @@ impl Store for PgStore {
             query(&tx, &Bound::new(&sql::DeleteOrphans { run, sources })).await.map_err(|e| err("deleting orphaned cache rows", e))?;
         tx.commit().await.map_err(|e| err("committing the orphans' deletion", e))?;
         Ok(rows.iter().map(|r| OrphansDeleted { table: r.get(0), column: r.get(1), rows: r.get::<_, i64>(2).max(0) as u64 }).collect())
+    }
+
+    async fn capture(&mut self, source: &Source) -> Result<embsync_core::sync::CaptureStep, StoreError> {
+        self.capture_step(source).await
+    }
+
+    async fn release_captures(&mut self, captured: &[&Source]) -> Result<Vec<String>, StoreError> {
+        self.release(captured).await
+    }
+
+    async fn capture_info(&mut self, source: &Source) -> Result<embsync_core::report::CaptureInfo, StoreError> {
+        self.info(source).await
     }
 
     async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {

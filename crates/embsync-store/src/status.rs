@@ -15,8 +15,17 @@ impl PgStore {
             pending: 0,
             errors: 0,
             error: None,
+            changes: embsync_core::report::ChangesMode::of(source.changes),
+            capture: None,
         };
+        if source.changes.is_capture() {
+            match self.info(source).await {
+                Ok(info) => out.capture = Some(info),
+                Err(e) => out.error = Some(e.to_string()),
+            }
+        }
         match query_one(&self.client, &Bound::new(&sql::SourceCoverage { source })).await {
+
             Ok(row) => {
                 let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
                 (out.distinct_values, out.embedded_large, out.embedded_small, out.errors) = (n(0), n(1), n(2), n(3));

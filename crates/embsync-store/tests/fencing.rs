@@ -34,6 +34,9 @@ async fn dump(db: &TestDb) -> String {
         "embedding_sync_pending",
         "embedding_sync_orphans",
         "embedding_sync_lease",
+        "embedding_sync_capture",
+        "embedding_sync_change_log",
+        "embedding_sync_capture_values",
     ] {
         let rows = db.texts(&format!("SELECT x::text FROM {table} x")).await;
         out.push_str(&format!("{table}:\n"));
@@ -294,6 +297,8 @@ const WRITES: &[&str] = &[
     "finish_run",
     "index_ddl",
     "record_indexes",
+    // Folds the change log in these scenarios (a fenced write); it only reads when nothing changed.
+    "capture",
 ];
 
 /// Lets another invocation take the lease over right before the store's `at`-th call
@@ -329,12 +334,16 @@ impl Hook for Takeover<'_> {
 /// A database after one finished run, then changed so that the next run does every kind of
 /// write: new values (batches), stale ones (unlink and delete), one another pipeline embedded
 /// (reused), one the provider refuses (an error recorded).
-async fn changed_world() -> (TestDb, Config, FakeProvider) {
+async fn changed_world(capture: bool) -> (TestDb, Config, FakeProvider) {
     let db = TestDb::create().await;
     let items: Vec<String> = (1..=8).map(|i| format!("a{i:02}")).collect();
     db.source_table("items", "title", &items.iter().map(String::as_str).collect::<Vec<_>>()).await;
     db.source_table("notes", "body", &["n1", "n2"]).await;
-    let config = config(2, &[("Items", "items", "title"), ("Notes", "notes", "body")]);
+    let mut config = config(2, &[("Items", "items", "title"), ("Notes", "notes", "body")]);
+    if capture {
+        // Items' changes are then read from its change log.
+        config.sources[0].changes = embsync_core::config::Changes::Capture { reconcile_every_secs: 86_400 };
+    }
     let provider = FakeProvider::default();
     let mut store = db.store(&config).await;
     let outcome = invoke(&config, &mut store, &provider, &TestRuntime::default(), Budget::default(), "inv-0", None).await;
@@ -379,8 +388,18 @@ async fn assert_synced(db: &TestDb, label: &str) {
 /// takeover is in the database, and the new holder finishes the run as if nothing happened.
 #[tokio::test(flavor = "current_thread")]
 async fn a_takeover_before_any_store_call_fences_the_rest_of_the_invocation() {
+    takeover_before_every_call(false).await;
+}
+
+/// The same with a captured source, whose change log the run folds.
+#[tokio::test(flavor = "current_thread")]
+async fn a_takeover_before_any_store_call_fences_a_captured_source_too() {
+    takeover_before_every_call(true).await;
+}
+
+async fn takeover_before_every_call(capture: bool) {
     // The undisturbed invocation, for its sequence of calls.
-    let (db, config, provider) = changed_world().await;
+    let (db, config, provider) = changed_world(capture).await;
     let mut thief = db.store(&config).await;
     let takeover = Takeover { db: &db, thief: &mut thief, at: 0, calls: Vec::new(), snapshot: None, after: Vec::new() };
     let mut probe = Hooked::new(db.store(&config).await, takeover);
@@ -394,8 +413,11 @@ async fn a_takeover_before_any_store_call_fences_the_rest_of_the_invocation() {
     let first = calls.iter().position(|c| *c == "acquire_lease").expect("the lease is taken") + 2;
 
     let mut failures = Vec::new();
+    if capture {
+        assert!(calls.contains(&"capture"), "the scenario should call capture: {calls:?}");
+    }
     for k in first..=calls.len() {
-        let (db, config, provider) = changed_world().await;
+        let (db, config, provider) = changed_world(capture).await;
         let mut thief = db.store(&config).await;
         let takeover = Takeover { db: &db, thief: &mut thief, at: k, calls: Vec::new(), snapshot: None, after: Vec::new() };
         let mut store = Hooked::new(db.store(&config).await, takeover);

@@ -22,7 +22,7 @@
 //! [`ModelSpec::tag`]: crate::config::ModelSpec::tag
 
 use crate::config::{ModelSlot, Models, Source, VectorIndexes};
-use crate::ident::Ident;
+use crate::ident::{Ident, TableName};
 use crate::index::IndexTarget;
 #[allow(unused_imports)] // for the statement modules (`use super::*`)
 use crate::{hash::ValueHash, sync::RunId};
@@ -31,6 +31,7 @@ use std::borrow::Cow;
 
 mod batch;
 mod fanout;
+mod capture;
 mod indexes;
 pub mod param;
 mod plan;
@@ -42,6 +43,7 @@ mod status;
 
 pub use batch::*;
 pub use fanout::*;
+pub use capture::*;
 pub use indexes::*;
 pub use param::{ModelTags, PgType, Statement, Text};
 pub use plan::*;
@@ -53,7 +55,31 @@ pub use status::*;
 
 /// The distinct non-empty trimmed values of a source with their hash and row count, as a CTE
 /// body: columns `h` (hash), `v` (trimmed value), `n` (source rows holding it).
+///
+/// A captured source (`"changes": "capture"`) reads embsync's copy of its values
+/// (`embedding_sync_capture_values`, kept by the fold of the change log and the reconcile, see
+/// [`capture`]) instead of the table, once a reconcile has filled it; before that (or when
+/// capture was turned on in the middle of a run) it scans the table: the scan's branch is a
+/// one-time filter, not run when the copy is used. Needs `$1`, `$2` (the source's keys).
 fn source_values(source: &Source) -> String {
+    if !source.changes.is_capture() {
+        return scan_values(source);
+    }
+    let filled = "EXISTS (SELECT 1 FROM embedding_sync_capture k\n            \
+                  WHERE k.source_table = $1 AND k.source_column = $2 AND k.reconciled_at IS NOT NULL)";
+    format!(
+        "SELECT m.value_hash AS h, m.value AS v, m.n FROM embedding_sync_capture_values m\n    \
+         WHERE {filled}\n      \
+         AND m.capture_id = (SELECT k.capture_id FROM embedding_sync_capture k WHERE k.source_table = $1 AND k.source_column = $2)\n      \
+         AND m.n > 0\n    \
+         UNION ALL\n    \
+         SELECT s.h, s.v, s.n FROM (\n    {scan}\n    ) s WHERE NOT {filled}",
+        scan = scan_values(source),
+    )
+}
+
+/// [`source_values`] by a scan of the source's table, whatever its mode.
+fn scan_values(source: &Source) -> String {
     let col = source.column.quoted();
     format!(
         "SELECT encode(sha256(convert_to(d.v, 'UTF8')), 'hex') AS h, d.v, d.n\n    \

@@ -58,7 +58,9 @@ pub fn plan(source: &Source, state: SchemaState) -> Text<4> {
          (SELECT coalesce(sum((19 * octet_length(v)::int8 - 9 * char_length(v) + 39) / 40), 0)::int8 FROM fresh WHERE NOT complete) AS embed_tokens,\n    \
          ({stale}) AS stale,\n    \
          ({deferred}) AS deferred",
-        src = source_values(source),
+        // A database without embsync's tables (a dry run before the first sync) has no copy of a
+        // captured source's values.
+        src = if state.links { source_values(source) } else { scan_values(source) },
     ))
 }
 

@@ -7,9 +7,10 @@ use super::*;
 /// 1 is every schema from before the version was recorded; 2 ties ownership to the cache row
 /// (`embedding_cache_owned.cache_id`) and adds `embedding_sync_schema`; 3 adds
 /// `embedding_sync_orphans` (rows to delete once every source has been planned) and
-/// `embedding_sync_runs.refused` (a model the provider refused during the run).
-/// 4 adds `embedding_sync_ranges` (fan-out: a run's pending snapshot split into ranges that
-/// queue consumers claim).
+/// `embedding_sync_runs.refused` (a model the provider refused during the run); 4 adds
+/// `embedding_sync_ranges` (fan-out: a run's pending snapshot split into ranges that queue
+/// consumers claim) and the change capture's tables (`embedding_sync_capture`,
+/// `embedding_sync_change_log`, `embedding_sync_capture_values`, see [`super::capture`]).
 pub const SCHEMA_VERSION: i32 = 4;
 
 /// How long a migration waits for any one lock before it gives up (`SET LOCAL lock_timeout`).
@@ -220,6 +221,7 @@ ALTER TABLE embedding_sync_lease ADD COLUMN IF NOT EXISTS generation bigint NOT 
 );
 CREATE INDEX IF NOT EXISTS embedding_sync_ranges_run ON embedding_sync_ranges (run_id, source_table, source_column)",
     ));
+    steps.push(step("embsync's change capture tables", CAPTURE_MIGRATION));
     // Bounded run history: what `/status` reads, finished runs newest first.
     steps.push(step("embedding_sync_runs", RUNS_FINISHED_INDEX));
     steps.push(step(

@@ -32,9 +32,9 @@ pub fn remove_stale(source: &Source) -> Text<5> {
     Text::built(format!(
         "WITH src AS MATERIALIZED (\n    {src}\n),\n\
          c AS MATERIALIZED (\n    \
-         SELECT (SELECT count(*) FROM src) AS total, count(*) AS had,\n           \
-         count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)) AS stale\n    \
-         FROM embedding_cache_sources l WHERE l.source_table = $1 AND l.source_column = $2\n\
+         SELECT (SELECT count(*) FROM src) AS total, count(*) AS had, count(*) FILTER (WHERE s.h IS NULL) AS stale\n    \
+         FROM embedding_cache_sources l LEFT JOIN src s ON s.h = l.value_hash\n    \
+         WHERE l.source_table = $1 AND l.source_column = $2\n\
          ),\n\
          go AS MATERIALIZED (SELECT NOT {MASS_DELETE_HELD} AS ok FROM c),\n\
          gone AS (\n    \

@@ -17,8 +17,8 @@ fn migration_sql() {
     .unwrap();
     let locks = |existed| migration(&config.models, existed).iter().map(|s| s.locks).collect::<Vec<_>>().join(", ");
     // On a cache that exists (maybe another pipeline's) no step names it: it is only read.
-    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
-    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
+    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embsync's change capture tables, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
+    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embsync's change capture tables, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
     assert!(migration(&config.models, false)[1].sql.contains("embedding_large vector(3072),\n    embedding_small vector(1536)"));
     assert!(!migration(&config.models, true).iter().any(|s| s.sql.contains("INDEX") && s.sql.contains("ON embedding_cache ")));
     expect![[r#"
@@ -169,9 +169,9 @@ fn source_sql() {
             WHERE d.v <> ''
         ),
         c AS MATERIALIZED (
-            SELECT (SELECT count(*) FROM src) AS total, count(*) AS had,
-                   count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM src s WHERE s.h = l.value_hash)) AS stale
-            FROM embedding_cache_sources l WHERE l.source_table = $1 AND l.source_column = $2
+            SELECT (SELECT count(*) FROM src) AS total, count(*) AS had, count(*) FILTER (WHERE s.h IS NULL) AS stale
+            FROM embedding_cache_sources l LEFT JOIN src s ON s.h = l.value_hash
+            WHERE l.source_table = $1 AND l.source_column = $2
         ),
         go AS MATERIALIZED (SELECT NOT ($3 AND c.stale >= $4 AND c.had > 0 AND (c.total = 0 OR c.stale::float8 > $5 * c.had::float8)) AS ok FROM c),
         gone AS (
@@ -373,6 +373,7 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         same_as: None,
     }];
     let (holder, ttl) = ("h", Duration::from_secs(1));
+    let captured = Source { changes: crate::config::Changes::Capture { reconcile_every_secs: 60 }, ..source.clone() };
     let statements = [
         checked("Plan", &Plan { source: &source, state: FULL, tags: &tags }),
         checked(
@@ -422,6 +423,30 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         checked("PruneReassign", &PruneReassign { targets: &left }),
         checked("PruneUnlink", &PruneUnlink { targets: &left }),
         checked("PruneErrors", &PruneErrors { targets: &left }),
+        checked("PlanRanges", &PlanRanges { run: &run, source: &source, per_range: 10 }),
+        checked("RangeTallies", &RangeTallies { run: &run }),
+        checked("SweepRanges", &SweepRanges { run: &run, resend_after: ttl }),
+        checked("ClaimRange", &ClaimRange { range: 1, run: &run, holder, ttl, tags: &tags }),
+        checked("RangeState", &RangeState { range: 1, run: &run }),
+        checked("FenceRange", &FenceRange { range: 1, holder, generation: 1, ttl, next: Some(&hash) }),
+        checked("EndClaim", &EndClaim { range: 1, state: "done", error: "" }),
+        checked("RunReady", &RunReady { run: &run }),
+        checked("DeadLetter", &DeadLetter { range: 1, run: &run, reason: "r" }),
+        checked("CaptureState", &CaptureState { source: &source }),
+        checked("CaptureInfo", &CaptureInfo { source: &source }),
+        checked("RegisterCapture", &RegisterCapture { source: &source, why: "w" }),
+        checked("ForceReconcile", &ForceReconcile { capture_id: 1, why: "w" }),
+        checked("TableExists", &TableExists { table: &source.table }),
+        checked("ForgetCapture", &ForgetCapture { capture_id: 1 }),
+        checked("FoldChanges", &FoldChanges { source: &source }),
+        checked("DropGoneValues", &DropGoneValues { source: &source, hashes: vec![] }),
+        checked("Reconcile", &Reconcile { source: &source, drift_known: true }),
+        checked("SettleCapture", &SettleCapture { source: &source, tags: &tags }),
+        checked("Plan (captured)", &Plan { source: &captured, state: FULL, tags: &tags }),
+        checked("LinkReusable (captured)", &LinkReusable { source: &captured, tags: &tags }),
+        checked("SnapshotPending (captured)", &SnapshotPending { source: &captured, tags: &tags, run: &run }),
+        checked("RemoveStale (captured)", &RemoveStale { source: &captured, guard: None }),
+        checked("SourceCoverage (captured)", &SourceCoverage { source: &captured }),
     ];
     for s in &statements {
         assert_eq!(param::numbered(&s.text), Some(s.params), "{}: its text does not number exactly $1 to ${}", s.name, s.params);
@@ -445,4 +470,39 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
     let two = [batch[0].clone(), EmbeddedValue { complete: true, ..batch[0].clone() }];
     assert_eq!(ClearErrors { source: &source, batch: &two }.params()[2], param::texts([hash.as_str()]));
     assert_eq!(LinkValues { source: &source, batch: &two }.params()[2], param::texts([hash.as_str(), hash.as_str()]));
+}
+
+#[test]
+fn capture_sql() {
+    let json = r#"{"version":"1.0","models":{"large":"text-embedding-3-large","small":"text-embedding-3-small"},
+        "sources":[{"name":"A","table":"app.Items","column":"t$embsync$","changes":"capture"}]}"#;
+    let source = Config::parse(json).unwrap().sources.remove(0);
+    let install = install_capture(&source, 7);
+    // The column's name holds the usual dollar-quote tag: the body is quoted with another.
+    assert!(install.contains("SECURITY DEFINER\nSET search_path FROM CURRENT AS $embsyncx$"), "{install}");
+    assert_eq!(install.matches("$embsyncx$").count(), 2, "{install}");
+    assert!(install.contains(r#"btrim(r."t$embsync$"::text, ' ')"#), "{install}");
+    for op in ["insert", "update", "delete", "truncate"] {
+        assert!(
+            install
+                .contains(&format!(r#"CREATE OR REPLACE TRIGGER "embsync_capture_7_{op}" AFTER {} ON "app"."Items""#, op.to_uppercase())),
+            "{install}"
+        );
+        assert!(install.contains(&format!(r#"ENABLE ALWAYS TRIGGER "embsync_capture_7_{op}""#)), "{install}");
+    }
+    expect![[r#"
+        DROP TRIGGER IF EXISTS "embsync_capture_7_insert" ON "app"."Items";
+        DROP TRIGGER IF EXISTS "embsync_capture_7_update" ON "app"."Items";
+        DROP TRIGGER IF EXISTS "embsync_capture_7_delete" ON "app"."Items";
+        DROP TRIGGER IF EXISTS "embsync_capture_7_truncate" ON "app"."Items";
+        DROP FUNCTION IF EXISTS "embsync_capture_7"() CASCADE"#]]
+    .assert_eq(&drop_capture(Some(&source.table), 7));
+    expect![[r#"DROP FUNCTION IF EXISTS "embsync_capture_7"() CASCADE"#]].assert_eq(&drop_capture(None, 7));
+    // A captured source's values come from embsync's copy once a reconcile filled it, else from a scan.
+    let plan = plan(&source, FULL);
+    assert!(plan.contains("FROM embedding_sync_capture_values m") && plan.contains(r#"FROM "app"."Items""#), "{}", plan.as_str());
+    let scanned = Source { changes: crate::config::Changes::Scan, ..source.clone() };
+    assert!(!super::plan(&scanned, FULL).contains("embedding_sync_capture"));
+    let fresh = SchemaState { cache: false, links: false, owned_by_row: false };
+    assert!(!super::plan(&source, fresh).contains("embedding_sync_capture"), "a dry run on a database without embsync's tables");
 }

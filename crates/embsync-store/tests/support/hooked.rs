@@ -10,8 +10,8 @@ use embsync_core::hash::ValueHash;
 use embsync_core::index::IndexState;
 use embsync_core::report::{IndexReport, RunReport, SourceReport, Trigger};
 use embsync_core::sync::{
-    DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store,
-    StoreError, ValueFailure,
+    CaptureStep, DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome,
+    Store, StoreError, ValueFailure,
 };
 use embsync_store::PgStore;
 use std::any::Any;
@@ -29,6 +29,9 @@ pub enum Call<'a> {
     RecordErrors { source: &'a Source, failures: &'a [ValueFailure], run: &'a RunId },
     DeleteOrphans { run: &'a RunId, sources: &'a [&'a Source] },
     RecordRefused { run: &'a RunId, reasons: &'a [String] },
+    Capture { source: &'a Source },
+    ReleaseCaptures { captured: &'a [&'a Source] },
+    CaptureInfo { source: &'a Source },
     AcquireLease { holder: &'a str, ttl: Duration },
     ReleaseLease,
     OpenRun { new_id: &'a RunId, trigger: Trigger, sources: &'a [&'a Source] },
@@ -58,6 +61,9 @@ impl Call<'_> {
             Call::RecordErrors { .. } => "record_errors",
             Call::DeleteOrphans { .. } => "delete_orphans",
             Call::RecordRefused { .. } => "record_refused",
+            Call::Capture { .. } => "capture",
+            Call::ReleaseCaptures { .. } => "release_captures",
+            Call::CaptureInfo { .. } => "capture_info",
             Call::AcquireLease { .. } => "acquire_lease",
             Call::ReleaseLease => "release_lease",
             Call::OpenRun { .. } => "open_run",
@@ -172,6 +178,15 @@ impl<H: Hook> Store for Hooked<H> {
     }
     async fn record_refused(&mut self, run: &RunId, reasons: &[String]) -> Result<(), StoreError> {
         self.call(Call::RecordRefused { run, reasons }, async |s| s.record_refused(run, reasons).await).await
+    }
+    async fn capture(&mut self, source: &Source) -> Result<CaptureStep, StoreError> {
+        self.call(Call::Capture { source }, async |s| s.capture(source).await).await
+    }
+    async fn release_captures(&mut self, captured: &[&Source]) -> Result<Vec<String>, StoreError> {
+        self.call(Call::ReleaseCaptures { captured }, async |s| s.release_captures(captured).await).await
+    }
+    async fn capture_info(&mut self, source: &Source) -> Result<embsync_core::report::CaptureInfo, StoreError> {
+        self.call(Call::CaptureInfo { source }, async |s| s.capture_info(source).await).await
     }
     async fn acquire_lease(&mut self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
         self.call(Call::AcquireLease { holder, ttl }, async |s| s.acquire_lease(holder, ttl).await).await
