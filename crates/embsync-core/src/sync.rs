@@ -2015,6 +2015,9 @@ mod tests {
         assert!(!on.goes_on(&Outcome::Paused(report(Some("outage")), cursor), 0.0, 1, &budget));
         assert!(!on.goes_on(&Outcome::Finished(report(None)), 0.0, 1, &budget));
         assert!(!Chain { max_ms: 0.0 }.goes_on(&paused, 0.0, 1, &budget));
+        // A fanned-out run is the queue's consumers' now: the chain stops.
+        let fanned = Outcome::FannedOut { report: report(None), messages: vec![RangeMessage { run: "r".into(), range: 1 }] };
+        assert!(!on.goes_on(&fanned, 0.0, 1, &budget));
     }
 
     #[test]

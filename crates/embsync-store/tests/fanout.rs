@@ -333,21 +333,24 @@ async fn the_sweeper_sends_again_what_was_lost_and_nothing_held() {
     let ids: Vec<i64> = messages.iter().map(|m| m.range).collect();
     assert_eq!(ids.len(), 4);
     assert!(fanned_out(invoke(&config, &mut lead, &provider, "lead").await.unwrap()).is_empty(), "all sent just now");
-    // Range 0's message was lost; range 1 is claimed by a consumer that died (expired); range 2
-    // is held by a live consumer; all were sent long ago.
+    // Range 0's message was lost (sent long ago); range 1 is claimed by a consumer that died
+    // (expired, sent just now); range 2 is held by a live consumer (sent long ago); range 3 was
+    // handed on by a consumer whose budget was spent (its message is in the queue).
     let mut c = db.store(&config).await;
     let run = RunId(messages[0].run.clone());
     assert!(matches!(c.claim_range(&run, ids[1], "dead", Duration::from_secs(60)).await.unwrap(), fanout::RangeClaim::Claimed(_)));
     let mut d = db.store(&config).await;
     assert!(matches!(d.claim_range(&run, ids[2], "alive", Duration::from_secs(60)).await.unwrap(), fanout::RangeClaim::Claimed(_)));
     db.exec(&format!("UPDATE embedding_sync_ranges SET expires_at = now() - interval '1 s' WHERE id = {}", ids[1])).await;
-    db.exec(&format!(
-        "UPDATE embedding_sync_ranges SET sent_at = now() - interval '10 minutes' WHERE id IN ({}, {}, {})",
-        ids[0], ids[1], ids[2]
-    ))
-    .await;
+    db.exec(&format!("UPDATE embedding_sync_ranges SET sent_at = now() - interval '10 minutes' WHERE id IN ({}, {})", ids[0], ids[2]))
+        .await;
+    let mut e = db.store(&config).await;
+    let (holder, budget) = consume_with("consumer-e", 1);
+    assert_eq!(consume(&config, &mut e, &provider, &holder, budget, &messages[3]).await.unwrap(), Consumed::Continue(messages[3].clone()));
     let again: Vec<i64> = fanned_out(invoke(&config, &mut lead, &provider, "lead").await.unwrap()).iter().map(|m| m.range).collect();
     assert_eq!(again, vec![ids[0], ids[1]]);
+    // Sent now: the next sweep leaves them alone.
+    assert!(fanned_out(invoke(&config, &mut lead, &provider, "lead").await.unwrap()).is_empty());
     // The dead consumer's store writes nothing more; the live one goes on.
     assert!(c.end_claim(fanout::RangeEnd::Done).await.unwrap_err().is_lease_lost());
     assert!(!d.end_claim(fanout::RangeEnd::Done).await.unwrap(), "other ranges are still queued");

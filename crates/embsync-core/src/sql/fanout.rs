@@ -32,16 +32,17 @@ SELECT source_table, source_column,
 FROM embedding_sync_ranges WHERE run_id = $1 GROUP BY source_table, source_column";
 
 /// The sweeper: run `$1`'s queued ranges that no consumer holds (no claim, or an expired one)
-/// and that were not sent in the last `$2` (float8) seconds (or never) are marked sent now;
-/// returns their `id`s (int8), in order. The invocation holding the lease runs it (fenced) and
-/// sends a message for each: a message lost, or acknowledged by a consumer that lost its claim,
-/// costs a delay, never the range.
+/// and that were not sent in the last `$2` (float8) seconds (or never), or whose consumer died
+/// (its claim expired without being ended: `holder` is still set), are marked sent now; returns
+/// their `id`s (int8), in order. The invocation holding the lease runs it (fenced) and sends a
+/// message for each: a message lost, or acknowledged by a consumer that lost its claim, costs a
+/// delay, never the range.
 pub const SWEEP_RANGES: &str = "\
-UPDATE embedding_sync_ranges SET sent_at = now()
+UPDATE embedding_sync_ranges SET sent_at = now(), holder = NULL
 WHERE id IN (
     SELECT id FROM embedding_sync_ranges
     WHERE run_id = $1 AND state = 'queued' AND (expires_at IS NULL OR expires_at <= now())
-      AND (sent_at IS NULL OR sent_at <= now() - make_interval(secs => $2))
+      AND (sent_at IS NULL OR sent_at <= now() - make_interval(secs => $2) OR holder IS NOT NULL)
     ORDER BY id
     FOR UPDATE SKIP LOCKED
 )
@@ -85,9 +86,11 @@ WHERE r.id = $1 AND r.holder = $2 AND r.generation = $3 AND r.expires_at > now()
 
 /// Ends the claim on range `$1` (inside a transaction fenced by it, [`FENCE_RANGE`]): `$2` the
 /// new state (`queued` to hand it on, `done`, `dead`), `$3` the error to record (`''`: keep the
-/// last one). The claim expires now, so the next message for the range can claim it at once.
+/// last one). The claim expires now and its holder is cleared, so the next message for the
+/// range can claim it at once (a claim that expires with its holder set is a consumer that
+/// died: the sweeper sends its range again at once).
 pub const END_CLAIM: &str = "\
-UPDATE embedding_sync_ranges SET state = $2, expires_at = now(),
+UPDATE embedding_sync_ranges SET state = $2, expires_at = now(), holder = NULL,
     last_error = CASE WHEN $3 = '' THEN last_error ELSE $3 END,
     done_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END
 WHERE id = $1";
