@@ -165,7 +165,8 @@ fn a_backfill_fans_out_to_consumers_side_by_side_and_pays_each_value_once() {
 
 #[test]
 fn a_consumer_killed_mid_range_leaves_a_run_that_still_finishes_exactly() {
-    const DISTINCT: u64 = 400;
+    // Four ranges, four consumers: every range is claimed when workerd dies.
+    const DISTINCT: u64 = 4 * RANGE;
     let mut db = db_with_parts(DISTINCT, DISTINCT);
     let values = part_values(&mut db);
     let provider = slow_provider();
@@ -174,33 +175,30 @@ fn a_consumer_killed_mid_range_leaves_a_run_that_still_finishes_exactly() {
     let vars = [("SYNC_LEASE_SECONDS", "10"), ("SYNC_MAX_SECONDS", "6")];
     let mut first = Worker::start(fanout_opts(&db, &provider, &vars).persist_to(&kv.path));
     first.sync();
-    // Kill workerd once consumers have written some batches.
-    poll(Duration::from_secs(60), "consumers to write 60 values", || {
-        (db.count("SELECT count(*) FROM embedding_cache") >= 60).then_some(())
+    // Kill workerd once every consumer has written a batch or so.
+    poll(Duration::from_secs(60), "consumers to write 40 values", || {
+        (db.count("SELECT count(*) FROM embedding_cache") >= 40).then_some(())
     });
     first.kill_hard();
     let rows = db.count("SELECT count(*) FROM embedding_cache");
-    let left = ranges(&mut db).iter().filter(|(_, s)| s == "queued").count();
-    eprintln!("queues: killed with {rows} rows written and {left} ranges queued");
-    assert!(rows < DISTINCT as i64 && left > 0, "the kill should land mid-run: {rows} rows, ranges {:?}", ranges(&mut db));
+    let held = db.count("SELECT count(*) FROM embedding_sync_ranges WHERE state = 'queued' AND holder IS NOT NULL");
+    eprintln!("queues: killed with {rows} rows written and {held} ranges held by the dead consumers");
+    assert!(rows < DISTINCT as i64 && held > 0, "the kill should land mid-range: {rows} rows, ranges {:?}", ranges(&mut db));
+    let run = runs(&mut db)[0].0.clone();
 
-    // Local queues live in wrangler's memory: the messages died with it. The restarted worker
-    // gets every queued range again (a duplicate of a range that is done or held costs nothing)
-    // once the dead consumers' claims have expired.
+    // Local queues live in wrangler's memory: the messages died with it. Once the dead
+    // consumers' claims have expired, the next trigger's sweeper sends their ranges again, and
+    // the consumers finish the run.
     let second = Worker::start(fanout_opts(&db, &provider, &vars).persist_to(&kv.path));
     std::thread::sleep(Duration::from_secs(11));
-    let run = runs(&mut db)[0].0.clone();
-    for (id, state) in ranges(&mut db) {
-        if state == "queued" {
-            let (status, body) = second.request_body("POST", "/enqueue", TOKEN, &json!({"run": run, "range": id}).to_string());
-            assert_eq!(status, 200, "{body}");
-        }
-    }
+    let report = second.sync();
+    assert_eq!(report["status"], json!("paused"), "the trigger waits for the consumers: {report:#}");
+    assert_eq!(fanned_out(&second), vec![held as u64], "the sweeper sends every range whose consumer died");
     let run_id = wait_finished(&mut db, &second, Duration::from_secs(120));
     assert_eq!(run_id, run);
 
     // Exact in Postgres; paid twice at most for what the killed consumers had in flight: one
-    // request per model for each of the consumers at work.
+    // batch (both models) for each consumer at work.
     assert_cache_exact(&mut db, DISTINCT as i64);
     assert_final_report(&stored_report(&mut db, &run_id), &run_id, DISTINCT as i64, (DISTINCT / BATCH) as i64);
     for model in [LARGE_MODEL, SMALL_MODEL] {
