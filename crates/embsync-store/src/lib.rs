@@ -23,9 +23,12 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
+mod batches;
 mod bind;
 mod lease;
 mod status;
+
+pub use batches::{OpenBatch, RequestStored};
 
 use bind::*;
 use lease::*;

@@ -1,6 +1,6 @@
 //! Every SQL statement embsync runs, as text, by what it serves: [`schema`] (version, migration,
 //! checks, statistics), [`plan`] (counts, reusable links, pending pages, snapshots), [`batch`] (a
-//! batch's write), [`stale`] (stale removal, orphans), [`runs`] (the lease and fence, run
+//! batch's write), [`batches`] (the Batch API's files, batches and their values), [`stale`] (stale removal, orphans), [`runs`] (the lease and fence, run
 //! bookkeeping), [`status`], [`prune`] and [`indexes`]. This module holds the fragments they
 //! share (a source's values, what *has* an embedding, the cache join). Every item is re-exported
 //! here, so callers name `sql::X`.
@@ -30,6 +30,7 @@ use param::Param;
 use std::borrow::Cow;
 
 mod batch;
+mod batches;
 mod indexes;
 pub mod param;
 mod plan;
@@ -40,6 +41,7 @@ mod stale;
 mod status;
 
 pub use batch::*;
+pub use batches::*;
 pub use indexes::*;
 pub use param::{ModelTags, PgType, Statement};
 pub use plan::*;

@@ -7,8 +7,9 @@ use super::*;
 /// 1 is every schema from before the version was recorded; 2 ties ownership to the cache row
 /// (`embedding_cache_owned.cache_id`) and adds `embedding_sync_schema`; 3 adds
 /// `embedding_sync_orphans` (rows to delete once every source has been planned) and
-/// `embedding_sync_runs.refused` (a model the provider refused during the run).
-pub const SCHEMA_VERSION: i32 = 3;
+/// `embedding_sync_runs.refused` (a model the provider refused during the run); 4 adds the Batch
+/// API's `embedding_sync_batches` and `embedding_sync_batch_values` ([`BATCH_TABLES`]).
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// How long a migration waits for any one lock before it gives up (`SET LOCAL lock_timeout`).
 pub const MIGRATION_LOCK_TIMEOUT_SECS: u32 = 5;
@@ -195,6 +196,8 @@ ALTER TABLE embedding_sync_runs ADD COLUMN IF NOT EXISTS refused text[] NOT NULL
 -- The lease's fencing generation, for deployments older than it.
 ALTER TABLE embedding_sync_lease ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0",
     ));
+    // Version 4: the Batch API's request files, batches and their values.
+    steps.push(step("embedding_sync_batches", BATCH_TABLES));
     // Bounded run history: what `/status` reads, finished runs newest first.
     steps.push(step("embedding_sync_runs", RUNS_FINISHED_INDEX));
     steps.push(step(

@@ -17,8 +17,8 @@ fn migration_sql() {
     .unwrap();
     let locks = |existed| migration(&config.models, existed).iter().map(|s| s.locks).collect::<Vec<_>>().join(", ");
     // On a cache that exists (maybe another pipeline's) no step names it: it is only read.
-    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
-    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
+    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_batches, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
+    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_batches, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
     assert!(migration(&config.models, false)[1].sql.contains("embedding_large vector(3072),\n    embedding_small vector(1536)"));
     assert!(!migration(&config.models, true).iter().any(|s| s.sql.contains("INDEX") && s.sql.contains("ON embedding_cache ")));
     expect![[r#"
@@ -347,6 +347,16 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
     let report = crate::report::SourceReport::default();
     let progress = Progress { run: &run, embedded: 1, reused: 0, batches: 1, usage: Default::default() };
     let sources = [&source];
+    let table_key = source.table_key();
+    let batch_values = [BatchValue {
+        custom_id: "c",
+        position: 0,
+        hash: &hash,
+        value: "x",
+        occurrences: 1,
+        source_table: &table_key,
+        source_column: source.column_key(),
+    }];
     let statements: Vec<(&str, Box<dyn Statement + '_>)> = vec![
         ("Plan", Box::new(Plan { source: &source, state: FULL, tags: &tags })),
         ("LinkReusable", Box::new(LinkReusable { source: &source, tags: &tags })),
@@ -366,6 +376,34 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         ("AddProgress", Box::new(AddProgress { source: &source, progress: &progress })),
         ("AddErrors", Box::new(SourceCount { statement: ADD_ERRORS, run: &run, source: &source, count: 1 })),
         ("SourceDone", Box::new(SourceCount { statement: SOURCE_DONE, run: &run, source: &source, count: 1 })),
+        (
+            "InsertBatchFile",
+            Box::new(InsertBatchFile {
+                input_file_id: "file-1",
+                run: &run,
+                slot: crate::config::ModelSlot::Large,
+                model: "l",
+                requests: 1,
+                values: 1,
+            }),
+        ),
+        ("InsertBatchValues", Box::new(InsertBatchValues { input_file_id: "file-1", values: &batch_values })),
+        ("SetBatchCreated", Box::new(SetBatchCreated { input_file_id: "file-1", batch_id: "batch_1" })),
+        (
+            "SetBatchState",
+            Box::new(SetBatchState {
+                batch_id: "batch_1",
+                state: "completed",
+                output_file_id: Some("file-2"),
+                error_file_id: None,
+                request_counts: "{}",
+                finished: false,
+            }),
+        ),
+        ("RequestSources", Box::new(BatchRequest { statement: REQUEST_SOURCES, input_file_id: "file-1", custom_id: "c" })),
+        ("DeleteRequestValues", Box::new(BatchRequest { statement: DELETE_REQUEST_VALUES, input_file_id: "file-1", custom_id: "c" })),
+        ("BatchModel", Box::new(BatchModel { input_file_id: "file-1" })),
+        ("RequestValues", Box::new(RequestValues { source: &source, input_file_id: "file-1", custom_id: "c" })),
     ];
     for (name, s) in &statements {
         let (max, dense) = numbered(&s.text());

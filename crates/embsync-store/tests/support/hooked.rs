@@ -9,7 +9,8 @@ use embsync_core::hash::ValueHash;
 use embsync_core::index::IndexState;
 use embsync_core::report::{IndexReport, RunReport, SourceReport, Trigger};
 use embsync_core::sync::{
-    DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store, StoreError, ValueFailure,
+    DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome, Store,
+    StoreError, ValueFailure,
 };
 use embsync_store::PgStore;
 use std::any::Any;
