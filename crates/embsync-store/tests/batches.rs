@@ -180,3 +180,55 @@ async fn nothing_is_written_without_the_lease_or_under_another_model() {
     assert_eq!(db.count("SELECT count(*) FROM embedding_sync_batch_values").await, 1, "only REQ1 is left");
     drop(other);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_sync_does_not_send_what_a_pending_batch_brings() {
+    use embsync_core::sync::{Budget, Outcome};
+    let db = TestDb::create().await;
+    db.source_table("items", "title", &["alpha", "beta", "gamma", "delta"]).await;
+    let config = config(10, &[("Items", "items", "title")]);
+    let mut store = leased(&db, &config, "inv-0").await;
+    // A pending batch of the large model has alpha, beta and gamma (REQ0) and delta (REQ1).
+    record(&mut store, &config).await;
+    store.set_batch_created(FILE, "batch_1").await.unwrap();
+    store.release_lease().await.unwrap();
+
+    let (provider, rt) = (FakeProvider::default(), TestRuntime::default());
+    let Outcome::Finished(report) = invoke(&config, &mut store, &provider, &rt, Budget::default(), "inv-1", None).await.unwrap() else {
+        panic!("the run did not finish");
+    };
+    assert_eq!(report.totals.new, 4);
+    let calls = provider.calls.borrow().clone();
+    assert!(calls.iter().all(|(model, _)| model == "text-embedding-3-small"), "the large model waits for its batch: {calls:?}");
+    for value in ["alpha", "beta", "gamma", "delta"] {
+        assert_eq!(provider.requests_for(value), 1, "{value}: its small embedding, once");
+    }
+    assert_eq!(db.count("SELECT count(*) FROM embedding_cache WHERE embedding_large IS NULL AND embedding_small IS NOT NULL").await, 4);
+
+    // The batch's output arrives: REQ0 is stored; the next run has only delta's large left,
+    // and sends nothing while its batch is pending.
+    assert_eq!(store.acquire_lease("inv-2", TTL).await.unwrap(), Lease::Acquired);
+    let stored = store.store_batch_request(&config, FILE, REQ0, &[large("alpha"), large("beta"), large("gamma")]).await.unwrap();
+    assert_eq!(stored.written, 3);
+    assert_eq!(large_of(&db, "beta").await, Some(text_of(&large("beta"))), "a row embsync wrote gets the batch's vector");
+    store.release_lease().await.unwrap();
+    invoke(&config, &mut store, &provider, &rt, Budget::default(), "inv-3", None).await.unwrap();
+    assert_eq!(provider.calls.borrow().len(), calls.len(), "nothing is sent while delta's batch is pending");
+
+    // Once the batch is over (e.g. failed), delta's large goes the synchronous way.
+    assert_eq!(store.acquire_lease("inv-4", TTL).await.unwrap(), Lease::Acquired);
+    let over = SetBatchState {
+        batch_id: "batch_1",
+        state: "failed",
+        output_file_id: None,
+        error_file_id: None,
+        request_counts: "{}",
+        finished: true,
+    };
+    store.set_batch_state(&over).await.unwrap();
+    store.release_lease().await.unwrap();
+    invoke(&config, &mut store, &provider, &rt, Budget::default(), "inv-5", None).await.unwrap();
+    let after: Vec<_> = provider.calls.borrow()[calls.len()..].to_vec();
+    assert_eq!(after, [("text-embedding-3-large".to_string(), vec!["delta".to_string()])]);
+    assert_eq!(db.count("SELECT count(*) FROM embedding_cache WHERE embedding_large IS NOT NULL AND embedding_small IS NOT NULL").await, 4);
+}

@@ -119,7 +119,9 @@ fn source_sql() {
             FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
             WHERE d.v <> ''
         )
-        SELECT s.h, s.v, s.n, coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) AS has_large, coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) AS has_small
+        SELECT s.h, s.v, s.n, (coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'large' AND b.model = $3)) AS has_large, (coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'small' AND b.model = $4)) AS has_small
         FROM src s
         LEFT JOIN embedding_cache c ON c.value_hash = s.h
             LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h AND o.cache_id = c.id
@@ -130,6 +132,9 @@ fn source_sql() {
           AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e
                           WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h
                             AND e.next_retry_at > now())
+          AND (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false) OR NOT ((coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'large' AND b.model = $3)) AND (coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'small' AND b.model = $4))))
         ORDER BY s.h
         LIMIT $6"#]].assert_eq(&pending_page(&source()));
     expect![[r#"
@@ -148,7 +153,9 @@ fn source_sql() {
                                WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))
         ON CONFLICT DO NOTHING"#]].assert_eq(&snapshot_pending(&source()));
     expect![[r#"
-        SELECT s.h, s.v, s.n, coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) AS has_large, coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) AS has_small
+        SELECT s.h, s.v, s.n, (coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'large' AND b.model = $3)) AS has_large, (coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'small' AND b.model = $4)) AS has_small
         FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending
               WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6) s
         LEFT JOIN embedding_cache c ON c.value_hash = s.h AND c.value_hash > $6
@@ -159,6 +166,9 @@ fn source_sql() {
           AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e
                           WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h
                             AND e.next_retry_at > now())
+          AND (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false) OR NOT ((coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'large' AND b.model = $3)) AND (coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'small' AND b.model = $4))))
         ORDER BY s.h
         LIMIT $7"#]].assert_eq(&pending_snapshot_page());
     expect![[r#"
