@@ -366,6 +366,172 @@ impl<'a> OutputLine<'a> {
     }
 }
 
+/// A `POST /v1/files` body: `multipart/form-data` with `purpose=batch` and the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    /// The `Content-Type` header, with the boundary.
+    pub content_type: String,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// The upload of a request file named `filename` (ASCII letters, digits, `.`, `-`, `_`). The
+/// boundary is derived from the content and checked not to occur in it.
+pub fn upload_body(filename: &str, jsonl: &[u8]) -> Upload {
+    use sha2::{Digest, Sha256};
+    let filename: String = filename.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')).collect();
+    let mut salt = 0u32;
+    let boundary = loop {
+        let digest = Sha256::new().chain_update(salt.to_le_bytes()).chain_update(jsonl).finalize();
+        let boundary = format!("embsync-{}", hex::encode(&digest[..16]));
+        if memchr::memmem::find(jsonl, boundary.as_bytes()).is_none() {
+            break boundary;
+        }
+        salt += 1;
+    };
+    let mut body = Vec::with_capacity(jsonl.len() + 400);
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+             --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+             Content-Type: application/jsonl\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(jsonl);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    Upload { content_type: format!("multipart/form-data; boundary={boundary}"), body }
+}
+
+/// The `POST /v1/batches` body for an uploaded file, with the run in its metadata.
+pub fn create_body(input_file_id: &str, run: &RunId) -> String {
+    serde_json::json!({
+        "input_file_id": input_file_id,
+        "endpoint": ENDPOINT,
+        "completion_window": COMPLETION_WINDOW,
+        "metadata": {"embsync_run": run.0},
+    })
+    .to_string()
+}
+
+/// A file object's `id` (the answer to `POST /v1/files`).
+///
+/// # Errors
+/// [`BatchObjectError`] when the body is not a file object.
+pub fn file_id(body: &[u8]) -> Result<String, BatchObjectError> {
+    #[derive(Deserialize)]
+    struct File {
+        id: String,
+    }
+    serde_json::from_slice::<File>(body).map(|f| f.id).map_err(|e| BatchObjectError(format!("not a file object: {e}")))
+}
+
+/// A batch's status.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStatus {
+    /// The input file is being validated.
+    Validating,
+    /// Validation failed (see [`Batch::errors`]); nothing ran.
+    Failed,
+    /// Requests are running.
+    InProgress,
+    /// The results are being prepared.
+    Finalizing,
+    /// Done: the output and error files are ready.
+    Completed,
+    /// The completion window ran out: what finished is in the output file.
+    Expired,
+    /// A cancel is under way.
+    Cancelling,
+    /// Cancelled: what finished is in the output file.
+    Cancelled,
+}
+
+impl BatchStatus {
+    /// Whether the batch has ended (its files, if any, are final).
+    pub fn is_over(&self) -> bool {
+        matches!(self, BatchStatus::Failed | BatchStatus::Completed | BatchStatus::Expired | BatchStatus::Cancelled)
+    }
+}
+
+/// `request_counts` of a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct RequestCounts {
+    /// Requests in the batch.
+    #[serde(default)]
+    pub total: u64,
+    /// Requests that succeeded so far.
+    #[serde(default)]
+    pub completed: u64,
+    /// Requests that failed so far.
+    #[serde(default)]
+    pub failed: u64,
+}
+
+/// A batch object, as `POST /v1/batches` and `GET /v1/batches/{id}` answer it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Its id.
+    pub id: String,
+    /// Its status.
+    pub status: BatchStatus,
+    /// The output file (successful requests), once there is one.
+    pub output_file_id: Option<String>,
+    /// The error file (failed and unrun requests), once there is one.
+    pub error_file_id: Option<String>,
+    /// Its request counts (zero when absent).
+    pub request_counts: RequestCounts,
+    /// Why validation failed (`errors.data[].message`), for a failed batch.
+    pub errors: Vec<String>,
+}
+
+/// A body that is not a batch or file object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed Batch API answer: {0}")]
+pub struct BatchObjectError(pub String);
+
+impl Batch {
+    /// Reads a batch object.
+    ///
+    /// # Errors
+    /// [`BatchObjectError`] when the body is not one (an unknown status included).
+    pub fn parse(body: &[u8]) -> Result<Batch, BatchObjectError> {
+        #[derive(Deserialize)]
+        struct Raw {
+            id: String,
+            status: BatchStatus,
+            #[serde(default)]
+            output_file_id: Option<String>,
+            #[serde(default)]
+            error_file_id: Option<String>,
+            #[serde(default)]
+            request_counts: Option<RequestCounts>,
+            #[serde(default)]
+            errors: Option<Errors>,
+        }
+        #[derive(Deserialize)]
+        struct Errors {
+            #[serde(default)]
+            data: Vec<ErrorItem>,
+        }
+        #[derive(Deserialize)]
+        struct ErrorItem {
+            #[serde(default)]
+            message: String,
+        }
+        let raw: Raw = serde_json::from_slice(body).map_err(|e| BatchObjectError(format!("not a batch object: {e}")))?;
+        Ok(Batch {
+            id: raw.id,
+            status: raw.status,
+            output_file_id: raw.output_file_id,
+            error_file_id: raw.error_file_id,
+            request_counts: raw.request_counts.unwrap_or_default(),
+            errors: raw.errors.map(|e| e.data.into_iter().map(|i| i.message).collect()).unwrap_or_default(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,6 +649,43 @@ mod tests {
         let mut lines = Lines::new();
         let huge = vec![b'x'; MAX_LINE_BYTES + 1];
         assert_eq!(lines.push(&huge, |_| Ok::<(), LineTooLong>(())), Err(LineTooLong));
+    }
+
+    #[test]
+    fn uploads_creates_and_batch_objects() {
+        let upload = upload_body("run 1/large.jsonl", b"{\"a\":1}\n");
+        let boundary = upload.content_type.strip_prefix("multipart/form-data; boundary=").unwrap();
+        let text = String::from_utf8(upload.body.clone()).unwrap();
+        assert!(text.starts_with(&format!("--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n")));
+        assert!(text.contains("filename=\"run1large.jsonl\""), "{text}");
+        assert!(text.ends_with(&format!("\r\n\r\n{{\"a\":1}}\n\r\n--{boundary}--\r\n")), "{text}");
+        // A file that holds the first boundary gets another one.
+        let tricky = format!("{boundary}\n");
+        let other = upload_body("f.jsonl", tricky.as_bytes());
+        assert!(!other.content_type.ends_with(boundary));
+
+        let create: serde_json::Value = serde_json::from_str(&create_body("file-1", &run())).unwrap();
+        assert_eq!(
+            create,
+            serde_json::json!({"input_file_id": "file-1", "endpoint": "/v1/embeddings", "completion_window": "24h", "metadata": {"embsync_run": "run-7:x"}})
+        );
+        assert_eq!(file_id(br#"{"id":"file-9","object":"file"}"#), Ok("file-9".to_owned()));
+        assert!(file_id(b"{}").is_err());
+
+        let batch = Batch::parse(
+            br#"{"id":"batch_1","object":"batch","status":"completed","output_file_id":"file-o","error_file_id":null,
+                "request_counts":{"total":3,"completed":2,"failed":1},"errors":null}"#,
+        )
+        .unwrap();
+        assert_eq!(batch.status, BatchStatus::Completed);
+        assert!(batch.status.is_over());
+        assert_eq!((batch.output_file_id.as_deref(), batch.error_file_id.as_deref()), (Some("file-o"), None));
+        assert_eq!(batch.request_counts, RequestCounts { total: 3, completed: 2, failed: 1 });
+        let failed =
+            Batch::parse(br#"{"id":"b","status":"failed","errors":{"object":"list","data":[{"code":"x","message":"bad line"}]}}"#).unwrap();
+        assert_eq!((failed.status, failed.errors), (BatchStatus::Failed, vec!["bad line".to_owned()]));
+        assert!(!Batch::parse(br#"{"id":"b","status":"in_progress"}"#).unwrap().status.is_over());
+        assert!(Batch::parse(br#"{"id":"b","status":"paused"}"#).is_err(), "an unknown status is not guessed at");
     }
 
     /// A line with `body` as the response, as the Batch API writes it.
