@@ -729,7 +729,7 @@ impl Batches {
                     Ok(request) => request,
                     Err(refused) => return Outcome::Refused(refused),
                 };
-                if config.fail_every.is_some_and(|every| every > 0 && (index as u64 + 1) % every == 0) {
+                if config.fail_every.is_some_and(|every| every > 0 && (index as u64 + 1).is_multiple_of(every)) {
                     return Outcome::Refused(ApiError::injected(500, request.model.name(), None, None));
                 }
                 if let Some(needle) = &config.fail_input_contains {
@@ -864,8 +864,11 @@ impl Batches {
     }
 }
 
-/// Reads the `purpose` field and the `file` part (its filename and bytes) of a multipart body.
-fn read_form(body: &[u8], boundary: String) -> Result<(Option<String>, Option<(String, Bytes)>), String> {
+/// The `purpose` field and the `file` part (its filename and bytes) of an upload, as sent.
+type Form = (Option<String>, Option<(String, Bytes)>);
+
+/// Reads the `purpose` field and the `file` part of a multipart body.
+fn read_form(body: &[u8], boundary: String) -> Result<Form, String> {
     let body = Bytes::copy_from_slice(body);
     let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
     let mut multipart = multer::Multipart::new(stream, boundary);
