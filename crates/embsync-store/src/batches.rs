@@ -100,14 +100,84 @@ impl PgStore {
         tx.commit().await.map_err(|e| err("committing the batch", e))
     }
 
-    /// Records a batch's state as polled (or that embsync is done with it).
+    /// Records a batch's state as polled, or that embsync is done with it (`finished`): then
+    /// the values still recorded for it (requests not stored) are forgotten in the same
+    /// transaction, and go the synchronous way.
     ///
     /// # Errors
     /// [`StoreError`], a lost lease included.
     pub async fn set_batch_state(&mut self, state: &sql::SetBatchState<'_>) -> Result<(), StoreError> {
         let tx = fenced(&mut self.client, self.lease.as_ref(), "recording a batch's state").await?;
         execute(&tx, &Bound::new(state)).await.map_err(|e| err("recording the batch's state", e))?;
+        if state.finished {
+            let values = sql::DeleteBatchValues { batch_id: state.batch_id };
+            execute(&tx, &Bound::new(&values)).await.map_err(|e| err("forgetting the batch's values", e))?;
+        }
         tx.commit().await.map_err(|e| err("committing the batch's state", e))
+    }
+
+    /// Ends a file no batch was made of (`state`, e.g. `abandoned`); its values go the
+    /// synchronous way.
+    ///
+    /// # Errors
+    /// [`StoreError`], a lost lease included.
+    pub async fn finish_batch_file(&mut self, input_file_id: &str, state: &str) -> Result<(), StoreError> {
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "ending a batch file").await?;
+        execute(&tx, &Bound::new(&sql::FinishBatchFile { input_file_id, state })).await.map_err(|e| err("ending the batch file", e))?;
+        tx.commit().await.map_err(|e| err("committing", e))
+    }
+
+    /// Records a request the batch refused because of its inputs (a per-line error): each of its
+    /// values that its source still has goes to `embedding_sync_errors` for that source, as a
+    /// refused value of the synchronous path does (`model`: the model's tag; with the same
+    /// backoff), and the request is forgotten, in one fenced transaction. Returns the values
+    /// recorded.
+    ///
+    /// # Errors
+    /// [`StoreError`], a lost lease included.
+    pub async fn record_batch_request_errors(
+        &mut self,
+        config: &Config,
+        input_file_id: &str,
+        custom_id: &str,
+        message: &str,
+    ) -> Result<u64, StoreError> {
+        let tx = fenced(&mut self.client, self.lease.as_ref(), "recording a batch request's errors").await?;
+        let model = query(&tx, &Bound::new(&sql::BatchModel { input_file_id })).await.map_err(|e| err("reading the batch", e))?;
+        let Some(model) = model.first() else {
+            return Err(StoreError::new(format!("no batch file {input_file_id} is recorded")));
+        };
+        let model: String = model.get(1);
+        let sources = query(&tx, &Bound::new(&sql::BatchRequest { statement: sql::REQUEST_SOURCES, input_file_id, custom_id }))
+            .await
+            .map_err(|e| err("reading the request's sources", e))?;
+        let mut recorded = 0;
+        for row in &sources {
+            let (table, column): (String, String) = (row.get(0), row.get(1));
+            let Some(source) = config.enabled_sources().find(|s| s.table_key() == table && s.column_key() == column) else {
+                continue;
+            };
+            let rows = query(&tx, &Bound::new(&sql::RequestValues { source, input_file_id, custom_id }))
+                .await
+                .map_err(|e| err("reading the request's values", e))?;
+            let mut failures: Vec<ValueFailure> = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let h: String = row.get(1);
+                let hash = ValueHash::from_hex(&h).ok_or_else(|| StoreError::new(format!("bad hash {h:?} from the database")))?;
+                if failures.iter().all(|f| f.hash != hash) {
+                    failures.push(ValueFailure { hash, model: model.clone(), message: message.to_owned() });
+                }
+            }
+            if failures.is_empty() {
+                continue;
+            }
+            execute(&tx, &Bound::new(&sql::RecordErrors { source, failures: &failures })).await.map_err(|e| err("recording errors", e))?;
+            recorded += failures.len() as u64;
+        }
+        let forget = sql::BatchRequest { statement: sql::DELETE_REQUEST_VALUES, input_file_id, custom_id };
+        execute(&tx, &Bound::new(&forget)).await.map_err(|e| err("forgetting the request", e))?;
+        tx.commit().await.map_err(|e| err("committing a batch request's errors", e))?;
+        Ok(recorded)
     }
 
     /// The request files embsync has not finished with, oldest first.

@@ -232,3 +232,61 @@ async fn the_sync_does_not_send_what_a_pending_batch_brings() {
     assert_eq!(after, [("text-embedding-3-large".to_string(), vec!["delta".to_string()])]);
     assert_eq!(db.count("SELECT count(*) FROM embedding_cache WHERE embedding_large IS NOT NULL AND embedding_small IS NOT NULL").await, 4);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn refused_lines_go_to_the_errors_and_an_ended_batch_releases_its_values() {
+    let db = TestDb::create().await;
+    db.source_table("items", "title", &["alpha", "beta", "gamma", "delta"]).await;
+    let config = config(10, &[("Items", "items", "title")]);
+    let mut store = leased(&db, &config, "inv-1").await;
+    record(&mut store, &config).await;
+    store.set_batch_created(FILE, "batch_1").await.unwrap();
+    db.exec("DELETE FROM items WHERE title = 'gamma'").await;
+
+    // REQ0's line was refused because of an input: its values that the source still has are
+    // recorded as errors of the source, with the model's tag, and wait for their retry.
+    let recorded = store.record_batch_request_errors(&config, FILE, REQ0, "provider refused the request (400): bad input").await.unwrap();
+    assert_eq!(recorded, 2);
+    assert_eq!(
+        db.texts("SELECT value_hash || ' ' || model || ' ' || message FROM embedding_sync_errors WHERE source_table = 'items'").await,
+        ["alpha", "beta"]
+            .iter()
+            .map(|v| format!("{} text-embedding-3-large:4 provider refused the request (400): bad input", hash_of(v)))
+            .collect()
+    );
+    assert_eq!(db.count("SELECT count(*) FROM embedding_sync_errors WHERE next_retry_at > now()").await, 2);
+    assert_eq!(db.count(&format!("SELECT count(*) FROM embedding_sync_batch_values WHERE custom_id = '{REQ0}'")).await, 0);
+
+    // The batch ends (here: expired) with REQ1 not run: its values are released with it.
+    let over = SetBatchState {
+        batch_id: "batch_1",
+        state: "expired",
+        output_file_id: None,
+        error_file_id: Some("file-err"),
+        request_counts: "{}",
+        finished: true,
+    };
+    store.set_batch_state(&over).await.unwrap();
+    assert_eq!(db.count("SELECT count(*) FROM embedding_sync_batch_values").await, 0);
+    assert!(store.open_batches().await.unwrap().is_empty());
+
+    // A file no batch was made of (cut between upload and create) ends the same way.
+    let hash = ValueHash::from_hex(&hash_of("delta")).unwrap();
+    let (table, column) = (config.sources[0].table_key(), config.sources[0].column_key().to_owned());
+    let value = BatchValue {
+        custom_id: REQ0,
+        position: 0,
+        hash: &hash,
+        value: "delta",
+        occurrences: 1,
+        source_table: &table,
+        source_column: &column,
+    };
+    store.record_batch_file("file-2", &RunId("run-2".into()), ModelSlot::Small, 1, &[value]).await.unwrap();
+    store.finish_batch_file("file-2", "abandoned").await.unwrap();
+    assert_eq!(db.count("SELECT count(*) FROM embedding_sync_batch_values").await, 0);
+    assert_eq!(
+        db.texts("SELECT state FROM embedding_sync_batches WHERE finished_at IS NOT NULL").await,
+        ["abandoned".to_string(), "expired".to_string()].into()
+    );
+}

@@ -71,6 +71,17 @@ SET state = $2, output_file_id = nullif($3, ''), error_file_id = nullif($4, ''),
     finished_at = CASE WHEN $6 THEN coalesce(finished_at, now()) ELSE NULL END
 WHERE batch_id = $1";
 
+/// Forgets the values still recorded for batch `$1`'s file, once embsync is done with the batch
+/// (stored, failed, expired, cancelled, forgotten by the provider): they go the synchronous way.
+pub const DELETE_BATCH_VALUES: &str = "\
+DELETE FROM embedding_sync_batch_values WHERE input_file_id = (SELECT input_file_id FROM embedding_sync_batches WHERE batch_id = $1)";
+
+/// Ends file `$1` with state `$2` when no batch was made of it (an invocation stopped between
+/// upload and create, and no batch of it was found): its values go the synchronous way.
+pub const FINISH_BATCH_FILE: &str = "\
+WITH gone AS (DELETE FROM embedding_sync_batch_values WHERE input_file_id = $1)
+UPDATE embedding_sync_batches SET state = $2, finished_at = coalesce(finished_at, now()) WHERE input_file_id = $1";
+
 /// The files not over yet, oldest first: `input_file_id`, `batch_id` (NULL when the batch was
 /// not created), `run_id`, `slot`, `model`, `state`, `output_file_id`, `error_file_id`,
 /// `requests` (int4), `value_count` (int4), the age in seconds (float8).
@@ -252,6 +263,40 @@ impl Statement for BatchRequest<'_> {
     }
     fn params(&self) -> Vec<Param<'_>> {
         vec![Param::Text(Cow::Borrowed(self.input_file_id)), Param::Text(Cow::Borrowed(self.custom_id))]
+    }
+}
+
+/// [`DELETE_BATCH_VALUES`].
+#[derive(Debug)]
+pub struct DeleteBatchValues<'a> {
+    /// The batch.
+    pub batch_id: &'a str,
+}
+
+impl Statement for DeleteBatchValues<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        DELETE_BATCH_VALUES.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        vec![Param::Text(Cow::Borrowed(self.batch_id))]
+    }
+}
+
+/// [`FINISH_BATCH_FILE`].
+#[derive(Debug)]
+pub struct FinishBatchFile<'a> {
+    /// The file.
+    pub input_file_id: &'a str,
+    /// Why it ends (e.g. `abandoned`).
+    pub state: &'a str,
+}
+
+impl Statement for FinishBatchFile<'_> {
+    fn text(&self) -> Cow<'static, str> {
+        FINISH_BATCH_FILE.into()
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        vec![Param::Text(Cow::Borrowed(self.input_file_id)), Param::Text(Cow::Borrowed(self.state))]
     }
 }
 

@@ -413,6 +413,8 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         ("RequestSources", Box::new(BatchRequest { statement: REQUEST_SOURCES, input_file_id: "file-1", custom_id: "c" })),
         ("DeleteRequestValues", Box::new(BatchRequest { statement: DELETE_REQUEST_VALUES, input_file_id: "file-1", custom_id: "c" })),
         ("BatchModel", Box::new(BatchModel { input_file_id: "file-1" })),
+        ("DeleteBatchValues", Box::new(DeleteBatchValues { batch_id: "batch_1" })),
+        ("FinishBatchFile", Box::new(FinishBatchFile { input_file_id: "file-1", state: "abandoned" })),
         ("RequestValues", Box::new(RequestValues { source: &source, input_file_id: "file-1", custom_id: "c" })),
     ];
     for (name, s) in &statements {
