@@ -16,7 +16,9 @@
 //! embeddings. `vectorIndexes` (`{"enabled": true, "m": 16, "efConstruction": 64}`, off when
 //! absent) makes the sync keep HNSW indexes on the embedding columns (see [`crate::index`]).
 //! `retention` (`{"runs": 1000}`) bounds the run history: when a run finishes, finished runs
-//! beyond the newest `runs` are deleted.
+//! beyond the newest `runs` are deleted. `batchApi` (`{"enabled": true, "minValues": 10000}`,
+//! off when absent) sends a model's pending values through OpenAI's Batch API, at half the
+//! price, when a run has at least `minValues` of them (see [`crate::batch_api`]).
 //! Every other field is required and unknown keys are rejected.
 //! Code past this module takes [`Config`], never raw JSON.
 //!
@@ -55,6 +57,20 @@ pub struct Config {
     pub retention_runs: u64,
     /// Ceilings of the provider requests' rate (`rate`; see [`crate::rate`]).
     pub rate: Rate,
+    /// When a model's pending values go through the Batch API (`batchApi`); `None` when absent
+    /// or disabled: every value goes to the embeddings endpoint.
+    pub batch_api: Option<BatchApi>,
+}
+
+/// The default of `batchApi.minValues`.
+pub const DEFAULT_BATCH_API_MIN_VALUES: u64 = 10_000;
+
+/// `batchApi`: a model whose pending values in a run reach `min_values` sends them through
+/// OpenAI's Batch API (half the price, within 24 hours) instead of the embeddings endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchApi {
+    /// The fewest pending values of a model that go through the Batch API (at least 1).
+    pub min_values: u64,
 }
 
 /// Ceilings of the provider requests' rate (`rate` in the config), for a key shared with other
@@ -350,7 +366,15 @@ struct RawConfig {
     vector_indexes: Option<Object<RawVectorIndexes>>,
     retention: Option<Object<RawRetention>>,
     rate: Option<Object<RawRate>>,
+    batch_api: Option<Object<RawBatchApi>>,
     sources: Vec<Object<RawSource>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawBatchApi {
+    enabled: bool,
+    min_values: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -551,8 +575,22 @@ impl Config {
             None => Rate::default(),
             Some(Object(r)) => rate(r)?,
         };
+        let batch_api = match raw.batch_api {
+            None => None,
+            Some(Object(b)) => {
+                let min_values = b.min_values.unwrap_or(DEFAULT_BATCH_API_MIN_VALUES);
+                if min_values == 0 {
+                    return Err(ConfigError::at(
+                        "batchApi.minValues",
+                        "must be at least 1 (the fewest pending values of a model that go through the Batch API)",
+                    ));
+                }
+                b.enabled.then_some(BatchApi { min_values })
+            }
+        };
         Ok(Config {
             rate,
+            batch_api,
             models,
             batch_size,
             sources,
@@ -729,6 +767,22 @@ mod tests {
     }
 
     #[test]
+    fn batch_api() {
+        let parse = |by: &str| Config::parse(&with(r#""batchSize": 100,"#, &format!(r#""batchSize": 100, {by}"#))).map(|c| c.batch_api);
+        assert_eq!(Config::parse(GOOD).unwrap().batch_api, None);
+        assert_eq!(parse(r#""batchApi": null,"#).unwrap(), None);
+        assert_eq!(parse(r#""batchApi": {"enabled": true},"#).unwrap(), Some(BatchApi { min_values: DEFAULT_BATCH_API_MIN_VALUES }));
+        assert_eq!(parse(r#""batchApi": {"enabled": true, "minValues": 3},"#).unwrap(), Some(BatchApi { min_values: 3 }));
+        assert_eq!(parse(r#""batchApi": {"enabled": false, "minValues": 3},"#).unwrap(), None);
+        // Checked also when disabled, so a mistake shows before it is switched on.
+        let err = parse(r#""batchApi": {"enabled": false, "minValues": 0},"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "batchApi.minValues: must be at least 1 (the fewest pending values of a model that go through the Batch API)"
+        );
+    }
+
+    #[test]
     fn options() {
         check(
             r#"{"version":"1.0","models":{"large":{"name":"text-embedding-3-large","dimensions":1024},"small":"text-embedding-3-small"},
@@ -764,7 +818,7 @@ mod tests {
 
     #[test]
     fn rejections() {
-        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `rate`, `sources` at line 3 column 31"]);
+        check(&with(r#""batchSize": 100,"#, r#""batchSize": 100, "extra": 1,"#), expect!["err extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `rate`, `batchApi`, `sources` at line 3 column 31"]);
         check(
             &with(r#", "enabled": true },"#, r#", "enabled": true, "colour": "red" },"#),
             expect![

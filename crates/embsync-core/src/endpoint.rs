@@ -523,12 +523,8 @@ mod tests {
         expect!["err the provider rejected the API key (401): check the OPENAI_API_KEY secret retryable=false fatal=true"]
             .assert_eq(&decode(&dated, &m.large, 401, denied));
         let bad_version = r#"{"error":{"code":"BadRequest","message":"API version not supported"}}"#;
-        expect!["err the provider refused the request itself (400): API version not supported retryable=false fatal=false"].assert_eq(&decode(
-            &dated,
-            &m.large,
-            400,
-            bad_version,
-        ));
+        expect!["err the provider refused the request itself (400): API version not supported retryable=false fatal=false"]
+            .assert_eq(&decode(&dated, &m.large, 400, bad_version));
         // OpenAI's 404 is left as it is.
         let openai = ProviderEndpoint::OpenAi { base_url: DEFAULT_BASE_URL.into() };
         expect!["err the provider refused the request itself (404): DeploymentNotFound retryable=false fatal=false"].assert_eq(&decode(

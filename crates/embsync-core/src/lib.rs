@@ -2,6 +2,7 @@
 //!
 //! - [`auth`]: token checks for the endpoints (bearer, and Basic for the HTML page).
 //! - [`batch`]: packing values into requests by token and input limits.
+//! - [`batch_api`]: OpenAI's Batch API: request files, output lines, the way and the price.
 //! - [`config`]: `embedding-sources.json` parsed once into [`Config`].
 //! - [`ident`]: the only way a table or column name reaches SQL.
 //! - [`dburl`]: `DATABASE_URL` modes (`sslmode`, `channel_binding`) for the socket API.
@@ -34,6 +35,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod batch_api;
 pub mod config;
 pub mod database;
 pub mod dburl;
@@ -45,8 +47,8 @@ pub mod ident;
 pub mod index;
 pub mod log;
 pub mod provider;
-pub mod rate;
 pub mod prune;
+pub mod rate;
 pub mod report;
 pub mod sql;
 pub mod status;

@@ -421,6 +421,67 @@ pub struct DryRunReport {
     pub totals: PlanTotals,
     /// Estimated cost of everything to embed, at the configured prices.
     pub estimated_cost_usd: CostEstimate,
+    /// The Batch API: the setting, and per model both prices and which way it would go.
+    pub batch_api: BatchApiPlan,
+}
+
+/// The dry run's view of the Batch API (`batchApi` in the config).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchApiPlan {
+    /// Whether `batchApi` is on.
+    pub enabled: bool,
+    /// Its `minValues`, when on.
+    pub min_values: Option<u64>,
+    /// `embedding_large`'s model.
+    pub large: ModelWay,
+    /// `embedding_small`'s model.
+    pub small: ModelWay,
+}
+
+/// One model's way and prices in a dry run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelWay {
+    /// The way its pending values would go by the config.
+    pub way: crate::batch_api::Way,
+    /// Its values to embed (all sources).
+    pub pending_values: u64,
+    /// The list price, US dollars per million tokens.
+    pub price_per_million_tokens: f64,
+    /// The Batch API's price, half the list price.
+    pub batch_price_per_million_tokens: f64,
+    /// The estimated cost of its pending values at the list price.
+    pub estimated_cost_usd: f64,
+    /// The same at the Batch API's price.
+    pub estimated_batch_cost_usd: f64,
+}
+
+impl BatchApiPlan {
+    /// The plan for `pending` values of `tokens` estimated tokens per model.
+    pub fn of(config: &crate::config::Config, pending: u64, tokens: &TokenEstimate) -> BatchApiPlan {
+        use crate::config::ModelSlot;
+        let dollars = |tokens: u64, per_million: f64| (tokens as f64 * per_million / 1e6 * 1e6).round() / 1e6;
+        let model = |slot: ModelSlot, tokens: u64| {
+            let spec = config.models.get(slot);
+            let price = spec.price_per_million();
+            let batch_price = crate::batch_api::batch_price_per_million(spec);
+            ModelWay {
+                way: crate::batch_api::way(config, pending),
+                pending_values: pending,
+                price_per_million_tokens: price,
+                batch_price_per_million_tokens: batch_price,
+                estimated_cost_usd: dollars(tokens, price),
+                estimated_batch_cost_usd: dollars(tokens, batch_price),
+            }
+        };
+        BatchApiPlan {
+            enabled: config.batch_api.is_some(),
+            min_values: config.batch_api.map(|b| b.min_values),
+            large: model(ModelSlot::Large, tokens.large),
+            small: model(ModelSlot::Small, tokens.small),
+        }
+    }
 }
 
 impl PlanTotals {
@@ -470,5 +531,45 @@ mod tests {
         assert_eq!(iso8601(0.0), "1970-01-01T00:00:00.000Z");
         assert_eq!(iso8601(1_795_478_340_123.0), "2026-11-23T23:59:00.123Z");
         assert_eq!(iso8601(951_782_400_000.0), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn the_dry_runs_batch_api_plan() {
+        let config = |batch_api: &str| {
+            crate::config::Config::parse(&format!(
+                r#"{{"version": "1.0", "models": {{"large": "text-embedding-3-large", "small": "text-embedding-3-small"}}, {batch_api}
+                "sources": [{{"name": "a", "table": "t", "column": "c"}}]}}"#
+            ))
+            .unwrap()
+        };
+        let tokens = TokenEstimate { large: 2_000_000, small: 2_000_000 };
+        let on = config(r#""batchApi": {"enabled": true, "minValues": 500},"#);
+        expect_test::expect![[r#"
+            {
+              "enabled": true,
+              "minValues": 500,
+              "large": {
+                "way": "batchApi",
+                "pendingValues": 500,
+                "pricePerMillionTokens": 0.13,
+                "batchPricePerMillionTokens": 0.065,
+                "estimatedCostUsd": 0.26,
+                "estimatedBatchCostUsd": 0.13
+              },
+              "small": {
+                "way": "batchApi",
+                "pendingValues": 500,
+                "pricePerMillionTokens": 0.02,
+                "batchPricePerMillionTokens": 0.01,
+                "estimatedCostUsd": 0.04,
+                "estimatedBatchCostUsd": 0.02
+              }
+            }"#]]
+        .assert_eq(&serde_json::to_string_pretty(&BatchApiPlan::of(&on, 500, &tokens)).unwrap());
+        let below = BatchApiPlan::of(&on, 499, &tokens);
+        assert_eq!((below.large.way, below.small.way), (crate::batch_api::Way::Embeddings, crate::batch_api::Way::Embeddings));
+        let off = BatchApiPlan::of(&config(""), 1_000_000, &tokens);
+        assert_eq!((off.enabled, off.min_values, off.large.way), (false, None, crate::batch_api::Way::Embeddings));
+        assert_eq!(off.large.estimated_batch_cost_usd, 0.13, "both prices are shown whatever the way");
     }
 }

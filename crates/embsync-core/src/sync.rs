@@ -13,8 +13,8 @@ use crate::log::LogEvent;
 use crate::provider::{Embeddings, ProviderError};
 use crate::rate;
 use crate::report::{
-    iso8601, CaptureInfo, ChangesMode, CostEstimate, DryRunReport, IndexReport, ModelInfo, ModelUsage, ModelsInfo, PlanTotals, RunReport,
-    RunStatus, SourcePlanReport, SourceReport, TokenEstimate, Totals, Trigger, Usage,
+    iso8601, BatchApiPlan, CaptureInfo, ChangesMode, CostEstimate, DryRunReport, IndexReport, ModelInfo, ModelUsage, ModelsInfo,
+    PlanTotals, RunReport, RunStatus, SourcePlanReport, SourceReport, TokenEstimate, Totals, Trigger, Usage,
 };
 use crate::vector::Vector;
 use std::cell::{Cell, RefCell};
@@ -738,6 +738,7 @@ pub async fn dry_run<S: Store>(config: &Config, store: &mut S) -> DryRunReport {
     let totals = PlanTotals::of(&sources);
     DryRunReport {
         dry_run: true,
+        batch_api: BatchApiPlan::of(config, totals.to_embed, &totals.estimated_tokens),
         estimated_cost_usd: CostEstimate::of(config, totals.estimated_tokens.large, totals.estimated_tokens.small),
         batch_size: batch,
         models: ModelsInfo { large: model_info(config, ModelSlot::Large), small: model_info(config, ModelSlot::Small) },

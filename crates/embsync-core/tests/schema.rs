@@ -186,6 +186,11 @@ fn bad_examples_fail_the_parser_and_the_schema_at_the_same_field() {
     check_messages(
         &messages,
         expect![[r#"
+            batchApi-as-boolean.json: batchApi: invalid type: boolean `true`, expected a JSON object at line 14 column 18
+            batchApi-minValues-0.json: batchApi.minValues: must be at least 1 (the fewest pending values of a model that go through the Batch API)
+            batchApi-minValues-string.json: batchApi.minValues: invalid type: string "10000", expected u64 at line 16 column 24
+            batchApi-missing-enabled.json: batchApi: missing field `enabled` at line 16 column 3
+            batchApi-unknown-key.json: batchApi.threshold: unknown field `threshold`, expected `enabled` or `minValues` at line 16 column 15
             batchSize-0.json: batchSize: 0 is out of range: use 1..=2048 (the provider takes at most 2048 inputs per request)
             batchSize-2049.json: batchSize: 2049 is out of range: use 1..=2048 (the provider takes at most 2048 inputs per request)
             batchSize-fractional.json: batchSize: invalid type: floating point `10.5`, expected u64 at line 14 column 19
@@ -279,7 +284,7 @@ fn bad_examples_fail_the_parser_and_the_schema_at_the_same_field() {
             table-with-hyphen.json: sources[0].table: "config-option" is not a valid identifier: '-' is not allowed (use letters, digits, _ and $, starting with a letter or _)
             table-with-space.json: sources[0].table: "config option" is not a valid identifier: ' ' is not allowed (use letters, digits, _ and $, starting with a letter or _)
             top-level-as-array.json: .: invalid type: sequence, expected a JSON object at line 1 column 0
-            unknown-top-level-key.json: extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `rate`, `sources` at line 14 column 9
+            unknown-top-level-key.json: extra: unknown field `extra`, expected one of `$schema`, `version`, `models`, `batchSize`, `maxTokensPerRun`, `maxDeleteShare`, `massDeleteMinimum`, `vectorIndexes`, `retention`, `rate`, `batchApi`, `sources` at line 14 column 9
             vectorIndexes-as-array.json: vectorIndexes: invalid type: sequence, expected a JSON object at line 14 column 19
             vectorIndexes-as-boolean.json: vectorIndexes: invalid type: boolean `true`, expected a JSON object at line 14 column 23
             vectorIndexes-efConstruction-1001.json: vectorIndexes.efConstruction: 1001 is out of range: use 4..=1000 (pgvector's limits; 64 is a good default)

@@ -24,10 +24,13 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, Kind, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
+mod batches;
 pub mod bind;
 mod capture;
 mod lease;
 mod status;
+
+pub use batches::{OpenBatch, RequestStored};
 
 use bind::*;
 use lease::*;

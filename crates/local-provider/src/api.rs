@@ -340,6 +340,11 @@ pub fn parse_request_as(body: &[u8], model: Option<Model>) -> (RequestSummary, R
     }
 }
 
+/// Validates an already parsed request body (a batch input line's `body`).
+pub fn parse_value(value: &Value) -> Result<EmbeddingRequest, ApiError> {
+    validate(value, None)
+}
+
 /// A field that must be absent, `null` or a string.
 fn optional_string<'a>(fields: &'a Map<String, Value>, name: &'static str) -> Result<Option<&'a str>, ApiError> {
     match fields.get(name) {

@@ -1,5 +1,6 @@
-//! Routing and the endpoint handlers: `/v1/embeddings`, `/health` and the
-//! admin API (`/_admin/requests`, `/_admin/faults`).
+//! Routing and the endpoint handlers: `/v1/embeddings`, `/health`, the Batch
+//! API (`/v1/files`, `/v1/batches`, in [`crate::batch`]) and the admin API
+//! (`/_admin/requests`, `/_admin/faults`, `/_admin/ratelimit`, `/_admin/batch`).
 
 use std::fs::File;
 use std::io::Write as _;
@@ -12,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{self, ApiError, EmbeddingList, EmbeddingRequest, EncodingFormat, RATE_LIMIT_REQUESTS, RATE_LIMIT_TOKENS};
 use crate::azure::Deployments;
+use crate::batch::{BatchConfig, Batches, Chunks};
 use crate::faults::{BodyFault, FaultConfig, FaultEffect, FaultState, RequestFacts, HANG_SECONDS};
 use crate::http::{RequestHead, Response};
 use crate::log::{LogEntry, RequestLog, Ticket};
@@ -116,13 +118,15 @@ pub struct Pending {
     /// Close the connection after the wait instead of answering (the `drop`
     /// fault).
     pub drop_connection: bool,
+    /// A body made while it is sent (a file's content), which follows `response`'s head.
+    pub stream: Option<Chunks>,
     embeddings: Option<(Ticket, Instant, LogEntry)>,
 }
 
 impl Pending {
     /// An answer sent at once.
     fn now(response: Response) -> Self {
-        Pending { response, wait: Duration::ZERO, drop_connection: false, embeddings: None }
+        Pending { response, wait: Duration::ZERO, drop_connection: false, stream: None, embeddings: None }
     }
 }
 
@@ -170,6 +174,8 @@ pub struct App {
     log_file: Option<Mutex<File>>,
     state: Mutex<State>,
     request_ids: RequestIds,
+    /// The Batch API's files, batches and switches.
+    batches: Batches,
 }
 
 impl App {
@@ -187,7 +193,15 @@ impl App {
             log_file: log_file.map(Mutex::new),
             state: Mutex::new(State::default()),
             request_ids: RequestIds::new(),
+            batches: Batches::new(BatchConfig::default()),
         }
+    }
+
+    /// The Batch API's switches from the start (`--batch-completion-ms`); `DELETE
+    /// /_admin/batch` comes back to them.
+    pub fn batch_config(mut self, config: BatchConfig) -> Self {
+        self.batches = Batches::new(config);
+        self
     }
 
     /// Makes the server refuse `encoding_format: "base64"` with a 400, as a
@@ -228,6 +242,11 @@ impl App {
     /// Answers one request: the response, and how long to wait before sending
     /// it. Pass the result to [`App::complete`] after the wait.
     pub fn handle(&self, head: &RequestHead, body: &[u8]) -> Pending {
+        // The Batch API (OpenAI's only, not Azure's).
+        if self.azure.is_none() && Batches::serves(head.path()) {
+            let (response, stream) = self.batches.handle(head, body, self.api_key.as_deref());
+            return Pending { stream, ..Pending::now(response) };
+        }
         match self.route(head) {
             Ok(Route::Embeddings | Route::AzureEmbeddings) if head.method == "POST" => self.embeddings(head, body),
             Ok(route) => Pending::now(self.admin(route, head, body)),
@@ -399,7 +418,13 @@ impl App {
         // The entry is visible before the (possibly long) wait, so tests can
         // observe a hanging request; its end time is filled in after the wait.
         self.state().log.record(ticket, entry.clone());
-        Pending { drop_connection: answer.drop_connection, response: answer.response, wait, embeddings: Some((ticket, started, entry)) }
+        Pending {
+            drop_connection: answer.drop_connection,
+            response: answer.response,
+            wait,
+            stream: None,
+            embeddings: Some((ticket, started, entry)),
+        }
     }
 
     /// Completes an answer after its wait: records the end time of an

@@ -13,6 +13,7 @@ pub const USAGE: &str = "\
 Usage: embsync-local-provider [--port P] [--host H] [--api-key KEY] [--log FILE] [--latency-ms N]
                               [--latency-per-input-ms N] [--rpm [MODEL=]N]... [--tpm [MODEL=]N]...
                               [--no-base64] [--azure] [--azure-deployment NAME=MODEL]...
+                              [--batch-completion-ms N]
 
 An OpenAI-compatible embeddings server with deterministic vectors, for tests and demos.
 
@@ -35,6 +36,9 @@ Options:
                    of its own name
   --azure-deployment NAME=MODEL
                    (repeatable; implies --azure) a deployment NAME serving MODEL
+  --batch-completion-ms N
+                   the Batch API: a batch stays in_progress N milliseconds (default 0);
+                   more switches through POST /_admin/batch
   -h, --help       print this help
 
 The first line on stdout is `listening on http://HOST:PORT`.";
@@ -90,6 +94,10 @@ where
                 config.api_key = Some(key);
             }
             "--log" => config.log_file = Some(PathBuf::from(value()?)),
+            "--batch-completion-ms" => {
+                let text = value()?;
+                config.batch.completion_ms = text.parse().map_err(|_| format!("{name}: not a number of milliseconds: {text:?}"))?;
+            }
             "--latency-ms" | "--latency-per-input-ms" => {
                 let text = value()?;
                 let ms: u64 = text.parse().map_err(|_| format!("{name}: not a number of milliseconds: {text:?}"))?;
@@ -157,8 +165,10 @@ mod tests {
                 rate_limits: RateLimitConfig::default(),
                 reject_base64: false,
                 azure: None,
+                batch: crate::batch::BatchConfig::default(),
             }
         );
+        assert_eq!(serve(&["--batch-completion-ms=1500"]).batch.completion_ms, 1500);
         assert!(serve(&["--no-base64"]).reject_base64);
         assert_eq!(serve(&["--azure"]).azure, Some(Deployments::named_like_models()));
         assert_eq!(
@@ -200,6 +210,7 @@ mod tests {
             &["--port", "x"],
             &["--latency-ms", "-1"],
             &["--latency-per-input-ms", "x"],
+            &["--batch-completion-ms", "soon"],
             &["--rpm", "0"],
             &["--tpm", "gpt-4=10"],
             &["--rpm"],

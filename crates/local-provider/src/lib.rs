@@ -12,6 +12,7 @@
 //! * [`http`]: requests and responses as the handlers see them (plain data);
 //! * [`app`]: routing and endpoint handlers;
 //! * [`api`]: the OpenAI request/response/error formats and validation;
+//! * [`batch`]: the Batch API (`/v1/files`, `/v1/batches`) and its switches;
 //! * [`azure`]: Azure OpenAI mode (its paths, `api-key`, `api-version`, deployments);
 //! * [`faults`]: fault rules and their selection;
 //! * [`log`]: the request log;
@@ -22,6 +23,7 @@
 pub mod api;
 pub mod app;
 pub mod azure;
+pub mod batch;
 pub mod cli;
 pub mod faults;
 pub mod http;
@@ -33,5 +35,7 @@ pub mod vectors;
 
 pub use server::{Config, Server};
 
+#[cfg(test)]
+mod batch_server_tests;
 #[cfg(test)]
 mod server_tests;

@@ -25,8 +25,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use std::convert::Infallible;
+
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
 use hyper::service::service_fn;
@@ -37,6 +41,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::api::ApiError;
 use crate::app::App;
 use crate::azure::Deployments;
+use crate::batch::{BatchConfig, Chunks};
 use crate::http::{RequestHead, Response, MAX_BODY_BYTES};
 use crate::ratelimit::RateLimitConfig;
 
@@ -68,6 +73,8 @@ pub struct Config {
     pub reject_base64: bool,
     /// Azure OpenAI mode and its deployments (`--azure`, `--azure-deployment`).
     pub azure: Option<Deployments>,
+    /// The Batch API's switches at the start (`--batch-completion-ms`).
+    pub batch: BatchConfig,
 }
 
 impl Default for Config {
@@ -82,6 +89,7 @@ impl Default for Config {
             rate_limits: RateLimitConfig::default(),
             reject_base64: false,
             azure: None,
+            batch: BatchConfig::default(),
         }
     }
 }
@@ -104,7 +112,8 @@ impl Server {
             .latency_per_input(config.latency_per_input)
             .rate_limits(config.rate_limits.clone())
             .rejecting_base64(config.reject_base64)
-            .azure(config.azure.clone());
+            .azure(config.azure.clone())
+            .batch_config(config.batch.clone());
         Ok(Server { listener, app: Arc::new(app) })
     }
 
@@ -200,8 +209,11 @@ async fn close_gracefully(mut stream: TcpStream) {
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while let Ok(1..) = stream.read(&mut sink).await {} }).await;
 }
 
+/// The body of an answer: complete, or made while it is sent.
+type Body = BoxBody<Bytes, Infallible>;
+
 /// Answers one request.
-async fn handle(app: Arc<App>, request: hyper::Request<Incoming>) -> Result<hyper::Response<Full<Bytes>>, DropConnection> {
+async fn handle(app: Arc<App>, request: hyper::Request<Incoming>) -> Result<hyper::Response<Body>, DropConnection> {
     let (parts, body) = request.into_parts();
     let declared = parts.headers.get(CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
@@ -236,11 +248,35 @@ async fn handle(app: Arc<App>, request: hyper::Request<Incoming>) -> Result<hype
         tokio::time::sleep(pending.wait).await;
     }
     let drop_connection = pending.drop_connection;
+    let mut pending = pending;
+    let stream = pending.stream.take();
     let response = app.complete(pending);
     if drop_connection {
         return Err(DropConnection);
     }
-    Ok(to_hyper(response))
+    let mut response = to_hyper(response);
+    if let Some(chunks) = stream {
+        *response.body_mut() = streamed(chunks);
+    }
+    Ok(response)
+}
+
+/// A body sent as it is made: a blocking task makes the chunks (CPU work: vectors, JSON) a few
+/// ahead of the connection, and stops when the client goes away.
+fn streamed(chunks: Chunks) -> Body {
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(4);
+    tokio::task::spawn_blocking(move || {
+        for chunk in chunks.0 {
+            if sender.blocking_send(Bytes::from(chunk)).is_err() {
+                break;
+            }
+        }
+    });
+    let frames = futures::stream::unfold(receiver, |mut receiver| async move {
+        let chunk = receiver.recv().await?;
+        Some((Ok::<_, Infallible>(Frame::data(chunk)), receiver))
+    });
+    BodyExt::boxed(StreamBody::new(frames))
 }
 
 /// An OpenAI-style 400.
@@ -256,15 +292,15 @@ fn too_large() -> Response {
 
 /// A response after which the connection closes (the request's body may be
 /// unread).
-fn closing(response: Response) -> hyper::Response<Full<Bytes>> {
+fn closing(response: Response) -> hyper::Response<Body> {
     let mut response = to_hyper(response);
     response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
 /// Converts the app's response; hyper adds `Content-Length`.
-fn to_hyper(response: Response) -> hyper::Response<Full<Bytes>> {
-    let mut out = hyper::Response::new(Full::new(Bytes::from(response.body)));
+fn to_hyper(response: Response) -> hyper::Response<Body> {
+    let mut out = hyper::Response::new(Full::new(Bytes::from(response.body)).boxed());
     *out.status_mut() = hyper::StatusCode::from_u16(response.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     let headers = out.headers_mut();
     for (name, value) in response.headers {

@@ -1,7 +1,8 @@
 //! Every SQL statement embsync runs, as text, by what it serves: [`schema`] (version, migration,
 //! checks, statistics), [`plan`] (counts, reusable links, pending pages, snapshots), [`batch`] (a
-//! batch's write), [`stale`] (stale removal, orphans), [`runs`] (the lease and fence, run
-//! bookkeeping), [`fanout`] (ranges, claims, the sweeper), [`status`], [`prune`] and [`indexes`]. This module holds the fragments they
+//! batch's write), [`batches`] (the Batch API's files, batches and their values), [`stale`]
+//! (stale removal, orphans), [`runs`] (the lease and fence, run bookkeeping), [`fanout`] (ranges,
+//! claims, the sweeper), [`capture`] (change capture), [`status`], [`prune`] and [`indexes`]. This module holds the fragments they
 //! share (a source's values, what *has* an embedding, the cache join). Every item is re-exported
 //! here, so callers name `sql::X`.
 //!
@@ -30,6 +31,7 @@ use param::Param;
 use std::borrow::Cow;
 
 mod batch;
+mod batches;
 mod fanout;
 mod capture;
 mod indexes;
@@ -42,6 +44,7 @@ mod stale;
 mod status;
 
 pub use batch::*;
+pub use batches::*;
 pub use fanout::*;
 pub use capture::*;
 pub use indexes::*;

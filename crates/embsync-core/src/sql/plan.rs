@@ -91,24 +91,49 @@ pub fn link_reusable(source: &Source) -> Text<4> {
 
 /// One page of values that still need an embedding, in hash order after `$5` (use `''` for the
 /// first page), at most `$6` (int8) rows: `h`, `v`, `n`, `has_large`, `has_small`. Values whose
-/// last failure asked for a later retry are left out until then.
+/// last failure asked for a later retry are left out until then. A model whose embedding of the
+/// value is on its way in a pending batch ([`in_batch`]) counts as had: a value is left out when
+/// batches cover every embedding it lacks, and is not sent for those it has or awaits.
 pub fn pending_page(source: &Source) -> Text<6> {
     Text::built(format!(
         "WITH src AS (\n    {src}\n)\n\
-         SELECT s.h, s.v, s.n, coalesce({has_large}, false) AS has_large, coalesce({has_small}, false) AS has_small\n\
+         SELECT s.h, s.v, s.n, {has_large} AS has_large, {has_small} AS has_small\n\
          FROM src s\n\
          {join}\n\
          WHERE s.h > $5\n  \
          AND {not_done}\n  \
-         AND {NOT_DEFERRED}\n\
+         AND {NOT_DEFERRED}\n  \
+         AND {not_awaited}\n\
          ORDER BY s.h\n\
          LIMIT $6",
         src = source_values(source),
-        has_large = has("large", FULL),
-        has_small = has("small", FULL),
+        has_large = had("large"),
+        has_small = had("small"),
         not_done = not_done(),
+        not_awaited = not_awaited(),
         join = join_cache(FULL),
     ))
+}
+
+/// A pending batch of the Batch API (not finished, for the configured tag `$3`/`$4` of `slot`)
+/// has `s.h` (see [`super::batches`]): an index probe of `embedding_sync_batch_values`.
+fn in_batch(slot: &str) -> String {
+    let tag = if slot == "large" { "$3" } else { "$4" };
+    format!(
+        "EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id\n           \
+         WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = '{slot}' AND b.model = {tag})"
+    )
+}
+
+/// The row has the `slot` embedding, or a pending batch brings it (a page's `has_*` column).
+fn had(slot: &str) -> String {
+    format!("(coalesce({}, false) OR {})", has(slot, FULL), in_batch(slot))
+}
+
+/// Not every embedding `s.h` lacks is on its way in a pending batch. A complete value (which may
+/// only need its link) is never left out.
+fn not_awaited() -> String {
+    format!("(coalesce({complete}, false) OR NOT ({l} AND {s}))", complete = complete(FULL), l = had("large"), s = had("small"))
 }
 
 /// Snapshots a source's pending values for run `$5` (same condition as [`pending_page`]): one
@@ -130,24 +155,27 @@ pub fn snapshot_pending(source: &Source) -> Text<5> {
 
 /// One page of the snapshot of run `$5` (see [`snapshot_pending`]) after `$6`, at most `$7`
 /// (int8) rows, leaving out values done since the snapshot and values waiting for a retry (before
-/// the limit, so a short page is the last one); same columns as [`pending_page`]. An ordered
+/// the limit, so a short page is the last one) and values pending batches cover; same columns as
+/// [`pending_page`]. An ordered
 /// range scan of the snapshot's primary key.
 ///
 /// Only values up to `$8` (a fan-out range's inclusive upper bound) unless it is empty: the
 /// statement is unnamed, so Postgres plans it with the values bound and folds the test away.
 pub fn pending_snapshot_page() -> Text<8> {
     Text::built(format!(
-        "SELECT s.h, s.v, s.n, coalesce({has_large}, false) AS has_large, coalesce({has_small}, false) AS has_small\n\
+        "SELECT s.h, s.v, s.n, {has_large} AS has_large, {has_small} AS has_small\n\
          FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending\n      \
          WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6\n        AND ($8 = '' OR value_hash <= $8)) s\n\
          {join}\n\
          WHERE {not_done}\n  \
-         AND {NOT_DEFERRED}\n\
+         AND {NOT_DEFERRED}\n  \
+         AND {not_awaited}\n\
          ORDER BY s.h\n\
          LIMIT $7",
-        has_large = has("large", FULL),
-        has_small = has("small", FULL),
+        has_large = had("large"),
+        has_small = had("small"),
         not_done = not_done(),
+        not_awaited = not_awaited(),
         // The range bound on the joined tables lets their merge joins start at the page
         // instead of reading every row before it (measured: 313 ms -> 8.5 ms a page with
         // 300,000 rows done).

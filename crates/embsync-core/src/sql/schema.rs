@@ -9,8 +9,9 @@ use super::*;
 /// `embedding_sync_orphans` (rows to delete once every source has been planned) and
 /// `embedding_sync_runs.refused` (a model the provider refused during the run); 4 adds
 /// `embedding_sync_ranges` (fan-out: a run's pending snapshot split into ranges that queue
-/// consumers claim) and the change capture's tables (`embedding_sync_capture`,
-/// `embedding_sync_change_log`, `embedding_sync_capture_values`, see [`super::capture`]).
+/// consumers claim), the change capture's tables (`embedding_sync_capture`,
+/// `embedding_sync_change_log`, `embedding_sync_capture_values`, see [`super::capture`]) and the
+/// Batch API's `embedding_sync_batches` and `embedding_sync_batch_values` ([`BATCH_TABLES`]).
 pub const SCHEMA_VERSION: i32 = 4;
 
 /// How long a migration waits for any one lock before it gives up (`SET LOCAL lock_timeout`).
@@ -222,6 +223,8 @@ ALTER TABLE embedding_sync_lease ADD COLUMN IF NOT EXISTS generation bigint NOT 
 CREATE INDEX IF NOT EXISTS embedding_sync_ranges_run ON embedding_sync_ranges (run_id, source_table, source_column)",
     ));
     steps.push(step("embsync's change capture tables", CAPTURE_MIGRATION));
+    // Version 4: the Batch API's request files, batches and their values.
+    steps.push(step("embedding_sync_batches", BATCH_TABLES));
     // Bounded run history: what `/status` reads, finished runs newest first.
     steps.push(step("embedding_sync_runs", RUNS_FINISHED_INDEX));
     steps.push(step(

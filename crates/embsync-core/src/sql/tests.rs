@@ -17,8 +17,8 @@ fn migration_sql() {
     .unwrap();
     let locks = |existed| migration(&config.models, existed).iter().map(|s| s.locks).collect::<Vec<_>>().join(", ");
     // On a cache that exists (maybe another pipeline's) no step names it: it is only read.
-    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embsync's change capture tables, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
-    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embsync's change capture tables, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
+    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embsync's change capture tables, embedding_sync_batches, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
+    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embsync's change capture tables, embedding_sync_batches, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
     assert!(migration(&config.models, false)[1].sql.contains("embedding_large vector(3072),\n    embedding_small vector(1536)"));
     assert!(!migration(&config.models, true).iter().any(|s| s.sql.contains("INDEX") && s.sql.contains("ON embedding_cache ")));
     expect![[r#"
@@ -119,7 +119,9 @@ fn source_sql() {
             FROM (SELECT btrim("title"::text, ' ') AS v, count(*) AS n FROM "app"."Items" WHERE "title" IS NOT NULL GROUP BY 1) d
             WHERE d.v <> ''
         )
-        SELECT s.h, s.v, s.n, coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) AS has_large, coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) AS has_small
+        SELECT s.h, s.v, s.n, (coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'large' AND b.model = $3)) AS has_large, (coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'small' AND b.model = $4)) AS has_small
         FROM src s
         LEFT JOIN embedding_cache c ON c.value_hash = s.h
             LEFT JOIN embedding_cache_owned o ON o.value_hash = s.h AND o.cache_id = c.id
@@ -130,6 +132,9 @@ fn source_sql() {
           AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e
                           WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h
                             AND e.next_retry_at > now())
+          AND (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false) OR NOT ((coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'large' AND b.model = $3)) AND (coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'small' AND b.model = $4))))
         ORDER BY s.h
         LIMIT $6"#]].assert_eq(&pending_page(&source()));
     expect![[r#"
@@ -148,7 +153,9 @@ fn source_sql() {
                                WHERE l.source_table = $1 AND l.source_column = $2 AND l.value_hash = s.h))
         ON CONFLICT DO NOTHING"#]].assert_eq(&snapshot_pending(&source()));
     expect![[r#"
-        SELECT s.h, s.v, s.n, coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) AS has_large, coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) AS has_small
+        SELECT s.h, s.v, s.n, (coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'large' AND b.model = $3)) AS has_large, (coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'small' AND b.model = $4)) AS has_small
         FROM (SELECT value_hash AS h, value AS v, occurrences AS n FROM embedding_sync_pending
               WHERE run_id = $5 AND source_table = $1 AND source_column = $2 AND value_hash > $6
                 AND ($8 = '' OR value_hash <= $8)) s
@@ -160,6 +167,9 @@ fn source_sql() {
           AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e
                           WHERE e.source_table = $1 AND e.source_column = $2 AND e.value_hash = s.h
                             AND e.next_retry_at > now())
+          AND (coalesce(((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)) AND (c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4))), false) OR NOT ((coalesce((c.embedding_large IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.large_model, $3) = $3)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'large' AND b.model = $3)) AND (coalesce((c.embedding_small IS NOT NULL AND (o.value_hash IS NULL OR coalesce(o.small_model, $4) = $4)), false) OR EXISTS (SELECT 1 FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+                   WHERE bv.value_hash = s.h AND b.finished_at IS NULL AND b.slot = 'small' AND b.model = $4))))
         ORDER BY s.h
         LIMIT $7"#]].assert_eq(&pending_snapshot_page());
     expect![[r#"
@@ -374,6 +384,16 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
     }];
     let (holder, ttl) = ("h", Duration::from_secs(1));
     let captured = Source { changes: crate::config::Changes::Capture { reconcile_every_secs: 60 }, ..source.clone() };
+    let table_key = source.table_key();
+    let batch_values = [BatchValue {
+        custom_id: "c",
+        position: 0,
+        hash: &hash,
+        value: "x",
+        occurrences: 1,
+        source_table: &table_key,
+        source_column: source.column_key(),
+    }];
     let statements = [
         checked("Plan", &Plan { source: &source, state: FULL, tags: &tags }),
         checked(
@@ -447,6 +467,36 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         checked("SnapshotPending (captured)", &SnapshotPending { source: &captured, tags: &tags, run: &run }),
         checked("RemoveStale (captured)", &RemoveStale { source: &captured, guard: None }),
         checked("SourceCoverage (captured)", &SourceCoverage { source: &captured }),
+        checked(
+            "InsertBatchFile",
+            &InsertBatchFile {
+                input_file_id: "file-1",
+                run: &run,
+                slot: crate::config::ModelSlot::Large,
+                model: "l",
+                requests: 1,
+                values: 1,
+            },
+        ),
+        checked("InsertBatchValues", &InsertBatchValues { input_file_id: "file-1", values: &batch_values }),
+        checked("SetBatchCreated", &SetBatchCreated { input_file_id: "file-1", batch_id: "batch_1" }),
+        checked(
+            "SetBatchState",
+            &SetBatchState {
+                batch_id: "batch_1",
+                state: "completed",
+                output_file_id: Some("file-2"),
+                error_file_id: None,
+                request_counts: "{}",
+                finished: false,
+            },
+        ),
+        checked("RequestSources", &RequestSources { input_file_id: "file-1", custom_id: "c" }),
+        checked("DeleteRequestValues", &DeleteRequestValues { input_file_id: "file-1", custom_id: "c" }),
+        checked("BatchModel", &BatchModel { input_file_id: "file-1" }),
+        checked("DeleteBatchValues", &DeleteBatchValues { batch_id: "batch_1" }),
+        checked("FinishBatchFile", &FinishBatchFile { input_file_id: "file-1", state: "abandoned" }),
+        checked("RequestValues", &RequestValues { source: &source, input_file_id: "file-1", custom_id: "c" }),
     ];
     for s in &statements {
         assert_eq!(param::numbered(&s.text), Some(s.params), "{}: its text does not number exactly $1 to ${}", s.name, s.params);

@@ -1,0 +1,368 @@
+//! The Batch API's bookkeeping (see [`crate::batch_api`]): a request file and the values of
+//! each of its requests (recorded once the file is uploaded, before the batch is created, so a
+//! crash between the two leaves a record to find the batch by), the batch's state as last
+//! polled, and storing one request's vectors from the output.
+//!
+//! `embedding_sync_batches` has one row per request file, keyed by the provider's
+//! `input_file_id`; `batch_id` is set once the batch is created. `embedding_sync_batch_values`
+//! holds each request's values (`custom_id`, the input's position, hash, trimmed value, source
+//! rows, and the source it came from). A request's rows are deleted in the transaction that
+//! stores its vectors, so reading the output again (after a crash) stores nothing twice.
+
+use super::*;
+use crate::config::ModelSlot;
+
+/// The migration step of [`SCHEMA_VERSION`] 4: the two tables (idempotent).
+pub const BATCH_TABLES: &str = "\
+CREATE TABLE IF NOT EXISTS embedding_sync_batches (
+    input_file_id text PRIMARY KEY,
+    batch_id text UNIQUE,
+    run_id text NOT NULL,
+    slot text NOT NULL CHECK (slot IN ('large', 'small')),
+    model text NOT NULL,
+    state text NOT NULL DEFAULT 'uploaded',
+    output_file_id text,
+    error_file_id text,
+    requests integer NOT NULL,
+    value_count integer NOT NULL,
+    request_counts jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    polled_at timestamptz,
+    finished_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS embedding_sync_batches_open_idx ON embedding_sync_batches (created_at) WHERE finished_at IS NULL;
+CREATE TABLE IF NOT EXISTS embedding_sync_batch_values (
+    input_file_id text NOT NULL,
+    custom_id text NOT NULL,
+    position integer NOT NULL,
+    value_hash text NOT NULL,
+    value text NOT NULL,
+    occurrences integer NOT NULL,
+    source_table text NOT NULL,
+    source_column text NOT NULL,
+    PRIMARY KEY (input_file_id, custom_id, position)
+);
+CREATE INDEX IF NOT EXISTS embedding_sync_batch_values_hash_idx ON embedding_sync_batch_values (value_hash)";
+
+/// Records an uploaded request file: `$1` input file id, `$2` run, `$3` slot (`large` or
+/// `small`), `$4` model tag, `$5` requests, `$6` values (int8).
+pub const INSERT_BATCH_FILE: Text<6> = Text::fixed(
+    "\
+INSERT INTO embedding_sync_batches (input_file_id, run_id, slot, model, requests, value_count)
+VALUES ($1, $2, $3, $4, $5::int8::int4, $6::int8::int4)",
+);
+
+/// Records the values of a file's requests: `$1` input file id, then per value (arrays of the
+/// same length) `$2` custom ids, `$3` positions (int4[]), `$4` hashes, `$5` values, `$6` source
+/// rows (int4[]), `$7` source table keys, `$8` source column keys.
+pub const INSERT_BATCH_VALUES: Text<8> = Text::fixed(
+    "\
+INSERT INTO embedding_sync_batch_values
+    (input_file_id, custom_id, position, value_hash, value, occurrences, source_table, source_column)
+SELECT $1, t.c, t.p, t.h, t.v, t.n, t.st, t.sc
+FROM unnest($2::text[], $3::int4[], $4::text[], $5::text[], $6::int4[], $7::text[], $8::text[]) AS t(c, p, h, v, n, st, sc)",
+);
+
+/// Sets the batch created for file `$1`: its id `$2`, state `validating`.
+pub const SET_BATCH_CREATED: Text<2> = Text::fixed(
+    "\
+UPDATE embedding_sync_batches SET batch_id = $2, state = 'validating', polled_at = now() WHERE input_file_id = $1",
+);
+
+/// Records a poll of batch `$1`: state `$2`, output and error file ids `$3`, `$4` (`''` when
+/// none, stored as NULL), `request_counts` `$5` (JSON text), and whether it is over for embsync `$6` (bool).
+pub const SET_BATCH_STATE: Text<6> = Text::fixed(
+    "\
+UPDATE embedding_sync_batches
+SET state = $2, output_file_id = nullif($3, ''), error_file_id = nullif($4, ''), request_counts = $5::text::jsonb, polled_at = now(),
+    finished_at = CASE WHEN $6 THEN coalesce(finished_at, now()) ELSE NULL END
+WHERE batch_id = $1",
+);
+
+/// Forgets the values still recorded for batch `$1`'s file, once embsync is done with the batch
+/// (stored, failed, expired, cancelled, forgotten by the provider): they go the synchronous way.
+pub const DELETE_BATCH_VALUES: Text<1> = Text::fixed(
+    "\
+DELETE FROM embedding_sync_batch_values WHERE input_file_id = (SELECT input_file_id FROM embedding_sync_batches WHERE batch_id = $1)",
+);
+
+/// Ends file `$1` with state `$2` when no batch was made of it (an invocation stopped between
+/// upload and create, and no batch of it was found): its values go the synchronous way.
+pub const FINISH_BATCH_FILE: Text<2> = Text::fixed(
+    "\
+WITH gone AS (DELETE FROM embedding_sync_batch_values WHERE input_file_id = $1)
+UPDATE embedding_sync_batches SET state = $2, finished_at = coalesce(finished_at, now()) WHERE input_file_id = $1",
+);
+
+/// The files not over yet, oldest first: `input_file_id`, `batch_id` (NULL when the batch was
+/// not created), `run_id`, `slot`, `model`, `state`, `output_file_id`, `error_file_id`,
+/// `requests` (int4), `value_count` (int4), the age in seconds (float8).
+pub const OPEN_BATCHES: &str = "\
+SELECT input_file_id, batch_id, run_id, slot, model, state, output_file_id, error_file_id, requests, value_count,
+       extract(epoch FROM now() - created_at)::float8
+FROM embedding_sync_batches WHERE finished_at IS NULL ORDER BY created_at, input_file_id";
+
+/// The sources (`source_table`, `source_column`) of request `$2` of file `$1` that still wait.
+pub const REQUEST_SOURCES: Text<2> = Text::fixed(
+    "\
+SELECT DISTINCT source_table, source_column FROM embedding_sync_batch_values WHERE input_file_id = $1 AND custom_id = $2",
+);
+
+/// The model tag and slot file `$1` was built for (one row, or none).
+pub const BATCH_MODEL: Text<1> = Text::fixed("SELECT slot, model FROM embedding_sync_batches WHERE input_file_id = $1");
+
+/// The values of request `$4` of file `$3` that came from the source (`$1`, `$2`) and that it
+/// still has: `position` (int4), `value_hash`, `value`, `occurrences` (int4), by position. One
+/// scan of the source (a hashed subplan).
+pub fn request_values(source: &Source) -> Text<4> {
+    let col = source.column.quoted();
+    Text::built(format!(
+        "SELECT v.position, v.value_hash, v.value, v.occurrences\n\
+         FROM embedding_sync_batch_values v\n\
+         WHERE v.input_file_id = $3 AND v.custom_id = $4 AND v.source_table = $1 AND v.source_column = $2\n  \
+         AND v.value IN (SELECT btrim({col}::text, ' ') FROM {table} WHERE {col} IS NOT NULL)\n\
+         ORDER BY v.position",
+        table = source.table.quoted(),
+    ))
+}
+
+/// Forgets request `$2` of file `$1`: its vectors are stored (or it will not be).
+pub const DELETE_REQUEST_VALUES: Text<2> = Text::fixed("DELETE FROM embedding_sync_batch_values WHERE input_file_id = $1 AND custom_id = $2");
+
+/// One value of a request, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchValue<'a> {
+    /// The request's `custom_id`.
+    pub custom_id: &'a str,
+    /// The input's position in the request.
+    pub position: i32,
+    /// The value hash.
+    pub hash: &'a ValueHash,
+    /// The trimmed value.
+    pub value: &'a str,
+    /// Source rows holding it.
+    pub occurrences: i32,
+    /// The table key of the source it came from ([`Source::table_key`]).
+    pub source_table: &'a str,
+    /// Its column key ([`Source::column_key`]).
+    pub source_column: &'a str,
+}
+
+/// [`INSERT_BATCH_FILE`].
+#[derive(Debug)]
+pub struct InsertBatchFile<'a> {
+    /// The provider's id of the uploaded file.
+    pub input_file_id: &'a str,
+    /// The run that built it.
+    pub run: &'a RunId,
+    /// The model slot.
+    pub slot: ModelSlot,
+    /// The model's tag.
+    pub model: &'a str,
+    /// Its requests.
+    pub requests: u64,
+    /// Its values.
+    pub values: u64,
+}
+
+impl Statement<6> for InsertBatchFile<'_> {
+    fn text(&self) -> Text<6> {
+        INSERT_BATCH_FILE
+    }
+    fn params(&self) -> [Param<'_>; 6] {
+        [
+            Param::Text(Cow::Borrowed(self.input_file_id)),
+            param::run(self.run),
+            Param::Text(Cow::Borrowed(self.slot.key())),
+            Param::Text(Cow::Borrowed(self.model)),
+            param::int8(self.requests),
+            param::int8(self.values),
+        ]
+    }
+}
+
+/// [`INSERT_BATCH_VALUES`].
+#[derive(Debug)]
+pub struct InsertBatchValues<'a> {
+    /// The provider's id of the uploaded file.
+    pub input_file_id: &'a str,
+    /// The values of its requests.
+    pub values: &'a [BatchValue<'a>],
+}
+
+impl Statement<8> for InsertBatchValues<'_> {
+    fn text(&self) -> Text<8> {
+        INSERT_BATCH_VALUES
+    }
+    fn params(&self) -> [Param<'_>; 8] {
+        let v = self.values;
+        [
+            Param::Text(Cow::Borrowed(self.input_file_id)),
+            Param::TextArray(v.iter().map(|v| Cow::Borrowed(v.custom_id)).collect()),
+            Param::Int4Array(v.iter().map(|v| v.position).collect()),
+            Param::TextArray(v.iter().map(|v| Cow::Borrowed(v.hash.as_str())).collect()),
+            Param::TextArray(v.iter().map(|v| Cow::Borrowed(v.value)).collect()),
+            Param::Int4Array(v.iter().map(|v| v.occurrences).collect()),
+            Param::TextArray(v.iter().map(|v| Cow::Borrowed(v.source_table)).collect()),
+            Param::TextArray(v.iter().map(|v| Cow::Borrowed(v.source_column)).collect()),
+        ]
+    }
+}
+
+/// [`SET_BATCH_CREATED`].
+#[derive(Debug)]
+pub struct SetBatchCreated<'a> {
+    /// The file.
+    pub input_file_id: &'a str,
+    /// The batch made of it.
+    pub batch_id: &'a str,
+}
+
+impl Statement<2> for SetBatchCreated<'_> {
+    fn text(&self) -> Text<2> {
+        SET_BATCH_CREATED
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        [Param::Text(Cow::Borrowed(self.input_file_id)), Param::Text(Cow::Borrowed(self.batch_id))]
+    }
+}
+
+/// [`SET_BATCH_STATE`].
+#[derive(Debug)]
+pub struct SetBatchState<'a> {
+    /// The batch.
+    pub batch_id: &'a str,
+    /// Its status as polled (`in_progress`, `completed`, ...), or embsync's own end (`stored`).
+    pub state: &'a str,
+    /// Its output file, if any.
+    pub output_file_id: Option<&'a str>,
+    /// Its error file, if any.
+    pub error_file_id: Option<&'a str>,
+    /// Its `request_counts`, as JSON text.
+    pub request_counts: &'a str,
+    /// Whether embsync is done with it.
+    pub finished: bool,
+}
+
+impl Statement<6> for SetBatchState<'_> {
+    fn text(&self) -> Text<6> {
+        SET_BATCH_STATE
+    }
+    fn params(&self) -> [Param<'_>; 6] {
+        [
+            Param::Text(Cow::Borrowed(self.batch_id)),
+            Param::Text(Cow::Borrowed(self.state)),
+            Param::Text(Cow::Borrowed(self.output_file_id.unwrap_or(""))),
+            Param::Text(Cow::Borrowed(self.error_file_id.unwrap_or(""))),
+            Param::Text(Cow::Borrowed(self.request_counts)),
+            Param::Bool(self.finished),
+        ]
+    }
+}
+
+/// [`REQUEST_SOURCES`].
+#[derive(Debug)]
+pub struct RequestSources<'a> {
+    /// The file.
+    pub input_file_id: &'a str,
+    /// The request.
+    pub custom_id: &'a str,
+}
+
+/// [`DELETE_REQUEST_VALUES`].
+#[derive(Debug)]
+pub struct DeleteRequestValues<'a> {
+    /// The file.
+    pub input_file_id: &'a str,
+    /// The request.
+    pub custom_id: &'a str,
+}
+
+impl Statement<2> for RequestSources<'_> {
+    fn text(&self) -> Text<2> {
+        REQUEST_SOURCES
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        [param::text(self.input_file_id), param::text(self.custom_id)]
+    }
+}
+
+impl Statement<2> for DeleteRequestValues<'_> {
+    fn text(&self) -> Text<2> {
+        DELETE_REQUEST_VALUES
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        [param::text(self.input_file_id), param::text(self.custom_id)]
+    }
+}
+
+/// [`DELETE_BATCH_VALUES`].
+#[derive(Debug)]
+pub struct DeleteBatchValues<'a> {
+    /// The batch.
+    pub batch_id: &'a str,
+}
+
+impl Statement<1> for DeleteBatchValues<'_> {
+    fn text(&self) -> Text<1> {
+        DELETE_BATCH_VALUES
+    }
+    fn params(&self) -> [Param<'_>; 1] {
+        [Param::Text(Cow::Borrowed(self.batch_id))]
+    }
+}
+
+/// [`FINISH_BATCH_FILE`].
+#[derive(Debug)]
+pub struct FinishBatchFile<'a> {
+    /// The file.
+    pub input_file_id: &'a str,
+    /// Why it ends (e.g. `abandoned`).
+    pub state: &'a str,
+}
+
+impl Statement<2> for FinishBatchFile<'_> {
+    fn text(&self) -> Text<2> {
+        FINISH_BATCH_FILE
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        [Param::Text(Cow::Borrowed(self.input_file_id)), Param::Text(Cow::Borrowed(self.state))]
+    }
+}
+
+/// [`BATCH_MODEL`].
+#[derive(Debug)]
+pub struct BatchModel<'a> {
+    /// The file.
+    pub input_file_id: &'a str,
+}
+
+impl Statement<1> for BatchModel<'_> {
+    fn text(&self) -> Text<1> {
+        BATCH_MODEL
+    }
+    fn params(&self) -> [Param<'_>; 1] {
+        [Param::Text(Cow::Borrowed(self.input_file_id))]
+    }
+}
+
+/// [`request_values`].
+#[derive(Debug)]
+pub struct RequestValues<'a> {
+    /// The source the values came from.
+    pub source: &'a Source,
+    /// The file.
+    pub input_file_id: &'a str,
+    /// The request.
+    pub custom_id: &'a str,
+}
+
+impl Statement<4> for RequestValues<'_> {
+    fn text(&self) -> Text<4> {
+        request_values(self.source)
+    }
+    fn params(&self) -> [Param<'_>; 4] {
+        let [t, c] = param::keys(self.source);
+        [t, c, Param::Text(Cow::Borrowed(self.input_file_id)), Param::Text(Cow::Borrowed(self.custom_id))]
+    }
+}
