@@ -114,10 +114,21 @@ impl World {
     /// Reads (sequential and index scans) of `table` so far, once every backend has reported
     /// its statistics (an idle backend reports within a second). Seen to fail with a scanned
     /// source (`"scan"` below).
-    async fn reads(&self, table: &str) -> i64 {
-        // This test's own reads (of `follows`) are flushed at once.
+    async fn reads(&mut self, table: &str) -> i64 {
+        // A backend flushes its table statistics when it goes idle, at most once a second, and
+        // 10 s later when the flush met a lock (a loaded machine): a wait is not enough. One that
+        // exits flushes them at once, so the store gets a new connection and the old backend's
+        // exit is awaited; this test's own reads (of `follows`) are flushed on demand.
+        let others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+        let before = self.db.count(others).await;
+        self.store = self.db.store(&self.config).await;
+        for _ in 0..200 {
+            if self.db.count(others).await <= before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.db.exec("SELECT pg_stat_force_next_flush()").await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
         self.db.exec("SELECT pg_stat_clear_snapshot()").await;
         self.db.count(&format!("SELECT seq_scan + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = '{table}'")).await
     }
