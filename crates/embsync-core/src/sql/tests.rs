@@ -372,7 +372,7 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         ("FoldChanges", Box::new(FoldChanges { source: &source })),
         ("DropGoneValues", Box::new(DropGoneValues { source: &source, hashes: vec![] })),
         ("Reconcile", Box::new(Reconcile { source: &source, drift_known: true })),
-        ("SettleCapture", Box::new(SettleCapture { source: &source, tags: &tags })),
+        ("SettleCapture", Box::new(SettleCapture { source: &source, tags: &tags, run: &run })),
         ("Plan (captured)", Box::new(Plan { source: &captured, state: FULL, tags: &tags })),
         ("LinkReusable (captured)", Box::new(LinkReusable { source: &captured, tags: &tags })),
         ("SnapshotPending (captured)", Box::new(SnapshotPending { source: &captured, tags: &tags, run: &run })),
