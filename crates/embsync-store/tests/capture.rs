@@ -112,11 +112,13 @@ impl World {
     }
 
     /// Reads (sequential and index scans) of `table` so far, once every backend has reported
-    /// its statistics (an idle backend reports within a second). Seen to fail with a scanned
+    /// its statistics. Seen to fail with a scanned
     /// source (`"scan"` below).
-    async fn reads(&self, table: &str) -> i64 {
-        // This test's own reads (of `follows`) are flushed at once.
+    async fn reads(&mut self, table: &str) -> i64 {
+        // This test's own reads (of `follows`) are flushed at once, the store's when its
+        // backend exits (an idle backend may wait 10 s).
         self.db.exec("SELECT pg_stat_force_next_flush()").await;
+        self.store = self.db.store(&self.config).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         self.db.exec("SELECT pg_stat_clear_snapshot()").await;
         self.db.count(&format!("SELECT seq_scan + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = '{table}'")).await
