@@ -393,14 +393,14 @@ impl Store for PgStore {
         execute(&tx, &Bound::new(&sql::SourceDone { run, source, stale: outcome.unlinked }))
             .await
             .map_err(|e| err("marking the source done", e))?;
-        execute(&tx, &Bound::new(&sql::DropSnapshot { run, source })).await.map_err(|e| err("dropping the snapshot", e))?;
         if source.changes.is_capture() {
-            // Everything this run planned for the source is through: a later run whose log holds
-            // nothing for it may skip it (unless errors wait for a retry).
-            execute(&tx, &Bound::new(&sql::SettleCapture { source, tags: &self.tags }))
+            // When everything this run planned for the source is done (read from its snapshot,
+            // before it is dropped), a later run whose log holds nothing for it may skip it.
+            execute(&tx, &Bound::new(&sql::SettleCapture { source, tags: &self.tags, run }))
                 .await
                 .map_err(|e| err("recording the capture settled", e))?;
         }
+        execute(&tx, &Bound::new(&sql::DropSnapshot { run, source })).await.map_err(|e| err("dropping the snapshot", e))?;
         tx.commit().await.map_err(|e| err("committing stale removal", e))?;
         Ok(outcome)
     }

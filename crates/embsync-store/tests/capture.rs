@@ -112,7 +112,7 @@ impl World {
     }
 
     /// Reads (sequential and index scans) of `table` so far, once every backend has reported
-    /// its statistics (an idle backend reports within a second). Seen to fail with a scanned
+    /// its statistics. Seen to fail with a scanned
     /// source (`"scan"` below).
     async fn reads(&mut self, table: &str) -> i64 {
         // A backend flushes its table statistics when it goes idle, at most once a second, and

@@ -288,7 +288,9 @@ pub const FORCE_RECONCILE: Text<2> = Text::fixed("UPDATE embedding_sync_capture 
 /// Folds the source's change log into embsync's copy of its values (`$1`, `$2`): consumes the
 /// log rows this statement sees (rows committed later stay for the next fold, whatever their
 /// order), adds each value's net change to its count, keeps the distinct total, and forgets
-/// the settled tags when anything changed. One row: log rows consumed, TRUNCATE marks consumed,
+/// the settled tags: the source is planned now, under the configured models, and is settled
+/// again only by a run that leaves nothing pending (tags A, then B, then A again would
+/// otherwise find A's tags settled though the run under B rewrote embeddings). One row: log rows consumed, TRUNCATE marks consumed,
 /// values whose count went below zero (changes made without the capture), and the hashes
 /// whose count reached zero or less (text[]), for [`DROP_GONE_VALUES`].
 ///
@@ -317,7 +319,7 @@ up AS (
 st AS (
     UPDATE embedding_sync_capture c
     SET total = c.total + (SELECT count(*) FROM agg WHERE old <= 0 AND old + d > 0) - (SELECT count(*) FROM agg WHERE old > 0 AND old + d <= 0),
-        settled_tags = CASE WHEN EXISTS (SELECT 1 FROM consumed) THEN NULL ELSE c.settled_tags END
+        settled_tags = NULL
     FROM k WHERE c.capture_id = k.id
 )
 SELECT (SELECT count(*) FROM consumed)::int8,
@@ -382,17 +384,26 @@ pub fn reconcile(source: &Source) -> Text<3> {
     ))
 }
 
-/// A run left the source (`$1`, `$2`) with nothing pending: with no error recorded for it, the
-/// model tags `$3` are recorded, and a later run whose log holds nothing for the source skips
-/// it until something changes.
-pub const SETTLE_CAPTURE: Text<3> = Text::fixed(
-    "\
-UPDATE embedding_sync_capture SET settled_tags = $3
-WHERE source_table = $1 AND source_column = $2
-  AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e WHERE e.source_table = $1 AND e.source_column = $2)",
-);
+/// A run (`$5`) is through the source (`$1`, `$2`; `$3`, `$4` the model tags): when it left
+/// nothing pending (no error recorded for the source, and every value of the run's snapshot of
+/// it done: not so when a model was refused), the model tags are recorded (`$6`, see
+/// [`settled_tags`]), and a later run whose log holds nothing for the source skips it until
+/// something changes. Run before the snapshot is dropped; costs a probe per value it held.
+pub fn settle_capture() -> Text<6> {
+    Text::built(format!(
+        "UPDATE embedding_sync_capture SET settled_tags = $6\n\
+         WHERE source_table = $1 AND source_column = $2\n  \
+         AND NOT EXISTS (SELECT 1 FROM embedding_sync_errors e WHERE e.source_table = $1 AND e.source_column = $2)\n  \
+         AND NOT EXISTS (\n    \
+         SELECT 1 FROM (SELECT value_hash AS h FROM embedding_sync_pending WHERE run_id = $5 AND source_table = $1 AND source_column = $2) s\n    \
+         {join}\n    \
+         WHERE {not_done})",
+        join = join_cache(FULL),
+        not_done = not_done(),
+    ))
+}
 
-/// The model tags as [`SETTLE_CAPTURE`] records them.
+/// The model tags as [`settle_capture`] records them.
 pub fn settled_tags(tags: &ModelTags) -> String {
     format!("{}\n{}", tags.large, tags.small)
 }
@@ -488,22 +499,24 @@ impl Statement<3> for Reconcile<'_> {
     }
 }
 
-/// [`SETTLE_CAPTURE`].
+/// [`settle_capture`].
 #[derive(Debug)]
 pub struct SettleCapture<'a> {
     /// The source.
     pub source: &'a Source,
     /// The configured model tags.
     pub tags: &'a ModelTags,
+    /// The run that is through the source.
+    pub run: &'a RunId,
 }
 
-impl Statement<3> for SettleCapture<'_> {
-    fn text(&self) -> Text<3> {
-        SETTLE_CAPTURE
+impl Statement<6> for SettleCapture<'_> {
+    fn text(&self) -> Text<6> {
+        settle_capture()
     }
-    fn params(&self) -> [Param<'_>; 3] {
-        let [t, c] = param::keys(self.source);
-        [t, c, Param::Text(Cow::Owned(settled_tags(self.tags)))]
+    fn params(&self) -> [Param<'_>; 6] {
+        let [t, c, l, s] = param::source_tags(self.source, self.tags);
+        [t, c, l, s, param::run(self.run), Param::Text(Cow::Owned(settled_tags(self.tags)))]
     }
 }
 

@@ -461,7 +461,7 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         checked("FoldChanges", &FoldChanges { source: &source }),
         checked("DropGoneValues", &DropGoneValues { source: &source, hashes: vec![] }),
         checked("Reconcile", &Reconcile { source: &source, drift_known: true }),
-        checked("SettleCapture", &SettleCapture { source: &source, tags: &tags }),
+        checked("SettleCapture", &SettleCapture { source: &source, tags: &tags, run: &run }),
         checked("Plan (captured)", &Plan { source: &captured, state: FULL, tags: &tags }),
         checked("LinkReusable (captured)", &LinkReusable { source: &captured, tags: &tags }),
         checked("SnapshotPending (captured)", &SnapshotPending { source: &captured, tags: &tags, run: &run }),
