@@ -9,7 +9,7 @@
 //!    parameter too many or too few, or a gap, does not compile), or a function returning
 //!    `Text::built(format!(..))` when it splices in quoted identifiers (checked by the test of
 //!    step 4).
-//! 2. **A struct named for the statement** (`X` becomes `struct X`), whose fields are its
+//! 2. **A struct named for the statement** (`FENCE`'s is `Fence`), whose fields are its
 //!    parameters with their own types (`&RunId`, `&Source`, `Option<&ValueHash>`, `Duration`,
 //!    ...): one struct per statement, never a statement's text as a field.
 //! 3. **`impl Statement<N> for X`**: `text()` returns the `Text<N>` of step 1 (a `Text` of
