@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::server::{Config, Server};
+use crate::test_reply::Reply;
 use crate::vectors;
 
 const KEY: &str = "sk-batch-key-0123456789";
@@ -17,30 +18,6 @@ fn start() -> SocketAddr {
     Server::bind(&Config { api_key: Some(KEY.to_string()), ..Config::default() }).unwrap().spawn().unwrap()
 }
 
-/// A response as the client saw it, its body de-chunked.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|err| panic!("invalid JSON ({err}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    /// The body as JSON lines.
-    fn lines(&self) -> Vec<Value> {
-        let text = std::str::from_utf8(&self.body).unwrap();
-        assert!(text.is_empty() || text.ends_with('\n'), "a JSONL file ends with a newline");
-        text.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
-    }
-}
 
 /// Decodes a chunked body.
 fn dechunk(mut raw: &[u8]) -> Vec<u8> {

@@ -39,3 +39,5 @@ pub use server::{Config, Server};
 mod batch_server_tests;
 #[cfg(test)]
 mod server_tests;
+#[cfg(test)]
+mod test_reply;

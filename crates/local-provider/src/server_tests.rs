@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use crate::api::{EmbeddingData, EmbeddingList};
 use crate::server::{Config, Server};
+use crate::test_reply::Reply;
 use crate::vectors;
 
 const KEY: &str = "sk-test-key-0123456789";
@@ -21,23 +22,6 @@ fn start_with_key() -> SocketAddr {
     start(Config { api_key: Some(KEY.to_string()), ..Config::default() })
 }
 
-/// A parsed response as the client saw it.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|err| panic!("invalid JSON ({err}): {}", String::from_utf8_lossy(&self.body)))
-    }
-}
 
 /// A raw HTTP/1.1 client on one connection.
 struct Client {
