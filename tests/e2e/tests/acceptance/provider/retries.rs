@@ -207,10 +207,20 @@ fn a_rejected_api_key_stops_at_once_and_writes_nothing() {
 fn a_401_in_the_middle_of_a_run_stops_it_before_writing_that_batch() {
     let mut db = db_with_options(&VALUES[..6]);
     let (provider, worker) = start_stack(&db, Some(sources_json(2, &[OPTION])));
-    // Batch 1 goes alone; then batches 2 and 3 go together (the window). Batch 2's first
-    // request (3) is refused; the other requests in flight may succeed, but neither batch is
-    // written and no batch follows.
-    provider.set_faults(&json!({"rules": [{"status": 401, "nth": [3]}]}));
+    // Values go in hash order: batch 1 holds the first two, batch 2 the next two. Batch 1 goes
+    // alone; then batches 2 and 3 go together (the window), so the order in which their four
+    // requests reach the provider is not fixed: the 401 is for batch 2's large-model request,
+    // chosen by its input (not by arrival, which made batch 3 the refused one now and then).
+    // The other requests in flight may succeed, but neither batch is written and no batch
+    // follows.
+    let mut by_hash: Vec<(String, &str)> = VALUES[..6]
+        .iter()
+        .map(|v| (expected_hash(v).unwrap(), *v))
+        .collect();
+    by_hash.sort();
+    provider.set_faults(&json!({"rules": [{
+        "status": 401, "inputContains": by_hash[2].1, "model": "text-embedding-3-large", "times": 1
+    }]}));
 
     let (status, body) = worker.post("/sync", Some(TOKEN));
     assert_eq!(status, 502, "POST /sync: {body}");
@@ -221,12 +231,6 @@ fn a_401_in_the_middle_of_a_run_stops_it_before_writing_that_batch() {
         "{body}"
     );
 
-    // Values go in hash order: the first two made batch 1, which was committed.
-    let mut by_hash: Vec<(String, &str)> = VALUES[..6]
-        .iter()
-        .map(|v| (expected_hash(v).unwrap(), *v))
-        .collect();
-    by_hash.sort();
     let first: Vec<&str> = by_hash[..2].iter().map(|(_, v)| *v).collect();
     assert_cache_complete(&mut db, &set_of(&first));
     let log = provider.requests();
