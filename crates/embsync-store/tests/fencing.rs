@@ -403,7 +403,7 @@ async fn takeover_before_every_call(capture: bool) {
     let mut thief = db.store(&config).await;
     let takeover = Takeover { db: &db, thief: &mut thief, at: 0, calls: Vec::new(), snapshot: None, after: Vec::new() };
     let mut probe = Hooked::new(db.store(&config).await, takeover);
-    let outcome = invoke_on(&config, &mut probe, &provider, "inv-a").await;
+    let outcome = invoke(&config, &mut probe, &provider, &TestRuntime::default(), Budget::default(), "inv-a", None).await;
     assert!(matches!(outcome, Ok(Outcome::Finished(_))), "{outcome:?}");
     let calls = probe.hook.calls.clone();
     for kind in ["open_run", "link_reusable", "save_plan", "store", "remove_stale", "delete_orphans", "record_errors", "finish_run"] {
@@ -421,7 +421,7 @@ async fn takeover_before_every_call(capture: bool) {
         let mut thief = db.store(&config).await;
         let takeover = Takeover { db: &db, thief: &mut thief, at: k, calls: Vec::new(), snapshot: None, after: Vec::new() };
         let mut store = Hooked::new(db.store(&config).await, takeover);
-        let outcome = invoke_on(&config, &mut store, &provider, "inv-a").await;
+        let outcome = invoke(&config, &mut store, &provider, &TestRuntime::default(), Budget::default(), "inv-a", None).await;
         let label = format!("takeover before call {k} ({})", calls[k - 1]);
         let after = store.hook.after.clone();
         let snapshot = store.hook.snapshot.clone().unwrap_or_else(|| panic!("{label}: no takeover happened"));
@@ -455,19 +455,4 @@ async fn takeover_before_every_call(capture: bool) {
         assert_synced(&db, &label).await;
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-}
-
-/// One invocation of the real driver over any store.
-async fn invoke_on<S: Store>(config: &Config, store: &mut S, provider: &FakeProvider, holder: &str) -> Result<Outcome, SyncError> {
-    let id = RunId(format!("run-{holder}"));
-    let inv = embsync_core::sync::Invocation {
-        trigger: Trigger::Cron,
-        retry: embsync_core::sync::RetryPolicy::default(),
-        budget: Budget::default(),
-        new_run: &id,
-        holder,
-        hint: None,
-        fanout: None,
-    };
-    embsync_core::sync::invoke(config, store, provider, &TestRuntime::default(), &inv).await
 }

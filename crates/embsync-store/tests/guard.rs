@@ -3,8 +3,7 @@
 
 mod support;
 
-use embsync_core::report::Trigger;
-use embsync_core::sync::{Budget, DeleteGuard, Outcome, RunId};
+use embsync_core::sync::{Budget, DeleteGuard, Outcome};
 use embsync_store::PgStore;
 use support::hooked::{Call, Go, Hook, Hooked};
 use support::*;
@@ -42,17 +41,7 @@ async fn a_source_emptied_after_it_was_counted_is_still_held_back_by_the_guard()
     // table is emptied after that count, just before the removal.
     db.exec("DELETE FROM items WHERE title IN ('v0', 'v1')").await;
     let mut store = Hooked::new(db.store(&config).await, EmptiedBeforeRemoval { db: &db, empty: "items" });
-    let id = RunId("run-guard".into());
-    let inv = embsync_core::sync::Invocation {
-        trigger: Trigger::Cron,
-        retry: Default::default(),
-        budget: Budget::default(),
-        new_run: &id,
-        holder: "inv-2",
-        hint: None,
-        fanout: None,
-    };
-    let Outcome::Finished(report) = embsync_core::sync::invoke(&config, &mut store, &provider, &rt, &inv).await.unwrap() else {
+    let Outcome::Finished(report) = invoke(&config, &mut store, &provider, &rt, Budget::default(), "inv-2", None).await.unwrap() else {
         panic!("the run did not finish");
     };
     assert_eq!(db.count("SELECT count(*) FROM embedding_cache").await, 10, "the emptied source was deleted past the guard");

@@ -4,7 +4,6 @@
 
 mod support;
 
-use embsync_core::report::Trigger;
 use embsync_core::sql::param::{Param, Text};
 use embsync_core::sql::{self, Statement};
 use embsync_core::status::WaitingOrphans;
@@ -163,18 +162,8 @@ async fn status_counts_the_orphan_candidates_waiting_for_the_end_of_a_run() {
     // end: they wait.
     db.exec("DELETE FROM items WHERE title IN ('a', 'b')").await;
     let mut hooked = Hooked::new(db.store(&config).await, CutBeforeOrphans);
-    let id = RunId("run-cut".into());
-    let inv = embsync_core::sync::Invocation {
-        trigger: Trigger::Cron,
-        retry: Default::default(),
-        budget: Budget::default(),
-        new_run: &id,
-        holder: "inv-2",
-        hint: None,
-        fanout: None,
-    };
     // The driver goes on without the deletion (the next run's end deletes them).
-    let cut = embsync_core::sync::invoke(&config, &mut hooked, &provider, &rt, &inv).await;
+    let cut = invoke(&config, &mut hooked, &provider, &rt, Budget::default(), "inv-2", None).await;
     let Ok(Outcome::Finished(report)) = cut else { panic!("{cut:?}") };
     assert_eq!((report.totals.stale, report.totals.deleted), (2, 0));
     let waiting = store.waiting_orphans().await.unwrap();

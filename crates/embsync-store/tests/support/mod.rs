@@ -15,7 +15,7 @@ use embsync_core::dburl;
 use embsync_core::log::LogEvent;
 use embsync_core::provider::{decode_response, Embeddings, ProviderError, RateLimit};
 use embsync_core::report::Trigger;
-use embsync_core::sync::{self, Budget, Cursor, Embedder, Invocation, Outcome, RetryPolicy, RunId, Runtime, SyncError};
+use embsync_core::sync::{self, Budget, Cursor, Embedder, Invocation, Outcome, RetryPolicy, RunId, Runtime, Store, SyncError};
 use embsync_core::vector::Vector;
 use embsync_store::PgStore;
 use sha2::{Digest, Sha256};
@@ -243,9 +243,9 @@ pub fn config(batch: u32, sources: &[(&str, &str, &str)]) -> Config {
 }
 
 /// One invocation of the real driver over `store`.
-pub async fn invoke(
+pub async fn invoke<S: Store>(
     config: &Config,
-    store: &mut PgStore,
+    store: &mut S,
     provider: &FakeProvider,
     rt: &TestRuntime,
     budget: Budget,
