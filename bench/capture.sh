@@ -147,7 +147,7 @@ timed() {
     sql >/dev/null <<SQL
 TRUNCATE $t;
 TRUNCATE w_row_queue;
-DELETE FROM embedding_sync_change_log;
+DELETE FROM embedding_sync_change_log WHERE capture_id <> 0;
 SQL
     sql -c "VACUUM ANALYZE embedding_sync_change_log, w_row_queue" >/dev/null
     if [ "$load" = load ]; then
