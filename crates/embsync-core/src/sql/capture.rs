@@ -14,10 +14,10 @@
 //!
 //! The triggers: INSERT and DELETE are statement-level with transition tables, one
 //! `INSERT ... SELECT` per statement appending a row per row written (not grouped: the fold
-//! nets them); UPDATE is a row trigger whose `WHEN` compares the trimmed old and new values, so
-//! an UPDATE that leaves the column as it was (another column changed, or only spaces) calls no
-//! function and builds no transition table, and one that changes it appends the new value (+1)
-//! and the old (-1). The log is append-only for writers (no row lock, no index, no WAL), so
+//! nets them); UPDATE is a row trigger whose `WHEN` compares the old and new values, so an
+//! UPDATE that leaves the column as it was (another column changed) calls no function and
+//! builds no transition table, and one that changes its trimmed value appends the new value
+//! (+1) and the old (-1). The log is append-only for writers (no row lock, no index, no WAL), so
 //! concurrent writers never wait for each other or for embsync.
 
 use super::*;
@@ -104,8 +104,10 @@ fn trimmed(column: &str) -> String {
 ///
 /// The function is `SECURITY DEFINER` (writers need no privilege on embsync's tables) with the
 /// installer's `search_path` (`SET search_path FROM CURRENT`). The UPDATE trigger has no column
-/// list (`UPDATE OF`): a BEFORE trigger may change the column without naming it; its `WHEN` is
-/// what skips an UPDATE of other columns.
+/// list (`UPDATE OF`): a BEFORE trigger may change the column without naming it; its `WHEN`
+/// (the values as text, untrimmed: the cheapest test, and any type has a text form) is what
+/// skips an UPDATE of other columns; the function appends nothing when the trimmed values are
+/// the same.
 pub fn install_capture(source: &Source, capture_id: i32) -> String {
     let function = capture_function(capture_id).quoted();
     let table = source.table.quoted();
@@ -124,8 +126,8 @@ pub fn install_capture(source: &Source, capture_id: i32) -> String {
          ALTER TABLE {table} ENABLE ALWAYS TRIGGER {insert}, ENABLE ALWAYS TRIGGER {update}, \
          ENABLE ALWAYS TRIGGER {delete}, ENABLE ALWAYS TRIGGER {truncate}",
         replace = replace_capture_function(source, capture_id),
-        old_value = trimmed(&format!("OLD.{col}")),
-        new_value = trimmed(&format!("NEW.{col}")),
+        old_value = format!("OLD.{col}::text"),
+        new_value = format!("NEW.{col}::text"),
     )
 }
 
@@ -141,7 +143,8 @@ pub fn capture_function_body(source: &Source, capture_id: i32) -> String {
         "\nBEGIN\n    \
          IF TG_OP = 'UPDATE' THEN\n        \
          {log}\n        \
-         SELECT {capture_id}, d.n, d.v FROM (VALUES ({new_row}, 1), ({old_row}, -1)) d (v, n) WHERE d.v <> '';\n    \
+         SELECT {capture_id}, d.n, d.v FROM (VALUES ({new_row}, 1), ({old_row}, -1)) d (v, n)\n        \
+         WHERE d.v <> '' AND {new_row} IS DISTINCT FROM {old_row};\n    \
          ELSIF TG_OP = 'INSERT' THEN\n        \
          {log}\n        \
          SELECT {capture_id}, 1, {rows} FROM embsync_new r WHERE {rows} <> '';\n    \
