@@ -12,7 +12,9 @@
 #    TLS, and Debian's no pgvector), with a throwaway CA and certificate (scripts/tls-certs.sh).
 #    The index tests start clusters of their own from EMBSYNC_PG_HNSW_BIN (below).
 # 5. The store tests (package embsync-store) run natively against it: the worker's own store
-#    code over TCP, driven by the real sync driver.
+#    code over TCP, driven by the real sync driver; then the simulation again with change
+#    capture (SIM_CAPTURE=1, a few fixed seeds, without the fault classes capture notices only at
+#    its next reconcile).
 # 6. The end-to-end tests (package embsync-e2e) run against it; they start `wrangler dev` and the
 #    provider themselves, using the variables exported below.
 # 7. Without a filter: a smoke run of bench/throughput.sh (2,000 values, its own Postgres and
@@ -231,6 +233,12 @@ say "EMBSYNC_TEST_PG_URL=$EMBSYNC_TEST_PG_URL"
 # The store's SQL natively against the real Postgres, driven by the real sync driver: the same
 # code the worker runs over the Workers socket, here over TCP.
 step "store tests (embsync-store, native, real Postgres + pgvector)" cargo test -p embsync-store
+# The simulation with every other source captured ("changes": "capture"): seeds 1 to 3, without
+# `steal`, `foreign` and `foreign-failed` (a cache row a captured source links, deleted by someone
+# else, is noticed at the next reconcile only; see the top of crates/embsync-store/tests/sim.rs).
+step "simulation with change capture (SIM_CAPTURE=1, seeds 1-3)" \
+    env SIM_CAPTURE=1 SIM_SEEDS=1..3 SIM_FAULTS=ci,-steal,-foreign,-foreign-failed \
+    cargo test -p embsync-store --test sim
 say "EMBSYNC_TEST_TLS_PG_URL=$EMBSYNC_TEST_TLS_PG_URL"
 say "EMBSYNC_PROVIDER_BIN=$EMBSYNC_PROVIDER_BIN"
 say "EMBSYNC_CHROMIUM=$EMBSYNC_CHROMIUM"

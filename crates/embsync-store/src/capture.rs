@@ -21,6 +21,7 @@ struct Captured {
     body: Option<String>,
     logged: bool,
     truncated: bool,
+    log_lost: bool,
 }
 
 fn ddl_error(what: &str, table: &str, e: tokio_postgres::Error) -> StoreError {
@@ -58,6 +59,7 @@ impl PgStore {
             body: r.get(9),
             logged: r.get(10),
             truncated: r.get(11),
+            log_lost: r.get(12),
         }))
     }
 
@@ -93,10 +95,22 @@ impl PgStore {
         Ok(CaptureStep::Reconciled { why, drift })
     }
 
+    /// Whether the change log lost its sentinel (see [`sql::LOG_LOST`]); when it did, the
+    /// sentinel is back and every capture is forced to reconcile, once `tx` commits.
+    async fn log_lost(tx: &tokio_postgres::Transaction<'_>) -> Result<bool, StoreError> {
+        Ok(query_one(tx, &Bound::new(&sql::LogLost)).await.map_err(|e| err("checking the change log", e))?.get(0))
+    }
+
     /// Folds the log; `None` when the fold found what forces a reconcile (a TRUNCATE mark, a
-    /// count below zero), which it then records.
+    /// count below zero, the log lost), which it then records.
     async fn fold(&mut self, source: &Source) -> Result<Result<u64, (String, bool)>, StoreError> {
         let tx = fenced(&mut self.client, self.fence.as_ref(), None, "reading the change log").await?;
+        // In the fold's own transaction: a log emptied since the capture's state was read (a
+        // failover between the two) is not taken for a log with nothing in it.
+        if Self::log_lost(&tx).await? {
+            tx.commit().await.map_err(|e| err("committing the change log's sentinel", e))?;
+            return Ok(Err((sql::LOG_LOST_REASON.to_owned(), false)));
+        }
         let row = query_one(&tx, &Bound::new(&sql::FoldChanges { source })).await.map_err(|e| err("reading the change log", e))?;
         let consumed = row.get::<_, i64>(0).max(0) as u64;
         let (truncates, negative, gone): (i64, i64, Vec<String>) = (row.get(1), row.get(2), row.get(3));
@@ -125,10 +139,17 @@ impl PgStore {
             return Err(StoreError::new(format!("source {} is not captured", source.name)));
         };
         let table = source.table.to_string();
-        let Some(state) = self.captured(source).await? else {
+        let Some(mut state) = self.captured(source).await? else {
             self.install(source, "the capture was installed").await?;
             return self.reconcile(source, "the capture was installed".to_owned(), false).await;
         };
+        if state.log_lost {
+            // The log was lost since the last run (no sentinel): every capture reconciles.
+            let tx = fenced(&mut self.client, self.fence.as_ref(), None, "checking the change log").await?;
+            Self::log_lost(&tx).await?;
+            tx.commit().await.map_err(|e| err("committing the change log's sentinel", e))?;
+            state.reason = state.reason.or_else(|| Some(sql::LOG_LOST_REASON.to_owned()));
+        }
         // What may have been missed forces a reconcile; whether the log's record of the changes
         // is whole decides whether the drift means anything.
         let forced: Option<(String, bool)> = if state.triggers < 4 {
@@ -146,11 +167,13 @@ impl PgStore {
             tx.commit().await.map_err(|e| err("committing the capture triggers", e))?;
             Some(("its triggers were disabled and enabled again (now enabled always)".to_owned(), true))
         } else if state.body.as_deref() != Some(sql::capture_function_body(source, state.id).as_str()) {
-            // Installed by another version of embsync: its log rows may mean something else.
+            // Installed by another version of embsync: its log rows may mean something else, and
+            // its triggers may be of another shape (the update trigger was statement-level with
+            // transition tables before it was a row trigger with a WHEN): all are replaced.
             let tx = fenced(&mut self.client, self.fence.as_ref(), None, "replacing the capture function").await?;
-            tx.batch_execute(&sql::replace_capture_function(source, state.id))
+            tx.batch_execute(&sql::install_capture(source, state.id))
                 .await
-                .map_err(|e| ddl_error("replace the capture function", &table, e))?;
+                .map_err(|e| ddl_error("replace the capture function and triggers", &table, e))?;
             tx.commit().await.map_err(|e| err("committing the capture function", e))?;
             Some(("its trigger function was replaced by this version of embsync".to_owned(), false))
         } else if let Some(reason) = state.reason.clone() {

@@ -108,7 +108,8 @@ impl World {
     }
 
     async fn log_rows(&self) -> i64 {
-        self.db.count("SELECT count(*) FROM embedding_sync_change_log").await
+        // The sentinel (capture 0) aside.
+        self.db.count("SELECT count(*) FROM embedding_sync_change_log WHERE capture_id <> 0").await
     }
 
     /// Reads (sequential and index scans) of `table` so far, once every backend has reported
@@ -175,7 +176,7 @@ async fn a_captured_source_follows_inserts_updates_deletes_truncate_and_copy() {
 
     // INSERT: only the new value is embedded.
     w.db.insert("a", "title", &["w", " x", "w"]).await;
-    assert_eq!(w.log_rows().await, 2, "one log row per distinct value of the statement");
+    assert_eq!(w.log_rows().await, 3, "one log row per row written (netted when the log is read)");
     let report = w.run().await;
     assert_eq!(World::source(&report, "A").embedded, 1);
     assert_eq!(w.provider.requests_for("w"), 2);
@@ -313,6 +314,11 @@ async fn a_change_the_triggers_did_not_see_is_caught_by_the_reconcile_and_report
     assert_eq!(w.log_rows().await, 1, "the replaced function logs again");
     w.run().await;
     w.follows("a", "title").await;
+
+    // An UPDATE of another column, or one that trims to the same value, logs nothing.
+    w.db.exec("ALTER TABLE a ADD COLUMN other int DEFAULT 0; UPDATE a SET other = 1; UPDATE a SET title = title || ' ' WHERE title = 'y'")
+        .await;
+    assert_eq!(w.log_rows().await, 0);
 
     // The change log truncated: every capture is reconciled.
     w.db.insert("a", "title", &["lost"]).await;
@@ -472,11 +478,11 @@ async fn the_dry_run_and_status_show_the_mode_the_last_reconcile_and_the_backlog
     w.db.insert("a", "title", &["p", "q", "q"]).await;
     let plan = embsync_core::sync::dry_run(&w.config, &mut w.store).await;
     let capture = plan.sources[0].capture.clone().expect("a capture entry");
-    assert_eq!((capture.triggers.as_str(), capture.backlog, capture.last_drift), ("enabled", 2, None));
+    assert_eq!((capture.triggers.as_str(), capture.backlog, capture.last_drift), ("enabled", 3, None), "three rows written");
     assert!(capture.last_reconcile.is_some());
 
     let coverage = w.store.coverage(&w.config.sources[0]).await;
-    assert_eq!((coverage.changes, coverage.capture.map(|c| c.backlog)), (ChangesMode::Capture, Some(2)));
+    assert_eq!((coverage.changes, coverage.capture.map(|c| c.backlog)), (ChangesMode::Capture, Some(3)));
     assert_eq!(w.store.coverage(&w.config.sources[1]).await.capture, None);
 
     // p and q were logged: only the value inserted with the triggers disabled is drift.
@@ -484,4 +490,75 @@ async fn the_dry_run_and_status_show_the_mode_the_last_reconcile_and_the_backlog
     w.run().await;
     let capture = w.store.coverage(&w.config.sources[0]).await.capture.expect("a capture entry");
     assert_eq!((capture.triggers.as_str(), capture.last_drift), ("disabled", Some(embsync_core::sync::Drift { new: 1, stale: 0 })));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_change_log_emptied_without_a_truncate_forces_a_reconcile_of_every_capture() {
+    // The log is UNLOGGED: a crash, a failover or a restarted compute empties it, sentinel and
+    // all, and no TRUNCATE trigger fires. Rows deleted from it (here, with the sentinel) stand
+    // for that loss.
+    let mut w = World::new(&[("A", "a", "title", "capture"), ("B", "b", "name", "capture")]).await;
+    w.db.source_table("a", "title", &["x"]).await;
+    w.db.source_table("b", "name", &["y"]).await;
+    w.run().await;
+    assert_eq!(
+        w.db.count("SELECT count(*) FROM pg_class WHERE relname = 'embedding_sync_change_log' AND relpersistence = 'u'").await,
+        1,
+        "the log is unlogged"
+    );
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_change_log WHERE capture_id = 0").await, 1, "its sentinel");
+
+    // Lost with changes in it: both sources are reconciled, and both changes embedded.
+    w.db.insert("a", "title", &["lost a"]).await;
+    w.db.insert("b", "name", &["lost b"]).await;
+    w.db.exec("DELETE FROM embedding_sync_change_log").await;
+    let report = w.run().await;
+    assert_eq!((World::source(&report, "A").embedded, World::source(&report, "B").embedded), (1, 1));
+    let reason = "reconciled by a scan: the change log was lost (it is unlogged: a crash, a failover or a restart empties it)";
+    assert_eq!(w.events("reconcile"), [format!("Source A: {reason}"), format!("Source B: {reason}")]);
+    assert_eq!(World::source(&report, "A").warning, None, "a lost log's record is not whole: no drift");
+    w.follows("a", "title").await;
+    w.follows("b", "name").await;
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_change_log WHERE capture_id = 0").await, 1, "the sentinel is back");
+
+    // Once reconciled, the capture goes on from the log.
+    w.db.insert("a", "title", &["after"]).await;
+    let report = w.run().await;
+    assert_eq!(World::source(&report, "A").embedded, 1);
+    assert!(w.events("reconcile").is_empty(), "{:?}", w.events("reconcile"));
+    w.follows("a", "title").await;
+
+    // Lost while the source was settled (nothing in the log for it): reconciled all the same.
+    w.db.exec("ALTER TABLE a DISABLE TRIGGER USER; INSERT INTO a (title) VALUES ('unseen'); ALTER TABLE a ENABLE ALWAYS TRIGGER embsync_capture_1_insert").await;
+    w.db.exec("DELETE FROM embedding_sync_change_log").await;
+    let report = w.run().await;
+    assert_eq!(World::source(&report, "A").embedded, 1);
+    w.follows("a", "title").await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_earlier_versions_statement_level_update_trigger_is_replaced_by_the_row_trigger() {
+    let mut w = World::new(&[("A", "a", "title", "capture")]).await;
+    w.db.source_table("a", "title", &["x"]).await;
+    w.run().await;
+    // As version 4 installed it: statement-level, with transition tables, and another body.
+    w.db.exec(
+        "CREATE OR REPLACE TRIGGER embsync_capture_1_update AFTER UPDATE ON a REFERENCING OLD TABLE AS embsync_old NEW TABLE AS embsync_new
+             FOR EACH STATEMENT EXECUTE FUNCTION embsync_capture_1();
+         ALTER TABLE a ENABLE ALWAYS TRIGGER embsync_capture_1_update;
+         CREATE OR REPLACE FUNCTION embsync_capture_1() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$",
+    )
+    .await;
+    w.run().await;
+    assert_eq!(
+        w.db.count("SELECT count(*) FROM pg_trigger WHERE tgname = 'embsync_capture_1_update' AND tgtype & 1 = 1 AND tgqual IS NOT NULL AND tgenabled = 'A'")
+            .await,
+        1,
+        "a row trigger with a WHEN, enabled always"
+    );
+    w.db.exec("UPDATE a SET title = 'x2'").await;
+    assert_eq!(w.log_rows().await, 2);
+    let report = w.run().await;
+    assert_eq!((World::source(&report, "A").embedded, World::source(&report, "A").stale), (1, 1));
+    w.follows("a", "title").await;
 }

@@ -5,18 +5,19 @@
 //! Tables ([`capture_migration`]): `embedding_sync_capture` (one row per captured source: its
 //! `capture_id`, when it was last reconciled, why a reconcile is forced, the model tags with
 //! which a run last left it with nothing pending, its number of distinct values),
-//! `embedding_sync_change_log` (what the triggers append: `capture_id`, `delta`, and the
-//! trimmed `value` when `delta > 0` (hashed when the log is read, not by the writer) or its
-//! `value_hash` when `delta < 0`; a row with neither marks a TRUNCATE) and
-//! `embedding_sync_capture_values` (per captured source and value hash, the trimmed value and
-//! the number of source rows holding it: embsync's copy of what [`super::source_values`] would
-//! compute by scanning the table).
+//! `embedding_sync_change_log` (UNLOGGED, see [`LOG_LOST`]; what the triggers append:
+//! `capture_id`, `delta` (+1 or -1) and the trimmed `value`, hashed when the log is read, not by
+//! the writer; a row with neither `value` nor `value_hash` marks a TRUNCATE; capture 0's row is
+//! the sentinel) and `embedding_sync_capture_values` (per captured source and value hash, the
+//! trimmed value and the number of source rows holding it: embsync's copy of what
+//! [`super::source_values`] would compute by scanning the table).
 //!
-//! The triggers are statement-level with transition tables: one `INSERT ... SELECT` per
-//! statement into the log, grouped by trimmed value, with +rows for new values and -rows for
-//! old ones; for an UPDATE the old and new multisets are netted per value, so an UPDATE that
-//! leaves the column as it was (another column changed) appends nothing. The writer hashes only
-//! the values that left (their text is not kept); new values are hashed when the log is read. The log is append-only for writers (no row lock, no index), so
+//! The triggers: INSERT and DELETE are statement-level with transition tables, one
+//! `INSERT ... SELECT` per statement appending a row per row written (not grouped: the fold
+//! nets them); UPDATE is a row trigger whose `WHEN` compares the old and new values, so an
+//! UPDATE that leaves the column as it was (another column changed) calls no function and
+//! builds no transition table, and one that changes its trimmed value appends the new value
+//! (+1) and the old (-1). The log is append-only for writers (no row lock, no index, no WAL), so
 //! concurrent writers never wait for each other or for embsync.
 
 use super::*;
@@ -32,9 +33,14 @@ pub fn capture_triggers(capture_id: i32) -> [Ident; 4] {
         .map(|op| Ident::parse(&format!("embsync_capture_{capture_id}_{op}")).expect("a valid identifier"))
 }
 
-/// The migration step (schema version 4) that creates the capture tables, and the trigger on
-/// the change log that forces a reconcile of every captured source when the log is truncated
-/// (what was in it is lost). Idempotent.
+/// The migration step (schema version 4, the log UNLOGGED since version 5) that creates the
+/// capture tables, the log's sentinel row ([`LOG_LOST`]), and the trigger on the change log
+/// that forces a reconcile of every captured source when the log is truncated (what was in it
+/// is lost). Idempotent.
+///
+/// The log is UNLOGGED: writers append to it without WAL. A crash, a failover or a restarted
+/// compute empties it, sentinel row and all, and the missing sentinel forces a reconcile of
+/// every capture ([`LOG_LOST`]).
 pub const CAPTURE_MIGRATION: &str = r#"CREATE TABLE IF NOT EXISTS embedding_sync_capture (
     capture_id serial PRIMARY KEY,
     source_table text NOT NULL,
@@ -48,12 +54,15 @@ pub const CAPTURE_MIGRATION: &str = r#"CREATE TABLE IF NOT EXISTS embedding_sync
     drift_stale bigint,
     UNIQUE (source_table, source_column)
 );
-CREATE TABLE IF NOT EXISTS embedding_sync_change_log (
+CREATE UNLOGGED TABLE IF NOT EXISTS embedding_sync_change_log (
     capture_id integer NOT NULL,
     value_hash text,
     delta integer NOT NULL,
     value text
 );
+ALTER TABLE embedding_sync_change_log SET UNLOGGED;
+INSERT INTO embedding_sync_change_log (capture_id, delta)
+SELECT 0, 0 WHERE NOT EXISTS (SELECT 1 FROM embedding_sync_change_log WHERE capture_id = 0);
 CREATE TABLE IF NOT EXISTS embedding_sync_capture_values (
     capture_id integer NOT NULL,
     value_hash text NOT NULL,
@@ -81,10 +90,9 @@ fn dollar_tag(body: &str) -> String {
     tag
 }
 
-/// The grouped, trimmed, non-empty values of transition table `rows` with `sign` rows each.
-fn changed_values(source: &Source, rows: &str, sign: &str) -> String {
-    let col = source.column.quoted();
-    format!("SELECT btrim(r.{col}::text, ' ') AS v, {sign} AS n FROM {rows} r WHERE r.{col} IS NOT NULL")
+/// `value` trimmed as a source value is (see [`super::source_values`]).
+fn trimmed(column: &str) -> String {
+    format!("btrim({column}::text, ' ')")
 }
 
 /// Creates (or replaces) the source's trigger function and its four triggers, enabled
@@ -95,17 +103,22 @@ fn changed_values(source: &Source, rows: &str, sign: &str) -> String {
 /// and the triggers are missing or not enabled always, never in a steady-state invocation.
 ///
 /// The function is `SECURITY DEFINER` (writers need no privilege on embsync's tables) with the
-/// installer's `search_path` (`SET search_path FROM CURRENT`).
+/// installer's `search_path` (`SET search_path FROM CURRENT`). The UPDATE trigger has no column
+/// list (`UPDATE OF`): a BEFORE trigger may change the column without naming it; its `WHEN`
+/// (the values as text, untrimmed: the cheapest test, and any type has a text form) is what
+/// skips an UPDATE of other columns; the function appends nothing when the trimmed values are
+/// the same.
 pub fn install_capture(source: &Source, capture_id: i32) -> String {
     let function = capture_function(capture_id).quoted();
     let table = source.table.quoted();
     let [insert, update, delete, truncate] = capture_triggers(capture_id).map(|t| t.quoted());
+    let col = source.column.quoted();
     format!(
         "{replace};\n\
          CREATE OR REPLACE TRIGGER {insert} AFTER INSERT ON {table} REFERENCING NEW TABLE AS embsync_new\n    \
          FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
-         CREATE OR REPLACE TRIGGER {update} AFTER UPDATE ON {table} REFERENCING OLD TABLE AS embsync_old NEW TABLE AS embsync_new\n    \
-         FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
+         CREATE OR REPLACE TRIGGER {update} AFTER UPDATE ON {table}\n    \
+         FOR EACH ROW WHEN ({old_value} IS DISTINCT FROM {new_value}) EXECUTE FUNCTION {function}();\n\
          CREATE OR REPLACE TRIGGER {delete} AFTER DELETE ON {table} REFERENCING OLD TABLE AS embsync_old\n    \
          FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
          CREATE OR REPLACE TRIGGER {truncate} AFTER TRUNCATE ON {table}\n    \
@@ -113,38 +126,36 @@ pub fn install_capture(source: &Source, capture_id: i32) -> String {
          ALTER TABLE {table} ENABLE ALWAYS TRIGGER {insert}, ENABLE ALWAYS TRIGGER {update}, \
          ENABLE ALWAYS TRIGGER {delete}, ENABLE ALWAYS TRIGGER {truncate}",
         replace = replace_capture_function(source, capture_id),
+        old_value = format!("OLD.{col}::text"),
+        new_value = format!("NEW.{col}::text"),
     )
 }
 
 /// The body of the source's trigger function, as `pg_proc.prosrc` holds it: a function whose
-/// body differs (installed by another version of embsync) is replaced ([`replace_capture_function`]).
+/// body differs (installed by another version of embsync) is replaced, with the triggers
+/// ([`install_capture`]).
 pub fn capture_function_body(source: &Source, capture_id: i32) -> String {
-    let log = "INSERT INTO embedding_sync_change_log (capture_id, value_hash, delta, value)";
-    let hash = "encode(sha256(convert_to(d.v, 'UTF8')), 'hex')";
+    let log = "INSERT INTO embedding_sync_change_log (capture_id, delta, value)";
+    let col = source.column.quoted();
+    let (new_row, old_row) = (trimmed(&format!("NEW.{col}")), trimmed(&format!("OLD.{col}")));
+    let rows = trimmed(&format!("r.{col}"));
     format!(
         "\nBEGIN\n    \
-         IF TG_OP = 'INSERT' THEN\n        \
+         IF TG_OP = 'UPDATE' THEN\n        \
          {log}\n        \
-         SELECT {capture_id}, NULL, d.n, d.v\n        \
-         FROM (SELECT x.v, count(*)::int AS n FROM ({new}) x GROUP BY x.v) d WHERE d.v <> '';\n    \
+         SELECT {capture_id}, d.n, d.v FROM (VALUES ({new_row}, 1), ({old_row}, -1)) d (v, n)\n        \
+         WHERE d.v <> '' AND {new_row} IS DISTINCT FROM {old_row};\n    \
+         ELSIF TG_OP = 'INSERT' THEN\n        \
+         {log}\n        \
+         SELECT {capture_id}, 1, {rows} FROM embsync_new r WHERE {rows} <> '';\n    \
          ELSIF TG_OP = 'DELETE' THEN\n        \
          {log}\n        \
-         SELECT {capture_id}, {hash}, -d.n, NULL\n        \
-         FROM (SELECT x.v, count(*)::int AS n FROM ({old}) x GROUP BY x.v) d WHERE d.v <> '';\n    \
-         ELSIF TG_OP = 'UPDATE' THEN\n        \
-         {log}\n        \
-         SELECT {capture_id}, CASE WHEN d.n < 0 THEN {hash} END, d.n, CASE WHEN d.n > 0 THEN d.v END\n        \
-         FROM (SELECT x.v, sum(x.n)::int AS n FROM ({new_signed} UNION ALL {old_signed}) x\n              \
-         GROUP BY x.v HAVING sum(x.n) <> 0) d WHERE d.v <> '';\n    \
+         SELECT {capture_id}, -1, {rows} FROM embsync_old r WHERE {rows} <> '';\n    \
          ELSE\n        \
-         {log} VALUES ({capture_id}, NULL, 0, NULL);\n    \
+         {log} VALUES ({capture_id}, 0, NULL);\n    \
          END IF;\n    \
          RETURN NULL;\n\
          END\n",
-        new = changed_values(source, "embsync_new", "1"),
-        old = changed_values(source, "embsync_old", "1"),
-        new_signed = changed_values(source, "embsync_new", "1"),
-        old_signed = changed_values(source, "embsync_old", "-1"),
     )
 }
 
@@ -207,7 +218,8 @@ DELETE FROM embedding_sync_capture WHERE capture_id = $1",
 /// (int8), seconds since the last reconcile (float8, NULL when never), the source's
 /// triggers that exist (int8), those enabled `ALWAYS` (int8) and those disabled (int8), the
 /// trigger function's body (see [`capture_function_body`]), whether
-/// the log holds rows of the source, and whether it holds a TRUNCATE mark. Reads the catalog
+/// the log holds rows of the source, whether it holds a TRUNCATE mark, and whether the log lost
+/// its sentinel ([`LOG_LOST`]). Reads the catalog
 /// and embsync's tables, never the source.
 pub const CAPTURE_STATE: Text<3> = Text::fixed(
     "\
@@ -216,7 +228,8 @@ SELECT c.capture_id, c.reconciled_at IS NULL, c.reconcile_reason, c.settled_tags
        t.present, t.always, t.disabled,
        (SELECT p.prosrc FROM pg_proc p WHERE p.oid = to_regprocedure('embsync_capture_' || c.capture_id || '()')),
        EXISTS (SELECT 1 FROM embedding_sync_change_log l WHERE l.capture_id = c.capture_id),
-       EXISTS (SELECT 1 FROM embedding_sync_change_log l WHERE l.capture_id = c.capture_id AND l.value_hash IS NULL AND l.value IS NULL)
+       EXISTS (SELECT 1 FROM embedding_sync_change_log l WHERE l.capture_id = c.capture_id AND l.value_hash IS NULL AND l.value IS NULL),
+       NOT EXISTS (SELECT 1 FROM embedding_sync_change_log l WHERE l.capture_id = 0)
 FROM embedding_sync_capture c,
      LATERAL (SELECT count(*) AS present, count(*) FILTER (WHERE g.tgenabled = 'A') AS always,
                      count(*) FILTER (WHERE g.tgenabled = 'D') AS disabled
@@ -282,6 +295,37 @@ v AS (DELETE FROM embedding_sync_capture_values WHERE capture_id = (SELECT captu
 SELECT capture_id FROM c",
 );
 
+/// Whether the change log lost its sentinel row (`capture_id` 0, written by the migration):
+/// the log is UNLOGGED, so a crash, a failover or a restarted compute empties it (as does
+/// someone who deletes its rows). When it did, the sentinel is written again and every capture
+/// is forced to reconcile, for reason `$1` (a reason already recorded stays). One row: whether
+/// it was lost. Run before the capture's state is read, and again in the fold's transaction.
+pub const LOG_LOST: Text<1> = Text::fixed(
+    "\
+WITH lost AS MATERIALIZED (SELECT NOT EXISTS (SELECT 1 FROM embedding_sync_change_log WHERE capture_id = 0) AS lost),
+sentinel AS (INSERT INTO embedding_sync_change_log (capture_id, delta) SELECT 0, 0 FROM lost WHERE lost.lost),
+forced AS (
+    UPDATE embedding_sync_capture SET reconcile_reason = coalesce(reconcile_reason, $1) WHERE (SELECT lost.lost FROM lost)
+)
+SELECT lost FROM lost",
+);
+
+/// Why [`LOG_LOST`] forces a reconcile.
+pub const LOG_LOST_REASON: &str = "the change log was lost (it is unlogged: a crash, a failover or a restart empties it)";
+
+/// [`LOG_LOST`].
+#[derive(Debug)]
+pub struct LogLost;
+
+impl Statement<1> for LogLost {
+    fn text(&self) -> Text<1> {
+        LOG_LOST
+    }
+    fn params(&self) -> [Param<'_>; 1] {
+        [param::text(LOG_LOST_REASON)]
+    }
+}
+
 /// Forces the next step of capture `$1` (int4) to be a reconcile, for reason `$2`.
 pub const FORCE_RECONCILE: Text<2> = Text::fixed("UPDATE embedding_sync_capture SET reconcile_reason = $2 WHERE capture_id = $1");
 
@@ -305,8 +349,9 @@ consumed AS MATERIALIZED (
 ),
 agg AS MATERIALIZED (
     SELECT a.h, a.d, a.v, coalesce(m.n, 0) AS old
-    FROM (SELECT coalesce(value_hash, encode(sha256(convert_to(value, 'UTF8')), 'hex')) AS h, sum(delta)::int8 AS d, max(value) AS v
-          FROM consumed WHERE value_hash IS NOT NULL OR value IS NOT NULL GROUP BY 1) a
+    FROM (SELECT coalesce(g.value_hash, encode(sha256(convert_to(g.value, 'UTF8')), 'hex')) AS h, sum(g.d)::int8 AS d, max(g.value) AS v
+          FROM (SELECT value_hash, value, sum(delta) AS d FROM consumed
+                WHERE value_hash IS NOT NULL OR value IS NOT NULL GROUP BY 1, 2) g GROUP BY 1) a
     LEFT JOIN embedding_sync_capture_values m ON m.capture_id = (SELECT id FROM k) AND m.value_hash = a.h
     WHERE a.d <> 0
 ),

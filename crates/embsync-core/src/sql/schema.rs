@@ -11,8 +11,9 @@ use super::*;
 /// `embedding_sync_ranges` (fan-out: a run's pending snapshot split into ranges that queue
 /// consumers claim), the change capture's tables (`embedding_sync_capture`,
 /// `embedding_sync_change_log`, `embedding_sync_capture_values`, see [`super::capture`]) and the
-/// Batch API's `embedding_sync_batches` and `embedding_sync_batch_values` ([`BATCH_TABLES`]).
-pub const SCHEMA_VERSION: i32 = 4;
+/// Batch API's `embedding_sync_batches` and `embedding_sync_batch_values` ([`BATCH_TABLES`]);
+/// 5 makes `embedding_sync_change_log` UNLOGGED, with a sentinel row ([`super::LOG_LOST`]).
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// How long a migration waits for any one lock before it gives up (`SET LOCAL lock_timeout`).
 pub const MIGRATION_LOCK_TIMEOUT_SECS: u32 = 5;

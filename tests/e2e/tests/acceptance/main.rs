@@ -7,6 +7,7 @@
 
 mod auth;
 mod batches;
+mod capture;
 mod config;
 mod cron;
 mod guards;
