@@ -81,9 +81,26 @@ impl FanOut {
         })
     }
 
+    /// Checks that all consumers together can stay within the config's `rate.maxConcurrency`:
+    /// a consumer keeps at least one request in flight, so there may be no more consumers than
+    /// it allows.
+    ///
+    /// # Errors
+    /// [`BudgetError::ConsumersOverConcurrency`], which says what to change.
+    pub fn check(&self, rate: &Rate) -> Result<(), BudgetError> {
+        match rate.max_concurrency {
+            Some(c) if u64::from(self.consumers) > u64::from(c.get()) => {
+                Err(BudgetError::ConsumersOverConcurrency { consumers: self.consumers, max_concurrency: c.get() })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// One consumer's share of the config's rate ceilings: requests and tokens per minute, and
     /// requests in flight when the config sets them, divided by [`FanOut::consumers`] (at
-    /// least 1 each), so that all consumers together stay within them.
+    /// least 1 each), so that all consumers together stay within them (for requests in
+    /// flight, once [`FanOut::check`] holds: a consumer whose share is one request sends a
+    /// batch's models one after the other).
     pub fn share(&self, rate: &Rate) -> Rate {
         let n = u64::from(self.consumers.max(1));
         Rate {
@@ -348,8 +365,20 @@ mod tests {
         assert_eq!(share.requests_per_minute, NonZeroU64::new(750));
         assert_eq!(share.tokens_per_minute, NonZeroU64::new(250_000));
         assert_eq!(f.share(&Rate::default()), Rate::default());
+        assert_eq!(f.check(&rate), Ok(()));
         let many = FanOut { consumers: 10_000, ..f }.share(&rate);
         assert_eq!(many.requests_per_minute, NonZeroU64::new(1));
+    }
+
+    #[test]
+    fn more_consumers_than_the_concurrency_ceiling_are_refused() {
+        let rate = Rate { max_concurrency: NonZeroU8::new(2), ..Rate::default() };
+        let e = FanOut { consumers: 3, ..FanOut::default() }.check(&rate).unwrap_err();
+        assert_eq!(e, BudgetError::ConsumersOverConcurrency { consumers: 3, max_concurrency: 2 });
+        let text = e.to_string();
+        assert!(text.contains("SYNC_QUEUE_CONSUMERS is 3") && text.contains("at most 2"), "{text}");
+        assert_eq!(FanOut { consumers: 2, ..FanOut::default() }.check(&rate), Ok(()));
+        assert_eq!(FanOut { consumers: 50, ..FanOut::default() }.check(&Rate::default()), Ok(()), "no ceiling, no limit");
     }
 
     #[test]
