@@ -36,6 +36,10 @@
 #   BENCH_RANGE_VALUES=n   values per range in q (default N/16, at least 500)
 #   BENCH_KEEP=1           keep the temporary directory (Postgres data and logs) on success
 #   BENCH_RESULTS=FILE     also write the figures as JSON lines to FILE
+#   BENCH_PROFILE="b"      configurations whose sync runs under a V8 CPU profile of the worker's
+#                          isolate (bench/cpu_profile.mjs, over wrangler's inspector): the profile
+#                          is kept in the logs (profile-CFG.cpuprofile, opens in DevTools) and its
+#                          summary printed (profile-CFG.txt); implies BENCH_KEEP
 set -euo pipefail
 
 # shellcheck source=scripts/env.sh disable=SC1091
@@ -68,7 +72,9 @@ if [ -n "${BENCH_DIMS:-}" ]; then
 fi
 
 bench_init
+[ -z "${BENCH_PROFILE:-}" ] || BENCH_KEEP=1
 WRANGLER_PID=""
+PROFILER_PID=""
 PROVIDER_PID=""
 ZERO_PROVIDER_PID=""
 LOAD_PID=""
@@ -76,6 +82,7 @@ bench_stop_on_exit wrangler WRANGLER_PID
 bench_stop_on_exit process PROVIDER_PID
 bench_stop_on_exit process ZERO_PROVIDER_PID
 bench_stop_on_exit process LOAD_PID
+bench_stop_on_exit process PROFILER_PID
 
 # psql on database $1.
 psql_db() {
@@ -165,14 +172,15 @@ run_config() {
     local db="bench_$cfg"
     "$PG_BIN/psql" "$DATABASE_URL" -X -q -v ON_ERROR_STOP=1 -c "CREATE DATABASE $db TEMPLATE bench_source"
     local sources="{\"version\":\"1.0\",\"models\":{\"large\":$LARGE_JSON,\"small\":$SMALL_JSON},\"batchSize\":$BATCH_SIZE$rate,\"sources\":[{\"name\":\"bench\",\"table\":\"$TABLE\",\"column\":\"$COLUMN\",\"enabled\":true}]}"
-    local port log
+    local port log inspector
     port="$(free_port)"
+    inspector="$(free_port)"
     log="$LOGS/wrangler-$cfg.log"
     local var_args=() v
     for v in "${vars[@]}"; do
         var_args+=(--var "$v")
     done
-    WRANGLER_PID="$(BENCH_WRANGLER_CONFIG="$config" start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" \
+    WRANGLER_PID="$(BENCH_WRANGLER_CONFIG="$config" BENCH_INSPECTOR_PORT="$inspector" start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" \
         --var "EMBEDDING_SOURCES:$sources" --var "OPENAI_BASE_URL:$origin_provider/v1" "${var_args[@]}")"
     wait_healthy "http://127.0.0.1:$port" "$WRANGLER_PID" "$log" || die "wrangler dev did not answer (log $log)"
     local workerds
@@ -181,6 +189,20 @@ run_config() {
     curl -fsS -m 60 -X DELETE "$origin_provider/_admin/requests" >/dev/null
     curl -fsS -m 60 -X DELETE "$origin_provider/_admin/ratelimit" >/dev/null || true
 
+    local profiling=""
+    case " ${BENCH_PROFILE:-} " in *" $cfg "*) profiling=1 ;; esac
+    if [ -n "$profiling" ]; then
+        "$NODE22" "$REPO/bench/cpu_profile.mjs" start "$inspector" "$LOGS/profile-$cfg.cpuprofile" >"$LOGS/profiler-$cfg.out" 2>&1 &
+        PROFILER_PID=$!
+        local tries=0
+        until grep -q started "$LOGS/profiler-$cfg.out" 2>/dev/null; do
+            kill -0 "$PROFILER_PID" 2>/dev/null || die "the profiler did not start: $(cat "$LOGS/profiler-$cfg.out")"
+            tries=$((tries + 1))
+            [ "$tries" -lt 100 ] || die "the profiler did not start in 10 s"
+            sleep 0.1
+        done
+        say "   CPU profile of the worker's isolate: on"
+    fi
     say "config $cfg: initial sync of $N values (rate: ${rate:-default})"
     local cpu0 cpu1 t_start t_end finished=0 i code
     cpu0="$(cpu_ticks "${workerds[@]}")"
@@ -207,6 +229,14 @@ run_config() {
     done
     t_end="$(now)"
     cpu1="$(cpu_ticks "${workerds[@]}")"
+    if [ -n "$profiling" ]; then
+        kill -TERM "$PROFILER_PID"
+        wait "$PROFILER_PID" || true
+        PROFILER_PID=""
+        "$NODE22" "$REPO/bench/cpu_profile.mjs" summary "$LOGS/profile-$cfg.cpuprofile" 40 >"$LOGS/profile-$cfg.txt"
+        say "   CPU profile: $LOGS/profile-$cfg.txt"
+        cat "$LOGS/profile-$cfg.txt" >&2
+    fi
     [ "$finished" -ge 1 ] || die "config $cfg: the run did not finish"
     local run_status run_invocations run_embedded run_errors complete
     IFS='|' read -r run_status run_invocations run_embedded run_errors < <(psql_db "$db" -c \

@@ -353,8 +353,15 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     let mut invocations = 0;
     let result = loop {
         let (run_id, holder) = (RunId(new_id("run")), new_id("inv"));
-        let inv =
-            Invocation { trigger, retry: RetryPolicy::default(), budget, new_run: &run_id, holder: &holder, hint: hint.as_ref(), fanout };
+        let inv = Invocation {
+            trigger,
+            retry: RetryPolicy::default(),
+            budget,
+            new_run: &run_id,
+            holder: &holder,
+            hint: hint.as_ref(),
+            fanout,
+        };
         let result = sync::invoke(&config, &mut conn.store, &embedder, &rt, &inv).await;
         invocations += 1;
         match result {

@@ -27,6 +27,7 @@ fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
     StoreError::new(pg_message(what, e))
 }
 
+
 /// Opens a socket to `host:port`, secured as `tls` says.
 ///
 /// For [`Tls::Required`] it negotiates like libpq: the SSLRequest goes out in plain text and only
