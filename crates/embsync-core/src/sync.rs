@@ -1797,7 +1797,8 @@ struct Answer {
 }
 
 impl<E: Embedder, R: Runtime> Calls<'_, E, R> {
-    /// Calls both models concurrently for the values that lack each. A value one model fails
+    /// Calls both models for the values that lack each: at once, or one after the other when
+    /// `one_at_a_time` (the concurrency allows one request). A value one model fails
     /// for keeps the other model's embedding (it is paid for) and is retried later for the
     /// missing one only. With a pause, the values keep what they got and the rest is left to the
     /// next invocation; a model whose requests the provider refuses sends nothing and blames no
@@ -1805,7 +1806,6 @@ impl<E: Embedder, R: Runtime> Calls<'_, E, R> {
     ///
     /// # Errors
     /// The provider refused the API key: the run stops.
-    /// `one_at_a_time`: the models' requests go one after the other, not at once.
     async fn embed_group(self, group: Vec<PendingValue>, one_at_a_time: bool) -> Result<Answer, ProviderError> {
         let not_started = |pause| Answer { batch: Vec::new(), failures: Vec::new(), usage: Default::default(), pause, started: false };
         if let Some(p) = self.spent.pause.borrow().clone() {
