@@ -242,6 +242,14 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
         usage: Default::default(),
     };
     let calls = Calls { config, embedder, rt, retry: inv.retry, run: &run, spent: &spent };
+    // The run's token budget: this consumer may spend its share of what is left at its claim
+    // (consumers at the same time each see the same run total), so it starts as if the others
+    // had spent theirs already; a consumer that spends its share hands the range on, and the
+    // next claim divides what is left then.
+    let others = config.max_tokens_per_run.map_or(0, |max| {
+        let left = max.saturating_sub(claimed.run_tokens);
+        left - left.div_ceil(u64::from(inv.fanout.consumers.max(1)))
+    });
     let mut ctx = SourceRun {
         config,
         store: &mut *store,
@@ -250,11 +258,13 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
         state: &mut state,
         run: &run,
         spent: &spent,
-        run_tokens: claimed.run_tokens,
+        run_tokens: claimed.run_tokens + others,
         mode: Mode::Range,
         fanout: None,
     };
     let outcome = ctx.sync(source, claimed.next).await;
+    // What the run has spent, as far as this consumer knows: at its claim, plus its own.
+    let run_tokens = ctx.run_tokens - others;
     let event = |what: &str| {
         LogEvent::info(
             "range",
@@ -271,11 +281,14 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
     // How the claim ends, and what the consumer answers then.
     enum Then {
         Settled(&'static str),
-        Continue,
+        Continue(&'static str),
         Unavailable(String),
     }
     let (end, then) = match outcome {
         Ok(SourceEnd::Done) => (RangeEnd::Done, Then::Settled("done")),
+        Ok(SourceEnd::TokenBudget) if !config.token_budget_spent(run_tokens) => {
+            (RangeEnd::HandOn(None), Then::Continue("its share of the run's token budget is spent; the message is sent again"))
+        }
         Ok(SourceEnd::TokenBudget) => (
             RangeEnd::Dead("the run's token budget is spent (maxTokensPerRun); the next run goes on with its values".into()),
             Then::Settled("given up: the run's token budget is spent"),
@@ -286,7 +299,7 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
         ),
         Ok(SourceEnd::Paused(_)) | Ok(SourceEnd::FannedOut) => match spent.pause.borrow().as_ref() {
             Some(Pause::Outage(why)) => (RangeEnd::HandOn(Some(why.clone())), Then::Unavailable(why.clone())),
-            _ => (RangeEnd::HandOn(None), Then::Continue),
+            _ => (RangeEnd::HandOn(None), Then::Continue("budget spent; the message is sent again")),
         },
         Err(Stop::LeaseLost(e)) => return Ok(lost(e)),
         Err(Stop::Store(e)) => {
@@ -310,8 +323,8 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
             rt.log(event(what));
             Ok(Consumed::Done { run_ready })
         }
-        Then::Continue => {
-            rt.log(event("budget spent; the message is sent again"));
+        Then::Continue(what) => {
+            rt.log(event(what));
             Ok(Consumed::Continue(msg.clone()))
         }
         Then::Unavailable(why) => {

@@ -483,3 +483,43 @@ async fn consumers_at_the_same_time_keep_to_max_concurrency_in_total() {
         assert_eq!(n, 2, "{v} once per model");
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn consumers_at_the_same_time_share_the_runs_token_budget() {
+    let (db, mut config, _) = setup(60).await;
+    // About 8 tokens a value (both models): room for about 12 values in all.
+    const MAX: u64 = 96;
+    config.max_tokens_per_run = Some(MAX);
+    let provider = Slow { inner: FakeProvider::default(), in_flight: Default::default(), most: Default::default() };
+    let mut lead = db.store(&config).await;
+    let messages = fanned_out(invoke(&config, &mut lead, &provider.inner, "lead").await.unwrap());
+    let tokens = |p: &FakeProvider| -> u64 {
+        p.calls.borrow().iter().flat_map(|(_, inputs)| inputs.iter().map(|i| i.len().div_ceil(4) as u64)).sum()
+    };
+    let before = tokens(&provider.inner);
+    let mut stores = vec![db.store(&config).await, db.store(&config).await, db.store(&config).await];
+    let rt = TestRuntime::default();
+    let work = stores.iter_mut().zip(["c0", "c1", "c2"]).enumerate().map(|(i, (store, holder))| {
+        let (provider, rt, config, messages) = (&provider, &rt, &config, &messages);
+        async move {
+            let inv = Consume { holder, budget: Budget::new(100, 60.0, 120.0).unwrap(), retry: RetryPolicy::default(), fanout: FAN };
+            for m in messages.iter().skip(i).step_by(3) {
+                fanout::consume(config, store, provider, rt, &inv, m).await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(work).await;
+    assert!(provider.most.get() >= 3, "the consumers overlapped: {}", provider.most.get());
+    // One batch (4 values, about 32 tokens) may go past a consumer's share, as it may past the
+    // run's budget without fan-out; without shares each consumer spent up to the whole budget.
+    let spent = tokens(&provider.inner);
+    assert!(spent <= MAX + 3 * 32, "tokens paid in all: {spent} (before the consumers: {before})");
+    assert!(spent - before >= 3 * 24, "each consumer spent its share: {spent} - {before}");
+    let calls = provider.inner.calls.borrow();
+    for (model, inputs) in calls.iter() {
+        for i in inputs {
+            let n = calls.iter().filter(|(m, is)| m == model && is.contains(i)).count();
+            assert_eq!(n, 1, "{i} paid once with {model}");
+        }
+    }
+}
