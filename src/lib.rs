@@ -16,6 +16,7 @@ mod openai;
 mod pg;
 mod queues;
 mod settings;
+mod socket;
 #[cfg(all(test, target_arch = "wasm32"))]
 mod wasm_tests;
 
