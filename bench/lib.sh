@@ -183,7 +183,8 @@ start_provider() {
 # the prebuilt worker (bench_copy_worker) on PORT, with DATABASE_URL, a bench API key, the token
 # $TOKEN and the further wrangler ARGS (`--var NAME:VALUE`: EMBEDDING_SOURCES, OPENAI_BASE_URL,
 # ...); its output, time-stamped, goes to LOG. Prints the pid. BENCH_WRANGLER_CONFIG names
-# another wrangler.toml (default: bench_copy_worker's).
+# another wrangler.toml (default: bench_copy_worker's); BENCH_INSPECTOR_PORT the inspector's port
+# (default: a free one).
 start_wrangler() {
     local port="$1" url="$2" log="$3" state="$4"
     shift 4
@@ -192,7 +193,7 @@ start_wrangler() {
     : >"$WORK/empty.env"
     SKIP_WORKER_BUILD=1 NO_COLOR=1 "$NODE22" "$WRANGLER_JS" dev \
         --config "${BENCH_WRANGLER_CONFIG:-$WORK/wrangler.toml}" --env-file "$WORK/empty.env" \
-        --ip 127.0.0.1 --port "$port" --inspector-port "$(free_port)" \
+        --ip 127.0.0.1 --port "$port" --inspector-port "${BENCH_INSPECTOR_PORT:-$(free_port)}" \
         --persist-to "$state" \
         --show-interactive-dev-session=false --log-level log \
         --var "DATABASE_URL:$url" \

@@ -34,8 +34,14 @@
 #                          provider would be the bottleneck)
 #   BENCH_CONFIGS="a b z"  which configurations to run, in this order (q: fan-out, not by default)
 #   BENCH_RANGE_VALUES=n   values per range in q (default N/16, at least 500)
+#   BENCH_RPM, BENCH_TPM   the provider's limits per key and model (default 3000 and 1000000; the
+#                          issue's figures): lower ones make the rate limit bind on a slow machine
 #   BENCH_KEEP=1           keep the temporary directory (Postgres data and logs) on success
 #   BENCH_RESULTS=FILE     also write the figures as JSON lines to FILE
+#   BENCH_PROFILE="b"      configurations whose sync runs under a V8 CPU profile of the worker's
+#                          isolate (bench/cpu_profile.mjs, over wrangler's inspector): the profile
+#                          is kept in the logs (profile-CFG.cpuprofile, opens in DevTools) and its
+#                          summary printed (profile-CFG.txt); implies BENCH_KEEP
 set -euo pipefail
 
 # shellcheck source=scripts/env.sh disable=SC1091
@@ -54,8 +60,8 @@ RANGE_VALUES="${BENCH_RANGE_VALUES:-$(( N / 16 > 500 ? N / 16 : 500 ))}"
 BATCH_SIZE=2048
 LATENCY_MS=300
 LATENCY_PER_INPUT_MS=1
-RPM=3000
-TPM=1000000
+RPM="${BENCH_RPM:-3000}"
+TPM="${BENCH_TPM:-1000000}"
 TABLE=bench_items
 COLUMN=title
 LARGE=text-embedding-3-large
@@ -68,7 +74,9 @@ if [ -n "${BENCH_DIMS:-}" ]; then
 fi
 
 bench_init
+[ -z "${BENCH_PROFILE:-}" ] || BENCH_KEEP=1
 WRANGLER_PID=""
+PROFILER_PID=""
 PROVIDER_PID=""
 ZERO_PROVIDER_PID=""
 LOAD_PID=""
@@ -76,6 +84,7 @@ bench_stop_on_exit wrangler WRANGLER_PID
 bench_stop_on_exit process PROVIDER_PID
 bench_stop_on_exit process ZERO_PROVIDER_PID
 bench_stop_on_exit process LOAD_PID
+bench_stop_on_exit process PROFILER_PID
 
 # psql on database $1.
 psql_db() {
@@ -165,14 +174,15 @@ run_config() {
     local db="bench_$cfg"
     "$PG_BIN/psql" "$DATABASE_URL" -X -q -v ON_ERROR_STOP=1 -c "CREATE DATABASE $db TEMPLATE bench_source"
     local sources="{\"version\":\"1.0\",\"models\":{\"large\":$LARGE_JSON,\"small\":$SMALL_JSON},\"batchSize\":$BATCH_SIZE$rate,\"sources\":[{\"name\":\"bench\",\"table\":\"$TABLE\",\"column\":\"$COLUMN\",\"enabled\":true}]}"
-    local port log
+    local port log inspector
     port="$(free_port)"
+    inspector="$(free_port)"
     log="$LOGS/wrangler-$cfg.log"
     local var_args=() v
     for v in "${vars[@]}"; do
         var_args+=(--var "$v")
     done
-    WRANGLER_PID="$(BENCH_WRANGLER_CONFIG="$config" start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" \
+    WRANGLER_PID="$(BENCH_WRANGLER_CONFIG="$config" BENCH_INSPECTOR_PORT="$inspector" start_wrangler "$port" "${DATABASE_URL%/*}/$db" "$log" "$WORK/state-$cfg" \
         --var "EMBEDDING_SOURCES:$sources" --var "OPENAI_BASE_URL:$origin_provider/v1" "${var_args[@]}")"
     wait_healthy "http://127.0.0.1:$port" "$WRANGLER_PID" "$log" || die "wrangler dev did not answer (log $log)"
     local workerds
@@ -181,6 +191,20 @@ run_config() {
     curl -fsS -m 60 -X DELETE "$origin_provider/_admin/requests" >/dev/null
     curl -fsS -m 60 -X DELETE "$origin_provider/_admin/ratelimit" >/dev/null || true
 
+    local profiling=""
+    case " ${BENCH_PROFILE:-} " in *" $cfg "*) profiling=1 ;; esac
+    if [ -n "$profiling" ]; then
+        "$NODE22" "$REPO/bench/cpu_profile.mjs" start "$inspector" "$LOGS/profile-$cfg.cpuprofile" >"$LOGS/profiler-$cfg.out" 2>&1 &
+        PROFILER_PID=$!
+        local tries=0
+        until grep -q started "$LOGS/profiler-$cfg.out" 2>/dev/null; do
+            kill -0 "$PROFILER_PID" 2>/dev/null || die "the profiler did not start: $(cat "$LOGS/profiler-$cfg.out")"
+            tries=$((tries + 1))
+            [ "$tries" -lt 100 ] || die "the profiler did not start in 10 s"
+            sleep 0.1
+        done
+        say "   CPU profile of the worker's isolate: on"
+    fi
     say "config $cfg: initial sync of $N values (rate: ${rate:-default})"
     local cpu0 cpu1 t_start t_end finished=0 i code
     cpu0="$(cpu_ticks "${workerds[@]}")"
@@ -207,6 +231,14 @@ run_config() {
     done
     t_end="$(now)"
     cpu1="$(cpu_ticks "${workerds[@]}")"
+    if [ -n "$profiling" ]; then
+        kill -TERM "$PROFILER_PID"
+        wait "$PROFILER_PID" || true
+        PROFILER_PID=""
+        "$NODE22" "$REPO/bench/cpu_profile.mjs" summary "$LOGS/profile-$cfg.cpuprofile" 40 >"$LOGS/profile-$cfg.txt"
+        say "   CPU profile: $LOGS/profile-$cfg.txt"
+        cat "$LOGS/profile-$cfg.txt" >&2
+    fi
     [ "$finished" -ge 1 ] || die "config $cfg: the run did not finish"
     local run_status run_invocations run_embedded run_errors complete
     IFS='|' read -r run_status run_invocations run_embedded run_errors < <(psql_db "$db" -c \
@@ -237,14 +269,14 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # The table.
-python3 - "$RESULTS" "$N" <<'PY'
+python3 - "$RESULTS" "$N" "$RPM" "$TPM" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 n = int(sys.argv[2])
 names = {"a": "a. one batch at a time (maxConcurrency 2)", "b": "b. requests in flight (default window)",
          "z": "z. zero latency, no rate limit", "q": "q. fan-out over local queues (4 consumers)"}
 print()
-print("Initial sync of %d values (provider: 300 ms + 1 ms/input, 3,000 RPM / 1,000,000 TPM per model, except z)" % n)
+print("Initial sync of %d values (provider: 300 ms + 1 ms/input, %s RPM / %s TPM per model, except z)" % (n, format(int(sys.argv[3]), ","), format(int(sys.argv[4]), ",")))
 print()
 print("| configuration | wall s | values/s | invocations | requests | 429s (share) | binding limit used: of limit x time / of buckets | in flight max / mean | workerd CPU ms per 1,000 | load avg mean / max |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -16,6 +16,7 @@ mod openai;
 mod pg;
 mod queues;
 mod settings;
+mod socket;
 #[cfg(all(test, target_arch = "wasm32"))]
 mod wasm_tests;
 
@@ -341,7 +342,7 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
     // Fan-out only with the queue's producer binding: without it, runs go exactly as before.
     let queue = queues::producer(env);
     let fanout = match queue {
-        Some(_) => Some(queues::settings(env)?),
+        Some(_) => Some(queues::settings(env, &config)?),
         None => None,
     };
     let began = rt.now_ms();

@@ -10,6 +10,7 @@ use futures::future::{select, Either};
 use std::cell::Cell;
 use std::time::Duration;
 use worker::wasm_bindgen::JsValue;
+use worker::{js_sys, wasm_bindgen_futures, web_sys};
 use worker::{Delay, Fetch, Headers, Method, Request, RequestInit};
 
 /// How long one request may take before it counts as failed (and is retried).
@@ -42,12 +43,21 @@ impl OpenAi {
         let mut init = RequestInit::new();
         init.with_method(Method::Post).with_headers(headers).with_body(Some(JsValue::from_str(&body)));
         let request = Request::new_with_init(&target.url, &init).map_err(transport)?;
-        let mut response = Fetch::Request(request).send().await.map_err(transport)?;
+        let response = Fetch::Request(request).send().await.map_err(transport)?;
         let status = response.status_code();
-        let bytes = response.bytes().await.map_err(transport)?;
-        let headers = response.headers();
+        let headers = response.headers().clone();
+        let bytes = read_body(response.into()).await.map_err(|e| ProviderError::Transport(format!("reading the answer: {e:?}")))?;
         self.endpoint.decode_response(model, status, |name| headers.get(name).ok().flatten(), &bytes, inputs.len())
     }
+}
+
+/// The whole body of `response`, read by the runtime (`arrayBuffer()`) and copied into wasm
+/// memory once. `worker::Response::bytes` reads it chunk by chunk through a stream reader, a
+/// promise and a copy per chunk: a quarter of the worker's CPU per batch, in a profile
+/// (BENCHMARKS.md, "Where workerd's CPU goes").
+async fn read_body(response: web_sys::Response) -> Result<Vec<u8>, JsValue> {
+    let buffer = wasm_bindgen_futures::JsFuture::from(response.array_buffer()?).await?;
+    Ok(js_sys::Uint8Array::new(&buffer).to_vec())
 }
 
 impl OpenAi {

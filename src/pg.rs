@@ -12,7 +12,9 @@ use std::str::FromStr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::{ChannelBinding, Host, SslMode};
 use tokio_postgres::NoTls;
-use worker::{SecureTransport, Socket};
+use worker::wasm_bindgen::JsValue;
+
+use crate::socket::{js_message, PgSocket, Transport};
 
 /// A Postgres connection for one invocation: the store over it, and the task that drives it.
 pub struct Db {
@@ -35,29 +37,28 @@ fn err(what: &str, e: tokio_postgres::Error) -> StoreError {
 /// `host` and sends `host` as SNI (Neon routes on it). A server that answers `N` is an error, never
 /// a plain-text fallback; so is a handshake workerd gives up on, which is waited for here so that
 /// the error says so instead of surfacing as an I/O error in the startup message.
-async fn open_socket(host: &str, port: u16, tls: Tls) -> Result<Socket, StoreError> {
+async fn open_socket(host: &str, port: u16, tls: Tls) -> Result<PgSocket, StoreError> {
     let endpoint = format!("{host}:{port}");
     let transport = match tls {
-        Tls::Required => SecureTransport::StartTls,
-        Tls::Off => SecureTransport::Off,
+        Tls::Required => Transport::StartTls,
+        Tls::Off => Transport::Off,
     };
-    let mut socket = Socket::builder()
-        .secure_transport(transport)
-        .connect(host, port)
-        .map_err(|e| StoreError::new(format!("opening a socket to {endpoint}: {e}")))?;
+    let js = |what: &str, e: JsValue| StoreError::new(format!("{what} {endpoint}: {}", js_message(&e)));
+    let mut socket = PgSocket::connect(host, port, transport).map_err(|e| js("opening a socket to", e))?;
     if tls == Tls::Off {
         return Ok(socket);
     }
     let io = |what: &str, e: std::io::Error| StoreError::new(format!("connecting to Postgres at {endpoint}: {what}: {e}"));
     socket.write_all(&dburl::SSL_REQUEST).await.map_err(|e| io("sending the TLS request", e))?;
+    socket.flush().await.map_err(|e| io("sending the TLS request", e))?;
     let mut answer = [0u8; 1];
     socket.read_exact(&mut answer).await.map_err(|e| io("reading the answer to the TLS request", e))?;
     dburl::ssl_answer(answer[0], &endpoint).map_err(|e| StoreError::new(e.to_string()))?;
-    let secure = socket.start_tls();
+    let secure = socket.start_tls().map_err(|e| js("starting TLS with", e))?;
     match secure.opened().await {
-        Ok(_) => Ok(secure),
+        Ok(()) => Ok(secure),
         Err(e) => {
-            let error = TlsError::Handshake { endpoint, host: host.to_owned(), detail: e.to_string() };
+            let error = TlsError::Handshake { endpoint, host: host.to_owned(), detail: js_message(&e) };
             Err(StoreError::new(error.to_string()))
         }
     }
@@ -91,7 +92,7 @@ impl Db {
                 let mut config = tokio_postgres::Config::new();
                 config.user(hyperdrive.user()).password(hyperdrive.password()).dbname(hyperdrive.database());
                 config.ssl_mode(SslMode::Disable).channel_binding(ChannelBinding::Disable);
-                let socket = hyperdrive.connect().map_err(|e| StoreError::new(format!("{what}: {e}")))?;
+                let socket = PgSocket::hyperdrive(hyperdrive).map_err(|e| StoreError::new(format!("{what}: {}", js_message(&e))))?;
                 (endpoint, config.connect_raw(socket, NoTls).await.map_err(|e| err(&what, e))?)
             }
             Database::Url(url) => {

@@ -6,6 +6,7 @@
 //! queue (its messages mark their range dead), any other is a ranges queue. The messages of one
 //! batch are consumed side by side, each with its own connection and holder id.
 
+use embsync_core::config::Config;
 use embsync_core::fanout::{self, Consume, Consumed, FanOut, RangeMessage};
 use embsync_core::log::LogEvent;
 use embsync_core::report::Trigger;
@@ -26,9 +27,11 @@ pub(crate) fn producer(env: &Env) -> Option<Queue> {
 }
 
 /// The fan-out settings (`SYNC_FANOUT_MIN_VALUES`, `SYNC_FANOUT_RANGE_VALUES`,
-/// `SYNC_QUEUE_CONSUMERS`), checked by the core.
-pub(crate) fn settings(env: &Env) -> Result<FanOut, BudgetError> {
-    FanOut::from_settings(|name| settings::string(env, name))
+/// `SYNC_QUEUE_CONSUMERS`), checked by the core, also against the config's `rate` ceilings.
+pub(crate) fn settings(env: &Env, config: &Config) -> Result<FanOut, BudgetError> {
+    let fanout = FanOut::from_settings(|name| settings::string(env, name))?;
+    fanout.check(&config.rate)?;
+    Ok(fanout)
 }
 
 /// Sends `messages`, at most [`SEND_BATCH_MAX`] per call. A message that is not sent is not lost:
@@ -115,7 +118,7 @@ async fn consume(env: &Env, queue: &str, message: &RawMessage, msg: &RangeMessag
     let result = async {
         let config = settings::config(env)?;
         let inv_budget = budget(env)?;
-        let fanout = settings(env)?;
+        let fanout = settings(env, &config)?;
         let db = settings::database(env)?;
         let endpoint = settings::endpoint(env, &config.models)?;
         let embedder = openai::OpenAi::new(endpoint, settings::api_key(env)?);

@@ -81,9 +81,26 @@ impl FanOut {
         })
     }
 
+    /// Checks that all consumers together can stay within the config's `rate.maxConcurrency`:
+    /// a consumer keeps at least one request in flight, so there may be no more consumers than
+    /// it allows.
+    ///
+    /// # Errors
+    /// [`BudgetError::ConsumersOverConcurrency`], which says what to change.
+    pub fn check(&self, rate: &Rate) -> Result<(), BudgetError> {
+        match rate.max_concurrency {
+            Some(c) if u64::from(self.consumers) > u64::from(c.get()) => {
+                Err(BudgetError::ConsumersOverConcurrency { consumers: self.consumers, max_concurrency: c.get() })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// One consumer's share of the config's rate ceilings: requests and tokens per minute, and
     /// requests in flight when the config sets them, divided by [`FanOut::consumers`] (at
-    /// least 1 each), so that all consumers together stay within them.
+    /// least 1 each), so that all consumers together stay within them (for requests in
+    /// flight, once [`FanOut::check`] holds: a consumer whose share is one request sends a
+    /// batch's models one after the other).
     pub fn share(&self, rate: &Rate) -> Rate {
         let n = u64::from(self.consumers.max(1));
         Rate {
@@ -225,6 +242,14 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
         usage: Default::default(),
     };
     let calls = Calls { config, embedder, rt, retry: inv.retry, run: &run, spent: &spent };
+    // The run's token budget: this consumer may spend its share of what is left at its claim
+    // (consumers at the same time each see the same run total), so it starts as if the others
+    // had spent theirs already; a consumer that spends its share hands the range on, and the
+    // next claim divides what is left then.
+    let others = config.max_tokens_per_run.map_or(0, |max| {
+        let left = max.saturating_sub(claimed.run_tokens);
+        left - left.div_ceil(u64::from(inv.fanout.consumers.max(1)))
+    });
     let mut ctx = SourceRun {
         config,
         store: &mut *store,
@@ -233,11 +258,13 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
         state: &mut state,
         run: &run,
         spent: &spent,
-        run_tokens: claimed.run_tokens,
+        run_tokens: claimed.run_tokens + others,
         mode: Mode::Range,
         fanout: None,
     };
     let outcome = ctx.sync(source, claimed.next).await;
+    // What the run has spent, as far as this consumer knows: at its claim, plus its own.
+    let run_tokens = ctx.run_tokens - others;
     let event = |what: &str| {
         LogEvent::info(
             "range",
@@ -254,11 +281,14 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
     // How the claim ends, and what the consumer answers then.
     enum Then {
         Settled(&'static str),
-        Continue,
+        Continue(&'static str),
         Unavailable(String),
     }
     let (end, then) = match outcome {
         Ok(SourceEnd::Done) => (RangeEnd::Done, Then::Settled("done")),
+        Ok(SourceEnd::TokenBudget) if !config.token_budget_spent(run_tokens) => {
+            (RangeEnd::HandOn(None), Then::Continue("its share of the run's token budget is spent; the message is sent again"))
+        }
         Ok(SourceEnd::TokenBudget) => (
             RangeEnd::Dead("the run's token budget is spent (maxTokensPerRun); the next run goes on with its values".into()),
             Then::Settled("given up: the run's token budget is spent"),
@@ -269,7 +299,7 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
         ),
         Ok(SourceEnd::Paused(_)) | Ok(SourceEnd::FannedOut) => match spent.pause.borrow().as_ref() {
             Some(Pause::Outage(why)) => (RangeEnd::HandOn(Some(why.clone())), Then::Unavailable(why.clone())),
-            _ => (RangeEnd::HandOn(None), Then::Continue),
+            _ => (RangeEnd::HandOn(None), Then::Continue("budget spent; the message is sent again")),
         },
         Err(Stop::LeaseLost(e)) => return Ok(lost(e)),
         Err(Stop::Store(e)) => {
@@ -293,8 +323,8 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
             rt.log(event(what));
             Ok(Consumed::Done { run_ready })
         }
-        Then::Continue => {
-            rt.log(event("budget spent; the message is sent again"));
+        Then::Continue(what) => {
+            rt.log(event(what));
             Ok(Consumed::Continue(msg.clone()))
         }
         Then::Unavailable(why) => {
@@ -348,8 +378,20 @@ mod tests {
         assert_eq!(share.requests_per_minute, NonZeroU64::new(750));
         assert_eq!(share.tokens_per_minute, NonZeroU64::new(250_000));
         assert_eq!(f.share(&Rate::default()), Rate::default());
+        assert_eq!(f.check(&rate), Ok(()));
         let many = FanOut { consumers: 10_000, ..f }.share(&rate);
         assert_eq!(many.requests_per_minute, NonZeroU64::new(1));
+    }
+
+    #[test]
+    fn more_consumers_than_the_concurrency_ceiling_are_refused() {
+        let rate = Rate { max_concurrency: NonZeroU8::new(2), ..Rate::default() };
+        let e = FanOut { consumers: 3, ..FanOut::default() }.check(&rate).unwrap_err();
+        assert_eq!(e, BudgetError::ConsumersOverConcurrency { consumers: 3, max_concurrency: 2 });
+        let text = e.to_string();
+        assert!(text.contains("SYNC_QUEUE_CONSUMERS is 3") && text.contains("at most 2"), "{text}");
+        assert_eq!(FanOut { consumers: 2, ..FanOut::default() }.check(&rate), Ok(()));
+        assert_eq!(FanOut { consumers: 50, ..FanOut::default() }.check(&Rate::default()), Ok(()), "no ceiling, no limit");
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //!   extra copies (about 30 MB), some 55 MB with the wasm heap's slack, well inside 128 MB.
 //!
 //! A batch is always allowed when nothing is in flight, whatever it holds, so the window never
-//! stops the work: it only decides how much overlaps.
+//! stops the work: it only decides how much overlaps. When the concurrency is below a batch's
+//! requests (one, with both models), the driver sends its models one after the other.
 //!
 //! Within those bounds, [`Control`] adapts to the provider, on a clock it is given (pure, so it
 //! is tested with a fake one): it starts at the configured concurrency (`rate.maxConcurrency`,

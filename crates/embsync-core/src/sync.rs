@@ -526,6 +526,19 @@ pub enum BudgetError {
         /// `SYNC_MAX_SECONDS`.
         max_seconds: f64,
     },
+    /// More queue consumers than the config's `rate.maxConcurrency`: each keeps at least one
+    /// provider request in flight, so together they would go past it.
+    #[error(
+        "SYNC_QUEUE_CONSUMERS is {consumers} but rate.maxConcurrency is {max_concurrency}: each queue consumer keeps at least one \
+         provider request in flight, so together they would have {consumers}; set SYNC_QUEUE_CONSUMERS (and the ranges \
+         consumer's max_concurrency x max_batch_size in wrangler.toml) to at most {max_concurrency}, or raise rate.maxConcurrency"
+    )]
+    ConsumersOverConcurrency {
+        /// `SYNC_QUEUE_CONSUMERS`.
+        consumers: u32,
+        /// The config's `rate.maxConcurrency`.
+        max_concurrency: u8,
+    },
 }
 
 /// Where an invocation stopped: saved in KV as a hint for the next one.
@@ -1525,7 +1538,8 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 }
                 let group = groups.front().expect("a group");
                 let load = self.load(group);
-                if !window.admits(&load, self.spent.rate.borrow().concurrency()) {
+                let concurrency = self.spent.rate.borrow().concurrency();
+                if !window.admits(&load, concurrency) {
                     break;
                 }
                 let now = self.rt.now_ms();
@@ -1574,7 +1588,10 @@ impl<S: Store, E: Embedder, R: Runtime> SourceRun<'_, S, E, R> {
                 }
                 window.launch(&load);
                 steps.push_back(Step::Group { last: group.last().map(|p| p.hash.clone()), load, needs_provider });
-                flying.push_back(calls.embed_group(group));
+                // A batch alone may still ask more than the concurrency allows (both models at
+                // `maxConcurrency` 1, or a queue consumer's share of 1): its models then go one
+                // after the other.
+                flying.push_back(calls.embed_group(group, load.requests > concurrency));
             }
             // Write the answered group, in order, while later ones are in flight.
             if let Some((load, last, needs_provider, answer)) = to_write.take() {
@@ -1780,7 +1797,8 @@ struct Answer {
 }
 
 impl<E: Embedder, R: Runtime> Calls<'_, E, R> {
-    /// Calls both models concurrently for the values that lack each. A value one model fails
+    /// Calls both models for the values that lack each: at once, or one after the other when
+    /// `one_at_a_time` (the concurrency allows one request). A value one model fails
     /// for keeps the other model's embedding (it is paid for) and is retried later for the
     /// missing one only. With a pause, the values keep what they got and the rest is left to the
     /// next invocation; a model whose requests the provider refuses sends nothing and blames no
@@ -1788,7 +1806,7 @@ impl<E: Embedder, R: Runtime> Calls<'_, E, R> {
     ///
     /// # Errors
     /// The provider refused the API key: the run stops.
-    async fn embed_group(self, group: Vec<PendingValue>) -> Result<Answer, ProviderError> {
+    async fn embed_group(self, group: Vec<PendingValue>, one_at_a_time: bool) -> Result<Answer, ProviderError> {
         let not_started = |pause| Answer { batch: Vec::new(), failures: Vec::new(), usage: Default::default(), pause, started: false };
         if let Some(p) = self.spent.pause.borrow().clone() {
             return Ok(not_started(Some(p)));
@@ -1801,9 +1819,13 @@ impl<E: Embedder, R: Runtime> Calls<'_, E, R> {
         let small_idx: Vec<usize> = (0..group.len()).filter(|&i| !group[i].has_small).collect();
         let large_in: Vec<&str> = large_idx.iter().map(|&i| group[i].value.as_str()).collect();
         let small_in: Vec<&str> = small_idx.iter().map(|&i| group[i].value.as_str()).collect();
-        let (large, small) =
+        let (large, small) = if one_at_a_time {
+            let large = self.embed_isolating(ModelSlot::Large, &large_in).await;
+            (large, self.embed_isolating(ModelSlot::Small, &small_in).await)
+        } else {
             futures::future::join(self.embed_isolating(ModelSlot::Large, &large_in), self.embed_isolating(ModelSlot::Small, &small_in))
-                .await;
+                .await
+        };
         let mut out: Vec<EmbeddedValue> = group
             .iter()
             .map(|p| EmbeddedValue {

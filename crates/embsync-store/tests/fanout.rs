@@ -298,12 +298,14 @@ async fn a_failing_range_keeps_its_progress_reaches_the_dead_letter_queue_and_th
         "the first batch is kept"
     );
     // The queue gives up: the dead-letter queue's consumer marks it dead; /status shows it.
-    fanout::dead_letter(&mut a, &messages[0], "max retries reached: the provider is unavailable (503)").await.unwrap();
+    fanout::dead_letter(&mut a, &messages[0], "max retries reached").await.unwrap();
     let status = a.current_run().await.unwrap().expect("an open run");
     let ranges = status.sources[0].ranges.as_ref().expect("items has ranges");
     assert_eq!((ranges.queued, ranges.done, ranges.dead), (2, 0, 1));
     assert_eq!(ranges.dead_ranges[0].range, messages[0].range);
-    assert!(ranges.dead_ranges[0].error.contains("max retries"), "{:?}", ranges.dead_ranges);
+    // Both the queue's reason and the consumer's last error (the provider's answer) are kept.
+    let dead = &ranges.dead_ranges[0].error;
+    assert!(dead.contains("max retries") && dead.contains("503") && dead.contains("down"), "{dead}");
     assert!(status.sources[1].ranges.is_none(), "tags was synced in-line");
     // The provider is back: the other ranges are consumed, the run finishes and says what died.
     provider.faults.borrow_mut().clear();
@@ -425,4 +427,99 @@ async fn a_range_whose_claim_expired_before_its_end_is_finished_by_the_next_mess
     assert_eq!(again, Consumed::Done { run_ready: false });
     assert_eq!(provider.calls.borrow().len(), calls, "nothing was left to embed");
     assert_eq!(range_states(&db).await[0].1, "done");
+}
+
+/// The fake provider behind a real delay, counting the requests in flight at once across
+/// everyone who calls it.
+struct Slow {
+    inner: FakeProvider,
+    in_flight: std::cell::Cell<usize>,
+    most: std::cell::Cell<usize>,
+}
+
+impl sync::Embedder for Slow {
+    async fn embed(
+        &self,
+        model: &embsync_core::config::ModelSpec,
+        inputs: &[&str],
+    ) -> Result<embsync_core::provider::Embeddings, ProviderError> {
+        self.in_flight.set(self.in_flight.get() + 1);
+        self.most.set(self.most.get().max(self.in_flight.get()));
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        self.in_flight.set(self.in_flight.get() - 1);
+        sync::Embedder::embed(&self.inner, model, inputs).await
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn consumers_at_the_same_time_keep_to_max_concurrency_in_total() {
+    let (db, mut config, items) = setup(60).await;
+    // Three consumers share `rate.maxConcurrency: 3`: one request each, so a consumer's batch
+    // sends its two models one after the other.
+    config.rate.max_concurrency = std::num::NonZeroU8::new(3);
+    assert_eq!(FAN.check(&config.rate), Ok(()));
+    let provider = Slow { inner: FakeProvider::default(), in_flight: Default::default(), most: Default::default() };
+    let mut lead = db.store(&config).await;
+    let messages = fanned_out(invoke(&config, &mut lead, &provider.inner, "lead").await.unwrap());
+    assert!(messages.len() >= 3, "{messages:?}");
+    let mut stores = vec![db.store(&config).await, db.store(&config).await, db.store(&config).await];
+    let rt = TestRuntime::default();
+    let holders = ["c0", "c1", "c2"];
+    let work = stores.iter_mut().zip(holders).enumerate().map(|(i, (store, holder))| {
+        let (provider, rt, config, messages) = (&provider, &rt, &config, &messages);
+        async move {
+            let inv = Consume { holder, budget: Budget::new(100, 60.0, 120.0).unwrap(), retry: RetryPolicy::default(), fanout: FAN };
+            // Consumer i takes messages i, i + 3, ...
+            for m in messages.iter().skip(i).step_by(3) {
+                fanout::consume(config, store, provider, rt, &inv, m).await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(work).await;
+    assert_eq!(provider.most.get(), 3, "requests in flight at once, all consumers together");
+    for v in &items {
+        let calls = provider.inner.calls.borrow();
+        let n = calls.iter().filter(|(_, inputs)| inputs.iter().any(|i| i == v)).count();
+        assert_eq!(n, 2, "{v} once per model");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn consumers_at_the_same_time_share_the_runs_token_budget() {
+    let (db, mut config, _) = setup(60).await;
+    // About 8 tokens a value (both models): room for about 12 values in all.
+    const MAX: u64 = 96;
+    config.max_tokens_per_run = Some(MAX);
+    let provider = Slow { inner: FakeProvider::default(), in_flight: Default::default(), most: Default::default() };
+    let mut lead = db.store(&config).await;
+    let messages = fanned_out(invoke(&config, &mut lead, &provider.inner, "lead").await.unwrap());
+    let tokens = |p: &FakeProvider| -> u64 {
+        p.calls.borrow().iter().flat_map(|(_, inputs)| inputs.iter().map(|i| i.len().div_ceil(4) as u64)).sum()
+    };
+    let before = tokens(&provider.inner);
+    let mut stores = vec![db.store(&config).await, db.store(&config).await, db.store(&config).await];
+    let rt = TestRuntime::default();
+    let work = stores.iter_mut().zip(["c0", "c1", "c2"]).enumerate().map(|(i, (store, holder))| {
+        let (provider, rt, config, messages) = (&provider, &rt, &config, &messages);
+        async move {
+            let inv = Consume { holder, budget: Budget::new(100, 60.0, 120.0).unwrap(), retry: RetryPolicy::default(), fanout: FAN };
+            for m in messages.iter().skip(i).step_by(3) {
+                fanout::consume(config, store, provider, rt, &inv, m).await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(work).await;
+    assert!(provider.most.get() >= 3, "the consumers overlapped: {}", provider.most.get());
+    // One batch (4 values, about 32 tokens) may go past a consumer's share, as it may past the
+    // run's budget without fan-out; without shares each consumer spent up to the whole budget.
+    let spent = tokens(&provider.inner);
+    assert!(spent <= MAX + 3 * 32, "tokens paid in all: {spent} (before the consumers: {before})");
+    assert!(spent - before >= 3 * 24, "each consumer spent its share: {spent} - {before}");
+    let calls = provider.inner.calls.borrow();
+    for (model, inputs) in calls.iter() {
+        for i in inputs {
+            let n = calls.iter().filter(|(m, is)| m == model && is.contains(i)).count();
+            assert_eq!(n, 1, "{i} paid once with {model}");
+        }
+    }
 }

@@ -124,12 +124,13 @@ pub const RUN_READY: Text<1> = Text::fixed(
 SELECT NOT EXISTS (SELECT 1 FROM embedding_sync_ranges WHERE run_id = $1 AND state = 'queued')",
 );
 
-/// The dead-letter queue's verdict on range `$1` (int8) of run `$2`: dead with the reason `$3`,
-/// unless it is done or a consumer holds it unexpired (a duplicate message is at work on it).
-/// Row count 1 when marked.
+/// The dead-letter queue's verdict on range `$1` (int8) of run `$2`: dead with the reason `$3`
+/// after the error its last consumer recorded (the provider's message, which says what
+/// failed), unless it is done or a consumer holds it unexpired (a duplicate message is at work
+/// on it). Row count 1 when marked.
 pub const DEAD_LETTER: Text<3> = Text::fixed(
     "\
-UPDATE embedding_sync_ranges SET state = 'dead', last_error = $3, done_at = now()
+UPDATE embedding_sync_ranges SET state = 'dead', last_error = concat_ws('; ', nullif(last_error, ''), $3), done_at = now()
 WHERE id = $1 AND run_id = $2 AND state = 'queued' AND (expires_at IS NULL OR expires_at <= now())",
 );
 
