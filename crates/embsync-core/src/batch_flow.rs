@@ -104,6 +104,8 @@ pub struct SourceStored {
     pub column: String,
     /// Values written for it.
     pub written: u64,
+    /// Of those, the values the write completed (both embeddings now): the run's `embedded`.
+    pub embedded: u64,
     /// The request's tokens, when they were counted for this source (else 0).
     pub tokens: u64,
     /// 1 when the request was counted for this source, else 0.
@@ -213,8 +215,10 @@ pub async fn submit<S: Store, R: Runtime>(
                 }
             }
             store.record_batch_file(&input_file_id, run, slot, file.requests.len() as u64, &values).await?;
+            // Created once, without retries: a create whose answer was lost may have made the
+            // batch, and a second would be paid twice. The next invocation looks for it first.
             let body = batch_api::create_body(&input_file_id, run);
-            match with_retries(rt, retry, || api.create(&body)).await {
+            match api.create(&body).await {
                 Ok(created) => store.set_batch_created(&input_file_id, &created.id).await?,
                 Err(e) => rt.log(
                     LogEvent::warn(
@@ -425,8 +429,9 @@ async fn find_or_create<S: Store, R: Runtime>(
             _ => break,
         }
     }
+    // Once, as at the submission: the next invocation looks again before another create.
     let body = batch_api::create_body(&open.input_file_id, &open.run);
-    match with_retries(rt, retry, || api.create(&body)).await {
+    match api.create(&body).await {
         Ok(created) => {
             store.set_batch_created(&open.input_file_id, &created.id).await?;
             Ok(Ok(Some(created.id)))
@@ -527,7 +532,7 @@ async fn store_line<S: Store, R: Runtime>(
             for s in &stored.sources {
                 let Some(i) = keys.iter().position(|(t, c)| *t == s.table && *c == s.column) else { continue };
                 let Some(state) = run.sources.get_mut(i) else { continue };
-                state.report.embedded += s.written;
+                state.report.embedded += s.embedded;
                 let usage = match open.slot {
                     ModelSlot::Large => &mut state.usage.0,
                     ModelSlot::Small => &mut state.usage.1,
