@@ -128,7 +128,7 @@ async fn a_backfill_goes_through_batches_once_with_exact_counts_at_the_batch_pri
 
     // The plan sends both models' 60 values through batches, and the run waits for them.
     let waiting = w.paused().await;
-    assert_eq!(waiting.pending_batches, Some(PendingBatches { batches: 2, values: 120 }));
+    assert_eq!(waiting.pending_batches, Some(PendingBatches { batches: 2, values: 120, reading: 0 }));
     assert!(w.provider.calls.borrow().is_empty(), "nothing goes the synchronous way");
     assert_eq!(w.api.batches().len(), 2);
     assert_eq!(w.open_files().await, 2);
@@ -258,7 +258,15 @@ async fn a_cut_while_reading_the_output_resumes_without_storing_or_counting_twic
     // The large model's output breaks off in its last line (its first has arrived).
     w.api.break_content_before_end.set(Some(100));
     let waiting = w.paused().await;
-    assert_eq!(waiting.pending_batches.map(|p| p.batches), Some(1), "the small batch was read whole after the break");
+    assert_eq!(
+        waiting.pending_batches.as_ref().map(|p| (p.batches, p.reading)),
+        Some((1, 1)),
+        "the small batch was read whole after the break; the large one is partly read"
+    );
+    assert!(
+        sync::Chain::default().goes_on(&Outcome::Paused(waiting.clone(), dummy_cursor()), 0.0, 1, &Budget::default()),
+        "an output partly read is read on at once"
+    );
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache WHERE embedding_large IS NOT NULL").await, 2048);
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache WHERE embedding_small IS NOT NULL").await, 2100);
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_batch_values").await, 52, "the large model's last request waits");
