@@ -45,6 +45,10 @@ impl World {
 
     /// One invocation with the Batch API's transport.
     async fn invoke(&mut self) -> Outcome {
+        self.try_invoke().await.expect("an invocation")
+    }
+
+    async fn try_invoke(&mut self) -> Result<Outcome, sync::SyncError> {
         self.n += 1;
         let (id, holder) = (RunId(format!("run-{}", self.n)), format!("inv-{}", self.n));
         let inv = Invocation {
@@ -57,7 +61,7 @@ impl World {
             fanout: None,
             batch_api: Some(&self.api),
         };
-        sync::invoke(&self.config, &mut self.store, &self.provider, &self.rt, &inv).await.expect("an invocation")
+        sync::invoke(&self.config, &mut self.store, &self.provider, &self.rt, &inv).await
     }
 
     async fn paused(&mut self) -> RunReport {
@@ -364,4 +368,25 @@ async fn a_model_change_re_embeds_its_column_through_batches() {
     assert_eq!(w.provider.calls.borrow().len(), 2, "nothing more went the synchronous way");
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache_owned WHERE large_model = 'text-embedding-3-small:4'").await, 60);
     assert_eq!(w.done().await, 60);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_cut_between_the_upload_and_its_record_uploads_again_and_runs_once() {
+    let all = values("value", 60);
+    let mut w = World::new(&all, 50, "{}").await;
+    *w.api.steal_lease_after_upload.borrow_mut() = Some(w.db.url.clone());
+    let cut = w.try_invoke().await;
+    assert!(matches!(cut, Err(sync::SyncError::LeaseLost(_))), "{cut:?}");
+    assert_eq!(w.api.count("POST /v1/files"), 1);
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_batches").await, 0, "nothing recorded");
+    assert!(w.api.batches().is_empty(), "no batch was made of the file");
+    // Once the thief's lease expired, the run's next invocation plans again: the values are
+    // still pending, and go in new files.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    w.paused().await;
+    let report = w.finished().await;
+    assert_eq!(report.totals.embedded, 60);
+    assert_eq!(w.api.count("POST /v1/files"), 3, "the unrecorded file, then one per model");
+    assert_eq!(w.api.batches().len(), 2);
+    once_per_model(&w.sent(), &all);
 }

@@ -31,6 +31,9 @@ pub struct HttpBatchApi {
     pub create_lost: Cell<bool>,
     /// The next content stream breaks off this many bytes before its end (once).
     pub break_content_before_end: Cell<Option<usize>>,
+    /// The next upload, once it succeeded, hands the sync lease to another holder in this
+    /// database (URL): the invocation is cut between the upload and its record.
+    pub steal_lease_after_upload: RefCell<Option<String>>,
     /// Every call: `METHOD path`.
     pub calls: RefCell<Vec<String>>,
 }
@@ -47,6 +50,7 @@ impl HttpBatchApi {
             create_unsent: Cell::new(false),
             create_lost: Cell::new(false),
             break_content_before_end: Cell::new(None),
+            steal_lease_after_upload: RefCell::new(None),
             calls: RefCell::new(Vec::new()),
         };
         api.admin("POST", "/_admin/batch", switches);
@@ -109,6 +113,14 @@ impl BatchApi for HttpBatchApi {
     fn upload<'a>(&'a self, upload: &'a Upload) -> Call<'a, String> {
         Box::pin(async move {
             let answer = self.call("POST", "/v1/files", Some(&upload.content_type), &upload.body)?;
+            let steal = self.steal_lease_after_upload.borrow_mut().take();
+            if let Some(url) = steal {
+                let client = super::connect(&url).await;
+                client
+                    .batch_execute("UPDATE embedding_sync_lease SET holder = 'thief', expires_at = now() + interval '1 second'")
+                    .await
+                    .expect("stealing the lease");
+            }
             batch_api::file_id(&answer.body).map_err(malformed)
         })
     }
