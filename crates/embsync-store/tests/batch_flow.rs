@@ -390,3 +390,26 @@ async fn a_cut_between_the_upload_and_its_record_uploads_again_and_runs_once() {
     assert_eq!(w.api.batches().len(), 2);
     once_per_model(&w.sent(), &all);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn values_two_sources_share_go_in_one_batch_and_both_sources_get_them() {
+    let items = values("value", 40);
+    let mut w = World::new(&items, 50, "{}").await;
+    // `things` has 20 of items' values and 20 of its own.
+    let things: Vec<String> = items[20..].iter().cloned().chain(values("thing", 20)).collect();
+    w.db.source_table("things", "name", &things.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    w.config = config(100, &[("Items", "items", "title"), ("Things", "things", "name")]);
+    w.config.batch_api = Some(BatchApiSetting { min_values: 50 });
+    w.store = w.db.store(&w.config).await;
+    let waiting = w.paused().await;
+    // Items' 40 values, then the 20 of things' that items does not have: a file each, per model.
+    assert_eq!(waiting.pending_batches.map(|p| (p.batches, p.values)), Some((4, 120)));
+    w.finished().await;
+    let distinct: Vec<String> = items.iter().chain(&things[20..]).cloned().collect();
+    once_per_model(&w.sent(), &distinct);
+    // The shared values are linked to things by the next run's plan, at no cost.
+    w.finished().await;
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache_sources WHERE source_table = 'things'").await, 40);
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache_sources WHERE source_table = 'items'").await, 40);
+    once_per_model(&w.sent(), &distinct);
+}
