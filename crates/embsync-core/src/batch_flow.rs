@@ -51,6 +51,10 @@ pub const LIST_PAGES: u32 = 10;
 /// Batches per page of `GET /v1/batches`.
 pub const LIST_PAGE: u32 = 100;
 
+/// How long a file recorded without its batch id is looked up before it is given up (its values
+/// go the synchronous way): twice the completion window, so any batch made of it has ended.
+pub const GIVE_UP_LOOKUP_SECS: f64 = 48.0 * 3600.0;
+
 /// A request file embsync has not finished with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpenBatch {
@@ -526,6 +530,22 @@ async fn find_or_create<S: Store, R: Runtime>(
     for _ in 0..LIST_PAGES {
         let page = match with_retries(rt, retry, || api.list(after.as_deref(), LIST_PAGE)).await {
             Ok(page) => page,
+            Err(e) if open.age_secs > GIVE_UP_LOOKUP_SECS => {
+                // Any batch made of it has ended long ago; the run must not wait forever.
+                rt.log(
+                    LogEvent::error(
+                        "batch_api",
+                        format!(
+                            "The batch of file {} could not be looked up for {} hours ({e}); its values go the synchronous way",
+                            open.input_file_id,
+                            GIVE_UP_LOOKUP_SECS / 3600.0
+                        ),
+                    )
+                    .run(&open.run.0),
+                );
+                store.finish_batch_file(&open.input_file_id, "abandoned").await?;
+                return Ok(Ok(None));
+            }
             Err(e) => return Ok(Err(e)),
         };
         if let Some(found) = page.data.iter().find(|b| b.input_file_id == open.input_file_id) {

@@ -413,3 +413,28 @@ async fn values_two_sources_share_go_in_one_batch_and_both_sources_get_them() {
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache_sources WHERE source_table = 'items'").await, 40);
     once_per_model(&w.sent(), &distinct);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_file_whose_batch_cannot_be_looked_up_is_given_up_after_two_days() {
+    let all = values("value", 60);
+    let mut w = World::new(&all, 50, "{}").await;
+    w.api.create_unsent.set(true);
+    w.paused().await;
+    w.api.create_unsent.set(false);
+    w.api.list_fails.set(true);
+    // Not looked up: no create either (it might make a second batch), and the run waits.
+    w.paused().await;
+    assert!(w.api.batches().is_empty());
+    assert_eq!(w.open_files().await, 2);
+    w.db.exec("UPDATE embedding_sync_batches SET created_at = now() - interval '49 hours'").await;
+    let report = w.finished().await;
+    assert_eq!(report.totals.embedded, 0);
+    assert_eq!(w.db.texts("SELECT state FROM embedding_sync_batches").await, ["abandoned".to_string()].into());
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_batch_values").await, 0);
+    // Released, the values go their way again in the next run.
+    w.api.list_fails.set(false);
+    w.paused().await;
+    w.finished().await;
+    assert_eq!(w.done().await, 60);
+    once_per_model(&w.sent(), &all);
+}

@@ -29,6 +29,8 @@ pub struct HttpBatchApi {
     pub create_unsent: Cell<bool>,
     /// `create` reaches the provider, which creates the batch, and the answer is lost.
     pub create_lost: Cell<bool>,
+    /// `list` fails (a 503).
+    pub list_fails: Cell<bool>,
     /// The next content stream breaks off this many bytes before its end (once).
     pub break_content_before_end: Cell<Option<usize>>,
     /// The next upload, once it succeeded, hands the sync lease to another holder in this
@@ -49,6 +51,7 @@ impl HttpBatchApi {
             chunk: 700,
             create_unsent: Cell::new(false),
             create_lost: Cell::new(false),
+            list_fails: Cell::new(false),
             break_content_before_end: Cell::new(None),
             steal_lease_after_upload: RefCell::new(None),
             calls: RefCell::new(Vec::new()),
@@ -159,6 +162,10 @@ impl BatchApi for HttpBatchApi {
                 Some(after) => format!("/v1/batches?limit={limit}&after={after}"),
                 None => format!("/v1/batches?limit={limit}"),
             };
+            if self.list_fails.get() {
+                self.calls.borrow_mut().push(format!("GET {path} (503)"));
+                return Err(ProviderError::Server { status: 503, message: "unavailable".into() });
+            }
             let answer = self.call("GET", &path, None, b"")?;
             BatchPage::parse(&answer.body).map_err(malformed)
         })
