@@ -25,7 +25,6 @@ impl PgStore {
             }
         }
         match query_one(&self.client, &Bound::new(&sql::SourceCoverage { source })).await {
-
             Ok(row) => {
                 let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
                 (out.distinct_values, out.embedded_large, out.embedded_small, out.errors) = (n(0), n(1), n(2), n(3));

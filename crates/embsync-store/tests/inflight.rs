@@ -66,15 +66,7 @@ async fn invoke_slow(
     hint: Option<&Cursor>,
 ) -> Outcome {
     let id = RunId(format!("run-{holder}"));
-    let inv = Invocation {
-        trigger: Trigger::Cron,
-        retry: RetryPolicy::default(),
-        budget: Budget::default(),
-        new_run: &id,
-        holder,
-        hint,
-        fanout: None,
-    };
+    let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget: Budget::default(), new_run: &id, holder, hint, fanout: None, batch_api: None };
     sync::invoke(config, store, provider, rt, &inv).await.expect("an invocation")
 }
 
@@ -175,17 +167,6 @@ async fn the_configured_concurrency_and_a_429_narrow_the_window() {
     assert!(matches!(invoke_slow(&narrow, &mut store, &provider, &rt, "inv-1", None).await, Outcome::Finished(_)));
     assert_eq!(provider.most.get(), 2, "requests in flight at once with maxConcurrency 3");
     assert_eq!(done_values(&db).await, values.iter().cloned().collect::<BTreeSet<_>>());
-
-    // `rate.maxConcurrency: 1`: a batch's two models go one after the other.
-    let db = TestDb::create().await;
-    db.source_table("items", "title", &refs).await;
-    narrow.rate.max_concurrency = std::num::NonZeroU8::new(1);
-    let (provider, rt) = (Slow::new(10), TestRuntime::default());
-    let mut store = db.store(&narrow).await;
-    assert!(matches!(invoke_slow(&narrow, &mut store, &provider, &rt, "inv-1", None).await, Outcome::Finished(_)));
-    assert_eq!(provider.most.get(), 1, "requests in flight at once with maxConcurrency 1");
-    assert_eq!(done_values(&db).await, values.iter().cloned().collect::<BTreeSet<_>>());
-    assert!(paid(&provider).values().all(|&n| n == 1), "each value paid once per model");
 
     // A 429 on the second batch's first request halves the default five to two: one batch at a time from then
     // on, and the next batch waits for the Retry-After (the runtime's virtual clock sleeps it).
