@@ -562,3 +562,29 @@ async fn an_earlier_versions_statement_level_update_trigger_is_replaced_by_the_r
     assert_eq!((World::source(&report, "A").embedded, World::source(&report, "A").stale), (1, 1));
     w.follows("a", "title").await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_logged_change_log_postgres_will_not_make_unlogged_stays_logged_and_the_migration_goes_on() {
+    let mut w = World::new(&[("A", "a", "title", "capture")]).await;
+    w.db.source_table("a", "title", &["x"]).await;
+    w.run().await;
+    // As version 4 left it, then put in a publication by name (inserts only: one that publishes
+    // deletes would refuse the fold's, as it did before): SET UNLOGGED is refused.
+    w.db.exec(
+        "ALTER TABLE embedding_sync_change_log SET LOGGED; CREATE PUBLICATION embsync_test_pub FOR TABLE embedding_sync_change_log WITH (publish = 'insert');
+         UPDATE embedding_sync_schema SET version = 4",
+    )
+    .await;
+    w.reconfigure(&[("A", "a", "title", "capture")]).await;
+    w.db.insert("a", "title", &["y"]).await;
+    let report = w.run().await;
+    assert_eq!(World::source(&report, "A").embedded, 1);
+    w.follows("a", "title").await;
+    assert_eq!(w.db.count("SELECT version::int8 FROM embedding_sync_schema").await, embsync_core::sql::SCHEMA_VERSION as i64);
+    assert_eq!(
+        w.db.count("SELECT count(*) FROM pg_class WHERE relname = 'embedding_sync_change_log' AND relpersistence = 'p'").await,
+        1,
+        "still logged"
+    );
+    w.db.exec("DROP PUBLICATION embsync_test_pub").await;
+}

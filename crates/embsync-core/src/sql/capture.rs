@@ -40,7 +40,9 @@ pub fn capture_triggers(capture_id: i32) -> [Ident; 4] {
 ///
 /// The log is UNLOGGED: writers append to it without WAL. A crash, a failover or a restarted
 /// compute empties it, sentinel row and all, and the missing sentinel forces a reconcile of
-/// every capture ([`LOG_LOST`]).
+/// every capture ([`LOG_LOST`]). A log of version 4 is made UNLOGGED here; where Postgres refuses
+/// (the table was added to a publication by name) it stays logged, which is as correct, only
+/// dearer for writers.
 pub const CAPTURE_MIGRATION: &str = r#"CREATE TABLE IF NOT EXISTS embedding_sync_capture (
     capture_id serial PRIMARY KEY,
     source_table text NOT NULL,
@@ -60,7 +62,16 @@ CREATE UNLOGGED TABLE IF NOT EXISTS embedding_sync_change_log (
     delta integer NOT NULL,
     value text
 );
-ALTER TABLE embedding_sync_change_log SET UNLOGGED;
+DO $embsync$
+BEGIN
+    IF (SELECT relpersistence FROM pg_class WHERE oid = 'embedding_sync_change_log'::regclass) <> 'u' THEN
+        ALTER TABLE embedding_sync_change_log SET UNLOGGED;
+    END IF;
+EXCEPTION
+    WHEN lock_not_available THEN RAISE;
+    WHEN OTHERS THEN RAISE NOTICE 'embedding_sync_change_log stays logged: %', SQLERRM;
+END
+$embsync$;
 INSERT INTO embedding_sync_change_log (capture_id, delta)
 SELECT 0, 0 WHERE NOT EXISTS (SELECT 1 FROM embedding_sync_change_log WHERE capture_id = 0);
 CREATE TABLE IF NOT EXISTS embedding_sync_capture_values (
