@@ -83,7 +83,7 @@ impl PgSocket {
         PgSocket::new(sys.connect()?)
     }
 
-    fn new(socket: worker_sys::Socket) -> Result<PgSocket, JsValue> {
+    pub(crate) fn new(socket: worker_sys::Socket) -> Result<PgSocket, JsValue> {
         let reader: ReadableStreamDefaultReader = socket.readable()?.get_reader().dyn_into()?;
         let writer = socket.writable()?.get_writer()?;
         Ok(PgSocket { socket, reader, writer, reading: None, unread: Vec::new(), unread_at: 0, writing: None, closing: None })

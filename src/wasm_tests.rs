@@ -293,3 +293,33 @@ async fn the_queue_handler_acks_what_is_not_a_range_message_and_retries_what_fai
         assert_eq!(got, want, "{queue}: each message settled once, on its own");
     }
 }
+
+/// `PgSocket` over a socket kept in a JS object: its readable side yields a chunk larger than the
+/// reader's buffer, an empty one and a last one, then ends; its writable side records what is
+/// written and whether it was closed.
+#[wasm_bindgen_test]
+async fn the_postgres_socket_reads_across_chunks_and_writes_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let written = js_sys::Array::new();
+    let fixture = js(
+        "written",
+        "const chunks = [new Uint8Array([1, 2, 3, 4, 5]), new Uint8Array([]), new Uint8Array([6, 7])];
+        return {
+          readable: new ReadableStream({ pull(c) { const next = chunks.shift(); if (next) c.enqueue(next); else c.close(); } }),
+          writable: new WritableStream({ write(chunk) { written.push(Array.from(chunk)); }, close() { written.push('closed'); } }),
+        };",
+        &[&written],
+    );
+    let mut socket = crate::socket::PgSocket::new(fixture.unchecked_into()).unwrap();
+    let mut two = [0u8; 2];
+    socket.read_exact(&mut two).await.unwrap();
+    assert_eq!(two, [1, 2], "the start of a chunk larger than the buffer");
+    let mut rest = Vec::new();
+    socket.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, [3, 4, 5, 6, 7], "the rest of the first chunk, the empty one skipped, the last one, then the end");
+    socket.write_all(b"ab").await.unwrap();
+    socket.write_all(b"c").await.unwrap();
+    socket.shutdown().await.unwrap();
+    let seen: Vec<String> = written.iter().map(|v| String::from(js_sys::JSON::stringify(&v).unwrap())).collect();
+    assert_eq!(seen, ["[97,98]", "[99]", "\"closed\""], "each write once, in order, then the close");
+}
