@@ -460,12 +460,14 @@ async fn status(env: &Env) -> Result<Status, AppError> {
             disabled: config.sources.iter().filter(|s| !s.enabled).map(|s| s.name.clone()).collect(),
             left_config: Vec::new(),
             orphans: Default::default(),
+            pending_batches: Vec::new(),
         };
         if store.has_run_tables().await? {
             out.current_run = store.current_run().await?;
             out.last_runs = store.last_runs(10).await?;
             out.left_config = store.left_sources(&config).await?;
             out.orphans = store.waiting_orphans().await?;
+            out.pending_batches = store.pending_batches().await?;
         }
         for source in config.enabled_sources() {
             out.sources.push(store.coverage(source).await);
