@@ -361,6 +361,7 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
             holder: &holder,
             hint: hint.as_ref(),
             fanout,
+            batch_api: None,
         };
         let result = sync::invoke(&config, &mut conn.store, &embedder, &rt, &inv).await;
         invocations += 1;

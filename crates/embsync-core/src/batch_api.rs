@@ -482,6 +482,8 @@ pub struct RequestCounts {
 pub struct Batch {
     /// Its id.
     pub id: String,
+    /// The request file it was made of.
+    pub input_file_id: String,
     /// Its status.
     pub status: BatchStatus,
     /// The output file (successful requests), once there is one.
@@ -508,6 +510,8 @@ impl Batch {
         #[derive(Deserialize)]
         struct Raw {
             id: String,
+            #[serde(default)]
+            input_file_id: String,
             status: BatchStatus,
             #[serde(default)]
             output_file_id: Option<String>,
@@ -531,6 +535,7 @@ impl Batch {
         let raw: Raw = serde_json::from_slice(body).map_err(|e| BatchObjectError(format!("not a batch object: {e}")))?;
         Ok(Batch {
             id: raw.id,
+            input_file_id: raw.input_file_id,
             status: raw.status,
             output_file_id: raw.output_file_id,
             error_file_id: raw.error_file_id,
@@ -538,6 +543,87 @@ impl Batch {
             errors: raw.errors.map(|e| e.data.into_iter().map(|i| i.message).collect()).unwrap_or_default(),
         })
     }
+}
+
+/// A page of `GET /v1/batches`: the key's batches, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPage {
+    /// The batches of the page.
+    pub data: Vec<Batch>,
+    /// Whether older batches follow (ask again with `after` = [`BatchPage::last_id`]).
+    pub has_more: bool,
+    /// The last batch's id.
+    pub last_id: Option<String>,
+}
+
+impl BatchPage {
+    /// Reads a list object (`{"object": "list", "data": [batch, ...], "has_more", "last_id"}`).
+    ///
+    /// # Errors
+    /// [`BatchObjectError`] when the body is not one, or one of its batches is not a batch.
+    pub fn parse(body: &[u8]) -> Result<BatchPage, BatchObjectError> {
+        #[derive(Deserialize)]
+        struct Raw<'a> {
+            #[serde(borrow)]
+            data: Vec<&'a RawValue>,
+            #[serde(default)]
+            has_more: bool,
+            #[serde(default)]
+            last_id: Option<String>,
+        }
+        let raw: Raw<'_> = serde_json::from_slice(body).map_err(|e| BatchObjectError(format!("not a list of batches: {e}")))?;
+        let data = raw.data.iter().map(|b| Batch::parse(b.get().as_bytes())).collect::<Result<Vec<_>, _>>()?;
+        Ok(BatchPage { data, has_more: raw.has_more, last_id: raw.last_id })
+    }
+}
+
+/// The error of a Batch API answer with a status other than 2xx, by the embeddings endpoint's
+/// rules ([`crate::provider::decode_response`]): 401/403 [`ProviderError::Unauthorized`], 404
+/// [`ProviderError::RequestRejected`] (see [`is_not_found`]), 429 and 5xx retryable.
+pub fn error_of(status: u16, header: impl Fn(&str) -> Option<String>, body: &[u8]) -> ProviderError {
+    crate::provider::classify_error(status, &header, body)
+}
+
+/// Whether the provider does not know the object asked for (404): a batch or file it forgot.
+pub fn is_not_found(e: &ProviderError) -> bool {
+    matches!(e, ProviderError::RequestRejected { status: 404, .. })
+}
+
+/// What a [`BatchApi`] call returns: a boxed future, so that the transport can be held as
+/// `&dyn BatchApi` (by [`crate::sync::Invocation::batch_api`]) without a type parameter.
+pub type Call<'a, T> = futures::future::LocalBoxFuture<'a, Result<T, ProviderError>>;
+
+/// The Batch API's HTTP calls: one request each, no retries (the driver retries, as for
+/// embeddings). Errors are the provider's ([`ProviderError`], decoded by [`error_of`]: 401/403
+/// fatal, 404 an unknown object ([`is_not_found`]), 429/5xx and transport failures retryable).
+///
+/// An implementation writes `fn upload<'a>(&'a self, upload: &'a Upload) -> Call<'a, String> {
+/// Box::pin(async move { ... }) }`.
+pub trait BatchApi {
+    /// `POST /v1/files` (purpose `batch`) with `upload` ([`upload_body`]): the file's id
+    /// ([`file_id`] of the answer).
+    fn upload<'a>(&'a self, upload: &'a Upload) -> Call<'a, String>;
+    /// `POST /v1/batches` with `body` ([`create_body`], JSON): the batch ([`Batch::parse`]).
+    fn create<'a>(&'a self, body: &'a str) -> Call<'a, Batch>;
+    /// `GET /v1/batches/{batch_id}`.
+    fn retrieve<'a>(&'a self, batch_id: &'a str) -> Call<'a, Batch>;
+    /// `POST /v1/batches/{batch_id}/cancel`.
+    fn cancel<'a>(&'a self, batch_id: &'a str) -> Call<'a, Batch>;
+    /// `GET /v1/batches?limit={limit}[&after={after}]`: one page of the key's batches, newest
+    /// first ([`BatchPage::parse`]); finds the batch of a file left between upload and create
+    /// by its `input_file_id`.
+    fn list<'a>(&'a self, after: Option<&'a str>, limit: u32) -> Call<'a, BatchPage>;
+    /// `GET /v1/files/{file_id}/content`, streamed: never the whole file in memory.
+    fn content<'a>(&'a self, file_id: &'a str) -> Call<'a, Box<dyn ContentStream + 'a>>;
+    /// `DELETE /v1/files/{file_id}` (cleanup; the driver ignores a 404).
+    fn delete_file<'a>(&'a self, file_id: &'a str) -> Call<'a, ()>;
+}
+
+/// A file's content as it arrives.
+pub trait ContentStream {
+    /// The next chunk, `None` at the end. An error mid-stream is retryable: the driver reads the
+    /// file again from the start, and skips the requests already stored.
+    fn next_chunk(&mut self) -> Call<'_, Option<Vec<u8>>>;
 }
 
 #[cfg(test)]
@@ -701,6 +787,22 @@ mod tests {
         assert_eq!((failed.status, failed.errors), (BatchStatus::Failed, vec!["bad line".to_owned()]));
         assert!(!Batch::parse(br#"{"id":"b","status":"in_progress"}"#).unwrap().status.is_over());
         assert!(Batch::parse(br#"{"id":"b","status":"paused"}"#).is_err(), "an unknown status is not guessed at");
+        let page = BatchPage::parse(
+            br#"{"object":"list","data":[{"id":"b2","input_file_id":"file-2","status":"in_progress"},{"id":"b1","input_file_id":"file-1","status":"completed"}],
+                "first_id":"b2","last_id":"b1","has_more":true}"#,
+        )
+        .unwrap();
+        let ids: Vec<(&str, &str)> = page.data.iter().map(|b| (b.id.as_str(), b.input_file_id.as_str())).collect();
+        assert_eq!((ids, page.has_more, page.last_id.as_deref()), (vec![("b2", "file-2"), ("b1", "file-1")], true, Some("b1")));
+        assert!(BatchPage::parse(br#"{"data":[{"id":"b"}]}"#).is_err(), "a batch without a status is refused");
+        let gone = error_of(
+            404,
+            |_| None,
+            br#"{"error":{"message":"No batch found with id 'b'.","type":"invalid_request_error","param":null,"code":null}}"#,
+        );
+        assert!(is_not_found(&gone), "{gone:?}");
+        assert!(!is_not_found(&error_of(500, |_| None, b"oops")));
+        assert!(matches!(error_of(401, |_| None, b"{}"), ProviderError::Unauthorized { status: 401 }));
     }
 
     /// A line with `body` as the response, as the Batch API writes it.

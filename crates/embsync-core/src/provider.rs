@@ -398,7 +398,7 @@ fn parse_with_serde(body: &[u8]) -> Result<Parsed, ProviderError> {
     Ok(Parsed { items, prompt_tokens: parsed.usage.map_or(0, |u| u.prompt_tokens) })
 }
 
-fn classify_error(status: u16, header: &impl Fn(&str) -> Option<String>, body: &[u8]) -> ProviderError {
+pub(crate) fn classify_error(status: u16, header: &impl Fn(&str) -> Option<String>, body: &[u8]) -> ProviderError {
     let (message, param, code) = match serde_json::from_slice::<ErrorBody>(body) {
         Ok(b) if !b.error.message.is_empty() => {
             let code = match b.error.code {

@@ -5,6 +5,7 @@
 //! `fetch`, and the tests below implement them in memory, with faults on command.
 
 use crate::batch;
+use crate::batch_api::BatchApi;
 use crate::config::{Config, ModelSlot, ModelSpec, Source};
 use crate::fanout::{FanOut, RangeClaim, RangeEnd, RangeMessage, RangeTally};
 use crate::hash::ValueHash;
@@ -788,7 +789,7 @@ pub async fn invoke<S: Store, E: Embedder, R: Runtime>(
 }
 
 /// What one invocation is asked to do.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Invocation<'a> {
     /// What started it (recorded when it starts a new run).
     pub trigger: Trigger,
@@ -805,6 +806,24 @@ pub struct Invocation<'a> {
     /// Fan-out over a queue (`None`: no queue binding; every source is synced in-line and
     /// ranges left by an earlier invocation are ignored).
     pub fanout: Option<FanOut>,
+    /// The Batch API's transport (`None`: every model goes the synchronous way, whatever
+    /// `batchApi` says, and open batches wait for an invocation that has one).
+    pub batch_api: Option<&'a dyn BatchApi>,
+}
+
+impl std::fmt::Debug for Invocation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invocation")
+            .field("trigger", &self.trigger)
+            .field("retry", &self.retry)
+            .field("budget", &self.budget)
+            .field("new_run", &self.new_run)
+            .field("holder", &self.holder)
+            .field("hint", &self.hint)
+            .field("fanout", &self.fanout)
+            .field("batch_api", &self.batch_api.is_some())
+            .finish()
+    }
 }
 
 async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(

@@ -60,7 +60,7 @@ thread_local! {
 async fn invoke(config: &Config, store: &mut PgStore) -> Outcome {
     let id = RunId(format!("bench-{}-{}", std::process::id(), RUN.with(|r| r.replace(r.get() + 1))));
     let budget = Budget { max_batches: 100_000, max_ms: 3_600_000.0, lease_ttl: Duration::from_secs(5400), max_subrequests: 1_000_000 };
-    let inv = Invocation { trigger: Trigger::Http, retry: RetryPolicy::default(), budget, new_run: &id, holder: "bench", hint: None, fanout: None };
+    let inv = Invocation { trigger: Trigger::Http, retry: RetryPolicy::default(), budget, new_run: &id, holder: "bench", hint: None, fanout: None, batch_api: None };
     sync::invoke(config, store, &Instant0, &Rt, &inv).await.unwrap_or_else(|e| panic!("the sync failed: {e}"))
 }
 

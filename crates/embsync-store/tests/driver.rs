@@ -145,7 +145,7 @@ impl World {
     async fn invoke(&mut self, budget: Budget, holder: &str, hint: Option<&Cursor>) -> Result<Outcome, SyncError> {
         self.runs += 1;
         let id = RunId(format!("run-{}", self.runs));
-        let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget, new_run: &id, holder, hint, fanout: None };
+        let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget, new_run: &id, holder, hint, fanout: None, batch_api: None };
         embsync_core::sync::invoke(&self.config, &mut self.store, &self.provider, &self.rt, &inv).await
     }
 

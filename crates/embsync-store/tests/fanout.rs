@@ -44,6 +44,7 @@ async fn invoke(config: &Config, store: &mut impl Store, provider: &FakeProvider
         holder,
         hint: None,
         fanout: Some(FAN),
+        batch_api: None,
     };
     sync::invoke(config, store, provider, &TestRuntime::default(), &inv).await
 }

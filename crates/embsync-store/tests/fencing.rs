@@ -468,6 +468,7 @@ async fn invoke_on<S: Store>(config: &Config, store: &mut S, provider: &FakeProv
         holder,
         hint: None,
         fanout: None,
+        batch_api: None,
     };
     embsync_core::sync::invoke(config, store, provider, &TestRuntime::default(), &inv).await
 }

@@ -51,6 +51,7 @@ async fn a_source_emptied_after_it_was_counted_is_still_held_back_by_the_guard()
         holder: "inv-2",
         hint: None,
         fanout: None,
+        batch_api: None,
     };
     let Outcome::Finished(report) = embsync_core::sync::invoke(&config, &mut store, &provider, &rt, &inv).await.unwrap() else {
         panic!("the run did not finish");

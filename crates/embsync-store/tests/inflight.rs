@@ -66,7 +66,7 @@ async fn invoke_slow(
     hint: Option<&Cursor>,
 ) -> Outcome {
     let id = RunId(format!("run-{holder}"));
-    let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget: Budget::default(), new_run: &id, holder, hint, fanout: None };
+    let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget: Budget::default(), new_run: &id, holder, hint, fanout: None, batch_api: None };
     sync::invoke(config, store, provider, rt, &inv).await.expect("an invocation")
 }
 

@@ -1196,6 +1196,7 @@ impl Sim {
                         holder,
                         hint: hint.as_ref(),
                         fanout: fan,
+                        batch_api: None,
                     };
                     let mut r = sync::invoke(config, store, provider, rt, &inv).await;
                     if let (Some(fan), Some(rng), Ok(Outcome::FannedOut { messages, .. })) = (fan, rng, &r) {

@@ -172,6 +172,7 @@ async fn status_counts_the_orphan_candidates_waiting_for_the_end_of_a_run() {
         holder: "inv-2",
         hint: None,
         fanout: None,
+        batch_api: None,
     };
     // The driver goes on without the deletion (the next run's end deletes them).
     let cut = embsync_core::sync::invoke(&config, &mut hooked, &provider, &rt, &inv).await;
