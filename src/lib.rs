@@ -338,6 +338,14 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
         }
     };
     let chain = chain(env)?;
+    // The Batch API over the same client (key, base URL); not with Azure OpenAI.
+    let batch_api: Option<&dyn embsync_core::batch_api::BatchApi> = embedder.has_batch_api().then_some(&embedder);
+    if config.batch_api.is_some() && batch_api.is_none() {
+        rt.log(LogEvent::warn(
+            "batch_api",
+            "batchApi is set but the provider is Azure OpenAI, whose Batch API embsync does not use: every model goes the synchronous way",
+        ));
+    }
     // Fan-out only with the queue's producer binding: without it, runs go exactly as before.
     let queue = queues::producer(env);
     let fanout = match queue {
@@ -361,7 +369,7 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
             holder: &holder,
             hint: hint.as_ref(),
             fanout,
-            batch_api: None,
+            batch_api,
         };
         let result = sync::invoke(&config, &mut conn.store, &embedder, &rt, &inv).await;
         invocations += 1;
