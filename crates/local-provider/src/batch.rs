@@ -510,6 +510,8 @@ struct Store {
     config: BatchConfig,
     files: BTreeMap<String, File>,
     batches: BTreeMap<String, Arc<Batch>>,
+    /// Batch ids in the order they were created (`GET /v1/batches` lists them newest first).
+    created: Vec<String>,
 }
 
 /// The Batch API's state and handlers.
@@ -556,7 +558,7 @@ impl Batches {
     pub fn new(config: BatchConfig) -> Self {
         Batches {
             default_config: config.clone(),
-            store: Mutex::new(Store { config, files: BTreeMap::new(), batches: BTreeMap::new() }),
+            store: Mutex::new(Store { config, files: BTreeMap::new(), batches: BTreeMap::new(), created: Vec::new() }),
             ids: Ids::new(),
         }
     }
@@ -594,7 +596,8 @@ impl Batches {
             }),
             (["v1", "files", _, "content"], _) => method_not_allowed(method, path, "GET"),
             (["v1", "batches"], "POST") => self.create(body),
-            (["v1", "batches"], _) => method_not_allowed(method, path, "POST"),
+            (["v1", "batches"], "GET") => self.list(head),
+            (["v1", "batches"], _) => method_not_allowed(method, path, "GET, POST"),
             (["v1", "batches", id], "GET") => self.with_batch(id, |batch| ok(&batch.object())),
             (["v1", "batches", _], _) => method_not_allowed(method, path, "GET"),
             (["v1", "batches", id, "cancel"], "POST") => self.cancel(id),
@@ -769,8 +772,48 @@ impl Batches {
             );
         }
         store.batches.insert(batch.id.clone(), Arc::clone(&batch));
+        store.created.push(batch.id.clone());
         drop(store);
         ok(&batch.created_object())
+    }
+
+    /// `GET /v1/batches?limit=&after=`: the batches newest first, `limit` (1 to 100, default 20)
+    /// of them after the batch `after`, as OpenAI's list object (`data`, `first_id`, `last_id`,
+    /// `has_more`).
+    fn list(&self, head: &RequestHead) -> Answer {
+        let query = head.target.split_once('?').map_or("", |(_, query)| query);
+        let mut limit = 20usize;
+        let mut after: Option<&str> = None;
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "limit" => match value.parse::<usize>() {
+                    Ok(n) if (1..=100).contains(&n) => limit = n,
+                    _ => return invalid(Some("limit"), format!("Invalid 'limit': integer between 1 and 100 expected, got '{value}'.")),
+                },
+                "after" => after = Some(value),
+                _ => {}
+            }
+        }
+        let batches: Vec<Arc<Batch>> = {
+            let store = self.store();
+            store.created.iter().rev().filter_map(|id| store.batches.get(id).cloned()).collect()
+        };
+        let start = match after {
+            Some(after) => match batches.iter().position(|batch| batch.id == after) {
+                Some(at) => at + 1,
+                None => return not_found(format!("No batch found with id '{after}'."), Some("after")),
+            },
+            None => 0,
+        };
+        let page: Vec<&Arc<Batch>> = batches.iter().skip(start).take(limit).collect();
+        ok(&json!({
+            "object": "list",
+            "data": page.iter().map(|batch| batch.object()).collect::<Vec<Value>>(),
+            "first_id": page.first().map(|batch| batch.id.clone()),
+            "last_id": page.last().map(|batch| batch.id.clone()),
+            "has_more": start + page.len() < batches.len(),
+        }))
     }
 
     /// `POST /v1/batches/{id}/cancel`.
@@ -833,6 +876,7 @@ impl Batches {
                 let mut store = self.store();
                 let forgotten = store.batches.len();
                 store.batches.clear();
+                store.created.clear();
                 store.files.retain(|_, file| matches!(file.content, Content::Input(_)));
                 ok(&json!({"forgotten": forgotten}))
             }

@@ -18,7 +18,6 @@ fn start() -> SocketAddr {
     Server::bind(&Config { api_key: Some(KEY.to_string()), ..Config::default() }).unwrap().spawn().unwrap()
 }
 
-
 /// Decodes a chunked body.
 fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
@@ -360,4 +359,29 @@ fn validation_failure_cancel_and_forgetting() {
     admin(addr, "DELETE", &format!("/_admin/batches/{id}"), &Value::Null);
     assert_eq!(get(addr, &format!("/v1/batches/{id}")).status, 404);
     assert_eq!(get(addr, &format!("/v1/files/{}", cancelled["error_file_id"].as_str().unwrap())).status, 404);
+}
+
+#[test]
+fn batches_are_listed_newest_first_in_pages() {
+    let addr = start();
+    let empty = get(addr, "/v1/batches").json();
+    assert_eq!(empty, json!({"object": "list", "data": [], "first_id": null, "last_id": null, "has_more": false}));
+    let request = |input: &str| line("r-1", json!({"model": SMALL, "input": [input]}));
+    let ids: Vec<String> =
+        ["a", "b", "c"].iter().map(|input| create_batch(addr, &request(input))["id"].as_str().unwrap().to_string()).collect();
+    let first = get(addr, "/v1/batches?limit=2").json();
+    let page: Vec<&str> = first["data"].as_array().unwrap().iter().map(|b| b["id"].as_str().unwrap()).collect();
+    assert_eq!(page, [ids[2].as_str(), ids[1].as_str()], "newest first");
+    assert_eq!(
+        (first["first_id"].as_str(), first["last_id"].as_str(), first["has_more"].as_bool()),
+        (Some(ids[2].as_str()), Some(ids[1].as_str()), Some(true))
+    );
+    assert_eq!(first["data"][0]["object"], "batch");
+    assert!(first["data"][0]["input_file_id"].as_str().unwrap().starts_with("file-"));
+    let second = get(addr, &format!("/v1/batches?limit=2&after={}", ids[1])).json();
+    let page: Vec<&str> = second["data"].as_array().unwrap().iter().map(|b| b["id"].as_str().unwrap()).collect();
+    assert_eq!((page, second["has_more"].as_bool()), (vec![ids[0].as_str()], Some(false)));
+    assert_eq!(get(addr, "/v1/batches?limit=0").status, 400);
+    assert_eq!(get(addr, "/v1/batches?after=batch_nope").status, 404);
+    assert_eq!(send(addr, "GET", "/v1/batches", &[], b"").status, 401, "the key is checked");
 }
