@@ -457,6 +457,20 @@ pub enum BatchStatus {
 }
 
 impl BatchStatus {
+    /// Its name in OpenAI's objects (`in_progress`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            BatchStatus::Validating => "validating",
+            BatchStatus::Failed => "failed",
+            BatchStatus::InProgress => "in_progress",
+            BatchStatus::Finalizing => "finalizing",
+            BatchStatus::Completed => "completed",
+            BatchStatus::Expired => "expired",
+            BatchStatus::Cancelling => "cancelling",
+            BatchStatus::Cancelled => "cancelled",
+        }
+    }
+
     /// Whether the batch has ended (its files, if any, are final).
     pub fn is_over(&self) -> bool {
         matches!(self, BatchStatus::Failed | BatchStatus::Completed | BatchStatus::Expired | BatchStatus::Cancelled)

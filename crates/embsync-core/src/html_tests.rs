@@ -47,12 +47,13 @@ fn report(status: RunStatus, sources: Vec<SourceReport>) -> RunReport {
         totals: Totals::of(&sources),
         sources,
         usage: Usage {
-            large: ModelUsage { prompt_tokens: 12_345, requests: 10 },
-            small: ModelUsage { prompt_tokens: 12_345, requests: 10 },
+            large: ModelUsage { prompt_tokens: 12_345, requests: 10, ..Default::default() },
+            small: ModelUsage { prompt_tokens: 12_345, requests: 10, ..Default::default() },
             cost_usd: 0.0018,
         },
         stopped: None,
         indexes: None,
+        pending_batches: None,
     }
 }
 

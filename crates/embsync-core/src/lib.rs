@@ -3,6 +3,7 @@
 //! - [`auth`]: token checks for the endpoints (bearer, and Basic for the HTML page).
 //! - [`batch`]: packing values into requests by token and input limits.
 //! - [`batch_api`]: OpenAI's Batch API: request files, output lines, the way and the price.
+//! - [`batch_flow`]: the Batch API's driver flow: submit, poll, read the output.
 //! - [`config`]: `embedding-sources.json` parsed once into [`Config`].
 //! - [`ident`]: the only way a table or column name reaches SQL.
 //! - [`dburl`]: `DATABASE_URL` modes (`sslmode`, `channel_binding`) for the socket API.
@@ -36,6 +37,7 @@
 pub mod auth;
 pub mod batch;
 pub mod batch_api;
+pub mod batch_flow;
 pub mod config;
 pub mod database;
 pub mod dburl;

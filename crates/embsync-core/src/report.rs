@@ -110,6 +110,27 @@ pub struct ModelUsage {
     pub prompt_tokens: u64,
     /// Successful requests.
     pub requests: u64,
+    /// Of `prompt_tokens`, those of requests that went through the Batch API (priced at
+    /// [`crate::batch_api::PRICE_FACTOR`] of the list price). Left out when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub batch_prompt_tokens: u64,
+    /// Of `requests`, those of the Batch API. Left out when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub batch_requests: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The Batch API's batches a run waits for (the run stays open until they are over).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PendingBatches {
+    /// Batches not over yet (a request file whose batch is not created yet included).
+    pub batches: u64,
+    /// Their values.
+    pub values: u64,
 }
 
 /// What started a run.
@@ -205,6 +226,10 @@ pub struct RunReport {
     /// the run did not finish everything.
     #[serde(default)]
     pub indexes: Option<IndexReport>,
+    /// The Batch API's batches the run waits for (status `paused` until they are over); left
+    /// out when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_batches: Option<PendingBatches>,
 }
 
 /// The index step of a finished run (see [`crate::index`]).
@@ -458,11 +483,12 @@ pub struct ModelWay {
 }
 
 impl BatchApiPlan {
-    /// The plan for `pending` values of `tokens` estimated tokens per model.
-    pub fn of(config: &crate::config::Config, pending: u64, tokens: &TokenEstimate) -> BatchApiPlan {
+    /// The plan for `pending` values (large, small: those pending batches do not bring) of
+    /// `tokens` estimated tokens per model.
+    pub fn of(config: &crate::config::Config, pending: (u64, u64), tokens: &TokenEstimate) -> BatchApiPlan {
         use crate::config::ModelSlot;
         let dollars = |tokens: u64, per_million: f64| (tokens as f64 * per_million / 1e6 * 1e6).round() / 1e6;
-        let model = |slot: ModelSlot, tokens: u64| {
+        let model = |slot: ModelSlot, pending: u64, tokens: u64| {
             let spec = config.models.get(slot);
             let price = spec.price_per_million();
             let batch_price = crate::batch_api::batch_price_per_million(spec);
@@ -478,8 +504,8 @@ impl BatchApiPlan {
         BatchApiPlan {
             enabled: config.batch_api.is_some(),
             min_values: config.batch_api.map(|b| b.min_values),
-            large: model(ModelSlot::Large, tokens.large),
-            small: model(ModelSlot::Small, tokens.small),
+            large: model(ModelSlot::Large, pending.0, tokens.large),
+            small: model(ModelSlot::Small, pending.1, tokens.small),
         }
     }
 }
@@ -565,10 +591,11 @@ mod tests {
                 "estimatedBatchCostUsd": 0.02
               }
             }"#]]
-        .assert_eq(&serde_json::to_string_pretty(&BatchApiPlan::of(&on, 500, &tokens)).unwrap());
-        let below = BatchApiPlan::of(&on, 499, &tokens);
-        assert_eq!((below.large.way, below.small.way), (crate::batch_api::Way::Embeddings, crate::batch_api::Way::Embeddings));
-        let off = BatchApiPlan::of(&config(""), 1_000_000, &tokens);
+        .assert_eq(&serde_json::to_string_pretty(&BatchApiPlan::of(&on, (500, 500), &tokens)).unwrap());
+        let below = BatchApiPlan::of(&on, (499, 500), &tokens);
+        assert_eq!((below.large.way, below.small.way), (crate::batch_api::Way::Embeddings, crate::batch_api::Way::BatchApi));
+        assert_eq!((below.large.pending_values, below.small.pending_values), (499, 500), "each model's own pending values");
+        let off = BatchApiPlan::of(&config(""), (1_000_000, 1_000_000), &tokens);
         assert_eq!((off.enabled, off.min_values, off.large.way), (false, None, crate::batch_api::Way::Embeddings));
         assert_eq!(off.large.estimated_batch_cost_usd, 0.13, "both prices are shown whatever the way");
     }

@@ -336,6 +336,64 @@ pub trait Store {
     /// Marks the range dead with `reason` (the dead-letter queue) unless it is settled or a
     /// consumer holds it unexpired; whether it was marked. Needs no lease or claim.
     async fn dead_letter(&mut self, run: &RunId, range: i64, reason: &str) -> Result<bool, StoreError>;
+    /// The Batch API ([`crate::batch_flow`]): records an uploaded request file of `requests`
+    /// requests for `slot`'s configured model, with the values of each request, in one fenced
+    /// transaction, before its batch is created (a cut between the two leaves the file to find
+    /// the batch by). From then on [`Store::pending`] counts the values' `slot` embedding as
+    /// had.
+    async fn record_batch_file(
+        &mut self,
+        input_file_id: &str,
+        run: &RunId,
+        slot: ModelSlot,
+        requests: u64,
+        values: &[crate::sql::BatchValue<'_>],
+    ) -> Result<(), StoreError>;
+    /// Records the batch created from a file. Fenced.
+    async fn set_batch_created(&mut self, input_file_id: &str, batch_id: &str) -> Result<(), StoreError>;
+    /// Records a batch's state as polled, or that embsync is done with it (`finished`): then
+    /// the values still recorded for it are forgotten in the same transaction, and go the
+    /// synchronous way. Fenced.
+    async fn set_batch_state(&mut self, state: &crate::sql::SetBatchState<'_>) -> Result<(), StoreError>;
+    /// Ends a file no batch was made of (`state`, e.g. `abandoned`); its values go the
+    /// synchronous way. Fenced.
+    async fn finish_batch_file(&mut self, input_file_id: &str, state: &str) -> Result<(), StoreError>;
+    /// The request files embsync has not finished with, oldest first. Reads only.
+    async fn open_batches(&mut self) -> Result<Vec<crate::batch_flow::OpenBatch>, StoreError>;
+    /// The requests of a file whose vectors are not stored yet, with their number of inputs.
+    /// Reads only.
+    async fn batch_requests(&mut self, input_file_id: &str) -> Result<Vec<(String, u32)>, StoreError>;
+    /// Stores the vectors of request `custom_id` of file `input_file_id` (`vectors[i]` for its
+    /// input `i`) in one fenced transaction: only for the values their source still has, never
+    /// over a vector that is there (the batch write fills what is missing or made by another
+    /// model), with `run`'s counters (the values written, and `prompt_tokens` as batch usage);
+    /// then forgets the request, so that reading the output again stores and counts nothing
+    /// twice. A request of another model than the slot's configured one writes nothing.
+    async fn store_batch_request(
+        &mut self,
+        config: &Config,
+        run: &RunId,
+        input_file_id: &str,
+        custom_id: &str,
+        vectors: &[Vector],
+        prompt_tokens: u64,
+    ) -> Result<crate::batch_flow::RequestStored, StoreError>;
+    /// Records a request the batch refused for its inputs: each of its values that its source
+    /// still has goes to `embedding_sync_errors` (with the synchronous path's backoff) and
+    /// counts in `run`'s errors, and the request is forgotten, in one fenced transaction.
+    /// Returns the errors recorded per source (table key, column key, values).
+    async fn record_batch_request_errors(
+        &mut self,
+        config: &Config,
+        run: &RunId,
+        input_file_id: &str,
+        custom_id: &str,
+        message: &str,
+    ) -> Result<Vec<(String, String, u64)>, StoreError>;
+    /// The values of each model (large, small) of `source` that pending batches of the
+    /// configured models bring (for the dry run). Reads only (none on a database embsync has
+    /// not migrated).
+    async fn awaited_values(&mut self, source: &Source) -> Result<(u64, u64), StoreError>;
 }
 
 /// Cache rows [`Store::delete_orphans`] deleted, for the source that unlinked them.
@@ -622,7 +680,7 @@ impl Chain {
     pub fn goes_on(&self, outcome: &Outcome, elapsed_ms: f64, invocations: u64, budget: &Budget) -> bool {
         let Outcome::Paused(report, _) = outcome else { return false };
         let most = (WORKER_SUBREQUESTS / budget.max_subrequests.max(1)).saturating_sub(1).max(1);
-        report.stopped.is_none() && elapsed_ms + budget.max_ms <= self.max_ms && invocations < most
+        report.stopped.is_none() && report.pending_batches.is_none() && elapsed_ms + budget.max_ms <= self.max_ms && invocations < most
     }
 }
 
@@ -705,6 +763,8 @@ pub enum SyncError {
 pub async fn dry_run<S: Store>(config: &Config, store: &mut S) -> DryRunReport {
     let batch = config.batch_size.get() as u64;
     let mut sources = Vec::new();
+    // Per model (large, small): the values to embed that no pending batch brings.
+    let mut pending = (0u64, 0u64);
     for source in config.enabled_sources() {
         let mut entry = SourcePlanReport {
             name: source.name.clone(),
@@ -719,8 +779,18 @@ pub async fn dry_run<S: Store>(config: &Config, store: &mut S) -> DryRunReport {
                 Err(e) => entry.error = Some(format!("reading the change capture of source {}: {e}", source.name)),
             }
         }
+        // Values pending batches bring are not pending for their model.
+        let awaited = match store.awaited_values(source).await {
+            Ok(awaited) => awaited,
+            Err(e) => {
+                entry.error = Some(format!("reading the pending batches of source {}: {e}", source.name));
+                (0, 0)
+            }
+        };
         match store.counts(source).await {
             Ok(c) => {
+                pending.0 += c.to_embed().saturating_sub(awaited.0);
+                pending.1 += c.to_embed().saturating_sub(awaited.1);
                 entry.total = c.total;
                 entry.new = c.new;
                 entry.stale = c.stale;
@@ -739,7 +809,7 @@ pub async fn dry_run<S: Store>(config: &Config, store: &mut S) -> DryRunReport {
     let totals = PlanTotals::of(&sources);
     DryRunReport {
         dry_run: true,
-        batch_api: BatchApiPlan::of(config, totals.to_embed, &totals.estimated_tokens),
+        batch_api: BatchApiPlan::of(config, pending, &totals.estimated_tokens),
         estimated_cost_usd: CostEstimate::of(config, totals.estimated_tokens.large, totals.estimated_tokens.small),
         batch_size: batch,
         models: ModelsInfo { large: model_info(config, ModelSlot::Large), small: model_info(config, ModelSlot::Small) },
@@ -872,6 +942,25 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     // The hint is used only when it agrees with Postgres about the run.
     let hint = hint.filter(|c| c.run_id == run.id.0);
     let spent = InvocationSpend::new(began, budget, &config.rate);
+    // The Batch API: the open batches are polled and the output of those that ended is read
+    // first; then, at the run's plan (no source planned yet), a model with enough pending
+    // values goes that way, before the sources' pages (which leave out what batches bring).
+    if let Some(api) = inv.batch_api {
+        let step = async {
+            crate::batch_flow::service(config, store, api, rt, retry, &mut run).await?;
+            if config.batch_api.is_some() && run.sources.iter().all(|s| !s.planned) {
+                crate::batch_flow::submit(config, store, api, rt, retry, &run.id, &sources).await?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        match step.await {
+            Ok(()) => {}
+            Err(e) if e.is_lease_lost() => return Err(lease_lost(rt, &run.id, e)),
+            Err(e) => rt.log(
+                LogEvent::error("batch_api", format!("The Batch API step failed (the next invocation tries again): {e}")).run(&run.id.0),
+            ),
+        }
+    }
     let mut token_budget_ended = false;
     let mut paused: Option<Cursor> = None;
     // Sources this invocation finished: their events wait until the run's orphans are deleted
@@ -1013,6 +1102,41 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
             .field("messages", messages.len()),
         );
         return Ok(Outcome::FannedOut { report, messages });
+    }
+    // A run with batches not over stays open (paused, without chaining: a later trigger polls
+    // them), and its orphans wait: its report then counts what the batches bring.
+    if let (Some(_), None) = (inv.batch_api, &paused) {
+        match store.open_batches().await {
+            Ok(open) if !open.is_empty() => {
+                log_ended(&run, &ended);
+                let mut report = report_of(config, &run, rt);
+                report.status = RunStatus::Paused;
+                let values = open.iter().map(|b| u64::from(b.values)).sum();
+                report.pending_batches = Some(crate::report::PendingBatches { batches: open.len() as u64, values });
+                rt.log(
+                    LogEvent::info(
+                        "batch_api",
+                        format!("Run {} waits for {} batches of the Batch API ({values} values)", run.id.0, open.len()),
+                    )
+                    .run(&run.id.0)
+                    .field("batches", open.len()),
+                );
+                let cursor = Cursor {
+                    run_id: run.id.0.clone(),
+                    source: sources.len(),
+                    phase: "batches".into(),
+                    after: None,
+                    totals: report.totals.clone(),
+                };
+                return Ok(Outcome::Paused(report, cursor));
+            }
+            Ok(_) => {}
+            Err(e) if e.is_lease_lost() => {
+                log_ended(&run, &ended);
+                return Err(lease_lost(rt, &run.id, e));
+            }
+            Err(e) => rt.log(LogEvent::warn("batch_api", format!("Could not list the open batches: {e}")).run(&run.id.0)),
+        }
     }
     // Every source has been planned (so it linked the values it has) and had its stale values
     // removed, without error: embsync's rows that no source links now are deleted. Otherwise the
@@ -1181,12 +1305,14 @@ fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
     let sources: Vec<SourceReport> = run.sources.iter().map(|s| s.report.clone()).collect();
     let mut usage = Usage::default();
     for s in &run.sources {
-        usage.large.prompt_tokens += s.usage.0.prompt_tokens;
-        usage.large.requests += s.usage.0.requests;
-        usage.small.prompt_tokens += s.usage.1.prompt_tokens;
-        usage.small.requests += s.usage.1.requests;
+        for (sum, add) in [(&mut usage.large, &s.usage.0), (&mut usage.small, &s.usage.1)] {
+            sum.prompt_tokens += add.prompt_tokens;
+            sum.requests += add.requests;
+            sum.batch_prompt_tokens += add.batch_prompt_tokens;
+            sum.batch_requests += add.batch_requests;
+        }
     }
-    usage.cost_usd = CostEstimate::of(config, usage.large.prompt_tokens, usage.small.prompt_tokens).total;
+    usage.cost_usd = cost_of(config, &usage);
     RunReport {
         run_id: run.id.0.clone(),
         status: RunStatus::Running,
@@ -1199,7 +1325,22 @@ fn report_of<R: Runtime>(config: &Config, run: &RunState, rt: &R) -> RunReport {
         usage,
         stopped: None,
         indexes: None,
+        pending_batches: None,
     }
+}
+
+/// What `usage` cost: its synchronous tokens at the list prices, its Batch API tokens at the
+/// batch prices, in US dollars (rounded to the micro-dollar).
+fn cost_of(config: &Config, usage: &Usage) -> f64 {
+    let sync = CostEstimate::of(
+        config,
+        usage.large.prompt_tokens.saturating_sub(usage.large.batch_prompt_tokens),
+        usage.small.prompt_tokens.saturating_sub(usage.small.batch_prompt_tokens),
+    )
+    .total;
+    let batch = |tokens: u64, slot: ModelSlot| tokens as f64 * crate::batch_api::batch_price_per_million(config.models.get(slot)) / 1e6;
+    let batch = batch(usage.large.batch_prompt_tokens, ModelSlot::Large) + batch(usage.small.batch_prompt_tokens, ModelSlot::Small);
+    ((sync + batch) * 1e6).round() / 1e6
 }
 
 /// The event of a source's end in an invocation: its counts, as text and as fields.
@@ -2136,6 +2277,7 @@ mod tests {
             usage: Usage::default(),
             stopped: stopped.map(str::to_owned),
             indexes: None,
+            pending_batches: None,
         };
         let cursor = Cursor { run_id: "r".into(), source: 0, phase: "embed".into(), after: None, totals: Totals::default() };
         let paused = Outcome::Paused(report(None), cursor.clone());

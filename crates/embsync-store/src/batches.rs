@@ -2,53 +2,13 @@
 //! file and its values, the batch made of it and its state, and storing one request's vectors
 //! from the output. Every write is fenced by the lease, like the sync's.
 //!
-//! These are `PgStore`'s own methods, not yet the `Store` trait's: the driver that submits,
-//! polls and ingests batches is still to come.
+//! The `Store` trait's Batch API methods delegate here (see `embsync_core::batch_flow` for the
+//! driver).
 
 use super::*;
+use embsync_core::batch_flow::{OpenBatch, RequestStored, SourceStored};
 use embsync_core::config::ModelSlot;
 use embsync_core::sql::BatchValue;
-
-/// A request file embsync has not finished with.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OpenBatch {
-    /// The provider's id of the uploaded file (the record's key).
-    pub input_file_id: String,
-    /// The batch made of it; `None` when the invocation stopped between upload and create.
-    pub batch_id: Option<String>,
-    /// The run that built it.
-    pub run: RunId,
-    /// The model slot.
-    pub slot: ModelSlot,
-    /// The model tag it was built for.
-    pub model: String,
-    /// The state last seen (`uploaded`, then the provider's status).
-    pub state: String,
-    /// Its output file, once known.
-    pub output_file_id: Option<String>,
-    /// Its error file, once known.
-    pub error_file_id: Option<String>,
-    /// Its requests.
-    pub requests: u32,
-    /// Its values.
-    pub values: u32,
-    /// Seconds since it was recorded.
-    pub age_secs: f64,
-}
-
-/// What storing one request's vectors did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RequestStored {
-    /// Values whose vector went through the batch write (a value already done keeps its
-    /// vector: the write fills only what is missing or was made by another model).
-    pub written: u64,
-    /// Values recorded for the request that their source no longer has (or whose source left
-    /// the config): not written.
-    pub gone: u64,
-    /// The request's values were left unwritten because the model of the slot changed since
-    /// the file was built.
-    pub model_changed: bool,
-}
 
 fn slot_of(text: &str) -> Result<ModelSlot, StoreError> {
     match text {
@@ -73,7 +33,7 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError`], a lost lease included.
-    pub async fn record_batch_file(
+    pub(crate) async fn pg_record_batch_file(
         &mut self,
         input_file_id: &str,
         run: &RunId,
@@ -94,7 +54,7 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError`], a lost lease included.
-    pub async fn set_batch_created(&mut self, input_file_id: &str, batch_id: &str) -> Result<(), StoreError> {
+    pub(crate) async fn pg_set_batch_created(&mut self, input_file_id: &str, batch_id: &str) -> Result<(), StoreError> {
         let tx = fenced(&mut self.client, self.fence.as_ref(), None, "recording a created batch").await?;
         execute(&tx, &Bound::new(&sql::SetBatchCreated { input_file_id, batch_id })).await.map_err(|e| err("recording the batch", e))?;
         tx.commit().await.map_err(|e| err("committing the batch", e))
@@ -106,7 +66,7 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError`], a lost lease included.
-    pub async fn set_batch_state(&mut self, state: &sql::SetBatchState<'_>) -> Result<(), StoreError> {
+    pub(crate) async fn pg_set_batch_state(&mut self, state: &sql::SetBatchState<'_>) -> Result<(), StoreError> {
         let tx = fenced(&mut self.client, self.fence.as_ref(), None, "recording a batch's state").await?;
         execute(&tx, &Bound::new(state)).await.map_err(|e| err("recording the batch's state", e))?;
         if state.finished {
@@ -121,7 +81,7 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError`], a lost lease included.
-    pub async fn finish_batch_file(&mut self, input_file_id: &str, state: &str) -> Result<(), StoreError> {
+    pub(crate) async fn pg_finish_batch_file(&mut self, input_file_id: &str, state: &str) -> Result<(), StoreError> {
         let tx = fenced(&mut self.client, self.fence.as_ref(), None, "ending a batch file").await?;
         execute(&tx, &Bound::new(&sql::FinishBatchFile { input_file_id, state })).await.map_err(|e| err("ending the batch file", e))?;
         tx.commit().await.map_err(|e| err("committing", e))
@@ -135,13 +95,14 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError`], a lost lease included.
-    pub async fn record_batch_request_errors(
+    pub(crate) async fn pg_record_batch_request_errors(
         &mut self,
         config: &Config,
+        run: &RunId,
         input_file_id: &str,
         custom_id: &str,
         message: &str,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<(String, String, u64)>, StoreError> {
         let tx = fenced(&mut self.client, self.fence.as_ref(), None, "recording a batch request's errors").await?;
         let model = query(&tx, &Bound::new(&sql::BatchModel { input_file_id })).await.map_err(|e| err("reading the batch", e))?;
         let Some(model) = model.first() else {
@@ -151,7 +112,7 @@ impl PgStore {
         let sources = query(&tx, &Bound::new(&sql::RequestSources { input_file_id, custom_id }))
             .await
             .map_err(|e| err("reading the request's sources", e))?;
-        let mut recorded = 0;
+        let mut recorded = Vec::new();
         for row in &sources {
             let (table, column): (String, String) = (row.get(0), row.get(1));
             let Some(source) = config.enabled_sources().find(|s| s.table_key() == table && s.column_key() == column) else {
@@ -172,7 +133,9 @@ impl PgStore {
                 continue;
             }
             execute(&tx, &Bound::new(&sql::RecordErrors { source, failures: &failures })).await.map_err(|e| err("recording errors", e))?;
-            recorded += failures.len() as u64;
+            let errors = failures.len() as u64;
+            execute(&tx, &Bound::new(&sql::AddErrors { run, source, errors })).await.map_err(|e| err("counting errors", e))?;
+            recorded.push((table, column, errors));
         }
         let forget = sql::DeleteRequestValues { input_file_id, custom_id };
         execute(&tx, &Bound::new(&forget)).await.map_err(|e| err("forgetting the request", e))?;
@@ -184,7 +147,7 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError`].
-    pub async fn open_batches(&mut self) -> Result<Vec<OpenBatch>, StoreError> {
+    pub(crate) async fn pg_open_batches(&mut self) -> Result<Vec<OpenBatch>, StoreError> {
         let rows = self.client.query_typed(sql::OPEN_BATCHES, &[]).await.map_err(|e| err("listing the batches", e))?;
         rows.iter()
             .map(|row| {
@@ -216,12 +179,14 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError`]: a lost lease, an unknown file, a vector missing for a position.
-    pub async fn store_batch_request(
+    pub(crate) async fn pg_store_batch_request(
         &mut self,
         config: &Config,
+        run: &RunId,
         input_file_id: &str,
         custom_id: &str,
         vectors: &[Vector],
+        prompt_tokens: u64,
     ) -> Result<RequestStored, StoreError> {
         let vector_array = self.vector_array_type().await?;
         let tags = self.tags.clone();
@@ -246,14 +211,23 @@ impl PgStore {
         let sources = query(&tx, &Bound::new(&sql::RequestSources { input_file_id, custom_id }))
             .await
             .map_err(|e| err("reading the request's sources", e))?;
-        for row in &sources {
-            let (table, column): (String, String) = (row.get(0), row.get(1));
-            let Some(source) = config.enabled_sources().find(|s| s.table_key() == table && s.column_key() == column) else {
-                continue;
-            };
+        // The request's tokens count once, for the first of its sources (in config order) that
+        // is enabled, whether or not a value of it is written (the provider was paid for it).
+        let mut in_config: Vec<(&Source, String, String)> = Vec::new();
+        for source in config.enabled_sources() {
+            let (table, column) = (source.table_key(), source.column_key().to_owned());
+            if sources.iter().any(|row| row.get::<_, String>(0) == table && row.get::<_, String>(1) == column) {
+                in_config.push((source, table, column));
+            }
+        }
+        let mut shares: Vec<SourceStored> = Vec::new();
+        for (source, table, column) in in_config {
+            let source: &Source = source;
             let rows = query(&tx, &Bound::new(&sql::RequestValues { source, input_file_id, custom_id }))
                 .await
                 .map_err(|e| err("reading the request's values", e))?;
+            shares.push(SourceStored { table, column, ..Default::default() });
+            let share = shares.last_mut().expect("just pushed");
             let mut seen = std::collections::HashSet::new();
             let mut batch = Vec::with_capacity(rows.len());
             for row in &rows {
@@ -279,12 +253,59 @@ impl PgStore {
             let link = sql::LinkValues { source, batch: &batch };
             execute(&tx, &Bound::with_vectors(&upsert, vector_array.clone())).await.map_err(|e| err("writing embeddings", e))?;
             execute(&tx, &Bound::new(&link)).await.map_err(|e| err("linking values", e))?;
+            share.written = batch.len() as u64;
             outcome.written += batch.len() as u64;
         }
         let recorded = execute(&tx, &Bound::new(&forget)).await.map_err(|e| err("forgetting the request", e))?;
+        if recorded > 0 {
+            if let Some(first) = shares.first_mut() {
+                (first.tokens, first.requests) = (prompt_tokens, 1);
+            }
+            for share in &shares {
+                let progress = sql::AddBatchProgress {
+                    run,
+                    table: &share.table,
+                    column: &share.column,
+                    slot,
+                    embedded: share.written,
+                    tokens: share.tokens,
+                    requests: share.requests,
+                };
+                execute(&tx, &Bound::new(&progress)).await.map_err(|e| err("counting the request in the run", e))?;
+            }
+            outcome.sources = shares;
+        }
         tx.commit().await.map_err(|e| err("committing a batch request", e))?;
         outcome.gone = recorded.saturating_sub(outcome.written);
         self.written += outcome.written;
         Ok(outcome)
+    }
+
+    /// [`Store::batch_requests`].
+    pub(crate) async fn pg_batch_requests(&mut self, input_file_id: &str) -> Result<Vec<(String, u32)>, StoreError> {
+        let rows = query(&self.client, &Bound::new(&sql::BatchRequests { input_file_id }))
+            .await
+            .map_err(|e| err("reading a batch's requests", e))?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get::<_, i32>(1).max(0) as u32)).collect())
+    }
+
+    /// [`Store::awaited_values`].
+    pub(crate) async fn pg_awaited_values(&mut self, source: &Source) -> Result<(u64, u64), StoreError> {
+        let migrated = self.client.query_typed_one(sql::HAS_BATCH_TABLES, &[]).await.map_err(|e| err("reading the catalog", e))?;
+        if !migrated.get::<_, bool>(0) {
+            return Ok((0, 0));
+        }
+        let rows = query(&self.client, &Bound::new(&sql::AwaitedValues { source, tags: &self.tags }))
+            .await
+            .map_err(|e| err("counting the values pending batches bring", e))?;
+        let mut awaited = (0, 0);
+        for row in &rows {
+            let n = row.get::<_, i64>(1).max(0) as u64;
+            match slot_of(row.get(0))? {
+                ModelSlot::Large => awaited.0 = n,
+                ModelSlot::Small => awaited.1 = n,
+            }
+        }
+        Ok(awaited)
     }
 }

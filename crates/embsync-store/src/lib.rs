@@ -30,7 +30,7 @@ mod capture;
 mod lease;
 mod status;
 
-pub use batches::{OpenBatch, RequestStored};
+pub use embsync_core::batch_flow::{OpenBatch, RequestStored};
 
 use bind::*;
 use lease::*;
@@ -231,7 +231,10 @@ fn source_state(r: &tokio_postgres::Row) -> SourceState {
         planned: r.get(3),
         done: r.get(4),
         planned_batches: n(5),
-        usage: (ModelUsage { prompt_tokens: n(16), requests: n(17) }, ModelUsage { prompt_tokens: n(18), requests: n(19) }),
+        usage: (
+            ModelUsage { prompt_tokens: n(16), requests: n(17), batch_prompt_tokens: n(20), batch_requests: n(21) },
+            ModelUsage { prompt_tokens: n(18), requests: n(19), batch_prompt_tokens: n(22), batch_requests: n(23) },
+        ),
     }
 }
 
@@ -636,8 +639,7 @@ impl Store for PgStore {
                 run_tokens: row.get::<_, i64>(5).max(0) as u64,
             }));
         }
-        let state =
-            query_opt(&self.client, &Bound::new(&sql::RangeState { range, run })).await.map_err(|e| err("reading the range", e))?;
+        let state = query_opt(&self.client, &Bound::new(&sql::RangeState { range, run })).await.map_err(|e| err("reading the range", e))?;
         let why = match state {
             None => format!("range {range} of run {} is unknown (its run is over, or it never existed)", run.0),
             Some(r) => {
@@ -672,8 +674,9 @@ impl Store for PgStore {
         if state == "queued" {
             return Ok(false);
         }
-        let ready =
-            query_one(&self.client, &Bound::new(&sql::RunReady { run: &RunId(claim.run.clone()) })).await.map_err(|e| err("reading the run's ranges", e))?;
+        let ready = query_one(&self.client, &Bound::new(&sql::RunReady { run: &RunId(claim.run.clone()) }))
+            .await
+            .map_err(|e| err("reading the run's ranges", e))?;
         Ok(ready.get(0))
     }
 
@@ -682,5 +685,63 @@ impl Store for PgStore {
             .await
             .map_err(|e| err("marking the range dead", e))?;
         Ok(n == 1)
+    }
+
+    async fn record_batch_file(
+        &mut self,
+        input_file_id: &str,
+        run: &RunId,
+        slot: embsync_core::config::ModelSlot,
+        requests: u64,
+        values: &[sql::BatchValue<'_>],
+    ) -> Result<(), StoreError> {
+        self.pg_record_batch_file(input_file_id, run, slot, requests, values).await
+    }
+
+    async fn set_batch_created(&mut self, input_file_id: &str, batch_id: &str) -> Result<(), StoreError> {
+        self.pg_set_batch_created(input_file_id, batch_id).await
+    }
+
+    async fn set_batch_state(&mut self, state: &sql::SetBatchState<'_>) -> Result<(), StoreError> {
+        self.pg_set_batch_state(state).await
+    }
+
+    async fn finish_batch_file(&mut self, input_file_id: &str, state: &str) -> Result<(), StoreError> {
+        self.pg_finish_batch_file(input_file_id, state).await
+    }
+
+    async fn open_batches(&mut self) -> Result<Vec<OpenBatch>, StoreError> {
+        self.pg_open_batches().await
+    }
+
+    async fn batch_requests(&mut self, input_file_id: &str) -> Result<Vec<(String, u32)>, StoreError> {
+        self.pg_batch_requests(input_file_id).await
+    }
+
+    async fn store_batch_request(
+        &mut self,
+        config: &Config,
+        run: &RunId,
+        input_file_id: &str,
+        custom_id: &str,
+        vectors: &[Vector],
+        prompt_tokens: u64,
+    ) -> Result<RequestStored, StoreError> {
+        self.pg_store_batch_request(config, run, input_file_id, custom_id, vectors, prompt_tokens).await
+    }
+
+    async fn record_batch_request_errors(
+        &mut self,
+        config: &Config,
+        run: &RunId,
+        input_file_id: &str,
+        custom_id: &str,
+        message: &str,
+    ) -> Result<Vec<(String, String, u64)>, StoreError> {
+        self.pg_record_batch_request_errors(config, run, input_file_id, custom_id, message).await
+    }
+
+    async fn awaited_values(&mut self, source: &Source) -> Result<(u64, u64), StoreError> {
+        self.pg_awaited_values(source).await
     }
 }

@@ -88,8 +88,13 @@ async fn a_requests_vectors_are_stored_once_and_only_where_due() {
     ))
     .await;
 
-    let stored = store.store_batch_request(&config, FILE, REQ0, &[large("alpha"), large("beta"), large("gamma")]).await.unwrap();
-    assert_eq!(stored, RequestStored { written: 2, gone: 1, model_changed: false });
+    let stored = store
+        .store_batch_request(&config, &RunId("run-1".into()), FILE, REQ0, &[large("alpha"), large("beta"), large("gamma")], 7)
+        .await
+        .unwrap();
+    assert_eq!((stored.written, stored.gone, stored.model_changed), (2, 1, false));
+    // No run-1 row in embedding_sync_run_sources: the counters' update finds nothing to add to.
+    assert_eq!(stored.sources.iter().map(|s| (s.written, s.tokens, s.requests)).collect::<Vec<_>>(), [(2, 7, 1)]);
     assert_eq!(large_of(&db, "alpha").await, Some(text_of(&large("alpha"))));
     assert_eq!(db.count("SELECT count(*) FROM embedding_cache WHERE embedding_small IS NOT NULL").await, 0, "only the batch's model");
     assert_eq!(large_of(&db, "beta").await, None, "a value its source lost is not stored");
@@ -101,14 +106,15 @@ async fn a_requests_vectors_are_stored_once_and_only_where_due() {
     assert_eq!(db.count("SELECT count(*) FROM embedding_cache_owned").await, 1, "only alpha's row is embsync's");
 
     // Reading the output again (after a crash) stores nothing twice.
-    let again = store.store_batch_request(&config, FILE, REQ0, &[large("x"), large("y"), large("z")]).await.unwrap();
+    let again =
+        store.store_batch_request(&config, &RunId("run-1".into()), FILE, REQ0, &[large("x"), large("y"), large("z")], 7).await.unwrap();
     assert_eq!(again, RequestStored::default());
     assert_eq!(large_of(&db, "alpha").await, Some(text_of(&large("alpha"))));
     // A request needs a vector for each of its inputs.
-    let short = store.store_batch_request(&config, FILE, REQ1, &[]).await.unwrap_err();
+    let short = store.store_batch_request(&config, &RunId("run-1".into()), FILE, REQ1, &[], 7).await.unwrap_err();
     assert!(short.to_string().contains("no vector for its input 0"), "{short}");
     assert_eq!(large_of(&db, "delta").await, None);
-    let unknown = store.store_batch_request(&config, "file-nope", REQ1, &[large("delta")]).await.unwrap_err();
+    let unknown = store.store_batch_request(&config, &RunId("run-1".into()), "file-nope", REQ1, &[large("delta")], 7).await.unwrap_err();
     assert!(unknown.to_string().contains("no batch file file-nope"), "{unknown}");
 
     store
@@ -153,7 +159,10 @@ async fn nothing_is_written_without_the_lease_or_under_another_model() {
     // Another invocation takes the expired lease over: this one writes nothing more.
     db.exec("UPDATE embedding_sync_lease SET expires_at = now() - interval '1 second'").await;
     let other = leased(&db, &config, "inv-2").await;
-    let lost = store.store_batch_request(&config, FILE, REQ0, &[large("alpha"), large("beta"), large("gamma")]).await.unwrap_err();
+    let lost = store
+        .store_batch_request(&config, &RunId("run-1".into()), FILE, REQ0, &[large("alpha"), large("beta"), large("gamma")], 7)
+        .await
+        .unwrap_err();
     assert!(lost.is_lease_lost(), "{lost}");
     assert!(store.set_batch_created(FILE, "batch_1").await.unwrap_err().is_lease_lost());
     assert_eq!(db.count("SELECT count(*) FROM embedding_cache").await, 0);
@@ -174,8 +183,11 @@ async fn nothing_is_written_without_the_lease_or_under_another_model() {
     db.exec("UPDATE embedding_sync_lease SET expires_at = now() - interval '1 second'").await;
     let mut changed_store = db.store(&changed).await;
     assert_eq!(changed_store.acquire_lease("inv-3", TTL).await.unwrap(), Lease::Acquired);
-    let stored = changed_store.store_batch_request(&changed, FILE, REQ0, &[large("alpha"), large("beta"), large("gamma")]).await.unwrap();
-    assert_eq!(stored, RequestStored { written: 0, gone: 0, model_changed: true });
+    let stored = changed_store
+        .store_batch_request(&changed, &RunId("run-1".into()), FILE, REQ0, &[large("alpha"), large("beta"), large("gamma")], 7)
+        .await
+        .unwrap();
+    assert_eq!(stored, RequestStored { written: 0, gone: 0, model_changed: true, sources: Vec::new() });
     assert_eq!(db.count("SELECT count(*) FROM embedding_cache").await, 0);
     assert_eq!(db.count("SELECT count(*) FROM embedding_sync_batch_values").await, 1, "only REQ1 is left");
     drop(other);
@@ -208,7 +220,10 @@ async fn the_sync_does_not_send_what_a_pending_batch_brings() {
     // The batch's output arrives: REQ0 is stored; the next run has only delta's large left,
     // and sends nothing while its batch is pending.
     assert_eq!(store.acquire_lease("inv-2", TTL).await.unwrap(), Lease::Acquired);
-    let stored = store.store_batch_request(&config, FILE, REQ0, &[large("alpha"), large("beta"), large("gamma")]).await.unwrap();
+    let stored = store
+        .store_batch_request(&config, &RunId("run-1".into()), FILE, REQ0, &[large("alpha"), large("beta"), large("gamma")], 7)
+        .await
+        .unwrap();
     assert_eq!(stored.written, 3);
     assert_eq!(large_of(&db, "beta").await, Some(text_of(&large("beta"))), "a row embsync wrote gets the batch's vector");
     store.release_lease().await.unwrap();
@@ -245,8 +260,11 @@ async fn refused_lines_go_to_the_errors_and_an_ended_batch_releases_its_values()
 
     // REQ0's line was refused because of an input: its values that the source still has are
     // recorded as errors of the source, with the model's tag, and wait for their retry.
-    let recorded = store.record_batch_request_errors(&config, FILE, REQ0, "provider refused the request (400): bad input").await.unwrap();
-    assert_eq!(recorded, 2);
+    let recorded = store
+        .record_batch_request_errors(&config, &RunId("run-1".into()), FILE, REQ0, "provider refused the request (400): bad input")
+        .await
+        .unwrap();
+    assert_eq!(recorded, [("items".to_string(), "title".to_string(), 2)]);
     assert_eq!(
         db.texts("SELECT value_hash || ' ' || model || ' ' || message FROM embedding_sync_errors WHERE source_table = 'items'").await,
         ["alpha", "beta"]

@@ -127,7 +127,8 @@ pub fn request_values(source: &Source) -> Text<4> {
 }
 
 /// Forgets request `$2` of file `$1`: its vectors are stored (or it will not be).
-pub const DELETE_REQUEST_VALUES: Text<2> = Text::fixed("DELETE FROM embedding_sync_batch_values WHERE input_file_id = $1 AND custom_id = $2");
+pub const DELETE_REQUEST_VALUES: Text<2> =
+    Text::fixed("DELETE FROM embedding_sync_batch_values WHERE input_file_id = $1 AND custom_id = $2");
 
 /// One value of a request, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -366,3 +367,116 @@ impl Statement<4> for RequestValues<'_> {
         [t, c, Param::Text(Cow::Borrowed(self.input_file_id)), Param::Text(Cow::Borrowed(self.custom_id))]
     }
 }
+
+/// The requests of file `$1` whose vectors are not stored yet, with their inputs (int4: the
+/// highest position recorded plus one; every input of a request is recorded).
+pub const BATCH_REQUESTS: Text<1> = Text::fixed(
+    "\
+SELECT custom_id, (max(position) + 1)::int4 FROM embedding_sync_batch_values WHERE input_file_id = $1 GROUP BY custom_id",
+);
+
+/// [`BATCH_REQUESTS`].
+#[derive(Debug)]
+pub struct BatchRequests<'a> {
+    /// The file.
+    pub input_file_id: &'a str,
+}
+
+impl Statement<1> for BatchRequests<'_> {
+    fn text(&self) -> Text<1> {
+        BATCH_REQUESTS
+    }
+    fn params(&self) -> [Param<'_>; 1] {
+        [param::text(self.input_file_id)]
+    }
+}
+
+/// Adds one stored request of a batch to a source's counters of the run that read it: `$1` run,
+/// `$2` table, `$3` column, `$4` values embedded, `$5` large tokens, `$6` large requests, `$7`
+/// small tokens, `$8` small requests (int8 each). The tokens count in the run's usage and in its
+/// batch usage (priced at the Batch API's price).
+pub const ADD_BATCH_PROGRESS: Text<8> = Text::fixed(
+    "\
+UPDATE embedding_sync_run_sources
+SET embedded = embedded + $4,
+    tokens_large = tokens_large + $5, requests_large = requests_large + $6,
+    tokens_small = tokens_small + $7, requests_small = requests_small + $8,
+    batch_tokens_large = batch_tokens_large + $5, batch_requests_large = batch_requests_large + $6,
+    batch_tokens_small = batch_tokens_small + $7, batch_requests_small = batch_requests_small + $8
+WHERE run_id = $1 AND source_table = $2 AND source_column = $3",
+);
+
+/// [`ADD_BATCH_PROGRESS`].
+#[derive(Debug)]
+pub struct AddBatchProgress<'a> {
+    /// The run that read the output.
+    pub run: &'a RunId,
+    /// The source's table key.
+    pub table: &'a str,
+    /// The source's column key.
+    pub column: &'a str,
+    /// The model slot of the batch.
+    pub slot: ModelSlot,
+    /// Values written for the source.
+    pub embedded: u64,
+    /// The request's tokens (`usage.prompt_tokens`), when they count for this source.
+    pub tokens: u64,
+    /// 1 when the request counts for this source, else 0.
+    pub requests: u64,
+}
+
+impl Statement<8> for AddBatchProgress<'_> {
+    fn text(&self) -> Text<8> {
+        ADD_BATCH_PROGRESS
+    }
+    fn params(&self) -> [Param<'_>; 8] {
+        let (large, small) = match self.slot {
+            ModelSlot::Large => ((self.tokens, self.requests), (0, 0)),
+            ModelSlot::Small => ((0, 0), (self.tokens, self.requests)),
+        };
+        [
+            param::run(self.run),
+            param::text(self.table),
+            param::text(self.column),
+            param::int8(self.embedded),
+            param::int8(large.0),
+            param::int8(large.1),
+            param::int8(small.0),
+            param::int8(small.1),
+        ]
+    }
+}
+
+/// The values of each model in pending batches of the configured tag (`$3` large, `$4` small)
+/// that came from the source (`$1`, `$2`): `slot`, distinct values (int8).
+pub const AWAITED_VALUES: Text<4> = Text::fixed(
+    "\
+SELECT b.slot, count(DISTINCT bv.value_hash)::int8
+FROM embedding_sync_batch_values bv JOIN embedding_sync_batches b ON b.input_file_id = bv.input_file_id
+WHERE bv.source_table = $1 AND bv.source_column = $2 AND b.finished_at IS NULL
+  AND b.model = CASE b.slot WHEN 'large' THEN $3 ELSE $4 END
+GROUP BY b.slot",
+);
+
+/// [`AWAITED_VALUES`].
+#[derive(Debug)]
+pub struct AwaitedValues<'a> {
+    /// The source.
+    pub source: &'a Source,
+    /// The configured models' tags.
+    pub tags: &'a ModelTags,
+}
+
+impl Statement<4> for AwaitedValues<'_> {
+    fn text(&self) -> Text<4> {
+        AWAITED_VALUES
+    }
+    fn params(&self) -> [Param<'_>; 4] {
+        let [t, c] = param::keys(self.source);
+        [t, c, param::text(&self.tags.large), param::text(&self.tags.small)]
+    }
+}
+
+/// Whether the Batch API's tables exist (a catalog read: a dry run on a database embsync has
+/// not migrated).
+pub const HAS_BATCH_TABLES: &str = "SELECT to_regclass('embedding_sync_batch_values') IS NOT NULL";

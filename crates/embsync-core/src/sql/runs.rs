@@ -81,7 +81,8 @@ SELECT $1, t, c, n, (p - 1)::int4 FROM unnest($2::text[], $3::text[], $4::text[]
 pub const RUN_SOURCES: Text<1> = Text::fixed(
     "\
 SELECT source_table, source_column, name, planned, done, planned_batches, total, new, unchanged, reused,
-       embedded, stale, deleted, errors, deferred, batches, tokens_large, requests_large, tokens_small, requests_small
+       embedded, stale, deleted, errors, deferred, batches, tokens_large, requests_large, tokens_small, requests_small,
+       batch_tokens_large, batch_requests_large, batch_tokens_small, batch_requests_small
 FROM embedding_sync_run_sources WHERE run_id = $1 ORDER BY position",
 );
 

@@ -11,8 +11,19 @@ use super::*;
 /// `embedding_sync_ranges` (fan-out: a run's pending snapshot split into ranges that queue
 /// consumers claim), the change capture's tables (`embedding_sync_capture`,
 /// `embedding_sync_change_log`, `embedding_sync_capture_values`, see [`super::capture`]) and the
-/// Batch API's `embedding_sync_batches` and `embedding_sync_batch_values` ([`BATCH_TABLES`]).
-pub const SCHEMA_VERSION: i32 = 4;
+/// Batch API's `embedding_sync_batches` and `embedding_sync_batch_values` ([`BATCH_TABLES`]); 5
+/// adds the run's batch usage to `embedding_sync_run_sources` ([`BATCH_USAGE_COLUMNS`]).
+pub const SCHEMA_VERSION: i32 = 5;
+
+/// The migration step of [`SCHEMA_VERSION`] 5: the tokens and requests of each source's values
+/// that came through the Batch API in a run (also counted in `tokens_*` and `requests_*`),
+/// priced at the Batch API's price.
+pub const BATCH_USAGE_COLUMNS: &str = "\
+ALTER TABLE embedding_sync_run_sources
+    ADD COLUMN IF NOT EXISTS batch_tokens_large bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS batch_requests_large bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS batch_tokens_small bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS batch_requests_small bigint NOT NULL DEFAULT 0";
 
 /// How long a migration waits for any one lock before it gives up (`SET LOCAL lock_timeout`).
 pub const MIGRATION_LOCK_TIMEOUT_SECS: u32 = 5;
@@ -225,6 +236,8 @@ CREATE INDEX IF NOT EXISTS embedding_sync_ranges_run ON embedding_sync_ranges (r
     steps.push(step("embsync's change capture tables", CAPTURE_MIGRATION));
     // Version 4: the Batch API's request files, batches and their values.
     steps.push(step("embedding_sync_batches", BATCH_TABLES));
+    // Version 5: the Batch API's usage per source of a run.
+    steps.push(step("embedding_sync_run_sources", BATCH_USAGE_COLUMNS));
     // Bounded run history: what `/status` reads, finished runs newest first.
     steps.push(step("embedding_sync_runs", RUNS_FINISHED_INDEX));
     steps.push(step(

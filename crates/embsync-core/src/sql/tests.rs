@@ -17,8 +17,8 @@ fn migration_sql() {
     .unwrap();
     let locks = |existed| migration(&config.models, existed).iter().map(|s| s.locks).collect::<Vec<_>>().join(", ");
     // On a cache that exists (maybe another pipeline's) no step names it: it is only read.
-    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embsync's change capture tables, embedding_sync_batches, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
-    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embsync's change capture tables, embedding_sync_batches, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
+    expect!["the vector extension, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embsync's change capture tables, embedding_sync_batches, embedding_sync_run_sources, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(true));
+    expect!["the vector extension, embedding_cache, embedding_cache_sources, embedding_cache_owned, embedding_cache_owned, embedding_sync_errors, embedding_sync_runs, embedding_sync_run_sources, embedding_sync_pending, embedding_sync_orphans, embedding_sync_lease, embedding_sync_ranges, embsync's change capture tables, embedding_sync_batches, embedding_sync_run_sources, embedding_sync_runs, embedding_sync_schema"].assert_eq(&locks(false));
     assert!(migration(&config.models, false)[1].sql.contains("embedding_large vector(3072),\n    embedding_small vector(1536)"));
     assert!(!migration(&config.models, true).iter().any(|s| s.sql.contains("INDEX") && s.sql.contains("ON embedding_cache ")));
     expect![[r#"
@@ -370,6 +370,7 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         usage: Default::default(),
         stopped: None,
         indexes: None,
+        pending_batches: None,
     };
     let indexes = IndexReport::default();
     let left = [LeftSource {
@@ -490,6 +491,12 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         ),
         checked("InsertBatchValues", &InsertBatchValues { input_file_id: "file-1", values: &batch_values }),
         checked("SetBatchCreated", &SetBatchCreated { input_file_id: "file-1", batch_id: "batch_1" }),
+        checked("BatchRequests", &BatchRequests { input_file_id: "file-1" }),
+        checked(
+            "AddBatchProgress",
+            &AddBatchProgress { run: &run, table: "t", column: "c", slot: ModelSlot::Small, embedded: 1, tokens: 2, requests: 1 },
+        ),
+        checked("AwaitedValues", &AwaitedValues { source: &source, tags: &tags }),
         checked(
             "SetBatchState",
             &SetBatchState {

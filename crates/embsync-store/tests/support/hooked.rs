@@ -4,15 +4,19 @@
 //! A new [`Store`] method needs one [`Call`] variant (its arguments), one arm in
 //! [`Call::name`] and one delegating method in the `impl Store for Hooked` below.
 
+use embsync_core::batch_flow::{OpenBatch, RequestStored};
+use embsync_core::config::ModelSlot;
 use embsync_core::config::{Config, Source};
 use embsync_core::fanout::{RangeClaim, RangeEnd, RangeTally};
 use embsync_core::hash::ValueHash;
 use embsync_core::index::IndexState;
 use embsync_core::report::{IndexReport, RunReport, SourceReport, Trigger};
+use embsync_core::sql::{BatchValue, SetBatchState};
 use embsync_core::sync::{
     CaptureStep, DeleteGuard, EmbeddedValue, Lease, OrphansDeleted, PendingValue, Progress, RunId, RunState, SourceCounts, StaleOutcome,
     Store, StoreError, ValueFailure,
 };
+use embsync_core::vector::Vector;
 use embsync_store::PgStore;
 use std::any::Any;
 use std::time::Duration;
@@ -46,6 +50,15 @@ pub enum Call<'a> {
     ClaimRange { run: &'a RunId, range: i64, holder: &'a str, ttl: Duration },
     EndClaim { end: &'a RangeEnd },
     DeadLetter { run: &'a RunId, range: i64, reason: &'a str },
+    RecordBatchFile { input_file_id: &'a str, run: &'a RunId, slot: ModelSlot, requests: u64, values: &'a [BatchValue<'a>] },
+    SetBatchCreated { input_file_id: &'a str, batch_id: &'a str },
+    SetBatchState { state: &'a SetBatchState<'a> },
+    FinishBatchFile { input_file_id: &'a str, state: &'a str },
+    OpenBatches,
+    BatchRequests { input_file_id: &'a str },
+    StoreBatchRequest { run: &'a RunId, input_file_id: &'a str, custom_id: &'a str, vectors: &'a [Vector], prompt_tokens: u64 },
+    RecordBatchRequestErrors { run: &'a RunId, input_file_id: &'a str, custom_id: &'a str, message: &'a str },
+    AwaitedValues { source: &'a Source },
 }
 
 impl Call<'_> {
@@ -78,6 +91,15 @@ impl Call<'_> {
             Call::ClaimRange { .. } => "claim_range",
             Call::EndClaim { .. } => "end_claim",
             Call::DeadLetter { .. } => "dead_letter",
+            Call::RecordBatchFile { .. } => "record_batch_file",
+            Call::SetBatchCreated { .. } => "set_batch_created",
+            Call::SetBatchState { .. } => "set_batch_state",
+            Call::FinishBatchFile { .. } => "finish_batch_file",
+            Call::OpenBatches => "open_batches",
+            Call::BatchRequests { .. } => "batch_requests",
+            Call::StoreBatchRequest { .. } => "store_batch_request",
+            Call::RecordBatchRequestErrors { .. } => "record_batch_request_errors",
+            Call::AwaitedValues { .. } => "awaited_values",
         }
     }
 }
@@ -230,5 +252,63 @@ impl<H: Hook> Store for Hooked<H> {
     }
     async fn dead_letter(&mut self, run: &RunId, range: i64, reason: &str) -> Result<bool, StoreError> {
         self.call(Call::DeadLetter { run, range, reason }, async |s| s.dead_letter(run, range, reason).await).await
+    }
+    async fn record_batch_file(
+        &mut self,
+        input_file_id: &str,
+        run: &RunId,
+        slot: ModelSlot,
+        requests: u64,
+        values: &[BatchValue<'_>],
+    ) -> Result<(), StoreError> {
+        self.call(Call::RecordBatchFile { input_file_id, run, slot, requests, values }, async |s| {
+            s.record_batch_file(input_file_id, run, slot, requests, values).await
+        })
+        .await
+    }
+    async fn set_batch_created(&mut self, input_file_id: &str, batch_id: &str) -> Result<(), StoreError> {
+        self.call(Call::SetBatchCreated { input_file_id, batch_id }, async |s| s.set_batch_created(input_file_id, batch_id).await).await
+    }
+    async fn set_batch_state(&mut self, state: &SetBatchState<'_>) -> Result<(), StoreError> {
+        self.call(Call::SetBatchState { state }, async |s| s.set_batch_state(state).await).await
+    }
+    async fn finish_batch_file(&mut self, input_file_id: &str, state: &str) -> Result<(), StoreError> {
+        self.call(Call::FinishBatchFile { input_file_id, state }, async |s| s.finish_batch_file(input_file_id, state).await).await
+    }
+    async fn open_batches(&mut self) -> Result<Vec<OpenBatch>, StoreError> {
+        self.call(Call::OpenBatches, async |s| s.open_batches().await).await
+    }
+    async fn batch_requests(&mut self, input_file_id: &str) -> Result<Vec<(String, u32)>, StoreError> {
+        self.call(Call::BatchRequests { input_file_id }, async |s| s.batch_requests(input_file_id).await).await
+    }
+    async fn store_batch_request(
+        &mut self,
+        config: &Config,
+        run: &RunId,
+        input_file_id: &str,
+        custom_id: &str,
+        vectors: &[Vector],
+        prompt_tokens: u64,
+    ) -> Result<RequestStored, StoreError> {
+        self.call(Call::StoreBatchRequest { run, input_file_id, custom_id, vectors, prompt_tokens }, async |s| {
+            s.store_batch_request(config, run, input_file_id, custom_id, vectors, prompt_tokens).await
+        })
+        .await
+    }
+    async fn record_batch_request_errors(
+        &mut self,
+        config: &Config,
+        run: &RunId,
+        input_file_id: &str,
+        custom_id: &str,
+        message: &str,
+    ) -> Result<Vec<(String, String, u64)>, StoreError> {
+        self.call(Call::RecordBatchRequestErrors { run, input_file_id, custom_id, message }, async |s| {
+            s.record_batch_request_errors(config, run, input_file_id, custom_id, message).await
+        })
+        .await
+    }
+    async fn awaited_values(&mut self, source: &Source) -> Result<(u64, u64), StoreError> {
+        self.call(Call::AwaitedValues { source }, async |s| s.awaited_values(source).await).await
     }
 }

@@ -253,6 +253,15 @@ pub async fn invoke(
     hint: Option<&Cursor>,
 ) -> Result<Outcome, SyncError> {
     let id = RunId(format!("run-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
-    let inv = Invocation { trigger: Trigger::Cron, retry: RetryPolicy::default(), budget, new_run: &id, holder, hint, fanout: None, batch_api: None };
+    let inv = Invocation {
+        trigger: Trigger::Cron,
+        retry: RetryPolicy::default(),
+        budget,
+        new_run: &id,
+        holder,
+        hint,
+        fanout: None,
+        batch_api: None,
+    };
     sync::invoke(config, store, provider, rt, &inv).await
 }

@@ -1,0 +1,555 @@
+//! The Batch API's driver flow (see [`crate::batch_api`] for the encoding): submitting a run's
+//! values in batches at its plan, polling the open batches in later invocations, and reading
+//! their output into the cache. Every write goes through the [`Store`], fenced by the lease.
+//!
+//! The steps, each crash-safe on its own:
+//! 1. **Submit** ([`submit`], at a run's plan, before any source is planned): a model whose
+//!    pending values (those a pending batch does not bring already) reach `batchApi.minValues`
+//!    gets request files. Each file is uploaded, then recorded with its values
+//!    ([`Store::record_batch_file`]) *before* its batch is created, then the batch id is
+//!    recorded ([`Store::set_batch_created`]). A file uploaded but not recorded (a cut between
+//!    the two) costs nothing: its values are still pending and the provider never runs it.
+//! 2. **Poll** ([`service`], every invocation with a transport, before the sources): a file
+//!    with no batch id (a cut between record and create) finds its batch in
+//!    `GET /v1/batches` by its `input_file_id`, else creates it; a batch not over records its
+//!    state; a batch the provider does not know (404) ends, its values going the synchronous
+//!    way.
+//! 3. **Read** an ended batch's output and error files, streamed line by line: a line's
+//!    vectors are stored in one transaction with the run's counters
+//!    ([`Store::store_batch_request`]), which forgets the request, so a cut mid-file resumes
+//!    with the requests not stored yet; a line refused for its input records its values in
+//!    the error table ([`Store::record_batch_request_errors`]); a line that never ran
+//!    (expired, cancelled) or failed otherwise is left, and once both files are read the batch
+//!    ends ([`Store::set_batch_state`] `finished`), which releases those values to the
+//!    synchronous way (the next run's pending pages).
+//!
+//! A run that submitted batches stays open (status `paused`, [`RunReport::pending_batches`])
+//! until every open batch is over; its report counts what came through batches, at the batch
+//! price.
+//!
+//! [`RunReport::pending_batches`]: crate::report::RunReport::pending_batches
+
+use std::collections::{HashMap, HashSet};
+
+use crate::batch;
+use crate::batch_api::{self, BatchApi, BatchStatus, Call, FileLimits, LineError, Lines, OutputLine};
+use crate::config::{Config, ModelSlot, Source};
+use crate::hash::ValueHash;
+use crate::log::LogEvent;
+use crate::provider::ProviderError;
+use crate::sql::{BatchValue, SetBatchState};
+use crate::sync::{RetryPolicy, RunId, RunState, Runtime, Store, StoreError};
+
+/// Pending values read per page while a model's values are gathered for the Batch API.
+pub const GATHER_PAGE: usize = 5_000;
+
+/// Pages of `GET /v1/batches` (of [`LIST_PAGE`]) searched for the batch of a file whose batch
+/// id was not recorded.
+pub const LIST_PAGES: u32 = 10;
+
+/// Batches per page of `GET /v1/batches`.
+pub const LIST_PAGE: u32 = 100;
+
+/// A request file embsync has not finished with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenBatch {
+    /// The provider's id of the uploaded file (the record's key).
+    pub input_file_id: String,
+    /// The batch made of it; `None` when the invocation stopped between upload and create.
+    pub batch_id: Option<String>,
+    /// The run that built it.
+    pub run: RunId,
+    /// The model slot.
+    pub slot: ModelSlot,
+    /// The model tag it was built for.
+    pub model: String,
+    /// The state last seen (`uploaded`, then the provider's status).
+    pub state: String,
+    /// Its output file, once known.
+    pub output_file_id: Option<String>,
+    /// Its error file, once known.
+    pub error_file_id: Option<String>,
+    /// Its requests.
+    pub requests: u32,
+    /// Its values.
+    pub values: u32,
+    /// Seconds since it was recorded.
+    pub age_secs: f64,
+}
+
+/// What storing one request's vectors did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestStored {
+    /// Values whose vector went through the batch write (a value already done keeps its
+    /// vector: the write fills only what is missing or was made by another model).
+    pub written: u64,
+    /// Values recorded for the request that their source no longer has (or whose source left
+    /// the config): not written.
+    pub gone: u64,
+    /// The request's values were left unwritten because the model of the slot changed since
+    /// the file was built.
+    pub model_changed: bool,
+    /// Per source of the request (table key, column key): values written, and whether the
+    /// request's tokens were counted for it (the first source of the config it has; none when
+    /// the request was stored already).
+    pub sources: Vec<SourceStored>,
+}
+
+/// A source's share of a stored request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceStored {
+    /// [`Source::table_key`].
+    pub table: String,
+    /// [`Source::column_key`].
+    pub column: String,
+    /// Values written for it.
+    pub written: u64,
+    /// The request's tokens, when they were counted for this source (else 0).
+    pub tokens: u64,
+    /// 1 when the request was counted for this source, else 0.
+    pub requests: u64,
+}
+
+/// One provider call with the driver's retries: a retryable error (429, 5xx, no answer) is
+/// tried again after the policy's backoff, up to its attempts.
+async fn with_retries<'a, T, R: Runtime>(rt: &R, retry: RetryPolicy, mut call: impl FnMut() -> Call<'a, T>) -> Result<T, ProviderError> {
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Ok(answer) => return Ok(answer),
+            Err(e) if e.is_retryable() && attempt + 1 < retry.max_attempts => {
+                rt.sleep(retry.delay(attempt, e.retry_after(), rt.random())).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A value gathered for a batch, with the source it came from.
+struct Gathered {
+    hash: ValueHash,
+    value: String,
+    occurrences: i32,
+    source: usize,
+}
+
+/// Submits, for each model whose pending values (over all `sources`, those a pending batch
+/// brings left out) reach `batchApi.minValues`, its values in batches: build, upload, record,
+/// create, record the id, file after file. A failed upload or create leaves the values (or the
+/// recorded file) for later; only a store error stops it.
+///
+/// # Errors
+/// [`StoreError`] (a lost lease included).
+pub async fn submit<S: Store, R: Runtime>(
+    config: &Config,
+    store: &mut S,
+    api: &dyn BatchApi,
+    rt: &R,
+    retry: RetryPolicy,
+    run: &RunId,
+    sources: &[&Source],
+) -> Result<(), StoreError> {
+    let Some(settings) = config.batch_api else { return Ok(()) };
+    for slot in ModelSlot::ALL {
+        let gathered = gather(store, slot, run, sources).await?;
+        if (gathered.len() as u64) < settings.min_values {
+            continue;
+        }
+        let model = config.models.get(slot);
+        rt.log(
+            LogEvent::info(
+                "batch_api",
+                format!(
+                    "Model {}: {} pending values go through the Batch API (batchApi.minValues {})",
+                    model.name(),
+                    gathered.len(),
+                    settings.min_values
+                ),
+            )
+            .run(&run.0)
+            .field("model", model.name())
+            .field("values", gathered.len()),
+        );
+        let texts: Vec<&str> = gathered.iter().map(|g| g.value.as_str()).collect();
+        let (mut offset, mut seq) = (0usize, 0u64);
+        while offset < texts.len() {
+            let file = batch_api::build_file(run, slot, model, &texts[offset..], seq, FileLimits::WORKER);
+            if file.requests.is_empty() {
+                break;
+            }
+            let name = format!("embsync-{}-{}-{seq}.jsonl", run.0, slot.key());
+            let upload = batch_api::upload_body(&name, &file.jsonl);
+            let input_file_id = match with_retries(rt, retry, || api.upload(&upload)).await {
+                Ok(id) => id,
+                Err(e) => {
+                    rt.log(
+                        LogEvent::warn(
+                            "batch_api",
+                            format!("Could not upload a request file for {} ({e}); its values go the synchronous way", model.name()),
+                        )
+                        .run(&run.0),
+                    );
+                    break;
+                }
+            };
+            drop(upload);
+            let ids: Vec<String> = file.requests.iter().map(|r| r.custom_id.to_string()).collect();
+            let keys: Vec<(String, String)> = sources.iter().map(|s| (s.table_key(), s.column_key().to_owned())).collect();
+            let mut values = Vec::with_capacity(file.taken);
+            for (request, id) in file.requests.iter().zip(&ids) {
+                for (position, at) in request.values.clone().enumerate() {
+                    let g = &gathered[offset + at];
+                    let (table, column) = &keys[g.source];
+                    values.push(BatchValue {
+                        custom_id: id,
+                        position: position as i32,
+                        hash: &g.hash,
+                        value: &g.value,
+                        occurrences: g.occurrences,
+                        source_table: table,
+                        source_column: column,
+                    });
+                }
+            }
+            store.record_batch_file(&input_file_id, run, slot, file.requests.len() as u64, &values).await?;
+            let body = batch_api::create_body(&input_file_id, run);
+            match with_retries(rt, retry, || api.create(&body)).await {
+                Ok(created) => store.set_batch_created(&input_file_id, &created.id).await?,
+                Err(e) => rt.log(
+                    LogEvent::warn(
+                        "batch_api",
+                        format!("Could not create the batch of file {input_file_id} ({e}); the next invocation finds or creates it"),
+                    )
+                    .run(&run.0),
+                ),
+            }
+            rt.log(
+                LogEvent::info(
+                    "batch_api",
+                    format!("File {input_file_id}: {} requests, {} values of {}", file.requests.len(), file.taken, model.name()),
+                )
+                .run(&run.0)
+                .field("file", &input_file_id),
+            );
+            offset += file.taken;
+            seq += file.requests.len() as u64;
+        }
+    }
+    Ok(())
+}
+
+/// `slot`'s pending values over `sources`, each once (the first source that has it), without
+/// those a pending batch brings and those too long to send (the synchronous way records them).
+async fn gather<S: Store>(store: &mut S, slot: ModelSlot, run: &RunId, sources: &[&Source]) -> Result<Vec<Gathered>, StoreError> {
+    let mut seen = HashSet::new();
+    let mut gathered = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        let mut after: Option<ValueHash> = None;
+        loop {
+            let page = store.pending(source, run, after.as_ref(), GATHER_PAGE).await?;
+            let full = page.len() == GATHER_PAGE;
+            after = page.last().map(|v| v.hash.clone());
+            for v in page {
+                let has = match slot {
+                    ModelSlot::Large => v.has_large,
+                    ModelSlot::Small => v.has_small,
+                };
+                if has || batch::too_long(&v.value) || !seen.insert(v.hash.clone()) {
+                    continue;
+                }
+                gathered.push(Gathered { hash: v.hash, value: v.value, occurrences: v.occurrences, source: i });
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(gathered)
+}
+
+/// What [`service`] found: the batches still open, and their values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Serviced {
+    /// Batches (or files) not over.
+    pub open: u64,
+    /// Their values.
+    pub values: u64,
+}
+
+/// Polls every open batch and reads the output of those that ended (see the module's steps),
+/// adding what it stores to `run`'s sources (`config`'s enabled sources, in order).
+///
+/// # Errors
+/// [`StoreError`] (a lost lease included); a provider error only leaves the batch for the next
+/// invocation.
+pub async fn service<S: Store, R: Runtime>(
+    config: &Config,
+    store: &mut S,
+    api: &dyn BatchApi,
+    rt: &R,
+    retry: RetryPolicy,
+    run: &mut RunState,
+) -> Result<Serviced, StoreError> {
+    let mut serviced = Serviced::default();
+    for open in store.open_batches().await? {
+        let still_open = service_one(config, store, api, rt, retry, run, &open).await?;
+        if still_open {
+            serviced.open += 1;
+            serviced.values += u64::from(open.values);
+        }
+    }
+    Ok(serviced)
+}
+
+/// One open batch; whether it is still open afterwards.
+async fn service_one<S: Store, R: Runtime>(
+    config: &Config,
+    store: &mut S,
+    api: &dyn BatchApi,
+    rt: &R,
+    retry: RetryPolicy,
+    run: &mut RunState,
+    open: &OpenBatch,
+) -> Result<bool, StoreError> {
+    let log_run = run.id.0.clone();
+    let warn = |message: String| rt.log(LogEvent::warn("batch_api", message).run(&log_run).field("file", &open.input_file_id));
+    let batch_id = match &open.batch_id {
+        Some(id) => id.clone(),
+        None => match find_or_create(store, api, rt, retry, open).await? {
+            Ok(Some(id)) => id,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                warn(format!("Could not find or create the batch of file {} ({e}); the next invocation tries again", open.input_file_id));
+                return Ok(true);
+            }
+        },
+    };
+    let batch = match with_retries(rt, retry, || api.retrieve(&batch_id)).await {
+        Ok(batch) => batch,
+        Err(e) if batch_api::is_not_found(&e) => {
+            warn(format!("The provider does not know batch {batch_id} any more; its values go the synchronous way"));
+            end(store, &batch_id, "unknown", None, None, "{}").await?;
+            return Ok(false);
+        }
+        Err(e) => {
+            warn(format!("Could not poll batch {batch_id} ({e}); the next invocation polls it again"));
+            return Ok(true);
+        }
+    };
+    let c = batch.request_counts;
+    let counts = format!(r#"{{"total": {}, "completed": {}, "failed": {}}}"#, c.total, c.completed, c.failed);
+    let (output, errors) = (batch.output_file_id.as_deref(), batch.error_file_id.as_deref());
+    if !batch.status.is_over() {
+        let state = SetBatchState {
+            batch_id: &batch_id,
+            state: batch.status.name(),
+            output_file_id: output,
+            error_file_id: errors,
+            request_counts: &counts,
+            finished: false,
+        };
+        store.set_batch_state(&state).await?;
+        return Ok(true);
+    }
+    if batch.status == BatchStatus::Failed {
+        warn(format!("Batch {batch_id} failed ({}); its values go the synchronous way", batch.errors.join("; ")));
+    }
+    // The output first, then the error file; a cut in either leaves the batch open, and the
+    // next invocation reads again what is not stored.
+    for file in [output, errors].into_iter().flatten() {
+        match read_file(config, store, api, rt, retry, run, open, file).await? {
+            Ok(()) => {}
+            Err(e) => {
+                warn(format!("Reading file {file} of batch {batch_id} stopped ({e}); the next invocation goes on with what is not stored"));
+                return Ok(true);
+            }
+        }
+    }
+    end(store, &batch_id, batch.status.name(), output, errors, &counts).await?;
+    rt.log(
+        LogEvent::info(
+            "batch_api",
+            format!("Batch {batch_id} is {} and read; what it did not bring goes the synchronous way", batch.status.name()),
+        )
+        .run(&run.id.0)
+        .field("batch", &batch_id)
+        .field("requestCounts", [c.total, c.completed, c.failed]),
+    );
+    // Cleanup: the provider keeps files for a while; embsync needs them no more.
+    for file in [Some(open.input_file_id.as_str()), output, errors].into_iter().flatten() {
+        if let Err(e) = api.delete_file(file).await {
+            if !batch_api::is_not_found(&e) {
+                warn(format!("Could not delete file {file} at the provider ({e}); it expires there by itself"));
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Records that embsync is done with a batch: its values still recorded go the synchronous way.
+async fn end<S: Store>(
+    store: &mut S,
+    batch_id: &str,
+    state: &str,
+    output: Option<&str>,
+    errors: Option<&str>,
+    counts: &str,
+) -> Result<(), StoreError> {
+    let state = SetBatchState { batch_id, state, output_file_id: output, error_file_id: errors, request_counts: counts, finished: true };
+    store.set_batch_state(&state).await
+}
+
+/// The batch of a file recorded without one (an invocation stopped between upload and create):
+/// found in the key's batches by its `input_file_id`, else created now. `Ok(None)` when the
+/// provider refuses to make one of it (the file ends, its values go the synchronous way).
+async fn find_or_create<S: Store, R: Runtime>(
+    store: &mut S,
+    api: &dyn BatchApi,
+    rt: &R,
+    retry: RetryPolicy,
+    open: &OpenBatch,
+) -> Result<Result<Option<String>, ProviderError>, StoreError> {
+    let mut after: Option<String> = None;
+    for _ in 0..LIST_PAGES {
+        let page = match with_retries(rt, retry, || api.list(after.as_deref(), LIST_PAGE)).await {
+            Ok(page) => page,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Some(found) = page.data.iter().find(|b| b.input_file_id == open.input_file_id) {
+            store.set_batch_created(&open.input_file_id, &found.id).await?;
+            return Ok(Ok(Some(found.id.clone())));
+        }
+        match (page.has_more, page.last_id) {
+            (true, Some(last)) => after = Some(last),
+            _ => break,
+        }
+    }
+    let body = batch_api::create_body(&open.input_file_id, &open.run);
+    match with_retries(rt, retry, || api.create(&body)).await {
+        Ok(created) => {
+            store.set_batch_created(&open.input_file_id, &created.id).await?;
+            Ok(Ok(Some(created.id)))
+        }
+        Err(e) if !e.is_retryable() && !matches!(e, ProviderError::Unauthorized { .. }) => {
+            rt.log(
+                LogEvent::warn(
+                    "batch_api",
+                    format!("No batch could be made of file {} ({e}); its values go the synchronous way", open.input_file_id),
+                )
+                .run(&open.run.0),
+            );
+            store.finish_batch_file(&open.input_file_id, "abandoned").await?;
+            Ok(Ok(None))
+        }
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// Reads one output or error file of `open`'s batch, streamed, storing each request not stored
+/// yet. `Ok(Err(_))` when the file could not be read to its end (the rest waits).
+#[allow(clippy::too_many_arguments)]
+async fn read_file<S: Store, R: Runtime>(
+    config: &Config,
+    store: &mut S,
+    api: &dyn BatchApi,
+    rt: &R,
+    retry: RetryPolicy,
+    run: &mut RunState,
+    open: &OpenBatch,
+    file_id: &str,
+) -> Result<Result<(), ProviderError>, StoreError> {
+    let waiting: HashMap<String, u32> = store.batch_requests(&open.input_file_id).await?.into_iter().collect();
+    if waiting.is_empty() {
+        return Ok(Ok(()));
+    }
+    let mut stream = match with_retries(rt, retry, || api.content(file_id)).await {
+        Ok(stream) => stream,
+        Err(e) => return Ok(Err(e)),
+    };
+    let dimensions = config.models.get(open.slot).dimensions();
+    let mut lines = Lines::new();
+    let mut ready: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let chunk = match stream.next_chunk().await {
+            Ok(chunk) => chunk,
+            Err(e) => return Ok(Err(e)),
+        };
+        let last = chunk.is_none();
+        let collect = |line: &[u8]| -> Result<(), batch_api::LineTooLong> {
+            ready.push(line.to_vec());
+            Ok(())
+        };
+        let cut = match chunk {
+            Some(chunk) => lines.push(&chunk, collect),
+            None => std::mem::take(&mut lines).finish(collect),
+        };
+        if let Err(e) = cut {
+            return Ok(Err(ProviderError::Malformed(e.to_string())));
+        }
+        for line in ready.drain(..) {
+            store_line(config, store, rt, run, open, &waiting, dimensions, &line).await?;
+        }
+        if last {
+            return Ok(Ok(()));
+        }
+    }
+}
+
+/// One line of an output or error file.
+#[allow(clippy::too_many_arguments)]
+async fn store_line<S: Store, R: Runtime>(
+    config: &Config,
+    store: &mut S,
+    rt: &R,
+    run: &mut RunState,
+    open: &OpenBatch,
+    waiting: &HashMap<String, u32>,
+    dimensions: u32,
+    line: &[u8],
+) -> Result<(), StoreError> {
+    let parsed = match OutputLine::parse(line) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            rt.log(LogEvent::warn("batch_api", format!("Skipped a line of batch file {}: {e}", open.input_file_id)).run(&run.id.0));
+            return Ok(());
+        }
+    };
+    let custom_id = parsed.custom_id.to_string();
+    // A request stored already (before a cut), or not of this file.
+    let Some(&inputs) = waiting.get(&custom_id) else { return Ok(()) };
+    match parsed.decode(inputs as usize, dimensions) {
+        Ok(embeddings) => {
+            let stored = store
+                .store_batch_request(config, &run.id, &open.input_file_id, &custom_id, &embeddings.vectors, embeddings.prompt_tokens)
+                .await?;
+            let keys: Vec<(String, String)> = config.enabled_sources().map(|s| (s.table_key(), s.column_key().to_owned())).collect();
+            for s in &stored.sources {
+                let Some(i) = keys.iter().position(|(t, c)| *t == s.table && *c == s.column) else { continue };
+                let Some(state) = run.sources.get_mut(i) else { continue };
+                state.report.embedded += s.written;
+                let usage = match open.slot {
+                    ModelSlot::Large => &mut state.usage.0,
+                    ModelSlot::Small => &mut state.usage.1,
+                };
+                usage.prompt_tokens += s.tokens;
+                usage.batch_prompt_tokens += s.tokens;
+                usage.requests += s.requests;
+                usage.batch_requests += s.requests;
+            }
+        }
+        Err(LineError::Provider(e @ ProviderError::Rejected { .. })) => {
+            let recorded = store.record_batch_request_errors(config, &run.id, &open.input_file_id, &custom_id, &e.to_string()).await?;
+            let keys: Vec<(String, String)> = config.enabled_sources().map(|s| (s.table_key(), s.column_key().to_owned())).collect();
+            for (table, column, n) in recorded {
+                if let Some(state) = keys.iter().position(|(t, c)| *t == table && *c == column).and_then(|i| run.sources.get_mut(i)) {
+                    state.report.errors += n;
+                }
+            }
+        }
+        // Not run (expired, cancelled), failed otherwise, or malformed: its values go the
+        // synchronous way once the batch ends.
+        Err(_) => {}
+    }
+    Ok(())
+}
