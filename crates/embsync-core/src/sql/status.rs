@@ -71,11 +71,6 @@ impl Statement<2> for SourceCoverage<'_> {
     }
 }
 
-/// Whether the Batch API's tables exist (schema version 4; a `/status` read before a sync has
-/// migrated an older schema finds none).
-pub const HAS_BATCH_TABLES: &str =
-    "SELECT to_regclass('embedding_sync_batches') IS NOT NULL AND to_regclass('embedding_sync_batch_values') IS NOT NULL";
-
 /// The Batch API files embsync has not finished with, oldest first: `slot`, `model`,
 /// `batch_id` (NULL before the batch is created), `input_file_id`, `run_id`, `state`,
 /// `created_at` (epoch milliseconds, float8), the age in seconds (float8), `polled_at` (epoch
