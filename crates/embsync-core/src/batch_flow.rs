@@ -40,8 +40,9 @@ use crate::provider::ProviderError;
 use crate::sql::{BatchValue, SetBatchState};
 use crate::sync::{RetryPolicy, RunId, RunState, Runtime, Store, StoreError};
 
-/// Pending values read per page while a model's values are gathered for the Batch API.
-pub const GATHER_PAGE: usize = 5_000;
+/// Pending values read per page while the values are gathered for the Batch API (a page of
+/// the source's values, not of a run's snapshot, is a scan of the source).
+pub const GATHER_PAGE: usize = 50_000;
 
 /// Pages of `GET /v1/batches` (of [`LIST_PAGE`]) searched for the batch of a file whose batch
 /// id was not recorded.
@@ -104,6 +105,8 @@ pub struct SourceStored {
     pub column: String,
     /// Values written for it.
     pub written: u64,
+    /// Of those, the values the write completed (both embeddings now): the run's `embedded`.
+    pub embedded: u64,
     /// The request's tokens, when they were counted for this source (else 0).
     pub tokens: u64,
     /// 1 when the request was counted for this source, else 0.
@@ -132,12 +135,15 @@ struct Gathered {
     value: String,
     occurrences: i32,
     source: usize,
+    /// Whether it has (or a pending batch brings) its large and small embedding.
+    has: [bool; 2],
 }
 
 /// Submits, for each model whose pending values (over all `sources`, those a pending batch
 /// brings left out) reach `batchApi.minValues`, its values in batches: build, upload, record,
-/// create, record the id, file after file. A failed upload or create leaves the values (or the
-/// recorded file) for later; only a store error stops it.
+/// create (once: a create whose answer is lost may have made the batch), record the id, file
+/// after file. A failed upload leaves the values to the synchronous way, a failed create leaves
+/// the recorded file to the next invocation; only a store error stops it.
 ///
 /// # Errors
 /// [`StoreError`] (a lost lease included).
@@ -151,9 +157,11 @@ pub async fn submit<S: Store, R: Runtime>(
     sources: &[&Source],
 ) -> Result<(), StoreError> {
     let Some(settings) = config.batch_api else { return Ok(()) };
+    let gathered = gather(store, run, sources).await?;
+    let keys: Vec<(String, String)> = sources.iter().map(|s| (s.table_key(), s.column_key().to_owned())).collect();
     for slot in ModelSlot::ALL {
-        let gathered = gather(store, slot, run, sources).await?;
-        if (gathered.len() as u64) < settings.min_values {
+        let lacking: Vec<&Gathered> = gathered.iter().filter(|g| !g.has[slot_index(slot)]).collect();
+        if (lacking.len() as u64) < settings.min_values {
             continue;
         }
         let model = config.models.get(slot);
@@ -163,15 +171,15 @@ pub async fn submit<S: Store, R: Runtime>(
                 format!(
                     "Model {}: {} pending values go through the Batch API (batchApi.minValues {})",
                     model.name(),
-                    gathered.len(),
+                    lacking.len(),
                     settings.min_values
                 ),
             )
             .run(&run.0)
             .field("model", model.name())
-            .field("values", gathered.len()),
+            .field("values", lacking.len()),
         );
-        let texts: Vec<&str> = gathered.iter().map(|g| g.value.as_str()).collect();
+        let texts: Vec<&str> = lacking.iter().map(|g| g.value.as_str()).collect();
         let (mut offset, mut seq) = (0usize, 0u64);
         while offset < texts.len() {
             let file = batch_api::build_file(run, slot, model, &texts[offset..], seq, FileLimits::WORKER);
@@ -195,11 +203,10 @@ pub async fn submit<S: Store, R: Runtime>(
             };
             drop(upload);
             let ids: Vec<String> = file.requests.iter().map(|r| r.custom_id.to_string()).collect();
-            let keys: Vec<(String, String)> = sources.iter().map(|s| (s.table_key(), s.column_key().to_owned())).collect();
             let mut values = Vec::with_capacity(file.taken);
             for (request, id) in file.requests.iter().zip(&ids) {
                 for (position, at) in request.values.clone().enumerate() {
-                    let g = &gathered[offset + at];
+                    let g = lacking[offset + at];
                     let (table, column) = &keys[g.source];
                     values.push(BatchValue {
                         custom_id: id,
@@ -213,8 +220,10 @@ pub async fn submit<S: Store, R: Runtime>(
                 }
             }
             store.record_batch_file(&input_file_id, run, slot, file.requests.len() as u64, &values).await?;
+            // Created once, without retries: a create whose answer was lost may have made the
+            // batch, and a second would be paid twice. The next invocation looks for it first.
             let body = batch_api::create_body(&input_file_id, run);
-            match with_retries(rt, retry, || api.create(&body)).await {
+            match api.create(&body).await {
                 Ok(created) => store.set_batch_created(&input_file_id, &created.id).await?,
                 Err(e) => rt.log(
                     LogEvent::warn(
@@ -239,9 +248,17 @@ pub async fn submit<S: Store, R: Runtime>(
     Ok(())
 }
 
-/// `slot`'s pending values over `sources`, each once (the first source that has it), without
-/// those a pending batch brings and those too long to send (the synchronous way records them).
-async fn gather<S: Store>(store: &mut S, slot: ModelSlot, run: &RunId, sources: &[&Source]) -> Result<Vec<Gathered>, StoreError> {
+fn slot_index(slot: ModelSlot) -> usize {
+    match slot {
+        ModelSlot::Large => 0,
+        ModelSlot::Small => 1,
+    }
+}
+
+/// The pending values over `sources`, each once (the first source that has it), with the
+/// embeddings each has or awaits, without those too long to send (the synchronous way records
+/// them). One pass of pages over each source for both models.
+async fn gather<S: Store>(store: &mut S, run: &RunId, sources: &[&Source]) -> Result<Vec<Gathered>, StoreError> {
     let mut seen = HashSet::new();
     let mut gathered = Vec::new();
     for (i, source) in sources.iter().enumerate() {
@@ -251,14 +268,16 @@ async fn gather<S: Store>(store: &mut S, slot: ModelSlot, run: &RunId, sources: 
             let full = page.len() == GATHER_PAGE;
             after = page.last().map(|v| v.hash.clone());
             for v in page {
-                let has = match slot {
-                    ModelSlot::Large => v.has_large,
-                    ModelSlot::Small => v.has_small,
-                };
-                if has || batch::too_long(&v.value) || !seen.insert(v.hash.clone()) {
+                if batch::too_long(&v.value) || !seen.insert(v.hash.clone()) {
                     continue;
                 }
-                gathered.push(Gathered { hash: v.hash, value: v.value, occurrences: v.occurrences, source: i });
+                gathered.push(Gathered {
+                    hash: v.hash,
+                    value: v.value,
+                    occurrences: v.occurrences,
+                    source: i,
+                    has: [v.has_large, v.has_small],
+                });
             }
             if !full {
                 break;
@@ -268,21 +287,25 @@ async fn gather<S: Store>(store: &mut S, slot: ModelSlot, run: &RunId, sources: 
     Ok(gathered)
 }
 
-/// What [`service`] found: the batches still open, and their values.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Serviced {
-    /// Batches (or files) not over.
-    pub open: u64,
-    /// Their values.
-    pub values: u64,
+/// How reading a file ended.
+enum ReadEnd {
+    /// Read to its end.
+    Done,
+    /// The file could not be fetched, or broke off.
+    Broken(ProviderError),
+    /// The invocation's time is up: the rest waits for the next one.
+    OutOfTime,
 }
 
 /// Polls every open batch and reads the output of those that ended (see the module's steps),
-/// adding what it stores to `run`'s sources (`config`'s enabled sources, in order).
+/// adding what it stores to `run`'s sources (`config`'s enabled sources, in order). Reading
+/// stops at `deadline_ms` (the invocation's time budget, on `rt`'s clock); the next invocation
+/// goes on. Returns how many ended batches are left partly read.
 ///
 /// # Errors
 /// [`StoreError`] (a lost lease included); a provider error only leaves the batch for the next
 /// invocation.
+#[allow(clippy::too_many_arguments)]
 pub async fn service<S: Store, R: Runtime>(
     config: &Config,
     store: &mut S,
@@ -290,19 +313,33 @@ pub async fn service<S: Store, R: Runtime>(
     rt: &R,
     retry: RetryPolicy,
     run: &mut RunState,
-) -> Result<Serviced, StoreError> {
-    let mut serviced = Serviced::default();
+    deadline_ms: f64,
+) -> Result<u64, StoreError> {
+    let mut unread = 0;
     for open in store.open_batches().await? {
-        let still_open = service_one(config, store, api, rt, retry, run, &open).await?;
-        if still_open {
-            serviced.open += 1;
-            serviced.values += u64::from(open.values);
+        if rt.now_ms() >= deadline_ms {
+            break;
+        }
+        if service_one(config, store, api, rt, retry, run, &open, deadline_ms).await? == Left::Unread {
+            unread += 1;
         }
     }
-    Ok(serviced)
+    Ok(unread)
 }
 
-/// One open batch; whether it is still open afterwards.
+/// What [`service_one`] left of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Left {
+    /// Nothing: embsync is done with it.
+    Nothing,
+    /// It is not over, or could not be polled.
+    Open,
+    /// It is over and its files are not read to their end.
+    Unread,
+}
+
+/// One open batch.
+#[allow(clippy::too_many_arguments)]
 async fn service_one<S: Store, R: Runtime>(
     config: &Config,
     store: &mut S,
@@ -311,17 +348,18 @@ async fn service_one<S: Store, R: Runtime>(
     retry: RetryPolicy,
     run: &mut RunState,
     open: &OpenBatch,
-) -> Result<bool, StoreError> {
+    deadline_ms: f64,
+) -> Result<Left, StoreError> {
     let log_run = run.id.0.clone();
     let warn = |message: String| rt.log(LogEvent::warn("batch_api", message).run(&log_run).field("file", &open.input_file_id));
     let batch_id = match &open.batch_id {
         Some(id) => id.clone(),
         None => match find_or_create(store, api, rt, retry, open).await? {
             Ok(Some(id)) => id,
-            Ok(None) => return Ok(false),
+            Ok(None) => return Ok(Left::Nothing),
             Err(e) => {
                 warn(format!("Could not find or create the batch of file {} ({e}); the next invocation tries again", open.input_file_id));
-                return Ok(true);
+                return Ok(Left::Open);
             }
         },
     };
@@ -330,11 +368,11 @@ async fn service_one<S: Store, R: Runtime>(
         Err(e) if batch_api::is_not_found(&e) => {
             warn(format!("The provider does not know batch {batch_id} any more; its values go the synchronous way"));
             end(store, &batch_id, "unknown", None, None, "{}").await?;
-            return Ok(false);
+            return Ok(Left::Nothing);
         }
         Err(e) => {
             warn(format!("Could not poll batch {batch_id} ({e}); the next invocation polls it again"));
-            return Ok(true);
+            return Ok(Left::Open);
         }
     };
     let c = batch.request_counts;
@@ -350,7 +388,7 @@ async fn service_one<S: Store, R: Runtime>(
             finished: false,
         };
         store.set_batch_state(&state).await?;
-        return Ok(true);
+        return Ok(Left::Open);
     }
     if batch.status == BatchStatus::Failed {
         warn(format!("Batch {batch_id} failed ({}); its values go the synchronous way", batch.errors.join("; ")));
@@ -358,12 +396,13 @@ async fn service_one<S: Store, R: Runtime>(
     // The output first, then the error file; a cut in either leaves the batch open, and the
     // next invocation reads again what is not stored.
     for file in [output, errors].into_iter().flatten() {
-        match read_file(config, store, api, rt, retry, run, open, file).await? {
-            Ok(()) => {}
-            Err(e) => {
+        match read_file(config, store, api, rt, retry, run, open, file, deadline_ms).await? {
+            ReadEnd::Done => {}
+            ReadEnd::Broken(e) => {
                 warn(format!("Reading file {file} of batch {batch_id} stopped ({e}); the next invocation goes on with what is not stored"));
-                return Ok(true);
+                return Ok(Left::Unread);
             }
+            ReadEnd::OutOfTime => return Ok(Left::Unread),
         }
     }
     end(store, &batch_id, batch.status.name(), output, errors, &counts).await?;
@@ -384,7 +423,7 @@ async fn service_one<S: Store, R: Runtime>(
             }
         }
     }
-    Ok(false)
+    Ok(Left::Nothing)
 }
 
 /// Records that embsync is done with a batch: its values still recorded go the synchronous way.
@@ -425,8 +464,9 @@ async fn find_or_create<S: Store, R: Runtime>(
             _ => break,
         }
     }
+    // Once, as at the submission: the next invocation looks again before another create.
     let body = batch_api::create_body(&open.input_file_id, &open.run);
-    match with_retries(rt, retry, || api.create(&body)).await {
+    match api.create(&body).await {
         Ok(created) => {
             store.set_batch_created(&open.input_file_id, &created.id).await?;
             Ok(Ok(Some(created.id)))
@@ -447,7 +487,7 @@ async fn find_or_create<S: Store, R: Runtime>(
 }
 
 /// Reads one output or error file of `open`'s batch, streamed, storing each request not stored
-/// yet. `Ok(Err(_))` when the file could not be read to its end (the rest waits).
+/// yet, until its end or `deadline_ms`.
 #[allow(clippy::too_many_arguments)]
 async fn read_file<S: Store, R: Runtime>(
     config: &Config,
@@ -458,14 +498,15 @@ async fn read_file<S: Store, R: Runtime>(
     run: &mut RunState,
     open: &OpenBatch,
     file_id: &str,
-) -> Result<Result<(), ProviderError>, StoreError> {
+    deadline_ms: f64,
+) -> Result<ReadEnd, StoreError> {
     let waiting: HashMap<String, u32> = store.batch_requests(&open.input_file_id).await?.into_iter().collect();
     if waiting.is_empty() {
-        return Ok(Ok(()));
+        return Ok(ReadEnd::Done);
     }
     let mut stream = match with_retries(rt, retry, || api.content(file_id)).await {
         Ok(stream) => stream,
-        Err(e) => return Ok(Err(e)),
+        Err(e) => return Ok(ReadEnd::Broken(e)),
     };
     let dimensions = config.models.get(open.slot).dimensions();
     let mut lines = Lines::new();
@@ -473,7 +514,7 @@ async fn read_file<S: Store, R: Runtime>(
     loop {
         let chunk = match stream.next_chunk().await {
             Ok(chunk) => chunk,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(ReadEnd::Broken(e)),
         };
         let last = chunk.is_none();
         let collect = |line: &[u8]| -> Result<(), batch_api::LineTooLong> {
@@ -485,13 +526,16 @@ async fn read_file<S: Store, R: Runtime>(
             None => std::mem::take(&mut lines).finish(collect),
         };
         if let Err(e) = cut {
-            return Ok(Err(ProviderError::Malformed(e.to_string())));
+            return Ok(ReadEnd::Broken(ProviderError::Malformed(e.to_string())));
         }
         for line in ready.drain(..) {
             store_line(config, store, rt, run, open, &waiting, dimensions, &line).await?;
+            if rt.now_ms() >= deadline_ms {
+                return Ok(ReadEnd::OutOfTime);
+            }
         }
         if last {
-            return Ok(Ok(()));
+            return Ok(ReadEnd::Done);
         }
     }
 }
@@ -527,7 +571,7 @@ async fn store_line<S: Store, R: Runtime>(
             for s in &stored.sources {
                 let Some(i) = keys.iter().position(|(t, c)| *t == s.table && *c == s.column) else { continue };
                 let Some(state) = run.sources.get_mut(i) else { continue };
-                state.report.embedded += s.written;
+                state.report.embedded += s.embedded;
                 let usage = match open.slot {
                     ModelSlot::Large => &mut state.usage.0,
                     ModelSlot::Small => &mut state.usage.1,

@@ -131,6 +131,9 @@ pub struct PendingBatches {
     pub batches: u64,
     /// Their values.
     pub values: u64,
+    /// Of the batches, those over whose output is read in part (the invocation's time ran out
+    /// or the download broke off): the worker chains the next invocation for them.
+    pub reading: u64,
 }
 
 /// What started a run.

@@ -680,7 +680,9 @@ impl Chain {
     pub fn goes_on(&self, outcome: &Outcome, elapsed_ms: f64, invocations: u64, budget: &Budget) -> bool {
         let Outcome::Paused(report, _) = outcome else { return false };
         let most = (WORKER_SUBREQUESTS / budget.max_subrequests.max(1)).saturating_sub(1).max(1);
-        report.stopped.is_none() && report.pending_batches.is_none() && elapsed_ms + budget.max_ms <= self.max_ms && invocations < most
+        // A run waiting for batches goes on at once only to read an output left partly read.
+        let batches_ready = report.pending_batches.as_ref().is_none_or(|p| p.reading > 0);
+        report.stopped.is_none() && batches_ready && elapsed_ms + budget.max_ms <= self.max_ms && invocations < most
     }
 }
 
@@ -945,9 +947,10 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
     // The Batch API: the open batches are polled and the output of those that ended is read
     // first; then, at the run's plan (no source planned yet), a model with enough pending
     // values goes that way, before the sources' pages (which leave out what batches bring).
+    let mut unread = 0;
     if let Some(api) = inv.batch_api {
         let step = async {
-            crate::batch_flow::service(config, store, api, rt, retry, &mut run).await?;
+            unread = crate::batch_flow::service(config, store, api, rt, retry, &mut run, began + budget.max_ms).await?;
             if config.batch_api.is_some() && run.sources.iter().all(|s| !s.planned) {
                 crate::batch_flow::submit(config, store, api, rt, retry, &run.id, &sources).await?;
             }
@@ -1112,7 +1115,7 @@ async fn invoke_leased<S: Store, E: Embedder, R: Runtime>(
                 let mut report = report_of(config, &run, rt);
                 report.status = RunStatus::Paused;
                 let values = open.iter().map(|b| u64::from(b.values)).sum();
-                report.pending_batches = Some(crate::report::PendingBatches { batches: open.len() as u64, values });
+                report.pending_batches = Some(crate::report::PendingBatches { batches: open.len() as u64, values, reading: unread });
                 rt.log(
                     LogEvent::info(
                         "batch_api",

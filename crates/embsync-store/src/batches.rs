@@ -10,6 +10,12 @@ use embsync_core::batch_flow::{OpenBatch, RequestStored, SourceStored};
 use embsync_core::config::ModelSlot;
 use embsync_core::sql::BatchValue;
 
+/// The one int8 of a counting statement.
+async fn count_of(tx: &tokio_postgres::Transaction<'_>, statement: &sql::CompleteAmong<'_>) -> Result<u64, StoreError> {
+    let rows = query(tx, &Bound::new(statement)).await.map_err(|e| err("counting complete values", e))?;
+    Ok(rows.first().map_or(0, |row| row.get::<_, i64>(0).max(0) as u64))
+}
+
 fn slot_of(text: &str) -> Result<ModelSlot, StoreError> {
     match text {
         "large" => Ok(ModelSlot::Large),
@@ -251,8 +257,12 @@ impl PgStore {
             }
             let upsert = sql::UpsertBatch { source, tags: &tags, batch: &batch };
             let link = sql::LinkValues { source, batch: &batch };
+            let hashes: Vec<&str> = batch.iter().map(|v| v.hash.as_str()).collect();
+            let complete = sql::CompleteAmong { hashes: &hashes };
+            let before = count_of(&tx, &complete).await?;
             execute(&tx, &Bound::with_vectors(&upsert, vector_array.clone())).await.map_err(|e| err("writing embeddings", e))?;
             execute(&tx, &Bound::new(&link)).await.map_err(|e| err("linking values", e))?;
+            share.embedded = count_of(&tx, &complete).await?.saturating_sub(before);
             share.written = batch.len() as u64;
             outcome.written += batch.len() as u64;
         }
@@ -267,7 +277,7 @@ impl PgStore {
                     table: &share.table,
                     column: &share.column,
                     slot,
-                    embedded: share.written,
+                    embedded: share.embedded,
                     tokens: share.tokens,
                     requests: share.requests,
                 };

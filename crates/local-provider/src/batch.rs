@@ -279,12 +279,11 @@ impl Batch {
         if offset <= validating {
             return 0;
         }
-        if self.config.completion_ms == 0 {
-            return total;
-        }
-        let elapsed = (offset - validating).as_millis();
-        let done = (total as u128 * elapsed / u128::from(self.config.completion_ms)) as usize;
-        let done = done.min(total);
+        let done = match self.config.completion_ms {
+            0 => total,
+            ms => ((total as u128 * (offset - validating).as_millis() / u128::from(ms)) as usize).min(total),
+        };
+        // Expiry caps the lines done, with no completion time too.
         match self.config.expire_after_lines {
             Some(limit) => done.min(limit as usize),
             None => done,

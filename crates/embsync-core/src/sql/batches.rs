@@ -480,3 +480,27 @@ impl Statement<4> for AwaitedValues<'_> {
 /// Whether the Batch API's tables exist (a catalog read: a dry run on a database embsync has
 /// not migrated).
 pub const HAS_BATCH_TABLES: &str = "SELECT to_regclass('embedding_sync_batch_values') IS NOT NULL";
+
+/// Of the values `$1` (hashes), those whose cache row holds both embeddings (one row: int8):
+/// read before and after a batch request's write, the values it completed.
+pub const COMPLETE_AMONG: Text<1> = Text::fixed(
+    "\
+SELECT count(*)::int8 FROM embedding_cache
+WHERE value_hash = ANY($1::text[]) AND embedding_large IS NOT NULL AND embedding_small IS NOT NULL",
+);
+
+/// [`COMPLETE_AMONG`].
+#[derive(Debug)]
+pub struct CompleteAmong<'a> {
+    /// The value hashes.
+    pub hashes: &'a [&'a str],
+}
+
+impl Statement<1> for CompleteAmong<'_> {
+    fn text(&self) -> Text<1> {
+        COMPLETE_AMONG
+    }
+    fn params(&self) -> [Param<'_>; 1] {
+        [param::texts(self.hashes.iter().copied())]
+    }
+}

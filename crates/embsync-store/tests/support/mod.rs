@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod batch_http;
 pub mod hooked;
 
 use embsync_core::config::{Config, ModelSpec};
