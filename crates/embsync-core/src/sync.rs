@@ -2296,12 +2296,20 @@ mod tests {
         let greedy = Budget { max_subrequests: 9_000, ..budget };
         assert!(on.goes_on(&paused, 0.0, 0, &greedy) && !on.goes_on(&paused, 0.0, 1, &greedy));
         // An outage (or a refused model) waits for the next trigger; a finished run is done.
-        assert!(!on.goes_on(&Outcome::Paused(report(Some("outage")), cursor), 0.0, 1, &budget));
+        assert!(!on.goes_on(&Outcome::Paused(report(Some("outage")), cursor.clone()), 0.0, 1, &budget));
         assert!(!on.goes_on(&Outcome::Finished(report(None)), 0.0, 1, &budget));
         assert!(!Chain { max_ms: 0.0 }.goes_on(&paused, 0.0, 1, &budget));
         // A fanned-out run is the queue's consumers' now: the chain stops.
         let fanned = Outcome::FannedOut { report: report(None), messages: vec![RangeMessage { run: "r".into(), range: 1 }] };
         assert!(!on.goes_on(&fanned, 0.0, 1, &budget));
+        // A run waiting for the Batch API's batches waits for the next trigger, unless an ended
+        // batch's output is partly read.
+        let waiting = |reading: u64| {
+            let pending = crate::report::PendingBatches { batches: 2, values: 10, reading };
+            Outcome::Paused(RunReport { pending_batches: Some(pending), ..report(None) }, cursor.clone())
+        };
+        assert!(!on.goes_on(&waiting(0), 0.0, 1, &budget));
+        assert!(on.goes_on(&waiting(1), 0.0, 1, &budget));
     }
 
     #[test]

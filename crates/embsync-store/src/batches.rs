@@ -258,7 +258,7 @@ impl PgStore {
             let upsert = sql::UpsertBatch { source, tags: &tags, batch: &batch };
             let link = sql::LinkValues { source, batch: &batch };
             let hashes: Vec<&str> = batch.iter().map(|v| v.hash.as_str()).collect();
-            let complete = sql::CompleteAmong { hashes: &hashes };
+            let complete = sql::CompleteAmong { hashes: &hashes, tags: &tags };
             let before = count_of(&tx, &complete).await?;
             execute(&tx, &Bound::with_vectors(&upsert, vector_array.clone())).await.map_err(|e| err("writing embeddings", e))?;
             execute(&tx, &Bound::new(&link)).await.map_err(|e| err("linking values", e))?;

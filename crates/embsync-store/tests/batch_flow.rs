@@ -341,3 +341,27 @@ async fn failed_cancelled_and_forgotten_batches_release_their_values() {
         }
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_model_change_re_embeds_its_column_through_batches() {
+    let all = values("value", 60);
+    let mut w = World::new(&all, 1000, "{}").await;
+    let first = w.finished().await;
+    assert_eq!((first.totals.embedded, w.provider.calls.borrow().len()), (60, 2), "below minValues: the synchronous way");
+    // The large column's model changes: its 60 values are re-embedded, through a batch, and the
+    // small column's are left alone.
+    w.config = Config::parse(
+        r#"{"version":"1.0","models":{"large":{"name":"text-embedding-3-small","dimensions":4},"small":{"name":"text-embedding-3-small","dimensions":2}},
+        "batchSize":100,"batchApi":{"enabled":true,"minValues":50},"sources":[{"name":"Items","table":"items","column":"title"}]}"#,
+    )
+    .unwrap();
+    w.store = w.db.store(&w.config).await;
+    let waiting = w.paused().await;
+    assert_eq!(waiting.pending_batches.map(|p| (p.batches, p.values)), Some((1, 60)));
+    let report = w.finished().await;
+    assert_eq!(report.totals.embedded, 60);
+    assert_eq!((report.usage.large.batch_requests, report.usage.small.requests), (1, 0));
+    assert_eq!(w.provider.calls.borrow().len(), 2, "nothing more went the synchronous way");
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache_owned WHERE large_model = 'text-embedding-3-small:4'").await, 60);
+    assert_eq!(w.done().await, 60);
+}

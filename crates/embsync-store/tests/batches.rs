@@ -54,8 +54,7 @@ async fn large_of(db: &TestDb, value: &str) -> Option<String> {
         .query_opt("SELECT embedding_large::text FROM embedding_cache WHERE value_hash = $1", &[&hash_of(value)])
         .await
         .unwrap()
-        .map(|row| row.get::<_, Option<String>>(0))
-        .flatten()
+        .and_then(|row| row.get::<_, Option<String>>(0))
 }
 
 fn text_of(v: &Vector) -> String {

@@ -481,26 +481,32 @@ impl Statement<4> for AwaitedValues<'_> {
 /// not migrated).
 pub const HAS_BATCH_TABLES: &str = "SELECT to_regclass('embedding_sync_batch_values') IS NOT NULL";
 
-/// Of the values `$1` (hashes), those whose cache row holds both embeddings (one row: int8):
-/// read before and after a batch request's write, the values it completed.
-pub const COMPLETE_AMONG: Text<1> = Text::fixed(
-    "\
-SELECT count(*)::int8 FROM embedding_cache
-WHERE value_hash = ANY($1::text[]) AND embedding_large IS NOT NULL AND embedding_small IS NOT NULL",
-);
+/// Of the values `$1` (hashes), those done for both models (one row: int8): their cache row
+/// holds both embeddings, of the configured tags `$2` (large) and `$3` (small) when the row is
+/// embsync's. Read before and after a batch request's write: the values it completed.
+pub fn complete_among() -> Text<3> {
+    // The shared condition numbers the tags $3 and $4.
+    let complete = complete(FULL).replace("$3", "$2").replace("$4", "$3");
+    Text::built(format!(
+        "SELECT count(*)::int8 FROM (SELECT unnest($1::text[]) AS h) s\n    {join}\nWHERE {complete}",
+        join = join_cache(FULL),
+    ))
+}
 
-/// [`COMPLETE_AMONG`].
+/// [`complete_among`].
 #[derive(Debug)]
 pub struct CompleteAmong<'a> {
     /// The value hashes.
     pub hashes: &'a [&'a str],
+    /// The configured models' tags.
+    pub tags: &'a ModelTags,
 }
 
-impl Statement<1> for CompleteAmong<'_> {
-    fn text(&self) -> Text<1> {
-        COMPLETE_AMONG
+impl Statement<3> for CompleteAmong<'_> {
+    fn text(&self) -> Text<3> {
+        complete_among()
     }
-    fn params(&self) -> [Param<'_>; 1] {
-        [param::texts(self.hashes.iter().copied())]
+    fn params(&self) -> [Param<'_>; 3] {
+        [param::texts(self.hashes.iter().copied()), param::text(&self.tags.large), param::text(&self.tags.small)]
     }
 }

@@ -497,7 +497,7 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
             &AddBatchProgress { run: &run, table: "t", column: "c", slot: ModelSlot::Small, embedded: 1, tokens: 2, requests: 1 },
         ),
         checked("AwaitedValues", &AwaitedValues { source: &source, tags: &tags }),
-        checked("CompleteAmong", &CompleteAmong { hashes: &["h"] }),
+        checked("CompleteAmong", &CompleteAmong { hashes: &["h"], tags: &tags }),
         checked(
             "SetBatchState",
             &SetBatchState {
