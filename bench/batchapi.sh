@@ -20,7 +20,8 @@
 # in embedding_sync_batches) and to the run finished (its end builds the HNSW indexes), and
 # workerd's memory while reading the output: the resident memory (VmRSS) of the wrangler's
 # workerd processes sampled every 100 ms from /proc during step 3 (the largest sample of the
-# largest process, and its idle value before step 3), and their peak (VmHWM) at the end. It
+# largest process, and its idle value before step 3), and their peak (VmHWM) at the end; and
+# the isolate's WebAssembly memory, which the worker logs after each trigger (`memory` event). It
 # checks that the cache holds N rows with both embeddings, that no value went the synchronous
 # way (the provider's request log has no embeddings request), and that the report's usage is
 # all at the batch price.
@@ -47,6 +48,8 @@ BENCH_TAG=batchapi
 cd "$REPO"
 
 N="$(bench_n "${1:-}")"
+# The tree the worker is built from (a dirty tree is marked).
+COMMIT="$(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- src crates || echo '+changes')"
 [ "$N" -ge 10000 ] || die "N must be at least 10000 (batchApi.minValues)"
 COMPLETION_MS="${BENCH_COMPLETION_MS:-3000}"
 TABLE=bench_items
@@ -164,6 +167,11 @@ finished_s="$(awk -v a="$t_completed" -v b="$t_finished" 'BEGIN { printf "%.1f",
 rss_peak_mib="$(awk '{ if ($2 > m) m = $2 } END { printf "%.0f", m / 1024 }' "$LOGS/rss.txt")"
 rss_idle_mib="$(awk -v k="$rss_idle_kb" 'BEGIN { printf "%.0f", k / 1024 }')"
 hwm_mib="$(peak_hwm)"
+# The largest WebAssembly memory the worker logged after a trigger (`memory` events): the
+# isolate's linear memory, which only grows, so its high-water mark.
+wasm_mibs() { grep '"event":"memory"' "$LOG" | sed 's/.*"wasmBytes":\([0-9]*\).*/\1/' | awk '{ printf "%.0f\n", $1 / 1048576 }'; }
+wasm_submit_mib="$(wasm_mibs | head -n 1)"
+wasm_mib="$(wasm_mibs | tail -n 1)"
 
 # Checks.
 report="$LOGS/sync-$i.json"
@@ -180,7 +188,7 @@ invocations="$(json 'd["invocations"]' <"$report")"
 loadavg="$(cut -d' ' -f1-3 /proc/loadavg)"
 cat <<EOF
 
-## bench/batchapi.sh: $N values through the Batch API ($(date -u +%Y-%m-%d), commit $(git -C "$REPO" rev-parse --short HEAD))
+## bench/batchapi.sh: $N values through the Batch API ($(date -u +%Y-%m-%d), worker built from $COMMIT)
 machine: $(nproc) cpus, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); load average after the run $loadavg
 dimensions: ${BENCH_DIMS:-3072,1536}; provider in progress ${COMPLETION_MS} ms per batch
 
@@ -192,9 +200,10 @@ dimensions: ${BENCH_DIMS:-3072,1536}; provider in progress ${COMPLETION_MS} ms p
 | invocations of the run | $invocations |
 | workerd RSS while reading: idle before / largest sample | $rss_idle_mib MiB / $rss_peak_mib MiB |
 | workerd peak RSS (VmHWM) at the end | $hwm_mib MiB |
+| the isolate's WebAssembly memory (high-water mark): after step 1 / after step 3 | ${wasm_submit_mib:-?} MiB / ${wasm_mib:-?} MiB |
 | report's costUsd (batch price) | \$$cost |
 EOF
 if [ -n "${BENCH_RESULTS:-}" ]; then
-    printf '{"n": %s, "dims": "%s", "batches": %s, "submit_s": %s, "stored_s": %s, "finished_s": %s, "rss_idle_mib": %s, "rss_peak_mib": %s, "hwm_mib": %s, "invocations": %s}\n' \
-        "$N" "${BENCH_DIMS:-3072,1536}" "$nbatches" "$submit_s" "$stored_s" "$finished_s" "$rss_idle_mib" "$rss_peak_mib" "$hwm_mib" "$invocations" >>"$BENCH_RESULTS"
+    printf '{"n": %s, "dims": "%s", "batches": %s, "submit_s": %s, "stored_s": %s, "finished_s": %s, "rss_idle_mib": %s, "rss_peak_mib": %s, "hwm_mib": %s, "wasm_mib": %s, "invocations": %s}\n' \
+        "$N" "${BENCH_DIMS:-3072,1536}" "$nbatches" "$submit_s" "$stored_s" "$finished_s" "$rss_idle_mib" "$rss_peak_mib" "$hwm_mib" "${wasm_mib:-null}" "$invocations" >>"$BENCH_RESULTS"
 fi

@@ -395,6 +395,15 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
         }
     };
     conn.close().await;
+    // The isolate's WebAssembly memory after the trigger's invocations (it only grows: its
+    // high-water mark), for the benchmarks and to see how near a Worker's 128 MB it came.
+    #[cfg(target_arch = "wasm32")]
+    {
+        let bytes = core::arch::wasm32::memory_size::<0>() * 65_536;
+        rt.log(
+            LogEvent::info("memory", format!("WebAssembly memory: {:.1} MiB", bytes as f64 / 1_048_576.0)).field("wasmBytes", bytes),
+        );
+    }
     // A run that failed is over: its cursor goes, as a finished run's does (below).
     if let Err(SyncError::Provider(_)) = &result {
         clear_cursor(kv.as_ref(), &rt).await;
