@@ -339,6 +339,14 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
         }
     };
     let chain = chain(env)?;
+    // The Batch API over the same client (key, base URL); not with Azure OpenAI.
+    let batch_api: Option<&dyn embsync_core::batch_api::BatchApi> = embedder.has_batch_api().then_some(&embedder);
+    if config.batch_api.is_some() && batch_api.is_none() {
+        rt.log(LogEvent::warn(
+            "batch_api",
+            "batchApi is set but the provider is Azure OpenAI, whose Batch API embsync does not use: every model goes the synchronous way",
+        ));
+    }
     // Fan-out only with the queue's producer binding: without it, runs go exactly as before.
     let queue = queues::producer(env);
     let fanout = match queue {
@@ -362,7 +370,7 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
             holder: &holder,
             hint: hint.as_ref(),
             fanout,
-            batch_api: None,
+            batch_api,
         };
         let result = sync::invoke(&config, &mut conn.store, &embedder, &rt, &inv).await;
         invocations += 1;
@@ -388,6 +396,15 @@ async fn run_sync(env: &Env, trigger: Trigger) -> Result<RunReport, AppError> {
         }
     };
     conn.close().await;
+    // The isolate's WebAssembly memory after the trigger's invocations (it only grows: its
+    // high-water mark), for the benchmarks and to see how near a Worker's 128 MB it came.
+    #[cfg(target_arch = "wasm32")]
+    {
+        let bytes = core::arch::wasm32::memory_size::<0>() * 65_536;
+        rt.log(
+            LogEvent::info("memory", format!("WebAssembly memory: {:.1} MiB", bytes as f64 / 1_048_576.0)).field("wasmBytes", bytes),
+        );
+    }
     // A run that failed is over: its cursor goes, as a finished run's does (below).
     if let Err(SyncError::Provider(_)) = &result {
         clear_cursor(kv.as_ref(), &rt).await;
@@ -462,12 +479,14 @@ async fn status(env: &Env) -> Result<Status, AppError> {
             disabled: config.sources.iter().filter(|s| !s.enabled).map(|s| s.name.clone()).collect(),
             left_config: Vec::new(),
             orphans: Default::default(),
+            pending_batches: Vec::new(),
         };
         if store.has_run_tables().await? {
             out.current_run = store.current_run().await?;
             out.last_runs = store.last_runs(10).await?;
             out.left_config = store.left_sources(&config).await?;
             out.orphans = store.waiting_orphans().await?;
+            out.pending_batches = store.pending_batches().await?;
         }
         for source in config.enabled_sources() {
             out.sources.push(store.coverage(source).await);

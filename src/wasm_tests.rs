@@ -323,3 +323,163 @@ async fn the_postgres_socket_reads_across_chunks_and_writes_in_order() {
     let seen: Vec<String> = written.iter().map(|v| String::from(js_sys::JSON::stringify(&v).unwrap())).collect();
     assert_eq!(seen, ["[97,98]", "[99]", "\"closed\""], "each write once, in order, then the close");
 }
+
+/// A client of `https://provider.example/v1` with key `sk-test`, whose global fetch records
+/// each request (`url`, `method`, `auth`, `type`, `body` as text) in the array it returns and
+/// answers with `respond(req)` (JS, returning a `Response`).
+fn batch_client(respond: &str) -> (OpenAi, js_sys::Array) {
+    let models = settings::config(&env(&[])).unwrap().models;
+    let endpoint = settings::endpoint(&env(&[("OPENAI_BASE_URL", "https://provider.example/v1")]), &models).unwrap();
+    let client = OpenAi::new(endpoint, settings::api_key(&env(&[("OPENAI_API_KEY", "sk-test")])).unwrap());
+    let seen = js(
+        "",
+        &format!(
+            "const seen = [];
+            const respond = {respond};
+            globalThis.fetch = async (req) => {{
+                seen.push({{ url: req.url, method: req.method, auth: req.headers.get('authorization'),
+                            type: req.headers.get('content-type'), body: await req.text() }});
+                return respond(req);
+            }};
+            return seen;"
+        ),
+        &[],
+    );
+    (client, seen.unchecked_into())
+}
+
+fn field(req: &JsValue, k: &str) -> Option<String> {
+    js_sys::Reflect::get(req, &k.into()).unwrap().as_string()
+}
+
+const BATCH_JSON: &str = r#"{"id":"batch_1","object":"batch","endpoint":"/v1/embeddings","input_file_id":"file-in","status":"in_progress","output_file_id":null,"error_file_id":null,"request_counts":{"total":3,"completed":1,"failed":0}}"#;
+
+#[wasm_bindgen_test]
+async fn the_batch_api_calls_go_to_the_base_url_with_the_key_and_read_their_answers() {
+    use embsync_core::batch_api::{upload_body, BatchApi, BatchStatus};
+    let (client, seen) = batch_client(&format!(
+        r#"(req) => {{
+            const u = new URL(req.url);
+            const json = (body) => new Response(body, {{ status: 200, headers: {{ 'content-type': 'application/json' }} }});
+            if (u.pathname === '/v1/files' ) return json('{{"id":"file-in","object":"file","purpose":"batch"}}');
+            if (u.pathname === '/v1/batches' && req.method === 'GET')
+                return json('{{"object":"list","data":[{BATCH_JSON}],"first_id":"batch_1","last_id":"batch_1","has_more":true}}');
+            if (u.pathname.startsWith('/v1/files/')) return json('{{"id":"file-in","object":"file","deleted":true}}');
+            return json('{BATCH_JSON}');
+        }}"#
+    ));
+    assert!(client.has_batch_api());
+    let upload = upload_body("embsync-run-1-large-0.jsonl", b"{\"custom_id\":\"a\"}\n");
+    assert_eq!(client.upload(&upload).await.unwrap(), "file-in");
+    let created = client.create(r#"{"input_file_id":"file-in"}"#).await.unwrap();
+    assert_eq!((created.id.as_str(), created.input_file_id.as_str(), created.status), ("batch_1", "file-in", BatchStatus::InProgress));
+    assert_eq!(created.request_counts.completed, 1);
+    assert_eq!(client.retrieve("batch_1").await.unwrap().id, "batch_1");
+    assert_eq!(client.cancel("batch_1").await.unwrap().id, "batch_1");
+    let page = client.list(None, 20).await.unwrap();
+    assert_eq!((page.data.len(), page.has_more, page.last_id.as_deref()), (1, true, Some("batch_1")));
+    client.list(Some("batch_1"), 5).await.unwrap();
+    client.delete_file("file/../x").await.unwrap();
+
+    let sent: Vec<(String, String, String, String)> = (0..seen.length())
+        .map(|i| {
+            let r = seen.get(i);
+            (
+                field(&r, "method").unwrap(),
+                field(&r, "url").unwrap(),
+                field(&r, "auth").unwrap_or_default(),
+                field(&r, "type").unwrap_or_default(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String, String)> = [
+        ("POST", "https://provider.example/v1/files", upload.content_type.as_str()),
+        ("POST", "https://provider.example/v1/batches", "application/json"),
+        ("GET", "https://provider.example/v1/batches/batch_1", ""),
+        ("POST", "https://provider.example/v1/batches/batch_1/cancel", ""),
+        ("GET", "https://provider.example/v1/batches?limit=20", ""),
+        ("GET", "https://provider.example/v1/batches?limit=5&after=batch_1", ""),
+        // An id is one path segment, whatever it holds.
+        ("DELETE", "https://provider.example/v1/files/file%2F..%2Fx", ""),
+    ]
+    .iter()
+    .map(|(m, u, t)| (m.to_string(), u.to_string(), "Bearer sk-test".to_owned(), t.to_string()))
+    .collect();
+    assert_eq!(sent, expected);
+    // The upload's body is the multipart body as it was built, byte for byte.
+    assert_eq!(field(&seen.get(0), "body").unwrap().as_bytes(), upload.body.as_slice());
+    assert_eq!(field(&seen.get(1), "body").as_deref(), Some(r#"{"input_file_id":"file-in"}"#));
+}
+
+#[wasm_bindgen_test]
+async fn a_files_content_arrives_chunk_by_chunk_and_a_cut_one_is_an_error() {
+    use embsync_core::batch_api::BatchApi;
+    // Three chunks, as a server streams them; `cut` announces more bytes than it sends.
+    let (client, seen) = batch_client(
+        r#"(req) => {
+            const parts = ['{"custom_id":"a"}\n{"cus', 'tom_id":"b"}\n', '{"custom_id":"c"}\n'];
+            const stream = new ReadableStream({
+                start(c) { for (const p of parts) c.enqueue(new TextEncoder().encode(p)); c.close(); }
+            });
+            const whole = parts.join('').length;
+            const length = req.url.includes('cut') ? whole + 10 : whole;
+            return new Response(stream, { status: 200, headers: { 'content-length': String(length) } });
+        }"#,
+    );
+    let mut content = client.content("file-out").await.unwrap();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = content.next_chunk().await.unwrap() {
+        chunks.push(String::from_utf8(chunk).unwrap());
+    }
+    assert_eq!(
+        chunks,
+        ["{\"custom_id\":\"a\"}\n{\"cus", "tom_id\":\"b\"}\n", "{\"custom_id\":\"c\"}\n"],
+        "one chunk at a time, as they came"
+    );
+    assert_eq!(field(&seen.get(0), "url").as_deref(), Some("https://provider.example/v1/files/file-out/content"));
+    assert_eq!(field(&seen.get(0), "method").as_deref(), Some("GET"));
+
+    let mut cut = client.content("file-cut").await.unwrap();
+    let mut result = Ok(Some(Vec::new()));
+    for _ in 0..4 {
+        result = cut.next_chunk().await;
+        if !matches!(result, Ok(Some(_))) {
+            break;
+        }
+    }
+    let err = result.unwrap_err();
+    assert!(err.is_retryable() && err.to_string().contains("ended after 54 of its 64 bytes"), "{err}");
+}
+
+#[wasm_bindgen_test]
+async fn batch_api_errors_decode_like_the_embeddings_endpoints() {
+    use embsync_core::batch_api::{is_not_found, BatchApi};
+    use embsync_core::provider::ProviderError;
+    let (client, _) = batch_client(
+        r#"(req) => {
+            const err = (status, message, headers) => new Response(
+                JSON.stringify({ error: { message, type: 'invalid_request_error', param: null, code: null } }),
+                { status, headers: Object.assign({ 'content-type': 'application/json' }, headers || {}) });
+            if (req.url.endsWith('/gone')) return err(404, "No batch found with id 'gone'.");
+            if (req.url.endsWith('/busy')) return err(429, 'Rate limit reached', { 'retry-after': '7' });
+            if (req.url.endsWith('/down')) return err(503, 'overloaded');
+            if (req.url.endsWith('/junk')) return new Response('{"nope":1}', { status: 200 });
+            return err(401, 'Incorrect API key provided');
+        }"#,
+    );
+    let gone = client.retrieve("gone").await.unwrap_err();
+    assert!(is_not_found(&gone), "{gone:?}");
+    let busy = client.retrieve("busy").await.unwrap_err();
+    assert!(matches!(&busy, ProviderError::RateLimited { retry_after: Some(d), .. } if d.as_secs() == 7), "{busy:?}");
+    assert!(client.retrieve("down").await.unwrap_err().is_retryable());
+    assert!(matches!(client.retrieve("junk").await.unwrap_err(), ProviderError::Malformed(_)));
+    assert!(matches!(client.content("key").await.err(), Some(ProviderError::Unauthorized { status: 401 })));
+
+    // Azure OpenAI: no Batch API; nothing is sent.
+    let models = settings::config(&env(&[])).unwrap().models;
+    let azure = settings::endpoint(&env(&[("AZURE_OPENAI_ENDPOINT", "https://acme.openai.azure.com")]), &models).unwrap();
+    let azure = OpenAi::new(azure, settings::api_key(&env(&[("OPENAI_API_KEY", "k")])).unwrap());
+    assert!(!azure.has_batch_api());
+    let refused = azure.retrieve("b").await.unwrap_err();
+    assert!(refused.to_string().contains("OpenAI only"), "{refused}");
+}

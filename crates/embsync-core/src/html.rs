@@ -18,6 +18,7 @@
 //!     disabled: vec![],
 //!     left_config: vec![],
 //!     orphans: Default::default(),
+//!     pending_batches: vec![],
 //! };
 //! let page = html::render(&status);
 //! assert!(page.starts_with("<!DOCTYPE html>"));
@@ -26,7 +27,7 @@
 
 use crate::prune::{LeftReason, LeftSource};
 use crate::report::{RunReport, RunStatus, SourceReport, Trigger};
-use crate::status::{Coverage, CurrentRun, FinishedRun, OpenRunSource, Status, WaitingOrphans};
+use crate::status::{Coverage, CurrentRun, FinishedRun, ModelBatches, OpenRunSource, Status, WaitingOrphans};
 use base64::Engine;
 use sha2::{Digest, Sha256};
 use std::fmt::{self, Write};
@@ -256,6 +257,7 @@ fn write_page(out: &mut String, status: &Status) -> fmt::Result {
         out.push_str("</p>\n");
     }
     out.push_str("</section>\n");
+    write_pending_batches(out, &status.pending_batches)?;
     write_left_config(out, &status.left_config)?;
     write_orphans(out, &status.orphans)?;
     out.push_str("</main>\n<footer>The same as JSON: <code>GET /status</code> with <code>Accept: application/json</code>.</footer>\n</body>\n</html>\n");
@@ -435,6 +437,60 @@ fn write_source(out: &mut String, c: &Coverage, counts: &Counts<'_>) -> fmt::Res
     Ok(())
 }
 
+/// Seconds as `45 s`, `12 min`, `3 h 05 min` or `2 d 4 h`.
+fn age(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs} s"),
+        60..=3599 => format!("{} min", secs / 60),
+        3600..=86_399 => format!("{} h {:02} min", secs / 3600, secs % 3600 / 60),
+        _ => format!("{} d {} h", secs / 86_400, secs % 86_400 / 3600),
+    }
+}
+
+/// The Batch API batches embsync has not finished with, per model, when there are any.
+fn write_pending_batches(out: &mut String, models: &[ModelBatches]) -> fmt::Result {
+    if models.is_empty() {
+        return Ok(());
+    }
+    out.push_str("<section class=\"batches\">\n<h2>Pending batches</h2>\n");
+    out.push_str(
+        "<p class=\"muted\">Values sent through the Batch API (half the price, within 24 hours). Their values are not sent \
+         again meanwhile; each invocation polls them and stores the output once a batch completes.</p>\n",
+    );
+    for m in models {
+        out.push_str("<article class=\"source\">\n<div class=\"source-head\">");
+        let count = m.batches.len();
+        writeln!(
+            out,
+            "<h3>{}</h3><code>{}</code><span class=\"muted\">{} {}</span></div>",
+            Esc(&m.slot),
+            Esc(&m.model),
+            count,
+            if count == 1 { "batch" } else { "batches" }
+        )?;
+        for b in &m.batches {
+            out.push_str("<dl class=\"facts\">\n<div><dt>Batch</dt><dd>");
+            match &b.batch_id {
+                Some(id) => write!(out, "<code>{}</code>", Esc(id))?,
+                None => write!(out, "not created yet (file <code>{}</code>)", Esc(&b.input_file_id))?,
+            }
+            out.push_str("</dd></div>\n");
+            fact(out, "State", &b.state)?;
+            fact(out, "Age", &age(b.age_seconds))?;
+            let counts = b.request_counts.as_ref().map(|c| {
+                let n = |k: &str| c.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                format!("{} of {} done, {} failed", Num(n("completed")), Num(n("total")), Num(n("failed")))
+            });
+            fact(out, "Requests", &counts.unwrap_or_else(|| format!("{} (not polled yet)", Num(b.requests))))?;
+            fact(out, "Values", &format!("{} ({} not stored yet)", Num(b.values), Num(b.waiting)))?;
+            out.push_str("</dl>\n");
+        }
+        out.push_str("</article>\n");
+    }
+    out.push_str("</section>\n");
+    Ok(())
+}
+
 /// The sources that left the config and what they still hold, when there are any.
 fn write_left_config(out: &mut String, left: &[LeftSource]) -> fmt::Result {
     if left.is_empty() {
@@ -458,7 +514,9 @@ fn write_left_config(out: &mut String, left: &[LeftSource]) -> fmt::Result {
         }
         out.push_str("</span></div>\n");
         out.push_str("<dl class=\"counts\">\n");
-        for (label, n) in [("links", l.links), ("errors", l.errors), ("rows only it holds", l.rows)] {
+        for (label, n) in
+            [("links", l.links), ("errors", l.errors), ("rows only it holds", l.rows), ("values in pending batches", l.batch_values)]
+        {
             writeln!(out, "<div><dt>{label}</dt><dd>{}</dd></div>", Num(n))?;
         }
         out.push_str("</dl>\n</article>\n");

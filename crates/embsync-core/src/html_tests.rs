@@ -3,7 +3,7 @@
 use super::*;
 use crate::prune::{LeftReason, LeftSource};
 use crate::report::{ModelUsage, Totals, Usage};
-use crate::status::{CursorState, OpenRunSource};
+use crate::status::{CursorState, ModelBatches, OpenRunSource, PendingBatch};
 use expect_test::{expect, Expect};
 
 fn coverage(name: &str, table: &str, distinct: u64, pending: u64) -> Coverage {
@@ -75,6 +75,7 @@ fn status(current_run: Option<CurrentRun>, last_runs: Vec<FinishedRun>, sources:
         disabled: vec![],
         left_config: vec![],
         orphans: Default::default(),
+        pending_batches: vec![],
     }
 }
 
@@ -347,6 +348,7 @@ fn sources_that_left_the_config_show_what_they_hold() {
         links,
         errors,
         rows,
+        batch_values: if rows > 0 { 40 } else { 0 },
         same_as: None,
     };
     let mut st = status(None, vec![], vec![coverage("Parts", "public.parts", 10, 0)]);
@@ -385,6 +387,7 @@ fn sources_that_left_the_config_show_what_they_hold() {
             <div><dt>links</dt><dd>1,200</dd></div>
             <div><dt>errors</dt><dd>3</dd></div>
             <div><dt>rows only it holds</dt><dd>1,000</dd></div>
+            <div><dt>values in pending batches</dt><dd>40</dd></div>
             </dl>
             </article>
             <article class="source">
@@ -393,6 +396,7 @@ fn sources_that_left_the_config_show_what_they_hold() {
             <div><dt>links</dt><dd>10</dd></div>
             <div><dt>errors</dt><dd>0</dd></div>
             <div><dt>rows only it holds</dt><dd>0</dd></div>
+            <div><dt>values in pending batches</dt><dd>0</dd></div>
             </dl>
             </article>
             </section>
@@ -458,7 +462,25 @@ fn every_text_is_escaped() {
         links: 1,
         errors: 0,
         rows: 1,
+        batch_values: 0,
         same_as: Some(format!("same {evil}")),
+    }];
+    st.pending_batches = vec![ModelBatches {
+        slot: "large".into(),
+        model: format!("model {evil}"),
+        batches: vec![PendingBatch {
+            batch_id: Some(format!("batch {evil}")),
+            input_file_id: format!("file {evil}"),
+            run_id: "r".into(),
+            state: format!("state {evil}"),
+            created_at: "2026-11-23T23:58:00.000Z".into(),
+            age_seconds: 1,
+            polled_at: None,
+            request_counts: Some(serde_json::json!({"total": evil})),
+            requests: 1,
+            values: 1,
+            waiting: 1,
+        }],
     }];
     let page = render(&st);
     assert!(!page.contains("<script"), "{page}");
@@ -477,6 +499,9 @@ fn every_text_is_escaped() {
         format!("Disabled: {escaped}</p>"),
         format!("<h3><code>left {escaped}.c&lt;i&gt;</code></h3>"),
         format!("disabled: name {escaped} · the same column as the enabled source same {escaped}</span>"),
+        format!("<code>model {escaped}</code>"),
+        format!("<code>batch {escaped}</code>"),
+        format!("<dd>state {escaped}</dd>"),
     ] {
         assert!(page.contains(&shown), "missing {shown:?} in {page}");
     }
@@ -663,4 +688,73 @@ fn a_captured_source_shows_its_capture() {
     assert_eq!(json["changes"], "capture");
     assert_eq!(json["capture"]["backlog"], 1234);
     assert_eq!(serde_json::to_value(coverage("Scanned", "s", 1, 0)).unwrap()["changes"], "scan");
+}
+
+#[test]
+fn pending_batches_show_per_model_with_their_age_and_request_counts() {
+    let batch = |id: Option<&str>, state: &str, age_seconds, counts: Option<serde_json::Value>, waiting| PendingBatch {
+        batch_id: id.map(Into::into),
+        input_file_id: "file-1".into(),
+        run_id: "run-1".into(),
+        state: state.into(),
+        created_at: "2026-11-23T23:58:00.000Z".into(),
+        age_seconds,
+        polled_at: None,
+        request_counts: counts,
+        requests: 30,
+        values: 20_000,
+        waiting,
+    };
+    let mut st = status(None, vec![], vec![]);
+    st.pending_batches = vec![
+        ModelBatches {
+            slot: "large".into(),
+            model: "text-embedding-3-large".into(),
+            batches: vec![
+                batch(Some("batch_a"), "in_progress", 4000, Some(serde_json::json!({"total": 30, "completed": 12, "failed": 1})), 20_000),
+                batch(None, "uploaded", 42, None, 20_000),
+            ],
+        },
+        ModelBatches {
+            slot: "small".into(),
+            model: "text-embedding-3-small:256".into(),
+            batches: vec![batch(Some("batch_b"), "completed", 90_000, Some(serde_json::json!({"total": 30, "completed": 30})), 1_500)],
+        },
+    ];
+    let page = render(&st);
+    let section = &page[page.find("<section class=\"batches\">").expect("a batches section")..];
+    let section = &section[..section.find("</section>").unwrap()];
+    expect![[r#"
+        <section class="batches">
+        <h2>Pending batches</h2>
+        <p class="muted">Values sent through the Batch API (half the price, within 24 hours). Their values are not sent again meanwhile; each invocation polls them and stores the output once a batch completes.</p>
+        <article class="source">
+        <div class="source-head"><h3>large</h3><code>text-embedding-3-large</code><span class="muted">2 batches</span></div>
+        <dl class="facts">
+        <div><dt>Batch</dt><dd><code>batch_a</code></dd></div>
+        <div><dt>State</dt><dd>in_progress</dd></div>
+        <div><dt>Age</dt><dd>1 h 06 min</dd></div>
+        <div><dt>Requests</dt><dd>12 of 30 done, 1 failed</dd></div>
+        <div><dt>Values</dt><dd>20,000 (20,000 not stored yet)</dd></div>
+        </dl>
+        <dl class="facts">
+        <div><dt>Batch</dt><dd>not created yet (file <code>file-1</code>)</dd></div>
+        <div><dt>State</dt><dd>uploaded</dd></div>
+        <div><dt>Age</dt><dd>42 s</dd></div>
+        <div><dt>Requests</dt><dd>30 (not polled yet)</dd></div>
+        <div><dt>Values</dt><dd>20,000 (20,000 not stored yet)</dd></div>
+        </dl>
+        </article>
+        <article class="source">
+        <div class="source-head"><h3>small</h3><code>text-embedding-3-small:256</code><span class="muted">1 batch</span></div>
+        <dl class="facts">
+        <div><dt>Batch</dt><dd><code>batch_b</code></dd></div>
+        <div><dt>State</dt><dd>completed</dd></div>
+        <div><dt>Age</dt><dd>1 d 1 h</dd></div>
+        <div><dt>Requests</dt><dd>30 of 30 done, 0 failed</dd></div>
+        <div><dt>Values</dt><dd>20,000 (1,500 not stored yet)</dd></div>
+        </dl>
+        </article>
+    "#]].assert_eq(section);
+    assert!(!render(&status(None, vec![], vec![])).contains("Pending batches"), "no section without batches");
 }

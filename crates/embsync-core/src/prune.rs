@@ -38,6 +38,10 @@ pub struct LeftSource {
     pub errors: u64,
     /// Cache rows embsync wrote that no other source links: what pruning it alone deletes.
     pub rows: u64,
+    /// Its values recorded in Batch API request files (`embedding_sync_batch_values`) of
+    /// batches not over yet: their vectors are not stored for it (it is not synced), and a
+    /// prune forgets them.
+    pub batch_values: u64,
     /// The enabled source that reads the same column under another spelling of the table
     /// (`items` and `public.items`): a rename. Until that source has been synced, the rows only
     /// this one holds are its rows too, and pruning them would cost their embeddings again.
@@ -82,6 +86,7 @@ impl LeftSource {
             links,
             errors,
             rows,
+            batch_values: 0,
             same_as: None,
         }
     }
@@ -222,6 +227,9 @@ pub struct PruneReport {
     pub links: u64,
     /// Error rows removed (or that would be).
     pub errors: u64,
+    /// Rows of `embedding_sync_batch_values` removed (or that would be): the pruned sources'
+    /// values in pending Batch API files, and any left of a file embsync is done with.
+    pub batch_values: u64,
 }
 
 impl PruneReport {
@@ -229,13 +237,18 @@ impl PruneReport {
     pub fn planned(dry_run: bool, sources: Vec<LeftSource>, rows: u64) -> PruneReport {
         let links = sources.iter().map(|s| s.links).sum();
         let errors = sources.iter().map(|s| s.errors).sum();
-        PruneReport { dry_run, pruned: false, sources, rows, links, errors }
+        let batch_values = sources.iter().map(|s| s.batch_values).sum();
+        PruneReport { dry_run, pruned: false, sources, rows, links, errors, batch_values }
     }
 
     fn what(&self) -> String {
         let keys: Vec<String> = self.sources.iter().map(LeftSource::key).collect();
+        let batched = match self.batch_values {
+            0 => String::new(),
+            n => format!(" (and forgets {n} of their values in pending Batch API files)"),
+        };
         format!(
-            "{} cache rows, {} links and {} errors of {}",
+            "{} cache rows, {} links and {} errors of {}{batched}",
             self.rows,
             self.links,
             self.errors,
@@ -401,7 +414,7 @@ mod tests {
         assert_eq!((renamed.reason, renamed.name.as_deref()), (LeftReason::Removed, None));
         let disabled = LeftSource::new(&c, "notes".into(), "body".into(), 2, 0, 2);
         assert_eq!((disabled.reason, disabled.name.as_deref()), (LeftReason::Disabled, Some("Old")));
-        expect![[r#"{"table":"notes","column":"body","reason":"disabled","name":"Old","links":2,"errors":0,"rows":2,"sameAs":null}"#]]
+        expect![[r#"{"table":"notes","column":"body","reason":"disabled","name":"Old","links":2,"errors":0,"rows":2,"batchValues":0,"sameAs":null}"#]]
             .assert_eq(&serde_json::to_string(&disabled).unwrap());
     }
 

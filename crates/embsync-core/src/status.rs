@@ -26,6 +26,70 @@ pub struct Status {
     pub left_config: Vec<LeftSource>,
     /// Cache rows embsync wrote that a source stopped linking, waiting for the end of a run.
     pub orphans: WaitingOrphans,
+    /// Batch API batches embsync has not finished with, per model (large first; only models
+    /// that have one).
+    pub pending_batches: Vec<ModelBatches>,
+}
+
+/// The pending Batch API batches of one model ([`crate::batch_api`]), oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelBatches {
+    /// `large` or `small`.
+    pub slot: String,
+    /// The model tag the files were built for (`name` or `name:dims`).
+    pub model: String,
+    /// Its batches.
+    pub batches: Vec<PendingBatch>,
+}
+
+/// A request file embsync has not finished with (`embedding_sync_batches`): a batch waiting at
+/// the provider, or being read, or a file uploaded whose batch was not created yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingBatch {
+    /// The provider's batch id; `null` while the file is uploaded but no batch is recorded for
+    /// it (an invocation stopped between the two: the next one finds it or gives the file up).
+    pub batch_id: Option<String>,
+    /// The uploaded request file.
+    pub input_file_id: String,
+    /// The run that submitted it.
+    pub run_id: String,
+    /// Its status as last polled (`validating`, `in_progress`, `finalizing`, `completed`, ...),
+    /// or `uploaded` before the batch was created.
+    pub state: String,
+    /// ISO 8601 UTC time the file was recorded.
+    pub created_at: String,
+    /// Seconds since then.
+    pub age_seconds: u64,
+    /// ISO 8601 UTC time of the last poll, if any.
+    pub polled_at: Option<String>,
+    /// `request_counts` as last polled (`total`, `completed`, `failed`), once polled.
+    pub request_counts: Option<serde_json::Value>,
+    /// Requests in the file.
+    pub requests: u64,
+    /// Values in the file.
+    pub values: u64,
+    /// Of those, the values whose vectors are not stored yet (a request's values are forgotten
+    /// once its vectors are stored or its error recorded).
+    pub waiting: u64,
+}
+
+impl ModelBatches {
+    /// Groups `batches` (each with its slot and model tag, oldest first) per slot and model,
+    /// large first, keeping their order.
+    pub fn group(batches: Vec<(String, String, PendingBatch)>) -> Vec<ModelBatches> {
+        let mut out: Vec<ModelBatches> = Vec::new();
+        for (slot, model, batch) in batches {
+            match out.iter_mut().find(|m| m.slot == slot && m.model == model) {
+                Some(m) => m.batches.push(batch),
+                None => out.push(ModelBatches { slot, model, batches: vec![batch] }),
+            }
+        }
+        // Stable: per model, the batches keep their order.
+        out.sort_by_key(|m| (m.slot != "large", m.slot.clone()));
+        out
+    }
 }
 
 /// Orphan candidates (`embedding_sync_orphans`): cache rows embsync wrote whose value a source
@@ -232,6 +296,22 @@ mod tests {
         assert_eq!((report.invocations, report.sources[0].new, report.sources[0].deferred), (0, 3, 0));
     }
 
+    fn batch(id: &str, age_seconds: u64) -> PendingBatch {
+        PendingBatch {
+            batch_id: Some(id.into()),
+            input_file_id: format!("file-{id}"),
+            run_id: "run-1".into(),
+            state: "in_progress".into(),
+            created_at: "2026-11-23T23:58:00.000Z".into(),
+            age_seconds,
+            polled_at: Some("2026-11-23T23:59:00.000Z".into()),
+            request_counts: Some(serde_json::json!({"total": 3, "completed": 1, "failed": 0})),
+            requests: 3,
+            values: 900,
+            waiting: 900,
+        }
+    }
+
     #[test]
     fn sources_that_left_the_config_are_in_the_json() {
         let config = crate::Config::parse(
@@ -250,6 +330,11 @@ mod tests {
                 LeftSource::new(&config, "items".into(), "title".into(), 3, 0, 0),
             ],
             orphans: WaitingOrphans { rows: 2, oldest: Some("2026-11-23T23:59:00.123Z".into()) },
+            pending_batches: ModelBatches::group(vec![
+                ("small".into(), "text-embedding-3-small".into(), batch("batch_s", 3)),
+                ("large".into(), "text-embedding-3-large".into(), batch("batch_l1", 2)),
+                ("large".into(), "text-embedding-3-large".into(), batch("batch_l2", 1)),
+            ]),
         };
         expect![[r#"
             {
@@ -269,6 +354,7 @@ mod tests {
                   "links": 2,
                   "errors": 1,
                   "rows": 2,
+                  "batchValues": 0,
                   "sameAs": null
                 },
                 {
@@ -279,13 +365,79 @@ mod tests {
                   "links": 3,
                   "errors": 0,
                   "rows": 0,
+                  "batchValues": 0,
                   "sameAs": null
                 }
               ],
               "orphans": {
                 "rows": 2,
                 "oldest": "2026-11-23T23:59:00.123Z"
-              }
+              },
+              "pendingBatches": [
+                {
+                  "slot": "large",
+                  "model": "text-embedding-3-large",
+                  "batches": [
+                    {
+                      "batchId": "batch_l1",
+                      "inputFileId": "file-batch_l1",
+                      "runId": "run-1",
+                      "state": "in_progress",
+                      "createdAt": "2026-11-23T23:58:00.000Z",
+                      "ageSeconds": 2,
+                      "polledAt": "2026-11-23T23:59:00.000Z",
+                      "requestCounts": {
+                        "completed": 1,
+                        "failed": 0,
+                        "total": 3
+                      },
+                      "requests": 3,
+                      "values": 900,
+                      "waiting": 900
+                    },
+                    {
+                      "batchId": "batch_l2",
+                      "inputFileId": "file-batch_l2",
+                      "runId": "run-1",
+                      "state": "in_progress",
+                      "createdAt": "2026-11-23T23:58:00.000Z",
+                      "ageSeconds": 1,
+                      "polledAt": "2026-11-23T23:59:00.000Z",
+                      "requestCounts": {
+                        "completed": 1,
+                        "failed": 0,
+                        "total": 3
+                      },
+                      "requests": 3,
+                      "values": 900,
+                      "waiting": 900
+                    }
+                  ]
+                },
+                {
+                  "slot": "small",
+                  "model": "text-embedding-3-small",
+                  "batches": [
+                    {
+                      "batchId": "batch_s",
+                      "inputFileId": "file-batch_s",
+                      "runId": "run-1",
+                      "state": "in_progress",
+                      "createdAt": "2026-11-23T23:58:00.000Z",
+                      "ageSeconds": 3,
+                      "polledAt": "2026-11-23T23:59:00.000Z",
+                      "requestCounts": {
+                        "completed": 1,
+                        "failed": 0,
+                        "total": 3
+                      },
+                      "requests": 3,
+                      "values": 900,
+                      "waiting": 900
+                    }
+                  ]
+                }
+              ]
             }"#]]
         .assert_eq(&serde_json::to_string_pretty(&status).unwrap());
     }

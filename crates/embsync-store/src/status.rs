@@ -1,6 +1,7 @@
 //! What `/status` and `POST /prune` read and do: coverage, runs, sources that left the config, the prune's transaction.
 
 use super::*;
+use embsync_core::status::{ModelBatches, PendingBatch};
 
 impl PgStore {
     /// Coverage of one source (read-only).
@@ -123,6 +124,46 @@ impl PgStore {
         Ok(WaitingOrphans { rows: row.get::<_, i64>(0).max(0) as u64, oldest: row.get::<_, Option<f64>>(1).map(iso8601) })
     }
 
+    /// Whether the Batch API's tables exist (schema version 4).
+    async fn has_batch_tables(&mut self) -> Result<bool, StoreError> {
+        Ok(self.client.query_typed_one(sql::HAS_BATCH_TABLES, &[]).await.map_err(|e| err("checking the schema", e))?.get(0))
+    }
+
+    /// The Batch API files embsync has not finished with, per model (large first), each model's
+    /// oldest first, with their state and `request_counts` as last polled (read-only; none
+    /// before the tables exist).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the tables cannot be read.
+    pub async fn pending_batches(&mut self) -> Result<Vec<ModelBatches>, StoreError> {
+        if !self.has_batch_tables().await? {
+            return Ok(Vec::new());
+        }
+        let rows = self.client.query_typed(sql::PENDING_BATCHES, &[]).await.map_err(|e| err("reading the pending batches", e))?;
+        let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i32>(i).max(0) as u64;
+        let batches = rows
+            .iter()
+            .map(|r| {
+                let counts: Option<String> = r.get(9);
+                let batch = PendingBatch {
+                    batch_id: r.get(2),
+                    input_file_id: r.get(3),
+                    run_id: r.get(4),
+                    state: r.get(5),
+                    created_at: iso8601(r.get(6)),
+                    age_seconds: r.get::<_, f64>(7).max(0.0) as u64,
+                    polled_at: r.get::<_, Option<f64>>(8).map(iso8601),
+                    request_counts: counts.and_then(|c| serde_json::from_str(&c).ok()),
+                    requests: n(r, 10),
+                    values: n(r, 11),
+                    waiting: r.get::<_, i64>(12).max(0) as u64,
+                };
+                (r.get::<_, String>(0), r.get::<_, String>(1), batch)
+            })
+            .collect();
+        Ok(ModelBatches::group(batches))
+    }
+
     /// Whether embsync's tables exist (so `/status` can say "never run" instead of failing).
     ///
     /// # Errors
@@ -141,7 +182,8 @@ impl PgStore {
         if !state.links {
             return Ok(Vec::new());
         }
-        read_left_sources(&self.client, config, state).await
+        let batches = self.has_batch_tables().await?;
+        read_left_sources(&self.client, config, state, batches).await
     }
 
     /// Prunes the sources that left the config that `request` names: deletes the cache rows
@@ -179,8 +221,12 @@ impl PgStore {
                 Lease::Held { holder, expires_in_secs } => return Ok(PruneOutcome::Busy { holder, expires_in_secs }),
             }
         }
+        let batches = self.has_batch_tables().await;
         let lease = if request.dry_run { None } else { self.fence.clone() };
-        let result = prune_leased(&mut self.client, config, request, lease.as_ref()).await;
+        let result = match batches {
+            Ok(batches) => prune_leased(&mut self.client, config, request, lease.as_ref(), batches).await,
+            Err(e) => Err(e),
+        };
         if !request.dry_run {
             // A failed release leaves the lease to expire by itself.
             let _ = self.release_lease().await;
@@ -193,13 +239,17 @@ async fn read_left_sources(
     client: &impl tokio_postgres::GenericClient,
     config: &Config,
     state: SchemaState,
+    batches: bool,
 ) -> Result<Vec<LeftSource>, StoreError> {
     let enabled: Vec<&Source> = config.enabled_sources().collect();
-    let rows = query(client, &Bound::new(&sql::LeftSources { state, enabled: &enabled }))
+    let rows = query(client, &Bound::new(&sql::LeftSources { state, batches, enabled: &enabled }))
         .await
         .map_err(|e| err("reading the sources that left the config", e))?;
     let n = |r: &tokio_postgres::Row, i: usize| r.get::<_, i64>(i).max(0) as u64;
-    let mut left: Vec<LeftSource> = rows.iter().map(|r| LeftSource::new(config, r.get(0), r.get(1), n(r, 2), n(r, 3), n(r, 4))).collect();
+    let mut left: Vec<LeftSource> = rows
+        .iter()
+        .map(|r| LeftSource { batch_values: n(r, 5), ..LeftSource::new(config, r.get(0), r.get(1), n(r, 2), n(r, 3), n(r, 4)) })
+        .collect();
     // A rename: the same table, spelled another way, with the same column, is enabled.
     let named: Vec<(usize, String)> = left.iter().enumerate().filter_map(|(i, l)| l.quoted_table().map(|q| (i, q))).collect();
     if named.is_empty() || enabled.is_empty() {
@@ -224,12 +274,13 @@ async fn prune_leased(
     config: &Config,
     request: &PruneRequest,
     lease: Option<&Fence>,
+    batches: bool,
 ) -> Result<PruneOutcome, StoreError> {
     let tx = match lease {
         Some(_) => fenced(client, lease, None, "pruning").await?,
         None => client.transaction().await.map_err(|e| err("starting a transaction", e))?,
     };
-    let left = read_left_sources(&tx, config, SchemaState { cache: true, links: true, owned_by_row: true }).await?;
+    let left = read_left_sources(&tx, config, SchemaState { cache: true, links: true, owned_by_row: true }, batches).await?;
     let targets = match request.targets(config, &left) {
         Ok(targets) => targets,
         Err(refusal) => return Ok(PruneOutcome::Refused(refusal)),
@@ -239,6 +290,12 @@ async fn prune_leased(
         .map_err(|e| err("counting what the prune deletes", e))?
         .get(0);
     let mut report = PruneReport::planned(request.dry_run, targets.clone(), rows.max(0) as u64);
+    if batches {
+        let count = query_one(&tx, &Bound::new(&sql::PruneBatchValuesCount { targets: &targets }))
+            .await
+            .map_err(|e| err("counting the batch values the prune forgets", e))?;
+        report.batch_values = count.get::<_, i64>(0).max(0) as u64;
+    }
     if request.dry_run {
         return Ok(PruneOutcome::Done(report));
     }
@@ -257,6 +314,10 @@ async fn prune_leased(
     execute(&tx, &Bound::new(&sql::PruneReassign { targets: &targets })).await.map_err(|e| err("reassigning cache rows", e))?;
     report.links = execute(&tx, &Bound::new(&sql::PruneUnlink { targets: &targets })).await.map_err(|e| err("unlinking", e))?;
     report.errors = execute(&tx, &Bound::new(&sql::PruneErrors { targets: &targets })).await.map_err(|e| err("removing errors", e))?;
+    if batches {
+        report.batch_values =
+            execute(&tx, &Bound::new(&sql::PruneBatchValues { targets: &targets })).await.map_err(|e| err("forgetting batch values", e))?;
+    }
     tx.commit().await.map_err(|e| err("committing the prune", e))?;
     report.pruned = true;
     Ok(PruneOutcome::Done(report))

@@ -3,9 +3,11 @@
 
 mod support;
 
-use embsync_core::config::Config;
+use embsync_core::config::{Config, ModelSlot};
+use embsync_core::hash::ValueHash;
 use embsync_core::prune::{LeftReason, LeftSource, PruneOutcome, PruneRefusal, PruneReport, PruneRequest};
-use embsync_core::sync::{Budget, Outcome, Store};
+use embsync_core::sql::{BatchValue, SetBatchState};
+use embsync_core::sync::{Budget, Lease, Outcome, RunId, Store};
 use embsync_store::PgStore;
 use std::time::Duration;
 use support::*;
@@ -241,4 +243,140 @@ async fn finished_runs_beyond_the_retention_are_deleted_when_a_run_finishes() {
         .collect();
     assert!(plan.iter().any(|l| l.contains("embedding_sync_runs_finished_idx")), "{plan:#?}");
     assert!(!plan.iter().any(|l| l.contains("Sort")), "{plan:#?}");
+}
+
+/// Records file `file` of `slot` for run `run-1`, one request `custom_id` holding `values` (each
+/// `(table, column, value)`).
+async fn record_file(store: &mut PgStore, file: &str, slot: ModelSlot, custom_id: &str, values: &[(&str, &str, &str)]) {
+    let hashes: Vec<ValueHash> = values.iter().map(|(_, _, v)| ValueHash::from_hex(&hash_of(v)).unwrap()).collect();
+    let rows: Vec<BatchValue<'_>> = values
+        .iter()
+        .enumerate()
+        .map(|(i, (table, column, value))| BatchValue {
+            custom_id,
+            position: i as i32,
+            hash: &hashes[i],
+            value,
+            occurrences: 1,
+            source_table: table,
+            source_column: column,
+        })
+        .collect();
+    store.record_batch_file(file, &RunId("run-1".into()), slot, 1, &rows).await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn pending_batches_are_in_the_status_and_a_prune_forgets_the_batch_values_of_the_sources_it_removes() {
+    let db = TestDb::create().await;
+    db.source_table("items", "title", &["alpha"]).await;
+    db.source_table("notes", "body", &["n1"]).await;
+    let both = config_with(&[("Items", "items", "title", true), ("Notes", "notes", "body", true)], "");
+    let provider = FakeProvider::default();
+    sync(&both, &db, &provider).await;
+    let mut store = db.store(&both).await;
+    assert!(store.pending_batches().await.unwrap().is_empty());
+
+    // Values in flight through the Batch API: a large file with a value of each source and one
+    // of a source the config never had (`drafts.body`: recorded only there), not created yet;
+    // a small file, created, then polled.
+    db.insert("items", "title", &["beta"]).await;
+    db.insert("notes", "body", &["n2", "n3"]).await;
+    assert_eq!(store.acquire_lease("inv-b", Duration::from_secs(60)).await.unwrap(), Lease::Acquired);
+    record_file(
+        &mut store,
+        "file-l",
+        ModelSlot::Large,
+        "embsync:run-1:large:0",
+        &[("items", "title", "beta"), ("notes", "body", "n2"), ("notes", "body", "n3"), ("drafts", "body", "d1")],
+    )
+    .await;
+    record_file(&mut store, "file-s", ModelSlot::Small, "embsync:run-1:small:0", &[("items", "title", "beta"), ("notes", "body", "n2")])
+        .await;
+    store.set_batch_created("file-s", "batch_s").await.unwrap();
+    store
+        .set_batch_state(&SetBatchState {
+            batch_id: "batch_s",
+            state: "in_progress",
+            output_file_id: None,
+            error_file_id: None,
+            request_counts: r#"{"total": 1, "completed": 0, "failed": 0}"#,
+            finished: false,
+        })
+        .await
+        .unwrap();
+    // What a file embsync is done with left behind (the sync forgets its values when it ends it;
+    // a row of a file with no record, or of an ended one, is only ever garbage).
+    db.exec("INSERT INTO embedding_sync_batch_values VALUES ('file-gone', 'embsync:old:large:0', 0, 'x', 'x', 1, 'items', 'title')").await;
+    store.release_lease().await.unwrap();
+
+    let pending = store.pending_batches().await.unwrap();
+    let shape: Vec<(String, String, Vec<(Option<String>, String, u64, u64, u64, Option<serde_json::Value>)>)> = pending
+        .iter()
+        .map(|m| {
+            let batches = m
+                .batches
+                .iter()
+                .map(|b| (b.batch_id.clone(), b.state.clone(), b.requests, b.values, b.waiting, b.request_counts.clone()))
+                .collect();
+            (m.slot.clone(), m.model.clone(), batches)
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            ("large".into(), "text-embedding-3-large:4".into(), vec![(None, "uploaded".into(), 1, 4, 4, None)]),
+            (
+                "small".into(),
+                "text-embedding-3-small:2".into(),
+                vec![(
+                    Some("batch_s".into()),
+                    "in_progress".into(),
+                    1,
+                    2,
+                    2,
+                    Some(serde_json::json!({"total": 1, "completed": 0, "failed": 0}))
+                )]
+            ),
+        ]
+    );
+    let small = &pending[1].batches[0];
+    assert!(small.age_seconds < 60 && small.created_at.ends_with('Z') && small.polled_at.is_some(), "{small:?}");
+
+    // Notes leaves the config: it is listed with its values in pending files, and so is drafts,
+    // which only a file records.
+    let items_only = config_with(&[("Items", "items", "title", true)], "");
+    let mut store = db.store(&items_only).await;
+    let left = store.left_sources(&items_only).await.unwrap();
+    let keyed: Vec<(String, u64, u64)> = left.iter().map(|l| (l.key(), l.links, l.batch_values)).collect();
+    assert_eq!(keyed, vec![("drafts.body".into(), 0, 1), ("notes.body".into(), 1, 3)]);
+
+    let dry = done(prune(&mut store, &items_only, r#"{"table":"notes","column":"body","dryRun":true}"#).await);
+    // Notes' three, and the garbage row.
+    assert_eq!((dry.rows, dry.links, dry.batch_values), (1, 1, 4));
+    assert_eq!(db.count("SELECT count(*) FROM embedding_sync_batch_values").await, 7, "a dry run forgot something");
+    let unconfirmed = refused(prune(&mut store, &items_only, r#"{"table":"notes","column":"body"}"#).await);
+    assert!(unconfirmed.to_string().contains("and forgets 4 of their values in pending Batch API files"), "{unconfirmed}");
+    let report = done(prune(&mut store, &items_only, r#"{"table":"notes","column":"body","confirm":1}"#).await);
+    assert_eq!((report.pruned, report.rows, report.links, report.batch_values), (true, 1, 1, 4));
+    assert_eq!(
+        db.texts("SELECT input_file_id || ' ' || source_table || ' ' || value FROM embedding_sync_batch_values").await,
+        ["file-l drafts d1", "file-l items beta", "file-s items beta"].map(String::from).into(),
+        "only the pruned source's values and the garbage are forgotten"
+    );
+    // The files stay pending (their other values still come), with fewer values waiting.
+    let waiting: Vec<u64> = store.pending_batches().await.unwrap().iter().map(|m| m.batches[0].waiting).collect();
+    assert_eq!(waiting, vec![2, 1]);
+    let left = store.left_sources(&items_only).await.unwrap();
+    assert_eq!(left.iter().map(|l| (l.key(), l.batch_values)).collect::<Vec<_>>(), vec![("drafts.body".into(), 1)]);
+    let all = done(prune(&mut store, &items_only, r#"{"all":true,"confirm":0}"#).await);
+    assert_eq!((all.rows, all.batch_values), (0, 1));
+    assert!(store.left_sources(&items_only).await.unwrap().is_empty());
+
+    // Before schema version 4 (a /status read after an upgrade, before a sync migrates), there
+    // are no batches to show and the left sources read as before.
+    db.exec("DROP TABLE embedding_sync_batch_values, embedding_sync_batches").await;
+    let mut store = db.store(&items_only).await;
+    assert!(store.pending_batches().await.unwrap().is_empty());
+    assert!(store.left_sources(&items_only).await.unwrap().is_empty());
+    assert_eq!(done(prune(&mut store, &items_only, r#"{"all":true,"dryRun":true}"#).await).batch_values, 0);
 }

@@ -75,6 +75,10 @@ pub struct BatchConfig {
     /// The batch ends `failed` at validation.
     #[serde(default)]
     pub fail_validation: bool,
+    /// A slow download: the output and error files are sent one line per chunk, each after
+    /// this many milliseconds (a client can be stopped in the middle of reading one).
+    #[serde(default)]
+    pub line_delay_ms: u64,
 }
 
 /// A body produced piece by piece while it is sent (a file's content).
@@ -171,9 +175,13 @@ impl File {
                 let batch = Arc::clone(batch);
                 let errors = *errors;
                 let lines: Vec<usize> = batch.file_lines(errors);
-                let pieces = (0..lines.len()).step_by(LINES_PER_CHUNK).map(move |start| {
+                let delay = Duration::from_millis(batch.config.line_delay_ms);
+                let per_chunk = if delay.is_zero() { LINES_PER_CHUNK } else { 1 };
+                let pieces = (0..lines.len()).step_by(per_chunk).map(move |start| {
+                    // The chunks are made on a blocking thread as the connection takes them.
+                    std::thread::sleep(delay);
                     let mut chunk = Vec::new();
-                    for &index in &lines[start..(start + LINES_PER_CHUNK).min(lines.len())] {
+                    for &index in &lines[start..(start + per_chunk).min(lines.len())] {
                         batch.write_line(index, &mut chunk);
                     }
                     chunk

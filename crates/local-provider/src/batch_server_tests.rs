@@ -385,3 +385,23 @@ fn batches_are_listed_newest_first_in_pages() {
     assert_eq!(get(addr, "/v1/batches?after=batch_nope").status, 404);
     assert_eq!(send(addr, "GET", "/v1/batches", &[], b"").status, 401, "the key is checked");
 }
+
+#[test]
+fn a_slow_download_sends_a_line_at_a_time() {
+    let addr = start();
+    admin(addr, "POST", "/_admin/batch", &json!({"lineDelayMs": 150}));
+    let lines: String =
+        (0..4).map(|n| line(&format!("s{n}"), json!({"model": SMALL, "input": format!("v{n}"), "dimensions": 2}))).collect();
+    let created = create_batch(addr, &lines);
+    let batch = wait_for(addr, created["id"].as_str().unwrap(), "completed");
+    let started = std::time::Instant::now();
+    let out = content(addr, &batch["output_file_id"]).lines();
+    assert!(started.elapsed() >= Duration::from_millis(600), "4 lines at 150 ms each came in {:?}", started.elapsed());
+    assert_eq!(out.iter().map(|l| l["custom_id"].clone()).collect::<Vec<_>>(), [json!("s0"), json!("s1"), json!("s2"), json!("s3")]);
+    // Without the switch the same file comes at once.
+    admin(addr, "DELETE", "/_admin/batch", &Value::Null);
+    let fast = wait_for(addr, create_batch(addr, &lines)["id"].as_str().unwrap(), "completed");
+    let started = std::time::Instant::now();
+    assert_eq!(content(addr, &fast["output_file_id"]).lines().len(), 4);
+    assert!(started.elapsed() < Duration::from_millis(600), "{:?}", started.elapsed());
+}

@@ -127,6 +127,59 @@ impl Provider {
         self.admin("POST", "/_admin/faults", Some(&faults.to_string()));
     }
 
+    /// Sets the Batch API's switches for the batches created from now on (`POST
+    /// /_admin/batch`: `completionMs`, `validatingMs`, `finalizingMs`, `failEvery`,
+    /// `failInputContains`, `expireAfterLines`, `failValidation`, `lineDelayMs`).
+    pub fn set_batch(&self, switches: &Value) {
+        self.admin("POST", "/_admin/batch", Some(&switches.to_string()));
+    }
+
+    /// The batches the provider holds (`GET /_admin/batches`): `id`, `status`, `inputFileId`,
+    /// `model`, `requests`, `inputs` each.
+    pub fn batches(&self) -> Vec<Value> {
+        match self.admin("GET", "/_admin/batches", None) {
+            Value::Array(a) => a,
+            v => panic!("unexpected /_admin/batches answer (want an array): {v:#}"),
+        }
+    }
+
+    /// The inputs of batch `id`'s requests, in file order.
+    pub fn batch_inputs(&self, id: &str) -> Vec<String> {
+        match self.admin("GET", &format!("/_admin/batches/{id}/inputs"), None) {
+            Value::Array(a) => a.iter().map(|x| x.as_str().unwrap_or_default().to_string()).collect(),
+            v => panic!("unexpected inputs of batch {id} (want an array): {v:#}"),
+        }
+    }
+
+    /// Every input of the batches created for `model`, with repetitions.
+    pub fn batch_inputs_for(&self, model: &str) -> Vec<String> {
+        self.batches()
+            .iter()
+            .filter(|b| b["model"] == model)
+            .flat_map(|b| self.batch_inputs(b["id"].as_str().expect("a batch id")))
+            .collect()
+    }
+
+    /// `GET {base_url}/{path}` with the key, as a client would; asserts 200.
+    fn get_api(&self, path: &str) -> String {
+        let auth = self.api_key.as_ref().map(|k| format!("Bearer {k}"));
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        let url = format!("{}/{path}", self.base_url());
+        let (status, text) = send("GET", &url, &headers, None).unwrap_or_else(|e| panic!("provider GET {path}: {e}"));
+        assert_eq!(status, 200, "provider GET {path}: {text:.500}");
+        text
+    }
+
+    /// Batch `id` as `GET /v1/batches/{id}` answers it.
+    pub fn batch_object(&self, id: &str) -> Value {
+        to_json(&self.get_api(&format!("batches/{id}")))
+    }
+
+    /// A file's content as the provider serves it (`GET /v1/files/{id}/content`), as lines.
+    pub fn file_lines(&self, file_id: &str) -> Vec<Value> {
+        self.get_api(&format!("files/{file_id}/content")).lines().filter(|l| !l.trim().is_empty()).map(to_json).collect()
+    }
+
     /// Sends an embeddings request directly (it shows in the request log); returns the answer.
     fn post_embeddings(&self, body: &Value) -> Value {
         let auth = self.api_key.as_ref().map(|k| format!("Bearer {k}"));

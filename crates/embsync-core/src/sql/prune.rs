@@ -3,14 +3,26 @@
 use super::*;
 use crate::prune::LeftSource;
 
-/// The recorded sources (in `embedding_cache_sources` or `embedding_sync_errors`) that are not
-/// among the enabled ones (`$1` tables, `$2` columns, text[]), with `links`, `errors` and `rows`
-/// (cache rows embsync wrote that no other source links), in name order. The recorded keys are
-/// found by a loose index scan of each primary key (one probe per source, not a scan of the
-/// links); the counts cost what the left sources hold.
-pub fn left_sources(state: SchemaState) -> Text<2> {
+/// The recorded sources (in `embedding_cache_sources`, `embedding_sync_errors` or, with
+/// `batches`, `embedding_sync_batch_values`) that are not among the enabled ones (`$1` tables,
+/// `$2` columns, text[]), with `links`, `errors`, `rows` (cache rows embsync wrote that no other
+/// source links) and `batch_values` (its values recorded in Batch API files, 0 without
+/// `batches`), in name order. The keys of links and errors are found by a loose index scan of
+/// each primary key (one probe per source, not a scan of the links); the batch values, which
+/// exist only while a batch is pending, are scanned; the counts cost what the left sources hold.
+pub fn left_sources(state: SchemaState, batches: bool) -> Text<2> {
     // Before the schema is migrated (a `/status` read after an upgrade), ownership is by hash.
     let owned_row = if state.owned_by_row { " AND o.cache_id = c.id" } else { "" };
+    // Before schema version 4 there is no batch table.
+    let (batched, batch_values) = if batches {
+        (
+            " UNION SELECT DISTINCT source_table, source_column FROM embedding_sync_batch_values",
+            "(SELECT count(*) FROM embedding_sync_batch_values v
+                     WHERE v.source_table = g.source_table AND v.source_column = g.source_column)",
+        )
+    } else {
+        ("", "0::int8")
+    };
     Text::built(format!(
         "\
 WITH RECURSIVE linked AS (
@@ -30,7 +42,7 @@ failed AS (
                  ORDER BY e.source_table, e.source_column LIMIT 1) n
 ),
 gone AS (
-    SELECT source_table, source_column FROM linked UNION SELECT source_table, source_column FROM failed
+    SELECT source_table, source_column FROM linked UNION SELECT source_table, source_column FROM failed{batched}
     EXCEPT SELECT t, c FROM unnest($1::text[], $2::text[]) AS enabled(t, c)
 )
 SELECT g.source_table, g.source_column,
@@ -43,7 +55,8 @@ SELECT g.source_table, g.source_column,
         JOIN embedding_cache_owned o ON o.value_hash = l.value_hash{owned_row}
         WHERE l.source_table = g.source_table AND l.source_column = g.source_column
           AND NOT EXISTS (SELECT 1 FROM embedding_cache_sources x WHERE x.value_hash = l.value_hash
-                            AND (x.source_table <> g.source_table OR x.source_column <> g.source_column))) AS rows
+                            AND (x.source_table <> g.source_table OR x.source_column <> g.source_column))) AS rows,
+       {batch_values} AS batch_values
 FROM gone g
 ORDER BY g.source_table, g.source_column"
     ))
@@ -129,18 +142,73 @@ DELETE FROM embedding_sync_errors e USING unnest($1::text[], $2::text[]) AS t(so
 WHERE e.source_table = t.source_table AND e.source_column = t.source_column",
 );
 
+/// The Batch API's values a prune of `$1`/`$2` removes from `embedding_sync_batch_values`: the
+/// pruned sources' values in pending files (their vectors would not be stored: the source is
+/// not synced), and any row of a file embsync is done with or has no record of (none are left
+/// by the sync, which forgets a file's values when it ends it). Their vectors, if the batch
+/// brings them, are not stored; a value an enabled source also has is no longer held back from
+/// the synchronous way by the pruned source's file.
+const PRUNED_BATCH_VALUES: &str = "\
+embedding_sync_batch_values v
+WHERE (v.source_table, v.source_column) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+   OR NOT EXISTS (SELECT 1 FROM embedding_sync_batches b WHERE b.input_file_id = v.input_file_id AND b.finished_at IS NULL)";
+
+/// How many rows of `embedding_sync_batch_values` a prune of `$1`/`$2` removes (one row, int8).
+pub fn prune_batch_values_count() -> Text<2> {
+    Text::built(format!("SELECT count(*)::int8 FROM {PRUNED_BATCH_VALUES}"))
+}
+
+/// Removes them. Rows affected = rows removed.
+pub fn prune_batch_values() -> Text<2> {
+    Text::built(format!("DELETE FROM {PRUNED_BATCH_VALUES}"))
+}
+
+/// [`prune_batch_values_count`] of the pruned sources.
+#[derive(Debug)]
+pub struct PruneBatchValuesCount<'a> {
+    /// The sources pruned.
+    pub targets: &'a [LeftSource],
+}
+
+impl Statement<2> for PruneBatchValuesCount<'_> {
+    fn text(&self) -> Text<2> {
+        prune_batch_values_count()
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        pruned(self.targets)
+    }
+}
+
+/// [`prune_batch_values`] of the pruned sources.
+#[derive(Debug)]
+pub struct PruneBatchValues<'a> {
+    /// The sources pruned.
+    pub targets: &'a [LeftSource],
+}
+
+impl Statement<2> for PruneBatchValues<'_> {
+    fn text(&self) -> Text<2> {
+        prune_batch_values()
+    }
+    fn params(&self) -> [Param<'_>; 2] {
+        pruned(self.targets)
+    }
+}
+
 /// [`left_sources`]: the recorded sources that are not among `enabled`.
 #[derive(Debug)]
 pub struct LeftSources<'a> {
     /// What exists.
     pub state: SchemaState,
+    /// Whether the Batch API's tables exist (schema version 4).
+    pub batches: bool,
     /// The config's enabled sources.
     pub enabled: &'a [&'a Source],
 }
 
 impl Statement<2> for LeftSources<'_> {
     fn text(&self) -> Text<2> {
-        left_sources(self.state)
+        left_sources(self.state, self.batches)
     }
     fn params(&self) -> [Param<'_>; 2] {
         param::key_arrays(self.enabled.iter().map(|s| (Cow::Owned(s.table_key()), Cow::Borrowed(s.column_key()))))

@@ -70,3 +70,16 @@ impl Statement<2> for SourceCoverage<'_> {
         param::keys(self.source)
     }
 }
+
+/// The Batch API files embsync has not finished with, oldest first: `slot`, `model`,
+/// `batch_id` (NULL before the batch is created), `input_file_id`, `run_id`, `state`,
+/// `created_at` (epoch milliseconds, float8), the age in seconds (float8), `polled_at` (epoch
+/// milliseconds, float8, NULL before the first poll), `request_counts` (JSON text or NULL),
+/// `requests`, `value_count` (int4), and the values still recorded for it (int8: an index scan
+/// of the values' primary key by file).
+pub const PENDING_BATCHES: &str = "\
+SELECT b.slot, b.model, b.batch_id, b.input_file_id, b.run_id, b.state,
+       (extract(epoch FROM b.created_at) * 1000)::float8, extract(epoch FROM now() - b.created_at)::float8,
+       (extract(epoch FROM b.polled_at) * 1000)::float8, b.request_counts::text, b.requests, b.value_count,
+       (SELECT count(*) FROM embedding_sync_batch_values v WHERE v.input_file_id = b.input_file_id)
+FROM embedding_sync_batches b WHERE b.finished_at IS NULL ORDER BY b.created_at, b.input_file_id";

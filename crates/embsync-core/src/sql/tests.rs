@@ -381,6 +381,7 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         links: 0,
         errors: 0,
         rows: 0,
+        batch_values: 0,
         same_as: None,
     }];
     let (holder, ttl) = ("h", Duration::from_secs(1));
@@ -439,14 +440,20 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         checked("DeleteOldRuns", &DeleteOldRuns { keep: 1 }),
         checked("LastRuns", &LastRuns { n: 1 }),
         checked("SourceCoverage", &SourceCoverage { source: &source }),
-        checked("LeftSources", &LeftSources { state: FULL, enabled: &sources }),
-        checked("LeftSources (by hash)", &LeftSources { state: SchemaState { owned_by_row: false, ..FULL }, enabled: &sources }),
+        checked("LeftSources", &LeftSources { state: FULL, batches: true, enabled: &sources }),
+        checked("LeftSources (no batch tables)", &LeftSources { state: FULL, batches: false, enabled: &sources }),
+        checked(
+            "LeftSources (by hash)",
+            &LeftSources { state: SchemaState { owned_by_row: false, ..FULL }, batches: false, enabled: &sources },
+        ),
         checked("SameTables", &SameTables { left: &[], enabled: &sources }),
         checked("PruneRows", &PruneRows { targets: &left }),
         checked("PruneDeleteRows", &PruneDeleteRows { targets: &left }),
         checked("PruneReassign", &PruneReassign { targets: &left }),
         checked("PruneUnlink", &PruneUnlink { targets: &left }),
         checked("PruneErrors", &PruneErrors { targets: &left }),
+        checked("PruneBatchValuesCount", &PruneBatchValuesCount { targets: &left }),
+        checked("PruneBatchValues", &PruneBatchValues { targets: &left }),
         checked("PlanRanges", &PlanRanges { run: &run, source: &source, per_range: 10 }),
         checked("RangeTallies", &RangeTallies { run: &run }),
         checked("SweepRanges", &SweepRanges { run: &run, resend_after: ttl }),
@@ -525,7 +532,7 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         [param::Param::Int8(7), param::Param::Float8(2.5)]
     );
     // The enabled sources go as recorded: two `text[]`, tables and columns.
-    let left_sources = LeftSources { state: FULL, enabled: &sources };
+    let left_sources = LeftSources { state: FULL, batches: true, enabled: &sources };
     assert_eq!(left_sources.params(), [param::texts([source.table_key().as_str()]), param::texts(["title"])]);
     // A batch's errors are cleared only for the values that are done.
     let two = [batch[0].clone(), EmbeddedValue { complete: true, ..batch[0].clone() }];

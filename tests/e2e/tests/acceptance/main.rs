@@ -6,6 +6,7 @@
 //! starts Postgres, builds the worker and exports the `EMBSYNC_*` variables.
 
 mod auth;
+mod batch_api;
 mod batches;
 mod capture;
 mod config;

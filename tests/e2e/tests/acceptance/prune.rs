@@ -20,7 +20,7 @@ fn a_source_that_left_the_config_is_listed_by_status_and_pruned_by_post_prune() 
     let worker = Worker::start(WorkerOpts::new(&db, &provider).sources(sources_json(10, &[OPTION])));
     let status = worker.status();
     let left = json!([{"table": POSITION.table, "column": POSITION.column, "reason": "removed", "name": null,
-                       "links": 3, "errors": 0, "rows": 2, "sameAs": null}]);
+                       "links": 3, "errors": 0, "rows": 2, "batchValues": 0, "sameAs": null}]);
     assert_eq!(status["leftConfig"], left, "{status:#}");
     let page = worker.get_full("/status.html", &[("Authorization", &format!("Bearer {TOKEN}"))]);
     assert!(page.body.contains("Left the config") && page.body.contains("config_position.attribute_label"), "{}", page.body);
