@@ -234,6 +234,8 @@ pub async fn consume<S: Store, E: Embedder, R: Runtime>(
     );
     let rate = inv.fanout.share(&config.rate);
     let spent = InvocationSpend::new(began, inv.budget, &rate);
+    // The provider's buckets are shared with the other consumers: pace for a share of them.
+    spent.share_provider(inv.fanout.consumers);
     let mut state = SourceState {
         report: SourceReport { name: source.name.clone(), ..SourceReport::default() },
         planned: true,

@@ -30,7 +30,8 @@
 //! back by one request per window of successful answers), paces new batches from the
 //! `x-ratelimit-*` headers of the answers (OpenAI's buckets refill continuously at their
 //! per-minute limit, so a batch waits only until what it lacks has refilled; the reset, when
-//! the bucket is full again, is the longest wait), and keeps to the
+//! the bucket is full again, is the longest wait; a queue consumer, one of several reading the
+//! same buckets, waits for its share of them, [`Control::sharing`]), and keeps to the
 //! configured `requestsPerMinute` and `tokensPerMinute`, for a key shared with other services.
 
 use crate::config::Rate;
@@ -228,6 +229,8 @@ pub struct Control {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
     remaining: Remaining,
+    /// How many invocations pace from the same provider buckets at once ([`Control::sharing`]).
+    sharers: f64,
 }
 
 impl Control {
@@ -242,7 +245,17 @@ impl Control {
             requests: rate.requests_per_minute.map(|n| Bucket::per_minute(n.get(), now_ms)),
             tokens: rate.tokens_per_minute.map(|n| Bucket::per_minute(n.get(), now_ms)),
             remaining: Remaining { requests: None, tokens: None },
+            sharers: 1.0,
         }
+    }
+
+    /// This control paces one of `n` invocations that draw on the same provider buckets at
+    /// once (queue consumers): each sees the same `x-ratelimit-remaining-*` and would take all
+    /// of it, so a batch waits until the bucket holds `n` times what it needs, and the `n`
+    /// together take what is there.
+    pub fn sharing(mut self, n: u32) -> Control {
+        self.sharers = f64::from(n.max(1));
+        self
     }
 
     /// Provider requests that may be in flight now (at least 1).
@@ -260,10 +273,10 @@ impl Control {
             until = until.max(now_ms + bucket.wait_ms(now_ms));
         }
         if let Some(level) = &self.remaining.requests {
-            until = until.max(level.fits_at(now_ms, requests as f64));
+            until = until.max(level.fits_at(now_ms, requests as f64 * self.sharers));
         }
         if let Some(level) = &self.remaining.tokens {
-            until = until.max(level.fits_at(now_ms, tokens as f64));
+            until = until.max(level.fits_at(now_ms, tokens as f64 * self.sharers));
         }
         (until > now_ms).then(|| Duration::from_secs_f64((until - now_ms) / 1000.0))
     }
@@ -444,6 +457,27 @@ mod tests {
         // A new answer says what is left now.
         c.answered(7000.0, Some(&RateLimit { remaining_requests: Some(0), reset_requests: None, ..headers }));
         assert_eq!(ms(c.delay(7000.0, 1, 1)), Some(1000), "no reset given: a second");
+    }
+
+    #[test]
+    fn consumers_sharing_the_providers_buckets_each_wait_for_their_share() {
+        let headers = RateLimit {
+            limit_requests: Some(3000),
+            limit_tokens: Some(1_000_000),
+            remaining_requests: Some(3000),
+            remaining_tokens: Some(20_000),
+            reset_requests: Some(Duration::ZERO),
+            reset_tokens: Some(Duration::from_secs(59)),
+        };
+        let mut alone = Control::new(&rate(None, None, None), 0.0);
+        alone.answered(0.0, Some(&headers));
+        assert_eq!(alone.delay(0.0, 2, 10_000), None, "20,000 tokens left: room for 10,000");
+        // One of four consumers that all saw the same 20,000 tokens: a batch of 10,000 waits
+        // until the bucket holds 40,000, 20,000 more at 1,000 tokens per 60 ms.
+        let mut one_of_four = Control::new(&rate(None, None, None), 0.0).sharing(4);
+        one_of_four.answered(0.0, Some(&headers));
+        assert_eq!(ms(one_of_four.delay(0.0, 2, 10_000)), Some(1200));
+        assert_eq!(one_of_four.delay(0.0, 2, 5_000), None, "a quarter of it fits now");
     }
 
     #[test]

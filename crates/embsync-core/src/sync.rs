@@ -1401,6 +1401,13 @@ impl InvocationSpend {
         }
     }
 
+    /// This invocation is one of `n` that draw on the provider's buckets at once (queue
+    /// consumers): see [`rate::Control::sharing`].
+    pub(crate) fn share_provider(&self, n: u32) {
+        let control = self.rate.borrow().clone();
+        *self.rate.borrow_mut() = control.sharing(n);
+    }
+
     fn refused(&self, slot: ModelSlot) -> bool {
         self.refused[slot_index(slot)].borrow().is_some()
     }
