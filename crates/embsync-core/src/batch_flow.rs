@@ -29,7 +29,7 @@
 //!
 //! [`RunReport::pending_batches`]: crate::report::RunReport::pending_batches
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::batch;
 use crate::batch_api::{self, BatchApi, BatchStatus, Call, FileLimits, LineError, Lines, OutputLine};
@@ -50,6 +50,10 @@ pub const LIST_PAGES: u32 = 10;
 
 /// Batches per page of `GET /v1/batches`.
 pub const LIST_PAGE: u32 = 100;
+
+/// How long a file recorded without its batch id is looked up before it is given up (its values
+/// go the synchronous way): twice the completion window, so any batch made of it has ended.
+pub const GIVE_UP_LOOKUP_SECS: f64 = 48.0 * 3600.0;
 
 /// A request file embsync has not finished with.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,21 +133,25 @@ async fn with_retries<'a, T, R: Runtime>(rt: &R, retry: RetryPolicy, mut call: i
     }
 }
 
-/// A value gathered for a batch, with the source it came from.
+/// A value gathered for a batch.
 struct Gathered {
     hash: ValueHash,
     value: String,
     occurrences: i32,
-    source: usize,
-    /// Whether it has (or a pending batch brings) its large and small embedding.
-    has: [bool; 2],
 }
 
 /// Submits, for each model whose pending values (over all `sources`, those a pending batch
 /// brings left out) reach `batchApi.minValues`, its values in batches: build, upload, record,
 /// create (once: a create whose answer is lost may have made the batch), record the id, file
-/// after file. A failed upload leaves the values to the synchronous way, a failed create leaves
-/// the recorded file to the next invocation; only a store error stops it.
+/// after file. A failed upload leaves the model's values not submitted yet to the synchronous
+/// way, a failed create leaves the recorded file to the next invocation; only a store error
+/// stops it.
+///
+/// Two passes of pending pages: one counts each model's values, and for the models that go the
+/// Batch API's way one gathers them source by source, a file's worth at a time (at most
+/// [`FileLimits::WORKER`]'s inputs held per model), so a backfill of any size fits a Worker's
+/// memory. A source's files are recorded before the next source's pages are read, which then
+/// leave out the values they share (a pending batch brings them).
 ///
 /// # Errors
 /// [`StoreError`] (a lost lease included).
@@ -157,95 +165,176 @@ pub async fn submit<S: Store, R: Runtime>(
     sources: &[&Source],
 ) -> Result<(), StoreError> {
     let Some(settings) = config.batch_api else { return Ok(()) };
-    let gathered = gather(store, run, sources).await?;
-    let keys: Vec<(String, String)> = sources.iter().map(|s| (s.table_key(), s.column_key().to_owned())).collect();
+    let mut counts = [0u64; 2];
+    for source in sources {
+        pages(store, run, source, |v| {
+            for (n, has) in counts.iter_mut().zip([v.has_large, v.has_small]) {
+                *n += u64::from(!has);
+            }
+        })
+        .await?;
+    }
+    let mut going = [false; 2];
     for slot in ModelSlot::ALL {
-        let lacking: Vec<&Gathered> = gathered.iter().filter(|g| !g.has[slot_index(slot)]).collect();
-        if (lacking.len() as u64) < settings.min_values {
-            continue;
-        }
-        let model = config.models.get(slot);
-        rt.log(
-            LogEvent::info(
-                "batch_api",
-                format!(
-                    "Model {}: {} pending values go through the Batch API (batchApi.minValues {})",
-                    model.name(),
-                    lacking.len(),
-                    settings.min_values
-                ),
-            )
-            .run(&run.0)
-            .field("model", model.name())
-            .field("values", lacking.len()),
-        );
-        let texts: Vec<&str> = lacking.iter().map(|g| g.value.as_str()).collect();
-        let (mut offset, mut seq) = (0usize, 0u64);
-        while offset < texts.len() {
-            let file = batch_api::build_file(run, slot, model, &texts[offset..], seq, FileLimits::WORKER);
-            if file.requests.is_empty() {
-                break;
-            }
-            let name = format!("embsync-{}-{}-{seq}.jsonl", run.0, slot.key());
-            let upload = batch_api::upload_body(&name, &file.jsonl);
-            let input_file_id = match with_retries(rt, retry, || api.upload(&upload)).await {
-                Ok(id) => id,
-                Err(e) => {
-                    rt.log(
-                        LogEvent::warn(
-                            "batch_api",
-                            format!("Could not upload a request file for {} ({e}); its values go the synchronous way", model.name()),
-                        )
-                        .run(&run.0),
-                    );
-                    break;
-                }
-            };
-            drop(upload);
-            let ids: Vec<String> = file.requests.iter().map(|r| r.custom_id.to_string()).collect();
-            let mut values = Vec::with_capacity(file.taken);
-            for (request, id) in file.requests.iter().zip(&ids) {
-                for (position, at) in request.values.clone().enumerate() {
-                    let g = lacking[offset + at];
-                    let (table, column) = &keys[g.source];
-                    values.push(BatchValue {
-                        custom_id: id,
-                        position: position as i32,
-                        hash: &g.hash,
-                        value: &g.value,
-                        occurrences: g.occurrences,
-                        source_table: table,
-                        source_column: column,
-                    });
-                }
-            }
-            store.record_batch_file(&input_file_id, run, slot, file.requests.len() as u64, &values).await?;
-            // Created once, without retries: a create whose answer was lost may have made the
-            // batch, and a second would be paid twice. The next invocation looks for it first.
-            let body = batch_api::create_body(&input_file_id, run);
-            match api.create(&body).await {
-                Ok(created) => store.set_batch_created(&input_file_id, &created.id).await?,
-                Err(e) => rt.log(
-                    LogEvent::warn(
-                        "batch_api",
-                        format!("Could not create the batch of file {input_file_id} ({e}); the next invocation finds or creates it"),
-                    )
-                    .run(&run.0),
-                ),
-            }
+        let n = counts[slot_index(slot)];
+        going[slot_index(slot)] = n >= settings.min_values;
+        if n >= settings.min_values {
+            let model = config.models.get(slot);
             rt.log(
                 LogEvent::info(
                     "batch_api",
-                    format!("File {input_file_id}: {} requests, {} values of {}", file.requests.len(), file.taken, model.name()),
+                    format!(
+                        "Model {}: {n} pending values go through the Batch API (batchApi.minValues {})",
+                        model.name(),
+                        settings.min_values
+                    ),
                 )
                 .run(&run.0)
-                .field("file", &input_file_id),
+                .field("model", model.name())
+                .field("values", n),
             );
-            offset += file.taken;
-            seq += file.requests.len() as u64;
+        }
+    }
+    if going == [false; 2] {
+        return Ok(());
+    }
+    let mut seq = [0u64; 2];
+    for source in sources {
+        if going == [false; 2] {
+            break;
+        }
+        let (table, column) = (source.table_key(), source.column_key().to_owned());
+        let mut held: [Vec<Gathered>; 2] = [Vec::new(), Vec::new()];
+        let mut after: Option<ValueHash> = None;
+        loop {
+            let page = store.pending(source, run, after.as_ref(), GATHER_PAGE).await?;
+            let full = page.len() == GATHER_PAGE;
+            after = page.last().map(|v| v.hash.clone());
+            for v in page {
+                if batch::too_long(&v.value) {
+                    continue;
+                }
+                let lacks = [going[0] && !v.has_large, going[1] && !v.has_small];
+                match lacks {
+                    [false, false] => {}
+                    [true, true] => {
+                        held[0].push(Gathered { hash: v.hash.clone(), value: v.value.clone(), occurrences: v.occurrences });
+                        held[1].push(Gathered { hash: v.hash, value: v.value, occurrences: v.occurrences });
+                    }
+                    [l, _] => held[usize::from(!l)].push(Gathered { hash: v.hash, value: v.value, occurrences: v.occurrences }),
+                }
+            }
+            for slot in ModelSlot::ALL {
+                let i = slot_index(slot);
+                let last = !full;
+                if going[i] && (last || held[i].len() >= FileLimits::WORKER.max_inputs) {
+                    let target = SubmitTarget { run, slot, table: &table, column: &column };
+                    going[i] = submit_files(config, store, api, rt, retry, &target, &mut held[i], &mut seq[i], last).await?;
+                }
+            }
+            if !full {
+                break;
+            }
         }
     }
     Ok(())
+}
+
+/// Where [`submit_files`]'s values belong.
+struct SubmitTarget<'a> {
+    run: &'a RunId,
+    slot: ModelSlot,
+    table: &'a str,
+    column: &'a str,
+}
+
+/// Builds and submits files of `held` (all of them when `last`, else whole files only), each
+/// numbered on from `seq`; the values submitted leave `held`. Whether the model goes on the
+/// Batch API's way (not after a failed upload: its values go the synchronous way).
+#[allow(clippy::too_many_arguments)]
+async fn submit_files<S: Store, R: Runtime>(
+    config: &Config,
+    store: &mut S,
+    api: &dyn BatchApi,
+    rt: &R,
+    retry: RetryPolicy,
+    target: &SubmitTarget<'_>,
+    held: &mut Vec<Gathered>,
+    seq: &mut u64,
+    last: bool,
+) -> Result<bool, StoreError> {
+    let (run, slot) = (target.run, target.slot);
+    let model = config.models.get(slot);
+    let mut offset = 0;
+    while offset < held.len() {
+        let texts: Vec<&str> = held[offset..].iter().map(|g| g.value.as_str()).collect();
+        let file = batch_api::build_file(run, slot, model, &texts, *seq, FileLimits::WORKER);
+        drop(texts);
+        if file.requests.is_empty() || (!last && file.taken == held.len() - offset && file.taken < FileLimits::WORKER.max_inputs) {
+            // Not a whole file yet: it waits for more values.
+            break;
+        }
+        let name = format!("embsync-{}-{}-{}.jsonl", run.0, slot.key(), *seq);
+        let upload = batch_api::upload_body(&name, &file.jsonl);
+        let input_file_id = match with_retries(rt, retry, || api.upload(&upload)).await {
+            Ok(id) => id,
+            Err(e) => {
+                rt.log(
+                    LogEvent::warn(
+                        "batch_api",
+                        format!("Could not upload a request file for {} ({e}); its values go the synchronous way", model.name()),
+                    )
+                    .run(&run.0),
+                );
+                held.clear();
+                return Ok(false);
+            }
+        };
+        drop(upload);
+        let ids: Vec<String> = file.requests.iter().map(|r| r.custom_id.to_string()).collect();
+        let mut values = Vec::with_capacity(file.taken);
+        for (request, id) in file.requests.iter().zip(&ids) {
+            for (position, at) in request.values.clone().enumerate() {
+                let g = &held[offset + at];
+                values.push(BatchValue {
+                    custom_id: id,
+                    position: position as i32,
+                    hash: &g.hash,
+                    value: &g.value,
+                    occurrences: g.occurrences,
+                    source_table: target.table,
+                    source_column: target.column,
+                });
+            }
+        }
+        store.record_batch_file(&input_file_id, run, slot, file.requests.len() as u64, &values).await?;
+        drop(values);
+        // Created once, without retries: a create whose answer was lost may have made the
+        // batch, and a second would be paid twice. The next invocation looks for it first.
+        let body = batch_api::create_body(&input_file_id, run);
+        match api.create(&body).await {
+            Ok(created) => store.set_batch_created(&input_file_id, &created.id).await?,
+            Err(e) => rt.log(
+                LogEvent::warn(
+                    "batch_api",
+                    format!("Could not create the batch of file {input_file_id} ({e}); the next invocation finds or creates it"),
+                )
+                .run(&run.0),
+            ),
+        }
+        rt.log(
+            LogEvent::info(
+                "batch_api",
+                format!("File {input_file_id}: {} requests, {} values of {}", file.requests.len(), file.taken, model.name()),
+            )
+            .run(&run.0)
+            .field("file", &input_file_id),
+        );
+        offset += file.taken;
+        *seq += file.requests.len() as u64;
+    }
+    held.drain(..offset);
+    Ok(true)
 }
 
 fn slot_index(slot: ModelSlot) -> usize {
@@ -255,36 +344,24 @@ fn slot_index(slot: ModelSlot) -> usize {
     }
 }
 
-/// The pending values over `sources`, each once (the first source that has it), with the
-/// embeddings each has or awaits, without those too long to send (the synchronous way records
-/// them). One pass of pages over each source for both models.
-async fn gather<S: Store>(store: &mut S, run: &RunId, sources: &[&Source]) -> Result<Vec<Gathered>, StoreError> {
-    let mut seen = HashSet::new();
-    let mut gathered = Vec::new();
-    for (i, source) in sources.iter().enumerate() {
-        let mut after: Option<ValueHash> = None;
-        loop {
-            let page = store.pending(source, run, after.as_ref(), GATHER_PAGE).await?;
-            let full = page.len() == GATHER_PAGE;
-            after = page.last().map(|v| v.hash.clone());
-            for v in page {
-                if batch::too_long(&v.value) || !seen.insert(v.hash.clone()) {
-                    continue;
-                }
-                gathered.push(Gathered {
-                    hash: v.hash,
-                    value: v.value,
-                    occurrences: v.occurrences,
-                    source: i,
-                    has: [v.has_large, v.has_small],
-                });
-            }
-            if !full {
-                break;
-            }
+/// Calls `each` with every pending value of `source` (not too long to send), page by page.
+async fn pages<S: Store>(
+    store: &mut S,
+    run: &RunId,
+    source: &Source,
+    mut each: impl FnMut(&crate::sync::PendingValue),
+) -> Result<(), StoreError> {
+    let mut after: Option<ValueHash> = None;
+    loop {
+        let page = store.pending(source, run, after.as_ref(), GATHER_PAGE).await?;
+        for v in page.iter().filter(|v| !batch::too_long(&v.value)) {
+            each(v);
         }
+        if page.len() < GATHER_PAGE {
+            return Ok(());
+        }
+        after = page.last().map(|v| v.hash.clone());
     }
-    Ok(gathered)
 }
 
 /// How reading a file ended.
@@ -453,6 +530,22 @@ async fn find_or_create<S: Store, R: Runtime>(
     for _ in 0..LIST_PAGES {
         let page = match with_retries(rt, retry, || api.list(after.as_deref(), LIST_PAGE)).await {
             Ok(page) => page,
+            Err(e) if open.age_secs > GIVE_UP_LOOKUP_SECS => {
+                // Any batch made of it has ended long ago; the run must not wait forever.
+                rt.log(
+                    LogEvent::error(
+                        "batch_api",
+                        format!(
+                            "The batch of file {} could not be looked up for {} hours ({e}); its values go the synchronous way",
+                            open.input_file_id,
+                            GIVE_UP_LOOKUP_SECS / 3600.0
+                        ),
+                    )
+                    .run(&open.run.0),
+                );
+                store.finish_batch_file(&open.input_file_id, "abandoned").await?;
+                return Ok(Ok(None));
+            }
             Err(e) => return Ok(Err(e)),
         };
         if let Some(found) = page.data.iter().find(|b| b.input_file_id == open.input_file_id) {

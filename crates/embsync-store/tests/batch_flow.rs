@@ -45,6 +45,10 @@ impl World {
 
     /// One invocation with the Batch API's transport.
     async fn invoke(&mut self) -> Outcome {
+        self.try_invoke().await.expect("an invocation")
+    }
+
+    async fn try_invoke(&mut self) -> Result<Outcome, sync::SyncError> {
         self.n += 1;
         let (id, holder) = (RunId(format!("run-{}", self.n)), format!("inv-{}", self.n));
         let inv = Invocation {
@@ -57,7 +61,7 @@ impl World {
             fanout: None,
             batch_api: Some(&self.api),
         };
-        sync::invoke(&self.config, &mut self.store, &self.provider, &self.rt, &inv).await.expect("an invocation")
+        sync::invoke(&self.config, &mut self.store, &self.provider, &self.rt, &inv).await
     }
 
     async fn paused(&mut self) -> RunReport {
@@ -364,4 +368,73 @@ async fn a_model_change_re_embeds_its_column_through_batches() {
     assert_eq!(w.provider.calls.borrow().len(), 2, "nothing more went the synchronous way");
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache_owned WHERE large_model = 'text-embedding-3-small:4'").await, 60);
     assert_eq!(w.done().await, 60);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_cut_between_the_upload_and_its_record_uploads_again_and_runs_once() {
+    let all = values("value", 60);
+    let mut w = World::new(&all, 50, "{}").await;
+    *w.api.steal_lease_after_upload.borrow_mut() = Some(w.db.url.clone());
+    let cut = w.try_invoke().await;
+    assert!(matches!(cut, Err(sync::SyncError::LeaseLost(_))), "{cut:?}");
+    assert_eq!(w.api.count("POST /v1/files"), 1);
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_batches").await, 0, "nothing recorded");
+    assert!(w.api.batches().is_empty(), "no batch was made of the file");
+    // Once the thief's lease expired, the run's next invocation plans again: the values are
+    // still pending, and go in new files.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    w.paused().await;
+    let report = w.finished().await;
+    assert_eq!(report.totals.embedded, 60);
+    assert_eq!(w.api.count("POST /v1/files"), 3, "the unrecorded file, then one per model");
+    assert_eq!(w.api.batches().len(), 2);
+    once_per_model(&w.sent(), &all);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn values_two_sources_share_go_in_one_batch_and_both_sources_get_them() {
+    let items = values("value", 40);
+    let mut w = World::new(&items, 50, "{}").await;
+    // `things` has 20 of items' values and 20 of its own.
+    let things: Vec<String> = items[20..].iter().cloned().chain(values("thing", 20)).collect();
+    w.db.source_table("things", "name", &things.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    w.config = config(100, &[("Items", "items", "title"), ("Things", "things", "name")]);
+    w.config.batch_api = Some(BatchApiSetting { min_values: 50 });
+    w.store = w.db.store(&w.config).await;
+    let waiting = w.paused().await;
+    // Items' 40 values, then the 20 of things' that items does not have: a file each, per model.
+    assert_eq!(waiting.pending_batches.map(|p| (p.batches, p.values)), Some((4, 120)));
+    w.finished().await;
+    let distinct: Vec<String> = items.iter().chain(&things[20..]).cloned().collect();
+    once_per_model(&w.sent(), &distinct);
+    // The shared values are linked to things by the next run's plan, at no cost.
+    w.finished().await;
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache_sources WHERE source_table = 'things'").await, 40);
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache_sources WHERE source_table = 'items'").await, 40);
+    once_per_model(&w.sent(), &distinct);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_file_whose_batch_cannot_be_looked_up_is_given_up_after_two_days() {
+    let all = values("value", 60);
+    let mut w = World::new(&all, 50, "{}").await;
+    w.api.create_unsent.set(true);
+    w.paused().await;
+    w.api.create_unsent.set(false);
+    w.api.list_fails.set(true);
+    // Not looked up: no create either (it might make a second batch), and the run waits.
+    w.paused().await;
+    assert!(w.api.batches().is_empty());
+    assert_eq!(w.open_files().await, 2);
+    w.db.exec("UPDATE embedding_sync_batches SET created_at = now() - interval '49 hours'").await;
+    let report = w.finished().await;
+    assert_eq!(report.totals.embedded, 0);
+    assert_eq!(w.db.texts("SELECT state FROM embedding_sync_batches").await, ["abandoned".to_string()].into());
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_batch_values").await, 0);
+    // Released, the values go their way again in the next run.
+    w.api.list_fails.set(false);
+    w.paused().await;
+    w.finished().await;
+    assert_eq!(w.done().await, 60);
+    once_per_model(&w.sent(), &all);
 }

@@ -29,8 +29,13 @@ pub struct HttpBatchApi {
     pub create_unsent: Cell<bool>,
     /// `create` reaches the provider, which creates the batch, and the answer is lost.
     pub create_lost: Cell<bool>,
+    /// `list` fails (a 503).
+    pub list_fails: Cell<bool>,
     /// The next content stream breaks off this many bytes before its end (once).
     pub break_content_before_end: Cell<Option<usize>>,
+    /// The next upload, once it succeeded, hands the sync lease to another holder in this
+    /// database (URL): the invocation is cut between the upload and its record.
+    pub steal_lease_after_upload: RefCell<Option<String>>,
     /// Every call: `METHOD path`.
     pub calls: RefCell<Vec<String>>,
 }
@@ -46,7 +51,9 @@ impl HttpBatchApi {
             chunk: 700,
             create_unsent: Cell::new(false),
             create_lost: Cell::new(false),
+            list_fails: Cell::new(false),
             break_content_before_end: Cell::new(None),
+            steal_lease_after_upload: RefCell::new(None),
             calls: RefCell::new(Vec::new()),
         };
         api.admin("POST", "/_admin/batch", switches);
@@ -109,6 +116,14 @@ impl BatchApi for HttpBatchApi {
     fn upload<'a>(&'a self, upload: &'a Upload) -> Call<'a, String> {
         Box::pin(async move {
             let answer = self.call("POST", "/v1/files", Some(&upload.content_type), &upload.body)?;
+            let steal = self.steal_lease_after_upload.borrow_mut().take();
+            if let Some(url) = steal {
+                let client = super::connect(&url).await;
+                client
+                    .batch_execute("UPDATE embedding_sync_lease SET holder = 'thief', expires_at = now() + interval '1 second'")
+                    .await
+                    .expect("stealing the lease");
+            }
             batch_api::file_id(&answer.body).map_err(malformed)
         })
     }
@@ -147,6 +162,10 @@ impl BatchApi for HttpBatchApi {
                 Some(after) => format!("/v1/batches?limit={limit}&after={after}"),
                 None => format!("/v1/batches?limit={limit}"),
             };
+            if self.list_fails.get() {
+                self.calls.borrow_mut().push(format!("GET {path} (503)"));
+                return Err(ProviderError::Server { status: 503, message: "unavailable".into() });
+            }
             let answer = self.call("GET", &path, None, b"")?;
             BatchPage::parse(&answer.body).map_err(malformed)
         })
