@@ -58,7 +58,11 @@ fn a_run_killed_with_sigkill_is_finished_by_the_next_invocation() {
     // A new wrangler dev on the same KV and database. The dead lease expires within
     // SYNC_LEASE_SECONDS of its last renewal; an invocation before that is skipped.
     provider.set_faults(&json!({}));
-    let second = Worker::start(opts(&db, &provider, BATCH, &vars).persist_to(&kv.path));
+    // The restarted worker's own lease and budget are long, so that it finishes the rest in one
+    // invocation on a loaded machine too (with the first's 6 s budget it paused once, and the
+    // test failed); the dead invocation's 9 s lease is what blocks it at first.
+    let restarted = [("SYNC_LEASE_SECONDS", "90"), ("SYNC_MAX_SECONDS", "60")];
+    let second = Worker::start(opts(&db, &provider, BATCH, &restarted).persist_to(&kv.path));
     let mut skipped = 0;
     let report = loop {
         // Whether the dead invocation's lease is sure to be unexpired when the trigger arrives.
