@@ -138,8 +138,14 @@ impl PgStore {
             if failures.is_empty() {
                 continue;
             }
+            let counted = query_one(&tx, &Bound::new(&sql::ErrorsThisRun { run, source, failures: &failures }))
+                .await
+                .map_err(|e| err("reading the run's errors", e))?
+                .get::<_, i64>(0)
+                .max(0) as u64;
             execute(&tx, &Bound::new(&sql::RecordErrors { source, failures: &failures })).await.map_err(|e| err("recording errors", e))?;
-            let errors = failures.len() as u64;
+            // A value counts once per run, as on the synchronous way, whichever model refused it.
+            let errors = (failures.len() as u64).saturating_sub(counted);
             execute(&tx, &Bound::new(&sql::AddErrors { run, source, errors })).await.map_err(|e| err("counting errors", e))?;
             recorded.push((table, column, errors));
         }

@@ -209,7 +209,7 @@ async fn per_line_errors_go_to_the_error_table() {
     // The one request of each file was refused for an input: its values are recorded, with
     // the backoff, and nothing is stored.
     assert_eq!(report.totals.embedded, 0);
-    assert_eq!(report.totals.errors, 120, "60 values, once per model");
+    assert_eq!(report.totals.errors, 60, "60 values, each once, though both models refused it");
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_errors WHERE next_retry_at > now()").await, 60);
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_cache").await, 0);
     assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_batch_values").await, 0);

@@ -11,6 +11,7 @@
 
 use super::*;
 use crate::config::ModelSlot;
+use crate::sync::ValueFailure;
 
 /// The migration step of [`SCHEMA_VERSION`] 4: the two tables (idempotent).
 pub const BATCH_TABLES: &str = "\
@@ -508,5 +509,38 @@ impl Statement<3> for CompleteAmong<'_> {
     }
     fn params(&self) -> [Param<'_>; 3] {
         [param::texts(self.hashes.iter().copied()), param::text(&self.tags.large), param::text(&self.tags.small)]
+    }
+}
+
+/// The values of `hashes` the run has already counted as errors of the source (recorded since
+/// the run started, by either way), so that a value refused by both models, in two files read
+/// by two invocations, or by the synchronous way and a batch, counts once, as the synchronous
+/// way counts it. Runs are one at a time, so an error recorded since the run's start is this
+/// run's. Read before [`RECORD_ERRORS`] in the same transaction.
+pub const ERRORS_THIS_RUN: Text<4> = Text::fixed(
+    "\
+SELECT count(*) FROM embedding_sync_errors e
+WHERE e.source_table = $2 AND e.source_column = $3 AND e.value_hash = ANY($4::text[])
+  AND e.last_failed_at >= (SELECT r.started_at FROM embedding_sync_runs r WHERE r.run_id = $1)",
+);
+
+/// [`ERRORS_THIS_RUN`].
+#[derive(Debug)]
+pub struct ErrorsThisRun<'a> {
+    /// The run.
+    pub run: &'a RunId,
+    /// The source.
+    pub source: &'a Source,
+    /// The values about to be recorded as errors.
+    pub failures: &'a [ValueFailure],
+}
+
+impl Statement<4> for ErrorsThisRun<'_> {
+    fn text(&self) -> Text<4> {
+        ERRORS_THIS_RUN
+    }
+    fn params(&self) -> [Param<'_>; 4] {
+        let [t, c] = param::keys(self.source);
+        [param::run(self.run), t, c, param::texts(self.failures.iter().map(|f| f.hash.as_str()))]
     }
 }

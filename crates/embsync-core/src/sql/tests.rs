@@ -511,6 +511,7 @@ fn typed_statements_bind_every_parameter_their_text_numbers() {
         ),
         checked("RequestSources", &RequestSources { input_file_id: "file-1", custom_id: "c" }),
         checked("DeleteRequestValues", &DeleteRequestValues { input_file_id: "file-1", custom_id: "c" }),
+        checked("ErrorsThisRun", &ErrorsThisRun { run: &run, source: &source, failures: &failures }),
         checked("BatchModel", &BatchModel { input_file_id: "file-1" }),
         checked("DeleteBatchValues", &DeleteBatchValues { batch_id: "batch_1" }),
         checked("FinishBatchFile", &FinishBatchFile { input_file_id: "file-1", state: "abandoned" }),

@@ -267,10 +267,8 @@ fn per_line_errors_go_to_the_error_table_and_the_other_lines_are_stored() {
         "SELECT count(*) FROM embedding_sync_errors e WHERE e.value_hash = encode(sha256(convert_to('Part 7 ' || md5('7') || ' poison', 'UTF8')), 'hex') AND e.message LIKE '%refused%(400)%'",
     );
     assert_eq!(poisoned, 1, "the poisoned value is recorded with the provider's refusal");
-    // Not asserted yet: the report's `errors`. The flow counts a value once per model that
-    // refused it (4,096 here for 2,048 values), where the synchronous way counts it once; left
-    // to the Batch API's driver (see the branch's report). Restore `("errors", failed)` then.
-    assert_counts("the run's report", &report["totals"], &[("embedded", stored)]);
+    // A value both models refused counts once, as on the synchronous way.
+    assert_counts("the run's report", &report["totals"], &[("embedded", stored), ("errors", failed)]);
     assert!(provider.embedding_requests().is_empty());
     assert_eq!(db.count("SELECT count(*) FROM embedding_sync_batch_values"), 0);
 }
