@@ -482,6 +482,21 @@ async fn service_one<S: Store, R: Runtime>(
             ReadEnd::OutOfTime => return Ok(Left::Unread),
         }
     }
+    // Every completed request's line was read (and its request forgotten) unless the download
+    // ended early at a line boundary, which looks like the end of the file: then the batch stays
+    // open and the next invocation reads the output again, rather than release the unread
+    // requests to the synchronous way and pay for them twice.
+    if output.is_some() {
+        let left = store.batch_requests(&open.input_file_id).await?.len() as u64;
+        let unrun = c.total.saturating_sub(c.completed);
+        if left > unrun {
+            warn(format!(
+                "Batch {batch_id}'s output ended with {left} requests not stored, more than the {unrun} that did not complete \
+                 (request_counts {counts}): the download was cut; the next invocation reads it again"
+            ));
+            return Ok(Left::Unread);
+        }
+    }
     end(store, &batch_id, batch.status.name(), output, errors, &counts).await?;
     rt.log(
         LogEvent::info(

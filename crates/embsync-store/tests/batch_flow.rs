@@ -284,6 +284,23 @@ async fn a_cut_while_reading_the_output_resumes_without_storing_or_counting_twic
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn an_output_cut_at_a_line_boundary_is_read_again_not_paid_twice() {
+    let all = values("value", 2100);
+    let mut w = World::new(&all, 1000, "{}").await;
+    w.paused().await;
+    // The large model's output ends cleanly after its first line: the download looks whole.
+    w.api.end_content_after_lines.set(Some(1));
+    let waiting = w.paused().await;
+    assert_eq!(waiting.pending_batches.as_ref().map(|p| p.reading), Some(1), "the large batch is not taken as read");
+    assert_eq!(w.db.count("SELECT count(*) FROM embedding_sync_batch_values").await, 52, "the large model's last request waits");
+    let report = w.finished().await;
+    assert_eq!(report.totals.embedded, 2100);
+    assert_eq!(w.done().await, 2100);
+    // Without the check the 52 values of the unread line went the synchronous way as well.
+    once_per_model(&w.sent(), &all);
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn values_deleted_or_done_while_pending_are_left_alone() {
     let all = values("value", 60);
     let mut w = World::new(&all, 50, "{}").await;

@@ -33,6 +33,9 @@ pub struct HttpBatchApi {
     pub list_fails: Cell<bool>,
     /// The next content stream breaks off this many bytes before its end (once).
     pub break_content_before_end: Cell<Option<usize>>,
+    /// The next content stream ends, without an error, after this many whole lines (once): a
+    /// download cut at a line boundary, which looks complete.
+    pub end_content_after_lines: Cell<Option<usize>>,
     /// The next upload, once it succeeded, hands the sync lease to another holder in this
     /// database (URL): the invocation is cut between the upload and its record.
     pub steal_lease_after_upload: RefCell<Option<String>>,
@@ -53,6 +56,7 @@ impl HttpBatchApi {
             create_lost: Cell::new(false),
             list_fails: Cell::new(false),
             break_content_before_end: Cell::new(None),
+            end_content_after_lines: Cell::new(None),
             steal_lease_after_upload: RefCell::new(None),
             calls: RefCell::new(Vec::new()),
         };
@@ -173,7 +177,12 @@ impl BatchApi for HttpBatchApi {
 
     fn content<'a>(&'a self, file_id: &'a str) -> Call<'a, Box<dyn ContentStream + 'a>> {
         Box::pin(async move {
-            let answer = self.call("GET", &format!("/v1/files/{file_id}/content"), None, b"")?;
+            let mut answer = self.call("GET", &format!("/v1/files/{file_id}/content"), None, b"")?;
+            if let Some(lines) = self.end_content_after_lines.take() {
+                let ends = answer.body.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i + 1);
+                let cut = ends.take(lines).last().unwrap_or(0);
+                answer.body.truncate(cut);
+            }
             let stream: Box<dyn ContentStream + 'a> =
                 Box::new(Chunked { body: answer.body, at: 0, chunk: self.chunk, break_before_end: self.break_content_before_end.take() });
             Ok(stream)
