@@ -1,14 +1,13 @@
 //! The Batch API over real TCP: each test starts its own server and talks HTTP/1.1 to it
 //! (one connection per request, read to its end; file content comes chunked).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::client::{send, Reply};
 use crate::server::{Config, Server};
-use crate::test_reply::Reply;
 use crate::vectors;
 
 const KEY: &str = "sk-batch-key-0123456789";
@@ -16,48 +15,6 @@ const SMALL: &str = "text-embedding-3-small";
 
 fn start() -> SocketAddr {
     Server::bind(&Config { api_key: Some(KEY.to_string()), ..Config::default() }).unwrap().spawn().unwrap()
-}
-
-/// Decodes a chunked body.
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    loop {
-        let end = raw.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
-        let size = usize::from_str_radix(std::str::from_utf8(&raw[..end]).unwrap().split(';').next().unwrap(), 16).unwrap();
-        raw = &raw[end + 2..];
-        if size == 0 {
-            return body;
-        }
-        body.extend_from_slice(&raw[..size]);
-        assert_eq!(&raw[size..size + 2], b"\r\n");
-        raw = &raw[size + 2..];
-    }
-}
-
-/// Sends one request on a new connection and reads the answer to the connection's end.
-fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> Reply {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (name, value) in headers {
-        raw.push_str(&format!("{name}: {value}\r\n"));
-    }
-    raw.push_str("\r\n");
-    stream.write_all(raw.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
-    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").expect("end of the head");
-    let head = std::str::from_utf8(&answer[..split]).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> =
-        lines.map(|line| line.split_once(": ").map(|(n, v)| (n.to_string(), v.to_string())).unwrap()).collect();
-    let mut reply = Reply { status, headers, body: answer[split + 4..].to_vec() };
-    if reply.header("transfer-encoding") == Some("chunked") {
-        reply.body = dechunk(&reply.body);
-    }
-    reply
 }
 
 fn auth() -> (&'static str, String) {

@@ -35,9 +35,9 @@ pub mod vectors;
 
 pub use server::{Config, Server};
 
+pub mod client;
+
 #[cfg(test)]
 mod batch_server_tests;
 #[cfg(test)]
 mod server_tests;
-#[cfg(test)]
-mod test_reply;

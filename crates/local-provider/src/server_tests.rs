@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::api::{EmbeddingData, EmbeddingList};
+use crate::client::Reply;
 use crate::server::{Config, Server};
-use crate::test_reply::Reply;
 use crate::vectors;
 
 const KEY: &str = "sk-test-key-0123456789";
@@ -21,7 +21,6 @@ fn start(config: Config) -> SocketAddr {
 fn start_with_key() -> SocketAddr {
     start(Config { api_key: Some(KEY.to_string()), ..Config::default() })
 }
-
 
 /// A raw HTTP/1.1 client on one connection.
 struct Client {

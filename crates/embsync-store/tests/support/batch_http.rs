@@ -4,21 +4,14 @@
 //! breaks off after some chunks. Every call is recorded.
 
 use std::cell::{Cell, RefCell};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use embsync_core::batch_api::{self, Batch, BatchApi, BatchPage, Call, ContentStream, Upload};
 use embsync_core::provider::ProviderError;
+use local_provider::client::{send, Reply};
 use serde_json::Value;
 
 const KEY: &str = "sk-batch-flow-0123456789";
-
-/// What the provider answered.
-pub struct Answer {
-    pub status: u16,
-    pub body: Vec<u8>,
-}
 
 /// The transport and its switches.
 pub struct HttpBatchApi {
@@ -97,7 +90,7 @@ impl HttpBatchApi {
         self.calls.borrow().iter().filter(|c| c.starts_with(prefix)).count()
     }
 
-    fn call(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Result<Answer, ProviderError> {
+    fn call(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Result<Reply, ProviderError> {
         self.calls.borrow_mut().push(format!("{method} {path}"));
         let mut headers = vec![("Authorization", format!("Bearer {KEY}"))];
         if let Some(content_type) = content_type {
@@ -222,40 +215,4 @@ impl ContentStream for Chunked {
             Ok(Some(piece))
         })
     }
-}
-
-/// Decodes a chunked body.
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    loop {
-        let end = raw.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
-        let size = usize::from_str_radix(std::str::from_utf8(&raw[..end]).unwrap().split(';').next().unwrap(), 16).unwrap();
-        raw = &raw[end + 2..];
-        if size == 0 {
-            return body;
-        }
-        body.extend_from_slice(&raw[..size]);
-        raw = &raw[size + 2..];
-    }
-}
-
-/// One request on a new connection, read to the connection's end.
-fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> Answer {
-    let mut stream = TcpStream::connect(addr).expect("connect to the local provider");
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (name, value) in headers {
-        raw.push_str(&format!("{name}: {value}\r\n"));
-    }
-    raw.push_str("\r\n");
-    stream.write_all(raw.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
-    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").expect("end of the head");
-    let head = String::from_utf8_lossy(&answer[..split]).to_string();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = answer[split + 4..].to_vec();
-    Answer { status, body: if chunked { dechunk(&body) } else { body } }
 }
