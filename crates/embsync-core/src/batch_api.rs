@@ -123,8 +123,7 @@ impl FileLimits {
 
     /// What the worker builds: OpenAI's limits, and at most 8 MiB, since the file is held in a
     /// Worker's 128 MB while it is uploaded, with the multipart body made of it and fetch's copy
-    /// (24 MiB files took the WebAssembly memory's high-water mark to 96-108 MiB in
-    /// `bench/batchapi.sh`). More, smaller files cost nothing more at the provider.
+    /// (three copies: 24 MiB at most). More, smaller files cost nothing more at the provider.
     pub const WORKER: FileLimits = FileLimits { max_bytes: 8 << 20, ..FileLimits::OPENAI };
 }
 
